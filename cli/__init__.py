@@ -1,0 +1,1 @@
+"""The coord command line: a thin typer layer over the library."""

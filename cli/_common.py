@@ -1,0 +1,165 @@
+"""What every command shares: the store, error handling, JSON and table output.
+
+Exit statuses, the same in every command: 0 ok; 1 error; 2 usage; 3 nothing arrived within
+``--wait``/``--timeout``; 75 lease or lock not obtained; for run/elect/lock, CMD's own status
+or 128+N when CMD was ended by signal N. Errors are one line on stderr, never a traceback
+(set COORD_DEBUG=1 to see one).
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Annotated, Any, NoReturn, TypeVar
+
+import typer
+
+from coord.errors import EXIT_ERROR, EXIT_USAGE, CoordError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DbOption = Annotated[
+    str | None,
+    typer.Option("--db", envvar="COORD_DB", help="Database path (default: the runtime directory).",
+                 show_default=False),
+]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+
+class State:
+    """Per-invocation state: the database path from the global --db option."""
+
+    def __init__(self, db: str | None) -> None:
+        self.db = db
+        self._store: Any = None
+
+    def store(self) -> Any:
+        if self._store is None:
+            from coord.db import Store
+
+            self._store = Store(self.db)
+        return self._store
+
+
+def state(ctx: typer.Context) -> State:
+    obj = ctx.find_root().obj
+    if not isinstance(obj, State):
+        obj = State(os.environ.get("COORD_DB"))
+        ctx.find_root().obj = obj
+    return obj
+
+
+def store(ctx: typer.Context, db: str | None = None) -> Any:
+    """The Store for this invocation (a command's own --db wins over the global one)."""
+    st = state(ctx)
+    if db is not None and db != st.db:
+        st.db, st._store = db, None
+    return st.store()
+
+
+def die(message: str, code: int = EXIT_ERROR) -> NoReturn:
+    """Print one line on stderr and exit."""
+    line = " ".join(str(message).split())
+    print(f"coord: {line}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """Map CoordError (and anything unexpected) to one stderr line and an exit status."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except CoordError as e:
+            die(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        except BrokenPipeError:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(EXIT_ERROR) from None
+        except Exception as e:
+            if os.environ.get("COORD_DEBUG"):
+                raise
+            die(f"internal error: {type(e).__name__}: {e}")
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit_json(obj: Any) -> None:
+    sys.stdout.write(json.dumps(obj, default=str, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def emit_csv(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    w = csv.writer(sys.stdout)
+    w.writerow(columns)
+    w.writerows(rows)
+
+
+def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], *, title: str | None = None) -> None:
+    """Print rows as a table. Cells are plain text: never interpreted as markup."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    width = None if sys.stdout.isatty() else 200
+    console = Console(markup=False, highlight=False, emoji=False, width=width, soft_wrap=False)
+    t = Table(title=title, show_edge=False, box=None, pad_edge=False, header_style="bold")
+    for _, header in columns:
+        t.add_column(header, overflow="fold")
+    for r in rows:
+        t.add_row(*(Text(fmt(r.get(k))) for k, _ in columns))
+    console.print(t)
+
+
+def fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.1f}"
+    if isinstance(v, (list, tuple)):
+        return " ".join(str(x) for x in v)
+    if isinstance(v, dict):
+        return json.dumps(v, ensure_ascii=False)
+    return str(v)
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.1f}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def read_payload(text: str) -> Any:
+    """A JSON payload from an argument, or from stdin when it is '-'."""
+    from coord.payload import decode
+
+    if text == "-":
+        raw = sys.stdin.buffer.read()
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            from coord.errors import PayloadError
+
+            raise PayloadError("not valid UTF-8") from None
+    return decode(text)
+
+
+def usage(message: str) -> NoReturn:
+    die(message, EXIT_USAGE)

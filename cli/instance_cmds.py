@@ -1,0 +1,181 @@
+"""Commands about instances: instances, instance, run, reap, events."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import typer
+
+from ._common import JsonOption, duration, emit_json, handle_errors, store, table
+
+COLUMNS = [("id", "ID"), ("app", "APP"), ("pid", "PID"), ("user", "USER"), ("status", "STATUS"),
+           ("rss_h", "RSS"), ("cpu_percent", "CPU%"), ("uptime_h", "UPTIME"), ("cmdline", "COMMAND")]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("instances")(instances)
+    app.command("instance")(instance)
+    app.command("run", context_settings={"allow_interspersed_args": False})(run)
+    app.command("reap")(reap)
+    app.command("events")(events)
+
+
+def _row(info: Any) -> dict[str, Any]:
+    from coord.discovery import live_figures, uptime_of
+
+    row: dict[str, Any] = info.to_json()
+    row["started_at"] = info.started_at
+    row["rss"] = row["cpu_percent"] = row["uptime"] = None
+    if info.alive:
+        row.update(live_figures(info.pid))
+        row["uptime"] = uptime_of(info.pid)
+    if info.tombstone:
+        row["status"] = f"dead ({info.status})"
+    return row
+
+
+def _human(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for r in rows:
+        r["rss_h"] = f"{r['rss'] / 1048576:.1f}M" if r.get("rss") else "-"
+        r["uptime_h"] = duration(r.get("uptime"))
+    return rows
+
+
+@handle_errors
+def instances(
+    ctx: typer.Context,
+    all_: Annotated[bool, typer.Option("--all", help="Include dead instances and tombstones.")] = False,
+    app: Annotated[str | None, typer.Option("--app", help="Only instances of this app.")] = None,
+    scan: Annotated[str | None, typer.Option("--scan", help="Also list unregistered processes of "
+                                             "yours whose command line matches this regex.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List instances: alive ones by default."""
+    from coord.instances import list_instances
+
+    s = store(ctx)
+    infos = list_instances(s, include_dead=True, app=app)
+    rows = [_row(i) for i in infos if all_ or i.alive]
+    if scan is not None:
+        from coord.discovery import scan as do_scan
+
+        rows += do_scan(scan, exclude_pids={i.pid for i in infos if i.alive})
+    if as_json:
+        emit_json([{k: v for k, v in r.items() if not k.endswith("_h")} for r in rows])
+    else:
+        table(_human(rows), COLUMNS)
+
+
+@handle_errors
+def instance(
+    ctx: typer.Context,
+    id: Annotated[str | None, typer.Argument(help="Instance id (default: $COORD_INSTANCE_ID).",
+                                             envvar="COORD_INSTANCE_ID", show_default=False)] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show one instance in detail and the others in short."""
+    from coord.errors import InvalidArgument
+    from coord.instances import get_instance, list_instances
+
+    if not id:
+        raise InvalidArgument("name an instance id (or set COORD_INSTANCE_ID)")
+    s = store(ctx)
+    row = _row(get_instance(s, id))
+    others = [_row(i) for i in list_instances(s) if i.id != id]
+    if as_json:
+        row["others"] = [{"id": o["id"], "app": o["app"], "pid": o["pid"], "alive": o["alive"]} for o in others]
+        emit_json(row)
+        return
+    _human([row])
+    for key in ("id", "app", "status", "incarnation", "pid", "user", "host", "cwd", "cmdline",
+                "labels", "rss_h", "cpu_percent", "uptime_h", "ttl", "watchdog", "heartbeat_age",
+                "lock_path"):
+        from ._common import fmt
+
+        print(f"{key.removesuffix('_h'):<14}{fmt(row.get(key))}")
+    if others:
+        print()
+        table(_human(others), COLUMNS[:5], title="other live instances")
+
+
+@handle_errors
+def run(
+    ctx: typer.Context,
+    cmd: Annotated[list[str], typer.Argument(help="The command to run, after --.", show_default=False)],
+    app: Annotated[str, typer.Option("--app", help="App name of the instance.")] = "",
+    instance_id: Annotated[str | None, typer.Option("--instance-id", help="Instance id (default: "
+                                                    "generated; never inherited).")] = None,
+    log: Annotated[bool, typer.Option("--log", help="Send CMD's output to a log file beside the database.")] = False,
+) -> None:
+    """Run CMD as a registered instance; exits with CMD's status (128+N if killed by signal N).
+
+    CMD gets COORD_DB and COORD_INSTANCE_ID; SIGTERM, SIGINT and SIGHUP are forwarded to it."""
+    import os
+
+    from coord.runner import run as do_run
+
+    code = do_run(store(ctx), cmd, app=app or os.path.basename(cmd[0]), instance_id=instance_id, log=log)
+    raise typer.Exit(code)
+
+
+@handle_errors
+def reap(
+    ctx: typer.Context,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what would be reaped; change nothing.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Apply the death rule to dead instances, expire what has expired, checkpoint the WAL.
+
+    Quiet unless it did something; safe to run from cron while instances run."""
+    from coord.reaper import reap as do_reap
+
+    report = do_reap(store(ctx), dry_run=dry_run)
+    if as_json:
+        emit_json(report.to_json())
+    elif report.did_something:
+        verb = "would reap" if dry_run else "reaped"
+        for d in report.dead:
+            print(f"{verb} {d['id']} (incarnation {d['incarnation']}, {d['reason']})")
+        counts = {k: v for k, v in report.to_json().items() if k not in ("dry_run", "dead") and v}
+        if counts:
+            print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items()))
+
+
+@handle_errors
+def events(
+    ctx: typer.Context,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
+    limit: Annotated[int, typer.Option("--limit", "-n", help="How many recent events.")] = 50,
+    as_json: JsonOption = False,
+) -> None:
+    """Show the event log: joined, left, died, reaped, took over, lease and job events."""
+    from coord.events import list_events
+
+    s = store(ctx)
+    last = 0
+    rows = list_events(s, limit=limit)
+
+    def show(batch: list[dict[str, Any]]) -> None:
+        for e in batch:
+            if as_json:
+                emit_json(e)
+            else:
+                stamp = time.strftime("%H:%M:%S", time.localtime(e["at"]))
+                detail = " ".join(f"{k}={v}" for k, v in e["detail"].items())
+                print(f"{stamp} {e['kind']:<16} {e['instance_id'] or '-'} {e['subject'] or ''} {detail}".rstrip(),
+                      flush=True)
+
+    if as_json and not follow:
+        emit_json(rows)
+        return
+    show(rows)
+    last = rows[-1]["id"] if rows else 0
+    while follow:
+        version = s.data_version()
+        while s.data_version() == version:
+            time.sleep(0.05)
+        batch = list_events(s, after=last, limit=10_000)
+        if batch:
+            show(batch)
+            last = batch[-1]["id"]

@@ -1,0 +1,67 @@
+"""Commands about the database itself: path, sql, doctor."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from ._common import JsonOption, emit_csv, emit_json, handle_errors, store, table
+
+
+def register(app: typer.Typer) -> None:
+    app.command("path")(path)
+    app.command("sql")(sql)
+    app.command("doctor")(doctor)
+
+
+@handle_errors
+def path(ctx: typer.Context) -> None:
+    """Print the database path (`sqlite3 "$(coord path)"` works while instances run)."""
+    print(store(ctx).path)
+
+
+@handle_errors
+def sql(
+    ctx: typer.Context,
+    query: Annotated[str, typer.Argument(help="SQL to run; only reads are allowed.")],
+    as_json: JsonOption = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV with a header row.")] = False,
+) -> None:
+    """Run read-only SQL: writes, ATTACH, pragma changes and extensions are refused."""
+    from coord.adhoc import run_readonly
+
+    cols, rows = run_readonly(store(ctx), query)
+    if as_json:
+        emit_json([dict(zip(cols, r, strict=True)) for r in rows])
+    elif as_csv:
+        emit_csv(cols, rows)
+    else:
+        table([dict(zip(cols, r, strict=True)) for r in rows], [(c, c) for c in cols])
+
+
+@handle_errors
+def doctor(ctx: typer.Context, as_json: JsonOption = False) -> None:
+    """Check integrity, invariants, permissions, journal mode, WAL size and schema version.
+
+    Exits 1 when anything is unhealthy."""
+    from coord.check import doctor as run_doctor
+
+    report = run_doctor(store(ctx))
+    if as_json:
+        emit_json(report)
+    else:
+        print(f"database       {report['path']}")
+        print(f"schema         {report['schema_version']} (this coord: {report['supported_schema_version']})")
+        print(f"journal mode   {report['journal_mode']}")
+        print(f"size           {report['size_bytes']} bytes, WAL {report['wal_bytes']} bytes")
+        print("counts         " + ", ".join(f"{k} {v}" for k, v in report["counts"].items()))
+        for p in report["permissions"]:
+            print(f"permissions    {p}")
+        for p in report["problems"]:
+            print(f"PROBLEM        {p['check']}: {p['detail']}")
+        for p in report["pending"]:
+            print(f"pending        {p['check']}: {p['detail']}")
+        print("healthy" if report["ok"] else "UNHEALTHY")
+    if not report["ok"]:
+        raise typer.Exit(1)

@@ -1,0 +1,74 @@
+"""coord: a coordination store for the many copies of one tool on one machine.
+
+All state lives in one SQLite database in WAL mode (``coord.db.Store``). Instances register
+(``register``), track their processes, hold leases, keep queues and message each other; when
+one dies, ``coord.reaper`` applies one death rule to everything it held.
+"""
+
+from __future__ import annotations
+
+from .clock import Clock
+from .config import Config
+from .db import Store
+from .errors import (
+    Busy,
+    ClaimLost,
+    CoordError,
+    InstanceIdInUse,
+    InvalidArgument,
+    LeaseLost,
+    LeaseNotAcquired,
+    NotADatabase,
+    NotFound,
+    NotRegistered,
+    PayloadError,
+    PayloadTooLarge,
+    PermissionDenied,
+    QueueFull,
+    ReadOnlyViolation,
+    RecipientDead,
+    SchemaTooNew,
+    StorageError,
+    TimeoutExpired,
+    UnsafePath,
+    VersionConflict,
+)
+from .instances import Instance, InstanceInfo, get_instance, list_instances, register
+from .reaper import ReapReport, reap
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Busy",
+    "ClaimLost",
+    "Clock",
+    "Config",
+    "CoordError",
+    "Instance",
+    "InstanceIdInUse",
+    "InstanceInfo",
+    "InvalidArgument",
+    "LeaseLost",
+    "LeaseNotAcquired",
+    "NotADatabase",
+    "NotFound",
+    "NotRegistered",
+    "PayloadError",
+    "PayloadTooLarge",
+    "PermissionDenied",
+    "QueueFull",
+    "ReadOnlyViolation",
+    "RecipientDead",
+    "ReapReport",
+    "SchemaTooNew",
+    "StorageError",
+    "Store",
+    "TimeoutExpired",
+    "UnsafePath",
+    "VersionConflict",
+    "get_instance",
+    "list_instances",
+    "reap",
+    "register",
+    "__version__",
+]

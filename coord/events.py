@@ -1,0 +1,52 @@
+"""The event log: a bounded history of what happened (joined, left, died, reaped, ...)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import apsw
+
+from .db import Row, Store
+
+
+def log_event(
+    conn: apsw.Connection,
+    at: float,
+    kind: str,
+    instance_id: str | None = None,
+    subject: str | None = None,
+    **detail: Any,
+) -> None:
+    """Record an event inside the caller's transaction."""
+    conn.execute(
+        "INSERT INTO events (at, kind, instance_id, subject, detail) VALUES (?, ?, ?, ?, ?)",
+        (at, kind, instance_id, subject, json.dumps(detail, sort_keys=True)),
+    )
+
+
+def list_events(store: Store, *, after: int = 0, limit: int = 100) -> list[Row]:
+    """Events with id greater than ``after``, oldest first (the last ``limit`` of them)."""
+    rows = store.rows(
+        "SELECT id, at, kind, instance_id, subject, detail FROM "
+        "(SELECT * FROM events WHERE id > ? ORDER BY id DESC LIMIT ?) ORDER BY id",
+        (after, limit),
+    )
+    for r in rows:
+        r["detail"] = json.loads(r["detail"])
+    return rows
+
+
+def trim_events(conn: apsw.Connection, *, now_wall: float, max_rows: int, max_age: float) -> int:
+    """Drop events older than ``max_age`` or beyond the newest ``max_rows``."""
+    before = conn.total_changes()
+    conn.execute("DELETE FROM events WHERE at < ?", (now_wall - max_age,))
+    conn.execute(
+        "DELETE FROM events WHERE id <= (SELECT id FROM events ORDER BY id DESC LIMIT 1 OFFSET ?)",
+        (max_rows,),
+    )
+    conn.execute(
+        "DELETE FROM lease_terms WHERE released_at IS NOT NULL AND released_at < ?",
+        (now_wall - max_age,),
+    )
+    return int(conn.total_changes() - before)

@@ -1,0 +1,121 @@
+"""Process identity beyond pid reuse, and proof of death.
+
+A process is named by (boot id, pid, start token), the start token being field 22 of
+``/proc/<pid>/stat`` (clock ticks after boot). psutil's ``create_time()`` is derived from the
+wall clock and moves when the clock is set, so it is not used for identity.
+
+Proof of death for instances is a POSIX record lock (``fcntl`` F_SETLK) that the instance
+holds on its own lock file for its whole life: the kernel drops it the instant the process
+dies, ``fork`` does not inherit it, and anyone can test it with F_GETLK without taking it —
+which also works across pid namespaces. The trap: closing ANY descriptor of that file in the
+owning process drops the lock, so the owner opens it exactly once and nobody in the owning
+process ever opens it again (``lock_state`` refuses to probe the caller's own locks).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+from dataclasses import dataclass
+
+from .clock import boot_id
+
+
+@dataclass(frozen=True)
+class ProcIdentity:
+    boot_id: str
+    pid: int
+    start_token: int
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read().decode("utf-8", "replace")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name (field 2) may hold spaces and parentheses; it ends at the last ')'.
+    rest = raw[raw.rindex(")") + 2 :].split()
+    return rest  # rest[0] is field 3 (state)
+
+
+def start_token(pid: int) -> int | None:
+    """Field 22 of /proc/<pid>/stat, or None when there is no such process."""
+    fields = _stat_fields(pid)
+    return None if fields is None else int(fields[19])
+
+
+def proc_state(pid: int) -> str | None:
+    """The one-letter state (R, S, Z ...) or None when there is no such process."""
+    fields = _stat_fields(pid)
+    return None if fields is None else fields[0]
+
+
+def identify(pid: int) -> ProcIdentity | None:
+    """The identity of a running process now, or None."""
+    token = start_token(pid)
+    return None if token is None else ProcIdentity(boot_id(), pid, token)
+
+
+def pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return "unknown"
+
+
+def still_running(ident: ProcIdentity) -> bool:
+    """True only when the very same process (not a pid reuse) exists and is not a zombie."""
+    if ident.boot_id != boot_id():
+        return False
+    fields = _stat_fields(ident.pid)
+    if fields is None:
+        return False
+    return int(fields[19]) == ident.start_token and fields[0] not in ("Z", "X", "x")
+
+
+# -- record locks --------------------------------------------------------------------------
+
+_OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def hold_lock(path: str) -> int:
+    """Create ``path`` (no symlinks followed) and hold a write record lock on it for as long
+    as the returned descriptor stays open. Raises BlockingIOError if someone holds it."""
+    fd = os.open(path, _OPEN_FLAGS, 0o600)
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid():
+            raise PermissionError(f"{path} is owned by uid {st.st_uid}")
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+# struct flock on Linux: short l_type, short l_whence, off_t l_start, off_t l_len, pid_t l_pid
+_FLOCK = "hhqqi"
+
+
+def lock_holder(path: str) -> int | None:
+    """The pid holding a record lock on ``path`` (as seen from our pid namespace; 0 when the
+    holder is in another namespace), or None when nobody holds it or the file is gone.
+
+    Must not be called by the process that holds the lock: closing our probe descriptor would
+    release it. Callers check ``pid != os.getpid()`` first.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    try:
+        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
+    finally:
+        os.close(fd)
+    l_type, _, _, _, l_pid = struct.unpack(_FLOCK, answer)
+    if l_type == fcntl.F_UNLCK:
+        return None
+    return int(l_pid)

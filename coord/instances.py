@@ -1,0 +1,474 @@
+"""Instances: register, heartbeat, liveness by proof of death, deregister.
+
+An instance holds a POSIX record lock on its own lock file beside the database for its whole
+life (see ``coord.identity``); the kernel drops it the instant the process dies, which is the
+proof of death. A hung instance is seen dead when its heartbeat is older than its TTL.
+Everything an instance holds is bound to (id, incarnation); every registration bumps the
+incarnation, and taking over a dead instance's id releases what the old incarnation held in
+the same transaction (``coord.reaper.release_holdings``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import getpass
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import apsw
+
+from . import nudge
+from .clock import boot_id
+from .db import Row, Store, fetch, next_counter
+from .errors import InstanceIdInUse, InvalidArgument, NotFound, NotRegistered
+from .events import log_event
+from .identity import hold_lock, lock_holder, pid_namespace, proc_state, start_token
+
+log = logging.getLogger("coord")
+
+_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:@")
+
+# (id, incarnation) of every instance registered by this process and not yet closed. An
+# instance in our own pid is judged from here: probing our own lock file would release it.
+_LOCAL: dict[tuple[str, int], Instance] = {}
+_LOCAL_LOCK = threading.Lock()
+
+
+def validate_id(value: str, what: str = "instance id") -> str:
+    if not value or len(value) > 200 or not set(value) <= _ID_CHARS:
+        raise InvalidArgument(
+            f"invalid {what} {value!r}: use 1-200 letters, digits and - _ . : @"
+        )
+    return value
+
+
+def generate_id(app: str) -> str:
+    """A readable unique id: ``<app>-<short random>``."""
+    base = "".join(c if c in _ID_CHARS else "-" for c in app)[:60] or "coord"
+    return f"{base}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    """One row of the registry with its liveness verdict."""
+
+    id: str
+    incarnation: int
+    app: str
+    status: str  # 'alive', or why it is not: 'died', 'hung', 'left', 'reboot', 'taken over'
+    alive: bool
+    pid: int
+    start_token: int
+    boot_id: str
+    pidns: str
+    uid: int
+    user: str
+    host: str
+    cmdline: list[str]
+    cwd: str
+    labels: dict[str, Any]
+    lock_path: str
+    nudge_path: str | None
+    ttl: float
+    watchdog: float | None
+    started_at: float
+    heartbeat_at: float
+    heartbeat_age: float | None
+    ended_at: float | None
+    tombstone: bool
+
+    def to_json(self) -> dict[str, Any]:
+        d = dict(self.__dict__)
+        d["cmdline"] = list(self.cmdline)
+        return d
+
+
+def judge(store: Store, row: Row, now_mono: float | None = None) -> tuple[bool, str]:
+    """Liveness verdict for an instance row: (alive, status word).
+
+    Dead needs proof (no lock held, process gone or reused, zombie, another boot) or an
+    expired heartbeat. Age alone never kills an instance whose heartbeat is current.
+    """
+    if row["status"] == "dead":
+        return False, row["end_reason"] or "dead"
+    if row["boot_id"] != boot_id():
+        return False, "reboot"
+    same_ns = row["pidns"] == pid_namespace()
+    if same_ns and row["pid"] == os.getpid():
+        with _LOCAL_LOCK:
+            local = (row["id"], row["incarnation"]) in _LOCAL
+        if not local:
+            return False, "died"
+    else:
+        if same_ns:
+            if start_token(row["pid"]) != row["start_token"]:
+                return False, "died"
+            if proc_state(row["pid"]) in ("Z", "X", "x", None):
+                return False, "died"
+        if lock_holder(row["lock_path"]) is None:
+            return False, "died"
+    now = store.mono() if now_mono is None else now_mono
+    if now - row["heartbeat_mono"] > row["ttl"]:
+        return False, "hung"
+    return True, "alive"
+
+
+def _info(store: Store, row: Row, now_mono: float) -> InstanceInfo:
+    alive, status = judge(store, row, now_mono)
+    same_boot = row["boot_id"] == boot_id()
+    return InstanceInfo(
+        id=row["id"],
+        incarnation=row["incarnation"],
+        app=row["app"],
+        status=status,
+        alive=alive,
+        pid=row["pid"],
+        start_token=row["start_token"],
+        boot_id=row["boot_id"],
+        pidns=row["pidns"],
+        uid=row["uid"],
+        user=row["user"],
+        host=row["host"],
+        cmdline=json.loads(row["cmdline"]),
+        cwd=row["cwd"],
+        labels=json.loads(row["labels"]),
+        lock_path=row["lock_path"],
+        nudge_path=row["nudge_path"],
+        ttl=row["ttl"],
+        watchdog=row["watchdog"],
+        started_at=row["started_at"],
+        heartbeat_at=row["heartbeat_at"],
+        heartbeat_age=(now_mono - row["heartbeat_mono"]) if same_boot else None,
+        ended_at=row["ended_at"],
+        tombstone=row["status"] == "dead",
+    )
+
+
+def list_instances(
+    store: Store, *, include_dead: bool = False, app: str | None = None
+) -> list[InstanceInfo]:
+    """Registered instances with their liveness; only live ones unless ``include_dead``."""
+    sql = "SELECT * FROM instances"
+    params: tuple[Any, ...] = ()
+    if app is not None:
+        sql += " WHERE app = ?"
+        params = (app,)
+    now = store.mono()
+    out = [_info(store, r, now) for r in store.rows(sql + " ORDER BY started_at, id", params)]
+    return out if include_dead else [i for i in out if i.alive]
+
+
+def get_instance(store: Store, id: str) -> InstanceInfo:
+    row = store.row("SELECT * FROM instances WHERE id = ?", (id,))
+    if row is None:
+        raise NotFound("instance", id)
+    return _info(store, row, store.mono())
+
+
+def live_holder(store: Store, conn: apsw.Connection, id: str, incarnation: int) -> bool:
+    """Is (id, incarnation) a live instance? For checks inside a transaction."""
+    rows = fetch(conn, "SELECT * FROM instances WHERE id = ? AND incarnation = ?", (id, incarnation))
+    return bool(rows) and judge(store, rows[0])[0]
+
+
+def require_live(store: Store, id: str | None) -> InstanceInfo:
+    """The live instance named ``id`` (from COORD_INSTANCE_ID when None), for CLI commands
+    that act as an instance."""
+    id = id or os.environ.get("COORD_INSTANCE_ID")
+    if not id:
+        raise NotRegistered(None)
+    try:
+        info = get_instance(store, id)
+    except NotFound:
+        raise NotRegistered(id, "not registered") from None
+    if not info.alive:
+        raise NotRegistered(id, info.status)
+    return info
+
+
+class _IdAdapter(logging.LoggerAdapter):  # type: ignore[type-arg]
+    def process(self, msg: Any, kwargs: MutableMapping[str, Any]) -> tuple[Any, MutableMapping[str, Any]]:
+        extra = dict(kwargs.get("extra") or {})
+        extra.setdefault("instance_id", self.extra["instance_id"] if self.extra else "")
+        kwargs["extra"] = extra
+        return f"[{extra['instance_id']}] {msg}", kwargs
+
+
+HeartbeatHook = Callable[["Instance"], None]
+
+
+@dataclass(eq=False)
+class Instance:
+    """A registered instance of this process. Use ``register()`` to make one.
+
+    Its heartbeat thread (own connection) renews it every ``config.heartbeat`` seconds and
+    runs the hooks other modules add (lease renewal, opportunistic reaping). ``close()``
+    (or leaving the ``with`` block, SIGTERM, or interpreter exit) deregisters it.
+    """
+
+    store: Store
+    id: str
+    incarnation: int
+    app: str
+    ttl: float
+    watchdog: float | None
+    lock_path: str
+    nudge_path: str
+    _lock_fd: int
+    sock: socket.socket
+    pid: int = field(default_factory=os.getpid)
+    hooks: list[HeartbeatHook] = field(default_factory=list)
+    closed: bool = False
+    lost: threading.Event = field(default_factory=threading.Event)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+    _last_beat: float = 0.0
+    _close_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def log(self) -> logging.LoggerAdapter:  # type: ignore[type-arg]
+        """A logger whose every line carries this instance's id."""
+        return _IdAdapter(log, {"instance_id": self.id})
+
+    def __enter__(self) -> Instance:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def beat(self) -> None:
+        """Report progress; with a watchdog set, the heartbeat stops when beats stop."""
+        self._last_beat = self.store.mono()
+
+    def heartbeat(self) -> bool:
+        """Renew the registration now. False when it was lost (declared dead, taken over)."""
+        now_mono, now_wall = self.store.mono(), self.store.wall()
+        if self.watchdog is not None and now_mono - self._last_beat > self.watchdog:
+            return True  # stuck: let the TTL run out so others see us as hung
+        n = self.store.write(
+            lambda c: c.execute(
+                "UPDATE instances SET heartbeat_mono = ?, heartbeat_at = ? "
+                "WHERE id = ? AND incarnation = ? AND status = 'alive' RETURNING 1",
+                (now_mono, now_wall, self.id, self.incarnation),
+            ).fetchall()
+        )
+        if not n:
+            if not self.lost.is_set():
+                self.log.warning("registration lost (declared dead or taken over)")
+            self.lost.set()
+            return False
+        return True
+
+    def _run(self) -> None:
+        interval = self.store.config.heartbeat
+        while not self._stop.wait(interval):
+            try:
+                if self.heartbeat():
+                    for hook in list(self.hooks):
+                        hook(self)
+            except Exception as e:  # keep beating; a transient error must not kill us
+                self.log.warning("heartbeat failed: %s", e)
+
+    def start(self) -> None:
+        self._last_beat = self.store.mono()
+        t = threading.Thread(target=self._run, name=f"coord-heartbeat-{self.id}", daemon=True)
+        self._thread = t
+        t.start()
+
+    def close(self) -> None:
+        """Deregister: release everything held, leave a tombstone only if it still owns
+        queued jobs or running processes. Only in the process that registered."""
+        if os.getpid() != self.pid:
+            return
+        with self._close_lock:
+            if self.closed:
+                return
+            self.closed = True
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        from .reaper import bury
+
+        try:
+            self.store.write(
+                lambda c: bury(c, self.store, self.id, self.incarnation, reason="left")
+            )
+        except Exception as e:
+            self.log.warning("deregistration failed: %s", e)
+        with _LOCAL_LOCK:
+            _LOCAL.pop((self.id, self.incarnation), None)
+        for p in (self.lock_path, self.nudge_path):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        self.sock.close()
+        os.close(self._lock_fd)
+
+
+def register(
+    store: Store,
+    id: str | None = None,
+    *,
+    app: str | None = None,
+    labels: Mapping[str, Any] | None = None,
+    ttl: float | None = None,
+    watchdog: float | None = None,
+    cmdline: list[str] | None = None,
+    heartbeat: bool = True,
+    handle_signals: bool = True,
+) -> Instance:
+    """Register an instance of ``app`` and start its heartbeat.
+
+    The id comes from ``id``, else ``COORD_INSTANCE_ID``, else is generated. An id held by a
+    live instance raises ``InstanceIdInUse``; a dead one's id is taken over (new incarnation,
+    the old one's leases, claims and ephemeral keys released, its private queue kept).
+    """
+    app = app or os.path.basename(sys.argv[0] or "python") or "coord"
+    id = validate_id(id or os.environ.get("COORD_INSTANCE_ID") or generate_id(app))
+    ttl = store.config.instance_ttl if ttl is None else ttl
+    if ttl <= 0:
+        raise InvalidArgument(f"ttl must be positive, got {ttl}")
+    token = secrets.token_hex(8)
+    lock_path = str(store.side_dir("locks") / f"{token}.lock")
+    nudge_path = str(store.side_dir("sock") / f"{token}.sock")
+    fd = hold_lock(lock_path)
+    try:
+        sock = nudge.bind(nudge_path)
+    except BaseException:
+        os.close(fd)
+        os.unlink(lock_path)
+        raise
+    mypid = os.getpid()
+    labels_json = json.dumps(dict(labels or {}), sort_keys=True)
+    cmd = cmdline if cmdline is not None else _own_cmdline()
+    user = _username()
+    host = socket.gethostname()
+    tok = start_token(mypid)
+    assert tok is not None
+
+    def txn(c: apsw.Connection) -> int:
+        now_mono, now_wall = store.mono(), store.wall()
+        old = fetch(c, "SELECT * FROM instances WHERE id = ?", (id,))
+        if old:
+            alive, _ = judge(store, old[0], now_mono)
+            if alive:
+                raise InstanceIdInUse(id, old[0]["pid"])
+            from .reaper import release_holdings
+
+            release_holdings(c, store, id, old[0]["incarnation"], reason="taken over")
+        inc = next_counter(c, "incarnation")
+        c.execute(
+            "INSERT INTO instances (id, incarnation, app, status, pid, start_token, boot_id, "
+            "pidns, uid, user, host, cmdline, cwd, labels, lock_path, nudge_path, ttl, "
+            "watchdog, started_at, heartbeat_at, heartbeat_mono) "
+            "VALUES (?, ?, ?, 'alive', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (id) DO UPDATE SET incarnation = excluded.incarnation, "
+            "app = excluded.app, status = 'alive', pid = excluded.pid, "
+            "start_token = excluded.start_token, boot_id = excluded.boot_id, "
+            "pidns = excluded.pidns, uid = excluded.uid, user = excluded.user, "
+            "host = excluded.host, cmdline = excluded.cmdline, cwd = excluded.cwd, "
+            "labels = excluded.labels, lock_path = excluded.lock_path, "
+            "nudge_path = excluded.nudge_path, ttl = excluded.ttl, "
+            "watchdog = excluded.watchdog, started_at = excluded.started_at, "
+            "heartbeat_at = excluded.heartbeat_at, heartbeat_mono = excluded.heartbeat_mono, "
+            "ended_at = NULL, end_reason = NULL",
+            (
+                id, inc, app, mypid, tok, boot_id(), pid_namespace(), os.geteuid(), user,
+                host, json.dumps(cmd), _cwd(), labels_json, lock_path, nudge_path, ttl,
+                watchdog, now_wall, now_wall, now_mono,
+            ),
+        )
+        if old:
+            log_event(c, now_wall, "took over", id, None, previous=old[0]["incarnation"], incarnation=inc)
+        log_event(c, now_wall, "joined", id, app, incarnation=inc, pid=mypid)
+        return inc
+
+    try:
+        inc = store.write(txn)
+    except BaseException:
+        sock.close()
+        os.close(fd)
+        for p in (lock_path, nudge_path):
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+        raise
+    inst = Instance(
+        store=store, id=id, incarnation=inc, app=app, ttl=ttl, watchdog=watchdog,
+        lock_path=lock_path, nudge_path=nudge_path, _lock_fd=fd, sock=sock,
+    )
+    with _LOCAL_LOCK:
+        _LOCAL[(id, inc)] = inst
+    _INSTANCES.add(inst)
+    if handle_signals:
+        _install_sigterm()
+    if heartbeat:
+        inst.start()
+    inst.log.debug("registered (incarnation %d)", inc)
+    return inst
+
+
+def _own_cmdline() -> list[str]:
+    try:
+        with open("/proc/self/cmdline", "rb") as f:
+            return [a.decode("utf-8", "replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return list(sys.argv)
+
+
+def _cwd() -> str:
+    try:
+        return os.getcwd()
+    except OSError:
+        return ""
+
+
+def _username() -> str:
+    try:
+        return getpass.getuser()
+    except Exception:
+        return str(os.geteuid())
+
+
+# -- shutdown: atexit and SIGTERM close what this pid registered --------------------------
+
+_INSTANCES: weakref.WeakSet[Instance] = weakref.WeakSet()
+_REGISTERED_PID = os.getpid()
+_sigterm_installed = False
+
+
+def close_all() -> None:
+    """Deregister every instance this process registered (not those inherited by fork)."""
+    for inst in list(_INSTANCES):
+        if inst.pid == os.getpid():
+            inst.close()
+
+
+atexit.register(close_all)
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    close_all()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _install_sigterm() -> None:
+    global _sigterm_installed
+    if _sigterm_installed or threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, _on_sigterm)
+        _sigterm_installed = True

@@ -1,0 +1,1 @@
+"""The SQL schema: numbered migrations and views, package data of coord."""

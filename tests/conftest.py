@@ -1,0 +1,161 @@
+"""Shared fixtures: a file-backed database per test, the CLI as a subprocess or in-process,
+and one helper that always reaps child processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+import coord
+from coord.config import Config
+
+NOBODY = 65534
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Never let a developer's own instance or database leak into a test.
+    monkeypatch.delenv("COORD_INSTANCE_ID", raising=False)
+    monkeypatch.delenv("COORD_DB", raising=False)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    d = tmp_path / "run"
+    d.mkdir(mode=0o700)
+    return d / "coord.db"
+
+
+@pytest.fixture
+def store(db_path: Path) -> Iterator[coord.Store]:
+    s = coord.Store(db_path)
+    yield s
+    coord.instances.close_all()
+    s.close()
+
+
+@pytest.fixture
+def fast_store(db_path: Path) -> Iterator[coord.Store]:
+    """A store with short timings, for tests that wait for TTLs."""
+    s = coord.Store(db_path, config=Config(instance_ttl=1.0, heartbeat=0.2, lease_ttl=1.0,
+                                           renew_deadline=0.7, claim_lease=1.0))
+    yield s
+    coord.instances.close_all()
+    s.close()
+
+
+def reap_children(procs: list[subprocess.Popen[Any]], timeout: float = 5.0) -> None:
+    """Terminate, wait, then kill: no test leaves a child behind."""
+    for p in procs:
+        if p.poll() is None:
+            try:
+                p.send_signal(signal.SIGCONT)
+                p.terminate()
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.05, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@pytest.fixture
+def children() -> Iterator[list[subprocess.Popen[Any]]]:
+    procs: list[subprocess.Popen[Any]] = []
+    yield procs
+    reap_children(procs)
+
+
+def coord_env(db: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COORD_")}
+    env["COORD_DB"] = str(db)
+    env.update(extra)
+    return env
+
+
+def run_cli(db: Path, *args: str, input: str | bytes | None = None, timeout: float = 60,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `coord` command as a subprocess."""
+    e = coord_env(db) if env is None else env
+    data = input.decode() if isinstance(input, bytes) else input
+    return subprocess.run([sys.executable, "-m", "coord", *args], env=e, input=data,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def cli(db_path: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    return lambda *a, **kw: run_cli(db_path, *a, **kw)
+
+
+@pytest.fixture
+def invoke(db_path: Path) -> Callable[..., Any]:
+    """Run the CLI in-process (fast) with --db set to this test's database."""
+    from coord.cli.main import app
+
+    runner = CliRunner()
+
+    def go(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> Any:
+        return runner.invoke(app, ["--db", str(db_path), *args], input=input, env=env)
+
+    return go
+
+
+def parse_json(text: str) -> Any:
+    return json.loads(text)
+
+
+def spawn_python(code: str, *args: str, db: Path, env: dict[str, str] | None = None,
+                 **kw: Any) -> subprocess.Popen[str]:
+    """Start `python -c code` with COORD_DB set; stdout is a text pipe."""
+    e = coord_env(db, **(env or {}))
+    return subprocess.Popen([sys.executable, "-c", code, *args], env=e, stdout=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def wait_line(p: subprocess.Popen[str], expect: str = "ready", timeout: float = 20) -> str:
+    """Read lines from a child until one starts with ``expect``."""
+    assert p.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = p.stdout.readline()
+        if not line:
+            raise AssertionError(f"child {p.pid} exited ({p.poll()}) before printing {expect!r}")
+        if line.startswith(expect):
+            return line.strip()
+    raise AssertionError(f"child {p.pid} did not print {expect!r} in time")
+
+
+def wait_until(pred: Callable[[], Any], timeout: float = 10, interval: float = 0.01) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(interval)
+
+
+# A worker that registers as an instance and waits; prints "ready <id> <incarnation>".
+INSTANCE_WORKER = """
+import os, sys, time, coord
+store = coord.Store(os.environ["COORD_DB"])
+inst = coord.register(store, sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] else None,
+                      app=os.environ.get("APP", "test"))
+print("ready", inst.id, inst.incarnation, flush=True)
+while True:
+    time.sleep(0.5)
+"""
