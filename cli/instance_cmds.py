@@ -9,7 +9,7 @@ import typer
 
 from ._common import JsonOption, duration, emit_json, handle_errors, store, table
 
-COLUMNS = [("id", "ID"), ("app", "APP"), ("pid", "PID"), ("user", "USER"), ("status", "STATUS"),
+COLUMNS = [("id", "ID"), ("app", "APP"), ("pid", "PID"), ("user", "USER"), ("status_h", "STATUS"),
            ("rss_h", "RSS"), ("cpu_percent", "CPU%"), ("uptime_h", "UPTIME"), ("cmdline", "COMMAND")]
 
 
@@ -21,22 +21,24 @@ def register(app: typer.Typer) -> None:
     app.command("events")(events)
 
 
-def _row(info: Any) -> dict[str, Any]:
+def _row(info: Any, figures: dict[int, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """An instance as JSON, with live figures (RSS, CPU, uptime) of its process when alive;
+    ``figures`` caches them per pid within one listing."""
     from coord.discovery import live_figures, uptime_of
 
     row: dict[str, Any] = info.to_json()
-    row["started_at"] = info.started_at
     row["rss"] = row["cpu_percent"] = row["uptime"] = None
     if info.alive:
-        row.update(live_figures(info.pid))
-        row["uptime"] = uptime_of(info.pid)
-    if info.tombstone:
-        row["status"] = f"dead ({info.status})"
+        cache = {} if figures is None else figures
+        if info.pid not in cache:
+            cache[info.pid] = {**live_figures(info.pid), "uptime": uptime_of(info.pid)}
+        row.update(cache[info.pid])
     return row
 
 
 def _human(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
+        r["status_h"] = f"tombstone ({r['status']})" if r.get("tombstone") else r["status"]
         r["rss_h"] = f"{r['rss'] / 1048576:.1f}M" if r.get("rss") else "-"
         r["uptime_h"] = duration(r.get("uptime"))
     return rows
@@ -56,7 +58,8 @@ def instances(
 
     s = store(ctx)
     infos = list_instances(s, include_dead=True, app=app)
-    rows = [_row(i) for i in infos if all_ or i.alive]
+    figures: dict[int, dict[str, Any]] = {}
+    rows = [_row(i, figures) for i in infos if all_ or i.alive]
     if scan is not None:
         from coord.discovery import scan as do_scan
 
@@ -82,13 +85,14 @@ def instance(
         raise InvalidArgument("name an instance id (or set COORD_INSTANCE_ID)")
     s = store(ctx)
     row = _row(get_instance(s, id))
-    others = [_row(i) for i in list_instances(s) if i.id != id]
+    others = [{"id": i.id, "app": i.app, "pid": i.pid, "user": i.user, "alive": i.alive,
+               "status": i.status} for i in list_instances(s) if i.id != id]
     if as_json:
-        row["others"] = [{"id": o["id"], "app": o["app"], "pid": o["pid"], "alive": o["alive"]} for o in others]
+        row["others"] = others
         emit_json(row)
         return
     _human([row])
-    for key in ("id", "app", "status", "incarnation", "pid", "user", "host", "cwd", "cmdline",
+    for key in ("id", "app", "status_h", "incarnation", "pid", "user", "host", "cwd", "cmdline",
                 "labels", "rss_h", "cpu_percent", "uptime_h", "ttl", "watchdog", "heartbeat_age",
                 "lock_path"):
         from ._common import fmt
@@ -171,11 +175,15 @@ def events(
         return
     show(rows)
     last = rows[-1]["id"] if rows else 0
+    if follow and not rows:
+        newest = list_events(s, limit=1)
+        last = newest[-1]["id"] if newest else 0
     while follow:
         version = s.data_version()
-        while s.data_version() == version:
-            time.sleep(0.05)
-        batch = list_events(s, after=last, limit=10_000)
+        batch = list_events(s, after=last, limit=1000, oldest_first=True)
         if batch:
             show(batch)
             last = batch[-1]["id"]
+            continue
+        while s.data_version() == version:
+            time.sleep(0.05)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
 import apsw
@@ -25,13 +26,32 @@ def log_event(
     )
 
 
-def list_events(store: Store, *, after: int = 0, limit: int = 100) -> list[Row]:
-    """Events with id greater than ``after``, oldest first (the last ``limit`` of them)."""
-    rows = store.rows(
-        "SELECT id, at, kind, instance_id, subject, detail FROM "
-        "(SELECT * FROM events WHERE id > ? ORDER BY id DESC LIMIT ?) ORDER BY id",
-        (after, limit),
+#: One event for ``log_events``: (at, kind, instance_id, subject, detail).
+Event = tuple[float, str, str | None, str | None, dict[str, Any]]
+
+
+def log_events(conn: apsw.Connection, events: Iterable[Event]) -> None:
+    """Record many events inside the caller's transaction (one prepared statement)."""
+    conn.executemany(
+        "INSERT INTO events (at, kind, instance_id, subject, detail) VALUES (?, ?, ?, ?, ?)",
+        [(at, kind, iid, subj, json.dumps(detail, sort_keys=True))
+         for at, kind, iid, subj, detail in events],
     )
+
+
+_LAST_AFTER = ("SELECT id, at, kind, instance_id, subject, detail FROM (SELECT * FROM events "
+               "WHERE id > ? ORDER BY id DESC LIMIT ?) ORDER BY id")
+_FIRST_AFTER = ("SELECT id, at, kind, instance_id, subject, detail FROM events "
+                "WHERE id > ? ORDER BY id LIMIT ?")
+
+
+def list_events(
+    store: Store, *, after: int = 0, limit: int = 100, oldest_first: bool = False
+) -> list[Row]:
+    """Events with id greater than ``after``, in id order: the newest ``limit`` of them, or
+    with ``oldest_first`` the first ``limit`` (to page forward without skipping any)."""
+    sql = _FIRST_AFTER if oldest_first else _LAST_AFTER
+    rows = store.rows(sql, (after, limit))
     for r in rows:
         r["detail"] = json.loads(r["detail"])
     return rows

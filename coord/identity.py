@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 import struct
 from dataclasses import dataclass
 
@@ -40,6 +41,16 @@ def _stat_fields(pid: int) -> list[str] | None:
     return rest  # rest[0] is field 3 (state)
 
 
+def proc_stat(pid: int) -> tuple[int, str] | None:
+    """(start token, one-letter state) of ``pid`` from one read of /proc, or None if gone."""
+    fields = _stat_fields(pid)
+    return None if fields is None else (int(fields[19]), fields[0])
+
+
+#: States of a process that has ended (a zombie is dead: its locks are already gone).
+DEAD_STATES = frozenset(("Z", "X", "x"))
+
+
 def start_token(pid: int) -> int | None:
     """Field 22 of /proc/<pid>/stat, or None when there is no such process."""
     fields = _stat_fields(pid)
@@ -58,11 +69,21 @@ def identify(pid: int) -> ProcIdentity | None:
     return None if token is None else ProcIdentity(boot_id(), pid, token)
 
 
+_PIDNS: tuple[int, str] = (0, "")
+
+
 def pid_namespace() -> str:
-    try:
-        return os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return "unknown"
+    """This process's pid namespace (as ``readlink /proc/self/ns/pid``); it never changes for a
+    process, so it is read once per pid."""
+    global _PIDNS
+    pid = os.getpid()
+    if _PIDNS[0] != pid:
+        try:
+            ns = os.readlink("/proc/self/ns/pid")
+        except OSError:
+            ns = "unknown"
+        _PIDNS = (pid, ns)
+    return _PIDNS[1]
 
 
 def still_running(ident: ProcIdentity) -> bool:
@@ -72,7 +93,7 @@ def still_running(ident: ProcIdentity) -> bool:
     fields = _stat_fields(ident.pid)
     if fields is None:
         return False
-    return int(fields[19]) == ident.start_token and fields[0] not in ("Z", "X", "x")
+    return int(fields[19]) == ident.start_token and fields[0] not in DEAD_STATES
 
 
 # -- record locks --------------------------------------------------------------------------
@@ -119,3 +140,36 @@ def lock_holder(path: str) -> int | None:
     if l_type == fcntl.F_UNLCK:
         return None
     return int(l_pid)
+
+
+#: What ``lock_state`` can say about a lock file.
+HELD, FREE, MISSING, UNKNOWN = "held", "free", "missing", "unknown"
+
+
+def lock_state(path: str) -> tuple[str, int | None]:
+    """(HELD, holder pid) | (FREE, None) | (MISSING, None) | (UNKNOWN, None).
+
+    Only FREE is proof of death: the file is there and nobody holds a lock on it. A MISSING
+    file (someone cleaned the directory) or one that cannot be probed (UNKNOWN: a symlink,
+    a permission error) proves nothing, and the caller falls back to pid and heartbeat.
+    Same rule as ``lock_holder``: never call it on a lock held by the calling process.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return MISSING, None
+    except OSError:
+        return UNKNOWN, None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return UNKNOWN, None
+        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
+    except OSError:
+        return UNKNOWN, None
+    finally:
+        os.close(fd)
+    l_type, _, _, _, l_pid = struct.unpack(_FLOCK, answer)
+    if l_type == fcntl.F_UNLCK:
+        return FREE, None
+    return HELD, int(l_pid)

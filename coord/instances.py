@@ -32,15 +32,27 @@ from .clock import boot_id
 from .db import Row, Store, fetch, next_counter
 from .errors import InstanceIdInUse, InvalidArgument, NotFound, NotRegistered
 from .events import log_event
-from .identity import hold_lock, lock_holder, pid_namespace, proc_state, start_token
+from .identity import (
+    DEAD_STATES,
+    FREE,
+    hold_lock,
+    lock_state,
+    pid_namespace,
+    proc_stat,
+    start_token,
+)
 
 log = logging.getLogger("coord")
 
 _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:@")
 
-# (id, incarnation) of every instance registered by this process and not yet closed. An
-# instance in our own pid is judged from here: probing our own lock file would release it.
+# (id, incarnation) of every instance registered by this process and not yet closed.
 _LOCAL: dict[tuple[str, int], Instance] = {}
+# The lock files this process holds (from before its row is committed until the descriptor
+# is closed). A row with our own pid is judged from here: probing our own lock file would
+# release it, and the set is filled before the row exists, so a reaper thread of ours never
+# sees a registration of ours half-way.
+_OWN_LOCKS: set[str] = set()
 _LOCAL_LOCK = threading.Lock()
 
 
@@ -93,39 +105,76 @@ class InstanceInfo:
         return d
 
 
-def judge(store: Store, row: Row, now_mono: float | None = None) -> tuple[bool, str]:
+class Probe:
+    """What the kernel says about pids and lock files, asked once per pid and per lock file.
+
+    One probe serves one listing or one reap, so a thousand rows that share a handful of
+    processes cost a handful of /proc reads. Make a new one for every fresh look: a probe
+    never forgets, and a process it saw alive may have died since.
+    """
+
+    def __init__(self) -> None:
+        self.boot_id = boot_id()
+        self.pidns = pid_namespace()
+        self.pid = os.getpid()
+        self._procs: dict[int, tuple[int, str] | None] = {}
+        self._locks: dict[str, tuple[str, int | None]] = {}
+
+    def proc(self, pid: int) -> tuple[int, str] | None:
+        """(start token, state) of ``pid``, or None when it does not exist."""
+        try:
+            return self._procs[pid]
+        except KeyError:
+            found = self._procs[pid] = proc_stat(pid)
+            return found
+
+    def lock(self, path: str) -> tuple[str, int | None]:
+        try:
+            return self._locks[path]
+        except KeyError:
+            found = self._locks[path] = lock_state(path)
+            return found
+
+
+def judge(
+    store: Store, row: Row, now_mono: float | None = None, *, probe: Probe | None = None
+) -> tuple[bool, str]:
     """Liveness verdict for an instance row: (alive, status word).
 
-    Dead needs proof (no lock held, process gone or reused, zombie, another boot) or an
-    expired heartbeat. Age alone never kills an instance whose heartbeat is current.
+    Dead needs proof — another boot; the pid gone, reused (another start token) or a
+    zombie; its lock file present and unlocked — or an expired heartbeat (status 'hung').
+    Age alone never kills an instance whose heartbeat is current, and the wall clock is
+    never read. ``row`` needs: id, incarnation, status, end_reason, boot_id, pidns, pid,
+    start_token, lock_path, heartbeat_mono, ttl.
     """
     if row["status"] == "dead":
         return False, row["end_reason"] or "dead"
-    if row["boot_id"] != boot_id():
+    pr = probe or Probe()
+    if row["boot_id"] != pr.boot_id:
         return False, "reboot"
-    same_ns = row["pidns"] == pid_namespace()
-    if same_ns and row["pid"] == os.getpid():
+    same_ns = row["pidns"] == pr.pidns
+    if same_ns:
+        st = pr.proc(row["pid"])
+        if st is None or st[0] != row["start_token"] or st[1] in DEAD_STATES:
+            return False, "died"
+    if same_ns and row["pid"] == pr.pid:
+        # Our own process: never probe our own lock file (closing the probe would drop it).
         with _LOCAL_LOCK:
-            local = (row["id"], row["incarnation"]) in _LOCAL
-        if not local:
-            return False, "died"
-    else:
-        if same_ns:
-            if start_token(row["pid"]) != row["start_token"]:
-                return False, "died"
-            if proc_state(row["pid"]) in ("Z", "X", "x", None):
-                return False, "died"
-        if lock_holder(row["lock_path"]) is None:
-            return False, "died"
+            held = row["lock_path"] in _OWN_LOCKS
+        if not held:
+            return False, "died"  # registered here once and closed, or never by us
+    elif pr.lock(row["lock_path"])[0] == FREE:
+        return False, "died"
+    # HELD, or MISSING/UNKNOWN (no proof either way): the heartbeat decides.
     now = store.mono() if now_mono is None else now_mono
     if now - row["heartbeat_mono"] > row["ttl"]:
         return False, "hung"
     return True, "alive"
 
 
-def _info(store: Store, row: Row, now_mono: float) -> InstanceInfo:
-    alive, status = judge(store, row, now_mono)
-    same_boot = row["boot_id"] == boot_id()
+def _info(store: Store, row: Row, now_mono: float, probe: Probe) -> InstanceInfo:
+    alive, status = judge(store, row, now_mono, probe=probe)
+    same_boot = row["boot_id"] == probe.boot_id
     return InstanceInfo(
         id=row["id"],
         incarnation=row["incarnation"],
@@ -163,8 +212,8 @@ def list_instances(
     if app is not None:
         sql += " WHERE app = ?"
         params = (app,)
-    now = store.mono()
-    out = [_info(store, r, now) for r in store.rows(sql + " ORDER BY started_at, id", params)]
+    now, probe = store.mono(), Probe()
+    out = [_info(store, r, now, probe) for r in store.rows(sql + " ORDER BY started_at, id", params)]
     return out if include_dead else [i for i in out if i.alive]
 
 
@@ -172,7 +221,7 @@ def get_instance(store: Store, id: str) -> InstanceInfo:
     row = store.row("SELECT * FROM instances WHERE id = ?", (id,))
     if row is None:
         raise NotFound("instance", id)
-    return _info(store, row, store.mono())
+    return _info(store, row, store.mono(), Probe())
 
 
 def live_holder(store: Store, conn: apsw.Connection, id: str, incarnation: int) -> bool:
@@ -269,15 +318,26 @@ class Instance:
             return False
         return True
 
+    @property
+    def heartbeat_interval(self) -> float:
+        """Seconds between heartbeats: the configured interval, but at least three beats per
+        TTL (so ``register(ttl=1)`` works with the default config)."""
+        return min(self.store.config.heartbeat, self.ttl / 3)
+
     def _run(self) -> None:
-        interval = self.store.config.heartbeat
+        interval = self.heartbeat_interval
         while not self._stop.wait(interval):
             try:
-                if self.heartbeat():
-                    for hook in list(self.hooks):
-                        hook(self)
+                if not self.heartbeat():
+                    return  # lost for good: that incarnation can never come back
             except Exception as e:  # keep beating; a transient error must not kill us
                 self.log.warning("heartbeat failed: %s", e)
+                continue
+            for hook in list(self.hooks):
+                try:
+                    hook(self)
+                except Exception as e:  # one failing hook must not starve the others
+                    self.log.warning("heartbeat hook %s failed: %s", getattr(hook, "__name__", hook), e)
 
     def start(self) -> None:
         self._last_beat = self.store.mono()
@@ -307,12 +367,10 @@ class Instance:
             self.log.warning("deregistration failed: %s", e)
         with _LOCAL_LOCK:
             _LOCAL.pop((self.id, self.incarnation), None)
-        for p in (self.lock_path, self.nudge_path):
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
+        _unlink(self.lock_path, self.nudge_path)
         self.sock.close()
+        with _LOCAL_LOCK:
+            _OWN_LOCKS.discard(self.lock_path)
         os.close(self._lock_fd)
 
 
@@ -343,11 +401,12 @@ def register(
     lock_path = str(store.side_dir("locks") / f"{token}.lock")
     nudge_path = str(store.side_dir("sock") / f"{token}.sock")
     fd = hold_lock(lock_path)
+    with _LOCAL_LOCK:
+        _OWN_LOCKS.add(lock_path)
     try:
         sock = nudge.bind(nudge_path)
     except BaseException:
-        os.close(fd)
-        os.unlink(lock_path)
+        _release_own_lock(fd, lock_path)
         raise
     mypid = os.getpid()
     labels_json = json.dumps(dict(labels or {}), sort_keys=True)
@@ -357,15 +416,22 @@ def register(
     tok = start_token(mypid)
     assert tok is not None
 
+    previous: list[Row] = []
+
     def txn(c: apsw.Connection) -> int:
         now_mono, now_wall = store.mono(), store.wall()
         old = fetch(c, "SELECT * FROM instances WHERE id = ?", (id,))
+        previous[:] = old
         if old:
-            alive, _ = judge(store, old[0], now_mono)
+            alive, verdict = judge(store, old[0], now_mono)
             if alive:
                 raise InstanceIdInUse(id, old[0]["pid"])
             from .reaper import release_holdings
 
+            # Its death was never recorded (no reaper came by): record it now, once.
+            if old[0]["status"] == "alive":
+                log_event(c, now_wall, "died", id, None, incarnation=old[0]["incarnation"],
+                          reason=verdict)
             release_holdings(c, store, id, old[0]["incarnation"], reason="taken over")
         inc = next_counter(c, "incarnation")
         c.execute(
@@ -398,13 +464,12 @@ def register(
         inc = store.write(txn)
     except BaseException:
         sock.close()
-        os.close(fd)
-        for p in (lock_path, nudge_path):
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
+        _release_own_lock(fd, lock_path)
+        _unlink(nudge_path)
         raise
+    if previous:
+        # The dead predecessor's lock file and socket are nobody's now.
+        _unlink(previous[0]["lock_path"], previous[0]["nudge_path"])
     inst = Instance(
         store=store, id=id, incarnation=inc, app=app, ttl=ttl, watchdog=watchdog,
         lock_path=lock_path, nudge_path=nudge_path, _lock_fd=fd, sock=sock,
@@ -418,6 +483,23 @@ def register(
         inst.start()
     inst.log.debug("registered (incarnation %d)", inc)
     return inst
+
+
+def _release_own_lock(fd: int, path: str) -> None:
+    _unlink(path)
+    with _LOCAL_LOCK:
+        _OWN_LOCKS.discard(path)
+    os.close(fd)
+
+
+def _unlink(*paths: str | None) -> None:
+    """Remove a dead instance's lock file and socket (unlinking never drops a lock)."""
+    for p in paths:
+        if p:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
 
 
 def _own_cmdline() -> list[str]:

@@ -24,61 +24,94 @@ change re-checks its condition inside its own short transaction, in bounded batc
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import apsw
 
 from .clock import boot_id
-from .db import Store, fetch
-from .events import log_event, trim_events
+from .db import Row, Store, fetch
+from .events import Event, log_event, log_events, trim_events
 from .identity import ProcIdentity, still_running
+
+#: SQL for "the (id, incarnation) pairs in the JSON array bound here": [[id, inc], ...].
+_MEMBERS = "SELECT value->>0, value->>1 FROM json_each(?)"
+_MEMBER_IDS = "SELECT value->>0 FROM json_each(?)"
 
 
 def release_holdings(
     c: apsw.Connection, store: Store, id: str, incarnation: int, *, reason: str
 ) -> dict[str, int]:
     """Release what (id, incarnation) holds, inside the caller's transaction."""
+    return release_holdings_many(c, store, [(id, incarnation)], reason=reason)
+
+
+def release_holdings_many(
+    c: apsw.Connection, store: Store, members: Sequence[tuple[str, int]], *, reason: str
+) -> dict[str, int]:
+    """Release what each (id, incarnation) in ``members`` holds, inside the caller's
+    transaction: one set-based statement per kind of holding, so burying a batch of
+    hundreds costs a handful of statements. This is the death rule's one place: a capability
+    that binds something new to (id, incarnation) releases it here."""
     now_mono, now_wall = store.mono(), store.wall()
+    pairs = json.dumps([[i, n] for i, n in members])
     counts: dict[str, int] = {}
     leases = fetch(
         c,
-        "UPDATE leases SET holder_id = NULL, holder_incarnation = NULL, expires_mono = NULL "
-        "WHERE holder_id = ? AND holder_incarnation = ? RETURNING name, term",
-        (id, incarnation),
+        "SELECT name, term, holder_id FROM leases "
+        f"WHERE (holder_id, holder_incarnation) IN ({_MEMBERS})",
+        (pairs,),
     )
     for lease in leases:
+        c.execute(
+            "UPDATE leases SET holder_id = NULL, holder_incarnation = NULL, expires_mono = NULL "
+            "WHERE name = ?",
+            (lease["name"],),
+        )
         c.execute(
             "UPDATE lease_terms SET released_at = ?, reason = ? WHERE name = ? AND term = ?",
             (now_wall, reason, lease["name"], lease["term"]),
         )
-        log_event(c, now_wall, "lease released", id, lease["name"], term=lease["term"], reason=reason)
+        log_event(c, now_wall, "lease released", lease["holder_id"], lease["name"],
+                  term=lease["term"], reason=reason)
     counts["leases"] = len(leases)
-    counts["claims"] = release_claims(
-        c, now_mono, now_wall, "claimed_by = ? AND claimed_incarnation = ?", (id, incarnation),
-        error=f"worker {id} {reason}",
+    # Claims: find the holders with claims (few), then release each with its own error text.
+    claimers = fetch(
+        c,
+        "SELECT DISTINCT claimed_by, claimed_incarnation FROM jobs WHERE state = 'claimed' "
+        f"AND (claimed_by, claimed_incarnation) IN ({_MEMBERS})",
+        (pairs,),
+    )
+    counts["claims"] = sum(
+        release_claims(
+            c, now_mono, now_wall, "claimed_by = ? AND claimed_incarnation = ?",
+            (h["claimed_by"], h["claimed_incarnation"]), error=f"worker {h['claimed_by']} {reason}",
+        )
+        for h in claimers
     )
     counts["ephemeral_keys"] = len(
         c.execute(
-            "DELETE FROM kv WHERE owner_id = ? AND owner_incarnation = ? RETURNING 1",
-            (id, incarnation),
+            f"DELETE FROM kv WHERE (owner_id, owner_incarnation) IN ({_MEMBERS}) RETURNING 1",
+            (pairs,),
         ).fetchall()
     )
     # Its unanswered requests are dropped, and replies on their way to it discarded.
     counts["requests"] = len(
         c.execute(
-            "DELETE FROM messages WHERE kind = 'request' AND sender_id = ? "
-            "AND sender_incarnation = ? RETURNING 1",
-            (id, incarnation),
+            "DELETE FROM messages WHERE kind = 'request' "
+            f"AND (sender_id, sender_incarnation) IN ({_MEMBERS}) RETURNING 1",
+            (pairs,),
         ).fetchall()
     )
-    c.execute("DELETE FROM messages WHERE kind = 'reply' AND recipient_id = ?", (id,))
+    c.execute(f"DELETE FROM messages WHERE kind = 'reply' AND recipient_id IN ({_MEMBER_IDS})",
+              (pairs,))
     # Delivered but never acknowledged: the next incarnation gets them again.
     c.execute(
         "UPDATE messages SET delivered_incarnation = NULL "
-        "WHERE recipient_id = ? AND delivered_incarnation = ? AND acked = 0",
-        (id, incarnation),
+        f"WHERE acked = 0 AND (recipient_id, delivered_incarnation) IN ({_MEMBERS})",
+        (pairs,),
     )
     return counts
 
@@ -118,14 +151,24 @@ def release_claims(
 
 
 def _keeps_tombstone(c: apsw.Connection, id: str) -> bool:
-    return bool(
-        c.execute(
-            "SELECT EXISTS (SELECT 1 FROM processes WHERE instance_id = ? AND status = 'running') "
-            "OR EXISTS (SELECT 1 FROM jobs JOIN queues ON queues.name = jobs.queue "
-            "WHERE queues.owner_id = ? AND jobs.state IN ('ready', 'claimed'))",
-            (id, id),
-        ).fetchall()[0][0]
-    )
+    return id in _kept(c, [id])
+
+
+def _kept(c: apsw.Connection, ids: Sequence[str]) -> set[str]:
+    """Which of ``ids`` still own something that keeps a tombstone: running processes, or a
+    private queue with ready or claimed jobs."""
+    if not ids:
+        return set()
+    arr = json.dumps(list(ids))
+    rows = c.execute(
+        "SELECT DISTINCT instance_id FROM processes WHERE status = 'running' "
+        "AND instance_id IN (SELECT value FROM json_each(?1)) "
+        "UNION SELECT DISTINCT q.owner_id FROM queues q "
+        "WHERE q.owner_id IN (SELECT value FROM json_each(?1)) AND EXISTS "
+        "(SELECT 1 FROM jobs j WHERE j.queue = q.name AND j.state IN ('ready', 'claimed'))",
+        (arr,),
+    ).fetchall()
+    return {str(r[0]) for r in rows}
 
 
 def bury(
@@ -136,24 +179,50 @@ def bury(
     ``reason`` is 'left' for a clean exit, else the verdict ('died', 'hung', 'reboot').
     Returns False when that incarnation is no longer the registered one (nothing to do).
     """
-    row = fetch(
-        c,
-        "SELECT status FROM instances WHERE id = ? AND incarnation = ?",
-        (id, incarnation),
-    )
-    if not row or row[0]["status"] != "alive":
-        return False
-    release_holdings(c, store, id, incarnation, reason=reason)
+    return bool(bury_many(c, store, [(id, incarnation)], reason=reason))
+
+
+def bury_many(
+    c: apsw.Connection, store: Store, members: Sequence[tuple[str, int]], *, reason: str
+) -> list[tuple[str, int]]:
+    """``bury`` for a batch, in set-based statements; returns the members it buried (those
+    still registered as alive with that incarnation — so a second reaper buries nothing).
+
+    Events: 'left' for a clean exit, else 'died'; 'reaped' when the row goes at once because
+    nothing keeps a tombstone (a clean exit's row just goes)."""
+    if not members:
+        return []
+    pairs = json.dumps([[i, n] for i, n in members])
+    live = [
+        (str(r[0]), int(r[1]))  # type: ignore[arg-type]
+        for r in c.execute(
+            "SELECT id, incarnation FROM instances "
+            f"WHERE status = 'alive' AND (id, incarnation) IN ({_MEMBERS})",
+            (pairs,),
+        ).fetchall()
+    ]
+    if not live:
+        return []
+    release_holdings_many(c, store, live, reason=reason)
     now_wall = store.wall()
+    live_pairs = json.dumps([[i, n] for i, n in live])
     c.execute(
-        "UPDATE instances SET status = 'dead', ended_at = ?, end_reason = ? WHERE id = ?",
-        (now_wall, reason, id),
+        "UPDATE instances SET status = 'dead', ended_at = ?1, end_reason = ?2 WHERE (id, incarnation) "
+        "IN (SELECT value->>0, value->>1 FROM json_each(?3))",
+        (now_wall, reason, live_pairs),
     )
-    if not _keeps_tombstone(c, id):
-        c.execute("DELETE FROM instances WHERE id = ?", (id,))
-    log_event(c, now_wall, "left" if reason == "left" else "died", id, None,
-              incarnation=incarnation, reason=reason)
-    return True
+    kept = _kept(c, [i for i, _ in live])
+    gone = [i for i, _ in live if i not in kept]
+    if gone:
+        c.execute("DELETE FROM instances WHERE id IN (SELECT value FROM json_each(?))",
+                  (json.dumps(gone),))
+    kind = "left" if reason == "left" else "died"
+    events: list[Event] = [(now_wall, kind, i, None, {"incarnation": n, "reason": reason})
+                           for i, n in live]
+    if kind == "died":
+        events += [(now_wall, "reaped", i, None, {}) for i in gone]
+    log_events(c, events)
+    return live
 
 
 @dataclass
@@ -193,17 +262,33 @@ def _batched(store: Store, sql: str, params: tuple[Any, ...], dry_run: bool, cou
 
 def reap(store: Store, *, dry_run: bool = False, checkpoint: bool = True) -> ReapReport:
     """Apply the death rule to every dead instance and expire what has expired."""
-    from .instances import judge
+    from .instances import Probe, _unlink, judge
 
     report = ReapReport(dry_run=dry_run)
     cfg = store.config
-    now = store.mono()
-    for row in store.rows("SELECT * FROM instances WHERE status = 'alive'"):
-        alive, verdict = judge(store, row, now)
-        if alive:
-            continue
-        if dry_run or store.write(_burier(store, row, verdict)):
-            report.dead.append({"id": row["id"], "incarnation": row["incarnation"], "reason": verdict})
+    batch = max(1, cfg.reap_batch)
+    now, probe = store.mono(), Probe()
+    dead: dict[str, list[Row]] = {}
+    for row in store.rows(
+        "SELECT id, incarnation, status, end_reason, boot_id, pidns, pid, start_token, "
+        "lock_path, nudge_path, heartbeat_mono, ttl FROM instances WHERE status = 'alive'"
+    ):
+        alive, verdict = judge(store, row, now, probe=probe)
+        if not alive:
+            dead.setdefault(verdict, []).append(row)
+    for verdict, rows in dead.items():
+        for i in range(0, len(rows), batch):
+            part = rows[i : i + batch]
+            if dry_run:
+                buried = {(r["id"], r["incarnation"]) for r in part}
+            else:
+                buried = set(store.write(_burier(store, part, verdict)))
+            for r in part:
+                if (r["id"], r["incarnation"]) in buried:
+                    report.dead.append({"id": r["id"], "incarnation": r["incarnation"],
+                                        "reason": verdict})
+                    if not dry_run:
+                        _unlink(r["lock_path"], r["nudge_path"])
 
     # Processes whose identity no longer matches have ended: never signal them.
     running = store.rows(
@@ -251,15 +336,13 @@ def reap(store: Store, *, dry_run: bool = False, checkpoint: bool = True) -> Rea
     )
     # Tombstones with nothing left to keep them.
     tombs = [r["id"] for r in store.rows("SELECT id FROM instances WHERE status = 'dead'")]
-    for tid in tombs:
+    for i in range(0, len(tombs), batch):
+        ids = tombs[i : i + batch]
         if dry_run:
-            keep = bool(store.value(
-                "SELECT EXISTS (SELECT 1 FROM processes WHERE instance_id = ? AND status = 'running') "
-                "OR EXISTS (SELECT 1 FROM jobs JOIN queues ON queues.name = jobs.queue "
-                "WHERE queues.owner_id = ? AND jobs.state IN ('ready', 'claimed'))", (tid, tid)))
-            report.tombstones_removed += 0 if keep else 1
-        elif store.write(_tomb_dropper(store, tid)):
-            report.tombstones_removed += 1
+            kept = _kept(store.conn(), ids)
+            report.tombstones_removed += sum(1 for t in ids if t not in kept)
+        else:
+            report.tombstones_removed += store.write(_tomb_dropper(store, ids))
     if not dry_run:
         report.events_trimmed = store.write(
             lambda c: trim_events(c, now_wall=store.wall(), max_rows=cfg.events_max_rows,
@@ -280,31 +363,53 @@ def _mark_exited(ids: list[int], wall: float) -> Callable[[apsw.Connection], Non
     return txn
 
 
-def _burier(store: Store, row: dict[str, Any], verdict: str) -> Callable[[apsw.Connection], bool]:
-    return lambda c: _bury_if_still_dead(c, store, row, verdict)
+def _burier(store: Store, rows: list[Row], verdict: str) -> Callable[[apsw.Connection], list[tuple[str, int]]]:
+    return lambda c: _bury_if_still_dead(c, store, rows, verdict)
 
 
-def _tomb_dropper(store: Store, id: str) -> Callable[[apsw.Connection], bool]:
-    return lambda c: _drop_tombstone(c, store, id)
+def bury_dead(store: Store, rows: list[Row], verdict: str) -> list[tuple[str, int]]:
+    """Apply the death rule now to instance rows that ``judge`` found dead with ``verdict``
+    (re-checked inside one transaction): for whoever notices a death first, e.g. a claimer
+    finding a dead instance's claims, so they are released at once and not after a lease."""
+    return store.write(_burier(store, rows, verdict))
 
 
-def _bury_if_still_dead(c: apsw.Connection, store: Store, row: dict[str, Any], verdict: str) -> bool:
-    from .instances import judge
-
-    fresh = fetch(c, "SELECT * FROM instances WHERE id = ? AND incarnation = ?",
-                  (row["id"], row["incarnation"]))
-    if not fresh or fresh[0]["status"] != "alive" or judge(store, fresh[0])[0]:
-        return False
-    return bury(c, store, row["id"], row["incarnation"], reason=verdict)
+def _tomb_dropper(store: Store, ids: list[str]) -> Callable[[apsw.Connection], int]:
+    return lambda c: _drop_tombstones(c, store, ids)
 
 
-def _drop_tombstone(c: apsw.Connection, store: Store, id: str) -> bool:
-    rows = fetch(c, "SELECT status FROM instances WHERE id = ?", (id,))
-    if not rows or rows[0]["status"] != "dead" or _keeps_tombstone(c, id):
-        return False
-    c.execute("DELETE FROM instances WHERE id = ?", (id,))
-    log_event(c, store.wall(), "reaped", id)
-    return True
+def _bury_if_still_dead(
+    c: apsw.Connection, store: Store, rows: list[Row], verdict: str
+) -> list[tuple[str, int]]:
+    """Bury the rows judged dead, re-checked inside the transaction: a death proven by the
+    kernel is final, so only the incarnation (no takeover since) is re-checked; a 'hung'
+    verdict is re-checked against a heartbeat that may have come in since."""
+    members = [(r["id"], r["incarnation"]) for r in rows]
+    if verdict == "hung":
+        now = store.mono()
+        fresh = fetch(
+            c,
+            "SELECT id, incarnation FROM instances WHERE status = 'alive' AND (id, incarnation) "
+            "IN (SELECT value->>0, value->>1 FROM json_each(?1)) AND ?2 - heartbeat_mono > ttl",
+            (json.dumps(members), now),
+        )
+        members = [(r["id"], r["incarnation"]) for r in fresh]
+    return bury_many(c, store, members, reason=verdict)
+
+
+def _drop_tombstones(c: apsw.Connection, store: Store, ids: list[str]) -> int:
+    found = [str(r[0]) for r in c.execute(
+        "SELECT id FROM instances WHERE status = 'dead' AND id IN (SELECT value FROM json_each(?))",
+        (json.dumps(ids),),
+    )]
+    kept = _kept(c, found)
+    gone = [i for i in found if i not in kept]
+    if gone:
+        c.execute("DELETE FROM instances WHERE id IN (SELECT value FROM json_each(?))",
+                  (json.dumps(gone),))
+        wall = store.wall()
+        log_events(c, [(wall, "reaped", i, None, {}) for i in gone])
+    return len(gone)
 
 
 def _expire_leases(c: apsw.Connection, now_mono: float, now_wall: float) -> int:
