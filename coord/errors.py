@@ -15,6 +15,7 @@ store boundary (``coord.db``) so callers never catch ``apsw.*`` themselves::
     │   └── PayloadTooLarge(size, limit)
     ├── InstanceIdInUse(id, pid)        the id is held by a live instance
     ├── NotRegistered(id)               the instance is unknown or dead
+    ├── CannotRun(command, reason)      exit 127 (not found) or 126 (not executable)
     ├── PermissionDenied(reason)        e.g. signalling another instance's process
     ├── ReadOnlyViolation(reason)       ``coord sql`` refused a write
     ├── LeaseNotAcquired(name, holder)  exit 75
@@ -166,6 +167,19 @@ class NotRegistered(CoordError):
         return f"instance {self.id!r} is not a live registered instance" + (
             f": {self.reason}" if self.reason else ""
         )
+
+
+class CannotRun(CoordError):
+    """CMD could not be started (``run``, ``elect``, ``lock``): exit 127 when it was not
+    found, 126 when it was found but could not be executed, as shells do."""
+
+    def __init__(self, command: str, reason: str, not_found: bool = True) -> None:
+        super().__init__(command, reason, not_found)
+        self.command, self.reason, self.not_found = command, reason, not_found
+        self.exit_code = 127 if not_found else 126
+
+    def message(self) -> str:
+        return f"cannot run {self.command!r}: {self.reason}"
 
 
 class PermissionDenied(CoordError):
