@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from ._common import JsonOption, emit_csv, emit_json, handle_errors, store, table
+from ._common import JsonOption, emit_csv, emit_json, handle_errors, store, table, usage
 
 
 def register(app: typer.Typer) -> None:
@@ -24,13 +24,19 @@ def path(ctx: typer.Context) -> None:
 @handle_errors
 def sql(
     ctx: typer.Context,
-    query: Annotated[str, typer.Argument(help="SQL to run; only reads are allowed.")],
+    query: Annotated[str, typer.Argument(help="SQL to run; only reads are allowed.",
+                                         metavar="QUERY", show_default=False)],
     as_json: JsonOption = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV with a header row.")] = False,
 ) -> None:
-    """Run read-only SQL: writes, ATTACH, pragma changes and extensions are refused."""
+    """Run read-only SQL: writes, ATTACH, pragma changes and extensions are refused.
+
+    Tables and views are documented in the schema files (see the README); the database is
+    never locked against writers while the query runs."""
     from coord.adhoc import run_readonly
 
+    if as_json and as_csv:
+        usage("choose one of --json and --csv")
     cols, rows = run_readonly(store(ctx), query)
     if as_json:
         emit_json([dict(zip(cols, r, strict=True)) for r in rows])

@@ -32,12 +32,14 @@ log = logging.getLogger("coord.retry")
 RETRY_SECONDS = 10.0
 
 
-def on_busy(fn: Callable[[], T], *, seconds: float = RETRY_SECONDS, path: str = "") -> T:
-    """Run ``fn``; if it raises apsw.BusyError, retry it with backoff for up to ``seconds``."""
+def on_busy(fn: Callable[[], T], *, seconds: float | None = None, path: str = "") -> T:
+    """Run ``fn``; if it raises apsw.BusyError, retry it with backoff for up to ``seconds``
+    (default ``RETRY_SECONDS``, read at call time), then raise ``Busy``."""
     try:
         return fn()
     except (apsw.BusyError, apsw.LockedError):
         pass
+    seconds = RETRY_SECONDS if seconds is None else seconds
     retrying = Retrying(
         retry=retry_if_exception_type((apsw.BusyError, apsw.LockedError)),
         wait=wait_random_exponential(multiplier=0.002, max=0.25),

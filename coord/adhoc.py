@@ -15,9 +15,10 @@ import apsw
 from .db import Store, translated
 from .errors import InvalidArgument, ReadOnlyViolation
 
-# Pragmas that take a table or index name as their argument and only read.
+# Pragmas that only read, with or without an argument (a table or index name, a limit).
 _NAME_PRAGMAS = frozenset({
     "table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list",
+    "integrity_check", "quick_check", "foreign_key_check",
 })
 # Pragmas allowed only without an argument (with one, most of them write).
 _READ_PRAGMAS = _NAME_PRAGMAS | frozenset({
@@ -43,8 +44,15 @@ def _authorizer(op: int, p1: str | None, p2: str | None, db: str | None, trigger
     return apsw.SQLITE_DENY
 
 
-def run_readonly(store: Store, sql: str, params: tuple[Any, ...] = ()) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Run ``sql`` read-only; returns (column names, rows). Raises ReadOnlyViolation."""
+def run_readonly(
+    store: Store, sql: str, params: tuple[Any, ...] = ()
+) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """Run ``sql`` on a read-only connection; return (column names, rows).
+
+    With several statements, the result is the last statement's (its columns are known even
+    when it returns no rows). Raises ``ReadOnlyViolation`` for anything but a read, and
+    ``InvalidArgument`` for SQL that does not compile. Readers never block writers (WAL).
+    """
     if not sql.strip():
         raise InvalidArgument("empty query")
     with translated(str(store.path)):
@@ -53,20 +61,28 @@ def run_readonly(store: Store, sql: str, params: tuple[Any, ...] = ()) -> tuple[
         conn.set_busy_timeout(store.config.busy_timeout_ms)
         conn.authorizer = _authorizer
         cur = conn.cursor()
+        cols: list[str] = []
+        rows: list[tuple[Any, ...]] = []
+
+        def next_statement(cursor: apsw.Cursor, _sql: str, _bindings: Any) -> bool:
+            # Called before each statement runs: start a fresh result with its columns.
+            cols[:] = [d[0] for d in cursor.get_description()]
+            rows.clear()
+            return True
+
+        cur.exec_trace = next_statement
         try:
-            cur.execute(sql, params)
-            try:
-                cols = [d[0] for d in cur.get_description()]
-            except apsw.ExecutionCompleteError:
-                cols = []
-            rows = list(cur)
-        except apsw.AuthError as e:
-            raise ReadOnlyViolation(f"only reads are allowed ({e})") from None
-        except apsw.ReadOnlyError as e:
+            with translated(str(store.path)):
+                rows_iter = cur.execute(sql, params)
+                for r in rows_iter:
+                    rows.append(tuple(r))
+        except (apsw.AuthError, apsw.ReadOnlyError) as e:
             raise ReadOnlyViolation(f"only reads are allowed ({e})") from None
         except apsw.SQLError as e:
             if "not authorized" in str(e):
                 raise ReadOnlyViolation(f"only reads are allowed ({e})") from None
+            raise InvalidArgument(f"SQL error: {e}") from None
+        except apsw.BindingsError as e:
             raise InvalidArgument(f"SQL error: {e}") from None
         return cols, rows
     finally:

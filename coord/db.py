@@ -7,9 +7,11 @@ outside transactions. apsw errors are translated to ``coord.errors`` here, at on
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,9 +41,28 @@ CONNECTION_PRAGMAS: tuple[tuple[str, str], ...] = (
     ("wal_autocheckpoint", "1000"),  # PASSIVE checkpoints only: they never block writers
 )
 
-# Connections inherited across fork are never used or closed in the child: closing one could
-# checkpoint and delete the parent's WAL. They are parked here so no finalizer runs.
-_INHERITED: list[apsw.Connection] = []
+# Every open Store, so that a forked child can disown the connections it inherited.
+_STORES: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _disown(conn: apsw.Connection) -> None:
+    """Make sure a connection inherited across fork is never used or closed in this process.
+
+    The child shares the parent's WAL shared memory but not its POSIX locks: a rollback or
+    checkpoint run by an inherited connection (closing it does one) would rewrite memory the
+    parent is using. So the object is leaked on purpose, with one extra reference that nothing
+    ever drops, not even interpreter shutdown; its descriptors close when the process exits,
+    which releases nothing of the parent's.
+    """
+    ctypes.pythonapi.Py_IncRef(ctypes.py_object(conn))
+
+
+def _after_fork_in_child() -> None:
+    for store in list(_STORES):
+        store._forget_inherited()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _translate(e: apsw.Error | OSError, path: str) -> CoordError | None:
@@ -57,6 +78,10 @@ def _translate(e: apsw.Error | OSError, path: str) -> CoordError | None:
         return StorageError(path, f"I/O error: {e}")
     if isinstance(e, apsw.PermissionsError):
         return StorageError(path, "permission denied")
+    if isinstance(e, OSError) and e.errno in (errno.EACCES, errno.EPERM):
+        return StorageError(path, "permission denied: the directory or file is not writable by you")
+    if isinstance(e, OSError) and e.errno == errno.EROFS:
+        return StorageError(path, "read-only filesystem: point --db/COORD_DB at a writable place")
     return None
 
 
@@ -92,8 +117,10 @@ class Store:
         self.config = config if config is not None else Config.from_env()
         self._local = threading.local()
         self._lock = threading.Lock()
-        self._all: list[tuple[int, apsw.Connection]] = []
+        # (pid, thread, connection) of every connection this store opened.
+        self._all: list[tuple[int, threading.Thread, apsw.Connection]] = []
         self._closed = False
+        _STORES.add(self)
         from .migrate import migrate
         from .reaper import rebase_boot
 
@@ -126,38 +153,57 @@ class Store:
         return self._open()
 
     def conn(self) -> apsw.Connection:
-        """This thread's connection, opened on first use and reopened after fork."""
+        """This thread's connection, opened on first use and reopened after fork.
+
+        Checked on every use: a connection is only ever used by the thread and the process
+        that opened it.
+        """
         pid = os.getpid()
         local = self._local
         c: apsw.Connection | None = getattr(local, "conn", None)
         if c is not None and local.pid == pid:
             return c
-        if c is not None:
-            _INHERITED.append(c)
         if self._closed:
             raise StorageError(str(self.path), "store is closed")
         c = self._open()
-        with translated(str(self.path)):
-            self.configure(c)
+        try:
+            with translated(str(self.path)):
+                self.configure(c)
+        except BaseException:
+            c.close()
+            raise
         local.conn, local.pid = c, pid
         with self._lock:
-            self._all.append((pid, c))
+            # Connections of threads that have ended are closed here, by their own process,
+            # so a server that churns threads does not collect open connections.
+            ended = [x for p, t, x in self._all if p == pid and not t.is_alive()]
+            self._all = [e for e in self._all if e[2] not in ended]
+            self._all.append((pid, threading.current_thread(), c))
+        for x in ended:
+            _close_quietly(x)
         return c
+
+    def _forget_inherited(self) -> None:
+        """In a forked child: disown every connection of the parent (see ``_disown``)."""
+        pid = os.getpid()
+        inherited = [c for p, _, c in self._all if p != pid]
+        self._all = [e for e in self._all if e[0] == pid]
+        self._lock = threading.Lock()  # may have been held by another thread at fork time
+        for c in inherited:
+            _disown(c)
 
     def close(self) -> None:
         """Close the connections this process opened (never those inherited across fork)."""
         self._closed = True
         pid = os.getpid()
         with self._lock:
-            mine = [c for p, c in self._all if p == pid]
-            others = [c for p, c in self._all if p != pid]
+            mine = [c for p, _, c in self._all if p == pid]
+            others = [c for p, _, c in self._all if p != pid]
             self._all = []
-        _INHERITED.extend(others)
+        for c in others:
+            _disown(c)
         for c in mine:
-            try:
-                c.close()
-            except apsw.Error:
-                pass
+            _close_quietly(c)
         self._local = threading.local()
 
     def __enter__(self) -> Store:
@@ -225,6 +271,13 @@ class Store:
     def side_dir(self, name: str) -> Path:
         """A private 0700 directory beside the database (locks, sockets, logs)."""
         return paths.private_dir(self.path, name)
+
+
+def _close_quietly(conn: apsw.Connection) -> None:
+    try:
+        conn.close()
+    except apsw.Error:
+        pass
 
 
 def fetch(conn: apsw.Connection, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Row]:

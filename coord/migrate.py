@@ -1,14 +1,26 @@
 """The schema ladder: numbered ``schema/NNN_*.sql`` files under ``PRAGMA user_version``.
 
-A file at the database path is checked before anything is written to it: it must be empty,
-or an SQLite file whose ``application_id`` is coord's (or a blank new database). Another
-program's database, garbage bytes or a truncated file are refused and left byte-for-byte
-untouched. All pending migrations run in one IMMEDIATE transaction that re-reads the version
-first, so many processes opening a new database at once migrate it exactly once.
+A file at the database path is identified before anything is written to it. It must be
+empty, a blank SQLite database, or a coord database (``PRAGMA application_id`` is coord's)
+whose schema is not newer than this code. Anything else is refused and left byte-for-byte
+untouched:
+
+1. The 100-byte header is read with a plain ``open()``: garbage bytes, a truncated file and
+   another program's ``application_id`` are refused without SQLite ever opening the file.
+   That happens only before this process has a connection to the file, because closing any
+   descriptor of a file drops every POSIX lock the process holds on it — SQLite's too.
+2. A read-only connection that never checkpoints on close reads ``application_id``,
+   ``user_version`` and whether there are tables. (A read-write connection would, on close,
+   checkpoint another program's pending WAL into its database file.)
+3. Only then does a read-write connection switch to WAL and run every pending migration in
+   one ``BEGIN IMMEDIATE`` transaction that re-reads the version first, so many processes
+   opening a new database at once migrate it exactly once. Each migration logs a
+   ``migrated`` event.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from importlib import resources
@@ -17,85 +29,140 @@ from typing import TYPE_CHECKING
 import apsw
 
 from ._retry import on_busy
-from .db import scalar
+from .db import APPLICATION_ID, scalar
 from .errors import NotADatabase, SchemaTooNew
 
 if TYPE_CHECKING:
-    from .db import Store  # noqa: F401
+    from .db import Store
+
+__all__ = ["latest_version", "migrate", "migrations"]
 
 _HEADER = b"SQLite format 3\x00"
 
 
-def migrations() -> list[tuple[int, str, str]]:
-    """(version, file name, SQL) of every schema file, in order."""
+@functools.cache
+def _migrations() -> tuple[tuple[int, str, str], ...]:
     found = []
     for entry in resources.files("coord.schema").iterdir():
         m = re.fullmatch(r"(\d{3})_\w+\.sql", entry.name)
         if m:
             found.append((int(m.group(1)), entry.name, entry.read_text(encoding="utf-8")))
-    return sorted(found)
+    found.sort()
+    numbers = [n for n, _, _ in found]
+    if numbers != list(range(1, len(found) + 1)):
+        raise RuntimeError(f"schema files must be numbered 001, 002 ... without gaps: {numbers}")
+    return tuple(found)
+
+
+def migrations() -> list[tuple[int, str, str]]:
+    """(version, file name, SQL) of every schema file, in order."""
+    return list(_migrations())
 
 
 def latest_version() -> int:
-    return migrations()[-1][0]
+    """The schema version this code writes: the number of the last schema file."""
+    return _migrations()[-1][0]
 
 
-# Files this process has already validated. The header is read with a plain open()/close(),
-# and closing a descriptor drops this process's POSIX locks on the file — SQLite's included —
-# so it is read only before this process has any connection to the file.
+# Files (st_dev, st_ino) this process has already identified: their header is never read
+# again, because this process may now hold SQLite locks on them (see the module docstring).
 _VALIDATED: set[tuple[int, int]] = set()
 
 
 def _check_file(path: str) -> None:
-    """Refuse a file that is not (or not yet) a coord database, without writing to it."""
+    """Refuse, from its header alone, a file that cannot be a coord database."""
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return
-    if (st.st_dev, st.st_ino) in _VALIDATED:
-        return
-    _check_header(path)
-
-
-def _check_header(path: str) -> None:
-    try:
-        size = os.path.getsize(path)
-    except FileNotFoundError:
-        return
-    if size == 0:
+    if (st.st_dev, st.st_ino) in _VALIDATED or st.st_size == 0:
         return
     with open(path, "rb") as f:
         head = f.read(100)
     if not head.startswith(_HEADER):
         raise NotADatabase(path, "not an SQLite database file")
     if len(head) < 100:
-        raise NotADatabase(path, f"truncated: {size} bytes")
+        raise NotADatabase(path, f"truncated: {st.st_size} bytes")
     page_size = int.from_bytes(head[16:18], "big")
     page_size = 65536 if page_size == 1 else page_size
-    if page_size < 512 or size % page_size:
-        raise NotADatabase(path, f"truncated: {size} bytes is not a whole number of pages")
+    if page_size < 512 or page_size & (page_size - 1):
+        raise NotADatabase(path, f"corrupt header: page size {page_size}")
+    if st.st_size % page_size:
+        raise NotADatabase(path, f"truncated: {st.st_size} bytes is not a whole number of pages")
+    # The header can lag the WAL, but these two only ever move forward in a coord database,
+    # so a value seen here is proof enough.
+    app_id = int.from_bytes(head[68:72], "big")
+    _refuse_foreign(path, app_id)
+    if app_id == APPLICATION_ID:
+        _refuse_too_new(path, int.from_bytes(head[60:64], "big"))
+
+
+def _refuse_foreign(path: str, app_id: int) -> None:
+    if app_id not in (0, APPLICATION_ID):
+        raise NotADatabase(path, f"its application_id {app_id:#x} belongs to another program")
+
+
+def _refuse_too_new(path: str, version: int) -> None:
+    latest = latest_version()
+    if version > latest:
+        raise SchemaTooNew(version, latest, path)
+
+
+def _ident(conn: apsw.Connection) -> tuple[int, int, bool]:
+    """(application_id, user_version, has any table or view)."""
+    app_id = int(scalar(conn, "PRAGMA application_id"))
+    version = int(scalar(conn, "PRAGMA user_version"))
+    has_tables = bool(scalar(conn, "SELECT count(*) FROM sqlite_schema"))
+    return app_id, version, has_tables
+
+
+def _identify(store: Store) -> tuple[int, int, bool] | None:
+    """Identify the file through a read-only connection that cannot change it.
+
+    None when a read-only connection cannot read it (a hot journal to roll back, or no way
+    to create the shared-memory file): the caller then identifies it read-write.
+    """
+    path = str(store.path)
+    try:
+        conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+    except apsw.CantOpenError:
+        return None
+    try:
+        conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+        conn.set_busy_timeout(store.config.busy_timeout_ms)
+        return on_busy(lambda: _ident(conn), path=path)
+    except (apsw.ReadOnlyError, apsw.CantOpenError):
+        return None
+    finally:
+        conn.close()
+
+
+def _refuse(path: str, app_id: int, version: int, has_tables: bool) -> None:
+    _refuse_foreign(path, app_id)
+    _refuse_too_new(path, version)
+    if app_id == 0 and (version != 0 or has_tables):
+        raise NotADatabase(path, "it is an SQLite database of another program")
 
 
 def migrate(store: Store) -> None:
-    """Create or upgrade the database at ``store.path``; refuse anything else."""
-    from .db import APPLICATION_ID
+    """Create or upgrade the database at ``store.path``; refuse anything else.
 
+    Raises ``NotADatabase`` or ``SchemaTooNew`` and leaves the file untouched when it is
+    not a coord database this code can use.
+    """
     path = str(store.path)
     _check_file(path)
+    ident = _identify(store)
+    if ident is not None:
+        _refuse(path, *ident)
     conn = store.raw_connection()
     try:
-        app_id, version = _ident(conn)
-        if app_id not in (0, APPLICATION_ID):
-            raise NotADatabase(path, f"application_id {app_id:#x} belongs to another program")
-        latest = latest_version()
-        if version > latest:
-            raise SchemaTooNew(version, latest, path)
-        if app_id == 0 and _has_tables(conn):
-            raise NotADatabase(path, "an SQLite database of another program")
+        if ident is None:
+            _refuse(path, *on_busy(lambda: _ident(conn), path=path))
         mode = on_busy(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchall()[0][0], path=path)
         if str(mode).lower() != "wal":
-            raise NotADatabase(path, f"could not switch to WAL (journal_mode={mode})")
-        if version < latest:
+            raise NotADatabase(path, f"could not switch it to WAL (journal_mode={mode})")
+        if int(scalar(conn, "PRAGMA user_version")) < latest_version():
             on_busy(lambda: _apply(store, conn), path=path)
         st = os.stat(path)
         _VALIDATED.add((st.st_dev, st.st_ino))
@@ -103,33 +170,25 @@ def migrate(store: Store) -> None:
         conn.close()
 
 
-def _ident(conn: apsw.Connection) -> tuple[int, int]:
-    app_id = int(scalar(conn, "PRAGMA application_id"))
-    version = int(scalar(conn, "PRAGMA user_version"))
-    return app_id, version
-
-
-def _has_tables(conn: apsw.Connection) -> bool:
-    return bool(scalar(conn, "SELECT count(*) FROM sqlite_schema"))
-
-
 def _apply(store: Store, conn: apsw.Connection) -> None:
-    from .db import APPLICATION_ID
+    """Run every pending migration in one IMMEDIATE transaction; a no-op when another
+    process got there first."""
+    from .events import log_event
 
+    path = str(store.path)
     conn.execute("BEGIN IMMEDIATE")
     try:
-        app_id, version = _ident(conn)
+        app_id, version, has_tables = _ident(conn)
+        _refuse(path, app_id, version, has_tables)
         latest = latest_version()
-        if version > latest:
-            raise SchemaTooNew(version, latest, store.path)
-        if version == 0 and (app_id != 0 and app_id != APPLICATION_ID or _has_tables(conn)):
-            raise NotADatabase(store.path, "an SQLite database of another program")
-        first = version == 0
-        for number, _name, sql in migrations():
+        if version == latest:
+            conn.execute("ROLLBACK")
+            return
+        for number, _name, sql in _migrations():
             if number > version:
-                conn.execute(sql)
-        if first:
-            wall = store.wall()
+                conn.execute(sql).fetchall()  # iterate: runs every statement in the file
+        wall = store.wall()
+        if version == 0:
             conn.execute(
                 "INSERT INTO counters (name, value) VALUES ('incarnation', 0), "
                 "('term', ?), ('revision', 0)",
@@ -141,6 +200,8 @@ def _apply(store: Store, conn: apsw.Connection) -> None:
                 "INSERT INTO meta (key, value) VALUES ('boot_id', ?), ('created_at', ?)",
                 (store.boot_id, repr(wall)),
             )
+        log_event(conn, wall, "migrated", None, None, from_version=version, to_version=latest,
+                  pid=os.getpid())
         conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
         conn.execute(f"PRAGMA user_version={int(latest)}")
         conn.execute("COMMIT")
