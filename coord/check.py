@@ -94,6 +94,10 @@ def check(store: Store, *, strict: bool = False, integrity: bool = True) -> list
         "(SELECT 1 FROM instances i WHERE i.id = p.instance_id)"
     ):
         add(Problem("processes", f"process {row['id']} has no instance {row['instance_id']!r}"))
+    from .processes import problems as process_problems
+
+    for detail, pending in process_problems(store, instances):
+        add(Problem("processes", detail, pending=pending))
     for id, (alive, verdict) in verdicts.items():
         if instances[id]["status"] == "alive" and not alive:
             add(Problem("instances", f"{id} is {verdict}, awaiting the reaper", pending=True))
