@@ -92,7 +92,56 @@ def section_instances(d: Demo) -> None:
     d.say(f"  still alive: {alive}")
 
 
-SECTIONS: list[Callable[[Demo], None]] = [section_instances]
+# A worker that starts one child through coord (its own session: it outlives the worker).
+SPAWNING_WORKER = textwrap.dedent(
+    """
+    import os, sys, time, coord
+    from coord.processes import spawn
+    store = coord.Store(os.environ["COORD_DB"])
+    inst = coord.register(store, sys.argv[1], app="demo")
+    child = spawn(inst, [sys.executable, "-c", "import time; time.sleep(600)", sys.argv[2]])
+    print("ready", child.id, flush=True)
+    while True:
+        time.sleep(1)
+    """
+)
+
+
+def section_processes(d: Demo) -> None:
+    from .errors import PermissionDenied
+    from .processes import kill_orphans, list_processes, orphans, stop_as
+
+    d.say("== processes: every child is tagged with its instance ==")
+    tag = os.urandom(2).hex()
+    web, jobs = f"demo-{tag}-web", f"demo-{tag}-jobs"
+    workers = {i: d.spawn(SPAWNING_WORKER, i, role) for i, role in ((web, "serve"), (jobs, "work"))}
+    child = {i: int(d.wait_ready(w).split()[1]) for i, w in workers.items()}
+    for p in list_processes(d.store, all_=True):
+        if p.instance_id in child:
+            rss = f"{(p.rss or 0) / 1048576:.1f}M"
+            d.say(f"  {p.instance_id:<20} process {p.id:<3} pid {p.pid:<7} {p.status:<9} {rss:>7}  "
+                  f"{' '.join(p.cmdline[2:])}")
+    d.say(f"-- {web} sees only its own: {[p.id for p in list_processes(d.store, web)]}")
+    try:
+        stop_as(d.store, child[jobs], instance_id=web, grace=1)
+    except PermissionDenied as e:
+        d.say(f"-- {web} tries to stop {jobs}'s process: {e}")
+    d.say(f"-- kill -9 {jobs}; its child keeps running")
+    workers[jobs].kill()
+    workers[jobs].wait()
+    report = reap(d.store)
+    d.say(f"  reaped {[x['id'] for x in report.dead]}: kept as a tombstone while its child runs")
+    for o in orphans(d.store, live=False):
+        d.say(f"  orphan: process {o.id} pid {o.pid} of dead instance {o.instance_id}")
+    for e in kill_orphans(d.store, grace=2):
+        d.say(f"  ended orphan {e['id']} (pid {e['pid']}): {e['how']}")
+    report = reap(d.store)
+    d.say(f"  next reap: tombstones removed: {report.tombstones_removed}")
+    how = stop_as(d.store, child[web], instance_id=web, grace=2)
+    d.say(f"-- {web} stops its own process {child[web]}: {how}")
+
+
+SECTIONS: list[Callable[[Demo], None]] = [section_instances, section_processes]
 
 
 def run_demo(store: Store, say: Say = print) -> None:
