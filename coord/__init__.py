@@ -34,6 +34,20 @@ from .errors import (
     VersionConflict,
 )
 from .instances import Instance, InstanceInfo, get_instance, list_instances, register
+from .processes import (
+    ProcessInfo,
+    Tracked,
+    end_group,
+    end_process,
+    kill_orphans,
+    list_processes,
+    orphans,
+    poll_children,
+    spawn,
+    stop,
+    top,
+    track,
+)
 from .reaper import ReapReport, reap
 
 __version__ = "0.1.0"
@@ -56,6 +70,7 @@ __all__ = [
     "PayloadError",
     "PayloadTooLarge",
     "PermissionDenied",
+    "ProcessInfo",
     "QueueFull",
     "ReadOnlyViolation",
     "RecipientDead",
@@ -64,11 +79,22 @@ __all__ = [
     "StorageError",
     "Store",
     "TimeoutExpired",
+    "Tracked",
     "UnsafePath",
     "VersionConflict",
+    "end_group",
+    "end_process",
     "get_instance",
+    "kill_orphans",
     "list_instances",
+    "list_processes",
+    "orphans",
+    "poll_children",
     "reap",
     "register",
+    "spawn",
+    "stop",
+    "top",
+    "track",
     "__version__",
 ]
