@@ -133,8 +133,8 @@ def section_processes(d: Demo) -> None:
     d.say(f"  reaped {[x['id'] for x in report.dead]}: kept as a tombstone while its child runs")
     for o in orphans(d.store, live=False):
         d.say(f"  orphan: process {o.id} pid {o.pid} of dead instance {o.instance_id}")
-    for e in kill_orphans(d.store, grace=2):
-        d.say(f"  ended orphan {e['id']} (pid {e['pid']}): {e['how']}")
+    for ended in kill_orphans(d.store, grace=2):
+        d.say(f"  ended orphan {ended['id']} (pid {ended['pid']}): {ended['how']}")
     report = reap(d.store)
     d.say(f"  next reap: tombstones removed: {report.tombstones_removed}")
     how = stop_as(d.store, child[web], instance_id=web, grace=2)
