@@ -1,0 +1,571 @@
+"""Instances: register, liveness by proof of death and heartbeat, takeover, deregistration.
+
+Workers are real processes that register through the library; deaths are real SIGKILLs and
+hangs are real SIGSTOPs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import apsw
+import pytest
+from conftest import reap_children, wait_line, wait_until
+
+import coord
+from coord.check import check
+from coord.clock import Clock
+from coord.db import next_counter
+from coord.identity import HELD, lock_state, proc_stat
+from coord.instances import get_instance, judge, list_instances, register
+
+# A worker instance. argv: id ('' = generated). Env: APP, TTL (register's ttl), FORK=1 (fork
+# a child that outlives it; prints "child PID"). Prints "ready ID INCARNATION", then "lost"
+# if its registration is ever lost (declared dead, taken over).
+WORKER = """
+import os, sys, time, coord
+store = coord.Store(os.environ["COORD_DB"])
+ttl = float(os.environ["TTL"]) if os.environ.get("TTL") else None
+inst = coord.register(store, sys.argv[1] or None, app=os.environ.get("APP", "test"), ttl=ttl)
+if os.environ.get("FORK"):
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(60)
+        os._exit(0)
+    print("child", pid, flush=True)
+print("ready", inst.id, inst.incarnation, flush=True)
+inst.lost.wait()
+print("lost", flush=True)
+time.sleep(60)
+"""
+
+
+def start(db: Path, id: str = "", **env: str) -> subprocess.Popen[str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("COORD_")}
+    e.update(COORD_DB=str(db), **env)
+    return subprocess.Popen([sys.executable, "-c", WORKER, id], env=e, stdout=subprocess.PIPE,
+                            text=True)
+
+
+@pytest.fixture
+def workers() -> Iterator[list[subprocess.Popen[str]]]:
+    procs: list[subprocess.Popen[str]] = []
+    yield procs
+    reap_children(procs)  # type: ignore[arg-type]
+    for p in procs:
+        if p.stdout is not None:
+            p.stdout.close()
+
+
+def ready(p: subprocess.Popen[str]) -> tuple[str, int]:
+    _, id, inc = wait_line(p, "ready", timeout=60).split()
+    return id, int(inc)
+
+
+def kill_hard(p: subprocess.Popen[str]) -> None:
+    p.kill()
+    p.wait()
+
+
+def verdicts(store: coord.Store) -> dict[str, tuple[bool, str]]:
+    return {i.id: (i.alive, i.status) for i in list_instances(store, include_dead=True)}
+
+
+def alive_ids(store: coord.Store) -> set[str]:
+    return {i.id for i in list_instances(store)}
+
+
+def events_of(store: coord.Store, id: str) -> list[tuple[str, dict[str, Any]]]:
+    return [(r["kind"], json.loads(r["detail"])) for r in
+            store.rows("SELECT kind, detail FROM events WHERE instance_id = ? ORDER BY id", (id,))]
+
+
+def stop_outside_a_write(store: coord.Store, p: subprocess.Popen[str]) -> None:
+    """SIGSTOP ``p`` at a moment it holds no write lock (a process stopped in the middle of
+    its heartbeat's transaction would block every writer until it resumes)."""
+    probe = store.raw_connection()
+    probe.set_busy_timeout(0)
+    try:
+        for _ in range(200):
+            os.kill(p.pid, signal.SIGSTOP)
+            wait_until(lambda: (proc_stat(p.pid) or (0, "T"))[1] == "T", timeout=10)
+            try:
+                probe.execute("BEGIN IMMEDIATE")
+                probe.execute("ROLLBACK")
+                return
+            except apsw.BusyError:
+                os.kill(p.pid, signal.SIGCONT)
+                time.sleep(0.05)
+        raise AssertionError("could not stop the worker outside a transaction")
+    finally:
+        probe.close()
+
+
+# -- register ------------------------------------------------------------------------------
+
+
+def test_id_from_argument_environment_or_generated(store: coord.Store,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    with register(store, "given-1", app="x") as a:
+        assert a.id == "given-1"
+    monkeypatch.setenv("COORD_INSTANCE_ID", "from-env")
+    with register(store, app="x") as b:
+        assert b.id == "from-env"
+    monkeypatch.delenv("COORD_INSTANCE_ID")
+    with register(store, app="my tool") as c:
+        assert re.fullmatch(r"my-tool-[0-9a-f]{6}", c.id)
+    with pytest.raises(coord.InvalidArgument):
+        register(store, "bad id!", app="x")
+    with pytest.raises(coord.InvalidArgument):
+        register(store, "ok", app="x", ttl=0)
+    assert not store.rows("SELECT * FROM instances")
+
+
+def test_registration_records_identity_and_labels(store: coord.Store) -> None:
+    with register(store, "me", app="tool", labels={"port": 8080, "role": "web"}) as inst:
+        info = get_instance(store, "me")
+        assert (info.app, info.pid, info.alive, info.status) == ("tool", os.getpid(), True, "alive")
+        assert info.labels == {"port": 8080, "role": "web"}
+        assert info.incarnation == inst.incarnation
+        assert info.boot_id == coord.clock.boot_id()
+        assert info.pidns == os.readlink("/proc/self/ns/pid")
+        assert info.start_token == coord.identity.start_token(os.getpid())
+        assert info.cwd == os.getcwd() and info.cmdline
+        assert lock_state(info.lock_path)[0] == HELD or info.pid == os.getpid()
+        assert info.to_json()["id"] == "me"
+
+
+def test_every_registration_bumps_the_incarnation(store: coord.Store) -> None:
+    seen = []
+    for _ in range(3):
+        with register(store, "again", app="x") as inst:
+            seen.append(inst.incarnation)
+    with register(store, "other", app="x") as inst:
+        seen.append(inst.incarnation)
+    assert seen == sorted(seen) and len(set(seen)) == 4
+
+
+def test_a_live_holder_s_id_is_refused(store: coord.Store, db_path: Path,
+                                       workers: list[subprocess.Popen[str]]) -> None:
+    w = start(db_path, "taken")
+    workers.append(w)
+    ready(w)
+    with pytest.raises(coord.InstanceIdInUse) as e:
+        register(store, "taken", app="x")
+    assert e.value.pid == w.pid and "taken" in str(e.value)
+    with register(store, "mine", app="x"), pytest.raises(coord.InstanceIdInUse):
+        register(store, "mine", app="x")  # also within one process
+    assert get_instance(store, "taken").alive
+
+
+def test_two_processes_racing_for_one_id_one_wins(db_path: Path,
+                                                  workers: list[subprocess.Popen[str]],
+                                                  store: coord.Store) -> None:
+    ws = [start(db_path, "race") for _ in range(3)]
+    workers.extend(ws)
+    winners = []
+    for w in ws:
+        assert w.stdout is not None
+        line = w.stdout.readline()
+        if line.startswith("ready"):
+            winners.append(w)
+        else:
+            assert w.wait(timeout=60) != 0  # InstanceIdInUse
+    assert len(winners) == 1
+    assert get_instance(store, "race").pid == winners[0].pid
+
+
+# -- liveness ------------------------------------------------------------------------------
+
+
+def test_ten_register_at_once_three_killed_are_dead_at_once(
+    store: coord.Store, db_path: Path, workers: list[subprocess.Popen[str]]
+) -> None:
+    ws = [start(db_path, f"w{i}") for i in range(10)]
+    workers.extend(ws)
+    incs = dict(ready(w) for w in ws)
+    assert alive_ids(store) == set(incs)
+    victims = ws[:3]
+    for v in victims:
+        kill_hard(v)
+    # No TTL wait: the kernel dropped their locks the instant they died.
+    v = verdicts(store)
+    assert {i for i, (alive, _) in v.items() if not alive} == {"w0", "w1", "w2"}
+    assert {v[i][1] for i in ("w0", "w1", "w2")} == {"died"}
+    assert alive_ids(store) == {f"w{i}" for i in range(3, 10)}
+
+    out = subprocess.run([sys.executable, "-m", "coord", "reap"], capture_output=True, text=True,
+                         env={**os.environ, "COORD_DB": str(db_path)}, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert sorted(re.findall(r"reaped (w\d)", out.stdout)) == ["w0", "w1", "w2"]
+    rows = {r["id"]: r for r in store.rows("SELECT id, incarnation, status FROM instances")}
+    assert set(rows) == {f"w{i}" for i in range(3, 10)}  # the dead are gone ...
+    for i in range(3, 10):  # ... the others untouched
+        assert rows[f"w{i}"]["incarnation"] == incs[f"w{i}"]
+        assert rows[f"w{i}"]["status"] == "alive"
+    assert alive_ids(store) == set(rows)
+    assert check(store, strict=True) == []
+
+
+def test_a_zombie_is_dead(store: coord.Store, db_path: Path,
+                          workers: list[subprocess.Popen[str]]) -> None:
+    w = start(db_path, "zombie")
+    workers.append(w)
+    ready(w)
+    os.kill(w.pid, signal.SIGKILL)  # not waited for: a zombie until reaped
+    wait_until(lambda: (proc_stat(w.pid) or (0, "Z"))[1] == "Z", timeout=10)
+    assert verdicts(store)["zombie"] == (False, "died")
+
+
+def test_a_stopped_instance_is_hung_only_after_its_ttl(
+    store: coord.Store, db_path: Path, workers: list[subprocess.Popen[str]]
+) -> None:
+    ttl = 1.5
+    w = start(db_path, "sleepy", TTL=str(ttl), COORD_HEARTBEAT="0.2")
+    workers.append(w)
+    ready(w)
+    stop_outside_a_write(store, w)
+    row = store.row("SELECT * FROM instances WHERE id = 'sleepy'")
+    assert row is not None
+    hb = row["heartbeat_mono"]
+    # The process exists and holds its lock: only the heartbeat's age can condemn it.
+    assert lock_state(row["lock_path"])[0] == HELD
+    assert judge(store, row, hb + ttl - 0.01) == (True, "alive")
+    assert judge(store, row, hb + ttl + 0.01) == (False, "hung")
+    # In real time: it is seen hung, and never before its TTL has passed.
+    while True:
+        now = store.mono()
+        alive, status = get_instance(store, "sleepy").alive, get_instance(store, "sleepy").status
+        if not alive:
+            assert status == "hung"
+            assert now - hb > ttl - 0.01
+            break
+        assert store.mono() - hb <= ttl + 5, "not seen hung long after its TTL"
+        time.sleep(0.02)
+    # Resumed before anyone reaped it: it heartbeats again and is alive.
+    os.kill(w.pid, signal.SIGCONT)
+    wait_until(lambda: get_instance(store, "sleepy").alive, timeout=20)
+
+
+def test_pid_reuse_is_death(store: coord.Store, db_path: Path,
+                            workers: list[subprocess.Popen[str]]) -> None:
+    w = start(db_path, "real")
+    workers.append(w)
+    ready(w)
+    row = store.row("SELECT * FROM instances WHERE id = 'real'")
+    assert row is not None
+    # Same pid, alive, even holding the lock -- but another start token: another process.
+    assert judge(store, dict(row, id="reused", start_token=row["start_token"] - 1)) == (False, "died")
+    # Right pid and token, but its lock file is there and nobody holds it: proof of death.
+    free = store.side_dir("locks") / "nobody.lock"
+    free.touch()
+    assert judge(store, dict(row, id="unlocked", lock_path=str(free))) == (False, "died")
+    # Its lock file removed by someone: no proof of anything; pid and heartbeat say alive.
+    assert judge(store, dict(row, id="cleaned", lock_path=str(free) + ".gone")) == (True, "alive")
+    # Another boot: dead, whatever the pid says.
+    assert judge(store, dict(row, boot_id="another-boot")) == (False, "reboot")
+
+    # Such a row in the table is reaped; the real instance is untouched.
+    fake = dict(row, id="reused", start_token=row["start_token"] - 1, lock_path=str(free))
+    cols = ", ".join(fake)
+    store.write(lambda c: c.execute(
+        f"INSERT INTO instances ({cols}) VALUES ({', '.join('?' * len(fake))})",
+        tuple(fake.values())))
+    report = coord.reap(store)
+    assert [d["id"] for d in report.dead] == ["reused"]
+    assert alive_ids(store) == {"real"}
+
+
+def test_a_forked_child_does_not_keep_a_dead_instance_alive(
+    store: coord.Store, db_path: Path, workers: list[subprocess.Popen[str]]
+) -> None:
+    w = start(db_path, "forker", FORK="1")
+    workers.append(w)
+    child = int(wait_line(w, "child", timeout=60).split()[1])
+    try:
+        ready(w)
+        assert verdicts(store)["forker"] == (True, "alive")
+        kill_hard(w)
+        assert proc_stat(child) is not None  # the child lives on ...
+        assert verdicts(store)["forker"] == (False, "died")  # ... and proves nothing
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def test_a_wall_clock_jump_changes_no_verdict(db_path: Path,
+                                              workers: list[subprocess.Popen[str]]) -> None:
+    offset = [0.0]
+    s = coord.Store(db_path, clock=Clock(wall=lambda: time.time() + offset[0]))
+    try:
+        ws = [start(db_path, f"j{i}") for i in range(3)]
+        workers.extend(ws)
+        for w in ws:
+            ready(w)
+        mine = register(s, "local", app="x")
+        kill_hard(ws[0])
+        before = verdicts(s)
+        assert before == {"j0": (False, "died"), "j1": (True, "alive"), "j2": (True, "alive"),
+                          "local": (True, "alive")}
+        for jump in (86400.0, -86400.0, 7 * 86400.0, -7 * 86400.0):
+            offset[0] = jump
+            assert mine.heartbeat()  # a heartbeat stamped with the jumped wall clock
+            assert verdicts(s) == before
+        report = coord.reap(s)  # with the clock a week behind
+        assert [d["id"] for d in report.dead] == ["j0"]
+        assert alive_ids(s) == {"j1", "j2", "local"}
+        mine.close()
+    finally:
+        coord.instances.close_all()
+        s.close()
+
+
+def test_expiry_follows_the_monotonic_clock(db_path: Path,
+                                            workers: list[subprocess.Popen[str]]) -> None:
+    shift = [0.0]
+    real = coord.clock.SYSTEM.mono
+    s = coord.Store(db_path, clock=Clock(mono=lambda: real() + shift[0]))
+    try:
+        w = start(db_path, "m1")
+        workers.append(w)
+        ready(w)
+        assert verdicts(s)["m1"] == (True, "alive")
+        shift[0] = 16.0  # the default TTL is 15 s
+        assert verdicts(s)["m1"] == (False, "hung")
+        shift[0] = 0.0
+        assert verdicts(s)["m1"] == (True, "alive")
+    finally:
+        s.close()
+
+
+# -- takeover ------------------------------------------------------------------------------
+
+
+def _hold_things(store: coord.Store, id: str, inc: int) -> None:
+    """Give (id, inc) a lease, a claimed job, an ephemeral key and a private queue with
+    ready jobs, written directly with SQL."""
+
+    def txn(c: apsw.Connection) -> None:
+        mono, wall = store.mono(), store.wall()
+        term = next_counter(c, "term")
+        c.execute("INSERT INTO leases (name, holder_id, holder_incarnation, term, ttl, acquired_at, "
+                  "renewed_at, expires_mono) VALUES (?, ?, ?, ?, 15, ?, ?, ?)",
+                  (f"{id}/lease", id, inc, term, wall, wall, mono + 15))
+        c.execute("INSERT INTO lease_terms (name, term, holder_id, holder_incarnation, acquired_at) "
+                  "VALUES (?, ?, ?, ?, ?)", (f"{id}/lease", term, id, inc, wall))
+        c.execute("INSERT INTO queues (name, owner_id, created_at) VALUES (?, NULL, ?), (?, ?, ?)",
+                  (f"{id}/shared", wall, f"{id}/private", id, wall))
+        c.execute("INSERT INTO jobs (queue, state, payload, attempts, available_mono, created_at, "
+                  "claimed_by, claimed_incarnation, claim_token, claim_expires_mono, claimed_at) "
+                  "VALUES (?, 'claimed', '1', 1, ?, ?, ?, ?, ?, ?, ?)",
+                  (f"{id}/shared", mono, wall, id, inc, f"tok-{id}", mono + 60, wall))
+        for n in range(3):
+            c.execute("INSERT INTO jobs (queue, payload, available_mono, created_at) "
+                      "VALUES (?, ?, ?, ?)", (f"{id}/private", str(n), mono, wall))
+        c.execute("INSERT INTO kv (key, value, version, owner_id, owner_incarnation, created_at, "
+                  "updated_at) VALUES (?, '\"here\"', ?, ?, ?, ?, ?)",
+                  (f"{id}/addr", next_counter(c, "revision"), id, inc, wall, wall))
+
+    store.write(txn)
+
+
+def test_takeover_of_a_dead_id(store: coord.Store, db_path: Path,
+                               workers: list[subprocess.Popen[str]]) -> None:
+    w = start(db_path, "svc")
+    workers.append(w)
+    _, old = ready(w)
+    _hold_things(store, "svc", old)
+    with pytest.raises(coord.InstanceIdInUse):
+        register(store, "svc", app="test")
+    kill_hard(w)
+
+    with register(store, "svc", app="test") as inst:
+        assert inst.incarnation > old
+        lease = store.row("SELECT * FROM leases WHERE name = 'svc/lease'")
+        assert lease is not None and lease["holder_id"] is None  # released, not inherited
+        term = store.row("SELECT * FROM lease_terms WHERE name = 'svc/lease'")
+        assert term is not None and term["released_at"] is not None
+        assert term["reason"] == "taken over"
+        job = store.row("SELECT * FROM jobs WHERE queue = 'svc/shared'")
+        assert job is not None and (job["state"], job["claimed_by"]) == ("ready", None)
+        assert store.value("SELECT count(*) FROM kv WHERE key = 'svc/addr'") == 0
+        # Private work is kept and is the new incarnation's to resume.
+        assert store.value("SELECT count(*) FROM jobs WHERE queue = 'svc/private' "
+                           "AND state = 'ready'") == 3
+        assert store.value("SELECT owner_id FROM queues WHERE name = 'svc/private'") == "svc"
+        kinds = [k for k, _ in events_of(store, "svc")]
+        assert kinds == ["joined", "died", "lease released", "took over", "joined"]
+        died = dict(events_of(store, "svc"))["died"]
+        assert died == {"incarnation": old, "reason": "died"}
+        assert check(store, strict=True) == []
+
+
+def test_tombstone_is_kept_while_its_private_queue_has_work(
+    store: coord.Store, db_path: Path, workers: list[subprocess.Popen[str]]
+) -> None:
+    w = start(db_path, "tomb")
+    workers.append(w)
+    _, old = ready(w)
+    _hold_things(store, "tomb", old)
+    kill_hard(w)
+    report = coord.reap(store)
+    assert [d["id"] for d in report.dead] == ["tomb"]
+    info = get_instance(store, "tomb")
+    assert (info.tombstone, info.alive, info.status) == (True, False, "died")
+    assert not coord.reap(store).did_something  # kept, and nothing else to do
+    assert get_instance(store, "tomb").tombstone
+    # A restart with the same id takes over the tombstone and resumes the queue.
+    with register(store, "tomb", app="test") as inst:
+        assert inst.incarnation > old
+        assert "took over" in [k for k, _ in events_of(store, "tomb")]
+        assert store.value("SELECT count(*) FROM jobs WHERE queue = 'tomb/private' "
+                           "AND state = 'ready'") == 3
+    # It left with work queued: a tombstone again, until the queue is empty.
+    assert get_instance(store, "tomb").tombstone
+    now, wall = store.mono(), store.wall()
+    store.write(lambda c: c.execute(
+        "UPDATE jobs SET state = 'done', finished_at = ?, finished_mono = ? "
+        "WHERE queue = 'tomb/private'", (wall, now)))
+    report = coord.reap(store)
+    assert report.tombstones_removed == 1
+    with pytest.raises(coord.NotFound):
+        get_instance(store, "tomb")
+    assert [k for k, _ in events_of(store, "tomb")][-1] == "reaped"
+
+
+# -- heartbeat, watchdog, deregistration -------------------------------------------------
+
+
+def test_heartbeat_runs_at_least_three_times_per_ttl(store: coord.Store) -> None:
+    assert store.config.heartbeat == 5.0
+    with register(store, "hb", app="x", ttl=0.6) as inst:
+        assert inst.heartbeat_interval == pytest.approx(0.2)
+        first = store.value("SELECT heartbeat_mono FROM instances WHERE id = 'hb'")
+        wait_until(lambda: store.value("SELECT heartbeat_mono FROM instances WHERE id = 'hb'") > first)
+        time.sleep(1.0)
+        assert get_instance(store, "hb").alive
+
+
+def test_watchdog_stops_the_heartbeat_of_a_stuck_app(fast_store: coord.Store) -> None:
+    with register(fast_store, "dog", app="x", watchdog=0.3) as inst:
+        deadline = time.monotonic() + 0.8
+        while time.monotonic() < deadline:
+            inst.beat()
+            time.sleep(0.05)
+        assert get_instance(fast_store, "dog").alive
+        # Stuck: no beat() any more, so no heartbeat, so hung after the TTL.
+        wait_until(lambda: get_instance(fast_store, "dog").status == "hung", timeout=20)
+        inst.beat()
+        wait_until(lambda: get_instance(fast_store, "dog").alive, timeout=20)
+
+
+def test_a_lost_registration_is_reported(fast_store: coord.Store) -> None:
+    inst = register(fast_store, "loser", app="x")
+    fast_store.write(lambda c: c.execute("UPDATE instances SET status = 'dead' WHERE id = 'loser'"))
+    assert inst.lost.wait(timeout=20)
+    assert inst.heartbeat() is False
+    inst.close()
+
+
+def test_log_lines_carry_the_instance_id(store: coord.Store,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    with register(store, "talker", app="x") as inst, caplog.at_level(logging.INFO, "coord"):
+        inst.log.info("hello %s", "world")
+    rec = [r for r in caplog.records if "hello world" in r.getMessage()][0]
+    assert "talker" in rec.getMessage()
+    assert rec.instance_id == "talker"  # type: ignore[attr-defined]
+
+
+def test_context_exit_deregisters(store: coord.Store) -> None:
+    with register(store, "ctx", app="x") as inst:
+        lock = inst.lock_path
+        assert alive_ids(store) == {"ctx"}
+    assert store.rows("SELECT * FROM instances") == []
+    assert not os.path.exists(lock)
+    assert [k for k, _ in events_of(store, "ctx")] == ["joined", "left"]
+    inst.close()  # idempotent
+
+
+EXITS = """
+import os, signal, sys, time, coord
+store = coord.Store(os.environ["COORD_DB"])
+inst = coord.register(store, sys.argv[1], app="x")
+mode = sys.argv[2]
+if mode == "fork":
+    pid = os.fork()
+    if pid == 0:
+        sys.exit(0)  # runs atexit in the child, which must not deregister the parent's instance
+    os.waitpid(pid, 0)
+    print("ready", flush=True)
+    time.sleep(60)
+elif mode == "atexit":
+    print("ready", flush=True)
+    sys.exit(0)
+else:
+    print("ready", flush=True)
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("how", ["sigterm", "atexit"])
+def test_sigterm_and_exit_deregister(store: coord.Store, db_path: Path, how: str,
+                                     workers: list[subprocess.Popen[str]]) -> None:
+    e = {**{k: v for k, v in os.environ.items() if not k.startswith("COORD_")},
+         "COORD_DB": str(db_path)}
+    w = subprocess.Popen([sys.executable, "-c", EXITS, "bye", how], env=e,
+                         stdout=subprocess.PIPE, text=True)
+    workers.append(w)
+    wait_line(w, timeout=60)
+    if how == "sigterm":
+        w.terminate()
+        assert w.wait(timeout=30) == -signal.SIGTERM  # the default action still happens
+    else:
+        assert w.wait(timeout=30) == 0
+    assert store.rows("SELECT * FROM instances") == []
+    assert [k for k, _ in events_of(store, "bye")] == ["joined", "left"]
+
+
+def test_only_the_registering_pid_deregisters(store: coord.Store, db_path: Path,
+                                              workers: list[subprocess.Popen[str]]) -> None:
+    e = {**{k: v for k, v in os.environ.items() if not k.startswith("COORD_")},
+         "COORD_DB": str(db_path)}
+    w = subprocess.Popen([sys.executable, "-c", EXITS, "parent", "fork"], env=e,
+                         stdout=subprocess.PIPE, text=True)
+    workers.append(w)
+    wait_line(w, timeout=60)
+    assert get_instance(store, "parent").alive
+    assert [k for k, _ in events_of(store, "parent")] == ["joined"]
+
+
+def test_lost_worker_learns_it_after_being_reaped(
+    store: coord.Store, db_path: Path, workers: list[subprocess.Popen[str]]
+) -> None:
+    w = start(db_path, "napper", TTL="1", COORD_HEARTBEAT="0.2")
+    workers.append(w)
+    ready(w)
+    stop_outside_a_write(store, w)
+    wait_until(lambda: get_instance(store, "napper").status == "hung", timeout=30)
+    report = coord.reap(store)
+    assert report.dead == [{"id": "napper", "incarnation": report.dead[0]["incarnation"],
+                            "reason": "hung"}]
+    os.kill(w.pid, signal.SIGCONT)
+    wait_line(w, "lost", timeout=30)  # its next heartbeat found its registration gone
+
+
+def test_list_filters_by_app(store: coord.Store) -> None:
+    with register(store, "a1", app="alpha"), register(store, "b1", app="beta"):
+        assert [i.id for i in list_instances(store, app="alpha")] == ["a1"]
+        assert {i.id for i in list_instances(store)} == {"a1", "b1"}
+
