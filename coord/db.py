@@ -41,19 +41,30 @@ CONNECTION_PRAGMAS: tuple[tuple[str, str], ...] = (
     ("wal_autocheckpoint", "1000"),  # PASSIVE checkpoints only: they never block writers
 )
 
-# Every open Store, so that a forked child can disown the connections it inherited.
+# Every open Store, so that a forked child can deal with the connections it inherited.
 _STORES: weakref.WeakSet[Store] = weakref.WeakSet()
 
 
-def _disown(conn: apsw.Connection) -> None:
-    """Make sure a connection inherited across fork is never used or closed in this process.
+def _drop_inherited(conn: apsw.Connection, idle: bool) -> None:
+    """In a forked child: make sure a connection inherited from the parent is never used.
 
-    The child shares the parent's WAL shared memory but not its POSIX locks: a rollback or
-    checkpoint run by an inherited connection (closing it does one) would rewrite memory the
-    parent is using. So the object is leaked on purpose, with one extra reference that nothing
-    ever drops, not even interpreter shutdown; its descriptors close when the process exits,
-    which releases nothing of the parent's.
+    SQLite keeps per-process lock bookkeeping per file. While an inherited connection stays
+    open, the child's own new connections share that bookkeeping and believe they hold
+    locks that in truth belong to the parent: once the parent closes, another process may
+    delete the WAL under the child and the child's commits are lost. So an idle inherited
+    connection is closed (without a checkpoint: the child holds no lock, and closing its
+    descriptors releases nothing of the parent's). A connection that was inside a
+    transaction, or belonged to another thread (which may have been inside SQLite at the
+    moment of the fork), is instead leaked on purpose with a reference nothing ever drops:
+    closing it could roll back into shared memory the parent is using, or deadlock.
     """
+    if idle:
+        try:
+            conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
+            conn.close(True)
+            return
+        except apsw.Error:
+            pass
     ctypes.pythonapi.Py_IncRef(ctypes.py_object(conn))
 
 
@@ -184,13 +195,15 @@ class Store:
         return c
 
     def _forget_inherited(self) -> None:
-        """In a forked child: disown every connection of the parent (see ``_disown``)."""
+        """In a forked child: drop every connection of the parent (see ``_drop_inherited``)."""
         pid = os.getpid()
-        inherited = [c for p, _, c in self._all if p != pid]
+        me = threading.current_thread()  # the thread that forked, the only one left
+        inherited = [(t, c) for p, t, c in self._all if p != pid]
         self._all = [e for e in self._all if e[0] == pid]
         self._lock = threading.Lock()  # may have been held by another thread at fork time
-        for c in inherited:
-            _disown(c)
+        self._local = threading.local()
+        for t, c in inherited:
+            _drop_inherited(c, idle=t is me and c.get_autocommit())
 
     def close(self) -> None:
         """Close the connections this process opened (never those inherited across fork)."""
@@ -200,8 +213,8 @@ class Store:
             mine = [c for p, _, c in self._all if p == pid]
             others = [c for p, _, c in self._all if p != pid]
             self._all = []
-        for c in others:
-            _disown(c)
+        for c in others:  # normally none: a child drops them right after fork
+            _drop_inherited(c, idle=False)
         for c in mine:
             _close_quietly(c)
         self._local = threading.local()
