@@ -697,8 +697,9 @@ def _stop(store: Store, owner_id: str, proc_id: int, grace: float | None,
         raise PermissionDenied(f"the system refused to signal process {proc_id} (pid {row['pid']})")
     code = None
     if popen is not None:
+        # Our own child: its real status (it is ended, or about to be, once we signalled it).
         try:
-            code = popen.wait(timeout=2)
+            code = popen.poll() if how == GONE else popen.wait(timeout=2)
         except subprocess.TimeoutExpired:
             code = None
     if row["status"] == "running" or code is not None:
