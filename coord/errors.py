@@ -22,6 +22,7 @@ store boundary (``coord.db``) so callers never catch ``apsw.*`` themselves::
     ├── LeaseLost(name, term)           exit 75
     ├── ClaimLost(token)                the job's claim moved on
     ├── QueueFull(queue, depth)
+    ├── MalformedFile(path, reason)     an imported file is not in the expected format
     ├── RecipientDead(id)               a request's recipient died while we waited
     ├── VersionConflict(key, expected, found)
     └── TimeoutExpired(what, seconds)   exit 3: nothing arrived in time
@@ -239,6 +240,15 @@ class QueueFull(CoordError):
 
     def message(self) -> str:
         return f"queue {self.queue!r} is full ({self.depth} jobs waiting)"
+
+
+class MalformedFile(CoordError):
+    def __init__(self, path: object, reason: str) -> None:
+        super().__init__(str(path), reason)
+        self.path, self.reason = str(path), reason
+
+    def message(self) -> str:
+        return f"{self.path}: {self.reason}; nothing was imported"
 
 
 class RecipientDead(CoordError):
