@@ -54,6 +54,12 @@ GONE = "gone"  # it had already ended: nothing was signalled
 TERMINATED = "terminated"  # it ended within the grace period after SIGTERM
 KILLED = "killed"  # it was still there after the grace period and got SIGKILL
 DENIED = "denied"  # the OS refused the signal (another user's process)
+SURVIVED = "survived"  # something of it still runs after SIGKILL (stuck in the kernel, or
+#                        left behind by a leader that exited, without pidfd to reach them)
+
+# pidfd_open (Linux 5.3+): signals pinned to the very process; tests switch it off to cover
+# the fallback.
+_USE_PIDFD = hasattr(os, "pidfd_open")
 
 
 # -- tracking ------------------------------------------------------------------------------
@@ -480,13 +486,14 @@ class _Handle:
         live group members), or None when it is gone or the pid was reused."""
         if ident.boot_id != boot_id():
             return None
-        fd: int | None
-        try:
-            fd = os.pidfd_open(ident.pid)
-        except ProcessLookupError:
-            return None
-        except (OSError, AttributeError):
-            fd = None  # no pidfd support: fall back to re-checking before each signal
+        fd: int | None = None
+        if _USE_PIDFD:
+            try:
+                fd = os.pidfd_open(ident.pid)
+            except ProcessLookupError:
+                return None
+            except OSError:
+                fd = None  # no pidfd support: fall back to re-checking before each signal
         # Checked after opening: the pidfd names whichever process had the pid at open time.
         if start_token(ident.pid) != ident.start_token:
             if fd is not None:
@@ -554,6 +561,10 @@ def _live_groups() -> set[int]:
     return groups
 
 
+def _ended(h: _Handle | None, live: set[int]) -> bool:
+    return h is None or h.ended(live)
+
+
 def _is_self(ident: ProcIdentity, group: bool) -> bool:
     """Would this signal reach the calling process itself?"""
     return ident.pid == os.getpid() or (group and ident.pid == os.getpgrp())
@@ -609,14 +620,17 @@ def _end_many(targets: Sequence[tuple[ProcIdentity, bool]], grace: float) -> lis
                 continue
             how[i] = KILLED
         # SIGKILL is not instant (exit work, a process in uninterruptible sleep): give it a
-        # moment, bounded, so callers see it gone.
-        killed = [handles[i] for i in pending if how[i] == KILLED]
+        # moment, bounded, so callers see it gone; what is still there has survived.
+        killed = {i for i in pending if how[i] == KILLED}
         end = time.monotonic() + 2.0
-        while killed and time.monotonic() < end:
+        while killed:
             live = _live_groups()
-            killed = [h for h in killed if h is not None and not h.ended(live)]
-            if killed:
-                time.sleep(0.01)
+            killed = {i for i in killed if not _ended(handles[i], live)}
+            if not killed or time.monotonic() >= end:
+                break
+            time.sleep(0.01)
+        for i in killed:
+            how[i] = SURVIVED
         return how
     finally:
         for h in handles:
@@ -632,7 +646,9 @@ def end_group(pgid: int, leader: ProcIdentity, grace: float) -> str:
     if it does not match (the leader is gone or its pid was reused), nothing is signalled.
     Later signals reach the same group even after the leader has exited (pidfd, Linux 6.9+;
     older kernels: only while the leader still exists). Returns 'gone' (nothing to do),
-    'terminated' (ended within the grace period), 'killed' (needed SIGKILL) or 'denied'.
+    'terminated' (ended within the grace period), 'killed' (needed SIGKILL), 'survived'
+    (something of the group still runs after SIGKILL: the group is NOT empty) or 'denied'
+    (the system refused the signal).
     """
     if pgid != leader.pid:
         raise InvalidArgument(f"process group {pgid} is not led by pid {leader.pid}")
@@ -662,8 +678,8 @@ def _record_ended(store: Store, ended: Sequence[tuple[Row, str, int | None]], ki
     def txn(c: Any) -> None:
         wall = store.wall()
         for row, how, code in ended:
-            if how == DENIED:
-                continue
+            if how in (DENIED, SURVIVED):
+                continue  # still running: the reaper marks it when it has ended
             if code is not None:
                 ec, sig = (None, -code) if code < 0 else (code, None)
             else:
@@ -710,7 +726,7 @@ def _stop(store: Store, owner_id: str, proc_id: int, grace: float | None,
 def stop(inst: Instance, proc_id: int, *, grace: float | None = None) -> str:
     """End one of ``inst``'s own processes (TERM to its group, grace, KILL) and record how
     it ended. Another instance's process raises ``PermissionDenied`` and is not touched.
-    Returns 'gone', 'terminated' or 'killed'."""
+    Returns 'gone', 'terminated', 'killed' or 'survived' (still there after SIGKILL)."""
     if inst.closed:
         raise NotRegistered(inst.id, "closed")
     with _CHILDREN_LOCK:
