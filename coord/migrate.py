@@ -5,10 +5,11 @@ empty, a blank SQLite database, or a coord database (``PRAGMA application_id`` i
 whose schema is not newer than this code. Anything else is refused and left byte-for-byte
 untouched:
 
-1. The 100-byte header is read with a plain ``open()``: garbage bytes, a truncated file and
-   another program's ``application_id`` are refused without SQLite ever opening the file.
-   That happens only before this process has a connection to the file, because closing any
-   descriptor of a file drops every POSIX lock the process holds on it — SQLite's too.
+1. The 100-byte header is read with a plain ``open()``: garbage bytes, a truncated file,
+   another program's ``application_id`` and a newer coord's schema are refused without
+   SQLite ever opening the file. That happens only while this process has no descriptor
+   open on the file, because closing any descriptor of a file drops every POSIX lock the
+   process holds on it — SQLite's too.
 2. A read-only connection that never checkpoints on close reads ``application_id``,
    ``user_version`` and whether there are tables. (A read-write connection would, on close,
    checkpoint another program's pending WAL into its database file.)
@@ -24,7 +25,7 @@ import functools
 import os
 import re
 from importlib import resources
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import apsw
 
@@ -64,18 +65,34 @@ def latest_version() -> int:
     return _migrations()[-1][0]
 
 
-# Files (st_dev, st_ino) this process has already identified: their header is never read
-# again, because this process may now hold SQLite locks on them (see the module docstring).
-_VALIDATED: set[tuple[int, int]] = set()
+def _open_here(st: os.stat_result) -> bool:
+    """Whether this process has a descriptor open on the file (then it may hold SQLite's
+    locks on it, and must not open and close it). Falls back to "yes" without /proc."""
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return True
+    for fd in fds:
+        try:
+            other = os.stat(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if (other.st_dev, other.st_ino) == (st.st_dev, st.st_ino):
+            return True
+    return False
 
 
 def _check_file(path: str) -> None:
-    """Refuse, from its header alone, a file that cannot be a coord database."""
+    """Refuse, from its header alone, a file that cannot be a coord database.
+
+    Skipped while this process has the file open: closing our descriptor would drop the
+    POSIX locks SQLite holds on it (the next steps still identify the file through SQLite).
+    """
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return
-    if (st.st_dev, st.st_ino) in _VALIDATED or st.st_size == 0:
+    if st.st_size == 0 or _open_here(st):
         return
     with open(path, "rb") as f:
         head = f.read(100)
@@ -109,11 +126,14 @@ def _refuse_too_new(path: str, version: int) -> None:
 
 
 def _ident(conn: apsw.Connection) -> tuple[int, int, bool]:
-    """(application_id, user_version, has any table or view)."""
-    app_id = int(scalar(conn, "PRAGMA application_id"))
-    version = int(scalar(conn, "PRAGMA user_version"))
-    has_tables = bool(scalar(conn, "SELECT count(*) FROM sqlite_schema"))
-    return app_id, version, has_tables
+    """(application_id, user_version, has any table or view), from one snapshot: one
+    statement, so a migration committed by another process is seen whole or not at all."""
+    row: tuple[Any, ...] = conn.execute(
+        "SELECT (SELECT application_id FROM pragma_application_id), "
+        "(SELECT user_version FROM pragma_user_version), "
+        "(SELECT count(*) FROM sqlite_schema)"
+    ).fetchall()[0]
+    return int(row[0]), int(row[1]), bool(row[2])
 
 
 def _identify(store: Store) -> tuple[int, int, bool] | None:
@@ -164,8 +184,6 @@ def migrate(store: Store) -> None:
             raise NotADatabase(path, f"could not switch it to WAL (journal_mode={mode})")
         if int(scalar(conn, "PRAGMA user_version")) < latest_version():
             on_busy(lambda: _apply(store, conn), path=path)
-        st = os.stat(path)
-        _VALIDATED.add((st.st_dev, st.st_ino))
     finally:
         conn.close()
 
