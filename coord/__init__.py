@@ -7,6 +7,7 @@ one dies, ``coord.reaper`` applies one death rule to everything it held.
 
 from __future__ import annotations
 
+from . import kv, messages
 from .clock import Clock
 from .config import Config
 from .db import Store
@@ -34,6 +35,8 @@ from .errors import (
     VersionConflict,
 )
 from .instances import Instance, InstanceInfo, get_instance, list_instances, register
+from .kv import Entry
+from .messages import Gathered, Mailbox, Message
 from .processes import (
     ProcessInfo,
     Tracked,
@@ -58,12 +61,16 @@ __all__ = [
     "Clock",
     "Config",
     "CoordError",
+    "Entry",
+    "Gathered",
     "Instance",
     "InstanceIdInUse",
     "InstanceInfo",
     "InvalidArgument",
     "LeaseLost",
     "LeaseNotAcquired",
+    "Mailbox",
+    "Message",
     "NotADatabase",
     "NotFound",
     "NotRegistered",
@@ -85,8 +92,10 @@ __all__ = [
     "end_group",
     "end_process",
     "get_instance",
+    "kv",
     "kill_orphans",
     "list_instances",
+    "messages",
     "list_processes",
     "orphans",
     "poll_children",

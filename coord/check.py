@@ -98,6 +98,17 @@ def check(store: Store, *, strict: bool = False, integrity: bool = True) -> list
 
     for detail, pending in process_problems(store, instances):
         add(Problem("processes", detail, pending=pending))
+    from .kv import problems as kv_problems
+    from .messages import problems as message_problems
+
+    for detail, pending in message_problems(store, instances, verdicts):
+        add(Problem("messages", detail, pending=pending))
+    for detail, pending in kv_problems(store):
+        add(Problem("kv", detail, pending=pending))
+    from .queues import problems as queue_problems
+
+    for detail, pending in queue_problems(store):
+        add(Problem("queues", detail, pending=pending))
     for id, (alive, verdict) in verdicts.items():
         if instances[id]["status"] == "alive" and not alive:
             add(Problem("instances", f"{id} is {verdict}, awaiting the reaper", pending=True))
