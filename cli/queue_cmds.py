@@ -1,9 +1,372 @@
-"""Commands for this noun are added by their issue's work."""
+"""``coord queue …``: work queues (put, claim, ack, fail, extend, release, cancel, ls, stats,
+requeue, adopt, purge, import, create).
+
+Claims belong to the live instance named by COORD_INSTANCE_ID (for example a shell worker
+run by ``coord run``); without one, ``claim`` is refused. A job as JSON is an object with
+id, queue, state (ready, delayed, claimed, dead, done, cancelled), priority, attempts,
+max_attempts, payload, dedupe_key, instance_id, created_at, available_in, expires_in,
+last_error, result, finished_at — and token, on the job that ``claim`` printed.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+from typing import Annotated, Any
+
 import typer
+
+from ._common import JsonOption, duration, emit_json, fmt, handle_errors, store, table
+
+queue_app = typer.Typer(
+    name="queue",
+    help="Work queues: put, claim, ack, fail, inspect, requeue, adopt, import.",
+    no_args_is_help=True,
+)
+
+QueueArg = Annotated[str, typer.Argument(help="Queue name.", show_default=False)]
+TokenArg = Annotated[str, typer.Argument(help="The claim token printed by `coord queue claim`.",
+                                         show_default=False)]
+InstanceOption = Annotated[
+    str | None,
+    typer.Option("--instance-id", envvar="COORD_INSTANCE_ID", show_default=False,
+                 help="The claiming instance (default: $COORD_INSTANCE_ID, set by `coord run`)."),
+]
+
+JOB_COLUMNS = [("id", "ID"), ("queue", "QUEUE"), ("state", "STATE"), ("priority", "PRI"),
+               ("tries", "ATTEMPTS"), ("instance_id", "INSTANCE"), ("when", "DUE/LEASE"),
+               ("payload_text", "PAYLOAD"), ("last_error", "LAST ERROR")]
+STATS_COLUMNS = [("id", "QUEUE"), ("owner", "OWNER"), ("ready", "READY"), ("delayed", "DELAYED"),
+                 ("claimed", "CLAIMED"), ("dead", "DEAD"), ("done", "DONE"),
+                 ("cancelled", "CANCELLED"), ("oldest", "OLDEST"), ("max_depth", "MAX")]
 
 
 def register(app: typer.Typer) -> None:
-    """Add this module's commands to the app."""
+    """Add the ``queue`` sub-app to the app."""
+    app.add_typer(queue_app, name="queue")
+
+
+def _json_arg(ctx: typer.Context, text: str) -> Any:
+    """JSON from an argument, or from stdin for '-', checked against the store's limits."""
+    from coord.payload import decode
+
+    cfg = store(ctx).config
+    raw: str | bytes = sys.stdin.buffer.read() if text == "-" else text
+    return decode(raw, limit=cfg.payload_limit, max_depth=cfg.payload_max_depth)
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _job_row(j: dict[str, Any]) -> dict[str, Any]:
+    r = dict(j)
+    r["tries"] = f"{j['attempts']}/{j['max_attempts']}"
+    r["payload_text"] = _compact(j["payload"])
+    if j["state"] == "delayed":
+        r["when"] = "in " + duration(j["available_in"])
+    elif j["state"] == "claimed" and j["expires_in"] is not None:
+        r["when"] = "expired" if j["expires_in"] < 0 else duration(j["expires_in"]) + " left"
+    else:
+        r["when"] = None
+    return r
+
+
+@queue_app.command("create")
+@handle_errors
+def create(
+    ctx: typer.Context,
+    queue: QueueArg,
+    private: Annotated[bool, typer.Option("--private", help="Private to the instance in "
+                                          "--owner or $COORD_INSTANCE_ID: only it claims.")] = False,
+    owner: Annotated[str | None, typer.Option("--owner", help="Owner of a private queue.",
+                                              show_default=False)] = None,
+    max_depth: Annotated[int | None, typer.Option("--max-depth", min=1, show_default=False,
+                                                  help="Refuse puts (QueueFull) when this "
+                                                  "many jobs wait.")] = None,
+) -> None:
+    """Create QUEUE (shared unless --private/--owner); an existing one keeps its jobs and
+    takes the new --max-depth. A shared queue is also created by its first put."""
+    import os
+
+    from coord.errors import InvalidArgument
+    from coord.queues import create_queue
+
+    if private and owner is None:
+        owner = os.environ.get("COORD_INSTANCE_ID")
+        if not owner:
+            raise InvalidArgument("--private needs --owner or COORD_INSTANCE_ID")
+    create_queue(store(ctx), queue, owner=owner, max_depth=max_depth)
+
+
+@queue_app.command("put")
+@handle_errors
+def put(
+    ctx: typer.Context,
+    queue: QueueArg,
+    payload: Annotated[str, typer.Argument(help="JSON payload, or - to read it from stdin.",
+                                           show_default=False)],
+    priority: Annotated[int, typer.Option("--priority", "-p", help="Higher runs first.")] = 0,
+    delay: Annotated[float, typer.Option("--delay", min=0, help="Seconds before it may be "
+                                         "claimed.")] = 0.0,
+    dedupe: Annotated[str | None, typer.Option("--dedupe", show_default=False,
+                                               help="Dedupe key: a job with this key already in "
+                                               "the queue (until purged) is not added again.")] = None,
+    max_attempts: Annotated[int | None, typer.Option("--max-attempts", min=1, show_default=False,
+                                                     help="Claims before it is dead-lettered "
+                                                     "(default 5).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Add a job to QUEUE and print its id (the existing job's id for a dedupe repeat)."""
+    from coord.queues import put as do_put
+
+    job_id = do_put(store(ctx), queue, _json_arg(ctx, payload), priority=priority, delay=delay,
+                    dedupe_key=dedupe, max_attempts=max_attempts)
+    if as_json:
+        emit_json({"id": job_id, "queue": queue})
+    else:
+        print(job_id)
+
+
+@queue_app.command("claim")
+@handle_errors
+def claim(
+    ctx: typer.Context,
+    queue: QueueArg,
+    lease: Annotated[float | None, typer.Option("--lease", show_default=False,
+                                                help="Seconds the claim lasts before the job "
+                                                "goes back (default: config claim_lease, 60).")] = None,
+    wait: Annotated[float, typer.Option("--wait", min=0, help="Seconds to wait for a job; "
+                                        "exit 3 if none arrived.")] = 0.0,
+    instance_id: InstanceOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Claim the next job of QUEUE (highest priority, then oldest) for this instance and
+    print it with its claim token; exit 3 when nothing arrived within --wait."""
+    from coord.errors import TimeoutExpired
+    from coord.queues import claim as do_claim
+
+    job = do_claim(store(ctx), queue, instance_id or None, lease=lease, timeout=wait)
+    if job is None:
+        raise TimeoutExpired(f"queue {queue!r}", wait)
+    if as_json:
+        emit_json(job.to_json())
+        return
+    print(f"token     {job.token}")
+    print(f"job       {job.id}")
+    print(f"queue     {job.queue}")
+    print(f"attempt   {job.attempts} of {job.max_attempts}")
+    print(f"lease     {duration(job.expires_in)}")
+    print(f"payload   {_compact(job.payload)}")
+
+
+@queue_app.command("ack")
+@handle_errors
+def ack(
+    ctx: typer.Context,
+    token: TokenArg,
+    result: Annotated[str | None, typer.Option("--result", show_default=False,
+                                               help="Small JSON result to keep (or - for "
+                                               "stdin).")] = None,
+) -> None:
+    """Mark the claimed job done. Fails (exit 1) if the claim has moved on."""
+    from coord.queues import ack as do_ack
+
+    do_ack(store(ctx), token, None if result is None else _json_arg(ctx, result))
+
+
+@queue_app.command("fail")
+@handle_errors
+def fail(
+    ctx: typer.Context,
+    token: TokenArg,
+    error: Annotated[str, typer.Option("--error", help="What went wrong (kept as last error).")] = "",
+    retry_in: Annotated[float | None, typer.Option("--retry-in", min=0, show_default=False,
+                                                   help="Seconds before the retry (default: "
+                                                   "exponential backoff with jitter).")] = None,
+) -> None:
+    """Record a failed attempt: the job is retried later, or dead-lettered when out of
+    attempts. Prints the job's new state (ready or dead)."""
+    from coord.queues import fail as do_fail
+
+    print(do_fail(store(ctx), token, error, retry_in=retry_in))
+
+
+@queue_app.command("extend")
+@handle_errors
+def extend(
+    ctx: typer.Context,
+    token: TokenArg,
+    lease: Annotated[float | None, typer.Option("--lease", show_default=False,
+                                                help="New lease from now, seconds (default: "
+                                                "config claim_lease).")] = None,
+) -> None:
+    """Renew a claim's lease (a long job keeps its claim). Fails if the claim moved on."""
+    from coord.queues import extend as do_extend
+
+    do_extend(store(ctx), token, lease)
+
+
+@queue_app.command("release")
+@handle_errors
+def release(ctx: typer.Context, token: TokenArg) -> None:
+    """Hand a claimed job back untried: ready again at once, the attempt not counted."""
+    from coord.queues import release as do_release
+
+    do_release(store(ctx), token)
+
+
+@queue_app.command("cancel")
+@handle_errors
+def cancel(
+    ctx: typer.Context,
+    job_id: Annotated[int, typer.Argument(help="Job id.", show_default=False)],
+) -> None:
+    """Cancel a job that waits (ready, delayed or dead); a claimed job cannot be cancelled."""
+    from coord.queues import cancel as do_cancel
+
+    do_cancel(store(ctx), job_id)
+
+
+@queue_app.command("ls")
+@handle_errors
+def ls(
+    ctx: typer.Context,
+    queue: Annotated[str | None, typer.Argument(help="Only this queue.", show_default=False)] = None,
+    state: Annotated[str | None, typer.Option("--state", "-s", show_default=False,
+                                              help="ready, delayed, claimed, dead, done, "
+                                              "cancelled, all (default: not finished).")] = None,
+    limit: Annotated[int | None, typer.Option("--limit", "-n", min=1, show_default=False,
+                                              help="At most this many jobs.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List jobs in claim order: by queue, then priority (high first), then FIFO."""
+    from coord.queues import list_jobs
+
+    jobs = [j.to_json() for j in list_jobs(store(ctx), queue, state=state, limit=limit)]
+    if as_json:
+        emit_json(jobs)
+    else:
+        table([_job_row(j) for j in jobs], JOB_COLUMNS)
+
+
+@queue_app.command("stats")
+@handle_errors
+def stats(
+    ctx: typer.Context,
+    queue: Annotated[str | None, typer.Argument(help="Only this queue.", show_default=False)] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Per queue: ready, delayed, claimed, dead, done and cancelled jobs, and the age of the
+    oldest ready job. A private queue shows its owner (and whether it is alive)."""
+    from coord.queues import stats as do_stats
+
+    rows = [s.to_json() for s in do_stats(store(ctx), queue)]
+    if as_json:
+        emit_json(rows)
+        return
+    for r in rows:
+        r["owner"] = (None if r["instance_id"] is None
+                      else f"{r['instance_id']}{'' if r['alive'] else ' (dead)'}")
+        r["oldest"] = duration(r["oldest_age"])
+    table(rows, STATS_COLUMNS)
+
+
+@queue_app.command("requeue")
+@handle_errors
+def requeue(
+    ctx: typer.Context,
+    job_id: Annotated[int | None, typer.Argument(help="A dead or cancelled job's id.",
+                                                 show_default=False)] = None,
+    dead: Annotated[str | None, typer.Option("--dead", show_default=False,
+                                             help="Requeue every dead job of this queue.")] = None,
+) -> None:
+    """Put a dead or cancelled job back in its queue (fresh attempts), or with --dead QUEUE
+    every dead job of QUEUE."""
+    from coord.errors import InvalidArgument
+    from coord.queues import requeue as do_requeue
+    from coord.queues import requeue_dead
+
+    if (job_id is None) == (dead is None):
+        raise InvalidArgument("give a JOB_ID or --dead QUEUE (one of them)")
+    if dead is not None:
+        print(requeue_dead(store(ctx), dead))
+    else:
+        assert job_id is not None
+        do_requeue(store(ctx), job_id)
+
+
+@queue_app.command("adopt")
+@handle_errors
+def adopt(
+    ctx: typer.Context,
+    from_instance: Annotated[str, typer.Argument(help="The dead instance whose private queues "
+                                                 "to take.", show_default=False)],
+    to: Annotated[str | None, typer.Option("--to", show_default=False,
+                                           help="New owner (default: $COORD_INSTANCE_ID).")] = None,
+    to_queue: Annotated[str | None, typer.Option("--to-queue", show_default=False,
+                                                 help="Instead, move the waiting jobs into this "
+                                                 "queue.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Adopt a dead instance's private queues: give them to another instance id, or move
+    their waiting jobs into another queue. A live instance's queues are refused."""
+    import os
+
+    from coord.errors import InvalidArgument
+    from coord.queues import adopt as do_adopt
+
+    if to is None and to_queue is None:
+        to = os.environ.get("COORD_INSTANCE_ID") or None
+        if to is None:
+            raise InvalidArgument("give --to ID or --to-queue NAME (or set COORD_INSTANCE_ID)")
+    got = do_adopt(store(ctx), from_instance, to=to, to_queue=to_queue)
+    if as_json:
+        emit_json(got.to_json())
+    elif got.to is not None:
+        print(f"{', '.join(got.queues)} now owned by {got.to}")
+    else:
+        extra = f" ({got.left} left: same dedupe key already there)" if got.left else ""
+        print(f"moved {got.jobs} jobs from {', '.join(got.queues)} to {got.to_queue}{extra}")
+
+
+@queue_app.command("purge")
+@handle_errors
+def purge(
+    ctx: typer.Context,
+    queue: QueueArg,
+    everything: Annotated[bool, typer.Option("--all", help="Delete the queue itself and every "
+                                             "job in it, claimed ones too.")] = False,
+) -> None:
+    """Delete QUEUE's finished jobs (done, dead, cancelled), freeing their dedupe keys; print
+    how many went."""
+    from coord.queues import purge as do_purge
+
+    print(do_purge(store(ctx), queue, everything=everything))
+
+
+@queue_app.command("import")
+@handle_errors
+def import_(
+    ctx: typer.Context,
+    file: Annotated[str, typer.Argument(help="A legacy queue-state.json.", show_default=False)],
+    queue: Annotated[str | None, typer.Option("--queue", "-q", show_default=False,
+                                              help="Queue to import into (default: legacy).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Import a legacy queue-state.json: pending and processing entries become ready jobs
+    (priority and order kept), finished ones are only reported. Importing the same file
+    again adds nothing. A malformed or truncated file is refused and nothing is imported."""
+    from coord.legacy import import_queue_state
+
+    report = import_queue_state(store(ctx), file, queue=queue)
+    if as_json:
+        emit_json(report.to_json())
+        return
+    print(f"imported {len(report.imported)} jobs into {report.queue}"
+          + (f", {len(report.existing)} already there" if report.existing else ""))
+    for item in report.imported:
+        note = " (dead-lettered: out of attempts)" if item["state"] == "dead" else ""
+        print(f"  job {item['job_id']:<6} {item['id']} ({item['status']}){note}")
+    for status, ids in sorted(report.not_imported.items()):
+        print(f"not imported ({status}): {fmt(ids)}")
