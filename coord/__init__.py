@@ -7,7 +7,7 @@ one dies, ``coord.reaper`` applies one death rule to everything it held.
 
 from __future__ import annotations
 
-from . import kv, messages
+from . import kv, messages, queues
 from .clock import Clock
 from .config import Config
 from .db import Store
@@ -51,6 +51,7 @@ from .processes import (
     top,
     track,
 )
+from .queues import Job, NewJob, Queue, QueueStats
 from .reaper import ReapReport, reap
 
 __version__ = "0.1.0"
@@ -67,10 +68,12 @@ __all__ = [
     "InstanceIdInUse",
     "InstanceInfo",
     "InvalidArgument",
+    "Job",
     "LeaseLost",
     "LeaseNotAcquired",
     "Mailbox",
     "Message",
+    "NewJob",
     "NotADatabase",
     "NotFound",
     "NotRegistered",
@@ -78,7 +81,9 @@ __all__ = [
     "PayloadTooLarge",
     "PermissionDenied",
     "ProcessInfo",
+    "Queue",
     "QueueFull",
+    "QueueStats",
     "ReadOnlyViolation",
     "RecipientDead",
     "ReapReport",
@@ -96,6 +101,7 @@ __all__ = [
     "kill_orphans",
     "list_instances",
     "messages",
+    "queues",
     "list_processes",
     "orphans",
     "poll_children",

@@ -105,6 +105,10 @@ def check(store: Store, *, strict: bool = False, integrity: bool = True) -> list
         add(Problem("messages", detail, pending=pending))
     for detail, pending in kv_problems(store):
         add(Problem("kv", detail, pending=pending))
+    from .queues import problems as queue_problems
+
+    for detail, pending in queue_problems(store):
+        add(Problem("queues", detail, pending=pending))
     for id, (alive, verdict) in verdicts.items():
         if instances[id]["status"] == "alive" and not alive:
             add(Problem("instances", f"{id} is {verdict}, awaiting the reaper", pending=True))
