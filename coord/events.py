@@ -30,11 +30,16 @@ def log_event(
 Event = tuple[float, str, str | None, str | None, dict[str, Any]]
 
 
+# json.dumps(..., sort_keys=True) builds a new encoder on every call; a reaper burying
+# thousands reuses one (same output).
+_encode = json.JSONEncoder(sort_keys=True).encode
+
+
 def log_events(conn: apsw.Connection, events: Iterable[Event]) -> None:
     """Record many events inside the caller's transaction (one prepared statement)."""
     conn.executemany(
         "INSERT INTO events (at, kind, instance_id, subject, detail) VALUES (?, ?, ?, ?, ?)",
-        [(at, kind, iid, subj, json.dumps(detail, sort_keys=True))
+        [(at, kind, iid, subj, _encode(detail) if detail else "{}")
          for at, kind, iid, subj, detail in events],
     )
 

@@ -31,10 +31,19 @@ class ProcIdentity:
 
 
 def _stat_fields(pid: int) -> list[str] | None:
+    # os.open/os.read: a buffered file object costs several times more, and a listing or a
+    # reap reads one of these per process.
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            raw = f.read().decode("utf-8", "replace")
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError):
+        return None
+    try:
+        raw = os.read(fd, 4096).decode("utf-8", "replace")
+    except ProcessLookupError:  # it ended between open and read
+        return None
+    finally:
+        os.close(fd)
+    if not raw:
         return None
     # The command name (field 2) may hold spaces and parentheses; it ends at the last ')'.
     rest = raw[raw.rindex(")") + 2 :].split()

@@ -172,35 +172,49 @@ def judge(
     return True, "alive"
 
 
+def _json(text: str) -> Any:
+    # The common empty values skip the parser (a listing parses two per row).
+    if text == "{}":
+        return {}
+    if text == "[]":
+        return []
+    return json.loads(text)
+
+
 def _info(store: Store, row: Row, now_mono: float, probe: Probe) -> InstanceInfo:
     alive, status = judge(store, row, now_mono, probe=probe)
     same_boot = row["boot_id"] == probe.boot_id
-    return InstanceInfo(
-        id=row["id"],
-        incarnation=row["incarnation"],
-        app=row["app"],
-        status=status,
-        alive=alive,
-        pid=row["pid"],
-        start_token=row["start_token"],
-        boot_id=row["boot_id"],
-        pidns=row["pidns"],
-        uid=row["uid"],
-        user=row["user"],
-        host=row["host"],
-        cmdline=json.loads(row["cmdline"]),
-        cwd=row["cwd"],
-        labels=json.loads(row["labels"]),
-        lock_path=row["lock_path"],
-        nudge_path=row["nudge_path"],
-        ttl=row["ttl"],
-        watchdog=row["watchdog"],
-        started_at=row["started_at"],
-        heartbeat_at=row["heartbeat_at"],
-        heartbeat_age=(now_mono - row["heartbeat_mono"]) if same_boot else None,
-        ended_at=row["ended_at"],
-        tombstone=row["status"] == "dead",
-    )
+    fields = {
+        "id": row["id"],
+        "incarnation": row["incarnation"],
+        "app": row["app"],
+        "status": status,
+        "alive": alive,
+        "pid": row["pid"],
+        "start_token": row["start_token"],
+        "boot_id": row["boot_id"],
+        "pidns": row["pidns"],
+        "uid": row["uid"],
+        "user": row["user"],
+        "host": row["host"],
+        "cmdline": _json(row["cmdline"]),
+        "cwd": row["cwd"],
+        "labels": _json(row["labels"]),
+        "lock_path": row["lock_path"],
+        "nudge_path": row["nudge_path"],
+        "ttl": row["ttl"],
+        "watchdog": row["watchdog"],
+        "started_at": row["started_at"],
+        "heartbeat_at": row["heartbeat_at"],
+        "heartbeat_age": (now_mono - row["heartbeat_mono"]) if same_boot else None,
+        "ended_at": row["ended_at"],
+        "tombstone": row["status"] == "dead",
+    }
+    # A frozen dataclass's __init__ sets each field through object.__setattr__, which is a
+    # third of a thousand-row listing; filling __dict__ directly builds the same object.
+    info = object.__new__(InstanceInfo)
+    info.__dict__.update(fields)
+    return info
 
 
 def list_instances(
