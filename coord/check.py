@@ -28,7 +28,7 @@ class Problem:
 
 def check(store: Store, *, strict: bool = False, integrity: bool = True) -> list[Problem]:
     """Run every invariant check; see the module docstring."""
-    from .instances import judge
+    from .instances import Probe, judge
 
     out: list[Problem] = []
     add = out.append
@@ -56,7 +56,8 @@ def check(store: Store, *, strict: bool = False, integrity: bool = True) -> list
 
     now = store.mono()
     instances = {r["id"]: r for r in store.rows("SELECT * FROM instances")}
-    verdicts = {i: judge(store, r, now) for i, r in instances.items()}
+    probe = Probe()
+    verdicts = {i: judge(store, r, now, probe=probe) for i, r in instances.items()}
 
     def holder_problem(what: str, id: str, inc: int) -> None:
         row = instances.get(id)
@@ -109,9 +110,10 @@ def check(store: Store, *, strict: bool = False, integrity: bool = True) -> list
 
     for detail, pending in queue_problems(store):
         add(Problem("queues", detail, pending=pending))
-    for id, (alive, verdict) in verdicts.items():
-        if instances[id]["status"] == "alive" and not alive:
-            add(Problem("instances", f"{id} is {verdict}, awaiting the reaper", pending=True))
+    from .instances import problems as instance_problems
+
+    for detail, pending in instance_problems(store, instances, verdicts):
+        add(Problem("instances", detail, pending=pending))
     return [p for p in out if strict or not p.pending]
 
 

@@ -231,6 +231,30 @@ def list_instances(
     return out if include_dead else [i for i in out if i.alive]
 
 
+def problems(
+    store: Store, rows: Mapping[str, Row], verdicts: Mapping[str, tuple[bool, str]]
+) -> list[tuple[str, bool]]:
+    """The registry's invariants, for ``coord.check``: (detail, pending) pairs. Pending means
+    awaiting the reaper (a death not yet buried, a tombstone with nothing left to keep)."""
+    from .reaper import _kept
+
+    out: list[tuple[str, bool]] = []
+    for id, row in rows.items():
+        alive, verdict = verdicts[id]
+        if row["status"] == "alive":
+            if row["ended_at"] is not None or row["end_reason"] is not None:
+                out.append((f"{id} is registered but has an end ({row['end_reason']})", False))
+            if not alive:
+                out.append((f"{id} is {verdict}, awaiting the reaper", True))
+        elif row["ended_at"] is None or not row["end_reason"]:
+            out.append((f"tombstone {id} has no end time or reason", False))
+    tombs = [id for id, row in rows.items() if row["status"] == "dead"]
+    kept = _kept(store.conn(), tombs)
+    out += [(f"tombstone {id} keeps nothing, awaiting the reaper", True)
+            for id in tombs if id not in kept]
+    return out
+
+
 def get_instance(store: Store, id: str) -> InstanceInfo:
     row = store.row("SELECT * FROM instances WHERE id = ?", (id,))
     if row is None:

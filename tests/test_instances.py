@@ -569,3 +569,25 @@ def test_list_filters_by_app(store: coord.Store) -> None:
         assert [i.id for i in list_instances(store, app="alpha")] == ["a1"]
         assert {i.id for i in list_instances(store)} == {"a1", "b1"}
 
+
+
+def test_check_reports_registry_invariants(store: coord.Store, db_path: Path,
+                                           workers: list[subprocess.Popen[str]]) -> None:
+    w = start(db_path, "chk")
+    workers.append(w)
+    ready(w)
+    kill_hard(w)
+    pending = [p.detail for p in check(store, strict=True) if p.check == "instances"]
+    assert pending == ["chk is died, awaiting the reaper"]
+    assert check(store) == []  # pending only: not a broken invariant
+    coord.reap(store)
+    # A tombstone that keeps nothing is pending; one without an end is broken.
+    store.write(lambda c: c.execute(
+        "INSERT INTO instances (id, incarnation, app, status, pid, start_token, boot_id, pidns, "
+        "uid, user, host, lock_path, ttl, started_at, heartbeat_at, heartbeat_mono) VALUES "
+        "('bare', 10000, 'x', 'dead', 1, 1, 'b', 'n', 0, 'u', 'h', '/x', 15, 1, 1, 1)"))
+    details = {p.detail: p.pending for p in check(store, strict=True) if p.check == "instances"}
+    assert details == {"tombstone bare has no end time or reason": False,
+                       "tombstone bare keeps nothing, awaiting the reaper": True}
+    coord.reap(store)
+    assert check(store, strict=True) == []
