@@ -1,9 +1,341 @@
-"""Commands for this noun are added by their issue's work."""
+"""Commands about messages and shared context: send, broadcast, recv, request, reply, gather,
+and the ``kv`` sub-commands.
+
+Sender and receiver are the live instance named by COORD_INSTANCE_ID (e.g. a program run by
+``coord run``). Payloads are JSON text given as an argument, or read from stdin with ``-``.
+``--json`` prints a message as an object with id, kind, sender, recipient, topic, payload,
+correlation_id, reply_to, created_at, expires_at.
+"""
 
 from __future__ import annotations
 
+import json
+import sys
+from typing import Annotated, Any
+
 import typer
+
+from ._common import JsonOption, emit_json, handle_errors, store, table
+
+TopicOption = Annotated[str, typer.Option("--topic", "-t", help="Topic of the message.")]
+PayloadArg = Annotated[str, typer.Argument(help="JSON payload, or - to read it from stdin.",
+                                           show_default=False)]
+MSG_COLUMNS = [("id", "ID"), ("kind", "KIND"), ("sender", "FROM"), ("topic", "TOPIC"),
+               ("payload_text", "PAYLOAD")]
+KV_COLUMNS = [("key", "KEY"), ("version", "VERSION"), ("instance_id", "OWNER"),
+              ("value_text", "VALUE")]
+
+kv_app = typer.Typer(
+    name="kv",
+    help="Shared context: keys with JSON values and versions (get, set, del, ls, cas, watch).",
+    no_args_is_help=True,
+)
 
 
 def register(app: typer.Typer) -> None:
     """Add this module's commands to the app."""
+    app.command("send")(send)
+    app.command("broadcast")(broadcast)
+    app.command("recv")(recv)
+    app.command("request")(request)
+    app.command("reply")(reply)
+    app.command("gather")(gather)
+    app.add_typer(kv_app, name="kv")
+
+
+def _payload(ctx: typer.Context, text: str) -> Any:
+    """JSON from the argument, or from stdin for '-', checked against the store's limits."""
+    from coord.payload import decode
+
+    cfg = store(ctx).config
+    raw: str | bytes = sys.stdin.buffer.read() if text == "-" else text
+    return decode(raw, limit=cfg.payload_limit, max_depth=cfg.payload_max_depth)
+
+
+def _text(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _show(messages: list[Any], as_json: bool, *, single: bool = False) -> None:
+    if as_json:
+        objs = [m.to_json() for m in messages]
+        emit_json(objs[0] if single else objs)
+        return
+    rows = [dict(m.to_json(), payload_text=_text(m.payload)) for m in messages]
+    table(rows, MSG_COLUMNS)
+
+
+@handle_errors
+def send(
+    ctx: typer.Context,
+    to: Annotated[str, typer.Argument(help="Id of the receiving instance.", show_default=False)],
+    payload: PayloadArg,
+    topic: TopicOption = "",
+    ttl: Annotated[float | None, typer.Option("--ttl", help="Seconds the message is kept until "
+                                              "received (default: the message TTL, 1 h).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Send a message to one instance; prints its id."""
+    from coord.messages import mailbox
+
+    s = store(ctx)
+    value = _payload(ctx, payload)
+    mid = mailbox(s).send(to, value, topic=topic, ttl=ttl)
+    if as_json:
+        emit_json({"id": mid, "recipient": to, "topic": topic})
+    else:
+        print(mid)
+
+
+@handle_errors
+def broadcast(
+    ctx: typer.Context,
+    payload: PayloadArg,
+    topic: TopicOption = "",
+    app: Annotated[str | None, typer.Option("--app", help="Send to this app's instances "
+                                            "(default: the sender's app).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Send a message to every other live instance of an app (one message each)."""
+    from coord.messages import mailbox
+
+    s = store(ctx)
+    value = _payload(ctx, payload)
+    sent = mailbox(s).broadcast(value, topic=topic, app=app)
+    rows = [{"id": mid, "recipient": to, "topic": topic} for to, mid in sent.items()]
+    if as_json:
+        emit_json(rows)
+    else:
+        table(rows, [("recipient", "RECIPIENT"), ("id", "MESSAGE ID")])
+
+
+@handle_errors
+def recv(
+    ctx: typer.Context,
+    topic: Annotated[str | None, typer.Option("--topic", "-t", help="Only messages of this "
+                                              "topic.")] = None,
+    wait: Annotated[float, typer.Option("--wait", "-w", help="Seconds to wait for a message "
+                                        "(0: don't wait).")] = 0.0,
+    as_json: JsonOption = False,
+) -> None:
+    """Receive the next message or request for this instance; exit 3 when none arrived.
+
+    It counts as delivered now and is acknowledged by the next recv; answer a request with
+    `coord reply ID PAYLOAD`."""
+    from coord.errors import TimeoutExpired
+    from coord.messages import mailbox
+
+    s = store(ctx)
+    msg = mailbox(s).receive(wait, topic=topic)
+    if msg is None:
+        raise TimeoutExpired("recv", wait)
+    _show([msg], as_json, single=True)
+
+
+@handle_errors
+def request(
+    ctx: typer.Context,
+    to: Annotated[str, typer.Argument(help="Id of the instance to ask.", show_default=False)],
+    payload: PayloadArg,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the "
+                                           "reply.")] = 30.0,
+    topic: TopicOption = "",
+    as_json: JsonOption = False,
+) -> None:
+    """Send a request and wait for its reply; prints the reply's payload (exit 3 on timeout,
+    1 when the recipient died)."""
+    from coord.messages import mailbox
+
+    s = store(ctx)
+    value = _payload(ctx, payload)
+    answer = mailbox(s).request(to, value, timeout=timeout, topic=topic)
+    if as_json:
+        emit_json(answer.to_json())
+    else:
+        print(_text(answer.payload))
+
+
+@handle_errors
+def reply(
+    ctx: typer.Context,
+    msg_id: Annotated[str, typer.Argument(help="Id of the request to answer.", show_default=False)],
+    payload: PayloadArg,
+) -> None:
+    """Answer a request received with `coord recv`."""
+    from coord.messages import mailbox
+
+    s = store(ctx)
+    value = _payload(ctx, payload)
+    mailbox(s).reply(msg_id, value, strict=True)
+
+
+@handle_errors
+def gather(
+    ctx: typer.Context,
+    payload: PayloadArg,
+    timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the "
+                                           "replies.")] = 5.0,
+    topic: TopicOption = "",
+    app: Annotated[str | None, typer.Option("--app", help="Ask this app's instances "
+                                            "(default: the sender's app).")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Ask every other live instance of an app and collect the replies; names who did not
+    answer. Exit 3 when there was someone to ask and nobody answered."""
+    from coord.errors import EXIT_TIMEOUT
+    from coord.messages import mailbox
+
+    s = store(ctx)
+    value = _payload(ctx, payload)
+    got = mailbox(s).gather(value, topic=topic, timeout=timeout, app=app)
+    if as_json:
+        emit_json(got.to_json())
+    else:
+        if got.replies:
+            table([{"sender": m.sender, "payload_text": _text(m.payload)} for m in got.replies],
+                  [("sender", "FROM"), ("payload_text", "REPLY")])
+        for i in got.silent:
+            print(f"no answer: {i}")
+        for i in got.dead:
+            print(f"died before answering: {i}")
+    if got.missing and not got.replies:
+        raise typer.Exit(EXIT_TIMEOUT)
+
+
+# -- kv --------------------------------------------------------------------------------------
+
+KeyArg = Annotated[str, typer.Argument(help="The key (plain string; e.g. app/name).",
+                                       show_default=False)]
+EphemeralOption = Annotated[bool, typer.Option(
+    "--ephemeral", help="Bind the key to the instance in COORD_INSTANCE_ID: it vanishes when "
+    "that instance dies or leaves.")]
+
+
+def _owner(ctx: typer.Context, ephemeral: bool) -> Any:
+    if not ephemeral:
+        return None
+    from coord.instances import require_live
+
+    return require_live(store(ctx), None)
+
+
+def _kv_rows(entries: list[Any]) -> list[dict[str, Any]]:
+    return [dict(e.to_json(), value_text=_text(e.value)) for e in entries]
+
+
+@kv_app.command("get")
+@handle_errors
+def kv_get(ctx: typer.Context, key: KeyArg, as_json: JsonOption = False) -> None:
+    """Print a key's value as JSON (with --json: the entry with version and owner)."""
+    from coord import kv
+    from coord.errors import NotFound
+
+    entry = kv.get(store(ctx), key)
+    if entry is None:
+        raise NotFound("key", key)
+    if as_json:
+        emit_json(entry.to_json())
+    else:
+        print(_text(entry.value))
+
+
+@kv_app.command("set")
+@handle_errors
+def kv_set(
+    ctx: typer.Context,
+    key: KeyArg,
+    value: Annotated[str, typer.Argument(help="JSON value, or - to read it from stdin.",
+                                         show_default=False)],
+    ephemeral: EphemeralOption = False,
+) -> None:
+    """Set a key; prints its new version."""
+    from coord import kv
+
+    owner = _owner(ctx, ephemeral)
+    print(kv.set(store(ctx), key, _payload(ctx, value), owner=owner))
+
+
+@kv_app.command("cas")
+@handle_errors
+def kv_cas(
+    ctx: typer.Context,
+    key: KeyArg,
+    version: Annotated[int, typer.Argument(help="The version the key must still have (0: the "
+                                           "key must not exist).", show_default=False)],
+    value: Annotated[str, typer.Argument(help="JSON value, or - to read it from stdin.",
+                                         show_default=False)],
+    ephemeral: EphemeralOption = False,
+) -> None:
+    """Compare-and-set: set the key only if its version is still VERSION; prints the new
+    version (exit 1 with the version found when it moved on)."""
+    from coord import kv
+
+    owner = _owner(ctx, ephemeral)
+    print(kv.cas(store(ctx), key, _payload(ctx, value), version=version, owner=owner))
+
+
+@kv_app.command("del")
+@handle_errors
+def kv_del(
+    ctx: typer.Context,
+    key: KeyArg,
+    version: Annotated[int | None, typer.Option("--version", help="Delete only while the key "
+                                                "has this version.")] = None,
+) -> None:
+    """Delete a key (exit 1 when there is no such key)."""
+    from coord import kv
+    from coord.errors import NotFound
+
+    if not kv.delete(store(ctx), key, version=version):
+        raise NotFound("key", key)
+
+
+@kv_app.command("ls")
+@handle_errors
+def kv_ls(
+    ctx: typer.Context,
+    prefix: Annotated[str, typer.Argument(help="Only keys starting with this.")] = "",
+    as_json: JsonOption = False,
+) -> None:
+    """List keys (those starting with PREFIX) with their versions, owners and values."""
+    from coord import kv
+
+    entries = kv.list_keys(store(ctx), prefix)
+    if as_json:
+        emit_json([e.to_json() for e in entries])
+    else:
+        table(_kv_rows(entries), KV_COLUMNS)
+
+
+@kv_app.command("watch")
+@handle_errors
+def kv_watch(
+    ctx: typer.Context,
+    key: KeyArg,
+    prefix: Annotated[bool, typer.Option("--prefix", help="Watch every key starting with "
+                                         "KEY.")] = False,
+    timeout: Annotated[float | None, typer.Option("--timeout", help="Stop after this many "
+                                                  "seconds without a change.")] = None,
+    count: Annotated[int | None, typer.Option("--count", "-n", help="Stop after this many "
+                                              "changes.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Print each change of a key (or prefix) as it happens, one line each (JSON lines with
+    --json). Exit 3 when the timeout passed without any change."""
+    from coord import kv
+    from coord.errors import TimeoutExpired
+
+    seen = 0
+    for change in kv.watch(store(ctx), key, prefix=prefix, timeout=timeout):
+        seen += 1
+        if as_json:
+            emit_json(change.to_json())
+        elif change.entry is None:
+            print(f"deleted {change.key}", flush=True)
+        else:
+            print(f"set {change.key} {change.entry.version} {_text(change.entry.value)}",
+                  flush=True)
+        if count is not None and seen >= count:
+            return
+    if not seen:
+        raise TimeoutExpired(f"watch {key}", timeout or 0)
