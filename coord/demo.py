@@ -141,7 +141,78 @@ def section_processes(d: Demo) -> None:
     d.say(f"-- {web} stops its own process {child[web]}: {how}")
 
 
-SECTIONS: list[Callable[[Demo], None]] = [section_instances, section_processes]
+# A worker that publishes its port as an ephemeral key and answers requests ("mute": never).
+MESSAGE_WORKER = textwrap.dedent(
+    """
+    import os, sys, time, coord
+    from coord import kv, messages
+    store = coord.Store(os.environ["COORD_DB"])
+    inst = coord.register(store, sys.argv[1], app="demo-msg")
+    n = int(sys.argv[2])
+    kv.set(store, f"demo-msg/{inst.id}/port", 8000 + n, owner=inst)
+    print("ready", flush=True)
+    while sys.argv[3] == "mute":
+        time.sleep(1)
+    while True:
+        m = messages.receive(inst, timeout=None)
+        if m.kind == "request":
+            m.reply({"from": inst.id, "load": 10 * n, "asked": m.payload})
+    """
+)
+
+
+def section_messages(d: Demo) -> None:
+    import threading
+
+    from . import kv, messages
+    from .errors import RecipientDead
+    from .instances import register
+
+    d.say("== messages: request/reply, gather, shared context ==")
+    tag = os.urandom(2).hex()
+    ids = [f"demo-{tag}-w{n}" for n in range(3)]
+    workers = [d.spawn(MESSAGE_WORKER, i, str(n), "mute" if n == 2 else "answer")
+               for n, i in enumerate(ids)]
+    for w in workers:
+        d.wait_ready(w)
+    me = register(d.store, f"demo-{tag}-boss", app="demo-msg", handle_signals=False)
+    try:
+        answer = messages.request(me, ids[0], {"q": "status"}, timeout=10)
+        d.say(f"  request to {ids[0]}: {answer.payload}")
+        times = []
+        for i in range(100):
+            t0 = time.monotonic()
+            messages.request(me, ids[1], i, timeout=10)
+            times.append(time.monotonic() - t0)
+        d.say(f"  100 more round trips to {ids[1]}: median "
+              f"{1000 * sorted(times)[50]:.2f} ms")
+        d.say(f"-- gather over the other {len(ids)} instances of demo-msg "
+              f"({ids[2]} never answers; timeout 1 s)")
+        got = messages.gather(me, {"q": "load?"}, timeout=1.0)
+        for m in got.replies:
+            d.say(f"  {m.sender}: load {m.payload['load']}")
+        d.say(f"  no answer from: {got.missing}")
+        d.say("-- port discovery: each worker published an ephemeral key")
+        mine = [e for e in kv.list_keys(d.store, "demo-msg/") if tag in e.key]
+        for e in mine:
+            d.say(f"  {e.key} = {e.value}  (owner {e.owner_id}, version {e.version})")
+        d.say(f"-- kill -9 {ids[0]}")
+        workers[0].kill()
+        workers[0].wait()
+        left = [e.key for e in kv.list_keys(d.store, "demo-msg/") if tag in e.key]
+        d.say(f"  its key is gone at once; keys left: {left}")
+        d.say(f"-- ask {ids[2]} (it never answers; timeout 30 s) and kill -9 it meanwhile")
+        threading.Timer(0.3, workers[2].kill).start()
+        t0 = time.monotonic()
+        try:
+            messages.request(me, ids[2], {"q": "still there?"}, timeout=30)
+        except RecipientDead as e:
+            d.say(f"  the request fails {time.monotonic() - t0:.2f} s in, not at the timeout: {e}")
+    finally:
+        me.close()
+
+
+SECTIONS: list[Callable[[Demo], None]] = [section_instances, section_processes, section_messages]
 
 
 def run_demo(store: Store, say: Say = print) -> None:
