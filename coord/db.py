@@ -12,8 +12,7 @@ import errno
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -96,16 +95,27 @@ def _translate(e: apsw.Error | OSError, path: str) -> CoordError | None:
     return None
 
 
-@contextmanager
-def translated(path: str) -> Iterator[None]:
-    """Turn apsw and OS errors into coord errors."""
-    try:
-        yield
-    except (apsw.Error, OSError) as e:
-        mapped = _translate(e, path)
-        if mapped is None:
-            raise
-        raise mapped from e
+class translated:
+    """Turn apsw and OS errors raised in the block into coord errors.
+
+    A plain class, not @contextmanager: it wraps every write and read, and a generator-based
+    context manager costs several microseconds each time.
+    """
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, e: BaseException | None,
+                 tb: object) -> None:
+        if isinstance(e, (apsw.Error, OSError)):
+            mapped = _translate(e, self.path)
+            if mapped is not None:
+                raise mapped from e
 
 
 class Store:

@@ -1,0 +1,92 @@
+"""Every command — including the sub-apps others add — has help text, every option and
+argument is described, and `--help` works for each. The README's quick start is exactly the
+two commands it promises, and CI runs the second."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import typer
+from coord.cli.main import app
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def walk(cmd: Any, path: tuple[str, ...] = ("coord",)) -> Iterator[tuple[tuple[str, ...], Any]]:
+    """(command path, command) for the root and every command and group below it."""
+    yield path, cmd
+    for name, sub in sorted(getattr(cmd, "commands", {}).items()):
+        yield from walk(sub, (*path, name))
+
+
+COMMANDS = list(walk(typer.main.get_command(app)))
+IDS = [" ".join(p) for p, _ in COMMANDS]
+
+
+def test_the_tree_has_the_store_commands() -> None:
+    assert {"coord path", "coord sql", "coord doctor"} <= set(IDS)
+
+
+@pytest.mark.parametrize(("path", "cmd"), COMMANDS, ids=IDS)
+def test_command_has_help_text(path: tuple[str, ...], cmd: Any) -> None:
+    text = (cmd.help or cmd.short_help or "").strip()
+    assert text, f"{' '.join(path)} has no help text (give it a docstring)"
+    for param in cmd.params:
+        if getattr(param, "hidden", False):
+            continue
+        assert (getattr(param, "help", None) or "").strip(), (
+            f"{' '.join(path)}: {param.name} has no help text")
+
+
+@pytest.mark.parametrize(("path", "cmd"), COMMANDS, ids=IDS)
+def test_help_works(path: tuple[str, ...], cmd: Any) -> None:
+    r = CliRunner().invoke(app, [*path[1:], "--help"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith(f"Usage: {' '.join(path)}") or f"Usage: {' '.join(path)}" in r.stdout
+    assert "Traceback" not in r.output
+
+
+def test_short_help_option_and_real_process() -> None:
+    assert CliRunner().invoke(app, ["-h"]).exit_code == 0
+    r = subprocess.run([sys.executable, "-m", "coord", "--help"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "Usage: coord" in r.stdout and r.stderr == ""
+
+
+# -- the README's promises ----------------------------------------------------------------------
+
+
+def quick_start_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(?:sh|bash|console)?\n(.*?)```", section, re.S)
+    assert len(blocks) == 1, "the quick start has one code block"
+    return [line for line in blocks[0].splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_quick_start_is_two_commands() -> None:
+    commands = quick_start_commands()
+    assert len(commands) == 2, commands
+    assert "coord demo" in commands[0] and "pip install ." in commands[0]
+    assert all(tool in commands[1] for tool in ("[test]", "ruff check", "mypy", "pytest"))
+
+
+def test_ci_runs_the_second_command() -> None:
+    ci = ROOT / ".ci" / "run"
+    assert ci.stat().st_mode & 0o111, ".ci/run must be executable"
+    lines = [line.strip() for line in ci.read_text().splitlines()]
+    assert lines[0].startswith("#!") and "bash" in lines[0]
+    assert quick_start_commands()[1] in lines
+
+
+def test_readme_documents_every_command() -> None:
+    reference = (ROOT / "README.md").read_text().split("## CLI reference", 1)[1].split("\n## ", 1)[0]
+    missing = [i for i in IDS if i != "coord" and f"`{i}" not in reference]
+    assert not missing, f"README's CLI reference lacks {missing}"
