@@ -70,6 +70,9 @@ def reap_children(procs: list[subprocess.Popen[Any]], timeout: float = 5.0) -> N
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
+        for stream in (p.stdin, p.stdout, p.stderr):
+            if stream is not None:
+                stream.close()
 
 
 @pytest.fixture
