@@ -90,3 +90,68 @@ def test_readme_documents_every_command() -> None:
     reference = (ROOT / "README.md").read_text().split("## CLI reference", 1)[1].split("\n## ", 1)[0]
     missing = [i for i in IDS if i != "coord" and f"`{i}" not in reference]
     assert not missing, f"README's CLI reference lacks {missing}"
+
+
+# -- the README's CLI reference, generated from the commands' own help ----------------------------
+
+
+def _usage(path: tuple[str, ...], cmd: Any) -> str:
+    """`coord queue put [--priority PRIORITY] ... QUEUE PAYLOAD`: options, then arguments."""
+    options, arguments = [], []
+    for p in cmd.params:
+        if getattr(p, "hidden", False):
+            continue
+        if p.param_type_name == "argument":
+            name = (p.metavar or p.name or "").upper()
+            name = f"-- {name}..." if p.nargs == -1 else name
+            arguments.append(name if p.required else f"[{name}]")
+        else:
+            flag = max(p.opts, key=len)
+            if not p.is_flag:
+                flag += " " + (p.metavar or (p.name or "").upper())
+            options.append(flag if p.required else f"[{flag}]")
+    return " ".join([*path, *options, *arguments])
+
+
+def _paragraphs(text: str) -> str:
+    return "\n\n".join(" ".join(par.split()) for par in text.strip().split("\n\n") if par.strip())
+
+
+def reference_markdown() -> str:
+    """The CLI reference: each command's usage, help text and parameters, in the order the
+    commands were registered."""
+    out: list[str] = []
+
+    def emit(path: tuple[str, ...], cmd: Any, level: int) -> None:
+        out.append(f"{'#' * level} `{_usage(path, cmd)}`\n")
+        out.append(_paragraphs(cmd.help or cmd.short_help or "") + "\n")
+        described = []
+        for p in cmd.params:
+            if getattr(p, "hidden", False) or not getattr(p, "help", None):
+                continue
+            if p.param_type_name == "argument":
+                label = (p.metavar or p.name or "").upper()
+            else:
+                label = ", ".join(p.opts)
+            extra = f" [env: {p.envvar}]" if getattr(p, "envvar", None) else ""
+            described.append(f"- `{label}`: {' '.join(p.help.split())}{extra}")
+        if described:
+            out.append("\n".join(described) + "\n")
+        for name, sub in getattr(cmd, "commands", {}).items():
+            emit((*path, name), sub, 4 if len(path) > 1 else 3)
+
+    emit(("coord",), typer.main.get_command(app), 3)
+    return "\n".join(out).rstrip() + "\n"
+
+
+def write_reference(readme: Path = ROOT / "README.md") -> None:
+    start, end = "<!-- cli-reference:start -->\n", "<!-- cli-reference:end -->"
+    text = readme.read_text()
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(head + start + "\n" + reference_markdown() + "\n" + end + tail)
+
+
+if __name__ == "__main__":
+    # Regenerate the README's CLI reference: python tests/cli/test_help.py
+    write_reference()
