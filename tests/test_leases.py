@@ -1,0 +1,358 @@
+"""Leases: acquire, renew, release, observe, fencing, failover — with real processes,
+real SIGKILL and SIGSTOP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import reap_children, spawn_python, wait_line, wait_until
+
+import coord
+from coord.check import check
+from coord.errors import InvalidArgument, LeaseLost, LeaseNotAcquired
+from coord.leases import (
+    REAPER_LEASE,
+    Candidate,
+    acquire,
+    fenced_write,
+    get_lease,
+    list_leases,
+    serve_reaper,
+    try_acquire,
+)
+
+# A candidate: registers, waits for the lease, reports when it got it (CLOCK_MONOTONIC).
+CANDIDATE = """
+import os, sys, time, coord
+from coord.leases import acquire
+store = coord.Store(os.environ["COORD_DB"])
+inst = coord.register(store, app="cand")
+print("ready", inst.id, flush=True)
+lease = acquire(inst, sys.argv[1])
+print("acquired", lease.term, time.clock_gettime(time.CLOCK_MONOTONIC), os.getpid(), flush=True)
+while True:
+    time.sleep(1)
+"""
+
+# A holder driven through stdin: each line asks for one fenced write.
+DRIVEN_HOLDER = """
+import os, sys, time, coord
+from coord.errors import LeaseLost
+from coord.leases import acquire
+store = coord.Store(os.environ["COORD_DB"])
+inst = coord.register(store, app="holder")
+lease = acquire(inst, sys.argv[1])
+print("acquired", lease.term, flush=True)
+for line in sys.stdin:
+    try:
+        lease.write("INSERT OR REPLACE INTO meta (key, value) VALUES ('test/w', ?)", (line.strip(),))
+        print("wrote", flush=True)
+    except LeaseLost as e:
+        print("lost", e.term, lease.lost.is_set(), lease.lost_reason, flush=True)
+"""
+
+
+@pytest.fixture
+def kids() -> Iterator[list[subprocess.Popen[Any]]]:
+    """Child processes, reaped and with their pipes closed at teardown."""
+    procs: list[subprocess.Popen[Any]] = []
+    yield procs
+    reap_children(procs)
+    for p in procs:
+        for f in (p.stdin, p.stdout, p.stderr):
+            if f is not None:
+                f.close()
+
+
+def _register(store: coord.Store, id: str | None = None) -> coord.Instance:
+    return coord.register(store, id, app="t", handle_signals=False)
+
+
+# -- in-process: the API ---------------------------------------------------------------------
+
+
+def test_acquire_observe_release(store: coord.Store) -> None:
+    a, b = _register(store, "a"), _register(store, "b")
+    assert get_lease(store, "app/x").holder is None
+    lease = acquire(a, "app/x", timeout=0)
+    info = get_lease(store, "app/x")
+    assert (info.holder, info.term, info.alive) == ("a", lease.term, True)
+    assert 0 < (info.expires_in or 0) <= store.config.lease_ttl
+    assert info.to_json()["instance_id"] == "a"
+    assert try_acquire(b, "app/x") is None
+    assert try_acquire(a, "app/x") is None  # not re-entrant
+    with pytest.raises(LeaseNotAcquired) as e:
+        acquire(b, "app/x", timeout=0)
+    assert e.value.exit_code == 75 and e.value.holder == "a"
+    assert lease.held and lease.renew()
+    lease.release()
+    assert not lease.held and lease.lost.is_set() and lease.lost_reason == "released"
+    assert get_lease(store, "app/x").holder is None
+    with pytest.raises(LeaseLost):
+        lease.write("SELECT 1")
+    again = acquire(b, "app/x", timeout=0)
+    assert again.term > lease.term
+    assert [i.name for i in list_leases(store)] == ["app/x"]
+    assert [i.holder for i in list_leases(store, held_only=True)] == ["b"]
+    again.release()
+    assert list_leases(store, held_only=True) == []
+    terms = store.rows("SELECT term, holder_id, reason FROM lease_terms ORDER BY term")
+    assert [(t["holder_id"], t["reason"]) for t in terms] == [("a", "released"), ("b", "released")]
+    assert check(store) == []
+
+
+def test_invalid_names_and_ttl(store: coord.Store) -> None:
+    a = _register(store)
+    with pytest.raises(InvalidArgument):
+        try_acquire(a, "")
+    with pytest.raises(InvalidArgument):
+        try_acquire(a, "x", ttl=0)
+
+
+def test_fenced_write_runs_only_in_the_current_term(store: coord.Store) -> None:
+    a, b = _register(store, "a"), _register(store, "b")
+    la = acquire(a, "f")
+    rows = la.write("INSERT OR REPLACE INTO meta (key, value) VALUES ('t/f', 'a') RETURNING value")
+    assert rows == [{"value": "a"}]
+    la.release()
+    lb = acquire(b, "f")
+    with pytest.raises(LeaseLost) as e:
+        fenced_write(store, "f", la.term, "INSERT OR REPLACE INTO meta (key, value) VALUES ('t/f', 'stale')")
+    assert (e.value.name, e.value.term, e.value.exit_code) == ("f", la.term, 75)
+    assert store.value("SELECT value FROM meta WHERE key = 't/f'") == "a"
+    lb.write_many([("INSERT OR REPLACE INTO meta (key, value) VALUES ('t/f', 'b')", ()),
+                   ("INSERT OR REPLACE INTO meta (key, value) VALUES ('t/g', 'b')", ())])
+    assert store.value("SELECT value FROM meta WHERE key = 't/g'") == "b"
+    lb.release()
+
+
+def test_context_manager_and_waiting_candidate_wakes_on_release(store: coord.Store) -> None:
+    a, b = _register(store, "a"), _register(store, "b")
+    got: list[Any] = []
+    with acquire(a, "ctx") as lease:
+        t = threading.Thread(target=lambda: got.append(acquire(b, "ctx", timeout=30)))
+        t.start()
+        wait_until(lambda: list((store.side_dir("waiters")).iterdir()))  # b is waiting
+        assert lease.held
+    t.join(30)
+    assert got and got[0].term > lease.term and got[0].held
+    assert not list(store.side_dir("waiters").iterdir())  # the waiter cleaned up
+    got[0].release()
+
+
+def test_closing_the_instance_releases_and_marks_lost(store: coord.Store) -> None:
+    a, b = _register(store, "a"), _register(store, "b")
+    seen: list[str] = []
+    lease = acquire(a, "c", on_lost=lambda ls: seen.append(ls.lost_reason or ""))
+    a.close()
+    wait_until(lambda: seen)
+    assert not lease.held and seen == ["instance closed"]
+    assert try_acquire(b, "c") is not None
+
+
+def test_candidate_recontends_and_stops(fast_store: coord.Store) -> None:
+    a, b = _register(fast_store, "a"), _register(fast_store, "b")
+    elected: list[int] = []
+    lost: list[int] = []
+    ca = Candidate(a, "cand", on_elected=lambda ls: elected.append(ls.term),
+                   on_lost=lambda ls: lost.append(ls.term)).start()
+    first = ca.wait_leader(10)
+    assert first is not None and ca.is_leader
+    with Candidate(b, "cand") as cb:
+        assert not cb.is_leader
+        # Someone takes a's term away (as a TTL takeover would): a loses, b gets it, a waits.
+        fast_store.write(lambda c: c.execute(
+            "UPDATE leases SET expires_mono = 0 WHERE name = 'cand'"))
+        wait_until(lambda: lost == [first.term])
+        lb = cb.wait_leader(10)
+        assert lb is not None and lb.term > first.term
+        wait_until(lambda: not ca.is_leader)
+    # b stopped and released: a re-contends and wins a new term.
+    wait_until(lambda: ca.is_leader and len(elected) == 2, timeout=10)
+    assert elected[1] > lb.term
+    ca.stop()
+    assert get_lease(fast_store, "cand").holder is None
+
+
+def test_renewal_keeps_a_short_lease(fast_store: coord.Store) -> None:
+    a = _register(fast_store, "a")
+    lease = acquire(a, "short", ttl=0.6)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 2.0:  # > 3 TTLs: only renewals keep it
+        assert lease.held
+        time.sleep(0.05)
+    assert get_lease(fast_store, "short").holder == "a"
+    lease.release()
+
+
+def test_step_down_at_the_renew_deadline(fast_store: coord.Store) -> None:
+    a = _register(fast_store, "a")
+    lease = acquire(a, "deadline", renew=False)  # nobody renews it
+    assert lease.deadline_span < lease.ttl
+    wait_until(lambda: not lease.held, timeout=5)
+    with pytest.raises(LeaseLost):
+        lease.check()
+    assert lease.lost_reason == "renew deadline passed"
+    # It stepped down: free at once, well before its TTL.
+    assert get_lease(fast_store, "deadline").holder is None
+    reason = fast_store.value("SELECT reason FROM lease_terms WHERE name = 'deadline'")
+    assert reason == "stepped down"
+
+
+def test_expired_lease_is_taken_over(fast_store: coord.Store) -> None:
+    a, b = _register(fast_store, "a"), _register(fast_store, "b")
+    la = acquire(a, "exp", renew=False, ttl=0.3)
+    lb = acquire(b, "exp", timeout=5)  # waits the TTL out (not the renew deadline)
+    assert lb.term > la.term
+    assert not la.renew() and la.lost.is_set()
+    lb.release()
+
+
+# -- processes: failover --------------------------------------------------------------------
+
+
+def _parse_acquired(line: str) -> tuple[int, float, int]:
+    _, term, t, pid = line.split()
+    return int(term), float(t), int(pid)
+
+
+def test_five_candidates_thirty_kills(db_path: Path, kids: list[subprocess.Popen[Any]]) -> None:
+    """The holder is SIGKILLed 30 times: every term has exactly one holder, terms strictly
+    increase, and no two holders' intervals overlap."""
+    store = coord.Store(db_path)
+    procs: dict[int, subprocess.Popen[str]] = {}
+
+    def spawn() -> None:
+        p = spawn_python(CANDIDATE, "chaos/L", db=db_path)
+        kids.append(p)
+        procs[p.pid] = p
+
+    for _ in range(5):
+        spawn()
+    held: list[tuple[int, float, int, float]] = []  # term, acquired, pid, killed
+    last = 0
+    deadline = time.monotonic() + 90
+    for _ in range(30):
+        info = wait_until(lambda last=last: (i := get_lease(store, "chaos/L")).alive and (i.term or 0) > last and i,
+                          timeout=max(1.0, deadline - time.monotonic()))
+        p = procs.pop(info.holder_pid)
+        term, acquired_at, pid = _parse_acquired(wait_line(p, "acquired"))
+        killed_at = time.monotonic()
+        p.kill()
+        p.wait()
+        spawn()
+        assert p.stdout is not None
+        assert "acquired" not in p.stdout.read()
+        assert (term, pid) == (info.term, p.pid)
+        held.append((term, acquired_at, pid, killed_at))
+        last = term
+    # The survivors: at most one of them holds a term, the newest.
+    final = wait_until(lambda: (i := get_lease(store, "chaos/L")).alive and (i.term or 0) > last and i)
+    survivors = [_parse_acquired(wait_line(procs[final.holder_pid], "acquired"))]
+    # The others first (SIGKILL: they cannot take over any more), then the holder.
+    for p in sorted(procs.values(), key=lambda p: p.pid == final.holder_pid):
+        p.kill()
+        p.wait()
+        assert p.stdout is not None
+        survivors += [_parse_acquired(ln) for ln in p.stdout.read().splitlines()
+                      if ln.startswith("acquired")]
+    assert [s[0] for s in survivors] == [final.term]
+    terms = [h[0] for h in held] + [final.term]
+    assert terms == sorted(terms) and len(set(terms)) == len(terms)
+    for prev, nxt in zip(held, held[1:] + [(final.term, survivors[0][1], 0, 0.0)], strict=True):
+        assert nxt[1] > prev[3], "a new holder started before the old one was killed"
+    # The history agrees: one row per term, each with one holder; all released by now.
+    coord.reap(store)
+    rows = store.rows("SELECT term, holder_id, released_at FROM lease_terms "
+                      "WHERE name = 'chaos/L' ORDER BY term")
+    assert [r["term"] for r in rows] == terms
+    assert all(r["released_at"] is not None for r in rows)
+    assert [p for p in check(store, strict=True) if p.check != "instances"] == []
+    store.close()
+
+
+def test_sigstopped_holder_loses_after_ttl_not_before(
+    db_path: Path, kids: list[subprocess.Popen[Any]]
+) -> None:
+    env = {"COORD_LEASE_TTL": "1.5", "COORD_RENEW_DEADLINE": "1.0", "COORD_HEARTBEAT": "0.3",
+           "COORD_INSTANCE_TTL": "60"}
+    store = coord.Store(db_path)
+    holder = spawn_python(DRIVEN_HOLDER, "stop/L", db=db_path, env=env, stdin=subprocess.PIPE)
+    kids.append(holder)
+    old_term = int(wait_line(holder, "acquired").split()[1])
+    cand = spawn_python(CANDIDATE, "stop/L", db=db_path, env=env)
+    kids.append(cand)
+    wait_line(cand, "ready")
+    time.sleep(0.2)  # the candidate is waiting
+    holder.send_signal(signal.SIGSTOP)
+    try:
+        expires = store.value("SELECT expires_mono FROM leases WHERE name = 'stop/L'")
+        # Before its TTL, nobody takes it: the holder is alive, only paused.
+        while time.monotonic() < expires - 0.2:
+            assert get_lease(store, "stop/L").term == old_term
+            time.sleep(0.05)
+        new_term, acquired_at, _ = _parse_acquired(wait_line(cand, "acquired", timeout=30))
+        assert new_term > old_term
+        assert acquired_at >= expires
+        assert store.value("SELECT reason FROM lease_terms WHERE name = 'stop/L' AND term = ?",
+                           (old_term,)) == "expired"
+    finally:
+        holder.send_signal(signal.SIGCONT)
+    assert holder.stdin is not None
+    holder.stdin.write("after\n")
+    holder.stdin.flush()
+    reply = wait_line(holder, "lost").split()
+    assert reply[1:3] == [str(old_term), "True"]
+    assert store.value("SELECT value FROM meta WHERE key = 'test/w'") is None
+    store.close()
+
+
+def test_reaper_is_elected_among_live_instances(
+    db_path: Path, kids: list[subprocess.Popen[Any]]
+) -> None:
+    code = """
+import os, time, coord
+from coord.leases import serve_reaper
+store = coord.Store(os.environ["COORD_DB"])
+inst = coord.register(store, app="r")
+serve_reaper(inst, every=0.2)
+print("ready", inst.id, flush=True)
+while True:
+    time.sleep(1)
+"""
+    env = {"COORD_HEARTBEAT": "0.1", "COORD_INSTANCE_TTL": "5", "COORD_LEASE_TTL": "1.5"}
+    store = coord.Store(db_path)
+    ps = [spawn_python(code, db=db_path, env=env) for _ in range(3)]
+    kids.extend(ps)
+    for p in ps:
+        wait_line(p)
+    first = wait_until(lambda: get_lease(store, REAPER_LEASE).alive and get_lease(store, REAPER_LEASE))
+    victim = next(p for p in ps if p.pid == first.holder_pid)
+    victim.kill()
+    victim.wait()
+    second = wait_until(lambda: (i := get_lease(store, REAPER_LEASE)).alive
+                        and (i.term or 0) > (first.term or 0) and i)
+    assert second.holder != first.holder
+    # A dead instance is buried by the elected reaper (no cron, no manual reap).
+    other = next(p for p in ps if p.poll() is None and p.pid != second.holder_pid)
+    other.kill()
+    other.wait()
+    wait_until(lambda: store.value("SELECT count(*) FROM instances") == 1, timeout=20)
+    store.close()
+
+
+def test_reaper_duty_in_process(fast_store: coord.Store) -> None:
+    a = _register(fast_store, "a")
+    serve_reaper(a, every=0.1)
+    serve_reaper(a, every=0.1)  # once only
+    assert len([h for h in a.hooks if type(h).__name__ == "_ReaperDuty"]) == 1
+    wait_until(lambda: get_lease(fast_store, REAPER_LEASE).holder == "a", timeout=10)
+    assert os.getpid() == get_lease(fast_store, REAPER_LEASE).holder_pid
