@@ -415,14 +415,16 @@ def _drop_tombstones(c: apsw.Connection, store: Store, ids: list[str]) -> int:
 def _expire_leases(c: apsw.Connection, now_mono: float, now_wall: float) -> int:
     expired = fetch(
         c,
-        "UPDATE leases SET holder_id = NULL, holder_incarnation = NULL, expires_mono = NULL "
-        "WHERE holder_id IS NOT NULL AND expires_mono < ? RETURNING name, term",
+        "SELECT name, term, holder_id FROM leases WHERE holder_id IS NOT NULL AND expires_mono < ?",
         (now_mono,),
     )
     for lease in expired:
+        c.execute("UPDATE leases SET holder_id = NULL, holder_incarnation = NULL, expires_mono = NULL "
+                  "WHERE name = ?", (lease["name"],))
         c.execute("UPDATE lease_terms SET released_at = ?, reason = 'expired' "
                   "WHERE name = ? AND term = ?", (now_wall, lease["name"], lease["term"]))
-        log_event(c, now_wall, "lease expired", None, lease["name"], term=lease["term"])
+        log_event(c, now_wall, "lease expired", lease["holder_id"], lease["name"],
+                  term=lease["term"], reason="expired")
     return len(expired)
 
 
@@ -443,7 +445,9 @@ def rebase_boot(store: Store) -> bool:
         c.execute("UPDATE processes SET status = 'exited', ended_at = ? WHERE status = 'running'",
                   (now_wall,))
         release_claims(c, now_mono, now_wall, "1", (), error="reboot")
-        c.execute("UPDATE leases SET holder_id = NULL, holder_incarnation = NULL, expires_mono = NULL")
+        # A recorded process group of the old boot names nothing now (pids start over).
+        c.execute("UPDATE leases SET holder_id = NULL, holder_incarnation = NULL, expires_mono = NULL, "
+                  "pgid = NULL, pg_start_token = NULL")
         # Remaining times carry over through the wall clock; a delayed job becomes due now.
         c.execute("UPDATE messages SET expires_mono = ? + (expires_at - ?)", (now_mono, now_wall))
         c.execute("UPDATE jobs SET available_mono = ? WHERE state = 'ready'", (now_mono,))
