@@ -75,6 +75,34 @@ def check(store: Store, *, strict: bool = False, integrity: bool = True) -> list
         "SELECT name, count(*) AS n FROM lease_terms WHERE released_at IS NULL GROUP BY name HAVING n > 1"
     ):
         add(Problem("terms", f"lease {r['name']!r} has {r['n']} open terms"))
+    # One holder per term, recorded: an open history row is the held lease's current term with
+    # the same holder, every held lease has one, and no term number is ever handed out twice.
+    for r in store.rows(
+        "SELECT t.name, t.term FROM lease_terms t LEFT JOIN leases l ON l.name = t.name "
+        "WHERE t.released_at IS NULL AND (l.term IS NOT t.term OR l.holder_id IS NOT t.holder_id "
+        "OR l.holder_incarnation IS NOT t.holder_incarnation)"
+    ):
+        add(Problem("terms", f"lease {r['name']!r} term {r['term']} is open but not held"))
+    for r in store.rows(
+        "SELECT l.name, l.term FROM leases l WHERE l.holder_id IS NOT NULL AND NOT EXISTS "
+        "(SELECT 1 FROM lease_terms t WHERE t.name = l.name AND t.term = l.term "
+        "AND t.released_at IS NULL AND t.holder_id = l.holder_id "
+        "AND t.holder_incarnation = l.holder_incarnation)"
+    ):
+        add(Problem("terms", f"lease {r['name']!r} term {r['term']} is held but its history row is not open"))
+    for r in store.rows("SELECT term, count(*) AS n FROM lease_terms GROUP BY term HAVING n > 1"):
+        add(Problem("terms", f"term {r['term']} was handed out {r['n']} times"))
+    for r in store.rows("SELECT name, holder_id FROM leases WHERE holder_id IS NOT NULL "
+                        "AND expires_mono < ?", (now,)):
+        add(Problem("leases", f"lease {r['name']!r} of {r['holder_id']} is past its TTL, "
+                              "awaiting takeover or the reaper", pending=True))
+    # A `coord elect` group whose holder is gone keeps running until the next holder ends it.
+    from .elect import group_members
+
+    for r in store.rows("SELECT name, pgid FROM leases WHERE holder_id IS NULL AND pgid IS NOT NULL"):
+        if group_members(r["pgid"]):
+            add(Problem("leases", f"lease {r['name']!r} is free but process group {r['pgid']} of "
+                                  "its last holder still runs", pending=True))
     for r in store.rows(
         "SELECT a.name, a.term FROM lease_terms a JOIN lease_terms b ON a.name = b.name "
         "AND b.term > a.term AND b.acquired_at < a.acquired_at"

@@ -356,3 +356,23 @@ def test_reaper_duty_in_process(fast_store: coord.Store) -> None:
     assert len([h for h in a.hooks if type(h).__name__ == "_ReaperDuty"]) == 1
     wait_until(lambda: get_lease(fast_store, REAPER_LEASE).holder == "a", timeout=10)
     assert os.getpid() == get_lease(fast_store, REAPER_LEASE).holder_pid
+
+
+def test_checker_sees_broken_lease_rules(store: coord.Store) -> None:
+    a = _register(store, "a")
+    lease = acquire(a, "chk", renew=False)
+    assert check(store) == []
+    store.write(lambda c: c.execute("UPDATE lease_terms SET released_at = 1 WHERE name = 'chk'"))
+    assert any("history row is not open" in p.detail for p in check(store))
+    store.write(lambda c: c.execute("UPDATE lease_terms SET released_at = NULL WHERE name = 'chk'"))
+    store.write(lambda c: c.execute(
+        "INSERT INTO lease_terms (name, term, holder_id, holder_incarnation, acquired_at) "
+        "VALUES ('other', ?, 'x', 1, 0)", (lease.term,)))
+    details = [p.detail for p in check(store)]
+    assert any("handed out 2 times" in d for d in details)
+    assert any("'other'" in d and "open but not held" in d for d in details)
+    store.write(lambda c: c.execute("DELETE FROM lease_terms WHERE name = 'other'"))
+    store.write(lambda c: c.execute("UPDATE leases SET expires_mono = 0 WHERE name = 'chk'"))
+    assert check(store) == []  # past its TTL is pending, not broken
+    assert any("past its TTL" in p.detail for p in check(store, strict=True))
+    lease.release()
