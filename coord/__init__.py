@@ -7,7 +7,7 @@ one dies, ``coord.reaper`` applies one death rule to everything it held.
 
 from __future__ import annotations
 
-from . import kv, messages, queues
+from . import kv, leases, messages, queues
 from .clock import Clock
 from .config import Config
 from .db import Store
@@ -36,6 +36,16 @@ from .errors import (
 )
 from .instances import Instance, InstanceInfo, get_instance, list_instances, register
 from .kv import Entry
+from .leases import (
+    Candidate,
+    Lease,
+    LeaseInfo,
+    acquire,
+    fenced_write,
+    get_lease,
+    list_leases,
+    try_acquire,
+)
 from .messages import Gathered, Mailbox, Message
 from .processes import (
     ProcessInfo,
@@ -58,6 +68,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Busy",
+    "Candidate",
     "ClaimLost",
     "Clock",
     "Config",
@@ -69,6 +80,8 @@ __all__ = [
     "InstanceInfo",
     "InvalidArgument",
     "Job",
+    "Lease",
+    "LeaseInfo",
     "LeaseLost",
     "LeaseNotAcquired",
     "Mailbox",
@@ -94,12 +107,17 @@ __all__ = [
     "Tracked",
     "UnsafePath",
     "VersionConflict",
+    "acquire",
     "end_group",
     "end_process",
+    "fenced_write",
     "get_instance",
+    "get_lease",
     "kv",
     "kill_orphans",
+    "leases",
     "list_instances",
+    "list_leases",
     "messages",
     "queues",
     "list_processes",
@@ -111,5 +129,6 @@ __all__ = [
     "stop",
     "top",
     "track",
+    "try_acquire",
     "__version__",
 ]
