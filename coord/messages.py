@@ -48,16 +48,18 @@ import logging
 import math
 import os
 import select
+import threading
 import uuid
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import apsw
 
 from . import nudge
 from .clock import boot_id
-from .db import Row, Store, fetch
+from .db import Row, Store, fetch, translated
 from .errors import (
     InvalidArgument,
     NotFound,
@@ -72,6 +74,14 @@ from .instances import Instance, InstanceInfo, judge, list_instances, require_li
 from .payload import decode, encode
 
 log = logging.getLogger("coord")
+T = TypeVar("T")
+
+# Replies taken by request()/gather() in this process and not yet deleted, per store and
+# (id, incarnation): the instance's next write deletes them, so a round trip costs one
+# transaction less. Left over at exit, they go at their expiry or with the instance.
+_SPENT: weakref.WeakKeyDictionary[Store, dict[tuple[str, int], set[str]]] = (
+    weakref.WeakKeyDictionary())
+_SPENT_LOCK = threading.Lock()
 
 #: How long request() waits for its reply unless told otherwise (seconds).
 DEFAULT_REQUEST_TIMEOUT = 30.0
@@ -317,7 +327,7 @@ class Mailbox:
                          correlation_id=None, reply_to=None, ttl=ttl)
             return str(rec[0][0]) if rec[0][0] else None
 
-        nudge.nudge([self.store.write(txn)])
+        nudge.nudge([self._write(txn)])
         return mid
 
     def broadcast(
@@ -347,34 +357,23 @@ class Mailbox:
                 paths.append(info.nudge_path)
             return paths
 
-        nudge.nudge(self.store.write(txn))
+        nudge.nudge(self._write(txn))
         return sent
 
     # -- receiving -------------------------------------------------------------------------
 
-    def _ack_delivered(self) -> None:
+    def _ack(self, c: apsw.Connection) -> None:
         """Acknowledge what this incarnation was given before (the 'next receive' rule)."""
-        pending = self.store.value(
-            "SELECT EXISTS (SELECT 1 FROM messages WHERE recipient_id = ? AND acked = 0 "
-            "AND delivered_incarnation = ?)",
+        c.execute(
+            "DELETE FROM messages WHERE recipient_id = ? AND delivered_incarnation = ? "
+            "AND acked = 0 AND kind = 'message'",
             (self.id, self.incarnation),
         )
-        if not pending:
-            return
-
-        def txn(c: apsw.Connection) -> None:
-            c.execute(
-                "DELETE FROM messages WHERE recipient_id = ? AND delivered_incarnation = ? "
-                "AND acked = 0 AND kind = 'message'",
-                (self.id, self.incarnation),
-            )
-            c.execute(
-                "UPDATE messages SET acked = 1 WHERE recipient_id = ? AND delivered_incarnation = ? "
-                "AND acked = 0 AND kind = 'request'",
-                (self.id, self.incarnation),
-            )
-
-        self.store.write(txn)
+        c.execute(
+            "UPDATE messages SET acked = 1 WHERE recipient_id = ? AND delivered_incarnation = ? "
+            "AND acked = 0 AND kind = 'request'",
+            (self.id, self.incarnation),
+        )
 
     def receive(self, timeout: float | None = None, *, topic: str | None = None) -> Message | None:
         """The next message or request for this instance (only ``topic`` if given), waiting
@@ -387,37 +386,48 @@ class Mailbox:
             topic = _topic(topic)
         if timeout is not None and (not math.isfinite(timeout) or timeout < 0):
             raise InvalidArgument(f"timeout must be a non-negative number of seconds, got {timeout!r}")
-        self._ack_delivered()
+        # One read per look: the next message for us, and whether earlier deliveries still
+        # await their acknowledgement.
         sql = (
-            "SELECT id FROM messages WHERE recipient_id = ? AND acked = 0 AND kind <> 'reply' "
-            "AND (delivered_incarnation IS NULL OR delivered_incarnation <> ?) AND expires_mono > ?"
+            "SELECT (SELECT id FROM messages WHERE recipient_id = ?1 AND acked = 0 "
+            "AND kind <> 'reply' AND (delivered_incarnation IS NULL OR delivered_incarnation <> ?2) "
+            "AND expires_mono > ?3 AND (?4 IS NULL OR topic = ?4) ORDER BY rowid LIMIT 1), "
+            "EXISTS (SELECT 1 FROM messages WHERE recipient_id = ?1 AND acked = 0 "
+            "AND delivered_incarnation = ?2)"
         )
-        if topic is not None:
-            sql += " AND topic = ?"
-        sql += " ORDER BY rowid LIMIT 1"
 
-        def deliver(mid: str) -> Callable[[apsw.Connection], Row | None]:
+        def deliver(mid: str | None, owed: bool) -> Callable[[apsw.Connection], Row | None]:
             def txn(c: apsw.Connection) -> Row | None:
-                self._check_me(c)
+                if owed:
+                    self._check_me(c)
+                    self._ack(c)
+                if mid is None:
+                    return None
                 rows = fetch(
                     c,
-                    "UPDATE messages SET delivered_incarnation = ? WHERE id = ? AND acked = 0 "
-                    "AND (delivered_incarnation IS NULL OR delivered_incarnation <> ?) "
-                    "RETURNING *",
-                    (self.incarnation, mid, self.incarnation),
+                    "UPDATE messages SET delivered_incarnation = ?1 WHERE id = ?2 AND acked = 0 "
+                    "AND (delivered_incarnation IS NULL OR delivered_incarnation <> ?1) "
+                    "AND EXISTS (SELECT 1 FROM instances WHERE id = ?3 AND incarnation = ?1 "
+                    "AND status = 'alive') RETURNING *",
+                    (self.incarnation, mid, self.id),
                 )
+                if not rows:
+                    self._check_me(c)  # raises if we are no longer registered
                 return rows[0] if rows else None
 
             return txn
 
         def check() -> Message | None:
             while True:
-                params: tuple[Any, ...] = (self.id, self.incarnation, self.store.mono())
-                found = self.store.value(sql, params + ((topic,) if topic is not None else ()))
-                if found is None:
+                params = (self.id, self.incarnation, self.store.mono(), topic)
+                with translated(str(self.store.path)):
+                    found, owed = self.store.conn().execute(sql, params).fetchall()[0]
+                if found is None and not owed:
                     return None
-                row = self.store.write(deliver(found))
+                row = self._write(deliver(None if found is None else str(found), bool(owed)))
                 if row is None:
+                    if found is None:
+                        return None
                     continue  # taken by another receiver acting as this instance
                 try:
                     return self._message(row)
@@ -441,7 +451,7 @@ class Mailbox:
                 (self.incarnation, message_id, self.id)).fetchall()
             return bool(gone or marked)
 
-        return self.store.write(txn)
+        return self._write(txn)
 
     # -- request and reply -----------------------------------------------------------------
 
@@ -457,19 +467,20 @@ class Mailbox:
 
         def txn(c: apsw.Connection) -> tuple[bool, str | None]:
             self._check_me(c)
-            found = fetch(
+            got = fetch(
                 c,
-                "SELECT kind, sender_id, sender_incarnation, recipient_id, topic, "
-                "correlation_id, expires_mono FROM messages WHERE id = ?",
-                (request_id,),
+                "DELETE FROM messages WHERE id = ? AND recipient_id = ? AND kind = 'request' "
+                "RETURNING sender_id, sender_incarnation, topic, correlation_id, expires_mono",
+                (request_id, self.id),
             )
-            if not found or found[0]["recipient_id"] != self.id:
+            if not got:
+                other = c.execute("SELECT kind FROM messages WHERE id = ? AND recipient_id = ?",
+                                  (request_id, self.id)).fetchall()
+                if other:
+                    raise InvalidArgument(f"message {request_id} is a {other[0][0]}, not a "
+                                          "request: only requests take a reply")
                 return False, None
-            req = found[0]
-            if req["kind"] != "request":
-                raise InvalidArgument(f"message {request_id} is a {req['kind']}, not a request: "
-                                      "only requests take a reply")
-            c.execute("DELETE FROM messages WHERE id = ?", (request_id,))
+            req = got[0]
             asker = c.execute(
                 "SELECT nudge_path FROM instances WHERE id = ? AND incarnation = ? "
                 "AND status = 'alive'",
@@ -483,7 +494,7 @@ class Mailbox:
                          reply_to=None, ttl=ttl)
             return True, str(asker[0][0]) if asker[0][0] else None
 
-        ok, path = self.store.write(txn)
+        ok, path = self._write(txn)
         if not ok and strict:
             raise NotFound("pending request", request_id)
         if ok:
@@ -491,27 +502,61 @@ class Mailbox:
         return ok
 
     def _poll(self, request_ids: list[str], peers: list[_Peer]) -> tuple[list[Row], set[str]]:
-        """Take the replies that have arrived for these requests, and tell which peers are
-        still registered — one cheap read first; a write only when a reply is there."""
-        ids = _ids_json(request_ids)
-        pairs = json.dumps([[p.id, p.incarnation] for p in peers])
-        found = self.store.row(
-            "SELECT EXISTS (SELECT 1 FROM messages WHERE recipient_id = ?1 AND kind = 'reply' "
-            "AND correlation_id IN (SELECT value FROM json_each(?2))) AS replied, "
-            "(SELECT json_group_array(id) FROM instances WHERE status = 'alive' AND "
-            "(id, incarnation) IN (SELECT value->>0, value->>1 FROM json_each(?3))) AS registered",
-            (self.id, ids, pairs),
-        )
-        assert found is not None
-        registered = set(json.loads(found["registered"]))
-        if not found["replied"]:
-            return [], registered
-        return self.store.write(lambda c: fetch(
-            c,
+        """The replies that have arrived for these requests, and which peers are still
+        registered: one read. A reply taken here is deleted by this instance's next write
+        (at once when this mailbox has no socket, i.e. acts for an instance elsewhere)."""
+        with translated(str(self.store.path)):
+            rows = fetch(
+                self.store.conn(),
+                "SELECT m.*, (SELECT json_group_array(id) FROM instances WHERE status = 'alive' "
+                "AND (id, incarnation) IN (SELECT value->>0, value->>1 FROM json_each(?3))) "
+                "AS registered_ FROM (SELECT 1) LEFT JOIN messages m ON m.recipient_id = ?1 "
+                "AND m.kind = 'reply' AND m.correlation_id IN (SELECT value FROM json_each(?2))",
+                (self.id, _ids_json(request_ids),
+                 json.dumps([[p.id, p.incarnation] for p in peers])),
+            )
+        registered = set(json.loads(rows[0]["registered_"]))
+        replies = [r for r in rows if r["id"] is not None]
+        if replies:
+            spent = [r["id"] for r in replies]
+            if self.sock is None:
+                self.store.write(lambda c: self._drop_spent(c, spent))
+            else:
+                with _SPENT_LOCK:
+                    _SPENT.setdefault(self.store, {}).setdefault(
+                        (self.id, self.incarnation), set()).update(spent)
+        return replies, registered
+
+    def _drop_spent(self, c: apsw.Connection, ids: list[str]) -> None:
+        c.execute(
             "DELETE FROM messages WHERE recipient_id = ? AND kind = 'reply' "
-            "AND correlation_id IN (SELECT value FROM json_each(?)) RETURNING *",
-            (self.id, ids),
-        )), registered
+            "AND id IN (SELECT value FROM json_each(?))",
+            (self.id, _ids_json(ids)),
+        )
+
+    def _write(self, fn: Callable[[apsw.Connection], T]) -> T:
+        """``store.write(fn)``, also deleting the replies this instance has taken since its
+        last write (saves a transaction per round trip)."""
+        key = (self.id, self.incarnation)
+        with _SPENT_LOCK:
+            spent = list(_SPENT.get(self.store, {}).get(key, ()))
+        if not spent:
+            return self.store.write(fn)
+
+        def txn(c: apsw.Connection) -> T:
+            result = fn(c)
+            self._drop_spent(c, spent)
+            return result
+
+        result = self.store.write(txn)
+        with _SPENT_LOCK:
+            mine = _SPENT.get(self.store, {})
+            left = mine.get(key, set()).difference(spent)
+            if left:
+                mine[key] = left
+            else:
+                mine.pop(key, None)
+        return result
 
     def _give_up(self, request_ids: list[str]) -> list[Row]:
         """Withdraw requests still unanswered; returns any reply that slipped in meanwhile."""
@@ -530,7 +575,7 @@ class Mailbox:
                 (self.id, ids),
             )
 
-        return self.store.write(txn)
+        return self._write(txn)
 
     def _ask(
         self, targets: list[InstanceInfo], text: str, topic: str, timeout: float
@@ -548,7 +593,7 @@ class Mailbox:
                 paths.append(by_id[to].nudge_path)
             return paths
 
-        nudge.nudge(self.store.write(txn))
+        nudge.nudge(self._write(txn))
         return asked
 
     def request(
@@ -577,7 +622,7 @@ class Mailbox:
                          correlation_id=mid, reply_to=self.id, ttl=timeout)
             return rows[0]
 
-        row = self.store.write(txn)
+        row = self._write(txn)
         nudge.nudge([row["nudge_path"]])
         peer = _Peer(self.store, row)
         try:
