@@ -92,6 +92,16 @@ def test_readme_documents_every_command() -> None:
     assert not missing, f"README's CLI reference lacks {missing}"
 
 
+def test_readme_lists_every_config_field() -> None:
+    from dataclasses import fields
+
+    from coord.config import Config
+
+    section = (ROOT / "README.md").read_text().split("## Configuration", 1)[1].split("\n## ", 1)[0]
+    for f in fields(Config):
+        assert f"| `{f.name}` | `COORD_{f.name.upper()}` |" in section, f.name
+
+
 # -- the README's CLI reference, generated from the commands' own help ----------------------------
 
 
