@@ -31,8 +31,17 @@ class ProcIdentity:
 
 
 def _stat_fields(pid: int) -> list[str] | None:
-    # os.open/os.read: a buffered file object costs several times more, and a listing or a
-    # reap reads one of these per process.
+    # A reap checks thousands of pids that are gone: kill(pid, 0) says so three times faster
+    # than a failing open of /proc/<pid>/stat. os.open/os.read: a buffered file object costs
+    # several times more.
+    if pid <= 0:
+        return None  # kill(0 or -n, 0) would ask about process groups
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass  # exists, someone else's
     try:
         fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY | os.O_CLOEXEC)
     except (FileNotFoundError, ProcessLookupError):
@@ -151,6 +160,9 @@ def lock_holder(path: str) -> int | None:
     return int(l_pid)
 
 
+# "Could I write-lock the whole file?" — F_GETLK answers with the conflicting lock, if any.
+_WHOLE_FILE_WRITE = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
+
 #: What ``lock_state`` can say about a lock file.
 HELD, FREE, MISSING, UNKNOWN = "held", "free", "missing", "unknown"
 
@@ -172,8 +184,7 @@ def lock_state(path: str) -> tuple[str, int | None]:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return UNKNOWN, None
-        query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0)
-        answer = fcntl.fcntl(fd, fcntl.F_GETLK, query)
+        answer = fcntl.fcntl(fd, fcntl.F_GETLK, _WHOLE_FILE_WRITE)
     except OSError:
         return UNKNOWN, None
     finally:

@@ -262,7 +262,7 @@ def _batched(store: Store, sql: str, params: tuple[Any, ...], dry_run: bool, cou
 
 def reap(store: Store, *, dry_run: bool = False, checkpoint: bool = True) -> ReapReport:
     """Apply the death rule to every dead instance and expire what has expired."""
-    from .instances import Probe, _unlink, judge
+    from .instances import Probe, _unlink_many, judge
 
     report = ReapReport(dry_run=dry_run)
     cfg = store.config
@@ -283,12 +283,11 @@ def reap(store: Store, *, dry_run: bool = False, checkpoint: bool = True) -> Rea
                 buried = {(r["id"], r["incarnation"]) for r in part}
             else:
                 buried = set(store.write(_burier(store, part, verdict)))
-            for r in part:
-                if (r["id"], r["incarnation"]) in buried:
-                    report.dead.append({"id": r["id"], "incarnation": r["incarnation"],
-                                        "reason": verdict})
-                    if not dry_run:
-                        _unlink(r["lock_path"], r["nudge_path"])
+            done = [r for r in part if (r["id"], r["incarnation"]) in buried]
+            report.dead += [{"id": r["id"], "incarnation": r["incarnation"], "reason": verdict}
+                            for r in done]
+            if not dry_run:  # their lock files and sockets are nobody's now
+                _unlink_many(p for r in done for p in (r["lock_path"], r["nudge_path"]))
 
     # Processes whose identity no longer matches have ended: never signal them.
     running = store.rows(
