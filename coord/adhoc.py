@@ -12,7 +12,7 @@ from typing import Any
 
 import apsw
 
-from .db import Store, translated
+from .db import Store, open_connection, translated
 from .errors import InvalidArgument, ReadOnlyViolation
 
 # Pragmas that only read, with or without an argument (a table or index name, a limit).
@@ -56,7 +56,7 @@ def run_readonly(
     if not sql.strip():
         raise InvalidArgument("empty query")
     with translated(str(store.path)):
-        conn = apsw.Connection(str(store.path), flags=apsw.SQLITE_OPEN_READONLY)
+        conn = open_connection(str(store.path), apsw.SQLITE_OPEN_READONLY)
     try:
         conn.set_busy_timeout(store.config.busy_timeout_ms)
         conn.authorizer = _authorizer

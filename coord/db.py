@@ -40,6 +40,19 @@ CONNECTION_PRAGMAS: tuple[tuple[str, str], ...] = (
     ("wal_autocheckpoint", "1000"),  # PASSIVE checkpoints only: they never block writers
 )
 
+#: Held while a connection is opened, and while coord.migrate reads a database header with
+#: a plain open()/close(): closing that descriptor would drop every POSIX lock this process
+#: holds on the file, so the header is read only when no descriptor is open on it, and no
+#: other thread may open one (and then lock) in the meantime.
+FILE_OPEN_LOCK = threading.Lock()
+
+
+def open_connection(path: str, flags: int) -> apsw.Connection:
+    """Every SQLite connection coord makes is opened here (see ``FILE_OPEN_LOCK``)."""
+    with FILE_OPEN_LOCK:
+        return apsw.Connection(path, flags=flags)
+
+
 # Every open Store, so that a forked child can deal with the connections it inherited.
 _STORES: weakref.WeakSet[Store] = weakref.WeakSet()
 
@@ -68,6 +81,8 @@ def _drop_inherited(conn: apsw.Connection, idle: bool) -> None:
 
 
 def _after_fork_in_child() -> None:
+    global FILE_OPEN_LOCK
+    FILE_OPEN_LOCK = threading.Lock()  # another thread may have held it at the fork
     for store in list(_STORES):
         store._forget_inherited()
 
@@ -158,9 +173,7 @@ class Store:
     def _open(self) -> apsw.Connection:
         path = str(self.path)
         with translated(path):
-            conn = apsw.Connection(
-                path, flags=apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE
-            )
+            conn = open_connection(path, apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)
             conn.set_busy_timeout(self.config.busy_timeout_ms)
         return conn
 

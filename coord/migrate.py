@@ -29,8 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import apsw
 
+from . import db
 from ._retry import on_busy
-from .db import APPLICATION_ID, scalar
+from .db import APPLICATION_ID, open_connection, scalar
 from .errors import NotADatabase, SchemaTooNew
 
 if TYPE_CHECKING:
@@ -88,14 +89,15 @@ def _check_file(path: str) -> None:
     Skipped while this process has the file open: closing our descriptor would drop the
     POSIX locks SQLite holds on it (the next steps still identify the file through SQLite).
     """
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return
-    if st.st_size == 0 or _open_here(st):
-        return
-    with open(path, "rb") as f:
-        head = f.read(100)
+    with db.FILE_OPEN_LOCK:
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            return
+        if st.st_size == 0 or _open_here(st):
+            return
+        with open(path, "rb") as f:
+            head = f.read(100)
     if not head.startswith(_HEADER):
         raise NotADatabase(path, "not an SQLite database file")
     if len(head) < 100:
@@ -144,7 +146,7 @@ def _identify(store: Store) -> tuple[int, int, bool] | None:
     """
     path = str(store.path)
     try:
-        conn = apsw.Connection(path, flags=apsw.SQLITE_OPEN_READONLY)
+        conn = open_connection(path, apsw.SQLITE_OPEN_READONLY)
     except apsw.CantOpenError:
         return None
     try:
