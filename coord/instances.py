@@ -337,10 +337,16 @@ class Instance:
         """Report progress; with a watchdog set, the heartbeat stops when beats stop."""
         self._last_beat = self.store.mono()
 
+    @property
+    def stuck(self) -> bool:
+        """With a watchdog: no ``beat()`` for longer than it. A stuck instance neither
+        heartbeats nor runs its heartbeat hooks (no lease renewal), so it is seen hung."""
+        return self.watchdog is not None and self.store.mono() - self._last_beat > self.watchdog
+
     def heartbeat(self) -> bool:
         """Renew the registration now. False when it was lost (declared dead, taken over)."""
         now_mono, now_wall = self.store.mono(), self.store.wall()
-        if self.watchdog is not None and now_mono - self._last_beat > self.watchdog:
+        if self.stuck:
             return True  # stuck: let the TTL run out so others see us as hung
         n = self.store.write(
             lambda c: c.execute(
@@ -365,6 +371,8 @@ class Instance:
     def _run(self) -> None:
         interval = self.heartbeat_interval
         while not self._stop.wait(interval):
+            if self.stuck:
+                continue
             try:
                 if not self.heartbeat():
                     return  # lost for good: that incarnation can never come back

@@ -591,3 +591,21 @@ def test_check_reports_registry_invariants(store: coord.Store, db_path: Path,
                        "tombstone bare keeps nothing, awaiting the reaper": True}
     coord.reap(store)
     assert check(store, strict=True) == []
+
+
+def test_a_stuck_instance_runs_no_hooks(fast_store: coord.Store) -> None:
+    calls: list[float] = []
+    with register(fast_store, "hooked", app="x", watchdog=0.3) as inst:
+        inst.hooks.append(lambda i: calls.append(time.monotonic()))
+        while len(calls) < 2:
+            inst.beat()
+            time.sleep(0.05)
+        wait_until(lambda: inst.stuck, timeout=20)
+        n = len(calls)
+        time.sleep(1.0)  # five heartbeat intervals, stuck all along
+        assert len(calls) <= n + 1  # at most one already under way when it got stuck
+        deadline = time.monotonic() + 20
+        while len(calls) <= n + 1:  # making progress again: hooks run again
+            assert time.monotonic() < deadline
+            inst.beat()
+            time.sleep(0.05)
