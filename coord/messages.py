@@ -501,31 +501,45 @@ class Mailbox:
             nudge.nudge([path])
         return ok
 
-    def _poll(self, request_ids: list[str], peers: list[_Peer]) -> tuple[list[Row], set[str]]:
-        """The replies that have arrived for these requests, and which peers are still
-        registered: one read. A reply taken here is deleted by this instance's next write
-        (at once when this mailbox has no socket, i.e. acts for an instance elsewhere)."""
+    def _poll(self, request_ids: list[str], peers: list[_Peer]) -> tuple[list[Row], set[str] | None]:
+        """The replies that have arrived for these requests (a cheap read) and, when none
+        has, which of ``peers`` are still registered. A reply taken here is deleted by this
+        instance's next write (at once when this mailbox acts for an instance elsewhere)."""
+        conn = self.store.conn()
         with translated(str(self.store.path)):
-            rows = fetch(
-                self.store.conn(),
-                "SELECT m.*, (SELECT json_group_array(id) FROM instances WHERE status = 'alive' "
-                "AND (id, incarnation) IN (SELECT value->>0, value->>1 FROM json_each(?3))) "
-                "AS registered_ FROM (SELECT 1) LEFT JOIN messages m ON m.recipient_id = ?1 "
-                "AND m.kind = 'reply' AND m.correlation_id IN (SELECT value FROM json_each(?2))",
-                (self.id, _ids_json(request_ids),
-                 json.dumps([[p.id, p.incarnation] for p in peers])),
-            )
-        registered = set(json.loads(rows[0]["registered_"]))
-        replies = [r for r in rows if r["id"] is not None]
-        if replies:
-            spent = [r["id"] for r in replies]
-            if self.sock is None:
-                self.store.write(lambda c: self._drop_spent(c, spent))
+            if len(request_ids) == 1:
+                replies = fetch(
+                    conn,
+                    "SELECT * FROM messages WHERE correlation_id = ? AND recipient_id = ? "
+                    "AND kind = 'reply'",
+                    (request_ids[0], self.id),
+                )
             else:
-                with _SPENT_LOCK:
-                    _SPENT.setdefault(self.store, {}).setdefault(
-                        (self.id, self.incarnation), set()).update(spent)
-        return replies, registered
+                replies = fetch(
+                    conn,
+                    "SELECT * FROM messages WHERE recipient_id = ? AND kind = 'reply' "
+                    "AND correlation_id IN (SELECT value FROM json_each(?))",
+                    (self.id, _ids_json(request_ids)),
+                )
+            if not replies:
+                if len(peers) == 1:
+                    found = conn.execute(
+                        "SELECT id FROM instances WHERE id = ? AND incarnation = ? "
+                        "AND status = 'alive'", (peers[0].id, peers[0].incarnation)).fetchall()
+                else:
+                    found = conn.execute(
+                        "SELECT id FROM instances WHERE status = 'alive' AND (id, incarnation) "
+                        "IN (SELECT value->>0, value->>1 FROM json_each(?))",
+                        (json.dumps([[p.id, p.incarnation] for p in peers]),)).fetchall()
+                return [], {str(r[0]) for r in found}
+        spent = [r["id"] for r in replies]
+        if self.sock is None:
+            self.store.write(lambda c: self._drop_spent(c, spent))
+        else:
+            with _SPENT_LOCK:
+                _SPENT.setdefault(self.store, {}).setdefault(
+                    (self.id, self.incarnation), set()).update(spent)
+        return replies, None
 
     def _drop_spent(self, c: apsw.Connection, ids: list[str]) -> None:
         c.execute(
@@ -613,7 +627,8 @@ class Mailbox:
 
         def txn(c: apsw.Connection) -> Row:
             self._check_me(c)
-            rows = fetch(c, "SELECT * FROM instances WHERE id = ?", (to,))
+            rows = fetch(c, "SELECT id, incarnation, status, pid, pidns, boot_id, start_token, "
+                            "heartbeat_mono, ttl, nudge_path FROM instances WHERE id = ?", (to,))
             if not rows:
                 raise NotFound("instance", to)
             if rows[0]["status"] != "alive":
@@ -630,7 +645,7 @@ class Mailbox:
                 got, registered = self._poll([mid], [peer])
                 if got:
                     return got[0]
-                return True if peer.dead(peer.id in registered) else None
+                return True if peer.dead(registered is not None and peer.id in registered) else None
 
             found = nudge.wait_for(self.store, check, timeout, sock=self.sock, watch_pids=peer.pids)
         finally:
@@ -682,6 +697,8 @@ class Mailbox:
             def check() -> bool | None:
                 rows, registered = self._poll(list(pending), [peers[to] for to in pending.values()])
                 take(rows)
+                if registered is None:  # some answered: look at the others' health next time
+                    return True if not pending else None
                 for mid, to in list(pending.items()):
                     if peers[to].dead(to in registered):
                         del pending[mid]
