@@ -55,7 +55,7 @@ import apsw
 from . import nudge
 from .clock import boot_id
 from .db import Row, Store, fetch, next_counter, scalar
-from .errors import CoordError, InvalidArgument, LeaseLost, LeaseNotAcquired
+from .errors import CoordError, InvalidArgument, LeaseLost, LeaseNotAcquired, NotRegistered
 from .events import log_event
 from .identity import ProcIdentity, pid_namespace, start_token, still_running
 from .instances import Instance, judge
@@ -190,17 +190,18 @@ class _Taken:
     previous_group: tuple[int, int] | None  # (pgid, leader start token) to end first
 
 
-def _take(store: Store, inst: Instance, name: str, ttl: float) -> _Taken | str | None:
+def _take(store: Store, inst: Instance, name: str, ttl: float) -> _Taken | str:
     """One transaction: take the lease if it is free, expired, or its holder is dead.
 
-    Returns the taken term, else the current holder's id (or None when we are not live)."""
+    Returns the taken term, else the current holder's id; raises ``NotRegistered`` when
+    ``inst`` is no longer a live registered instance."""
 
-    def txn(c: apsw.Connection) -> _Taken | str | None:
+    def txn(c: apsw.Connection) -> _Taken | str:
         now_mono, now_wall = store.mono(), store.wall()
         me = fetch(c, "SELECT status FROM instances WHERE id = ? AND incarnation = ?",
                    (inst.id, inst.incarnation))
         if not me or me[0]["status"] != "alive":
-            return None
+            raise NotRegistered(inst.id, "closed, declared dead or taken over")
         rows = fetch(c, "SELECT * FROM leases WHERE name = ?", (name,))
         row = rows[0] if rows else None
         previous = None
@@ -644,6 +645,7 @@ def try_acquire(
     grace: float | None = None,
 ) -> Lease | None:
     """Take ``name`` now if it is free, expired, or its holder is dead; else None.
+    Raises ``NotRegistered`` when ``inst`` is closed or was declared dead.
 
     ``renew=False``: the caller renews (``lease.renew()`` every ``lease.interval``), as with
     an injected clock. ``grace``: for ending a previous holder's process group (TERM, then
@@ -717,7 +719,8 @@ def acquire(
 ) -> Lease:
     """Become the holder of ``name``: wait up to ``timeout`` seconds (None: for ever, 0: try
     once) and return the ``Lease``; raise ``LeaseNotAcquired`` when it was not obtained
-    (also when ``cancel`` is set — wake the waiter by nudging ``inst.nudge_path``).
+    (also when ``cancel`` is set — wake the waiter by nudging ``inst.nudge_path``), and
+    ``NotRegistered`` when ``inst`` is closed or declared dead meanwhile.
 
     A waiting candidate takes over the moment the holder dies (its pid is watched), releases
     (it is nudged) or its TTL passes.
@@ -738,7 +741,9 @@ def acquire(
     try:
         while True:
             now = store.mono()
-            if (deadline is not None and now >= deadline) or inst.closed:
+            if inst.closed or inst.lost.is_set():
+                raise NotRegistered(inst.id, "closed, declared dead or taken over")
+            if deadline is not None and now >= deadline:
                 raise LeaseNotAcquired(name, _holder_of(store, name))
             if waiter is None:
                 waiter = _add_waiter(inst, name)
@@ -834,6 +839,8 @@ class Candidate:
                                 on_lost=self._lost, cancel=self._stop)
             except LeaseNotAcquired:
                 continue
+            except NotRegistered:
+                return  # our instance is gone: nothing to contend with
             except CoordError as e:
                 log.warning("contending for %r failed: %s", self.name, e)
                 self._stop.wait(1.0)

@@ -224,16 +224,28 @@ def _parse_acquired(line: str) -> tuple[int, float, int]:
     return int(term), float(t), int(pid)
 
 
-def test_five_candidates_thirty_kills(db_path: Path, kids: list[subprocess.Popen[Any]]) -> None:
+def test_five_candidates_thirty_kills(db_path: Path, tmp_path: Path,
+                                      kids: list[subprocess.Popen[Any]]) -> None:
     """The holder is SIGKILLed 30 times: every term has exactly one holder, terms strictly
     increase, and no two holders' intervals overlap."""
     store = coord.Store(db_path)
     procs: dict[int, subprocess.Popen[str]] = {}
+    errors = tmp_path / "candidates.err"
 
     def spawn() -> None:
-        p = spawn_python(CANDIDATE, "chaos/L", db=db_path)
+        with open(errors, "a") as err:
+            p = spawn_python(CANDIDATE, "chaos/L", db=db_path, stderr=err)
         kids.append(p)
         procs[p.pid] = p
+
+    def next_holder(last: int) -> Any:
+        try:
+            return wait_until(lambda: (i := get_lease(store, "chaos/L")).alive
+                              and (i.term or 0) > last and i,
+                              timeout=max(1.0, deadline - time.monotonic()))
+        except AssertionError:
+            raise AssertionError(f"no new holder after term {last}; {get_lease(store, 'chaos/L')}; "
+                                 f"candidates' stderr: {errors.read_text()[-3000:]}") from None
 
     for _ in range(5):
         spawn()
@@ -241,8 +253,7 @@ def test_five_candidates_thirty_kills(db_path: Path, kids: list[subprocess.Popen
     last = 0
     deadline = time.monotonic() + 90
     for _ in range(30):
-        info = wait_until(lambda last=last: (i := get_lease(store, "chaos/L")).alive and (i.term or 0) > last and i,
-                          timeout=max(1.0, deadline - time.monotonic()))
+        info = next_holder(last)
         p = procs.pop(info.holder_pid)
         term, acquired_at, pid = _parse_acquired(wait_line(p, "acquired"))
         killed_at = time.monotonic()
@@ -255,7 +266,7 @@ def test_five_candidates_thirty_kills(db_path: Path, kids: list[subprocess.Popen
         held.append((term, acquired_at, pid, killed_at))
         last = term
     # The survivors: at most one of them holds a term, the newest.
-    final = wait_until(lambda: (i := get_lease(store, "chaos/L")).alive and (i.term or 0) > last and i)
+    final = next_holder(last)
     survivors = [_parse_acquired(wait_line(procs[final.holder_pid], "acquired"))]
     # The others first (SIGKILL: they cannot take over any more), then the holder.
     for p in sorted(procs.values(), key=lambda p: p.pid == final.holder_pid):
@@ -376,3 +387,14 @@ def test_checker_sees_broken_lease_rules(store: coord.Store) -> None:
     assert check(store) == []  # past its TTL is pending, not broken
     assert any("past its TTL" in p.detail for p in check(store, strict=True))
     lease.release()
+
+
+def test_a_closed_instance_cannot_acquire(store: coord.Store) -> None:
+    from coord.errors import NotRegistered
+
+    a = _register(store, "a")
+    a.close()
+    with pytest.raises(NotRegistered):
+        try_acquire(a, "closed")
+    with pytest.raises(NotRegistered):
+        acquire(a, "closed", timeout=5)
