@@ -509,6 +509,8 @@ class Lease:
             return
         if now < self._next:
             return
+        if self.instance.stuck:
+            return  # a watchdog says the app is stuck: no renewal, so it steps down in time
         try:
             self.renew()
         except Exception as e:  # busy, disk: retry soon; the deadline still applies

@@ -398,3 +398,10 @@ def test_a_closed_instance_cannot_acquire(store: coord.Store) -> None:
         try_acquire(a, "closed")
     with pytest.raises(NotRegistered):
         acquire(a, "closed", timeout=5)
+
+
+def test_a_stuck_instance_stops_renewing_and_steps_down(fast_store: coord.Store) -> None:
+    a = coord.register(fast_store, "w", app="t", watchdog=0.2, handle_signals=False)
+    lease = acquire(a, "stuck")  # the app never calls a.beat(): stuck after 0.2 s
+    wait_until(lambda: get_lease(fast_store, "stuck").holder is None, timeout=10)
+    assert not lease.held and lease.lost_reason == "renew deadline passed"
