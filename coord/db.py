@@ -258,16 +258,23 @@ class Store:
         """
         conn = self.conn()
         path = str(self.path)
+        if not conn.get_autocommit():
+            raise RuntimeError("Store.write() called inside a transaction of the same thread; "
+                               "do the work in the outer write's function instead")
 
         def attempt() -> T:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(conn)
+                conn.execute("COMMIT")
             except BaseException:
+                # Whatever failed (fn, or COMMIT on a full disk), leave no transaction open.
                 if not conn.get_autocommit():
-                    conn.execute("ROLLBACK")
+                    try:
+                        conn.execute("ROLLBACK")
+                    except apsw.Error:
+                        pass
                 raise
-            conn.execute("COMMIT")
             return result
 
         with translated(path):

@@ -431,3 +431,50 @@ def test_existing_database_in_read_only_directory(reachable_dir: Path) -> None:
     assert code == 0, out
     assert str(d / "coord.db") in out and "read-only" in out
     assert hashlib.sha256((d / "coord.db").read_bytes()).hexdigest() == before
+
+
+def test_nested_write_is_a_clear_error(store: Store) -> None:
+    with pytest.raises(RuntimeError, match="inside a transaction"):
+        store.write(lambda c: store.write(_put("inner")))
+    assert store.conn().get_autocommit()  # the outer transaction was rolled back
+    store.write(_put("after"))
+
+
+@pytest.fixture
+def tiny_fs() -> Iterator[Path]:
+    """A 1 MiB tmpfs: a full disk without filling the real one. Skipped where mounting is
+    not allowed."""
+    d = Path(tempfile.mkdtemp(prefix="coord-full-"))
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs", str(d)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        d.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield d
+    finally:
+        subprocess.run(["umount", "-l", str(d)], check=False)
+        d.rmdir()
+
+
+def test_full_disk_is_a_clear_error_and_loses_nothing(tiny_fs: Path) -> None:
+    s = Store(tiny_fs / "coord.db")
+    filler = tiny_fs / "filler"
+    filler.write_bytes(b"\0" * 300_000)  # someone else's file, removed later to free space
+    blob = "x" * 50_000
+    committed = 0
+    with pytest.raises(StorageError) as e:
+        for i in range(1000):
+            s.write(lambda c, i=i: c.execute("INSERT INTO meta (key, value) VALUES (?, ?)",
+                                             (f"blob{i}", blob)))
+            committed += 1
+    assert committed > 0
+    assert str(tiny_fs / "coord.db") in str(e.value) and "disk full" in str(e.value)
+    assert s.conn().get_autocommit()  # nothing left half-done
+    assert s.value("SELECT count(*) FROM meta WHERE key LIKE 'blob%'") == committed
+    # Space comes back: writes work again, and nothing committed was lost.
+    filler.unlink()
+    s.write(_put("after"))
+    assert s.value("SELECT count(*) FROM meta WHERE key LIKE 'blob%'") == committed
+    assert coord.check.check(s) == []
+    s.close()
