@@ -27,15 +27,19 @@ Delivery is at least once to a live recipient:
 * Messages to a dead instance are kept until their TTL (a restart with the same id gets
   them), then reaped; sending to an id that was never registered (or whose row is gone)
   raises ``NotFound`` at once.
-* A request lives until it is answered, its timeout passes, or its sender dies. Its reply is
-  addressed to the requester and consumed by the waiting ``request()``/``gather()``, never
-  by ``receive()``. A reply to a request nobody waits for any more is discarded.
+* A request lives until it is answered (the reply replaces it), its timeout passes, or its
+  sender dies. Its reply is addressed to the requester and consumed by the waiting
+  ``request()``/``gather()``, never by ``receive()``; the requester deletes it with its next
+  write. A reply to a request nobody waits for any more is discarded.
 * A request whose recipient dies while the requester waits fails at once with
   ``RecipientDead``: the requester watches the recipient's pid (pidfd) and re-judges it.
 
-Payloads are JSON data (``coord.payload``), validated on the way in and on the way out.
+Payloads are JSON data (``coord.payload``), validated on the way in and on the way out (a
+stored payload that fails is dropped with a 'message dropped' event).
 Waiting uses ``coord.nudge.wait_for``: the sender nudges the recipient's socket after each
-commit, and ``PRAGMA data_version`` catches everything else; there is no fixed sleep.
+commit, and ``PRAGMA data_version`` catches everything else; there is no fixed sleep. The
+nudge socket is one per instance: when several threads of one instance wait at once, one
+of them may wake by ``data_version`` polling (a millisecond or so) instead of the nudge.
 
 In a program the instance itself is the mailbox (``send(inst, ...)``); a process that acts
 for an instance registered elsewhere (the CLI under ``coord run``) uses ``mailbox(store)``.
@@ -92,6 +96,7 @@ TOPIC_MAX = 1000
 #: How often a waiting requester re-judges a peer without news of its death (seconds); a
 #: pidfd wakes it at once for a crash, this only covers a hung peer or another pid namespace.
 REJUDGE_INTERVAL = 0.25
+
 
 @dataclass(frozen=True)
 class Message:
@@ -162,9 +167,9 @@ class Gathered:
 
 class _Peer:
     """A peer we wait on. A pidfd tells us at once when its process ends; each look also
-    sees whether its registration is still there (cheap, from the same read as the
-    replies); a full ``judge`` runs on news of an exit and now and then otherwise (a hung
-    peer, or one in another pid namespace, where there is no pidfd)."""
+    reads whether its registration is still there (a clean exit); a full ``judge`` runs on
+    news of an exit and now and then otherwise (a hung peer, or one in another pid
+    namespace, where there is no pidfd and a death is seen at the next look)."""
 
     def __init__(self, store: Store, row: Row | InstanceInfo, *, judged: bool = False) -> None:
         self.store = store
