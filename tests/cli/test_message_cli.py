@@ -351,18 +351,25 @@ def test_kv_watch(db_path: Path, store: coord.Store, procs: list[Any]) -> None:
     r = run_cli(db_path, "kv", "watch", "w/", "--prefix", "--timeout", "0.2")
     assert r.returncode == 3 and "nothing within 0.2s" in r.stderr
     kv.set(store, "w/before", 0)  # existing state is not a change
-    p = popen_cli(db_path, "kv", "watch", "w/", "--prefix", "--count", "2", "--json",
-                  "--timeout", "60")
+    p = popen_cli(db_path, "kv", "watch", "w/", "--prefix", "--json", "--timeout", "60")
     procs.append(p)
-    # Write until the watcher (which reads its starting state when it starts) sees it.
     assert p.stdout is not None
-    wait_until(lambda: kv.set(store, "w/a", 1) and p.poll() is None and _readable(p), timeout=30)
+    # The watcher reads its starting state when it starts: write until it reports a change.
+    n = iter(range(1, 1_000_000))
+    wait_until(lambda: kv.set(store, "w/a", next(n)) and _readable(p), timeout=30)
     first = json.loads(p.stdout.readline())
-    assert first["key"] == "w/a" and first["event"] == "set" and first["value"] == 1
+    assert first["key"] == "w/a" and first["event"] == "set" and first["value"] >= 1
+    assert set(first) >= {"key", "value", "version", "instance_id", "ephemeral"}
     kv.delete(store, "w/a")
-    second = json.loads(p.stdout.readline())
-    assert second == {"key": "w/a", "event": "deleted"}
-    assert p.wait(timeout=30) == 0
+    events = [json.loads(p.stdout.readline())]
+    while events[-1]["event"] != "deleted":  # sets still on their way come first
+        events.append(json.loads(p.stdout.readline()))
+    assert events[-1] == {"key": "w/a", "event": "deleted"}
+    assert all(e["key"] == "w/a" for e in events)
+    p.terminate()
+    p.wait(timeout=30)
+    r = run_cli(db_path, "kv", "watch", "w/before", "--count", "1", "--timeout", "0.3")
+    assert r.returncode == 3
 
 
 def _readable(p: subprocess.Popen[str]) -> bool:
