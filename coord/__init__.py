@@ -7,6 +7,8 @@ one dies, ``coord.reaper`` applies one death rule to everything it held.
 
 from __future__ import annotations
 
+import os as _os
+
 from . import kv, leases, messages, queues
 from .clock import Clock
 from .config import Config
@@ -63,6 +65,16 @@ from .processes import (
 )
 from .queues import Job, NewJob, Queue, QueueStats
 from .reaper import ReapReport, reap
+
+# Imported from a source checkout (the repository root on sys.path: `python -m coord` or a
+# `python -c` worker started in the clone, even beside a normal install): the sibling
+# folders cli/ and schema/ are coord.cli and coord.schema, as the installed package-dir
+# mapping makes them.
+_checkout = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+if _os.path.isfile(_os.path.join(_checkout, "pyproject.toml")) and _os.path.isfile(
+    _os.path.join(_checkout, "schema", "__init__.py")
+):
+    __path__.append(_checkout)
 
 __version__ = "0.1.0"
 

@@ -60,6 +60,21 @@ def test_short_help_option_and_real_process() -> None:
     assert r.returncode == 0 and "Usage: coord" in r.stdout and r.stderr == ""
 
 
+def test_source_checkout_resolves_cli_and_schema() -> None:
+    """Python started in the clone (cwd first on sys.path) imports the source tree's coord,
+    even when a normal install exists: coord.cli and coord.schema must still resolve. -S
+    keeps out the editable install's import hook, so only coord itself can make this work."""
+    import sysconfig
+
+    code = ("import coord.cli.main, coord.schema, coord.migrate; "
+            "print(coord.cli.__file__, coord.schema.__file__, coord.migrate.latest_version())")
+    r = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True,
+                       text=True, timeout=60, env={"PYTHONPATH": sysconfig.get_paths()["purelib"]})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[:2] == [str(ROOT / "cli" / "__init__.py"),
+                                    str(ROOT / "schema" / "__init__.py")]
+
+
 # -- the README's promises ----------------------------------------------------------------------
 
 
