@@ -220,9 +220,9 @@ def test_gather_names_who_did_not_answer(cli: Any, db_path: Path, store: coord.S
     t = threading.Thread(target=serve)
     t.start()
     try:
-        r = cli("gather", '"roll call"', "--timeout", "1.5", "--json",
+        r = cli("gather", '"roll call"', "--timeout", "3", "--json",
                 env=coord_env(db_path, **as_("boss")))
-        human = cli("gather", '"roll call"', "--timeout", "1",
+        human = cli("gather", '"roll call"', "--timeout", "3",
                     env=coord_env(db_path, **as_("boss")))
     finally:
         stop.set()
