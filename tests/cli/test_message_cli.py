@@ -377,3 +377,17 @@ def _readable(p: subprocess.Popen[str]) -> bool:
 
     assert p.stdout is not None
     return bool(select.select([p.stdout], [], [], 0.1)[0])
+
+
+def test_a_program_under_coord_run_receives_through_the_cli(db_path: Path, store: coord.Store,
+                                                            procs: list[Any]) -> None:
+    me = coord.register(store, "sender", app="t")
+    p = popen_cli(db_path, "run", "--app", "t", "--instance-id", "shell-1", "--",
+                  sys.executable, "-m", "coord", "recv", "--wait", "60", "--json")
+    procs.append(p)
+    wait_until(lambda: any(i.id == "shell-1" for i in coord.list_instances(store)), timeout=30)
+    mid = messages.send(me, "shell-1", {"hello": "program"})
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    got = json.loads(out)
+    assert (got["id"], got["recipient"], got["payload"]) == (mid, "shell-1", {"hello": "program"})
