@@ -46,6 +46,7 @@ import secrets
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -198,7 +199,10 @@ _COLUMN_NAMES = tuple(c.strip() for c in _COLUMNS.split(","))
 
 
 def _name(queue: str) -> str:
-    return validate_id(queue, "queue name")
+    # Names are plain strings, global within one database; the docs recommend "app/name".
+    if not isinstance(queue, str) or not queue or len(queue) > 1000 or "\0" in queue:
+        raise InvalidArgument(f"invalid queue name {queue!r}: use 1-1000 characters, no NUL")
+    return queue
 
 
 def _token(job_or_token: Job | str) -> str:
@@ -491,16 +495,22 @@ def _try_claim(store: Store, queue: str, h: _Holder, lease: float) -> Job | None
     return _job(store, got[1:], got[0], with_token=True)
 
 
-# Per process: when each (database, queue) was last scanned for dead holders and expiry.
-_scanned: dict[tuple[int, str, str], float] = {}
+# When this process last scanned each queue of each open Store for dead holders and
+# expired leases (by the store's own clock; a clock that went back counts as due).
+_scanned: weakref.WeakKeyDictionary[Store, dict[str, tuple[int, float]]] = (
+    weakref.WeakKeyDictionary()
+)
+_scanned_lock = threading.Lock()
 
 
 def _scan_due(store: Store, queue: str, interval: float) -> bool:
-    key = (os.getpid(), str(store.path), queue)
-    now = store.mono()
-    if now - _scanned.get(key, float("-inf")) < interval:
-        return False
-    _scanned[key] = now
+    now, pid = store.mono(), os.getpid()
+    with _scanned_lock:
+        per_queue = _scanned.setdefault(store, {})
+        last_pid, last = per_queue.get(queue, (0, float("-inf")))
+        if last_pid == pid and 0 <= now - last < interval:
+            return False
+        per_queue[queue] = (pid, now)
     return True
 
 

@@ -1,0 +1,258 @@
+"""The queue rules against a model (hypothesis stateful), with an injected clock.
+
+Three in-process instances put, claim, ack, fail, extend, release, cancel and requeue on one
+shared queue while the clock moves, leases expire, instances are "killed" (they stop beating
+and the clock passes their TTL, so they are seen hung) and restarted under the same id, and
+workers ack with stale tokens. After every step every job's state, attempts and holder match
+the model, and the invariant checker is clean.
+
+The model's rules: a claim takes the due ready job with the highest priority, then the
+lowest id, counting an attempt; before it picks, claims past their lease and claims of dead
+holders go back (dead-lettered when out of attempts). A token works while its claim is
+current and not past its lease; using one that is past its lease releases the claim.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+import coord
+from coord import queues
+from coord.check import check
+from coord.clock import Clock
+from coord.config import Config
+from coord.errors import ClaimLost, InvalidArgument
+
+TTL = 10.0
+IDS = ("m-0", "m-1", "m-2")
+Q = "model"
+
+
+@dataclass
+class MJob:
+    id: int
+    priority: int
+    max_attempts: int
+    state: str = "ready"  # ready, claimed, done, dead, cancelled
+    attempts: int = 0
+    available: float = 0.0
+    holder: int | None = None
+    token: str | None = None
+    expires: float = 0.0
+
+
+class QueueMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = Path(tempfile.mkdtemp(prefix="coord-qmodel-"))
+        self.now = 1000.0
+        clock = Clock(mono=lambda: self.now, wall=lambda: 1.7e9 + self.now)
+        self.store = coord.Store(self.dir / "coord.db", clock=clock,
+                                 config=Config(instance_ttl=TTL, claim_lease=30.0))
+        self.insts = [self._register(i) for i in IDS]
+        self.old: list[coord.Instance] = []
+        self.killed: set[int] = set()
+        self.jobs: dict[int, MJob] = {}
+        self.tokens: list[str] = []
+
+    def _register(self, id: str) -> coord.Instance:
+        return coord.register(self.store, id, app="model", ttl=TTL, heartbeat=False,
+                              handle_signals=False)
+
+    def teardown(self) -> None:
+        for inst in self.insts + self.old:
+            inst.close()
+        self.store.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    # -- the model ------------------------------------------------------------------------
+
+    def _back(self, j: MJob) -> None:
+        """A claim goes back with its attempt counted."""
+        j.holder = j.token = None
+        if j.attempts >= j.max_attempts:
+            j.state = "dead"
+        else:
+            j.state, j.available = "ready", self.now
+
+    def _release_pending(self) -> None:
+        for j in self.jobs.values():
+            if j.state == "claimed" and (j.expires < self.now or j.holder in self.killed):
+                self._back(j)
+
+    def _current(self, token: str) -> MJob | None:
+        for j in self.jobs.values():
+            if j.state == "claimed" and j.token == token:
+                return j
+        return None
+
+    def _use(self, token: str) -> MJob | None:
+        """The job a token still holds; a token past its lease releases its claim."""
+        j = self._current(token)
+        if j is not None and j.expires < self.now:
+            self._back(j)
+            return None
+        return j
+
+    def _advance(self, dt: float) -> None:
+        self.now += dt
+        for i, inst in enumerate(self.insts):
+            if i not in self.killed:
+                assert inst.heartbeat()
+
+    # -- rules ----------------------------------------------------------------------------
+
+    @rule(priority=st.integers(0, 2), delay=st.sampled_from([0.0, 0.0, 3.0]),
+          max_attempts=st.integers(1, 3))
+    def put(self, priority: int, delay: float, max_attempts: int) -> None:
+        jid = queues.put(self.store, Q, {"p": priority}, priority=priority, delay=delay,
+                         max_attempts=max_attempts)
+        assert jid not in self.jobs
+        self.jobs[jid] = MJob(jid, priority, max_attempts, available=self.now + delay)
+
+    @precondition(lambda self: len(self.killed) < len(IDS))
+    @rule(data=st.data(), lease=st.sampled_from([5.0, 30.0, 30.0]))
+    def claim(self, data: st.DataObject, lease: float) -> None:
+        i = data.draw(st.sampled_from([i for i in range(len(IDS)) if i not in self.killed]))
+        self._release_pending()
+        due = [j for j in self.jobs.values() if j.state == "ready" and j.available <= self.now]
+        want = min(due, key=lambda j: (-j.priority, j.id)) if due else None
+        got = queues.claim(self.store, Q, self.insts[i], lease=lease)
+        if want is None:
+            assert got is None
+            return
+        assert got is not None and got.id == want.id, (got, want)
+        assert got.token is not None and got.token not in self.tokens
+        want.state, want.holder, want.token = "claimed", i, got.token
+        want.attempts += 1
+        want.expires = self.now + lease
+        assert got.attempts == want.attempts
+        self.tokens.append(got.token)
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data(), op=st.sampled_from(["ack", "ack", "fail", "extend", "release"]),
+          seconds=st.sampled_from([0.0, 2.0, 5.0, 30.0]))
+    def settle(self, data: st.DataObject, op: str, seconds: float) -> None:
+        """A worker acks, fails, extends or releases with a token: its own current one
+        (usually the newest) or a stale one."""
+        token = data.draw(st.sampled_from(self.tokens[-3:] + self.tokens[:1]))
+        j = self._use(token)
+        try:
+            if op == "ack":
+                queues.ack(self.store, token, result={"ok": True})
+            elif op == "fail":
+                state = queues.fail(self.store, token, "boom", retry_in=seconds)
+            elif op == "extend":
+                queues.extend(self.store, token, seconds or 1.0)
+            else:
+                queues.release(self.store, token)
+        except ClaimLost:
+            assert j is None
+            return
+        assert j is not None
+        if op == "ack":
+            j.state, j.token = "done", None
+        elif op == "fail":
+            j.holder = j.token = None
+            if j.attempts >= j.max_attempts:
+                j.state = "dead"
+            else:
+                j.state, j.available = "ready", self.now + seconds
+            assert state == j.state
+        elif op == "extend":
+            j.expires = self.now + (seconds or 1.0)
+        else:
+            j.state, j.holder, j.token, j.available = "ready", None, None, self.now
+            j.attempts = max(0, j.attempts - 1)
+
+    @precondition(lambda self: self.jobs)
+    @rule(data=st.data(), op=st.sampled_from(["cancel", "requeue"]))
+    def admin(self, data: st.DataObject, op: str) -> None:
+        """Someone cancels or requeues a job by id, whatever its state."""
+        j = self.jobs[data.draw(st.sampled_from(sorted(self.jobs)))]
+        if op == "cancel":
+            try:
+                queues.cancel(self.store, j.id)
+            except InvalidArgument:
+                assert j.state not in ("ready", "dead")
+            else:
+                assert j.state in ("ready", "dead")
+                j.state = "cancelled"
+            return
+        try:
+            queues.requeue(self.store, j.id)
+        except InvalidArgument:
+            assert j.state not in ("dead", "cancelled")
+        else:
+            assert j.state in ("dead", "cancelled")
+            j.state, j.attempts, j.available = "ready", 0, self.now
+
+    @rule(dt=st.sampled_from([1.0, 3.0, 6.0]), reap=st.sampled_from([False, False, True]))
+    def tick(self, dt: float, reap: bool) -> None:
+        """Time passes: delayed jobs fall due, leases run out; now and then the reaper runs
+        (it releases what claimers would release)."""
+        self._advance(dt)
+        if reap:
+            coord.reap(self.store, checkpoint=False)
+            self._release_pending()
+
+    @precondition(lambda self: len(self.killed) < len(IDS))
+    @rule(data=st.data())
+    def kill(self, data: st.DataObject) -> None:
+        """A live instance (one holding a claim when there is one) stops beating; past its
+        TTL it is dead (hung) to everyone else, though its claims' leases may run longer."""
+        live = [i for i in range(len(IDS)) if i not in self.killed]
+        holders = sorted({j.holder for j in self.jobs.values()
+                          if j.state == "claimed" and j.holder in live})
+        i = data.draw(st.sampled_from(holders or live))
+        self.killed.add(i)
+        self._advance(TTL + 1)
+        if len(self.killed) < len(IDS) and data.draw(st.booleans()):
+            self.claim(data, 30.0)  # someone claims next: the dead one's claims go back first
+
+    @precondition(lambda self: self.killed)
+    @rule(data=st.data())
+    def restart(self, data: st.DataObject) -> None:
+        """A killed instance comes back under the same id: its old claims are released."""
+        i = data.draw(st.sampled_from(sorted(self.killed)))
+        self.old.append(self.insts[i])
+        self.insts[i] = self._register(IDS[i])
+        self.killed.discard(i)
+        for j in self.jobs.values():
+            if j.state == "claimed" and j.holder == i:
+                self._back(j)
+
+    # -- invariants -----------------------------------------------------------------------
+
+    @invariant()
+    def database_matches_model(self) -> None:
+        got = {j.id: j for j in queues.list_jobs(self.store, Q, state="all")}
+        assert set(got) == set(self.jobs)
+        for jid, m in self.jobs.items():
+            g = got[jid]
+            shown = "delayed" if m.state == "ready" and m.available > self.now else m.state
+            assert (g.state, g.attempts) == (shown, m.attempts), (jid, g, m)
+            if m.state == "claimed":
+                assert m.holder is not None
+                assert g.instance_id == IDS[m.holder]
+                assert g.expires_in == m.expires - self.now
+
+    @invariant()
+    def checker_is_clean(self) -> None:
+        assert check(self.store, integrity=False) == []
+
+
+TestQueueModel = QueueMachine.TestCase
+TestQueueModel.settings = settings(
+    max_examples=60,
+    stateful_step_count=50,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
