@@ -626,7 +626,7 @@ def _keep(lease: Lease) -> None:
 
 def _settle_previous_group(lease: Lease, group: tuple[int, int], grace: float | None) -> None:
     """A new holder first ends the previous holder's recorded process group."""
-    from .elect import end_group
+    from .elect import end_group, group_members
 
     pgid, token = group
     g = lease.store.config.kill_grace if grace is None else grace
@@ -634,6 +634,10 @@ def _settle_previous_group(lease: Lease, group: tuple[int, int], grace: float | 
     if outcome != "gone":
         lease.instance.log.info("ended previous holder's process group %d of lease %r: %s",
                                 pgid, lease.name, outcome)
+    left = [] if outcome == "foreign" else [m for m in group_members(pgid) if m.start_token >= token]
+    if outcome == "denied" or left:
+        raise CoordError(f"process group {pgid} of the previous holder of lease {lease.name!r} "
+                         f"could not be ended ({outcome}); not taking over")
     record_group(lease.store, lease.name, lease.term, None, None)
 
 
