@@ -265,8 +265,71 @@ def section_election(d: Demo) -> None:
         d.say(f"  a write fenced with the old term {old} is refused: {e}")
 
 
+# A queue worker: claims from a shared queue, works 20 ms per job, acks. "hang": it claims
+# one job and sits on it (and is then killed holding it).
+QUEUE_WORKER = textwrap.dedent(
+    """
+    import os, sys, time, coord
+    from coord import queues
+    store = coord.Store(os.environ["COORD_DB"])
+    inst = coord.register(store, sys.argv[1], app="demo-queue")
+    print("ready", flush=True)
+    while True:
+        job = queues.claim(store, sys.argv[2], inst, timeout=3600)
+        if job is None:
+            continue
+        if sys.argv[3] == "hang":
+            print("holding", job.id, flush=True)
+            time.sleep(3600)
+        time.sleep(0.02)
+        queues.ack(store, job, result={"by": inst.id})
+    """
+)
+
+
+def section_queues(d: Demo) -> None:
+    from collections import Counter
+
+    from . import queues
+    from .nudge import wait_for
+
+    d.say("== queues: shared work spread over instances; a killed worker's job finishes "
+          "elsewhere ==")
+    tag = os.urandom(2).hex()
+    q = f"demo-{tag}-jobs"
+    hang_id = f"demo-{tag}-stuck"
+    hang = d.spawn(QUEUE_WORKER, hang_id, q, "hang")
+    d.wait_ready(hang)
+    first = queues.put(d.store, q, {"n": 0}, priority=9)
+    d.wait_ready(hang)  # "holding <id>"
+    d.say(f"  {hang_id} claimed job {first} (priority 9) and sits on it; its lease is "
+          f"{d.store.config.claim_lease:.0f} s")
+    ids = [f"demo-{tag}-w{n}" for n in range(3)]
+    workers = [d.spawn(QUEUE_WORKER, i, q, "work") for i in ids]
+    for w in workers:
+        d.wait_ready(w)
+    queues.put_many(d.store, q, [{"n": n} for n in range(1, 31)])
+    d.say(f"-- put 30 more jobs into {q}; {len(ids)} workers claim them, and kill -9 {hang_id}")
+    t0 = time.monotonic()
+    hang.kill()
+    hang.wait()
+    wait_for(d.store, lambda: queues.get_job(d.store, first).state == "done" or None, 30)
+    t1 = time.monotonic()
+    job = queues.get_job(d.store, first)
+    d.say(f"  job {first} went back at once and was done by {job.instance_id} (attempt "
+          f"{job.attempts}) {1000 * (t1 - t0):.0f} ms after the kill, not after the lease")
+    wait_for(d.store, lambda: queues.stats(d.store, q)[0].done == 31 or None, 30)
+    by = Counter(j.instance_id for j in queues.list_jobs(d.store, q, state="done"))
+    for i in ids:
+        d.say(f"  {i} did {by.get(i, 0)} jobs")
+    st = queues.stats(d.store, q)[0]
+    d.say(f"  stats: ready {st.ready}, claimed {st.claimed}, done {st.done}, dead {st.dead} "
+          f"(`coord queue stats`)")
+    queues.purge(d.store, q, everything=True)
+
+
 SECTIONS: list[Callable[[Demo], None]] = [section_instances, section_processes, section_messages,
-                                          section_election]
+                                          section_election, section_queues]
 
 
 def run_demo(store: Store, say: Say = print) -> None:
