@@ -228,6 +228,17 @@ class Store:
         for t, c in inherited:
             _drop_inherited(c, idle=t is me and c.get_autocommit())
 
+    def abandon_transaction(self) -> None:
+        """Roll back this thread's open transaction, if any. For the SIGTERM handler only: it
+        interrupts the main thread anywhere, deregisters, and then the process ends, so the
+        interrupted transaction never resumes."""
+        c = getattr(self._local, "conn", None)
+        if c is not None and getattr(self._local, "pid", None) == os.getpid() and not c.get_autocommit():
+            try:
+                c.execute("ROLLBACK")
+            except apsw.Error:
+                pass
+
     def close(self) -> None:
         """Close the connections this process opened (never those inherited across fork)."""
         self._closed = True

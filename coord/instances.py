@@ -445,7 +445,7 @@ def register(
         raise InvalidArgument(f"ttl must be positive, got {ttl}")
     token = secrets.token_hex(8)
     lock_path = str(store.side_dir("locks") / f"{token}.lock")
-    nudge_path = str(store.side_dir("sock") / f"{token}.sock")
+    nudge_path = nudge.socket_path(str(store.side_dir("sock") / f"{token}.sock"))
     fd = hold_lock(lock_path)
     with _LOCAL_LOCK:
         _OWN_LOCKS.add(lock_path)
@@ -611,6 +611,9 @@ atexit.register(close_all)
 
 
 def _on_sigterm(signum: int, frame: object) -> None:
+    for inst in list(_INSTANCES):
+        if inst.pid == os.getpid():
+            inst.store.abandon_transaction()
     close_all()
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)

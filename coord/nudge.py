@@ -24,16 +24,42 @@ POLL_MIN = 0.0005
 POLL_MAX = 0.02
 
 
+#: The longest path a unix socket can bind (sun_path is 108 bytes with its NUL).
+MAX_SOCKET_PATH = 107
+
+
+def socket_path(path: str) -> str:
+    """``path`` itself, or, when it is too long for a unix socket (a database deep in the
+    tree), an abstract-namespace name written ``@coord-<hash>``: no file, no length limit.
+    A nudge is only a hint to look again, so a stray datagram from elsewhere costs nothing."""
+    if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+        return path
+    import hashlib
+
+    return "@coord-" + hashlib.sha256(os.fsencode(path)).hexdigest()[:32]
+
+
+def _address(path: str) -> str:
+    return "\0" + path[1:] if path.startswith("@") else path
+
+
 def bind(path: str) -> socket.socket:
-    """Bind a non-blocking datagram socket at ``path`` (a stale file there is replaced)."""
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    """Bind a non-blocking datagram socket at ``path`` (as returned by ``socket_path``; a
+    stale file there is replaced)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    s.bind(path)
-    os.chmod(path, 0o600)
-    s.setblocking(False)
+    try:
+        if not path.startswith("@"):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        s.bind(_address(path))
+        if not path.startswith("@"):
+            os.chmod(path, 0o600)
+        s.setblocking(False)
+    except BaseException:
+        s.close()
+        raise
     return s
 
 
@@ -52,7 +78,7 @@ def nudge(paths: Iterable[str | None]) -> None:
         if not p:
             continue
         try:
-            _sender.sendto(b"!", p)
+            _sender.sendto(b"!", _address(p))
         except OSError:
             pass
 
