@@ -61,6 +61,8 @@ def doctor(ctx: typer.Context, as_json: JsonOption = False) -> None:
         print(f"schema         {report['schema_version']} (this coord: {report['supported_schema_version']})")
         print(f"journal mode   {report['journal_mode']}")
         print(f"size           {report['size_bytes']} bytes, WAL {report['wal_bytes']} bytes")
+        print(f"busy           {report['busy_retries']} writes retried after the "
+              f"{report['busy_timeout_ms']} ms busy timeout")
         print("counts         " + ", ".join(f"{k} {v}" for k, v in report["counts"].items()))
         for p in report["permissions"]:
             print(f"permissions    {p}")

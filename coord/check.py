@@ -171,6 +171,8 @@ def doctor(store: Store) -> dict[str, Any]:
         "size_bytes": os.path.getsize(store.path),
         "wal_bytes": os.path.getsize(wal) if wal.exists() else 0,
         "busy_timeout_ms": store.config.busy_timeout_ms,
+        # Writes that waited past the busy timeout and were retried, since the db was made.
+        "busy_retries": store.value("SELECT value FROM counters WHERE name = 'busy_retries'") or 0,
         "problems": [p.to_json() for p in problems],
         "pending": [p.to_json() for p in pending],
         "permissions": perms,

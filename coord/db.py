@@ -273,9 +273,15 @@ class Store:
             raise RuntimeError("Store.write() called inside a transaction of the same thread; "
                                "do the work in the outer write's function instead")
 
+        tries = 0
+
         def attempt() -> T:
+            nonlocal tries
+            tries += 1
             conn.execute("BEGIN IMMEDIATE")
             try:
+                if tries > 1:  # the slow path only: count writes that had to wait (doctor)
+                    conn.execute(_COUNT_BUSY)
                 result = fn(conn)
                 conn.execute("COMMIT")
             except BaseException:
@@ -325,6 +331,11 @@ class Store:
     def side_dir(self, name: str) -> Path:
         """A private 0700 directory beside the database (locks, sockets, logs)."""
         return paths.private_dir(self.path, name)
+
+
+#: Counts writes that were retried after a busy error, in the same transaction.
+_COUNT_BUSY = ("INSERT INTO counters (name, value) VALUES ('busy_retries', 1) "
+               "ON CONFLICT (name) DO UPDATE SET value = value + 1")
 
 
 def _close_quietly(conn: apsw.Connection) -> None:

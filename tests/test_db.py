@@ -327,6 +327,8 @@ def test_busy_is_retried_until_the_lock_is_free(
         t.join(timeout=60)
     assert not t.is_alive() and result == [None]
     assert s.value("SELECT value FROM meta WHERE key = 'late'") == "1"
+    # The wait is counted, in the same transaction, for `coord doctor`.
+    assert coord.check.doctor(s)["busy_retries"] == 1
     s.close()
 
 
@@ -340,6 +342,7 @@ def test_fast_path_never_enters_the_retry_loop(
     for i in range(50):
         store.write(_put(f"k{i}"))
     assert store.value("SELECT count(*) FROM meta WHERE key LIKE 'k%'") == 50
+    assert coord.check.doctor(store)["busy_retries"] == 0
 
 
 def test_open_reader_does_not_block_writers(
