@@ -8,12 +8,11 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import reap_children, spawn_python, wait_line, wait_until
+from conftest import spawn_python, wait_line, wait_until
 
 import coord
 from coord.check import check
@@ -58,18 +57,6 @@ for line in sys.stdin:
     except LeaseLost as e:
         print("lost", e.term, lease.lost.is_set(), lease.lost_reason, flush=True)
 """
-
-
-@pytest.fixture
-def kids() -> Iterator[list[subprocess.Popen[Any]]]:
-    """Child processes, reaped and with their pipes closed at teardown."""
-    procs: list[subprocess.Popen[Any]] = []
-    yield procs
-    reap_children(procs)
-    for p in procs:
-        for f in (p.stdin, p.stdout, p.stderr):
-            if f is not None:
-                f.close()
 
 
 def _register(store: coord.Store, id: str | None = None) -> coord.Instance:
@@ -225,7 +212,7 @@ def _parse_acquired(line: str) -> tuple[int, float, int]:
 
 
 def test_five_candidates_thirty_kills(db_path: Path, tmp_path: Path,
-                                      kids: list[subprocess.Popen[Any]]) -> None:
+                                      children: list[subprocess.Popen[Any]]) -> None:
     """The holder is SIGKILLed 30 times: every term has exactly one holder, terms strictly
     increase, and no two holders' intervals overlap."""
     store = coord.Store(db_path)
@@ -235,7 +222,7 @@ def test_five_candidates_thirty_kills(db_path: Path, tmp_path: Path,
     def spawn() -> None:
         with open(errors, "a") as err:
             p = spawn_python(CANDIDATE, "chaos/L", db=db_path, stderr=err)
-        kids.append(p)
+        children.append(p)
         procs[p.pid] = p
 
     def next_holder(last: int) -> Any:
@@ -291,16 +278,16 @@ def test_five_candidates_thirty_kills(db_path: Path, tmp_path: Path,
 
 
 def test_sigstopped_holder_loses_after_ttl_not_before(
-    db_path: Path, kids: list[subprocess.Popen[Any]]
+    db_path: Path, children: list[subprocess.Popen[Any]]
 ) -> None:
     env = {"COORD_LEASE_TTL": "1.5", "COORD_RENEW_DEADLINE": "1.0", "COORD_HEARTBEAT": "0.3",
            "COORD_INSTANCE_TTL": "60"}
     store = coord.Store(db_path)
     holder = spawn_python(DRIVEN_HOLDER, "stop/L", db=db_path, env=env, stdin=subprocess.PIPE)
-    kids.append(holder)
+    children.append(holder)
     old_term = int(wait_line(holder, "acquired").split()[1])
     cand = spawn_python(CANDIDATE, "stop/L", db=db_path, env=env)
-    kids.append(cand)
+    children.append(cand)
     wait_line(cand, "ready")
     time.sleep(0.2)  # the candidate is waiting
     holder.send_signal(signal.SIGSTOP)
@@ -327,7 +314,7 @@ def test_sigstopped_holder_loses_after_ttl_not_before(
 
 
 def test_reaper_is_elected_among_live_instances(
-    db_path: Path, kids: list[subprocess.Popen[Any]]
+    db_path: Path, children: list[subprocess.Popen[Any]]
 ) -> None:
     code = """
 import os, time, coord
@@ -342,7 +329,7 @@ while True:
     env = {"COORD_HEARTBEAT": "0.1", "COORD_INSTANCE_TTL": "5", "COORD_LEASE_TTL": "1.5"}
     store = coord.Store(db_path)
     ps = [spawn_python(code, db=db_path, env=env) for _ in range(3)]
-    kids.extend(ps)
+    children.extend(ps)
     for p in ps:
         wait_line(p)
     first = wait_until(lambda: get_lease(store, REAPER_LEASE).alive and get_lease(store, REAPER_LEASE))

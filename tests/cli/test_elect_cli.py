@@ -8,12 +8,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-from conftest import coord_env, reap_children, wait_until
+from conftest import coord_env, wait_until
 
 import coord
 from coord.leases import acquire, get_lease
@@ -44,17 +43,6 @@ note("start")
 while True:
     time.sleep(0.05)
 """
-
-
-@pytest.fixture
-def kids() -> Iterator[list[subprocess.Popen[Any]]]:
-    procs: list[subprocess.Popen[Any]] = []
-    yield procs
-    reap_children(procs)
-    for p in procs:
-        for f in (p.stdin, p.stdout, p.stderr):
-            if f is not None:
-                f.close()
 
 
 def _wrapper(db: Path, *args: str, env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen[str]:
@@ -144,26 +132,26 @@ def test_group_is_recorded_before_cmd_runs(cli: CLI) -> None:
     assert r.stdout.split() == ["True", "True", "True"]
 
 
-def test_signals_are_forwarded_to_cmd(db_path: Path, kids: list[subprocess.Popen[Any]]) -> None:
+def test_signals_are_forwarded_to_cmd(db_path: Path, children: list[subprocess.Popen[Any]]) -> None:
     code = ("import signal, sys, time\n"
             "signal.signal(signal.SIGTERM, lambda *a: sys.exit(42))\n"
             "print('up', flush=True)\n"
             "while True: time.sleep(0.05)\n")
     p = _wrapper(db_path, "elect", "app/s", "--", sys.executable, "-c", code, stdout=subprocess.PIPE)
-    kids.append(p)
+    children.append(p)
     assert p.stdout is not None and p.stdout.readline().strip() == "up"
     p.send_signal(signal.SIGTERM)
     assert p.wait(30) == 42
 
 
 def test_new_holder_ends_previous_group_first(db_path: Path, tmp_path: Path,
-                                              kids: list[subprocess.Popen[Any]]) -> None:
+                                              children: list[subprocess.Popen[Any]]) -> None:
     """The wrapper is SIGKILLed: CMD dies with it (parent-death signal), but a grandchild it
     left in its group does not — the next holder ends that group before running its CMD."""
     pidfile = tmp_path / "bg.pid"
     p = _wrapper(db_path, "elect", "app/p", "--", "sh", "-c",
                  f"sleep 600 & echo $! > {pidfile}; wait")
-    kids.append(p)
+    children.append(p)
     bg = int(wait_until(lambda: pidfile.exists() and pidfile.read_text().strip()))
     store = coord.Store(db_path)
     cmd_pid = get_lease(store, "app/p").pgid
@@ -182,7 +170,7 @@ def test_new_holder_ends_previous_group_first(db_path: Path, tmp_path: Path,
 
 
 def test_elect_chaos_sigkill_and_sigstop(db_path: Path, tmp_path: Path,
-                                         kids: list[subprocess.Popen[Any]]) -> None:
+                                         children: list[subprocess.Popen[Any]]) -> None:
     """3 `coord elect` wrappers; the holder's wrapper is SIGKILLed several times and
     SIGSTOPped once: no two workers ever run at the same time, and no worker outlives its
     wrapper by more than the grace period."""
@@ -194,7 +182,7 @@ def test_elect_chaos_sigkill_and_sigstop(db_path: Path, tmp_path: Path,
 
     def spawn() -> None:
         w = _wrapper(db_path, *args, stderr=subprocess.DEVNULL)
-        kids.append(w)
+        children.append(w)
         wrappers[w.pid] = w
 
     def starts() -> list[list[str]]:
@@ -251,13 +239,13 @@ def test_elect_chaos_sigkill_and_sigstop(db_path: Path, tmp_path: Path,
     store.close()
 
 
-def test_lost_lease_ends_cmd(db_path: Path, kids: list[subprocess.Popen[Any]]) -> None:
+def test_lost_lease_ends_cmd(db_path: Path, children: list[subprocess.Popen[Any]]) -> None:
     """When the lease is taken away (here: expired by hand), CMD's group is ended and the
     wrapper exits 75."""
     p = _wrapper(db_path, "elect", "app/l", "--ttl", "3", "--grace", "1", "--",
                  "sh", "-c", "echo up; exec sleep 600", stdout=subprocess.PIPE,
                  stderr=subprocess.PIPE)
-    kids.append(p)
+    children.append(p)
     assert p.stdout is not None and p.stdout.readline().strip() == "up"
     store = coord.Store(db_path)
     cmd = get_lease(store, "app/l").pgid
