@@ -34,7 +34,7 @@ APPLICATION_ID = 0x636F6F72
 CONNECTION_PRAGMAS: tuple[tuple[str, str], ...] = (
     ("synchronous", "NORMAL"),  # WAL + NORMAL: durable across process crashes, fast commits
     ("foreign_keys", "ON"),
-    ("journal_size_limit", str(64 << 20)),  # the WAL is truncated to this after checkpoints
+    ("journal_size_limit", str(4 << 20)),  # the WAL is truncated to this when it restarts
     ("temp_store", "MEMORY"),
     ("cache_size", "-8000"),
     ("wal_autocheckpoint", "1000"),  # PASSIVE checkpoints only: they never block writers

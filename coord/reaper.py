@@ -347,9 +347,30 @@ def reap(store: Store, *, dry_run: bool = False, checkpoint: bool = True) -> Rea
             lambda c: trim_events(c, now_wall=store.wall(), max_rows=cfg.events_max_rows,
                                   max_age=cfg.events_max_age))
         if checkpoint:
-            # PASSIVE: never waits for readers, so it never blocks writers (heartbeats).
-            store.conn().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            checkpoint_wal(store)
     return report
+
+
+def checkpoint_wal(store: Store) -> tuple[int, int, int]:
+    """Copy the WAL back into the database, and shrink it when nobody is in the way.
+
+    PASSIVE never waits for anyone, so it never blocks writers (heartbeats). Under constant
+    traffic some reader always pins old frames and the WAL never restarts, so a TRUNCATE is
+    then tried with a zero busy timeout: it succeeds only at a quiet instant and otherwise
+    gives up at once instead of holding every writer behind a waiting checkpoint.
+    Returns SQLite's (busy, log frames, checkpointed frames) of the last attempt.
+    """
+    conn = store.conn()
+    row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0]
+    if row[1] > 0:  # frames in the WAL: try to empty it
+        conn.set_busy_timeout(0)
+        try:
+            row = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0]
+        except apsw.BusyError:
+            pass
+        finally:
+            conn.set_busy_timeout(store.config.busy_timeout_ms)
+    return int(row[0]), int(row[1]), int(row[2])
 
 
 def _mark_exited(ids: list[int], wall: float) -> Callable[[apsw.Connection], None]:
