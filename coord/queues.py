@@ -42,14 +42,13 @@ from __future__ import annotations
 
 import os
 import random
-import secrets
 import socket
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import apsw
 
@@ -167,31 +166,30 @@ _COLUMNS = (
 
 
 def _job(store: Store, r: Row | tuple[Any, ...], now: float, *, with_token: bool = False) -> Job:
-    if not isinstance(r, dict):
-        r = dict(zip(_COLUMN_NAMES, r, strict=True))
-    state = r["state"]
-    avail = max(0.0, r["available_mono"] - now)
-    if state == "ready" and avail > 0:
-        state = "delayed"
+    """A Job from a row: a dict, or a tuple in _COLUMNS order."""
+    if isinstance(r, dict):
+        r = tuple(r[k] for k in _COLUMN_NAMES)
+    (id, queue, state, priority, payload, dedupe_key, attempts, max_attempts, available,
+     created_at, claimed_by, token, expires, last_error, result, finished_at) = r
+    avail = available - now if state == "ready" and available > now else 0.0
     cfg = store.config
-    expires = r["claim_expires_mono"]
     return Job(
-        id=r["id"],
-        queue=r["queue"],
-        state=state,
-        priority=r["priority"],
-        attempts=r["attempts"],
-        max_attempts=r["max_attempts"],
-        payload=decode(r["payload"], limit=cfg.payload_limit, max_depth=cfg.payload_max_depth),
-        dedupe_key=r["dedupe_key"],
-        token=r["claim_token"] if with_token else None,
-        instance_id=r["claimed_by"],
-        created_at=r["created_at"],
-        available_in=avail if r["state"] == "ready" else 0.0,
+        id=id,
+        queue=queue,
+        state="delayed" if avail > 0 else state,
+        priority=priority,
+        attempts=attempts,
+        max_attempts=max_attempts,
+        payload=decode(payload, limit=cfg.payload_limit, max_depth=cfg.payload_max_depth),
+        dedupe_key=dedupe_key,
+        token=token if with_token else None,
+        instance_id=claimed_by,
+        created_at=created_at,
+        available_in=avail,
         expires_in=None if expires is None else expires - now,
-        last_error=r["last_error"],
-        result=None if r["result"] is None else decode(r["result"]),
-        finished_at=r["finished_at"],
+        last_error=last_error,
+        result=None if result is None else decode(result),
+        finished_at=finished_at,
     )
 
 
@@ -436,8 +434,7 @@ def _existing(c: apsw.Connection, queue: str, key: str | None) -> int | None:
 # -- claim --------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Holder:
+class _Holder(NamedTuple):
     id: str
     incarnation: int
     sock: socket.socket | None
@@ -467,7 +464,7 @@ _CLAIM = (
 
 def _try_claim(store: Store, queue: str, h: _Holder, lease: float) -> Job | None:
     """One claim transaction: the best due job, or None (after checking why)."""
-    secret = secrets.token_hex(8)
+    secret = f"{random.getrandbits(64):016x}"  # with the job id: unique, and not guessable
 
     def txn(c: apsw.Connection) -> tuple[Any, ...] | None:
         now = store.mono()
@@ -500,17 +497,18 @@ def _try_claim(store: Store, queue: str, h: _Holder, lease: float) -> Job | None
 _scanned: weakref.WeakKeyDictionary[Store, dict[str, tuple[int, float]]] = (
     weakref.WeakKeyDictionary()
 )
-_scanned_lock = threading.Lock()
 
 
 def _scan_due(store: Store, queue: str, interval: float) -> bool:
+    # No lock: two threads that both scan at once do no harm.
     now, pid = store.mono(), os.getpid()
-    with _scanned_lock:
+    per_queue = _scanned.get(store)
+    if per_queue is None:
         per_queue = _scanned.setdefault(store, {})
-        last_pid, last = per_queue.get(queue, (0, float("-inf")))
-        if last_pid == pid and 0 <= now - last < interval:
-            return False
-        per_queue[queue] = (pid, now)
+    last_pid, last = per_queue.get(queue, (0, float("-inf")))
+    if last_pid == pid and 0 <= now - last < interval:
+        return False
+    per_queue[queue] = (pid, now)
     return True
 
 

@@ -78,7 +78,7 @@ def test_put_ls_stats(invoke: Any, store: coord.Store) -> None:
 
 def test_bad_input_is_one_line(invoke: Any) -> None:
     one_line_error(invoke("queue", "put", "jobs", "{nope"), 1, "payload")
-    one_line_error(invoke("queue", "put", "bad name", "1"), 2, "queue name")
+    one_line_error(invoke("queue", "put", "", "1"), 2, "queue name")
     one_line_error(invoke("queue", "ls", "--state", "weird"), 2, "unknown state")
     one_line_error(invoke("queue", "stats", "nope"), 1, "no such queue")
     one_line_error(invoke("queue", "cancel", "99"), 1, "no such job")
