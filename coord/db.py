@@ -3,6 +3,17 @@
 ``Store`` is the only place that opens connections, sets pragmas and runs transactions.
 Every write is one short ``BEGIN IMMEDIATE`` transaction run by ``Store.write(fn)``; reads run
 outside transactions. apsw errors are translated to ``coord.errors`` here, at one boundary.
+
+Connections and processes:
+
+- Each thread gets its own connection on first use (``Store.conn()``), checked against the
+  pid on every use; connections of threads that ended are closed by the next new one.
+- After ``fork()`` the child never uses or checkpoints what it inherited: idle inherited
+  connections are closed without a checkpoint (so SQLite's per-process lock bookkeeping
+  starts afresh and the child's own connections hold real locks), busy ones are leaked.
+- No file of the database is ever opened and closed with plain ``open()`` while this process
+  has a connection to it: closing any descriptor of a file drops every POSIX lock the
+  process holds on it, SQLite's included (``FILE_OPEN_LOCK``, ``coord.migrate``).
 """
 
 from __future__ import annotations
