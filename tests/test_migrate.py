@@ -256,7 +256,7 @@ print("opened", flush=True)
 
 @pytest.mark.parametrize("start", ["new", "version 1"])
 def test_ten_processes_migrate_exactly_once(tmp_path: Path, start: str) -> None:
-    for round in range(2):
+    for round in range(2 if start == "new" else 1):
         d = tmp_path / f"r{round}"
         d.mkdir(mode=0o700)
         db, go = d / "coord.db", tmp_path / f"go{round}"
