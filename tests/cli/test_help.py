@@ -4,6 +4,7 @@ two commands it promises, and CI runs the second."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -105,6 +106,17 @@ def test_readme_documents_every_command() -> None:
     reference = (ROOT / "README.md").read_text().split("## CLI reference", 1)[1].split("\n## ", 1)[0]
     missing = [i for i in IDS if i != "coord" and f"`{i}" not in reference]
     assert not missing, f"README's CLI reference lacks {missing}"
+
+
+def test_readme_python_example_runs(db_path: Path) -> None:
+    text = (ROOT / "README.md").read_text()
+    example = re.findall(r"```python\n(.*?)```", text, re.S)[0]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COORD_")}
+    env["COORD_DB"] = str(db_path)  # coord.Store() with no path uses it
+    r = subprocess.run([sys.executable, "-c", example], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("leader with term ")
 
 
 def test_readme_lists_every_config_field() -> None:
