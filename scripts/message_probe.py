@@ -6,6 +6,14 @@ A responder process registers and answers every request it receives; this proces
 registers, sends ``--n`` requests one after another and prints the round-trip times
 (median, p90, p99, max) and one JSON line. The database is a fresh temporary one unless
 ``--db`` is given. Not a test: it asserts nothing about speed.
+
+Measured on the shared 2-vCPU development VM (ext4), 3000 round trips after 200 warm-up:
+
+    load average ~10 (other test runs), plain:          p50 2.16 ms  p90 6.48  p99 15.0
+    same load, both processes SCHED_FIFO (chrt -f 10):  p50 0.67 ms  p90 0.76  p99 4.6
+
+The second line isolates coord's own cost from the machine's run-queue; the p99 there is
+WAL checkpoints (a commit that crosses wal_autocheckpoint copies pages and syncs).
 """
 
 from __future__ import annotations
