@@ -9,6 +9,7 @@ can also watch pids through ``pidfd_open`` so the death of a holder wakes it at 
 
 from __future__ import annotations
 
+import atexit
 import os
 import select
 import socket
@@ -65,6 +66,12 @@ def bind(path: str) -> socket.socket:
 
 _sender: socket.socket | None = None
 _sender_pid = 0
+
+
+@atexit.register
+def _close_sender() -> None:
+    if _sender is not None and _sender_pid == os.getpid():
+        _sender.close()
 
 
 def nudge(paths: Iterable[str | None]) -> None:

@@ -361,8 +361,8 @@ def checkpoint_wal(store: Store) -> tuple[int, int, int]:
     Returns SQLite's (busy, log frames, checkpointed frames) of the last attempt.
     """
     conn = store.conn()
-    row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0]
-    if row[1] > 0:  # frames in the WAL: try to empty it
+    row: Any = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0]
+    if int(row[1]) > 0:  # frames in the WAL: try to empty it
         conn.set_busy_timeout(0)
         try:
             row = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0]
