@@ -52,6 +52,10 @@ def run(
         raise InvalidArgument("no command given (use: coord run --app NAME -- CMD ...)")
     inst = register(store, instance_id or generate_id(app), app=app, labels=labels,
                     handle_signals=False)
+    from .leases import serve_reaper
+
+    # Live instances reap among themselves (one elected reaper), so cron is a safety net.
+    serve_reaper(inst)
     child: list[int] = []  # the program's pid, once it exists
     pending: list[int] = []  # signals that came before it did
 

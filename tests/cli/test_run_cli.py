@@ -188,3 +188,26 @@ def test_interactive_cmd_gets_the_terminal(db_path: Path) -> None:
         except ProcessLookupError:
             pass
         os.close(fd)
+
+
+def test_run_instances_elect_one_reaper_among_themselves(
+        db_path: Path, procs: list[subprocess.Popen[str]]) -> None:
+    from conftest import wait_until
+
+    from coord.leases import get_lease
+
+    env = {"COORD_HEARTBEAT": "0.2", "COORD_INSTANCE_TTL": "2"}
+    for i in range(3):
+        run_bg(db_path, procs, "--app", "t", "--instance-id", f"r{i}", "--",
+               "sh", "-c", 'echo "ready $$"; exec sleep 60', **env)
+    for p in procs:
+        wait_line(p, timeout=60)
+    s = coord.Store(db_path)
+    holder = wait_until(lambda: get_lease(s, "coord/reaper").holder, timeout=30)
+    assert holder in {"r0", "r1", "r2"}
+    # The elected reaper buries a dead instance by itself: no cron, no explicit reap.
+    victim = coord.register(s, "victim", app="t", heartbeat=False, handle_signals=False)
+    s.write(lambda c: c.execute("UPDATE instances SET heartbeat_mono = 0 WHERE id = 'victim'"))
+    wait_until(lambda: s.row("SELECT 1 FROM instances WHERE id = 'victim'") is None, timeout=30)
+    victim.close()
+    s.close()
