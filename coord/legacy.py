@@ -42,7 +42,7 @@ from .db import Store
 from .errors import MalformedFile, PayloadError
 from .events import log_event
 from .payload import encode
-from .queues import _insert, _name, _nudge_waiters, _queue_row
+from .queues import _insert, _name, _nudge_queue, _queue_row
 
 #: The queue legacy entries go to unless told otherwise.
 DEFAULT_QUEUE = "legacy"
@@ -211,5 +211,5 @@ def import_queue_state(
         else:
             report.existing.append({"id": ent["id"], "job_id": job_id})
     if report.imported:
-        _nudge_waiters(store, owner)
+        _nudge_queue(store, queue, owner)
     return report

@@ -43,7 +43,6 @@ from __future__ import annotations
 import os
 import random
 import socket
-import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
@@ -87,7 +86,10 @@ SCAN_INTERVAL = 0.05
 IDLE_SCAN_INTERVAL = 0.005
 #: How long a process trusts its list of nudge sockets (seconds).
 NUDGE_CACHE_SECONDS = 0.5
-#: A process nudges the same waiters at most this often (seconds); see _nudge_waiters.
+#: A max depth set on a queue that had none applies to puts at most this long after
+#: (seconds): a process that saw the queue unbounded trusts that for this long.
+QUEUE_CONFIG_SECONDS = 1.0
+#: A process nudges the waiters of one queue at most this often (seconds); see _nudge_queue.
 NUDGE_INTERVAL = 0.002
 
 
@@ -229,6 +231,8 @@ def create_queue(
     if max_depth is not None and max_depth < 1:
         raise InvalidArgument(f"max depth must be at least 1, got {max_depth}")
 
+    _unbounded.pop((id(store), name), None)
+
     def txn(c: apsw.Connection) -> None:
         rows = fetch(c, "SELECT owner_id FROM queues WHERE name = ?", (name,))
         if not rows:
@@ -263,23 +267,25 @@ def _queue_row(c: apsw.Connection, store: Store, name: str) -> tuple[str | None,
 # -- nudges -------------------------------------------------------------------------------
 
 _nudge_cache: dict[tuple[int, str], tuple[float, list[tuple[str, str]]]] = {}
-_nudged: dict[tuple[int, str, str | None], float] = {}
-_nudge_lock = threading.Lock()
+_nudged: dict[tuple[int, str], float] = {}  # (id(store), queue) -> last nudge
+_UNKNOWN = "\0unknown"
 
 
-def _nudge_waiters(store: Store, owner: str | None) -> None:
-    """Wake the instances that may claim from a queue (the owner, or every live one).
+def _nudge_queue(store: Store, queue: str, owner: str | None = _UNKNOWN) -> None:
+    """Wake the instances that may claim from ``queue``: its owner, or every live one.
 
-    At most one nudge per NUDGE_INTERVAL for the same targets: a waiter woken that recently
-    is still polling the database at a short interval (``coord.nudge.wait_for`` restarts
-    its polling at half a millisecond), so it sees the next commit anyway."""
+    At most one nudge per NUDGE_INTERVAL for one queue: a waiter woken that recently is
+    still polling the database at a short interval (``coord.nudge.wait_for`` restarts its
+    polling at half a millisecond), so it sees the next commit anyway. No lock: a race
+    costs at most one nudge more or less, and a nudge is only a hint."""
+    now, key = time.monotonic(), (id(store), queue)
+    if now - _nudged.get(key, float("-inf")) < NUDGE_INTERVAL:
+        return
+    _nudged[key] = now
     pid, path = os.getpid(), str(store.path)
-    now = time.monotonic()
-    with _nudge_lock:
-        if now - _nudged.get((pid, path, owner), float("-inf")) < NUDGE_INTERVAL:
-            return
-        _nudged[(pid, path, owner)] = now
-        hit = _nudge_cache.get((pid, path))
+    if owner == _UNKNOWN:
+        owner = store.value("SELECT owner_id FROM queues WHERE name = ?", (queue,))
+    hit = _nudge_cache.get((pid, path))
     if hit is None or now - hit[0] > NUDGE_CACHE_SECONDS:
         rows = [
             (str(r[0]), str(r[1]))
@@ -288,9 +294,7 @@ def _nudge_waiters(store: Store, owner: str | None) -> None:
                 "AND nudge_path IS NOT NULL"
             )
         ]
-        hit = (now, rows)
-        with _nudge_lock:
-            _nudge_cache[(pid, path)] = hit
+        hit = _nudge_cache[(pid, path)] = (now, rows)
     nudge.nudge(p for i, p in hit[1] if owner is None or i == owner)
 
 
@@ -312,7 +316,45 @@ def put(
     Raises ``QueueFull`` when the queue has a max depth and that many jobs wait."""
     _name(queue)
     row = _checked(store, payload, priority, delay, dedupe_key, max_attempts)
+    if dedupe_key is None:
+        text, prio, wait, _, attempts = row
+        key = (id(store), queue)
+        known = time.monotonic() - _unbounded.get(key, float("-inf")) < QUEUE_CONFIG_SECONDS
+
+        def txn(c: apsw.Connection) -> int | None:
+            params = (text, prio, store.mono() + wait, attempts, store.wall(), queue)
+            if known:
+                try:
+                    c.execute(_INSERT_PLAIN_FAST, params)
+                except apsw.ConstraintError:  # the queue is gone: take the general path
+                    return None
+                return c.last_insert_rowid()
+            c.execute(_INSERT_FAST, params)
+            return c.last_insert_rowid() if c.changes() else None
+
+        job_id = store.write(txn)
+        if job_id is not None:
+            _unbounded[key] = time.monotonic()
+            _nudge_queue(store, queue)
+            return job_id
+        _unbounded.pop(key, None)
     return _put_rows(store, queue, [row])[0]
+
+
+# The common put in one statement: it adds the job only to an existing queue without a max
+# depth (a new queue, or one with a max depth, takes _put_rows). Once a process has seen
+# that a queue has no max depth, it inserts without looking for QUEUE_CONFIG_SECONDS (the
+# foreign key still proves the queue exists).
+_INSERT_FAST = (
+    "INSERT INTO jobs (payload, priority, available_mono, max_attempts, created_at, queue) "
+    "SELECT ?, ?, ?, ?, ?, name FROM queues WHERE name = ? AND max_depth IS NULL"
+)
+_INSERT_PLAIN_FAST = (
+    "INSERT INTO jobs (payload, priority, available_mono, max_attempts, created_at, queue) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+#: (id(store), queue) -> when this process last saw that the queue has no max depth.
+_unbounded: dict[tuple[int, str], float] = {}
 
 
 def put_many(store: Store, queue: str, jobs: Iterable[NewJob | Any]) -> list[int]:
@@ -361,7 +403,7 @@ def _put_rows(
 
     ids, added, owner = store.write(txn)
     if added:
-        _nudge_waiters(store, owner)
+        _nudge_queue(store, queue, owner)
     return ids
 
 
@@ -454,61 +496,60 @@ _CLAIM = (
     "claimed_incarnation = ?, claim_expires_mono = ?, claimed_at = ?, attempts = attempts + 1 "
     "WHERE id = (SELECT id FROM jobs WHERE queue = ? AND state = 'ready' AND available_mono <= ? "
     "ORDER BY priority DESC, id LIMIT 1) "
-    "AND EXISTS (SELECT 1 FROM instances WHERE id = ? AND incarnation = ? AND status = 'alive') "
-    "AND EXISTS (SELECT 1 FROM queues WHERE name = ? AND (owner_id IS NULL OR owner_id = ?)) "
     "RETURNING id, queue, state, priority, payload, dedupe_key, attempts, max_attempts, "
     "available_mono, created_at, claimed_by, claim_token, claim_expires_mono, last_error, result, "
     "finished_at"  # the same list as _COLUMNS
 )
+# Who may claim, read in the claim's own transaction (cheaper than EXISTS in the UPDATE).
+_MAY_CLAIM = (
+    "SELECT (SELECT 1 FROM instances WHERE id = ? AND incarnation = ? AND status = 'alive'), "
+    "(SELECT owner_id FROM queues WHERE name = ?)"
+)
 
 
 def _try_claim(store: Store, queue: str, h: _Holder, lease: float) -> Job | None:
-    """One claim transaction: the best due job, or None (after checking why)."""
+    """One claim transaction: the claimer must be registered and alive, and the queue shared
+    or its own; then the best due job in one statement, or None."""
     secret = f"{random.getrandbits(64):016x}"  # with the job id: unique, and not guessable
 
-    def txn(c: apsw.Connection) -> tuple[Any, ...] | None:
-        now = store.mono()
-        got = c.execute(
-            _CLAIM,
-            (secret, h.id, h.incarnation, now + lease, store.wall(), queue, now,
-             h.id, h.incarnation, queue, h.id),
-        ).fetchall()
-        if got:
-            return (now, *got[0])
-        alive = c.execute(
-            "SELECT 1 FROM instances WHERE id = ? AND incarnation = ? AND status = 'alive'",
-            (h.id, h.incarnation),
-        ).fetchall()
-        if not alive:
-            raise NotRegistered(h.id, "its registration has ended (declared dead or taken over)")
-        for (owner,) in c.execute("SELECT owner_id FROM queues WHERE name = ?", (queue,)):
+    def txn(c: apsw.Connection) -> tuple[float, tuple[Any, ...]] | None:
+        for alive, owner in c.execute(_MAY_CLAIM, (h.id, h.incarnation, queue)):
+            if not alive:
+                raise NotRegistered(h.id, "its registration has ended (declared dead or taken over)")
             if owner is not None and owner != h.id:
                 raise PermissionDenied(f"queue {queue!r} is private to instance {owner!r}")
-        return None
+        now = store.mono()
+        got = c.execute(
+            _CLAIM, (secret, h.id, h.incarnation, now + lease, store.wall(), queue, now)
+        ).fetchall()
+        return (now, got[0]) if got else None
 
     got = store.write(txn)
     if got is None:
         return None
-    return _job(store, got[1:], got[0], with_token=True)
+    return _job(store, got[1], got[0], with_token=True)
 
 
 # When this process last scanned each queue of each open Store for dead holders and
 # expired leases (by the store's own clock; a clock that went back counts as due).
-_scanned: weakref.WeakKeyDictionary[Store, dict[str, tuple[int, float]]] = (
-    weakref.WeakKeyDictionary()
-)
+# When this process last scanned each queue, per open Store: id(store) -> (a weak reference
+# to the store, {queue: store.mono() of the scan}).
+_scanned: dict[int, tuple[weakref.ref[Store], dict[str, float]]] = {}
+
+
+def _forget_scans(key: int) -> Callable[[weakref.ref[Store]], None]:
+    return lambda _: _scanned.pop(key, None) and None
 
 
 def _scan_due(store: Store, queue: str, interval: float) -> bool:
     # No lock: two threads that both scan at once do no harm.
-    now, pid = store.mono(), os.getpid()
-    per_queue = _scanned.get(store)
-    if per_queue is None:
-        per_queue = _scanned.setdefault(store, {})
-    last_pid, last = per_queue.get(queue, (0, float("-inf")))
-    if last_pid == pid and 0 <= now - last < interval:
+    now = store.mono()
+    entry = _scanned.get(id(store))
+    if entry is None or entry[0]() is not store:
+        entry = _scanned[id(store)] = (weakref.ref(store, _forget_scans(id(store))), {})
+    if 0 <= now - entry[1].get(queue, float("-inf")) < interval:
         return False
-    per_queue[queue] = (pid, now)
+    entry[1][queue] = now
     return True
 
 
@@ -589,10 +630,11 @@ def claim(
     instance: Instance | str | None = None,
     *,
     lease: float | None = None,
-    timeout: float = 0.0,
+    timeout: float | None = 0.0,
 ) -> Job | None:
     """Claim the next job of ``queue`` for ``instance`` (an ``Instance``, a live instance's
-    id, or None for ``COORD_INSTANCE_ID``), waiting up to ``timeout`` seconds.
+    id, or None for ``COORD_INSTANCE_ID``), waiting up to ``timeout`` seconds (None: until
+    a job comes).
 
     Returns the job, with ``token``, claimed for ``lease`` seconds (default
     ``config.claim_lease``), or None when nothing arrived in time. Raises
@@ -603,7 +645,7 @@ def claim(
     lease = store.config.claim_lease if lease is None else lease
     if not (lease > 0):
         raise InvalidArgument(f"lease must be positive, got {lease!r}")
-    if not (timeout >= 0):
+    if timeout is not None and not (timeout >= 0):
         raise InvalidArgument(f"timeout must be zero or more seconds, got {timeout!r}")
     if _scan_due(store, queue, SCAN_INTERVAL):
         release_dead_claims(store, queue, skip=h.id)
@@ -612,9 +654,10 @@ def claim(
         return job
     if _scan_due(store, queue, IDLE_SCAN_INTERVAL) and release_dead_claims(store, queue, skip=h.id):
         job = _try_claim(store, queue, h, lease)
-    if job is not None or timeout <= 0:
+    if job is not None or timeout == 0:
         return job
-    return _wait_claim(store, queue, h, lease, store.mono() + timeout)
+    return _wait_claim(store, queue, h, lease,
+                       float("inf") if timeout is None else store.mono() + timeout)
 
 
 def _wait_claim(store: Store, queue: str, h: _Holder, lease: float, deadline: float) -> Job | None:
@@ -647,7 +690,8 @@ def _wait_claim(store: Store, queue: str, h: _Holder, lease: float, deadline: fl
                 return None
             return _try_claim(store, queue, h, lease)
 
-        got = nudge.wait_for(store, check, max(0.0, until - now), sock=h.sock, watch_pids=watch)
+        wait = None if until == float("inf") else max(0.0, until - now)
+        got = nudge.wait_for(store, check, wait, sock=h.sock, watch_pids=watch)
         if isinstance(got, Job):
             return got
         if got is None and store.mono() >= deadline:
@@ -792,11 +836,6 @@ def release(store: Store, token: Job | str) -> None:
     if got is _LOST:
         raise ClaimLost(tok)
     _nudge_queue(store, str(got))
-
-
-def _nudge_queue(store: Store, queue: str) -> None:
-    owner = store.value("SELECT owner_id FROM queues WHERE name = ?", (queue,))
-    _nudge_waiters(store, owner)
 
 
 # -- cancel, requeue, purge, adopt --------------------------------------------------------
@@ -945,10 +984,8 @@ def adopt(
         return Adoption(from_id, to, to_queue, names, moved, left)
 
     result = store.write(txn)
-    if to is not None:
-        _nudge_waiters(store, to)
-    elif to_queue is not None:
-        _nudge_queue(store, to_queue)
+    for name in result.queues if to is not None else [to_queue] if to_queue else []:
+        _nudge_queue(store, name)
     return result
 
 
@@ -1107,7 +1144,7 @@ class Queue:
     def put_many(self, jobs: Iterable[NewJob | Any]) -> list[int]:
         return put_many(self.store, self.name, jobs)
 
-    def claim(self, *, lease: float | None = None, timeout: float = 0.0) -> Job | None:
+    def claim(self, *, lease: float | None = None, timeout: float | None = 0.0) -> Job | None:
         return claim(self.store, self.name, self.instance, lease=lease, timeout=timeout)
 
     def ack(self, job: Job | str, result: Any = None) -> None:

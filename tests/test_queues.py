@@ -182,6 +182,20 @@ def test_max_depth(cstore: coord.Store) -> None:
     queues.put(cstore, "small", 3)
 
 
+def test_put_sees_a_new_max_depth_and_a_recreated_queue(cstore: coord.Store) -> None:
+    queues.put(cstore, "q", 1)
+    queues.put(cstore, "q", 2)  # this process now knows "q" has no max depth
+    queues.create_queue(cstore, "q", max_depth=2)
+    with pytest.raises(QueueFull):
+        queues.put(cstore, "q", 3)
+    queues.purge(cstore, "q", everything=True)
+    queues.put(cstore, "q", 4)  # created again, shared
+    queues.put(cstore, "q", 5)
+    queues.purge(cstore, "q", everything=True)
+    queues.put(cstore, "q", 6)  # gone while known unbounded: the foreign key tells
+    assert [j.payload for j in queues.list_jobs(cstore, "q")] == [6]
+
+
 def test_payload_is_validated(cstore: coord.Store) -> None:
     with pytest.raises(PayloadError):
         queues.put(cstore, "q", {1, 2})
@@ -537,6 +551,16 @@ def test_claims_and_checker_after_a_mixed_session(cstore: coord.Store, clock: Ma
     coord.reap(cstore)
     assert queue_problems(cstore) == []
     assert check(cstore, strict=True) == []
+
+
+def test_claim_without_timeout_waits_until_a_job_comes(store: coord.Store, db_path: Path,
+                                                       children: list[Any]) -> None:
+    me = coord.register(store, "me", app="test")
+    children.append(spawn_python(
+        "import os, time, coord; from coord import queues; s = coord.Store(os.environ['COORD_DB']);"
+        "time.sleep(0.2); queues.put(s, 'work', 'late')", db=db_path))
+    job = queues.claim(store, "work", me, timeout=None)
+    assert job is not None and job.payload == "late"
 
 
 def test_waiting_claim_returns_none_in_time(store: coord.Store) -> None:
