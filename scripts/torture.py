@@ -4,7 +4,7 @@ and runs the invariant checker at the end.
 
 Run (the full run, ≥ 1 000 kills):
 
-    .venv/bin/python scripts/torture.py --duration 300 --workers 10
+    .venv/bin/python scripts/torture.py --duration 1800 --kills 1000 --workers 8
 
 The bounded version CI runs (tests/test_torture.py):
 
@@ -145,12 +145,24 @@ class Run:
         self.anchor: subprocess.Popen[str] | None = None
 
     def spawn(self, *args: str) -> subprocess.Popen[str]:
+        for attempt in range(3):
+            try:
+                return self._spawn(*args)
+            except RuntimeError:
+                if attempt == 2:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _spawn(self, *args: str) -> subprocess.Popen[str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("COORD_")}
         p = subprocess.Popen([sys.executable, __file__, "--db", str(self.db), "--logdir",
                               str(self.logdir), *args], env=env, stdout=subprocess.PIPE, text=True)
         assert p.stdout is not None
         line = p.stdout.readline()
         if not line.startswith("ready"):
+            p.wait()
+            if p.stdout:
+                p.stdout.close()
             raise RuntimeError(f"worker {args} did not start: {line!r} (exit {p.poll()})")
         return p
 
@@ -174,11 +186,11 @@ class Run:
             time.sleep(0.005)
         self.violate(f"ephemeral key of torture-{slot}#{incarnation} outlived its owner by 1 s")
 
-    def chaos(self, store: Any, duration: float, rng: random.Random) -> None:
+    def chaos(self, store: Any, duration: float, rng: random.Random, kills: int | None) -> None:
         from coord.instances import get_instance
 
         end = time.monotonic() + duration
-        while time.monotonic() < end:
+        while time.monotonic() < end and (kills is None or self.kills < kills):
             time.sleep(rng.random() * 0.15)
             slot = rng.randrange(self.n)
             p = self.procs[slot]
@@ -198,6 +210,9 @@ class Run:
             if p.stdout:
                 p.stdout.close()
             self.kills += 1
+            if self.kills % 100 == 0:
+                print(f"progress: kills={self.kills} stops={self.stops} "
+                      f"violations={len(self.violations)}", file=sys.stderr, flush=True)
             self.ephemeral_gone(store, slot, inc)
             self.procs[slot] = self.spawn("--worker", str(slot))
 
@@ -278,6 +293,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--duration", type=float, default=15.0, help="seconds of chaos")
     ap.add_argument("--workers", type=int, default=5)
+    ap.add_argument("--kills", type=int, default=None, help="stop the chaos after this many kills")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--dir", default=None, help="directory for the database (default: a temp dir)")
     ap.add_argument("--db", help=argparse.SUPPRESS)
@@ -307,7 +323,7 @@ def main() -> int:
         run = Run(db, logdir, a.workers)
         try:
             run.start()
-            run.chaos(store, a.duration, rng)
+            run.chaos(store, a.duration, rng, a.kills)
         finally:
             run.stop_all()
         ops = run.verify(store)
