@@ -16,6 +16,7 @@ from . import (
     instance_cmds,
     lease_cmds,
     message_cmds,
+    metrics_cmd,
     process_cmds,
     queue_cmds,
     store_cmds,
@@ -46,7 +47,8 @@ def _root(
     ctx.obj = State(db)
 
 
-for module in (store_cmds, instance_cmds, process_cmds, lease_cmds, queue_cmds, message_cmds, demo_cmd):
+for module in (store_cmds, instance_cmds, process_cmds, lease_cmds, queue_cmds, message_cmds,
+               metrics_cmd, demo_cmd):
     module.register(app)
 
 

@@ -1,0 +1,31 @@
+"""`coord metrics`: the Prometheus text export reflects instances, queues and leases."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Callable
+
+import coord
+from coord import leases, queues
+
+Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+SAMPLE = re.compile(r'^[a-z_]+(\{([a-z_]+="([^"\\]|\\.)*",?)*\})? -?[0-9.e+-]+$')
+
+
+def test_metrics_text_format_and_figures(store: coord.Store, cli: Cli) -> None:
+    inst = coord.register(store, "m1", app="web", heartbeat=False, handle_signals=False)
+    queues.put(store, "web/jobs", {"n": 1})
+    queues.put(store, "web/jobs", {"n": 2})
+    lease = leases.acquire(inst, 'web/"leader"', timeout=0)
+    out = cli("metrics")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    for line in lines:
+        assert line.startswith("# ") or SAMPLE.match(line), line
+    assert 'coord_instances{app="web",state="alive"} 1' in lines
+    assert 'coord_queue_jobs_ready{queue="web/jobs"} 2' in lines
+    assert any(line.startswith('coord_lease_held{lease="web/\\"leader\\"",holder="m1"} 1') for line in lines)
+    lease.release()
+    inst.close()
