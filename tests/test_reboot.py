@@ -73,3 +73,25 @@ def test_rebase_happens_once(db_path: Path) -> None:
     reboots = s.value("SELECT count(*) FROM events WHERE kind = 'reboot'")
     assert reboots == 1
     s.close()
+
+
+def test_terms_of_a_recreated_database_exceed_the_old_ones(db_path: Path) -> None:
+    import shutil
+
+    s = coord.Store(db_path)
+    inst = coord.register(s, "a", app="t", heartbeat=False, handle_signals=False)
+    for _ in range(5):
+        leases.acquire(inst, "t/leader", timeout=0, renew=False).release()
+    old = leases.get_lease(s, "t/leader").term
+    inst.close()
+    s.close()
+    # The runtime directory is wiped (logout, reboot): a brand-new database.
+    shutil.rmtree(db_path.parent)
+    db_path.parent.mkdir(mode=0o700)
+    s = coord.Store(db_path)
+    inst = coord.register(s, "a", app="t", heartbeat=False, handle_signals=False)
+    new = leases.acquire(inst, "t/leader", timeout=0, renew=False)
+    assert old is not None and new.term > old
+    new.release()
+    inst.close()
+    s.close()
