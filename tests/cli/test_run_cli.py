@@ -128,6 +128,11 @@ def test_sigkill_of_the_wrapper_is_seen_at_once(store: coord.Store, db_path: Pat
     child = int(wait_line(p, timeout=60).split()[1])
     try:
         assert get_instance(store, "wrapped").alive
+        # CMD may print before the wrapper has recorded it; wait for the row.
+        deadline = time.monotonic() + 30
+        while not store.value("SELECT count(*) FROM processes WHERE instance_id = 'wrapped'"):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         p.kill()
         p.wait()
         info = get_instance(store, "wrapped")  # no TTL wait: the wrapper's lock is gone
