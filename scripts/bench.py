@@ -245,18 +245,25 @@ def start_worker(role: str, **spec: Any) -> subprocess.Popen[str]:
 
 
 def wait_line(p: subprocess.Popen[str], word: str, timeout: float = 60.0) -> str:
-    """Read the worker's stdout until a line starting with ``word``."""
+    """Read the worker's stdout until a line starting with ``word``: byte by byte from the
+    descriptor, so that nothing after that line is buffered here (finish() reads the rest)."""
     assert p.stdout is not None
+    fd = p.stdout.fileno()
     sel = selectors.DefaultSelector()
-    sel.register(p.stdout, selectors.EVENT_READ)
+    sel.register(fd, selectors.EVENT_READ)
     end = time.monotonic() + timeout
+    line = b""
     try:
         while True:
             if not sel.select(max(0.0, end - time.monotonic())):
                 raise WorkerFailed(f"worker {p.pid}: no {word!r} line within {timeout:.0f} s")
-            text = p.stdout.readline()
-            if not text:
+            ch = os.read(fd, 1)
+            if not ch:
                 raise WorkerFailed(f"worker {p.pid} exited before {word!r}: {_stderr(p)}")
+            if ch != b"\n":
+                line += ch
+                continue
+            text, line = line.decode(), b""
             if text.startswith(word):
                 return text
     finally:
@@ -1665,7 +1672,8 @@ def _fmt_ratio(x: float | None, metric: str) -> str:
     if x is None:
         return ""
     text = f"{x:.2f}" if x < 10 else f"{x:.0f}"
-    return f"{text}×" + (" faster" if metric == "ops/s" and x >= 1 else "")
+    faster = x > 1 if metric == "ops/s" else x < 1
+    return f"{text}× ({'faster' if faster else 'slower'})" if x != 1 else "1.00×"
 
 
 def print_table(results: list[Result], out: Any = None) -> None:
@@ -1708,9 +1716,9 @@ def print_table(results: list[Result], out: Any = None) -> None:
         print("  ".join([x.ljust(w) if i < 2 else x.rjust(w)
                          for i, (x, w) in enumerate(zip(c[:-1], widths, strict=True))]
                         + [c[-1]]).rstrip(), file=out)
-    print("OPS/S marked * is the median over rounds (the ratio uses it); elsewhere the ratio "
-          "uses p50.\nCOORD ÷ THIS: coord's figure over this row's (ops/s: above 1 = coord "
-          "faster; p50: below 1 = coord faster).", file=out)
+    print("COORD ÷ THIS: coord's figure over this row's: by OPS/S where marked * (the median "
+          "over rounds), else by P50.\n(faster)/(slower) says which way coord stands.",
+          file=out)
 
 
 def machine_facts(base: Path) -> dict[str, Any]:
