@@ -344,11 +344,13 @@ NOT_APPLICABLE = {
                                        "drivers",
 }
 SUITE_MODULES = ("etcd3gw", "redis", "pymemcache", "sysv_ipc", "testtools", "fixtures")
+SLOW = bool(os.environ.get("COORD_SLOW"))
 
 
 @pytest.mark.timeout(600)
 def test_tooz_driver_suite(db_path: Path, tmp_path: Path) -> None:
-    """tooz.tests.test_coordination (and the partitioner tests) against coord://."""
+    """tooz.tests.test_coordination against coord:// (about 5 s); with COORD_SLOW=1 also
+    tooz's partitioner tests (5 more, a second each: tooz's own retry waits)."""
     missing = [m for m in SUITE_MODULES if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"tooz's suite needs {', '.join(missing)}: pip install -e '.[tooz-test]'")
@@ -360,10 +362,12 @@ def test_tooz_driver_suite(db_path: Path, tmp_path: Path) -> None:
     report = tmp_path / "report.xml"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COORD_", "TOOZ_"))}
     env["TOOZ_TEST_URL"] = f"coord://{db_path}"
+    targets = [str(suite / "test_coordination.py")]
+    if SLOW:
+        targets.append(f"{suite / 'test_partitioner.py'}::TestPartitioner")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-c", str(ini),
-         f"--junitxml={report}", str(suite / "test_coordination.py"),
-         f"{suite / 'test_partitioner.py'}::TestPartitioner"],
+         f"--junitxml={report}", *targets],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=540,
     )
     outcomes: dict[str, str] = {}
@@ -376,7 +380,8 @@ def test_tooz_driver_suite(db_path: Path, tmp_path: Path) -> None:
     skipped = {n.split(".")[-1] for n, o in outcomes.items() if o == "skipped"}
     assert skipped <= NOT_APPLICABLE.keys(), skipped - NOT_APPLICABLE.keys()
     passed = [n for n, o in outcomes.items() if o == "passed"]
-    assert len(passed) >= 80, len(passed)  # 83 with tooz 9.1.0 (78 + 5 partitioner)
+    # tooz 9.1.0: 78 of test_coordination's 83, and the 5 partitioner tests.
+    assert len(passed) >= (80 if SLOW else 75), len(passed)
     healthy(db_path)
 
 
