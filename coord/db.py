@@ -22,6 +22,7 @@ import ctypes
 import errno
 import os
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -63,6 +64,13 @@ def open_connection(path: str, flags: int) -> apsw.Connection:
     with FILE_OPEN_LOCK:
         return apsw.Connection(path, flags=flags)
 
+
+#: A WAL larger than this is restarted by a short-waiting checkpoint (see _keep_wal_small).
+WAL_RESTART_BYTES = 16 << 20
+#: How long that checkpoint may hold writers back, waiting for readers to drain.
+WAL_RESTART_WAIT_MS = 50
+_WAL_CHECK_EVERY = 64  # commits of one store between looks at the WAL size
+_WAL_LAST_RESTART = [0.0]  # per process: at most one attempt a second
 
 # Every open Store, so that a forked child can deal with the connections it inherited.
 _STORES: weakref.WeakSet[Store] = weakref.WeakSet()
@@ -167,6 +175,7 @@ class Store:
         # (pid, thread, connection) of every connection this store opened.
         self._all: list[tuple[int, threading.Thread, apsw.Connection]] = []
         self._closed = False
+        self._commits = 0
         _STORES.add(self)
         from .migrate import migrate
         from .reaper import rebase_boot
@@ -306,7 +315,48 @@ class Store:
             return result
 
         with translated(path):
-            return on_busy(attempt, path=path)
+            result = on_busy(attempt, path=path)
+        self._commits += 1
+        if self._commits % _WAL_CHECK_EVERY == 0:
+            self._keep_wal_small()
+        return result
+
+    def _keep_wal_small(self) -> None:
+        # Under constant traffic some reader always pins old frames, so the PASSIVE
+        # autocheckpoints never finish and the WAL grows without end. When it is large, a
+        # RESTART checkpoint that waits a few ms lets the short readers drain, completes, and
+        # makes the next writer start the log over (cut back to journal_size_limit). It
+        # holds writers back for at most WAL_RESTART_WAIT_MS, never behind a long reader.
+        now = time.monotonic()
+        if now - _WAL_LAST_RESTART[0] < 1.0:
+            return
+        try:
+            size = os.stat(f"{self.path}-wal").st_size  # stat only: never open SQLite's files
+        except OSError:
+            return
+        if size < WAL_RESTART_BYTES:
+            return
+        _WAL_LAST_RESTART[0] = now
+        # Another connection's autocheckpoint makes ours fail at once (SQLite does not wait
+        # for a running checkpoint), so try a few times within the budget.
+        for _ in range(10):
+            busy, frames, done = self.restart_wal(WAL_RESTART_WAIT_MS)
+            if frames >= 0 and (not busy or frames == done):
+                return
+            time.sleep(0.005)
+
+    def restart_wal(self, wait_ms: int = 0) -> tuple[int, int, int]:
+        """Checkpoint the whole WAL and restart it, waiting at most ``wait_ms`` for readers
+        and writers; returns SQLite's (busy, log frames, checkpointed frames)."""
+        conn = self.conn()
+        conn.set_busy_timeout(wait_ms)
+        try:
+            row: Any = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()[0]
+            return int(row[0]), int(row[1]), int(row[2])
+        except apsw.BusyError:
+            return 1, -1, -1
+        finally:
+            conn.set_busy_timeout(self.config.busy_timeout_ms)
 
     def rows(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Row]:
         """Run a read and return its rows as dicts."""
