@@ -31,13 +31,15 @@ How tooz maps onto coord (nothing here is a store of its own; ``coord kv ls tooz
   once, and a waiter wakes at that death.
 
 Ids (bytes; str is accepted and encoded as UTF-8) appear percent-encoded in key and lease
-names, so ``/`` inside an id cannot be confused with the separators. Capabilities must be
-JSON data (dicts, lists, strings, numbers, booleans, None); anything else raises
-``tooz.utils.SerializationError``. Every call completes before it returns; the ``CoordAsyncResult`` is already done.
+names, so ``/`` inside an id cannot be confused with the separators. Capabilities that are
+JSON data are stored as they are (readable with ``coord kv``); anything else tooz can
+serialise (bytes — tooz before 9 passes ``b""`` by default —, sets, datetimes) is stored as
+``{"tooz.msgpack": "<base64>"}``, tooz's own encoding, and read back as it was. Every call completes before it returns; the ``CoordAsyncResult`` is already done.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime
 import secrets
@@ -50,7 +52,7 @@ from typing import Any, TypeVar
 import tooz
 from tooz import coordination, locking, utils
 
-from . import kv, leases, nudge
+from . import kv, leases, nudge, payload
 from .db import Store
 from .errors import (
     CoordError,
@@ -60,6 +62,7 @@ from .errors import (
     NotADatabase,
     NotFound,
     PayloadError,
+    PayloadTooLarge,
     SchemaTooNew,
     StorageError,
     UnsafePath,
@@ -148,6 +151,47 @@ def _done(fn: Callable[[], T]) -> coordination.CoordinatorResult[T]:
 
 def _when(ts: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(ts, tz=datetime.timezone.utc)
+
+
+# -- capabilities: JSON when they are JSON data, else tooz's own msgpack ----------------------
+
+#: The one key of a kv value that holds capabilities which are not JSON data (bytes — tooz
+#: before 9 passes ``b""`` by default —, sets, datetimes ...): base64 of tooz's msgpack, as
+#: tooz's other drivers store every capability. Never unpickled: msgpack is data only.
+PACKED = "tooz.msgpack"
+
+
+def _is_packed(value: Any) -> bool:
+    return isinstance(value, dict) and len(value) == 1 and PACKED in value
+
+
+def _caps_value(store: Store, caps: Any) -> Any:
+    """The kv value for ``caps``: themselves when they are JSON data, else packed."""
+    if not _is_packed(caps):  # a dict that looks packed is packed itself, so reads agree
+        try:
+            payload.encode(caps, limit=store.config.payload_limit,
+                           max_depth=store.config.payload_max_depth)
+            return caps
+        except PayloadTooLarge:
+            raise
+        except PayloadError:
+            pass
+    try:
+        blob = utils.dumps(caps)
+    except TypeError as e:  # msgpack's word for "no serializer for this type"
+        utils.raise_with_cause(utils.SerializationError, str(e), cause=e)
+    return {PACKED: base64.b64encode(blob).decode("ascii")}
+
+
+def _caps(value: Any) -> Any:
+    """Capabilities from a kv value (see ``_caps_value``)."""
+    if _is_packed(value) and isinstance(value[PACKED], str):
+        try:
+            blob = base64.b64decode(value[PACKED], validate=True)
+        except ValueError as e:
+            utils.raise_with_cause(utils.SerializationError, str(e), cause=e)
+        return utils.loads(blob)
+    return value
 
 
 # -- stores: one per database per process -----------------------------------------------------
@@ -527,7 +571,7 @@ class CoordDriver(coordination.CoordinationDriverCachedRunWatchers):
             self._require_group(store, gid)
             key = member_key(gid, self._member_id)
             try:
-                kv.cas(store, key, capabilities, version=0, owner=inst)
+                kv.cas(store, key, _caps_value(store, capabilities), version=0, owner=inst)
             except VersionConflict:
                 raise coordination.MemberAlreadyExist(gid, self._member_id) from None
             # A group deleted meanwhile (delete_group saw no member yet): undo, like tooz's
@@ -572,7 +616,7 @@ class CoordDriver(coordination.CoordinationDriverCachedRunWatchers):
     ) -> coordination.CoordinatorResult[dict[bytes, coordination.Capabilities | None]]:
         def op() -> dict[bytes, coordination.Capabilities | None]:
             prefix = members_prefix(_id(group_id, "group"))
-            return {_dec(e.key[len(prefix):]): e.value for e in self._members(group_id)}
+            return {_dec(e.key[len(prefix):]): _caps(e.value) for e in self._members(group_id)}
 
         return _done(op)
 
@@ -588,14 +632,14 @@ class CoordDriver(coordination.CoordinationDriverCachedRunWatchers):
     def get_member_capabilities(
         self, group_id: bytes, member_id: bytes
     ) -> coordination.CoordinatorResult[coordination.Capabilities | None]:
-        return _done(lambda: self._member(group_id, member_id).value)
+        return _done(lambda: _caps(self._member(group_id, member_id).value))
 
     def get_member_info(
         self, group_id: bytes, member_id: bytes
     ) -> coordination.CoordinatorResult[dict[str, Any]]:
         def op() -> dict[str, Any]:
             e = self._member(group_id, member_id)
-            return {"capabilities": e.value, "created_at": _when(e.created_at),
+            return {"capabilities": _caps(e.value), "created_at": _when(e.created_at),
                     "updated_at": _when(e.updated_at), "instance_id": e.owner_id}
 
         return _done(op)
@@ -607,7 +651,8 @@ class CoordDriver(coordination.CoordinationDriverCachedRunWatchers):
             inst = self._instance()
             entry = self._member(group_id, self._member_id)
             try:
-                kv.cas(inst.store, entry.key, capabilities, version=entry.version, owner=inst)
+                kv.cas(inst.store, entry.key, _caps_value(inst.store, capabilities),
+                       version=entry.version, owner=inst)
             except VersionConflict:  # left (or was removed) meanwhile
                 raise coordination.MemberNotJoined(group_id, self._member_id) from None
 
