@@ -134,7 +134,14 @@ class Result:
         return d
 
     def ratio(self, ours: Result) -> float | None:
-        """coord's figure divided by this row's."""
+        """coord's figure divided by this row's. Throughput rows measured in the same rounds
+        (as many rates each) give the median of the per-round ratios: a slow spell of the
+        machine then weighs on both sides of each ratio alike."""
+        if self.error is not None or ours.error is not None:
+            return None
+        if len(self.rates) == len(ours.rates) > 1 and all(self.rates):
+            return round(statistics.median(a / b for a, b in zip(ours.rates, self.rates,
+                                                                   strict=True)), 3)
         a, b = ours.figure(), self.figure()
         if a is None or not b:
             return None
@@ -166,7 +173,7 @@ class Sizes:
 
 
 SIZES = {
-    "full": Sizes(tx=5000, jobs=10_000, rounds=3, warmup=200, timebox=30.0, budget=40.0,
+    "full": Sizes(tx=5000, jobs=10_000, rounds=5, warmup=200, timebox=30.0, budget=40.0,
                   fan_jobs=5000, lat_jobs=1000, lat_warmup=100, rtt=2000, rtt_warmup=200,
                   kills=30, ttl_kills=10, reg_sizes=(10, 1000, 10_000), reg_rounds=3,
                   cli_runs=10),
@@ -736,10 +743,17 @@ def queue_put_claim(ctx: Context, impls: list[str]) -> list[Result]:
     spent = dict.fromkeys(impls, 0.0)
     errors: dict[str, str] = {}
     boxed: dict[str, set[str]] = {i: set() for i in impls}
+    stopped: set[str] = set()
+    # coord and the limit run back to back in every round (in turn first), so that their
+    # per-round ratio sees the same moment of the machine; then the others, rotated.
+    pair = [i for i in ("coord", "raw apsw") if i in impls]
+    rest = [i for i in impls if i not in pair]
     for r in range(s.rounds):
-        for impl in _rotate(impls, r):
+        for impl in (pair if r % 2 == 0 else pair[::-1]) + _rotate(rest, r):
             # a slow implementation stops when one more round would overrun its budget
-            if impl in errors or (r > 0 and spent[impl] * (r + 1) / r > s.budget):
+            if r > 0 and spent[impl] * (r + 1) / r > s.budget:
+                stopped.add(impl)
+            if impl in errors or impl in stopped:
                 continue
             began = time.monotonic()
             d = ctx.fresh_dir(f"pc-{_slug(impl)}-{r}")
@@ -1717,8 +1731,8 @@ def print_table(results: list[Result], out: Any = None) -> None:
                          for i, (x, w) in enumerate(zip(c[:-1], widths, strict=True))]
                         + [c[-1]]).rstrip(), file=out)
     print("COORD ÷ THIS: coord's figure over this row's: by OPS/S where marked * (the median "
-          "over rounds), else by P50.\n(faster)/(slower) says which way coord stands.",
-          file=out)
+          "over rounds; rows run in the same rounds\ngive the median of the per-round ratios), "
+          "else by P50. (faster)/(slower) says which way coord stands.", file=out)
 
 
 def machine_facts(base: Path) -> dict[str, Any]:
