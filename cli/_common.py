@@ -146,19 +146,13 @@ def duration(seconds: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def read_payload(text: str) -> Any:
-    """A JSON payload from an argument, or from stdin when it is '-'."""
+def read_payload(ctx: typer.Context, text: str) -> Any:
+    """JSON from the argument, or from stdin for '-', checked against the store's limits."""
     from coord.payload import decode
 
-    if text == "-":
-        raw = sys.stdin.buffer.read()
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            from coord.errors import PayloadError
-
-            raise PayloadError("not valid UTF-8") from None
-    return decode(text)
+    cfg = store(ctx).config
+    raw: str | bytes = sys.stdin.buffer.read() if text == "-" else text
+    return decode(raw, limit=cfg.payload_limit, max_depth=cfg.payload_max_depth)
 
 
 def usage(message: str) -> NoReturn:

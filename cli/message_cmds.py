@@ -10,12 +10,11 @@ correlation_id, reply_to, created_at, expires_at.
 from __future__ import annotations
 
 import json
-import sys
 from typing import Annotated, Any
 
 import typer
 
-from ._common import JsonOption, emit_json, handle_errors, store, table
+from ._common import JsonOption, emit_json, handle_errors, read_payload, store, table
 
 TopicOption = Annotated[str, typer.Option("--topic", "-t", help="Topic of the message.")]
 PayloadArg = Annotated[str, typer.Argument(help="JSON payload, or - to read it from stdin.",
@@ -41,15 +40,6 @@ def register(app: typer.Typer) -> None:
     app.command("reply")(reply)
     app.command("gather")(gather)
     app.add_typer(kv_app, name="kv")
-
-
-def _payload(ctx: typer.Context, text: str) -> Any:
-    """JSON from the argument, or from stdin for '-', checked against the store's limits."""
-    from coord.payload import decode
-
-    cfg = store(ctx).config
-    raw: str | bytes = sys.stdin.buffer.read() if text == "-" else text
-    return decode(raw, limit=cfg.payload_limit, max_depth=cfg.payload_max_depth)
 
 
 def _text(value: Any) -> str:
@@ -79,7 +69,7 @@ def send(
     from coord.messages import mailbox
 
     s = store(ctx)
-    value = _payload(ctx, payload)
+    value = read_payload(ctx, payload)
     mid = mailbox(s).send(to, value, topic=topic, ttl=ttl)
     if as_json:
         emit_json({"id": mid, "recipient": to, "topic": topic})
@@ -100,7 +90,7 @@ def broadcast(
     from coord.messages import mailbox
 
     s = store(ctx)
-    value = _payload(ctx, payload)
+    value = read_payload(ctx, payload)
     sent = mailbox(s).broadcast(value, topic=topic, app=app)
     rows = [{"id": mid, "recipient": to, "topic": topic} for to, mid in sent.items()]
     if as_json:
@@ -147,7 +137,7 @@ def request(
     from coord.messages import mailbox
 
     s = store(ctx)
-    value = _payload(ctx, payload)
+    value = read_payload(ctx, payload)
     answer = mailbox(s).request(to, value, timeout=timeout, topic=topic)
     if as_json:
         emit_json(answer.to_json())
@@ -165,7 +155,7 @@ def reply(
     from coord.messages import mailbox
 
     s = store(ctx)
-    value = _payload(ctx, payload)
+    value = read_payload(ctx, payload)
     mailbox(s).reply(msg_id, value, strict=True)
 
 
@@ -186,7 +176,7 @@ def gather(
     from coord.messages import mailbox
 
     s = store(ctx)
-    value = _payload(ctx, payload)
+    value = read_payload(ctx, payload)
     got = mailbox(s).gather(value, topic=topic, timeout=timeout, app=app)
     if as_json:
         emit_json(got.to_json())
@@ -252,7 +242,7 @@ def kv_set(
     from coord import kv
 
     owner = _owner(ctx, ephemeral)
-    print(kv.set(store(ctx), key, _payload(ctx, value), owner=owner))
+    print(kv.set(store(ctx), key, read_payload(ctx, value), owner=owner))
 
 
 @kv_app.command("cas")
@@ -271,7 +261,7 @@ def kv_cas(
     from coord import kv
 
     owner = _owner(ctx, ephemeral)
-    print(kv.cas(store(ctx), key, _payload(ctx, value), version=version, owner=owner))
+    print(kv.cas(store(ctx), key, read_payload(ctx, value), version=version, owner=owner))
 
 
 @kv_app.command("del")

@@ -11,12 +11,11 @@ last_error, result, finished_at — and token, on the job that ``claim`` printed
 from __future__ import annotations
 
 import json
-import sys
 from typing import Annotated, Any
 
 import typer
 
-from ._common import JsonOption, duration, emit_json, fmt, handle_errors, store, table
+from ._common import JsonOption, duration, emit_json, fmt, handle_errors, read_payload, store, table
 
 queue_app = typer.Typer(
     name="queue",
@@ -44,15 +43,6 @@ STATS_COLUMNS = [("id", "QUEUE"), ("owner", "OWNER"), ("ready", "READY"), ("dela
 def register(app: typer.Typer) -> None:
     """Add the ``queue`` sub-app to the app."""
     app.add_typer(queue_app, name="queue")
-
-
-def _json_arg(ctx: typer.Context, text: str) -> Any:
-    """JSON from an argument, or from stdin for '-', checked against the store's limits."""
-    from coord.payload import decode
-
-    cfg = store(ctx).config
-    raw: str | bytes = sys.stdin.buffer.read() if text == "-" else text
-    return decode(raw, limit=cfg.payload_limit, max_depth=cfg.payload_max_depth)
 
 
 def _compact(value: Any) -> str:
@@ -120,7 +110,7 @@ def put(
     """Add a job to QUEUE and print its id (the existing job's id for a dedupe repeat)."""
     from coord.queues import put as do_put
 
-    job_id = do_put(store(ctx), queue, _json_arg(ctx, payload), priority=priority, delay=delay,
+    job_id = do_put(store(ctx), queue, read_payload(ctx, payload), priority=priority, delay=delay,
                     dedupe_key=dedupe, max_attempts=max_attempts)
     if as_json:
         emit_json({"id": job_id, "queue": queue})
@@ -172,7 +162,7 @@ def ack(
     """Mark the claimed job done. Fails (exit 1) if the claim has moved on."""
     from coord.queues import ack as do_ack
 
-    do_ack(store(ctx), token, None if result is None else _json_arg(ctx, result))
+    do_ack(store(ctx), token, None if result is None else read_payload(ctx, result))
 
 
 @queue_app.command("fail")

@@ -82,6 +82,12 @@ def children() -> Iterator[list[subprocess.Popen[Any]]]:
     reap_children(procs)
 
 
+@pytest.fixture
+def procs(children: list[subprocess.Popen[Any]]) -> list[subprocess.Popen[Any]]:
+    """The same as ``children``: started processes, always reaped and their pipes closed."""
+    return children
+
+
 def coord_env(db: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("COORD_")}
     env["COORD_DB"] = str(db)

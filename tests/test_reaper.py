@@ -11,12 +11,10 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import apsw
-import pytest
-from conftest import reap_children, run_cli, wait_line
+from conftest import run_cli, wait_line
 
 import coord
 from coord.check import check
@@ -51,16 +49,6 @@ def env_for(db: Path, **extra: str) -> dict[str, str]:
     e = {k: v for k, v in os.environ.items() if not k.startswith("COORD_")}
     e.update(COORD_DB=str(db), **extra)
     return e
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
-    ps: list[subprocess.Popen[str]] = []
-    yield ps
-    reap_children(ps)  # type: ignore[arg-type]
-    for p in ps:
-        if p.stdout is not None:
-            p.stdout.close()
 
 
 def start(db: Path, procs: list[subprocess.Popen[str]], script: str, *args: str,

@@ -7,13 +7,13 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import typer
-from conftest import coord_env, reap_children, wait_line
+from conftest import coord_env, wait_line
 from coord.cli import instance_cmds
 from coord.cli.main import app
 
@@ -31,16 +31,6 @@ inst = coord.register(store, sys.argv[1], app=sys.argv[2])
 print("ready", flush=True)
 time.sleep(60)
 """
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
-    ps: list[subprocess.Popen[str]] = []
-    yield ps
-    reap_children(ps)  # type: ignore[arg-type]
-    for p in ps:
-        if p.stdout is not None:
-            p.stdout.close()
 
 
 def worker(db: Path, procs: list[subprocess.Popen[str]], id: str, app_name: str = "test",

@@ -7,12 +7,12 @@ import json
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import coord_env, reap_children, wait_line
+from conftest import coord_env, wait_line
 
 import coord
 from coord import queues
@@ -22,16 +22,6 @@ FIXTURE = Path(__file__).parent.parent / "fixtures" / "murmuration-queue-state.j
 JOB_KEYS = {"id", "queue", "state", "priority", "attempts", "max_attempts", "payload",
             "dedupe_key", "instance_id", "created_at", "available_in", "expires_in",
             "last_error", "result", "finished_at"}
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
-    ps: list[subprocess.Popen[str]] = []
-    yield ps
-    reap_children(ps)  # type: ignore[arg-type]
-    for p in ps:
-        if p.stdout is not None:
-            p.stdout.close()
 
 
 @pytest.fixture

@@ -10,27 +10,17 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import coord_env, reap_children, wait_line
+from conftest import coord_env, wait_line
 
 import coord
 from coord.instances import get_instance, list_instances
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 COORD = [sys.executable, "-m", "coord"]
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
-    ps: list[subprocess.Popen[str]] = []
-    yield ps
-    reap_children(ps)  # type: ignore[arg-type]
-    for p in ps:
-        if p.stdout is not None:
-            p.stdout.close()
 
 
 def run_bg(db: Path, procs: list[subprocess.Popen[str]], *args: str,
