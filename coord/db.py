@@ -230,7 +230,10 @@ class Store:
         with self._lock:
             # Connections of threads that have ended are closed here, by their own process,
             # so a server that churns threads does not collect open connections.
-            ended = [x for p, t, x in self._all if p == pid and not t.is_alive()]
+            # The main thread counts as ended while atexit handlers run; its connection is
+            # still in use then (deregistration), so it is never closed here.
+            main = threading.main_thread()
+            ended = [x for p, t, x in self._all if p == pid and t is not main and not t.is_alive()]
             self._all = [e for e in self._all if e[2] not in ended]
             self._all.append((pid, threading.current_thread(), c))
         for x in ended:
