@@ -1540,7 +1540,8 @@ def section_cli(ctx: Context) -> list[Result]:
                                    stderr=subprocess.PIPE, text=True, check=False)
                 dt = (time.perf_counter() - t) * 1e6
                 if p.returncode != 0:
-                    errors[k] = f"exit {p.returncode}: {p.stderr.strip()[-200:]}"
+                    last = [x for x in p.stderr.strip().splitlines() if x.strip()][-1:]
+                    errors[k] = f"exit {p.returncode}: {' '.join(last)[-300:]}"
                 elif r > 0:
                     lat[k].append(dt)
     finally:
