@@ -8,63 +8,144 @@ one dies, ``coord.reaper`` applies one death rule to everything it held.
 from __future__ import annotations
 
 import os as _os
+from typing import TYPE_CHECKING, Any
 
-from . import kv, leases, messages, queues
-from .clock import Clock
-from .config import Config
-from .db import Store
-from .errors import (
-    Busy,
-    ClaimLost,
-    CoordError,
-    InstanceIdInUse,
-    InvalidArgument,
-    LeaseLost,
-    LeaseNotAcquired,
-    NotADatabase,
-    NotFound,
-    NotRegistered,
-    PayloadError,
-    PayloadTooLarge,
-    PermissionDenied,
-    QueueFull,
-    ReadOnlyViolation,
-    RecipientDead,
-    SchemaTooNew,
-    StorageError,
-    TimeoutExpired,
-    UnsafePath,
-    VersionConflict,
-)
-from .instances import Instance, InstanceInfo, get_instance, list_instances, register
-from .kv import Entry
-from .leases import (
-    Candidate,
-    Lease,
-    LeaseInfo,
-    acquire,
-    fenced_write,
-    get_lease,
-    list_leases,
-    try_acquire,
-)
-from .messages import Gathered, Mailbox, Message
-from .processes import (
-    ProcessInfo,
-    Tracked,
-    end_group,
-    end_process,
-    kill_orphans,
-    list_processes,
-    orphans,
-    poll_children,
-    spawn,
-    stop,
-    top,
-    track,
-)
-from .queues import Job, NewJob, Queue, QueueStats
-from .reaper import ReapReport, reap
+if TYPE_CHECKING:
+    from . import kv, leases, messages, queues
+    from .clock import Clock
+    from .config import Config
+    from .db import Store
+    from .errors import (
+        Busy,
+        ClaimLost,
+        CoordError,
+        InstanceIdInUse,
+        InvalidArgument,
+        LeaseLost,
+        LeaseNotAcquired,
+        NotADatabase,
+        NotFound,
+        NotRegistered,
+        PayloadError,
+        PayloadTooLarge,
+        PermissionDenied,
+        QueueFull,
+        ReadOnlyViolation,
+        RecipientDead,
+        SchemaTooNew,
+        StorageError,
+        TimeoutExpired,
+        UnsafePath,
+        VersionConflict,
+    )
+    from .instances import Instance, InstanceInfo, get_instance, list_instances, register
+    from .kv import Entry
+    from .leases import (
+        Candidate,
+        Lease,
+        LeaseInfo,
+        acquire,
+        fenced_write,
+        get_lease,
+        list_leases,
+        try_acquire,
+    )
+    from .messages import Gathered, Mailbox, Message
+    from .processes import (
+        ProcessInfo,
+        Tracked,
+        end_group,
+        end_process,
+        kill_orphans,
+        list_processes,
+        orphans,
+        poll_children,
+        spawn,
+        stop,
+        top,
+        track,
+    )
+    from .queues import Job, NewJob, Queue, QueueStats
+    from .reaper import ReapReport, reap
+
+# Where each exported name lives. Modules load on first use, so a command that needs only a
+# few of them (the CLI's cold start) does not pay for the rest.
+_EXPORTS = {
+    "Busy": "errors",
+    "Candidate": "leases",
+    "ClaimLost": "errors",
+    "Clock": "clock",
+    "Config": "config",
+    "CoordError": "errors",
+    "Entry": "kv",
+    "Gathered": "messages",
+    "Instance": "instances",
+    "InstanceIdInUse": "errors",
+    "InstanceInfo": "instances",
+    "InvalidArgument": "errors",
+    "Job": "queues",
+    "Lease": "leases",
+    "LeaseInfo": "leases",
+    "LeaseLost": "errors",
+    "LeaseNotAcquired": "errors",
+    "Mailbox": "messages",
+    "Message": "messages",
+    "NewJob": "queues",
+    "NotADatabase": "errors",
+    "NotFound": "errors",
+    "NotRegistered": "errors",
+    "PayloadError": "errors",
+    "PayloadTooLarge": "errors",
+    "PermissionDenied": "errors",
+    "ProcessInfo": "processes",
+    "Queue": "queues",
+    "QueueFull": "errors",
+    "QueueStats": "queues",
+    "ReadOnlyViolation": "errors",
+    "ReapReport": "reaper",
+    "RecipientDead": "errors",
+    "SchemaTooNew": "errors",
+    "StorageError": "errors",
+    "Store": "db",
+    "TimeoutExpired": "errors",
+    "Tracked": "processes",
+    "UnsafePath": "errors",
+    "VersionConflict": "errors",
+    "acquire": "leases",
+    "end_group": "processes",
+    "end_process": "processes",
+    "fenced_write": "leases",
+    "get_instance": "instances",
+    "get_lease": "leases",
+    "kill_orphans": "processes",
+    "list_instances": "instances",
+    "list_leases": "leases",
+    "list_processes": "processes",
+    "orphans": "processes",
+    "poll_children": "processes",
+    "reap": "reaper",
+    "register": "instances",
+    "spawn": "processes",
+    "stop": "processes",
+    "top": "processes",
+    "track": "processes",
+    "try_acquire": "leases",
+}
+
+
+def __getattr__(name: str) -> Any:
+    import importlib
+
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module("." + _EXPORTS[name], __name__), name)
+    else:
+        try:
+            value = importlib.import_module("." + name, __name__)
+        except ModuleNotFoundError:
+            raise AttributeError(f"module 'coord' has no attribute {name!r}") from None
+    globals()[name] = value
+    return value
+
 
 # Imported from a source checkout (the repository root on sys.path: `python -m coord` or a
 # `python -c` worker started in the clone, even beside a normal install): the sibling
