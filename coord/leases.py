@@ -196,7 +196,10 @@ def _take(store: Store, inst: Instance, name: str, ttl: float) -> _Taken | str:
     Returns the taken term, else the current holder's id; raises ``NotRegistered`` when
     ``inst`` is no longer a live registered instance."""
 
+    dead: list[tuple[str, int, str]] = []  # a holder proven dead, buried right after
+
     def txn(c: apsw.Connection) -> _Taken | str:
+        dead.clear()
         now_mono, now_wall = store.mono(), store.wall()
         me = fetch(c, "SELECT status FROM instances WHERE id = ? AND incarnation = ?",
                    (inst.id, inst.incarnation))
@@ -214,8 +217,10 @@ def _take(store: Store, inst: Instance, name: str, ttl: float) -> _Taken | str:
             hrow = fetch(c, "SELECT * FROM instances WHERE id = ? AND incarnation = ?", holder)
             alive, verdict = (judge(store, hrow[0], now_mono) if hrow else (False, "gone"))
             if hrow and hrow[0]["status"] == "alive" and not alive:
-                # Proof of death (or a hung heartbeat): the whole death rule, as the reaper would.
-                bury(c, store, holder[0], holder[1], reason=verdict)
+                # Proof of death (or a hung heartbeat): take the lease now; the rest of the
+                # death rule follows in its own transaction, so failover does not wait for it.
+                _free(c, name, row["term"], verdict, now_wall)
+                dead.append((holder[0], holder[1], verdict))
                 reason = verdict
             elif row["expires_mono"] is None or row["expires_mono"] < now_mono:
                 _free(c, name, row["term"], "expired", now_wall)
@@ -254,7 +259,14 @@ def _take(store: Store, inst: Instance, name: str, ttl: float) -> _Taken | str:
             group = (int(row["pgid"]), int(row["pg_start_token"]))
         return _Taken(term, previous, group)
 
-    return store.write(txn)
+    taken = store.write(txn)
+    if dead:
+        id, incarnation, verdict = dead[0]
+        try:
+            store.write(lambda c: bury(c, store, id, incarnation, reason=verdict))
+        except CoordError as e:  # the reaper will do it; the lease is ours either way
+            inst.log.warning("could not bury %s#%d: %s", id, incarnation, e)
+    return taken
 
 
 def _renew(store: Store, name: str, term: int, holder: tuple[str, int], ttl: float) -> bool:
