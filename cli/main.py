@@ -11,30 +11,64 @@ import typer
 
 from coord.errors import EXIT_ERROR
 
-from . import (
-    demo_cmd,
-    instance_cmds,
-    lease_cmds,
-    message_cmds,
-    metrics_cmd,
-    process_cmds,
-    queue_cmds,
-    store_cmds,
-)
 from ._common import State
 
-app = typer.Typer(
-    name="coord",
-    help="A coordination store for the many copies of one tool on one machine.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode=None,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+# Which module defines each top-level command. Building every command costs tens of ms at
+# each start, so main() builds only the invoked one's module (all of them for help or an
+# unknown word); tests/cli/test_help.py keeps this table true.
+COMMANDS: dict[str, str] = {
+    **dict.fromkeys(("path", "sql", "doctor"), "store_cmds"),
+    **dict.fromkeys(("instances", "instance", "run", "reap", "events"), "instance_cmds"),
+    **dict.fromkeys(("ps", "stop", "orphans", "top"), "process_cmds"),
+    **dict.fromkeys(("leases", "leader", "elect", "lock"), "lease_cmds"),
+    "queue": "queue_cmds",
+    **dict.fromkeys(("send", "broadcast", "recv", "request", "reply", "gather", "kv"),
+                    "message_cmds"),
+    "metrics": "metrics_cmd",
+    "demo": "demo_cmd",
+}
+MODULES = ("store_cmds", "instance_cmds", "process_cmds", "lease_cmds", "queue_cmds",
+           "message_cmds", "metrics_cmd", "demo_cmd")
 
 
-@app.callback()
+def build(modules: Sequence[str] = MODULES) -> typer.Typer:
+    """The typer app with the commands of ``modules`` (default: all)."""
+    import importlib
+
+    app = typer.Typer(
+        name="coord",
+        help="A coordination store for the many copies of one tool on one machine.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+        rich_markup_mode=None,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    app.callback()(_root)
+    for name in modules:
+        importlib.import_module(f"{__package__}.{name}").register(app)
+    return app
+
+
+def __getattr__(name: str) -> typer.Typer:
+    if name == "app":  # the full app, for tests and tools that import it
+        full = build()
+        globals()["app"] = full
+        return full
+    raise AttributeError(name)
+
+
+def _invoked(args: Sequence[str]) -> str | None:
+    """The top-level command word in ``args`` (skipping the global --db option)."""
+    it = iter(args)
+    for a in it:
+        if a == "--db":
+            next(it, None)
+        elif not a.startswith("-"):
+            return a
+    return None
+
+
 def _root(
     ctx: typer.Context,
     db: Annotated[
@@ -47,16 +81,13 @@ def _root(
     ctx.obj = State(db)
 
 
-for module in (store_cmds, instance_cmds, process_cmds, lease_cmds, queue_cmds, message_cmds,
-               metrics_cmd, demo_cmd):
-    module.register(app)
-
-
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Run the CLI and exit with the brief's statuses; every error is one line on stderr."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    module = COMMANDS.get(_invoked(args) or "")
+    app = build((module,) if module else MODULES)
     try:
-        code = app(args=None if argv is None else list(argv), prog_name="coord",
-                   standalone_mode=False)
+        code = app(args=args, prog_name="coord", standalone_mode=False)
     except typer.Exit as e:
         code = e.exit_code
     except typer.Abort:

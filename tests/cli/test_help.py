@@ -192,3 +192,13 @@ def write_reference(readme: Path = ROOT / "README.md") -> None:
 if __name__ == "__main__":
     # Regenerate the README's CLI reference: python tests/cli/test_help.py
     write_reference()
+
+
+def test_command_table_names_each_commands_module() -> None:
+    """main() builds only the invoked command's module: its table must be complete and true."""
+    from coord.cli import main as cli_main
+
+    for module in cli_main.MODULES:
+        built = cli_main.build((module,))
+        names = {c.name for c in built.registered_commands} | {g.name for g in built.registered_groups}
+        assert names == {n for n, m in cli_main.COMMANDS.items() if m == module}, module
