@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -86,6 +88,15 @@ def children() -> Iterator[list[subprocess.Popen[Any]]]:
 def procs(children: list[subprocess.Popen[Any]]) -> list[subprocess.Popen[Any]]:
     """The same as ``children``: started processes, always reaped and their pipes closed."""
     return children
+
+
+@pytest.fixture
+def reachable_dir() -> Iterator[Path]:
+    """A directory under /tmp that nobody can traverse (pytest's tmp_path is root-only)."""
+    d = Path(tempfile.mkdtemp(prefix="coord-test-"))
+    d.chmod(0o711)
+    yield d
+    shutil.rmtree(d)
 
 
 def coord_env(db: Path, **extra: str) -> dict[str, str]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -365,15 +364,6 @@ def test_closed_store_refuses_new_connections(db_path: Path) -> None:
     s.close()
     with pytest.raises(StorageError, match="closed"):
         s.conn()
-
-
-@pytest.fixture
-def reachable_dir() -> Iterator[Path]:
-    """A directory under /tmp that nobody can traverse (pytest's tmp_path is root-only)."""
-    d = Path(tempfile.mkdtemp(prefix="coord-test-"))
-    d.chmod(0o711)
-    yield d
-    shutil.rmtree(d)
 
 
 def test_read_only_directory_is_a_clear_error(reachable_dir: Path) -> None:

@@ -14,13 +14,12 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import apsw
 import pytest
-from conftest import reap_children, wait_line, wait_until
+from conftest import wait_line, wait_until
 
 import coord
 from coord.check import check
@@ -55,16 +54,6 @@ def start(db: Path, id: str = "", **env: str) -> subprocess.Popen[str]:
     e.update(COORD_DB=str(db), **env)
     return subprocess.Popen([sys.executable, "-c", WORKER, id], env=e, stdout=subprocess.PIPE,
                             text=True)
-
-
-@pytest.fixture
-def workers() -> Iterator[list[subprocess.Popen[str]]]:
-    procs: list[subprocess.Popen[str]] = []
-    yield procs
-    reap_children(procs)  # type: ignore[arg-type]
-    for p in procs:
-        if p.stdout is not None:
-            p.stdout.close()
 
 
 def ready(p: subprocess.Popen[str]) -> tuple[str, int]:
@@ -156,9 +145,9 @@ def test_every_registration_bumps_the_incarnation(store: coord.Store) -> None:
 
 
 def test_a_live_holder_s_id_is_refused(store: coord.Store, db_path: Path,
-                                       workers: list[subprocess.Popen[str]]) -> None:
+                                       procs: list[subprocess.Popen[str]]) -> None:
     w = start(db_path, "taken")
-    workers.append(w)
+    procs.append(w)
     ready(w)
     with pytest.raises(coord.InstanceIdInUse) as e:
         register(store, "taken", app="x")
@@ -169,10 +158,10 @@ def test_a_live_holder_s_id_is_refused(store: coord.Store, db_path: Path,
 
 
 def test_two_processes_racing_for_one_id_one_wins(db_path: Path,
-                                                  workers: list[subprocess.Popen[str]],
+                                                  procs: list[subprocess.Popen[str]],
                                                   store: coord.Store) -> None:
     ws = [start(db_path, "race") for _ in range(3)]
-    workers.extend(ws)
+    procs.extend(ws)
     winners = []
     for w in ws:
         assert w.stdout is not None
@@ -189,10 +178,10 @@ def test_two_processes_racing_for_one_id_one_wins(db_path: Path,
 
 
 def test_ten_register_at_once_three_killed_are_dead_at_once(
-    store: coord.Store, db_path: Path, workers: list[subprocess.Popen[str]]
+    store: coord.Store, db_path: Path, procs: list[subprocess.Popen[str]]
 ) -> None:
     ws = [start(db_path, f"w{i}") for i in range(10)]
-    workers.extend(ws)
+    procs.extend(ws)
     incs = dict(ready(w) for w in ws)
     assert alive_ids(store) == set(incs)
     victims = ws[:3]
@@ -218,9 +207,9 @@ def test_ten_register_at_once_three_killed_are_dead_at_once(
 
 
 def test_a_zombie_is_dead(store: coord.Store, db_path: Path,
-                          workers: list[subprocess.Popen[str]]) -> None:
+                          procs: list[subprocess.Popen[str]]) -> None:
     w = start(db_path, "zombie")
-    workers.append(w)
+    procs.append(w)
     ready(w)
     os.kill(w.pid, signal.SIGKILL)  # not waited for: a zombie until reaped
     wait_until(lambda: (proc_stat(w.pid) or (0, "Z"))[1] == "Z", timeout=10)
@@ -228,11 +217,11 @@ def test_a_zombie_is_dead(store: coord.Store, db_path: Path,
 
 
 def test_a_stopped_instance_is_hung_only_after_its_ttl(
-    store: coord.Store, db_path: Path, workers: list[subprocess.Popen[str]]
+    store: coord.Store, db_path: Path, procs: list[subprocess.Popen[str]]
 ) -> None:
     ttl = 1.5
     w = start(db_path, "sleepy", TTL=str(ttl), COORD_HEARTBEAT="0.2")
-    workers.append(w)
+    procs.append(w)
     ready(w)
     stop_outside_a_write(store, w)
     row = store.row("SELECT * FROM instances WHERE id = 'sleepy'")
@@ -258,9 +247,9 @@ def test_a_stopped_instance_is_hung_only_after_its_ttl(
 
 
 def test_pid_reuse_is_death(store: coord.Store, db_path: Path,
-                            workers: list[subprocess.Popen[str]]) -> None:
+                            procs: list[subprocess.Popen[str]]) -> None:
     w = start(db_path, "real")
-    workers.append(w)
+    procs.append(w)
     ready(w)
     row = store.row("SELECT * FROM instances WHERE id = 'real'")
     assert row is not None
@@ -287,10 +276,10 @@ def test_pid_reuse_is_death(store: coord.Store, db_path: Path,
 
 
 def test_a_forked_child_does_not_keep_a_dead_instance_alive(
-    store: coord.Store, db_path: Path, workers: list[subprocess.Popen[str]]
+    store: coord.Store, db_path: Path, procs: list[subprocess.Popen[str]]
 ) -> None:
     w = start(db_path, "forker", FORK="1")
-    workers.append(w)
+    procs.append(w)
     child = int(wait_line(w, "child", timeout=60).split()[1])
     try:
         ready(w)
@@ -306,12 +295,12 @@ def test_a_forked_child_does_not_keep_a_dead_instance_alive(
 
 
 def test_a_wall_clock_jump_changes_no_verdict(db_path: Path,
-                                              workers: list[subprocess.Popen[str]]) -> None:
+                                              procs: list[subprocess.Popen[str]]) -> None:
     offset = [0.0]
     s = coord.Store(db_path, clock=Clock(wall=lambda: time.time() + offset[0]))
     try:
         ws = [start(db_path, f"j{i}") for i in range(3)]
-        workers.extend(ws)
+        procs.extend(ws)
         for w in ws:
             ready(w)
         mine = register(s, "local", app="x")
@@ -333,13 +322,13 @@ def test_a_wall_clock_jump_changes_no_verdict(db_path: Path,
 
 
 def test_expiry_follows_the_monotonic_clock(db_path: Path,
-                                            workers: list[subprocess.Popen[str]]) -> None:
+                                            procs: list[subprocess.Popen[str]]) -> None:
     shift = [0.0]
     real = coord.clock.SYSTEM.mono
     s = coord.Store(db_path, clock=Clock(mono=lambda: real() + shift[0]))
     try:
         w = start(db_path, "m1")
-        workers.append(w)
+        procs.append(w)
         ready(w)
         assert verdicts(s)["m1"] == (True, "alive")
         shift[0] = 16.0  # the default TTL is 15 s
@@ -382,9 +371,9 @@ def _hold_things(store: coord.Store, id: str, inc: int) -> None:
 
 
 def test_takeover_of_a_dead_id(store: coord.Store, db_path: Path,
-                               workers: list[subprocess.Popen[str]]) -> None:
+                               procs: list[subprocess.Popen[str]]) -> None:
     w = start(db_path, "svc")
-    workers.append(w)
+    procs.append(w)
     _, old = ready(w)
     _hold_things(store, "svc", old)
     with pytest.raises(coord.InstanceIdInUse):
@@ -413,10 +402,10 @@ def test_takeover_of_a_dead_id(store: coord.Store, db_path: Path,
 
 
 def test_tombstone_is_kept_while_its_private_queue_has_work(
-    store: coord.Store, db_path: Path, workers: list[subprocess.Popen[str]]
+    store: coord.Store, db_path: Path, procs: list[subprocess.Popen[str]]
 ) -> None:
     w = start(db_path, "tomb")
-    workers.append(w)
+    procs.append(w)
     _, old = ready(w)
     _hold_things(store, "tomb", old)
     kill_hard(w)
@@ -521,12 +510,12 @@ else:
 
 @pytest.mark.parametrize("how", ["sigterm", "atexit"])
 def test_sigterm_and_exit_deregister(store: coord.Store, db_path: Path, how: str,
-                                     workers: list[subprocess.Popen[str]]) -> None:
+                                     procs: list[subprocess.Popen[str]]) -> None:
     e = {**{k: v for k, v in os.environ.items() if not k.startswith("COORD_")},
          "COORD_DB": str(db_path)}
     w = subprocess.Popen([sys.executable, "-c", EXITS, "bye", how], env=e,
                          stdout=subprocess.PIPE, text=True)
-    workers.append(w)
+    procs.append(w)
     wait_line(w, timeout=60)
     if how == "sigterm":
         w.terminate()
@@ -538,22 +527,22 @@ def test_sigterm_and_exit_deregister(store: coord.Store, db_path: Path, how: str
 
 
 def test_only_the_registering_pid_deregisters(store: coord.Store, db_path: Path,
-                                              workers: list[subprocess.Popen[str]]) -> None:
+                                              procs: list[subprocess.Popen[str]]) -> None:
     e = {**{k: v for k, v in os.environ.items() if not k.startswith("COORD_")},
          "COORD_DB": str(db_path)}
     w = subprocess.Popen([sys.executable, "-c", EXITS, "parent", "fork"], env=e,
                          stdout=subprocess.PIPE, text=True)
-    workers.append(w)
+    procs.append(w)
     wait_line(w, timeout=60)
     assert get_instance(store, "parent").alive
     assert [k for k, _ in events_of(store, "parent")] == ["joined"]
 
 
 def test_lost_worker_learns_it_after_being_reaped(
-    store: coord.Store, db_path: Path, workers: list[subprocess.Popen[str]]
+    store: coord.Store, db_path: Path, procs: list[subprocess.Popen[str]]
 ) -> None:
     w = start(db_path, "napper", TTL="1", COORD_HEARTBEAT="0.2")
-    workers.append(w)
+    procs.append(w)
     ready(w)
     stop_outside_a_write(store, w)
     wait_until(lambda: get_instance(store, "napper").status == "hung", timeout=30)
@@ -570,11 +559,10 @@ def test_list_filters_by_app(store: coord.Store) -> None:
         assert {i.id for i in list_instances(store)} == {"a1", "b1"}
 
 
-
 def test_check_reports_registry_invariants(store: coord.Store, db_path: Path,
-                                           workers: list[subprocess.Popen[str]]) -> None:
+                                           procs: list[subprocess.Popen[str]]) -> None:
     w = start(db_path, "chk")
-    workers.append(w)
+    procs.append(w)
     ready(w)
     kill_hard(w)
     pending = [p.detail for p in check(store, strict=True) if p.check == "instances"]

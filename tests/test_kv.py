@@ -5,14 +5,12 @@ Owners of ephemeral keys are real processes, killed with a real SIGKILL.
 
 from __future__ import annotations
 
-import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import reap_children, spawn_python, wait_line
+from conftest import spawn_python, wait_line
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -39,16 +37,6 @@ while True:
     conn.sendall(inst.id.encode())
     conn.close()
 """
-
-
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[str]]]:
-    procs: list[subprocess.Popen[str]] = []
-    yield procs
-    reap_children(procs)  # type: ignore[arg-type]
-    for p in procs:
-        if p.stdout is not None:
-            p.stdout.close()
 
 
 def healthy(store: coord.Store) -> None:

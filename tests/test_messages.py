@@ -13,12 +13,11 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import reap_children, spawn_python, wait_line, wait_until
+from conftest import spawn_python, wait_line, wait_until
 
 import coord
 from coord import messages
@@ -57,18 +56,6 @@ while True:
     if m.kind == "request":
         m.reply({"echo": m.payload, "from": inst.id})
 """
-
-
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[str]]]:
-    """Child processes, always reaped, their pipes closed."""
-    procs: list[subprocess.Popen[str]] = []
-    yield procs
-    reap_children(procs)  # type: ignore[arg-type]
-    for p in procs:
-        for f in (p.stdin, p.stdout):
-            if f is not None:
-                f.close()
 
 
 def responder(children: list[Any], db: Path, id: str, mode: str = "echo", app: str = "test") -> Any:

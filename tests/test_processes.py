@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import reap_children, spawn_python, wait_line, wait_until
+from conftest import spawn_python, wait_line, wait_until
 
 import coord
 from coord import processes as P
@@ -37,16 +37,6 @@ print("ready", inst.id, *[k.id for k in kids], flush=True)
 while True:
     time.sleep(0.5)
 """
-
-
-@pytest.fixture
-def workers() -> Iterator[list[subprocess.Popen[str]]]:
-    procs: list[subprocess.Popen[str]] = []
-    yield procs
-    reap_children(procs)
-    for p in procs:
-        if p.stdout is not None:
-            p.stdout.close()
 
 
 @pytest.fixture
@@ -81,10 +71,10 @@ def _sigkill(p: subprocess.Popen[str]) -> None:
     p.wait()
 
 
-def _spawner(db: Any, workers: list[Any], leftovers: list[ProcIdentity], store: coord.Store,
+def _spawner(db: Any, procs: list[Any], leftovers: list[ProcIdentity], store: coord.Store,
              id: str, n: int) -> tuple[subprocess.Popen[str], list[int]]:
     w = spawn_python(SPAWNER, id, str(n), db=db)
-    workers.append(w)
+    procs.append(w)
     ids = [int(x) for x in wait_line(w).split()[2:]]
     leftovers.extend(_ident(store, i) for i in ids)
     return w, ids
@@ -290,13 +280,13 @@ def test_reaper_marks_rows_whose_process_no_longer_matches(store: coord.Store, c
 
 
 def test_orphans_of_a_killed_instance(store: coord.Store, db_path: Any, children: list[Any],
-                                      workers: list[Any], leftovers: list[ProcIdentity]) -> None:
+                                      procs: list[Any], leftovers: list[ProcIdentity]) -> None:
     live = coord.register(store, "survivor", app="t", heartbeat=False)
     mine = P.spawn(live, SLEEPER)
     bystander = subprocess.Popen(SLEEPER, start_new_session=True)
     children.append(bystander)
-    worker, ids = _spawner(db_path, workers, leftovers, store, "victim", 2)
-    _spawner(db_path, workers, leftovers, store, "healthy", 1)
+    worker, ids = _spawner(db_path, procs, leftovers, store, "victim", 2)
+    _spawner(db_path, procs, leftovers, store, "healthy", 1)
     assert P.orphans(store) == []
     _sigkill(worker)
     found = P.orphans(store)
@@ -322,9 +312,9 @@ def test_orphans_of_a_killed_instance(store: coord.Store, db_path: Any, children
 
 
 def test_processes_of_an_older_incarnation_are_orphans(store: coord.Store, db_path: Any,
-                                                       workers: list[Any],
+                                                       procs: list[Any],
                                                        leftovers: list[ProcIdentity]) -> None:
-    worker, ids = _spawner(db_path, workers, leftovers, store, "phoenix", 1)
+    worker, ids = _spawner(db_path, procs, leftovers, store, "phoenix", 1)
     _sigkill(worker)
     again = coord.register(store, "phoenix", app="t", heartbeat=False)  # takes the id over
     assert [o.id for o in P.orphans(store)] == ids
@@ -336,9 +326,9 @@ def test_processes_of_an_older_incarnation_are_orphans(store: coord.Store, db_pa
 
 
 def test_stopped_orphan_is_continued_and_terminated(store: coord.Store, db_path: Any,
-                                                    workers: list[Any],
+                                                    procs: list[Any],
                                                     leftovers: list[ProcIdentity]) -> None:
-    worker, ids = _spawner(db_path, workers, leftovers, store, "frozen", 1)
+    worker, ids = _spawner(db_path, procs, leftovers, store, "frozen", 1)
     os.kill(leftovers[0].pid, signal.SIGSTOP)
     _sigkill(worker)
     assert [e["how"] for e in P.kill_orphans(store, grace=5)] == [P.TERMINATED]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import reap_children, spawn_python, wait_line, wait_until
+from conftest import spawn_python, wait_line, wait_until
 
 import coord
 from coord import queues
@@ -58,18 +58,6 @@ def cstore(db_path: Path, clock: ManualClock) -> Iterator[coord.Store]:
     yield s
     coord.instances.close_all()
     s.close()
-
-
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[str]]]:
-    """Child processes, reaped at teardown with their pipes closed."""
-    procs: list[subprocess.Popen[str]] = []
-    yield procs
-    reap_children(procs)
-    for p in procs:
-        for f in (p.stdin, p.stdout):
-            if f is not None:
-                f.close()
 
 
 def reg(store: coord.Store, id: str) -> coord.Instance:

@@ -9,13 +9,13 @@ import subprocess
 import sys
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import typer.main
-from conftest import coord_env, reap_children, run_cli, wait_until
+from conftest import coord_env, run_cli, wait_until
 from coord.cli.main import app
 
 import coord
@@ -26,17 +26,6 @@ MESSAGE_COMMANDS = ["send", "broadcast", "recv", "request", "reply", "gather"]
 KV_COMMANDS = ["get", "set", "del", "ls", "cas", "watch"]
 MESSAGE_KEYS = {"id", "kind", "sender", "recipient", "topic", "payload", "correlation_id",
                 "reply_to", "created_at", "expires_at"}
-
-
-@pytest.fixture
-def procs() -> Iterator[list[subprocess.Popen[str]]]:
-    ps: list[subprocess.Popen[str]] = []
-    yield ps
-    reap_children(ps)  # type: ignore[arg-type]
-    for p in ps:
-        for f in (p.stdin, p.stdout, p.stderr):
-            if f is not None:
-                f.close()
 
 
 def as_(id: str) -> dict[str, str]:

@@ -6,13 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -293,15 +291,6 @@ def test_cli_refuses_a_network_filesystem(
     line = one_line_error(invoke("doctor"))
     assert str(db_path) in line and "nfs4 filesystem" in line and "use a local disk" in line
     assert tree(db_path.parent) == before
-
-
-@pytest.fixture
-def reachable_dir() -> Iterator[Path]:
-    """A directory under /tmp that nobody can traverse (pytest's tmp_path is root-only)."""
-    d = Path(tempfile.mkdtemp(prefix="coord-test-"))
-    d.chmod(0o711)
-    yield d
-    shutil.rmtree(d)
 
 
 def _main_as_nobody(argv: list[str]) -> tuple[int, str]:
