@@ -343,18 +343,21 @@ class Store:
         # Another connection's autocheckpoint makes ours fail at once (SQLite does not wait
         # for a running checkpoint), so try a few times within the budget.
         for _ in range(10):
-            busy, frames, done = self.restart_wal(WAL_RESTART_WAIT_MS)
+            busy, frames, done = self.checkpoint("RESTART", WAL_RESTART_WAIT_MS)
             if frames >= 0 and (not busy or frames == done):
                 return
             time.sleep(0.005)
 
-    def restart_wal(self, wait_ms: int = 0) -> tuple[int, int, int]:
-        """Checkpoint the whole WAL and restart it, waiting at most ``wait_ms`` for readers
-        and writers; returns SQLite's (busy, log frames, checkpointed frames)."""
+    def checkpoint(self, mode: str = "PASSIVE", wait_ms: int = 0) -> tuple[int, int, int]:
+        """Run one WAL checkpoint (PASSIVE, RESTART or TRUNCATE), waiting at most ``wait_ms``
+        for readers and writers; returns SQLite's (busy, log frames, checkpointed frames),
+        or (1, -1, -1) when it could not start."""
+        if mode not in ("PASSIVE", "RESTART", "TRUNCATE"):
+            raise ValueError(f"checkpoint mode {mode!r}")
         conn = self.conn()
         conn.set_busy_timeout(wait_ms)
         try:
-            row: Any = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchall()[0]
+            row: Any = conn.execute(f"PRAGMA wal_checkpoint({mode})").fetchall()[0]
             return int(row[0]), int(row[1]), int(row[2])
         except apsw.BusyError:
             return 1, -1, -1

@@ -360,17 +360,10 @@ def checkpoint_wal(store: Store) -> tuple[int, int, int]:
     gives up at once instead of holding every writer behind a waiting checkpoint.
     Returns SQLite's (busy, log frames, checkpointed frames) of the last attempt.
     """
-    conn = store.conn()
-    row: Any = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()[0]
-    if int(row[1]) > 0:  # frames in the WAL: try to empty it
-        conn.set_busy_timeout(0)
-        try:
-            row = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()[0]
-        except apsw.BusyError:
-            pass
-        finally:
-            conn.set_busy_timeout(store.config.busy_timeout_ms)
-    return int(row[0]), int(row[1]), int(row[2])
+    result = store.checkpoint("PASSIVE")
+    if result[1] > 0:  # frames in the WAL: try to empty it
+        result = store.checkpoint("TRUNCATE", wait_ms=0)
+    return result
 
 
 def _mark_exited(ids: list[int], wall: float) -> Callable[[apsw.Connection], None]:
