@@ -147,8 +147,9 @@ def check(store: Store, *, strict: bool = False, integrity: bool = True) -> list
 
 def doctor(store: Store) -> dict[str, Any]:
     """Health report: integrity, invariants, permissions, journal mode, sizes, versions."""
-    problems = check(store)
-    pending = [p for p in check(store, strict=True, integrity=False) if p.pending]
+    found = check(store, strict=True)  # once: pending items are split off below
+    problems = [p for p in found if not p.pending]
+    pending = [p for p in found if p.pending]
     perms: list[str] = []
     for p in (store.path.parent, store.path, *(store.path.with_name(store.path.name + s)
                                                for s in ("-wal", "-shm"))):
