@@ -64,6 +64,13 @@ def validate_id(value: str, what: str = "instance id") -> str:
     return value
 
 
+def validate_name(value: str, what: str) -> str:
+    """A lease or queue name: a plain string, global in one database ("app/name" advised)."""
+    if not isinstance(value, str) or not value or len(value) > 1000 or "\0" in value:
+        raise InvalidArgument(f"invalid {what} {value!r}: use 1-1000 characters, no NUL")
+    return value
+
+
 def generate_id(app: str) -> str:
     """A readable unique id: ``<app>-<short random>``."""
     base = "".join(c if c in _ID_CHARS else "-" for c in app)[:60] or "coord"

@@ -59,6 +59,7 @@ from .errors import CoordError, InvalidArgument, LeaseLost, LeaseNotAcquired, No
 from .events import log_event
 from .identity import ProcIdentity, pid_namespace, start_token, still_running
 from .instances import Instance, judge
+from .instances import validate_name as _validate_name
 from .reaper import bury
 
 log = logging.getLogger("coord.leases")
@@ -70,9 +71,7 @@ LostCallback = Callable[["Lease"], None]
 
 
 def validate_name(name: str) -> str:
-    if not isinstance(name, str) or not name or len(name) > 1000 or "\0" in name:
-        raise InvalidArgument(f"invalid lease name {name!r}: use 1-1000 characters, no NUL")
-    return name
+    return _validate_name(name, "lease name")
 
 
 def renew_interval(store: Store, ttl: float) -> float:

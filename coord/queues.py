@@ -62,7 +62,7 @@ from .errors import (
     QueueFull,
 )
 from .events import log_event
-from .instances import Instance, Probe, judge, require_live, validate_id
+from .instances import Instance, Probe, judge, require_live, validate_id, validate_name
 from .payload import decode, encode
 from .reaper import bury_dead, release_claims
 
@@ -199,10 +199,7 @@ _COLUMN_NAMES = tuple(c.strip() for c in _COLUMNS.split(","))
 
 
 def _name(queue: str) -> str:
-    # Names are plain strings, global within one database; the docs recommend "app/name".
-    if not isinstance(queue, str) or not queue or len(queue) > 1000 or "\0" in queue:
-        raise InvalidArgument(f"invalid queue name {queue!r}: use 1-1000 characters, no NUL")
-    return queue
+    return validate_name(queue, "queue name")
 
 
 def _token(job_or_token: Job | str) -> str:
