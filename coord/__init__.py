@@ -35,6 +35,7 @@ if TYPE_CHECKING:
         SchemaTooNew,
         StorageError,
         TimeoutExpired,
+        UnsafeFork,
         UnsafePath,
         VersionConflict,
     )
@@ -109,6 +110,7 @@ _EXPORTS = {
     "Store": "db",
     "TimeoutExpired": "errors",
     "Tracked": "processes",
+    "UnsafeFork": "errors",
     "UnsafePath": "errors",
     "VersionConflict": "errors",
     "acquire": "leases",
@@ -198,6 +200,7 @@ __all__ = [
     "Store",
     "TimeoutExpired",
     "Tracked",
+    "UnsafeFork",
     "UnsafePath",
     "VersionConflict",
     "acquire",

@@ -12,7 +12,7 @@ from typing import Any
 
 import apsw
 
-from .db import Store, open_connection, translated
+from .db import Store, close_connection, open_connection, translated
 from .errors import InvalidArgument, ReadOnlyViolation
 
 # Pragmas that only read, with or without an argument (a table or index name, a limit).
@@ -86,4 +86,4 @@ def run_readonly(
             raise InvalidArgument(f"SQL error: {e}") from None
         return cols, rows
     finally:
-        conn.close()
+        close_connection(conn)

@@ -8,12 +8,24 @@ Connections and processes:
 
 - Each thread gets its own connection on first use (``Store.conn()``), checked against the
   pid on every use; connections of threads that ended are closed by the next new one.
-- After ``fork()`` the child never uses or checkpoints what it inherited: idle inherited
-  connections are closed without a checkpoint (so SQLite's per-process lock bookkeeping
-  starts afresh and the child's own connections hold real locks), busy ones are leaked.
+- fork: SQLite keeps one table of POSIX locks per process. A child forked while this process
+  has a connection to a database inherits a copy of that table claiming locks the child does
+  not hold, so any SQLite call on that file in the child (a new connection included) can
+  commit into a WAL another process has deleted, or checkpoint a stale view over the file.
+  So the after-fork hook runs no SQLite code at all: it only records which databases had a
+  connection open at the fork, and keeps every inherited connection referenced for ever so
+  it is never closed (closing runs SQLite's unlock code on a lock table that is not ours).
+  Every coord call on such a database in the child — the inherited ``Store``, a new
+  ``Store(path)`` on the same file, the CLI — then raises ``UnsafeFork`` before touching it.
+  A database this process had *no* connection to at the fork (never opened, or every
+  connection closed) is safe in the child and may be used there; so is any database in a
+  child started with the ``spawn`` or ``forkserver`` start method. The rule is inherited:
+  a grandchild is refused what its parent was refused.
 - No file of the database is ever opened and closed with plain ``open()`` while this process
   has a connection to it: closing any descriptor of a file drops every POSIX lock the
-  process holds on it, SQLite's included (``FILE_OPEN_LOCK``, ``coord.migrate``).
+  process holds on it, SQLite's included (``FILE_OPEN_LOCK``, ``coord.migrate``). For the
+  same reason coord's database must never be opened by a second SQLite library (the stdlib
+  ``sqlite3``, SQLAlchemy, pandas) inside a process that uses coord.
 """
 
 from __future__ import annotations
@@ -34,7 +46,7 @@ from . import paths
 from ._retry import on_busy
 from .clock import SYSTEM, Clock, boot_id
 from .config import Config
-from .errors import CoordError, NotADatabase, StorageError
+from .errors import CoordError, NotADatabase, StorageError, UnsafeFork
 
 T = TypeVar("T")
 Row = dict[str, Any]
@@ -60,9 +72,98 @@ FILE_OPEN_LOCK = threading.Lock()
 
 
 def open_connection(path: str, flags: int) -> apsw.Connection:
-    """Every SQLite connection coord makes is opened here (see ``FILE_OPEN_LOCK``)."""
+    """Every SQLite connection coord makes is opened here (see ``FILE_OPEN_LOCK``), and
+    refused in a forked child on a database its parent had open (see ``refuse_if_forked``)."""
+    refuse_if_forked(path)
     with FILE_OPEN_LOCK:
-        return apsw.Connection(path, flags=flags)
+        # Known before SQLite runs: a fork while this thread is inside the open must count
+        # the file as open in the child (see _after_fork_in_child).
+        _OPENING[0] = path
+        try:
+            conn = apsw.Connection(path, flags=flags)
+            try:
+                _OPEN[conn] = (_file_key(path), path)
+            except OSError:  # removed meanwhile: the connection fails on first use instead
+                pass
+        finally:
+            _OPENING[0] = None
+    return conn
+
+
+def close_connection(conn: apsw.Connection) -> None:
+    """Close a connection coord opened (errors ignored: it is being thrown away). It stays
+    counted as open until SQLite's close has returned, in case this process forks meanwhile."""
+    try:
+        conn.close()
+    except apsw.Error:
+        pass
+    _OPEN.pop(conn, None)
+
+
+# -- fork ---------------------------------------------------------------------------------
+
+FileKey = tuple[int, int]  # (st_dev, st_ino) of a database file
+
+#: Every connection coord opened and has not closed, with its file's key and path. Weak, so a
+#: connection dropped without close() (closed by its deallocation) leaves by itself.
+_OPEN: weakref.WeakKeyDictionary[apsw.Connection, tuple[FileKey, str]] = weakref.WeakKeyDictionary()
+#: Databases this process may not touch: they had a connection open in an ancestor when it
+#: forked this process (or an ancestor of it). Key → (path, pid of the process that forked).
+_POISONED: dict[FileKey, tuple[str, int]] = {}
+#: Connections inherited across fork, kept referenced for ever so that they are never closed.
+_ABANDONED: list[apsw.Connection] = []
+_OPENING: list[str | None] = [None]  # the path a thread is opening a connection to, if any
+_PID = [os.getpid()]  # this process's pid as of the last fork hook: the forking parent's, in a child
+# Every open Store, so that a forked child can replace their thread locks.
+_STORES: weakref.WeakSet[Store] = weakref.WeakSet()
+
+
+def _file_key(path: str) -> FileKey:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def _after_fork_in_child() -> None:
+    """Mark this process; no SQLite call, nothing closed (see the module docstring)."""
+    global FILE_OPEN_LOCK
+    FILE_OPEN_LOCK = threading.Lock()  # another thread may have held it at the fork
+    parent, _PID[0] = _PID[0], os.getpid()
+    for conn, (key, path) in list(_OPEN.items()):
+        _POISONED.setdefault(key, (path, parent))
+        _ABANDONED.append(conn)
+        # Also survives interpreter shutdown (sys.exit in the child), which clears module
+        # globals: a connection that is never deallocated is never closed.
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(conn))
+    _OPEN.clear()
+    opening, _OPENING[0] = _OPENING[0], None
+    if opening is not None:  # another thread was inside SQLite's open at the fork
+        try:
+            _POISONED.setdefault(_file_key(opening), (opening, parent))
+        except OSError:
+            pass
+    for store in list(_STORES):
+        store._lock = threading.Lock()  # another thread may have held it at the fork
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def poisoned() -> dict[str, int]:
+    """The databases this process may not use because it was forked while they were open:
+    path → pid of the process that forked it. Empty in a process that may use them all."""
+    return {path: pid for path, pid in _POISONED.values()}
+
+
+def refuse_if_forked(path: str | os.PathLike[str]) -> None:
+    """Raise ``UnsafeFork`` if ``path`` is a database this forked process inherited open."""
+    if not _POISONED:
+        return
+    try:
+        key = _file_key(os.fspath(path))
+    except OSError:
+        return  # no file: nothing can have been inherited
+    if key in _POISONED:
+        raise UnsafeFork(os.fspath(path), _POISONED[key][1])
 
 
 #: A WAL larger than this is restarted by a short-waiting checkpoint (see _keep_wal_small).
@@ -71,43 +172,6 @@ WAL_RESTART_BYTES = 16 << 20
 WAL_RESTART_WAIT_MS = 50
 _WAL_CHECK_EVERY = 64  # commits of one store between looks at the WAL size
 _WAL_LAST_RESTART = [0.0]  # per process: at most one attempt a second
-
-# Every open Store, so that a forked child can deal with the connections it inherited.
-_STORES: weakref.WeakSet[Store] = weakref.WeakSet()
-
-
-def _drop_inherited(conn: apsw.Connection, idle: bool) -> None:
-    """In a forked child: make sure a connection inherited from the parent is never used.
-
-    SQLite keeps per-process lock bookkeeping per file. While an inherited connection stays
-    open, the child's own new connections share that bookkeeping and believe they hold
-    locks that in truth belong to the parent: once the parent closes, another process may
-    delete the WAL under the child and the child's commits are lost. So an idle inherited
-    connection is closed (without a checkpoint: the child holds no lock, and closing its
-    descriptors releases nothing of the parent's). A connection that was inside a
-    transaction, or belonged to another thread (which may have been inside SQLite at the
-    moment of the fork), is instead leaked on purpose with a reference nothing ever drops:
-    closing it could roll back into shared memory the parent is using, or deadlock.
-    """
-    if idle:
-        try:
-            conn.config(apsw.SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, 1)
-            conn.close(True)
-            return
-        except apsw.Error:
-            pass
-    ctypes.pythonapi.Py_IncRef(ctypes.py_object(conn))
-
-
-def _after_fork_in_child() -> None:
-    global FILE_OPEN_LOCK
-    FILE_OPEN_LOCK = threading.Lock()  # another thread may have held it at the fork
-    for store in list(_STORES):
-        store._forget_inherited()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
 
 def _translate(e: apsw.Error | OSError, path: str) -> CoordError | None:
     if isinstance(e, apsw.FullError) or (isinstance(e, OSError) and e.errno == errno.ENOSPC):
@@ -156,8 +220,9 @@ class Store:
     """An open coord database.
 
     ``Store(path)`` resolves and checks the path (see ``coord.paths``), creates and migrates
-    the database if needed, and is then safe to share between threads; each thread, and each
-    process after fork, gets its own connection.
+    the database if needed, and is then safe to share between threads; each thread gets its
+    own connection. A forked child may not use a database its parent had open: it raises
+    ``UnsafeFork`` (see the module docstring).
     """
 
     def __init__(
@@ -167,7 +232,9 @@ class Store:
         clock: Clock = SYSTEM,
         config: Config | None = None,
     ) -> None:
-        self.path = paths.prepare_db_path(paths.resolve_db_path(path))
+        resolved = paths.resolve_db_path(path)
+        refuse_if_forked(resolved)  # before anything touches the file
+        self.path = paths.prepare_db_path(resolved)
         self.clock = clock
         self.config = config if config is not None else Config.from_env()
         self._local = threading.local()
@@ -207,10 +274,10 @@ class Store:
         return self._open()
 
     def conn(self) -> apsw.Connection:
-        """This thread's connection, opened on first use and reopened after fork.
+        """This thread's connection, opened on first use.
 
         Checked on every use: a connection is only ever used by the thread and the process
-        that opened it.
+        that opened it; in a forked child the inherited one is never used (``UnsafeFork``).
         """
         pid = os.getpid()
         local = self._local
@@ -224,7 +291,7 @@ class Store:
             with translated(str(self.path)):
                 self.configure(c)
         except BaseException:
-            c.close()
+            close_connection(c)
             raise
         local.conn, local.pid = c, pid
         with self._lock:
@@ -237,19 +304,8 @@ class Store:
             self._all = [e for e in self._all if e[2] not in ended]
             self._all.append((pid, threading.current_thread(), c))
         for x in ended:
-            _close_quietly(x)
+            close_connection(x)
         return c
-
-    def _forget_inherited(self) -> None:
-        """In a forked child: drop every connection of the parent (see ``_drop_inherited``)."""
-        pid = os.getpid()
-        me = threading.current_thread()  # the thread that forked, the only one left
-        inherited = [(t, c) for p, t, c in self._all if p != pid]
-        self._all = [e for e in self._all if e[0] == pid]
-        self._lock = threading.Lock()  # may have been held by another thread at fork time
-        self._local = threading.local()
-        for t, c in inherited:
-            _drop_inherited(c, idle=t is me and c.get_autocommit())
 
     def abandon_transaction(self) -> None:
         """Roll back this thread's open transaction, if any. For the SIGTERM handler only: it
@@ -263,17 +319,15 @@ class Store:
                 pass
 
     def close(self) -> None:
-        """Close the connections this process opened (never those inherited across fork)."""
+        """Close the connections this process opened; those inherited across fork are left
+        alone (the fork hook keeps them, unclosed, for ever)."""
         self._closed = True
         pid = os.getpid()
         with self._lock:
             mine = [c for p, _, c in self._all if p == pid]
-            others = [c for p, _, c in self._all if p != pid]
             self._all = []
-        for c in others:  # normally none: a child drops them right after fork
-            _drop_inherited(c, idle=False)
         for c in mine:
-            _close_quietly(c)
+            close_connection(c)
         self._local = threading.local()
 
     def __enter__(self) -> Store:
@@ -403,13 +457,6 @@ class Store:
 #: Counts writes that were retried after a busy error, in the same transaction.
 _COUNT_BUSY = ("INSERT INTO counters (name, value) VALUES ('busy_retries', 1) "
                "ON CONFLICT (name) DO UPDATE SET value = value + 1")
-
-
-def _close_quietly(conn: apsw.Connection) -> None:
-    try:
-        conn.close()
-    except apsw.Error:
-        pass
 
 
 def fetch(conn: apsw.Connection, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Row]:

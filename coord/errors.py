@@ -8,6 +8,7 @@ store boundary (``coord.db``) so callers never catch ``apsw.*`` themselves::
     ├── NotADatabase(path, reason)      a file at the path is not a coord database
     ├── SchemaTooNew(found, supported)  written by a newer coord
     ├── StorageError(path, reason)      disk full, read-only, I/O error
+    ├── UnsafeFork(path, parent_pid)    a forked child touched a database its parent had open
     ├── Busy(seconds)                   still locked after bounded retries
     ├── NotFound(kind, name)            no such instance, job, message, key ...
     ├── InvalidArgument(reason)         bad input from the caller (exit 2 in the CLI)
@@ -101,6 +102,28 @@ class StorageError(CoordError):
 
     def message(self) -> str:
         return f"{self.path}: {self.reason}"
+
+
+class UnsafeFork(CoordError):
+    """A process forked while its parent had a connection to ``path`` open used coord on it.
+
+    SQLite's POSIX locks belong to the parent; the child's inherited copy of SQLite's lock
+    table claims them anyway, so its commits could vanish with a WAL another process deletes.
+    Nothing was read or written."""
+
+    def __init__(self, path: object, parent_pid: int) -> None:
+        super().__init__(str(path), parent_pid)
+        self.path, self.parent_pid = str(path), parent_pid
+
+    def message(self) -> str:
+        return (
+            f"{self.path}: this process was forked by pid {self.parent_pid} while that process "
+            "had the database open, and SQLite's locks do not survive fork, so coord refuses to "
+            "use it here (nothing was read or written); start children with the 'spawn' or "
+            "'forkserver' multiprocessing start method, or create coord objects only in a child "
+            "of a process that never opened this database (open the store after the fork, in "
+            "the worker)"
+        )
 
 
 class Busy(CoordError):

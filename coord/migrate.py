@@ -31,7 +31,7 @@ import apsw
 
 from . import db
 from ._retry import on_busy
-from .db import APPLICATION_ID, open_connection, scalar
+from .db import APPLICATION_ID, close_connection, open_connection, scalar
 from .errors import NotADatabase, SchemaTooNew
 
 if TYPE_CHECKING:
@@ -156,7 +156,7 @@ def _identify(store: Store) -> tuple[int, int, bool] | None:
     except (apsw.ReadOnlyError, apsw.CantOpenError):
         return None
     finally:
-        conn.close()
+        close_connection(conn)
 
 
 def _refuse(path: str, app_id: int, version: int, has_tables: bool) -> None:
@@ -187,7 +187,7 @@ def migrate(store: Store) -> None:
         if int(scalar(conn, "PRAGMA user_version")) < latest_version():
             on_busy(lambda: _apply(store, conn), path=path)
     finally:
-        conn.close()
+        close_connection(conn)
 
 
 def _apply(store: Store, conn: apsw.Connection) -> None:

@@ -1,5 +1,7 @@
 """The store's connections and transactions: pragmas, one connection per thread and per
-process, fork, BEGIN IMMEDIATE writes, busy retry and the clear Busy error."""
+process, BEGIN IMMEDIATE writes, busy retry and the clear Busy error. (fork: a forked child
+may not use a database its parent had open — see test_fork.py. The children forked here
+drop to nobody and open databases their parent never had open, which the rule allows.)"""
 
 from __future__ import annotations
 
@@ -133,87 +135,6 @@ def _fork(fn: Any) -> tuple[int, str]:
     os.close(r)
     _, status = os.waitpid(pid, 0)
     return os.waitstatus_to_exitcode(status), b"".join(chunks).decode()
-
-
-def test_connection_made_before_fork_is_not_used_in_child(store: Store) -> None:
-    parent_conn = store.conn()
-    store.write(lambda c: c.execute("INSERT INTO meta (key, value) VALUES ('parent', '1')"))
-
-    def child() -> str:
-        c = store.conn()
-        assert c is not parent_conn
-        assert store.conn() is c
-        store.write(lambda c: c.execute("INSERT INTO meta (key, value) VALUES ('child', ?)",
-                                        (str(os.getpid()),)))
-        store.close()  # closes the child's own connection only
-        return "ok"
-
-    code, out = _fork(child)
-    assert (code, out) == (0, "ok")
-    # The parent's connection is untouched and still works, reads the child's commit,
-    # and writes again.
-    assert store.conn() is parent_conn
-    assert store.value("SELECT value FROM meta WHERE key = 'child'") is not None
-    store.write(lambda c: c.execute("INSERT INTO meta (key, value) VALUES ('after', '1')"))
-    assert coord.check.check(store) == []
-
-
-def test_child_commits_survive_after_the_parent_closes(store: Store) -> None:
-    """The child's own connection must hold real locks, not ride on the parent's: after the
-    parent closes and another process opens and closes the database, the child's next
-    commit must still land in the database (not in a WAL file someone else deleted)."""
-    store.conn()
-    to_child_r, to_child_w = os.pipe()
-    to_parent_r, to_parent_w = os.pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        pid = os.fork()
-    if pid == 0:  # pragma: no cover - child
-        code = 1
-        try:
-            store.write(lambda c: c.execute("INSERT INTO meta (key, value) VALUES ('c1', '1')"))
-            os.write(to_parent_w, b"1")
-            os.read(to_child_r, 1)
-            store.write(lambda c: c.execute("INSERT INTO meta (key, value) VALUES ('c2', '1')"))
-            code = 0
-        finally:
-            os.write(to_parent_w, b"2")
-            os._exit(code)
-    assert os.read(to_parent_r, 1) == b"1"
-    store.close()
-    third = "import apsw, sys; c = apsw.Connection(sys.argv[1]); c.execute('SELECT 1'); c.close()"
-    subprocess.run([sys.executable, "-c", third, str(store.path)], check=True, timeout=60)
-    os.write(to_child_w, b"x")
-    assert os.read(to_parent_r, 1) == b"2"
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    for fd in (to_child_r, to_child_w, to_parent_r, to_parent_w):
-        os.close(fd)
-    with Store(store.path) as fresh:
-        assert fresh.value("SELECT count(*) FROM meta WHERE key IN ('c1', 'c2')") == 2
-
-
-def test_child_forked_mid_transaction_cannot_disturb_parent(store: Store) -> None:
-    """Fork while this thread holds a write transaction: the child opens its own connection
-    and waits for the lock like any other process; the parent's transaction is intact."""
-    conn = store.conn()
-    conn.execute("BEGIN IMMEDIATE")
-    conn.execute("INSERT INTO meta (key, value) VALUES ('pending', 'x')")
-
-    def child() -> str:
-        s = Store(store.path, config=Config(busy_timeout_ms=50))
-        coord._retry.RETRY_SECONDS = 0.2
-        try:
-            s.write(lambda c: c.execute("INSERT INTO meta (key, value) VALUES ('c', '1')"))
-        except Busy:
-            return "busy"
-        return "wrote"
-
-    code, out = _fork(child)
-    conn.execute("COMMIT")
-    assert (code, out) == (0, "busy")
-    assert store.value("SELECT value FROM meta WHERE key = 'pending'") == "x"
-    assert coord.check.check(store) == []
 
 
 def test_write_is_one_transaction(store: Store) -> None:

@@ -294,7 +294,10 @@ def test_cli_refuses_a_network_filesystem(
 
 
 def _main_as_nobody(argv: list[str]) -> tuple[int, str]:
-    """Run the CLI's main() in a forked child that dropped to nobody; (status, stderr)."""
+    """Run the CLI's main() in a forked child that dropped to nobody; (status, stderr).
+
+    Allowed by the fork rule only because this process never had ``argv``'s database open
+    (a forked child is refused a database its parent had open: tests/test_fork.py)."""
     # Import now what the child would import lazily (nobody cannot read the interpreter's
     # own directory here).
     import importlib.readers  # noqa: F401
