@@ -23,7 +23,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import apsw
 
@@ -545,12 +545,19 @@ def _release_own_lock(fd: int, path: str) -> None:
     os.close(fd)
 
 
+def _is_file(p: str | None) -> TypeGuard[str]:
+    """A path on disk — not an abstract-namespace socket name (``@coord-…``, see
+    ``nudge.socket_path``), which has no file, and unlinked as a path would remove a file of
+    that name from the current directory."""
+    return bool(p) and not nudge.is_abstract(p)
+
+
 def _unlink_many(paths: Iterable[str | None]) -> None:
     """``_unlink`` for a reaper's batch: one directory descriptor per directory, so each
     file costs an unlinkat without a path walk."""
     by_dir: dict[str, list[str]] = {}
     for p in paths:
-        if p:
+        if _is_file(p):
             d, name = os.path.split(p)
             by_dir.setdefault(d, []).append(name)
     for d, names in by_dir.items():
@@ -571,7 +578,7 @@ def _unlink_many(paths: Iterable[str | None]) -> None:
 def _unlink(*paths: str | None) -> None:
     """Remove a dead instance's lock file and socket (unlinking never drops a lock)."""
     for p in paths:
-        if p:
+        if _is_file(p):
             try:
                 os.unlink(p)
             except OSError:

@@ -40,8 +40,13 @@ def socket_path(path: str) -> str:
     return "@coord-" + hashlib.sha256(os.fsencode(path)).hexdigest()[:32]
 
 
+def is_abstract(path: str | None) -> bool:
+    """Whether ``path`` (from ``socket_path``) names an abstract socket: no file to remove."""
+    return path is not None and path.startswith("@")
+
+
 def _address(path: str) -> str:
-    return "\0" + path[1:] if path.startswith("@") else path
+    return "\0" + path[1:] if is_abstract(path) else path
 
 
 def bind(path: str) -> socket.socket:
@@ -49,13 +54,13 @@ def bind(path: str) -> socket.socket:
     stale file there is replaced)."""
     s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     try:
-        if not path.startswith("@"):
+        if not is_abstract(path):
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
         s.bind(_address(path))
-        if not path.startswith("@"):
+        if not is_abstract(path):
             os.chmod(path, 0o600)
         s.setblocking(False)
     except BaseException:

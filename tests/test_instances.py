@@ -597,3 +597,36 @@ def test_a_stuck_instance_runs_no_hooks(fast_store: coord.Store) -> None:
             assert time.monotonic() < deadline
             inst.beat()
             time.sleep(0.05)
+
+
+def test_abstract_socket_names_are_never_unlinked_as_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, procs: list[subprocess.Popen[str]]
+) -> None:
+    """A database deep in the tree gets abstract-namespace nudge sockets (``@coord-…``):
+    closing an instance, and reaping a killed one, must not unlink a file of that name in
+    the current directory."""
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True, mode=0o700)
+    db = deep / "coord.db"
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    store = coord.Store(db)
+    inst = register(store, "deep", app="x")
+    victim = subprocess.Popen([sys.executable, "-c", WORKER, "victim"], cwd=cwd,
+                              env={**{k: v for k, v in os.environ.items()
+                                      if not k.startswith("COORD_")}, "COORD_DB": str(db)},
+                              stdout=subprocess.PIPE, text=True)
+    procs.append(victim)
+    ready(victim)
+    names = [r["nudge_path"] for r in store.rows("SELECT nudge_path FROM instances")]
+    assert len(names) == 2 and all(n.startswith("@coord-") for n in names)
+    for n in names:  # someone's files that happen to carry those names
+        (cwd / n).write_text("keep me")
+    inst.close()
+    victim.kill()
+    victim.wait()
+    coord.reap(store)
+    assert store.rows("SELECT id FROM instances") == []
+    assert sorted(p.name for p in cwd.iterdir()) == sorted(names)
+    store.close()
