@@ -429,6 +429,10 @@ def create_db_file(path: Path) -> None:
     drops every POSIX lock that process holds on it, including SQLite's own, and a lost
     ``-shm`` lock lets another process reset the shared memory under us (SIGBUS). A new file
     created with O_EXCL cannot be open anywhere in this process yet.
+
+    The new file and its directory entry are fsynced: on a persistent ``COORD_DB`` a power
+    loss must not leave a database whose WAL survived but whose file name did not (SQLite
+    itself syncs the directory when it creates the ``-wal``).
     """
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -436,5 +440,11 @@ def create_db_file(path: Path) -> None:
         return
     try:
         os.fchmod(fd, 0o600)  # whatever the umask
+        os.fsync(fd)
     finally:
         os.close(fd)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -601,3 +604,22 @@ def test_create_db_file_does_not_follow_a_planted_symlink(private: Path, tmp_pat
     link.symlink_to(tmp_path / "elsewhere")
     create_db_file(link)  # O_EXCL: the link exists, so nothing is created through it
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_create_db_file_fsyncs_the_file_and_its_directory(private: Path) -> None:
+    """Seen from outside by strace: the new file and then its directory are fsynced, so a
+    power loss cannot keep the WAL of a persistent database and lose its file name."""
+    strace = shutil.which("strace")
+    if strace is None:
+        pytest.skip("strace is not installed")
+    db = private / "coord.db"
+    code = "import sys, pathlib, coord.paths; coord.paths.create_db_file(pathlib.Path(sys.argv[1]))"
+    r = subprocess.run([strace, "-f", "-y", "-e", "trace=fsync,fdatasync", sys.executable, "-c",
+                        code, str(db)], capture_output=True, text=True, timeout=60)
+    if r.returncode != 0 and "ptrace" in r.stderr:
+        pytest.skip(f"strace cannot trace here: {r.stderr.strip()}")
+    assert r.returncode == 0, r.stderr
+    synced = [line.split("<", 1)[1].split(">", 1)[0] for line in r.stderr.splitlines()
+              if "fsync(" in line and "<" in line]
+    assert synced == [str(db), str(private)]
+    assert db.exists()
