@@ -146,8 +146,12 @@ def check(store: Store, *, strict: bool = False, integrity: bool = True) -> list
 
 
 def doctor(store: Store) -> dict[str, Any]:
-    """Health report: integrity, invariants, permissions, journal mode, sizes, versions."""
+    """Health report: integrity, invariants, permissions, journal mode, sizes, versions, and
+    processes that use the database without SQLite's locks (``coord.lockless``)."""
+    from .lockless import lockless_users
+
     found = check(store, strict=True)  # once: pending items are split off below
+    found += [Problem("locks", user.describe()) for user in lockless_users(store.path)]
     problems = [p for p in found if not p.pending]
     pending = [p for p in found if p.pending]
     perms: list[str] = []

@@ -46,7 +46,7 @@ from . import paths
 from ._retry import on_busy
 from .clock import SYSTEM, Clock, boot_id
 from .config import Config
-from .errors import CoordError, NotADatabase, StorageError, UnsafeFork
+from .errors import CoordError, NotADatabase, StorageError, UnsafeFork, UnsafePath
 
 T = TypeVar("T")
 Row = dict[str, Any]
@@ -448,6 +448,26 @@ class Store:
     @property
     def boot_id(self) -> str:
         return boot_id()
+
+    def refuse_own_file(self, path: str | os.PathLike[str]) -> None:
+        """Raise ``UnsafePath`` when ``path`` is the database or its ``-wal``/``-shm`` (by
+        inode: a link or another spelling counts). For commands that read a file the user
+        names, before they open it: closing any descriptor of those files drops every lock
+        this process's connections hold on them."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return  # the reader reports what is wrong with it
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            try:
+                own = os.stat(f"{self.path}{suffix}")
+            except OSError:
+                continue
+            if (own.st_dev, own.st_ino) == (st.st_dev, st.st_ino):
+                raise UnsafePath(os.fspath(path), (
+                    f"it is this coord database's own file ({self.path}{suffix}); reading it "
+                    "here would drop SQLite's locks — copy it elsewhere first, or use "
+                    "`coord sql` to read the database"))
 
     def side_dir(self, name: str) -> Path:
         """A private 0700 directory beside the database (locks, sockets, logs)."""

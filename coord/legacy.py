@@ -161,9 +161,11 @@ def import_queue_state(
 ) -> ImportReport:
     """Import the pending and processing entries of a legacy queue-state.json into
     ``queue`` (default ``legacy``, created shared if needed), in one transaction. See the
-    module docstring for the mapping. Raises ``MalformedFile`` (nothing imported)."""
+    module docstring for the mapping. Raises ``MalformedFile`` (nothing imported), and
+    ``UnsafePath`` for the database's own files, which are never opened here."""
     queue = _name(queue or DEFAULT_QUEUE)
     name = os.fspath(path)
+    store.refuse_own_file(name)
     entries = read_state(name)
     cfg = store.config
     report = ImportReport(path=name, queue=queue)

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -19,8 +22,9 @@ import pytest
 import coord
 from coord import queues
 from coord.check import check
-from coord.errors import MalformedFile, QueueFull
+from coord.errors import MalformedFile, QueueFull, UnsafePath
 from coord.legacy import import_queue_state
+from coord.lockless import lockless_users
 
 FIXTURE = Path(__file__).parent / "fixtures" / "murmuration-queue-state.json"
 
@@ -170,3 +174,23 @@ def test_entries_without_counts_take_the_defaults(store: coord.Store, tmp_path: 
     job = queues.get_job(store, report.imported[0]["job_id"])
     assert (job.attempts, job.max_attempts) == (0, 4)
     assert job.payload == {"script_name": "make", "id": "x1"}
+
+
+def test_the_databases_own_files_are_refused_before_they_are_opened(
+    store: coord.Store, tmp_path: Path
+) -> None:
+    """coord.db, -wal, -shm and a hard link to the database: refused without opening them —
+    opening and closing one would drop this process's SQLite locks (it would then show up
+    as a lockless user, and its next commits could be lost)."""
+    inst = coord.register(store, "importer", app="legacy")
+    link = tmp_path / "state.json"
+    os.link(store.path, link)
+    for path in (store.path, f"{store.path}-wal", f"{store.path}-shm", link):
+        with pytest.raises(UnsafePath, match="own file"):
+            import_queue_state(store, path)
+    assert os.getpid() not in [u.pid for u in lockless_users(store.path)]
+    assert store.value("SELECT count(*) FROM jobs") == 0
+    inst.close()
+    r = subprocess.run([sys.executable, "-m", "coord", "--db", str(store.path), "queue", "import",
+                        f"{store.path}-wal"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "own file" in r.stderr
