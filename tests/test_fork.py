@@ -375,7 +375,7 @@ for _ in range(int(sys.argv[3])):
                 c.close()
         else:
             for call in (lambda: store.write(lambda c: None), lambda: coord.Store(sys.argv[1]),
-                         inst.beat, store.close):
+                         inst.heartbeat, store.close):
                 try:
                     call()
                 except coord.UnsafeFork:
