@@ -346,7 +346,8 @@ def import_(
 ) -> None:
     """Import a legacy queue-state.json: pending and processing entries become ready jobs
     (priority and order kept), finished ones are only reported. Importing the same file
-    again adds nothing. A malformed or truncated file is refused and nothing is imported."""
+    again adds nothing. A malformed or truncated file is refused and nothing is imported;
+    so are the database's own files (coord.db, -wal, -shm), which are never opened."""
     from coord.legacy import import_queue_state
 
     report = import_queue_state(store(ctx), file, queue=queue)

@@ -48,7 +48,8 @@ def sql(
 
 @handle_errors
 def doctor(ctx: typer.Context, as_json: JsonOption = False) -> None:
-    """Check integrity, invariants, permissions, journal mode, WAL size and schema version.
+    """Check integrity, invariants, permissions, journal mode, WAL size, schema version, and
+    processes that hold the database open without SQLite's locks (e.g. forked children).
 
     Exits 1 when anything is unhealthy."""
     from coord.check import doctor as run_doctor

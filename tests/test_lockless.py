@@ -47,6 +47,19 @@ os.kill(pid, 9)
 os.waitpid(pid, 0)
 """
 
+# A coord process that also opens its database with the stdlib sqlite3 and closes it: that
+# close drops apsw's locks too (the rule this breaks is in the README).
+MIXED = """
+import sqlite3, sys, time, coord
+store = coord.Store(sys.argv[1])
+inst = coord.register(store, "mixed", app="lockless")
+c = sqlite3.connect(sys.argv[1])
+c.execute("SELECT count(*) FROM meta").fetchall()
+c.close()
+print("ready", flush=True)
+time.sleep(120)
+"""
+
 
 def _pids(db: Path) -> list[int]:
     return [u.pid for u in lockless_users(db)]
@@ -79,6 +92,15 @@ def test_a_fork_child_of_a_coord_process_is_reported(store: coord.Store, db_path
     procs.append(p)
     child = int(wait_line(p, "child").split()[1])
     assert _pids(db_path) == [child]  # the coord parent holds its locks; the child none
+
+
+def test_a_coord_process_that_used_a_second_sqlite_library_is_reported(
+    store: coord.Store, db_path: Path, procs: list[subprocess.Popen[str]]
+) -> None:
+    p = spawn_python(MIXED, str(db_path), db=db_path)
+    procs.append(p)
+    wait_line(p)
+    assert _pids(db_path) == [p.pid]
 
 
 def test_an_idle_sqlite3_shell_and_coord_users_are_not_reported(
