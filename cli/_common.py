@@ -12,6 +12,7 @@ import csv
 import functools
 import json
 import os
+import shutil
 import sys
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -97,40 +98,42 @@ def emit_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-def emit_csv(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+def emit_csv(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, header: bool = True) -> None:
     w = csv.writer(sys.stdout)
-    w.writerow(columns)
+    if header:
+        w.writerow(columns)
     w.writerows(rows)
 
 
-def table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], *, title: str | None = None) -> None:
-    """Print rows as a table. Cells are plain text: never interpreted as markup."""
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
-    width = None if sys.stdout.isatty() else 200
-    console = Console(markup=False, highlight=False, emoji=False, width=width, soft_wrap=False)
-    t = Table(title=title, show_edge=False, box=None, pad_edge=False, header_style="bold")
-    for _, header in columns:
-        t.add_column(header, overflow="fold")
-    for r in rows:
-        t.add_row(*(Text(fmt(r.get(k))) for k, _ in columns))
-    console.print(t)
+NoHeadersOption = Annotated[bool, typer.Option("--no-headers", help="Print the rows only, "
+                                               "without the header line.")]
+Columns = Sequence[tuple[str, str]]
 
 
-def fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.1f}"
-    if isinstance(v, (list, tuple)):
-        return " ".join(str(x) for x in v)
-    if isinstance(v, dict):
-        return json.dumps(v, ensure_ascii=False)
-    return str(v)
+def table(rows: Sequence[dict[str, Any]], columns: Columns, *, title: str | None = None,
+          headers: bool = True) -> None:
+    """Print rows as a table, one line per row, always.
+
+    Cells are literal text (control characters escaped, never markup). On a terminal, or
+    when COLUMNS is set, the widest cells are shortened with an ellipsis until the table
+    fits; piped without COLUMNS, every value is printed whole (``--json`` has them all)."""
+    from .tables import render
+
+    if title and headers:
+        print(title)
+    for line in render(rows, columns, width=_width(), headers=headers):
+        print(line)
+    sys.stdout.flush()
+
+
+def _width() -> int | None:
+    """The width to fit: COLUMNS if set, else the terminal's; None (no limit) when piped."""
+    env = os.environ.get("COLUMNS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    if sys.stdout.isatty():
+        return shutil.get_terminal_size().columns
+    return None
 
 
 def duration(seconds: float | None) -> str:
@@ -157,3 +160,11 @@ def read_payload(ctx: typer.Context, text: str) -> Any:
 
 def usage(message: str) -> NoReturn:
     die(message, EXIT_USAGE)
+
+
+def detail(row: dict[str, Any], keys: Sequence[str], pad: int = 14) -> None:
+    """Print one object as ``key value`` lines (a ``_h`` key shows as its plain name)."""
+    from .tables import fmt, literal
+
+    for key in keys:
+        print(f"{key.removesuffix('_h'):<{pad}}{literal(fmt(row.get(key), key))}")

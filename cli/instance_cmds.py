@@ -7,7 +7,16 @@ from typing import Annotated, Any
 
 import typer
 
-from ._common import JsonOption, duration, emit_json, handle_errors, store, table
+from ._common import (
+    JsonOption,
+    NoHeadersOption,
+    detail,
+    duration,
+    emit_json,
+    handle_errors,
+    store,
+    table,
+)
 
 COLUMNS = [("id", "ID"), ("app", "APP"), ("pid", "PID"), ("user", "USER"), ("status_h", "STATUS"),
            ("rss_h", "RSS"), ("cpu_percent", "CPU%"), ("uptime_h", "UPTIME"), ("cmdline", "COMMAND")]
@@ -52,6 +61,7 @@ def instances(
     scan: Annotated[str | None, typer.Option("--scan", help="Also list unregistered processes of "
                                              "yours whose command line matches this regex.")] = None,
     as_json: JsonOption = False,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """List instances: alive ones by default."""
     from coord.instances import list_instances
@@ -67,7 +77,7 @@ def instances(
     if as_json:
         emit_json([{k: v for k, v in r.items() if not k.endswith("_h")} for r in rows])
     else:
-        table(_human(rows), COLUMNS)
+        table(_human(rows), COLUMNS, headers=not no_headers)
 
 
 @handle_errors
@@ -92,12 +102,9 @@ def instance(
         emit_json(row)
         return
     _human([row])
-    for key in ("id", "app", "status_h", "incarnation", "pid", "user", "host", "cwd", "cmdline",
-                "labels", "rss_h", "cpu_percent", "uptime_h", "ttl", "watchdog", "heartbeat_age",
-                "lock_path"):
-        from ._common import fmt
-
-        print(f"{key.removesuffix('_h'):<14}{fmt(row.get(key))}")
+    detail(row, ("id", "app", "status_h", "incarnation", "pid", "user", "host", "cwd", "cmdline",
+                 "labels", "rss_h", "cpu_percent", "uptime_h", "ttl", "watchdog", "heartbeat_age",
+                 "lock_path"))
     if others:
         print()
         table(_human(others), COLUMNS[:5], title="other live instances")

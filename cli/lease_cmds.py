@@ -6,7 +6,16 @@ from typing import Annotated, Any
 
 import typer
 
-from ._common import JsonOption, duration, emit_json, fmt, handle_errors, store, table
+from ._common import (
+    JsonOption,
+    NoHeadersOption,
+    detail,
+    duration,
+    emit_json,
+    handle_errors,
+    store,
+    table,
+)
 
 COLUMNS = [("name", "NAME"), ("holder", "HOLDER"), ("term", "TERM"), ("alive", "ALIVE"),
            ("held_for_h", "HELD FOR"), ("expires_h", "EXPIRES IN"), ("pgid", "PGID")]
@@ -44,6 +53,7 @@ def leases(
     ctx: typer.Context,
     held: Annotated[bool, typer.Option("--held", help="Only leases that have a holder.")] = False,
     as_json: JsonOption = False,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """List leases: name, holder, term (fencing token), holder liveness, time to expiry."""
     from coord.leases import list_leases
@@ -52,7 +62,7 @@ def leases(
     if as_json:
         emit_json(rows)
     else:
-        table([_human(r) for r in rows], COLUMNS)
+        table([_human(r) for r in rows], COLUMNS, headers=not no_headers)
 
 
 @handle_errors
@@ -65,9 +75,8 @@ def leader(ctx: typer.Context, name: NameArgument, as_json: JsonOption = False) 
         emit_json(row)
         return
     _human(row)
-    for key in ("name", "holder", "holder_incarnation", "holder_pid", "alive", "term", "ttl",
-                "held_for_h", "expires_h", "pgid"):
-        print(f"{key.removesuffix('_h'):<20}{fmt(row.get(key))}")
+    detail(row, ("name", "holder", "holder_incarnation", "holder_pid", "alive", "term", "ttl",
+                 "held_for_h", "expires_h", "pgid"), pad=20)
 
 
 @handle_errors

@@ -14,7 +14,15 @@ from typing import Annotated, Any
 
 import typer
 
-from ._common import JsonOption, emit_json, handle_errors, read_payload, store, table
+from ._common import (
+    JsonOption,
+    NoHeadersOption,
+    emit_json,
+    handle_errors,
+    read_payload,
+    store,
+    table,
+)
 
 TopicOption = Annotated[str, typer.Option("--topic", "-t", help="Topic of the message.")]
 PayloadArg = Annotated[str, typer.Argument(help="JSON payload, or - to read it from stdin.",
@@ -46,13 +54,14 @@ def _text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def _show(messages: list[Any], as_json: bool, *, single: bool = False) -> None:
+def _show(messages: list[Any], as_json: bool, *, single: bool = False,
+          no_headers: bool = False) -> None:
     if as_json:
         objs = [m.to_json() for m in messages]
         emit_json(objs[0] if single else objs)
         return
     rows = [dict(m.to_json(), payload_text=_text(m.payload)) for m in messages]
-    table(rows, MSG_COLUMNS)
+    table(rows, MSG_COLUMNS, headers=not no_headers)
 
 
 @handle_errors
@@ -85,6 +94,7 @@ def broadcast(
     app: Annotated[str | None, typer.Option("--app", help="Send to this app's instances "
                                             "(default: the sender's app).")] = None,
     as_json: JsonOption = False,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """Send a message to every other live instance of an app (one message each)."""
     from coord.messages import mailbox
@@ -96,7 +106,7 @@ def broadcast(
     if as_json:
         emit_json(rows)
     else:
-        table(rows, [("recipient", "RECIPIENT"), ("id", "MESSAGE ID")])
+        table(rows, [("recipient", "RECIPIENT"), ("id", "MESSAGE ID")], headers=not no_headers)
 
 
 @handle_errors
@@ -107,6 +117,7 @@ def recv(
     wait: Annotated[float, typer.Option("--wait", "-w", help="Seconds to wait for a message "
                                         "(0: don't wait).")] = 0.0,
     as_json: JsonOption = False,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """Receive the next message or request for this instance; exit 3 when none arrived.
 
@@ -119,7 +130,7 @@ def recv(
     msg = mailbox(s).receive(wait, topic=topic)
     if msg is None:
         raise TimeoutExpired("recv", wait)
-    _show([msg], as_json, single=True)
+    _show([msg], as_json, single=True, no_headers=no_headers)
 
 
 @handle_errors
@@ -169,6 +180,7 @@ def gather(
     app: Annotated[str | None, typer.Option("--app", help="Ask this app's instances "
                                             "(default: the sender's app).")] = None,
     as_json: JsonOption = False,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """Ask every other live instance of an app and collect the replies; names who did not
     answer. Exit 3 when there was someone to ask and nobody answered."""
@@ -183,7 +195,7 @@ def gather(
     else:
         if got.replies:
             table([{"sender": m.sender, "payload_text": _text(m.payload)} for m in got.replies],
-                  [("sender", "FROM"), ("payload_text", "REPLY")])
+                  [("sender", "FROM"), ("payload_text", "REPLY")], headers=not no_headers)
         for i in got.silent:
             print(f"no answer: {i}")
         for i in got.dead:
@@ -286,6 +298,7 @@ def kv_ls(
     ctx: typer.Context,
     prefix: Annotated[str, typer.Argument(help="Only keys starting with this.")] = "",
     as_json: JsonOption = False,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """List keys (those starting with PREFIX) with their versions, owners and values."""
     from coord import kv
@@ -294,7 +307,7 @@ def kv_ls(
     if as_json:
         emit_json([e.to_json() for e in entries])
     else:
-        table(_kv_rows(entries), KV_COLUMNS)
+        table(_kv_rows(entries), KV_COLUMNS, headers=not no_headers)
 
 
 @kv_app.command("watch")

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from ._common import JsonOption, duration, emit_json, handle_errors, store, table
+from ._common import JsonOption, NoHeadersOption, duration, emit_json, handle_errors, store, table
 
 PS_COLUMNS = [("id", "ID"), ("instance_id", "INSTANCE"), ("pid", "PID"), ("name", "NAME"),
               ("status_h", "STATUS"), ("rss_h", "RSS"), ("cpu_percent", "CPU%"),
@@ -62,12 +62,12 @@ def _human(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-def _show(procs: list[Any], as_json: bool) -> None:
+def _show(procs: list[Any], as_json: bool, no_headers: bool) -> None:
     rows = [p.to_json() for p in procs]
     if as_json:
         emit_json(rows)
     else:
-        table(_human(rows), PS_COLUMNS)
+        table(_human(rows), PS_COLUMNS, headers=not no_headers)
 
 
 @handle_errors
@@ -79,6 +79,7 @@ def ps(
     all_: Annotated[bool, typer.Option("--all", help="Show every instance's processes (read-only view).")] = False,
     running: Annotated[bool, typer.Option("--running", help="Only processes still running.")] = False,
     as_json: JsonOption = False,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """List tracked processes with live figures: pid, name, status, RSS, CPU %, uptime.
 
@@ -92,7 +93,7 @@ def ps(
         procs = list_processes(s, all_=True, running=running)
     else:
         procs = list_processes(s, instance, running=running)
-    _show(procs, as_json)
+    _show(procs, as_json, no_headers)
 
 
 @handle_errors
@@ -123,6 +124,7 @@ def orphans(
                                        "(only while pid and start token still match).")] = False,
     grace: GraceOption = None,
     as_json: JsonOption = False,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """List tracked processes still running whose instance is dead; --kill ends them.
 
@@ -132,14 +134,14 @@ def orphans(
 
     s = store(ctx)
     if not kill:
-        _show(find(s), as_json)
+        _show(find(s), as_json, no_headers)
         return
     ended = kill_orphans(s, grace=grace)
     if as_json:
         emit_json(ended)
     elif ended:
         table(ended, [("id", "ID"), ("instance_id", "INSTANCE"), ("pid", "PID"), ("name", "NAME"),
-                      ("how", "ENDED")])
+                      ("how", "ENDED")], headers=not no_headers)
     else:
         print("no orphans")
 
@@ -148,6 +150,7 @@ def orphans(
 def top(
     n: Annotated[int, typer.Option("-n", "--number", help="How many processes.")] = 15,
     as_json: JsonOption = False,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """The system's top processes by memory (resident set size), largest first.
 
@@ -160,4 +163,4 @@ def top(
         return
     for r in rows:
         r["rss_h"] = _size(r["rss"])
-    table(rows, TOP_COLUMNS)
+    table(rows, TOP_COLUMNS, headers=not no_headers)

@@ -15,7 +15,17 @@ from typing import Annotated, Any
 
 import typer
 
-from ._common import JsonOption, duration, emit_json, fmt, handle_errors, read_payload, store, table
+from ._common import (
+    JsonOption,
+    NoHeadersOption,
+    duration,
+    emit_json,
+    handle_errors,
+    read_payload,
+    store,
+    table,
+)
+from .tables import fmt
 
 queue_app = typer.Typer(
     name="queue",
@@ -229,6 +239,7 @@ def ls(
     limit: Annotated[int | None, typer.Option("--limit", "-n", min=1, show_default=False,
                                               help="At most this many jobs.")] = None,
     as_json: JsonOption = False,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """List jobs in claim order: by queue, then priority (high first), then FIFO."""
     from coord.queues import list_jobs
@@ -237,7 +248,7 @@ def ls(
     if as_json:
         emit_json(jobs)
     else:
-        table([_job_row(j) for j in jobs], JOB_COLUMNS)
+        table([_job_row(j) for j in jobs], JOB_COLUMNS, headers=not no_headers)
 
 
 @queue_app.command("stats")
@@ -246,6 +257,7 @@ def stats(
     ctx: typer.Context,
     queue: Annotated[str | None, typer.Argument(help="Only this queue.", show_default=False)] = None,
     as_json: JsonOption = False,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """Per queue: ready, delayed, claimed, dead, done and cancelled jobs, and the age of the
     oldest ready job. A private queue shows its owner (and whether it is alive)."""
@@ -259,7 +271,7 @@ def stats(
         r["owner"] = (None if r["instance_id"] is None
                       else f"{r['instance_id']}{'' if r['alive'] else ' (dead)'}")
         r["oldest"] = duration(r["oldest_age"])
-    table(rows, STATS_COLUMNS)
+    table(rows, STATS_COLUMNS, headers=not no_headers)
 
 
 @queue_app.command("requeue")

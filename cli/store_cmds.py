@@ -6,7 +6,16 @@ from typing import Annotated
 
 import typer
 
-from ._common import JsonOption, emit_csv, emit_json, handle_errors, store, table, usage
+from ._common import (
+    JsonOption,
+    NoHeadersOption,
+    emit_csv,
+    emit_json,
+    handle_errors,
+    store,
+    table,
+    usage,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -28,6 +37,7 @@ def sql(
                                          metavar="QUERY", show_default=False)],
     as_json: JsonOption = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV with a header row.")] = False,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """Run read-only SQL: writes, ATTACH, pragma changes and extensions are refused.
 
@@ -41,9 +51,10 @@ def sql(
     if as_json:
         emit_json([dict(zip(cols, r, strict=True)) for r in rows])
     elif as_csv:
-        emit_csv(cols, rows)
+        emit_csv(cols, rows, header=not no_headers)
     else:
-        table([dict(zip(cols, r, strict=True)) for r in rows], [(c, c) for c in cols])
+        table([dict(zip(cols, r, strict=True)) for r in rows], [(c, c) for c in cols],
+              headers=not no_headers)
 
 
 @handle_errors

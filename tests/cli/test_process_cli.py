@@ -138,7 +138,8 @@ def test_command_lines_print_literally(cli: Cli, spawner: Any) -> None:
     spawner("markup", 1, "[/red]", "[bold]x[/bold]", "[link=http://e]y")
     out = cli("ps", "--all")
     assert out.returncode == 0, out.stderr
-    assert "[/red] [bold]x[/bold] [link=http://e]y" in out.stdout
+    # Literal (never markup) and quoted as a shell would, so it can be pasted back.
+    assert "'[/red]' '[bold]x[/bold]' '[link=http://e]y'" in out.stdout
     assert "ID" in out.stdout and "INSTANCE" in out.stdout and "markup" in out.stdout
 
 
