@@ -23,6 +23,10 @@ from coord.errors import EXIT_ERROR, EXIT_USAGE, CoordError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# SQLite's integers: every integer option is bounded by them, so a huge number is a usage
+# error at parse time rather than an overflow deep inside.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
 DbOption = Annotated[
     str | None,
     typer.Option("--db", envvar="COORD_DB", help="Database path (default: the runtime directory).",
@@ -62,10 +66,30 @@ def store(ctx: typer.Context, db: str | None = None) -> Any:
     return st.store()
 
 
-def die(message: str, code: int = EXIT_ERROR) -> NoReturn:
-    """Print one line on stderr and exit."""
+# Whether errors are written as one JSON object (set from --json by main() and by
+# handle_errors): {"error": message, "kind": error class, "exit": status}.
+_json_errors = False
+
+
+def json_errors(on: bool) -> None:
+    """Write errors as JSON objects (``--json``) or as ``coord: ...`` lines."""
+    global _json_errors
+    _json_errors = on
+
+
+def error_line(message: str, code: int = EXIT_ERROR, kind: str = "Error") -> None:
+    """Print one error on stderr: one line of text, or one JSON object with --json."""
     line = " ".join(str(message).split())
-    print(f"coord: {line}", file=sys.stderr)
+    if _json_errors:
+        text = json.dumps({"error": line, "kind": kind, "exit": code}, ensure_ascii=False)
+        print(text, file=sys.stderr)
+    else:
+        print(f"coord: {line}", file=sys.stderr)
+
+
+def die(message: str, code: int = EXIT_ERROR, kind: str = "Error") -> NoReturn:
+    """Print one error on stderr (see ``error_line``) and exit with ``code``."""
+    error_line(message, code, kind)
     raise typer.Exit(code)
 
 
@@ -74,12 +98,13 @@ def handle_errors(fn: F) -> F:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        json_errors(bool(kwargs.get("as_json")))
         try:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except CoordError as e:
-            die(str(e), e.exit_code)
+            die(str(e), e.exit_code, type(e).__name__)
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
         except BrokenPipeError:
@@ -88,7 +113,7 @@ def handle_errors(fn: F) -> F:
         except Exception as e:
             if os.environ.get("COORD_DEBUG"):
                 raise
-            die(f"internal error: {type(e).__name__}: {e}")
+            die(f"internal error: {type(e).__name__}: {e}", EXIT_ERROR, "InternalError")
 
     return wrapper  # type: ignore[return-value]
 
@@ -151,15 +176,20 @@ def duration(seconds: float | None) -> str:
 
 def read_payload(ctx: typer.Context, text: str) -> Any:
     """JSON from the argument, or from stdin for '-', checked against the store's limits."""
+    from coord.errors import PayloadError
     from coord.payload import decode
 
     cfg = store(ctx).config
     raw: str | bytes = sys.stdin.buffer.read() if text == "-" else text
-    return decode(raw, limit=cfg.payload_limit, max_depth=cfg.payload_max_depth)
+    try:
+        return decode(raw, limit=cfg.payload_limit, max_depth=cfg.payload_max_depth)
+    except PayloadError as e:
+        e.exit_code = EXIT_USAGE  # the caller's argument is invalid: a usage error
+        raise
 
 
 def usage(message: str) -> NoReturn:
-    die(message, EXIT_USAGE)
+    die(message, EXIT_USAGE, "UsageError")
 
 
 def detail(row: dict[str, Any], keys: Sequence[str], pad: int = 14) -> None:

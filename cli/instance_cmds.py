@@ -8,6 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from ._common import (
+    INT64_MAX,
     JsonOption,
     NoHeadersOption,
     detail,
@@ -157,7 +158,8 @@ def reap(
 def events(
     ctx: typer.Context,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
-    limit: Annotated[int, typer.Option("--limit", "-n", help="How many recent events.")] = 50,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=INT64_MAX,
+                                       help="How many recent events.")] = 50,
     as_json: JsonOption = False,
 ) -> None:
     """Show the event log: joined, left, died, reaped, took over, lease and job events."""

@@ -67,10 +67,16 @@ def leases(
 
 @handle_errors
 def leader(ctx: typer.Context, name: NameArgument, as_json: JsonOption = False) -> None:
-    """Show who holds lease NAME: holder, term, since, expires in (one object with --json)."""
+    """Show who holds lease NAME: holder, term, since, expires in (one object with --json).
+
+    Exit 1 when no lease of that name was ever taken."""
+    from coord.errors import NotFound
     from coord.leases import get_lease
 
-    row = get_lease(store(ctx), name).to_json()
+    info = get_lease(store(ctx), name)
+    if info.term is None and info.holder is None:
+        raise NotFound("lease", name)  # never taken: the same "not found" as everywhere
+    row = info.to_json()
     if as_json:
         emit_json(row)
         return

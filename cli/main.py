@@ -11,7 +11,7 @@ import typer
 
 from coord.errors import EXIT_ERROR
 
-from ._common import State
+from ._common import State, error_line, json_errors
 
 # Which module defines each top-level command. Building every command costs tens of ms at
 # each start, so main() builds only the invoked one's module (all of them for help or an
@@ -84,6 +84,8 @@ def _root(
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Run the CLI and exit with the brief's statuses; every error is one line on stderr."""
     args = sys.argv[1:] if argv is None else list(argv)
+    # --json (before any `--` that starts a CMD) makes usage errors JSON objects too.
+    json_errors("--json" in (args[:args.index("--")] if "--" in args else args))
     module = COMMANDS.get(_invoked(args) or "")
     app = build((module,) if module else MODULES)
     try:
@@ -91,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except typer.Exit as e:
         code = e.exit_code
     except typer.Abort:
-        print("coord: aborted", file=sys.stderr)
+        error_line("aborted", 130, "Aborted")
         code = 130
     except KeyboardInterrupt:
         code = 130
@@ -104,16 +106,14 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             # @handle_errors; this catches what escaped one.
             if os.environ.get("COORD_DEBUG"):
                 raise
-            line = " ".join(f"{type(e).__name__}: {e}".split())
-            print(f"coord: internal error: {line}", file=sys.stderr)
+            error_line(f"internal error: {type(e).__name__}: {e}", EXIT_ERROR, "InternalError")
             sys.exit(EXIT_ERROR)
         if type(e).__name__ == "NoArgsIsHelpError":
             print(e.format_message(), file=sys.stderr)  # the help text of a bare group
         else:
             ctx = getattr(e, "ctx", None)
             where = getattr(ctx, "command_path", None) or "coord"
-            die_line = " ".join(str(e.format_message()).split())
-            print(f"coord: {die_line} (see '{where} --help')", file=sys.stderr)
+            error_line(f"{e.format_message()} (see '{where} --help')", code, "UsageError")
     # A command that returned normally gives None; typer.Exit(n) comes back as n.
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -15,6 +15,7 @@ from typing import Annotated, Any
 import typer
 
 from ._common import (
+    INT64_MAX,
     JsonOption,
     NoHeadersOption,
     emit_json,
@@ -262,7 +263,7 @@ def kv_set(
 def kv_cas(
     ctx: typer.Context,
     key: KeyArg,
-    version: Annotated[int, typer.Argument(help="The version the key must still have (0: the "
+    version: Annotated[int, typer.Argument(min=0, max=INT64_MAX, help="The version the key must still have (0: the "
                                            "key must not exist).", show_default=False)],
     value: Annotated[str, typer.Argument(help="JSON value, or - to read it from stdin.",
                                          show_default=False)],
@@ -281,7 +282,7 @@ def kv_cas(
 def kv_del(
     ctx: typer.Context,
     key: KeyArg,
-    version: Annotated[int | None, typer.Option("--version", help="Delete only while the key "
+    version: Annotated[int | None, typer.Option("--version", min=0, max=INT64_MAX, help="Delete only while the key "
                                                 "has this version.")] = None,
 ) -> None:
     """Delete a key (exit 1 when there is no such key)."""
@@ -319,7 +320,7 @@ def kv_watch(
                                          "KEY.")] = False,
     timeout: Annotated[float | None, typer.Option("--timeout", help="Stop after this many "
                                                   "seconds without a change.")] = None,
-    count: Annotated[int | None, typer.Option("--count", "-n", help="Stop after this many "
+    count: Annotated[int | None, typer.Option("--count", "-n", min=1, max=INT64_MAX, help="Stop after this many "
                                               "changes.")] = None,
     as_json: JsonOption = False,
 ) -> None:

@@ -8,7 +8,16 @@ from typing import Annotated, Any
 
 import typer
 
-from ._common import JsonOption, NoHeadersOption, duration, emit_json, handle_errors, store, table
+from ._common import (
+    INT64_MAX,
+    JsonOption,
+    NoHeadersOption,
+    duration,
+    emit_json,
+    handle_errors,
+    store,
+    table,
+)
 
 PS_COLUMNS = [("id", "ID"), ("instance_id", "INSTANCE"), ("pid", "PID"), ("name", "NAME"),
               ("status_h", "STATUS"), ("rss_h", "RSS"), ("cpu_percent", "CPU%"),
@@ -92,6 +101,9 @@ def ps(
     if all_ or not instance:
         procs = list_processes(s, all_=True, running=running)
     else:
+        from coord.instances import get_instance
+
+        get_instance(s, instance)  # an unknown instance is "not found" (exit 1), not empty
         procs = list_processes(s, instance, running=running)
     _show(procs, as_json, no_headers)
 
@@ -99,7 +111,7 @@ def ps(
 @handle_errors
 def stop(
     ctx: typer.Context,
-    proc_id: Annotated[int, typer.Argument(help="The process's id (the ID column of coord ps).",
+    proc_id: Annotated[int, typer.Argument(min=1, max=INT64_MAX, help="The process's id (the ID column of coord ps).",
                                            show_default=False)],
     grace: GraceOption = None,
     as_json: JsonOption = False,
@@ -148,7 +160,7 @@ def orphans(
 
 @handle_errors
 def top(
-    n: Annotated[int, typer.Option("-n", "--number", help="How many processes.")] = 15,
+    n: Annotated[int, typer.Option("-n", "--number", min=1, max=INT64_MAX, help="How many processes.")] = 15,
     as_json: JsonOption = False,
     no_headers: NoHeadersOption = False,
 ) -> None:

@@ -16,8 +16,11 @@ from typing import Annotated, Any
 import typer
 
 from ._common import (
+    INT64_MAX,
+    INT64_MIN,
     JsonOption,
     NoHeadersOption,
+    die,
     duration,
     emit_json,
     handle_errors,
@@ -59,6 +62,13 @@ def _compact(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+def _exists(ctx: typer.Context, queue: str) -> None:
+    """Raise NotFound (exit 1) when QUEUE does not exist."""
+    from coord.queues import stats
+
+    stats(store(ctx), queue)
+
+
 def _job_row(j: dict[str, Any]) -> dict[str, Any]:
     r = dict(j)
     r["tries"] = f"{j['attempts']}/{j['max_attempts']}"
@@ -81,7 +91,7 @@ def create(
                                           "--owner or $COORD_INSTANCE_ID: only it claims.")] = False,
     owner: Annotated[str | None, typer.Option("--owner", help="Owner of a private queue.",
                                               show_default=False)] = None,
-    max_depth: Annotated[int | None, typer.Option("--max-depth", min=1, show_default=False,
+    max_depth: Annotated[int | None, typer.Option("--max-depth", min=1, max=INT64_MAX, show_default=False,
                                                   help="Refuse puts (QueueFull) when this "
                                                   "many jobs wait.")] = None,
 ) -> None:
@@ -90,12 +100,15 @@ def create(
     import os
 
     from coord.errors import InvalidArgument
+    from coord.instances import get_instance
     from coord.queues import create_queue
 
     if private and owner is None:
         owner = os.environ.get("COORD_INSTANCE_ID")
         if not owner:
             raise InvalidArgument("--private needs --owner or COORD_INSTANCE_ID")
+    if owner is not None:
+        get_instance(store(ctx), owner)  # an owner nobody ever registered is refused
     create_queue(store(ctx), queue, owner=owner, max_depth=max_depth)
 
 
@@ -106,13 +119,13 @@ def put(
     queue: QueueArg,
     payload: Annotated[str, typer.Argument(help="JSON payload, or - to read it from stdin.",
                                            show_default=False)],
-    priority: Annotated[int, typer.Option("--priority", "-p", help="Higher runs first.")] = 0,
+    priority: Annotated[int, typer.Option("--priority", "-p", min=INT64_MIN, max=INT64_MAX, help="Higher runs first.")] = 0,
     delay: Annotated[float, typer.Option("--delay", min=0, help="Seconds before it may be "
                                          "claimed.")] = 0.0,
     dedupe: Annotated[str | None, typer.Option("--dedupe", show_default=False,
                                                help="Dedupe key: a job with this key already in "
                                                "the queue (until purged) is not added again.")] = None,
-    max_attempts: Annotated[int | None, typer.Option("--max-attempts", min=1, show_default=False,
+    max_attempts: Annotated[int | None, typer.Option("--max-attempts", min=1, max=INT64_MAX, show_default=False,
                                                      help="Claims before it is dead-lettered "
                                                      "(default 5).")] = None,
     as_json: JsonOption = False,
@@ -143,12 +156,26 @@ def claim(
 ) -> None:
     """Claim the next job of QUEUE (highest priority, then oldest) for this instance and
     print it with its claim token; exit 3 when nothing arrived within --wait."""
-    from coord.errors import TimeoutExpired
+    import sys
+
+    from coord.errors import EXIT_TIMEOUT, NotFound
     from coord.queues import claim as do_claim
 
+    from coord.instances import require_live
+
+    require_live(store(ctx), instance_id or None)  # before any word about waiting
+    try:
+        _exists(ctx, queue)
+        missing = ""
+    except NotFound:
+        # A queue is created by its first put: wait as on an empty one, but say so.
+        missing = " (the queue does not exist yet: its first put creates it)"
+        if wait > 0 and sys.stderr.isatty():
+            print(f"coord: queue {queue!r} does not exist yet; waiting up to {wait:g}s for its "
+                  "first put", file=sys.stderr)
     job = do_claim(store(ctx), queue, instance_id or None, lease=lease, timeout=wait)
     if job is None:
-        raise TimeoutExpired(f"queue {queue!r}", wait)
+        die(f"queue {queue!r}: nothing within {wait:g}s{missing}", EXIT_TIMEOUT, "TimeoutExpired")
     if as_json:
         emit_json(job.to_json())
         return
@@ -220,7 +247,7 @@ def release(ctx: typer.Context, token: TokenArg) -> None:
 @handle_errors
 def cancel(
     ctx: typer.Context,
-    job_id: Annotated[int, typer.Argument(help="Job id.", show_default=False)],
+    job_id: Annotated[int, typer.Argument(min=1, max=INT64_MAX, help="Job id.", show_default=False)],
 ) -> None:
     """Cancel a job that waits (ready, delayed or dead); a claimed job cannot be cancelled."""
     from coord.queues import cancel as do_cancel
@@ -236,7 +263,7 @@ def ls(
     state: Annotated[str | None, typer.Option("--state", "-s", show_default=False,
                                               help="ready, delayed, claimed, dead, done, "
                                               "cancelled, all (default: not finished).")] = None,
-    limit: Annotated[int | None, typer.Option("--limit", "-n", min=1, show_default=False,
+    limit: Annotated[int | None, typer.Option("--limit", "-n", min=1, max=INT64_MAX, show_default=False,
                                               help="At most this many jobs.")] = None,
     as_json: JsonOption = False,
     no_headers: NoHeadersOption = False,
@@ -244,6 +271,8 @@ def ls(
     """List jobs in claim order: by queue, then priority (high first), then FIFO."""
     from coord.queues import list_jobs
 
+    if queue is not None:
+        _exists(ctx, queue)
     jobs = [j.to_json() for j in list_jobs(store(ctx), queue, state=state, limit=limit)]
     if as_json:
         emit_json(jobs)
@@ -278,7 +307,7 @@ def stats(
 @handle_errors
 def requeue(
     ctx: typer.Context,
-    job_id: Annotated[int | None, typer.Argument(help="A dead or cancelled job's id.",
+    job_id: Annotated[int | None, typer.Argument(min=1, max=INT64_MAX, help="A dead or cancelled job's id.",
                                                  show_default=False)] = None,
     dead: Annotated[str | None, typer.Option("--dead", show_default=False,
                                              help="Requeue every dead job of this queue.")] = None,

@@ -248,7 +248,7 @@ def test_bad_payloads_on_stdin_are_refused_and_nothing_stored(name: str, invoke:
     coord.register(store, "b", app="t")
     for args in (["send", "b", "-"], ["request", "b", "-"], ["kv", "set", "k", "-"]):
         r = invoke(*args, input=BAD_STDIN[name], env=as_("a"))
-        assert r.exit_code == 1, (name, args, r.output)
+        assert r.exit_code == 2, (name, args, r.output)  # an invalid argument
         assert r.stderr.startswith("coord: bad payload: ") and r.stderr.count("\n") == 1
     assert count(store) == 0 and count(store, "kv") == 0
 
@@ -261,7 +261,7 @@ def test_raw_bytes_through_a_real_stdin(name: str, db_path: Path, store: coord.S
                        env=coord_env(db_path, **as_("a")), input=BAD_STDIN[name],
                        capture_output=True, timeout=60)
     err = r.stderr.decode()
-    assert r.returncode == 1 and err.startswith("coord: bad payload: ") and err.count("\n") == 1
+    assert r.returncode == 2 and err.startswith("coord: bad payload: ") and err.count("\n") == 1
     assert "Traceback" not in err
     assert count(store) == 0
 
@@ -272,7 +272,7 @@ def test_payload_arguments_are_checked_too(invoke: Invoke, store: coord.Store) -
     for text, why in (("NaN", "NaN is not JSON"), ("{'a': 1}", "not JSON"),
                       ("[" * 70 + "]" * 70, "nested deeper")):
         r = invoke("send", "b", text, env=as_("a"))
-        assert r.exit_code == 1 and why in r.stderr, (text, r.stderr)
+        assert r.exit_code == 2 and why in r.stderr, (text, r.stderr)
     assert count(store) == 0
     r = invoke("send", "b", "-", input='{"from": "stdin"}', env=as_("a"))
     assert r.exit_code == 0, r.output
@@ -284,7 +284,7 @@ def test_the_payload_limit_follows_the_configuration(db_path: Path, store: coord
     coord.register(store, "b", app="t")
     env = coord_env(db_path, COORD_INSTANCE_ID="a", COORD_PAYLOAD_LIMIT="100")
     r = run_cli(db_path, "send", "b", json.dumps("x" * 200), env=env)
-    assert r.returncode == 1 and "exceeds the limit of 100 bytes" in r.stderr
+    assert r.returncode == 2 and "exceeds the limit of 100 bytes" in r.stderr
     assert count(store) == 0
 
 
