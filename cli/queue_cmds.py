@@ -159,9 +159,8 @@ def claim(
     import sys
 
     from coord.errors import EXIT_TIMEOUT, NotFound
-    from coord.queues import claim as do_claim
-
     from coord.instances import require_live
+    from coord.queues import claim as do_claim
 
     require_live(store(ctx), instance_id or None)  # before any word about waiting
     try:

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 import typer
 from conftest import coord_env
+from coord.cli._common import INT64_MAX, INT64_MIN
 
 import coord
-from coord.cli._common import INT64_MAX, INT64_MIN
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 COORD = [sys.executable, "-m", "coord"]
