@@ -42,19 +42,24 @@ def sql(
     """Run read-only SQL: writes, ATTACH, pragma changes and extensions are refused.
 
     Tables and views are documented in the schema files (see the README); the database is
-    never locked against writers while the query runs."""
-    from coord.adhoc import run_readonly
+    never locked against writers while the query runs. Several statements print every
+    result in turn (a blank line between tables; with --json, one array per line)."""
+    from coord.adhoc import run_readonly_all
 
     if as_json and as_csv:
         usage("choose one of --json and --csv")
-    cols, rows = run_readonly(store(ctx), query)
-    if as_json:
-        emit_json([dict(zip(cols, r, strict=True)) for r in rows])
-    elif as_csv:
-        emit_csv(cols, rows, header=not no_headers)
-    else:
-        table([dict(zip(cols, r, strict=True)) for r in rows], [(c, c) for c in cols],
-              headers=not no_headers)
+    results = run_readonly_all(store(ctx), query)
+    for n, (cols, rows) in enumerate(results):
+        if as_json:  # one array per statement: one line each (JSON lines)
+            emit_json([dict(zip(cols, r, strict=True)) for r in rows])
+            continue
+        if n:
+            print()  # a blank line between the results of several statements
+        if as_csv:
+            emit_csv(cols, rows, header=not no_headers)
+        else:
+            table([dict(zip(cols, r, strict=True)) for r in rows], [(c, c) for c in cols],
+                  headers=not no_headers)
 
 
 @handle_errors
