@@ -32,6 +32,12 @@ DbOption = Annotated[
     typer.Option("--db", envvar="COORD_DB", help="Database path (default: the runtime directory).",
                  show_default=False),
 ]
+AsOption = Annotated[
+    str | None,
+    typer.Option("--as", metavar="ID", show_default=False,
+                 help="Act as this live instance (default: the instance in COORD_INSTANCE_ID, "
+                 "when this command runs under it)."),
+]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 
 

@@ -1,8 +1,9 @@
 """Commands about messages and shared context: send, broadcast, recv, request, reply, gather,
 and the ``kv`` sub-commands.
 
-Sender and receiver are the live instance named by COORD_INSTANCE_ID (e.g. a program run by
-``coord run``). Payloads are JSON text given as an argument, or read from stdin with ``-``.
+Sender and receiver are the live instance the command runs under (COORD_INSTANCE_ID, set by
+``coord run``), or the one named with ``--as``; from a plain shell, send, broadcast, request
+and gather act as a short-lived operator instance (``coord.operator``). Payloads are JSON text given as an argument, or read from stdin with ``-``.
 ``--json`` prints a message as an object with id, kind, sender, recipient, topic, payload,
 correlation_id, reply_to, created_at, expires_at.
 """
@@ -16,6 +17,7 @@ import typer
 
 from ._common import (
     INT64_MAX,
+    AsOption,
     JsonOption,
     NoHeadersOption,
     emit_json,
@@ -51,6 +53,15 @@ def register(app: typer.Typer) -> None:
     app.add_typer(kv_app, name="kv")
 
 
+def _app(me: Any, app: str | None) -> str | None:
+    """The app to reach: --app, else the sender's; an operator instance has no app of its own."""
+    if app is None and me.operator:
+        from coord.errors import InvalidArgument
+
+        raise InvalidArgument("from a plain shell, name the app to reach with --app APP")
+    return app
+
+
 def _text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
@@ -73,14 +84,19 @@ def send(
     topic: TopicOption = "",
     ttl: Annotated[float | None, typer.Option("--ttl", help="Seconds the message is kept until "
                                               "received (default: the message TTL, 1 h).")] = None,
+    as_: AsOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Send a message to one instance; prints its id."""
-    from coord.messages import mailbox
+    """Send a message to one instance; prints its id.
+
+    From a plain shell (no instance), the sender is a short-lived operator instance
+    (cli-<user>-<6 hex>) registered for the command's life."""
+    from coord.operator import acting
 
     s = store(ctx)
     value = read_payload(ctx, payload)
-    mid = mailbox(s).send(to, value, topic=topic, ttl=ttl)
+    with acting(s, as_, what="coord send") as me:
+        mid = me.mailbox(s).send(to, value, topic=topic, ttl=ttl)
     if as_json:
         emit_json({"id": mid, "recipient": to, "topic": topic})
     else:
@@ -94,15 +110,19 @@ def broadcast(
     topic: TopicOption = "",
     app: Annotated[str | None, typer.Option("--app", help="Send to this app's instances "
                                             "(default: the sender's app).")] = None,
+    as_: AsOption = None,
     as_json: JsonOption = False,
     no_headers: NoHeadersOption = False,
 ) -> None:
-    """Send a message to every other live instance of an app (one message each)."""
-    from coord.messages import mailbox
+    """Send a message to every other live instance of an app (one message each).
+
+    From a plain shell, name the app with --app (the operator instance has none of its own)."""
+    from coord.operator import acting
 
     s = store(ctx)
     value = read_payload(ctx, payload)
-    sent = mailbox(s).broadcast(value, topic=topic, app=app)
+    with acting(s, as_, what="coord broadcast") as me:
+        sent = me.mailbox(s).broadcast(value, topic=topic, app=_app(me, app))
     rows = [{"id": mid, "recipient": to, "topic": topic} for to, mid in sent.items()]
     if as_json:
         emit_json(rows)
@@ -117,6 +137,7 @@ def recv(
                                               "topic.")] = None,
     wait: Annotated[float, typer.Option("--wait", "-w", help="Seconds to wait for a message "
                                         "(0: don't wait).")] = 0.0,
+    as_: AsOption = None,
     as_json: JsonOption = False,
     no_headers: NoHeadersOption = False,
 ) -> None:
@@ -125,10 +146,10 @@ def recv(
     It counts as delivered now and is acknowledged by the next recv; answer a request with
     `coord reply ID PAYLOAD`."""
     from coord.errors import TimeoutExpired
-    from coord.messages import mailbox
+    from coord.operator import resolve
 
     s = store(ctx)
-    msg = mailbox(s).receive(wait, topic=topic)
+    msg = resolve(s, as_, "coord recv").mailbox(s).receive(wait, topic=topic)
     if msg is None:
         raise TimeoutExpired("recv", wait)
     _show([msg], as_json, single=True, no_headers=no_headers)
@@ -142,15 +163,19 @@ def request(
     timeout: Annotated[float, typer.Option("--timeout", help="Seconds to wait for the "
                                            "reply.")] = 30.0,
     topic: TopicOption = "",
+    as_: AsOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Send a request and wait for its reply; prints the reply's payload (exit 3 on timeout,
-    1 when the recipient died)."""
-    from coord.messages import mailbox
+    1 when the recipient died).
+
+    From a plain shell, a short-lived operator instance sends it and receives the reply."""
+    from coord.operator import acting
 
     s = store(ctx)
     value = read_payload(ctx, payload)
-    answer = mailbox(s).request(to, value, timeout=timeout, topic=topic)
+    with acting(s, as_, what="coord request") as me:
+        answer = me.mailbox(s).request(to, value, timeout=timeout, topic=topic)
     if as_json:
         emit_json(answer.to_json())
     else:
@@ -162,13 +187,14 @@ def reply(
     ctx: typer.Context,
     msg_id: Annotated[str, typer.Argument(help="Id of the request to answer.", show_default=False)],
     payload: PayloadArg,
+    as_: AsOption = None,
 ) -> None:
-    """Answer a request received with `coord recv`."""
-    from coord.messages import mailbox
+    """Answer a request received with `coord recv` (as the instance that received it)."""
+    from coord.operator import resolve
 
     s = store(ctx)
     value = read_payload(ctx, payload)
-    mailbox(s).reply(msg_id, value, strict=True)
+    resolve(s, as_, "coord reply").mailbox(s).reply(msg_id, value, strict=True)
 
 
 @handle_errors
@@ -180,17 +206,21 @@ def gather(
     topic: TopicOption = "",
     app: Annotated[str | None, typer.Option("--app", help="Ask this app's instances "
                                             "(default: the sender's app).")] = None,
+    as_: AsOption = None,
     as_json: JsonOption = False,
     no_headers: NoHeadersOption = False,
 ) -> None:
     """Ask every other live instance of an app and collect the replies; names who did not
-    answer. Exit 3 when there was someone to ask and nobody answered."""
+    answer. Exit 3 when there was someone to ask and nobody answered.
+
+    From a plain shell, name the app with --app; a short-lived operator instance asks."""
     from coord.errors import EXIT_TIMEOUT
-    from coord.messages import mailbox
+    from coord.operator import acting
 
     s = store(ctx)
     value = read_payload(ctx, payload)
-    got = mailbox(s).gather(value, topic=topic, timeout=timeout, app=app)
+    with acting(s, as_, what="coord gather") as me:
+        got = me.mailbox(s).gather(value, topic=topic, timeout=timeout, app=_app(me, app))
     if as_json:
         emit_json(got.to_json())
     else:
@@ -210,16 +240,16 @@ def gather(
 KeyArg = Annotated[str, typer.Argument(help="The key (plain string; e.g. app/name).",
                                        show_default=False)]
 EphemeralOption = Annotated[bool, typer.Option(
-    "--ephemeral", help="Bind the key to the instance in COORD_INSTANCE_ID: it vanishes when "
-    "that instance dies or leaves.")]
+    "--ephemeral", help="Bind the key to the instance this command runs under (or --as ID): "
+    "it vanishes when that instance dies or leaves.")]
 
 
-def _owner(ctx: typer.Context, ephemeral: bool) -> Any:
+def _owner(ctx: typer.Context, ephemeral: bool, as_: str | None) -> Any:
     if not ephemeral:
         return None
-    from coord.instances import require_live
+    from coord.operator import resolve
 
-    return require_live(store(ctx), None)
+    return resolve(store(ctx), as_, "an ephemeral key")
 
 
 def _kv_rows(entries: list[Any]) -> list[dict[str, Any]]:
@@ -250,11 +280,12 @@ def kv_set(
     value: Annotated[str, typer.Argument(help="JSON value, or - to read it from stdin.",
                                          show_default=False)],
     ephemeral: EphemeralOption = False,
+    as_: AsOption = None,
 ) -> None:
     """Set a key; prints its new version."""
     from coord import kv
 
-    owner = _owner(ctx, ephemeral)
+    owner = _owner(ctx, ephemeral, as_)
     print(kv.set(store(ctx), key, read_payload(ctx, value), owner=owner))
 
 
@@ -268,12 +299,13 @@ def kv_cas(
     value: Annotated[str, typer.Argument(help="JSON value, or - to read it from stdin.",
                                          show_default=False)],
     ephemeral: EphemeralOption = False,
+    as_: AsOption = None,
 ) -> None:
     """Compare-and-set: set the key only if its version is still VERSION; prints the new
     version (exit 1 with the version found when it moved on)."""
     from coord import kv
 
-    owner = _owner(ctx, ephemeral)
+    owner = _owner(ctx, ephemeral, as_)
     print(kv.cas(store(ctx), key, read_payload(ctx, value), version=version, owner=owner))
 
 

@@ -111,18 +111,34 @@ def ps(
 @handle_errors
 def stop(
     ctx: typer.Context,
-    proc_id: Annotated[int, typer.Argument(min=1, max=INT64_MAX, help="The process's id (the ID column of coord ps).",
-                                           show_default=False)],
+    proc_id: Annotated[int, typer.Argument(min=1, max=INT64_MAX, show_default=False,
+                                           help="The process's id (the ID column of coord ps).")],
+    instance: Annotated[str | None, typer.Option(
+        "--instance", metavar="ID", show_default=False,
+        help="The live instance that owns the process, for an operator acting from a plain "
+        "shell (recorded in the event log).")] = None,
     grace: GraceOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Stop one of your instance's processes: SIGTERM to its group, a grace period, SIGKILL.
 
-    Acts as the live instance named by COORD_INSTANCE_ID; another instance's process is
-    refused. Prints how it ended: gone (had already ended), terminated or killed."""
+    Acts as the instance this command runs under (COORD_INSTANCE_ID); another instance's
+    process is refused. From a plain shell, name the owner with --instance ID: the stop is
+    recorded in the event log with the operator instance that did it. Prints how it ended:
+    gone (had already ended), terminated or killed."""
+    from coord.events import record_event
+    from coord.operator import acting, resolve
     from coord.processes import stop_as
 
-    how = stop_as(store(ctx), proc_id, grace=grace)
+    s = store(ctx)
+    if instance is None:
+        me = resolve(s, None, "coord stop (or name the process's owner with --instance ID)")
+        how = stop_as(s, proc_id, instance_id=me.id, grace=grace)
+    else:
+        with acting(s, None, what="coord stop") as me:
+            how = stop_as(s, proc_id, instance_id=instance, grace=grace)
+            if me.id != instance:
+                record_event(s, "operator stopped", me.id, instance, process=proc_id, how=how)
     if as_json:
         emit_json({"id": proc_id, "how": how})
     else:

@@ -1,8 +1,9 @@
 """``coord queue …``: work queues (put, claim, ack, fail, extend, release, cancel, ls, stats,
 requeue, adopt, purge, import, create).
 
-Claims belong to the live instance named by COORD_INSTANCE_ID (for example a shell worker
-run by ``coord run``); without one, ``claim`` is refused. A job as JSON is an object with
+Claims belong to the live instance the command runs under (COORD_INSTANCE_ID, e.g. a shell
+worker run by ``coord run``) or the one named with ``--as``; without one, ``claim`` is
+refused and says how to get one. A job as JSON is an object with
 id, queue, state (ready, delayed, claimed, dead, done, cancelled), priority, attempts,
 max_attempts, payload, dedupe_key, instance_id, created_at, available_in, expires_in,
 last_error, result, finished_at — and token, on the job that ``claim`` printed.
@@ -39,10 +40,12 @@ queue_app = typer.Typer(
 QueueArg = Annotated[str, typer.Argument(help="Queue name.", show_default=False)]
 TokenArg = Annotated[str, typer.Argument(help="The claim token printed by `coord queue claim`.",
                                          show_default=False)]
+# --instance-id is the old name of --as (kept for one release).
 InstanceOption = Annotated[
     str | None,
-    typer.Option("--instance-id", envvar="COORD_INSTANCE_ID", show_default=False,
-                 help="The claiming instance (default: $COORD_INSTANCE_ID, set by `coord run`)."),
+    typer.Option("--as", "--instance-id", metavar="ID", show_default=False,
+                 help="Claim as this live instance (default: the instance in COORD_INSTANCE_ID, "
+                 "when this command runs under it; --instance-id is the old name)."),
 ]
 
 JOB_COLUMNS = [("id", "ID"), ("queue", "QUEUE"), ("state", "STATE"), ("priority", "PRI"),
@@ -159,10 +162,10 @@ def claim(
     import sys
 
     from coord.errors import EXIT_TIMEOUT, NotFound
-    from coord.instances import require_live
+    from coord.operator import resolve
     from coord.queues import claim as do_claim
 
-    require_live(store(ctx), instance_id or None)  # before any word about waiting
+    me = resolve(store(ctx), instance_id, "coord queue claim")  # before any word about waiting
     try:
         _exists(ctx, queue)
         missing = ""
@@ -172,7 +175,7 @@ def claim(
         if wait > 0 and sys.stderr.isatty():
             print(f"coord: queue {queue!r} does not exist yet; waiting up to {wait:g}s for its "
                   "first put", file=sys.stderr)
-    job = do_claim(store(ctx), queue, instance_id or None, lease=lease, timeout=wait)
+    job = do_claim(store(ctx), queue, me.id, lease=lease, timeout=wait)
     if job is None:
         die(f"queue {queue!r}: nothing within {wait:g}s{missing}", EXIT_TIMEOUT, "TimeoutExpired")
     if as_json:

@@ -26,6 +26,12 @@ def log_event(
     )
 
 
+def record_event(store: Store, kind: str, instance_id: str | None = None,
+                 subject: str | None = None, **detail: Any) -> None:
+    """Record one event in its own transaction (for callers outside one, e.g. the CLI)."""
+    store.write(lambda c: log_event(c, store.wall(), kind, instance_id, subject, **detail))
+
+
 #: One event for ``log_events``: (at, kind, instance_id, subject, detail).
 Event = tuple[float, str, str | None, str | None, dict[str, Any]]
 

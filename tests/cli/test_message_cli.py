@@ -61,13 +61,17 @@ def test_every_command_and_option_has_help(invoke: Invoke) -> None:
         assert r.exit_code == 0 and "Usage" in r.output, (args, r.output)
 
 
-@pytest.mark.parametrize("args", [["send", "b", "1"], ["recv"], ["broadcast", "1"],
-                                  ["request", "b", "1"], ["reply", str(uuid.uuid4()), "1"],
-                                  ["gather", "1"], ["kv", "set", "k", "1", "--ephemeral"]])
-def test_acting_as_an_instance_needs_one(invoke: Invoke, args: list[str]) -> None:
+@pytest.mark.parametrize("args", [["recv"], ["reply", str(uuid.uuid4()), "1"],
+                                  ["kv", "set", "k", "1", "--ephemeral"], ["queue", "claim", "q"]])
+def test_being_an_instance_needs_one_and_says_how(invoke: Invoke, args: list[str]) -> None:
+    """Commands that mean "be this instance" keep requiring one (the plain-shell operator
+    instance is only for send, broadcast, request, gather and stop --instance)."""
     r = invoke(*args)
     assert r.exit_code == 1
-    assert r.stderr.strip() == "coord: no instance: set COORD_INSTANCE_ID (e.g. run under `coord run`)"
+    what = "an ephemeral key" if "--ephemeral" in args else "coord " + " ".join(args[:2 if args[0] == "queue" else 1])
+    assert r.stderr.strip() == (
+        f"coord: no instance: {what} acts as an instance: run it under one (`coord run --app "
+        "APP -- CMD` sets COORD_INSTANCE_ID for CMD), or name a live instance with --as ID")
 
 
 def test_a_dead_or_unknown_instance_is_refused(invoke: Invoke, store: coord.Store) -> None:

@@ -200,10 +200,10 @@ def test_claim_wait_wakes_on_put(cli: Cli, db_path: Path, procs: list[Any]) -> N
         env=coord_env(db_path), stdout=subprocess.PIPE, text=True)
     procs.append(worker)
     wait_line(worker)
-    env = coord_env(db_path, COORD_INSTANCE_ID="waiter")
+    env = coord_env(db_path)  # the waiter runs elsewhere: named with --as
     claimer = subprocess.Popen([sys.executable, "-m", "coord", "queue", "claim", "late",
-                                "--wait", "60", "--json"], env=env, stdout=subprocess.PIPE,
-                               text=True)
+                                "--wait", "60", "--json", "--as", "waiter"], env=env,
+                               stdout=subprocess.PIPE, text=True)
     procs.append(claimer)
     s = coord.Store(db_path)
     try:
