@@ -180,8 +180,9 @@ def duration(seconds: float | None) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
-def read_payload(ctx: typer.Context, text: str) -> Any:
-    """JSON from the argument, or from stdin for '-', checked against the store's limits."""
+def read_payload(ctx: typer.Context, text: str, *, hint: str = "") -> Any:
+    """JSON from the argument, or from stdin for '-', checked against the store's limits.
+    A payload that is not JSON is a usage error (exit 2); ``hint`` is added to its message."""
     from coord.errors import PayloadError
     from coord.payload import decode
 
@@ -190,8 +191,17 @@ def read_payload(ctx: typer.Context, text: str) -> Any:
     try:
         return decode(raw, limit=cfg.payload_limit, max_depth=cfg.payload_max_depth)
     except PayloadError as e:
-        e.exit_code = EXIT_USAGE  # the caller's argument is invalid: a usage error
-        raise
+        err = PayloadError(f"{e.reason}{hint}") if hint and "not JSON" in e.reason else e
+        err.exit_code = EXIT_USAGE  # the caller's argument is invalid: a usage error
+        raise err from None
+
+
+def read_string(ctx: typer.Context, text: str) -> Any:
+    """The argument (or stdin for '-', less one final newline) as a JSON string value,
+    checked against the store's limits like any payload."""
+    if text == "-":
+        text = sys.stdin.read().removesuffix("\n")
+    return read_payload(ctx, json.dumps(text, ensure_ascii=False))
 
 
 def usage(message: str) -> NoReturn:

@@ -23,6 +23,7 @@ from ._common import (
     emit_json,
     handle_errors,
     read_payload,
+    read_string,
     store,
     table,
 )
@@ -252,6 +253,16 @@ def _owner(ctx: typer.Context, ephemeral: bool, as_: str | None) -> Any:
     return resolve(store(ctx), as_, "an ephemeral key")
 
 
+StringOption = Annotated[bool, typer.Option(
+    "--string", help="Store VALUE as a JSON string as it is (no quoting needed).")]
+
+
+def _kv_value(ctx: typer.Context, value: str, string: bool) -> Any:
+    if string:
+        return read_string(ctx, value)
+    return read_payload(ctx, value, hint=" (to store it as a string, add --string)")
+
+
 def _kv_rows(entries: list[Any]) -> list[dict[str, Any]]:
     return [dict(e.to_json(), value_text=_text(e.value)) for e in entries]
 
@@ -280,13 +291,16 @@ def kv_set(
     value: Annotated[str, typer.Argument(help="JSON value, or - to read it from stdin.",
                                          show_default=False)],
     ephemeral: EphemeralOption = False,
+    string: StringOption = False,
     as_: AsOption = None,
 ) -> None:
-    """Set a key; prints its new version."""
+    """Set a key; prints its new version. VALUE is JSON (`8080`, `'"text"'`, `'{"a": 1}'`);
+    with --string it is stored as a JSON string as it is (`coord kv set web/name my-app
+    --string`)."""
     from coord import kv
 
     owner = _owner(ctx, ephemeral, as_)
-    print(kv.set(store(ctx), key, read_payload(ctx, value), owner=owner))
+    print(kv.set(store(ctx), key, _kv_value(ctx, value, string), owner=owner))
 
 
 @kv_app.command("cas")
@@ -299,6 +313,7 @@ def kv_cas(
     value: Annotated[str, typer.Argument(help="JSON value, or - to read it from stdin.",
                                          show_default=False)],
     ephemeral: EphemeralOption = False,
+    string: StringOption = False,
     as_: AsOption = None,
 ) -> None:
     """Compare-and-set: set the key only if its version is still VERSION; prints the new
@@ -306,7 +321,7 @@ def kv_cas(
     from coord import kv
 
     owner = _owner(ctx, ephemeral, as_)
-    print(kv.cas(store(ctx), key, read_payload(ctx, value), version=version, owner=owner))
+    print(kv.cas(store(ctx), key, _kv_value(ctx, value, string), version=version, owner=owner))
 
 
 @kv_app.command("del")
