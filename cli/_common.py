@@ -209,8 +209,10 @@ def usage(message: str) -> NoReturn:
 
 
 def detail(row: dict[str, Any], keys: Sequence[str], pad: int = 14) -> None:
-    """Print one object as ``key value`` lines (a ``_h`` key shows as its plain name)."""
+    """Print one object as ``key value`` lines (a ``_h`` or ``_text`` key, the human form
+    of a value, shows under its plain name)."""
     from .tables import fmt, literal
 
     for key in keys:
-        print(f"{key.removesuffix('_h'):<{pad}}{literal(fmt(row.get(key), key))}")
+        name = key.removesuffix("_h").removesuffix("_text")
+        print(f"{name:<{pad}}{literal(fmt(row.get(key), key))}")

@@ -73,8 +73,12 @@ def instances(
     rows = [_row(i, figures) for i in infos if all_ or i.alive]
     if scan is not None:
         from coord.discovery import scan as do_scan
+        from coord.processes import list_processes
 
-        rows += do_scan(scan, exclude_pids={i.pid for i in infos if i.alive})
+        # Registered instances and the processes they track are not "unregistered".
+        tracked = {p.pid for p in list_processes(s, all_=True, running=True, live=False)
+                   if p.alive}
+        rows += do_scan(scan, exclude_pids={i.pid for i in infos if i.alive} | tracked)
     if as_json:
         emit_json([{k: v for k, v in r.items() if not k.endswith("_h")} for r in rows])
     else:
@@ -160,14 +164,27 @@ def events(
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
     limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=INT64_MAX,
                                        help="How many recent events.")] = 50,
+    since: Annotated[str | None, typer.Option(
+        "--since", metavar="WHEN", show_default=False,
+        help="Only events since WHEN: an age (90s, 10m, 2h, 1d), a date and time "
+        "(2026-12-01T09:30, local time) or Unix seconds.")] = None,
+    kind: Annotated[list[str] | None, typer.Option(
+        "--kind", show_default=False,
+        help="Only events of this kind (repeat for several), e.g. died, joined.")] = None,
+    instance: Annotated[str | None, typer.Option(
+        "--instance", metavar="ID", show_default=False,
+        help="Only events of this instance.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Show the event log: joined, left, died, reaped, took over, lease and job events."""
     from coord.events import list_events
 
+    from .tables import literal
+
     s = store(ctx)
-    last = 0
-    rows = list_events(s, limit=limit)
+    filters: dict[str, Any] = {"kinds": kind or None, "instance_id": instance,
+                               "since": None if since is None else since_time(since)}
+    rows = list_events(s, limit=limit, **filters)
 
     def show(batch: list[dict[str, Any]]) -> None:
         for e in batch:
@@ -176,8 +193,8 @@ def events(
             else:
                 stamp = time.strftime("%H:%M:%S", time.localtime(e["at"]))
                 detail = " ".join(f"{k}={v}" for k, v in e["detail"].items())
-                print(f"{stamp} {e['kind']:<16} {e['instance_id'] or '-'} {e['subject'] or ''} {detail}".rstrip(),
-                      flush=True)
+                line = f"{stamp} {e['kind']:<16} {e['instance_id'] or '-'} {e['subject'] or ''} {detail}"
+                print(literal(line.rstrip()), flush=True)
 
     if as_json and not follow:
         emit_json(rows)
@@ -189,10 +206,37 @@ def events(
         last = newest[-1]["id"] if newest else 0
     while follow:
         version = s.data_version()
-        batch = list_events(s, after=last, limit=1000, oldest_first=True)
+        batch = list_events(s, after=last, limit=1000, oldest_first=True, **filters)
         if batch:
             show(batch)
             last = batch[-1]["id"]
             continue
+        newest = list_events(s, after=last, limit=1)  # skipped by the filters: move past them
+        if newest:
+            last = newest[-1]["id"]
         while s.data_version() == version:
             time.sleep(0.05)
+
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def since_time(text: str) -> float:
+    """Wall-clock seconds from an age (``90s``, ``10m``, ``2h``, ``1d``), a local date and
+    time in ISO form, or Unix seconds; anything else is a usage error."""
+    import datetime
+
+    from coord.errors import InvalidArgument
+
+    t = text.strip()
+    if t[-1:] in _AGE_UNITS and t[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(t[:-1]) * _AGE_UNITS[t[-1]]
+    try:
+        return float(t)
+    except ValueError:
+        pass
+    try:
+        return datetime.datetime.fromisoformat(t).timestamp()
+    except ValueError:
+        raise InvalidArgument(f"--since {text!r}: give an age (90s, 10m, 2h, 1d), a date and "
+                              "time (2026-12-01T09:30) or Unix seconds") from None

@@ -106,6 +106,7 @@ def elect(
     the lease was not obtained within --wait."""
     from coord.elect import run_elected
 
+    _say_waiting(store(ctx), name, wait)
     raise typer.Exit(run_elected(store(ctx), name, cmd, wait=wait, ttl=ttl, app=app, grace=grace))
 
 
@@ -116,4 +117,21 @@ def lock(ctx: typer.Context, name: NameArgument, cmd: CmdArgument, wait: WaitOpt
     Same rules as `coord elect`; exit 75 if the lock was not obtained within --wait."""
     from coord.elect import run_elected
 
+    _say_waiting(store(ctx), name, wait)
     raise typer.Exit(run_elected(store(ctx), name, cmd, wait=wait, app="coord-lock"))
+
+
+def _say_waiting(s: Any, name: str, wait: float | None) -> None:
+    """On a terminal, say that the command will wait, and for whom (a held lease)."""
+    import sys
+
+    if wait == 0 or not sys.stderr.isatty():
+        return
+    from coord.leases import get_lease
+
+    info = get_lease(s, name)
+    if info.holder is None or not info.alive:
+        return
+    limit = "" if wait is None else f" (for up to {wait:g}s)"
+    print(f"coord: waiting for {name!r}{limit}: held by {info.holder} (pid {info.holder_pid}, "
+          f"term {info.term})", file=sys.stderr, flush=True)

@@ -34,6 +34,7 @@ def register(app: typer.Typer) -> None:
     app.command("stop")(stop)
     app.command("orphans")(orphans)
     app.command("top")(top)
+    app.command("logs")(logs)
 
 
 def _size(n: int | None) -> str:
@@ -192,3 +193,60 @@ def top(
     for r in rows:
         r["rss_h"] = _size(r["rss"])
     table(rows, TOP_COLUMNS, headers=not no_headers)
+
+
+@handle_errors
+def logs(
+    ctx: typer.Context,
+    proc_id: Annotated[int, typer.Argument(min=1, max=INT64_MAX, show_default=False,
+                                           help="The process's id (the ID column of coord ps).")],
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing what it writes "
+                                         "until it has ended.")] = False,
+) -> None:
+    """Print the log of a process started with --log (`coord run --log`): its stdout and
+    stderr, as written. Exit 1 when it has no log.
+
+    Example: coord logs 3 -f"""
+    import os
+    import sys
+
+    from coord.errors import NotFound
+    from coord.processes import get_process
+
+    s = store(ctx)
+    info = get_process(s, proc_id)
+    if not info.log_path:
+        raise NotFound("log", f"process {proc_id} was not started with --log")
+    try:
+        fd = os.open(info.log_path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFound("log file", info.log_path) from None
+    out = sys.stdout.buffer
+    try:
+        while True:
+            chunk = os.read(fd, 65536)
+            if chunk:
+                out.write(chunk)
+                continue
+            out.flush()
+            # At the end of what is written: done, unless following a process that runs.
+            if not follow or not _still_running(s, proc_id):
+                if follow:  # it ended: print what it wrote last, then stop
+                    while chunk := os.read(fd, 65536):
+                        out.write(chunk)
+                    out.flush()
+                return
+            time.sleep(0.2)
+    finally:
+        os.close(fd)
+
+
+def _still_running(s: Any, proc_id: int) -> bool:
+    """Whether the tracked process still runs (its row goes when its instance leaves)."""
+    from coord.errors import NotFound
+    from coord.processes import get_process
+
+    try:
+        return bool(get_process(s, proc_id).alive)
+    except NotFound:
+        return False

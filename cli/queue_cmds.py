@@ -21,6 +21,7 @@ from ._common import (
     INT64_MIN,
     JsonOption,
     NoHeadersOption,
+    detail,
     die,
     duration,
     emit_json,
@@ -280,6 +281,37 @@ def ls(
         emit_json(jobs)
     else:
         table([_job_row(j) for j in jobs], JOB_COLUMNS, headers=not no_headers)
+
+
+@queue_app.command("show")
+@handle_errors
+def show(
+    ctx: typer.Context,
+    job_id: Annotated[int, typer.Argument(min=1, max=INT64_MAX, help="Job id.", show_default=False)],
+    as_json: JsonOption = False,
+) -> None:
+    """Show one job: state, attempts, payload, last error, result (exit 1 when there is no
+    such job).
+
+    Example: coord queue show 42"""
+    import time
+
+    from coord.queues import get_job
+
+    job = get_job(store(ctx), job_id).to_json()
+    if as_json:
+        emit_json(job)
+        return
+    row = _job_row(job)
+    row["attempts_h"] = row["tries"]
+    row["result_text"] = None if job["result"] is None else _compact(job["result"])
+    for key in ("created_at", "finished_at"):
+        t = job[key]
+        row[key + "_h"] = None if t is None else time.strftime("%Y-%m-%d %H:%M:%S",
+                                                                time.localtime(t))
+    detail(row, ("id", "queue", "state", "priority", "attempts_h", "instance_id", "when",
+                 "dedupe_key", "created_at_h", "finished_at_h", "last_error", "payload_text",
+                 "result_text"))
 
 
 @queue_app.command("stats")
