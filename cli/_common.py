@@ -216,3 +216,19 @@ def detail(row: dict[str, Any], keys: Sequence[str], pad: int = 14) -> None:
     for key in keys:
         name = key.removesuffix("_h").removesuffix("_text")
         print(f"{name:<{pad}}{literal(fmt(row.get(key), key))}")
+
+
+def example(*lines: str) -> Callable[[F], F]:
+    """Add an example section to a command's help: ``lines`` are shown as they are (not
+    rewrapped), indented, after the command's own text."""
+
+    def add(fn: F) -> F:
+        import inspect
+
+        title = "Example" if len(lines) == 1 else "Examples"
+        block = "\n".join(f"  {line}" for line in lines)
+        # \b at the head of a paragraph keeps click from rewrapping its lines.
+        fn.__doc__ = f"{inspect.cleandoc(fn.__doc__ or '')}\n\n{title}:\n\n\b\n{block}"
+        return fn
+
+    return add

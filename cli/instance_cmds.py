@@ -14,6 +14,7 @@ from ._common import (
     detail,
     duration,
     emit_json,
+    example,
     handle_errors,
     store,
     table,
@@ -54,6 +55,9 @@ def _human(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+@example("coord instances --app web",
+         "coord instances --all --json",
+         "coord instances --scan 'node .*server.js'")
 @handle_errors
 def instances(
     ctx: typer.Context,
@@ -85,6 +89,8 @@ def instances(
         table(_human(rows), COLUMNS, headers=not no_headers)
 
 
+@example("coord instance web-3f2a1c",
+         "coord instance --json")
 @handle_errors
 def instance(
     ctx: typer.Context,
@@ -115,6 +121,8 @@ def instance(
         table(_human(others), COLUMNS[:5], title="other live instances")
 
 
+@example("coord run --app web -- python -m http.server 8000",
+         "coord run --app worker --log -- ./work.sh")
 @handle_errors
 def run(
     ctx: typer.Context,
@@ -135,6 +143,8 @@ def run(
     raise typer.Exit(code)
 
 
+@example("coord reap --dry-run",
+         "*/5 * * * * coord reap   # crontab")
 @handle_errors
 def reap(
     ctx: typer.Context,
@@ -158,6 +168,9 @@ def reap(
             print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items()))
 
 
+@example("coord events -n 20",
+         "coord events -f --kind died --kind 'took over'",
+         "coord events --since 10m --instance web-3f2a1c --json")
 @handle_errors
 def events(
     ctx: typer.Context,

@@ -12,6 +12,7 @@ from ._common import (
     detail,
     duration,
     emit_json,
+    example,
     handle_errors,
     store,
     table,
@@ -48,6 +49,7 @@ def _human(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+@example("coord leases --held")
 @handle_errors
 def leases(
     ctx: typer.Context,
@@ -65,6 +67,8 @@ def leases(
         table([_human(r) for r in rows], COLUMNS, headers=not no_headers)
 
 
+@example("coord leader app/cron",
+         "coord leader app/cron --json | jq .term")
 @handle_errors
 def leader(ctx: typer.Context, name: NameArgument, as_json: JsonOption = False) -> None:
     """Show who holds lease NAME: holder, term, since, expires in (one object with --json).
@@ -85,6 +89,8 @@ def leader(ctx: typer.Context, name: NameArgument, as_json: JsonOption = False) 
                  "held_for_h", "expires_h", "pgid"), pad=20)
 
 
+@example("coord elect app/cron -- ./nightly.sh",
+         "coord elect app/sync --wait 0 --ttl 30 -- rsync -a src/ dst/")
 @handle_errors
 def elect(
     ctx: typer.Context,
@@ -110,6 +116,8 @@ def elect(
     raise typer.Exit(run_elected(store(ctx), name, cmd, wait=wait, ttl=ttl, app=app, grace=grace))
 
 
+@example("coord lock app/migrate -- ./migrate.sh",
+         "coord lock app/backup --wait 60 -- ./backup.sh")
 @handle_errors
 def lock(ctx: typer.Context, name: NameArgument, cmd: CmdArgument, wait: WaitOption = None) -> None:
     """Run CMD while holding lock NAME (like flock): one CMD at a time across the machine.

@@ -37,7 +37,10 @@ def build(modules: Sequence[str] = MODULES) -> typer.Typer:
 
     app = typer.Typer(
         name="coord",
-        help="A coordination store for the many copies of one tool on one machine.",
+        help="A coordination store for the many copies of one tool on one machine.\n\n"
+        "Examples:\n\n\b\n  coord run --app web -- python -m http.server 8000\n"
+        "  coord instances\n  coord queue put jobs '{\"n\": 1}'\n"
+        "  coord --db /srv/state/coord.db doctor",
         no_args_is_help=True,
         add_completion=True,
         pretty_exceptions_enable=False,

@@ -21,6 +21,7 @@ from ._common import (
     JsonOption,
     NoHeadersOption,
     emit_json,
+    example,
     handle_errors,
     read_payload,
     read_string,
@@ -38,7 +39,9 @@ KV_COLUMNS = [("key", "KEY"), ("version", "VERSION"), ("instance_id", "OWNER"),
 
 kv_app = typer.Typer(
     name="kv",
-    help="Shared context: keys with JSON values and versions (get, set, del, ls, cas, watch).",
+    help="Shared context: keys with JSON values and versions (get, set, del, ls, cas, watch)."
+    "\n\nExamples:\n\n\b\n  coord kv set web/port 8080\n  coord kv get web/port\n"
+    "  coord kv watch web/ --prefix",
     no_args_is_help=True,
 )
 
@@ -77,6 +80,8 @@ def _show(messages: list[Any], as_json: bool, *, single: bool = False,
     table(rows, MSG_COLUMNS, headers=not no_headers)
 
 
+@example("coord send web-3f2a1c '{\"reload\": true}'",
+         "echo '{\"n\": 1}' | coord send web-3f2a1c - --topic jobs")
 @handle_errors
 def send(
     ctx: typer.Context,
@@ -104,6 +109,7 @@ def send(
         print(mid)
 
 
+@example("coord broadcast '\"config changed\"' --app web --topic config")
 @handle_errors
 def broadcast(
     ctx: typer.Context,
@@ -131,6 +137,8 @@ def broadcast(
         table(rows, [("recipient", "RECIPIENT"), ("id", "MESSAGE ID")], headers=not no_headers)
 
 
+@example("coord recv --wait 30 --json",
+         "coord recv --topic jobs")
 @handle_errors
 def recv(
     ctx: typer.Context,
@@ -156,6 +164,7 @@ def recv(
     _show([msg], as_json, single=True, no_headers=no_headers)
 
 
+@example("coord request web-3f2a1c '{\"q\": \"status\"}' --timeout 5")
 @handle_errors
 def request(
     ctx: typer.Context,
@@ -183,6 +192,7 @@ def request(
         print(_text(answer.payload))
 
 
+@example("coord reply 5f0c...e1 '{\"status\": \"ok\"}'")
 @handle_errors
 def reply(
     ctx: typer.Context,
@@ -198,6 +208,7 @@ def reply(
     resolve(s, as_, "coord reply").mailbox(s).reply(msg_id, value, strict=True)
 
 
+@example("coord gather '{\"q\": \"load\"}' --app web --timeout 2 --json")
 @handle_errors
 def gather(
     ctx: typer.Context,
@@ -268,6 +279,8 @@ def _kv_rows(entries: list[Any]) -> list[dict[str, Any]]:
 
 
 @kv_app.command("get")
+@example("coord kv get web/port",
+         "coord kv get web/port --json")
 @handle_errors
 def kv_get(ctx: typer.Context, key: KeyArg, as_json: JsonOption = False) -> None:
     """Print a key's value as JSON (with --json: the entry with version and owner)."""
@@ -284,6 +297,9 @@ def kv_get(ctx: typer.Context, key: KeyArg, as_json: JsonOption = False) -> None
 
 
 @kv_app.command("set")
+@example("coord kv set web/port 8080",
+         "coord kv set web/name my-app --string",
+         "coord kv set web/port 8080 --ephemeral   # under `coord run`")
 @handle_errors
 def kv_set(
     ctx: typer.Context,
@@ -304,6 +320,8 @@ def kv_set(
 
 
 @kv_app.command("cas")
+@example("coord kv cas web/port 0 8080      # only if absent",
+         "coord kv cas web/port 12 8081")
 @handle_errors
 def kv_cas(
     ctx: typer.Context,
@@ -325,6 +343,8 @@ def kv_cas(
 
 
 @kv_app.command("del")
+@example("coord kv del web/port",
+         "coord kv del web/port --version 12")
 @handle_errors
 def kv_del(
     ctx: typer.Context,
@@ -341,6 +361,8 @@ def kv_del(
 
 
 @kv_app.command("ls")
+@example("coord kv ls web/",
+         "coord kv ls --json")
 @handle_errors
 def kv_ls(
     ctx: typer.Context,
@@ -359,6 +381,8 @@ def kv_ls(
 
 
 @kv_app.command("watch")
+@example("coord kv watch web/ --prefix",
+         "coord kv watch web/port --count 1 --timeout 60")
 @handle_errors
 def kv_watch(
     ctx: typer.Context,

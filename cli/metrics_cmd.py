@@ -6,13 +6,15 @@ import sys
 
 import typer
 
-from ._common import JsonOption, emit_json, handle_errors, store
+from ._common import JsonOption, emit_json, example, handle_errors, store
 
 
 def register(app: typer.Typer) -> None:
     app.command("metrics")(metrics)
 
 
+@example("coord metrics > /var/lib/node_exporter/coord.prom",
+         "coord metrics --json")
 @handle_errors
 def metrics(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Print instance, queue, lease and message figures in the Prometheus text format.

@@ -14,6 +14,7 @@ from ._common import (
     NoHeadersOption,
     duration,
     emit_json,
+    example,
     handle_errors,
     store,
     table,
@@ -80,6 +81,8 @@ def _show(procs: list[Any], as_json: bool, no_headers: bool) -> None:
         table(_human(rows), PS_COLUMNS, headers=not no_headers)
 
 
+@example("coord ps --all --running",
+         "coord ps --instance web-3f2a1c --json")
 @handle_errors
 def ps(
     ctx: typer.Context,
@@ -109,6 +112,8 @@ def ps(
     _show(procs, as_json, no_headers)
 
 
+@example("coord stop 3                      # under `coord run`",
+         "coord stop 3 --instance web-3f2a1c --grace 10")
 @handle_errors
 def stop(
     ctx: typer.Context,
@@ -146,6 +151,8 @@ def stop(
         print(f"process {proc_id}: {'had already ended' if how == 'gone' else how}")
 
 
+@example("coord orphans",
+         "coord orphans --kill --grace 2")
 @handle_errors
 def orphans(
     ctx: typer.Context,
@@ -175,6 +182,7 @@ def orphans(
         print("no orphans")
 
 
+@example("coord top -n 5")
 @handle_errors
 def top(
     n: Annotated[int, typer.Option("-n", "--number", min=1, max=INT64_MAX, help="How many processes.")] = 15,
@@ -195,6 +203,8 @@ def top(
     table(rows, TOP_COLUMNS, headers=not no_headers)
 
 
+@example("coord logs 3",
+         "coord logs 3 -f")
 @handle_errors
 def logs(
     ctx: typer.Context,
@@ -204,9 +214,7 @@ def logs(
                                          "until it has ended.")] = False,
 ) -> None:
     """Print the log of a process started with --log (`coord run --log`): its stdout and
-    stderr, as written. Exit 1 when it has no log.
-
-    Example: coord logs 3 -f"""
+    stderr, as written. Exit 1 when it has no log."""
     import os
     import sys
 

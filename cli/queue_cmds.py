@@ -25,6 +25,7 @@ from ._common import (
     die,
     duration,
     emit_json,
+    example,
     handle_errors,
     read_payload,
     store,
@@ -34,7 +35,10 @@ from .tables import fmt
 
 queue_app = typer.Typer(
     name="queue",
-    help="Work queues: put, claim, ack, fail, inspect, requeue, adopt, import.",
+    help="Work queues: put, claim, ack, fail, inspect, requeue, adopt, import.\n\n"
+    "Examples:\n\n\b\n  coord queue put jobs '{\"n\": 1}'\n"
+    "  coord run --app worker -- sh -c 'coord queue claim jobs --wait 60 --json'\n"
+    "  coord queue stats",
     no_args_is_help=True,
 )
 
@@ -87,6 +91,8 @@ def _job_row(j: dict[str, Any]) -> dict[str, Any]:
 
 
 @queue_app.command("create")
+@example("coord queue create jobs --max-depth 1000",
+         "coord queue create inbox --private --owner web-3f2a1c")
 @handle_errors
 def create(
     ctx: typer.Context,
@@ -117,6 +123,8 @@ def create(
 
 
 @queue_app.command("put")
+@example("coord queue put jobs '{\"url\": \"https://example.org\"}'",
+         "echo '{\"n\": 2}' | coord queue put jobs - --priority 5 --dedupe n2")
 @handle_errors
 def put(
     ctx: typer.Context,
@@ -146,6 +154,8 @@ def put(
 
 
 @queue_app.command("claim")
+@example("coord queue claim jobs --wait 30 --json   # under `coord run`",
+         "coord queue claim jobs --as worker-1 --lease 120")
 @handle_errors
 def claim(
     ctx: typer.Context,
@@ -191,6 +201,7 @@ def claim(
 
 
 @queue_app.command("ack")
+@example("coord queue ack 7:9f2c... --result '{\"ok\": true}'")
 @handle_errors
 def ack(
     ctx: typer.Context,
@@ -206,6 +217,7 @@ def ack(
 
 
 @queue_app.command("fail")
+@example("coord queue fail 7:9f2c... --error 'timeout' --retry-in 30")
 @handle_errors
 def fail(
     ctx: typer.Context,
@@ -223,6 +235,7 @@ def fail(
 
 
 @queue_app.command("extend")
+@example("coord queue extend 7:9f2c... --lease 300")
 @handle_errors
 def extend(
     ctx: typer.Context,
@@ -238,6 +251,7 @@ def extend(
 
 
 @queue_app.command("release")
+@example("coord queue release 7:9f2c...")
 @handle_errors
 def release(ctx: typer.Context, token: TokenArg) -> None:
     """Hand a claimed job back untried: ready again at once, the attempt not counted."""
@@ -247,6 +261,7 @@ def release(ctx: typer.Context, token: TokenArg) -> None:
 
 
 @queue_app.command("cancel")
+@example("coord queue cancel 42")
 @handle_errors
 def cancel(
     ctx: typer.Context,
@@ -259,6 +274,8 @@ def cancel(
 
 
 @queue_app.command("ls")
+@example("coord queue ls jobs --state dead",
+         "coord queue ls --state all -n 20 --json")
 @handle_errors
 def ls(
     ctx: typer.Context,
@@ -284,6 +301,8 @@ def ls(
 
 
 @queue_app.command("show")
+@example("coord queue show 42",
+         "coord queue show 42 --json | jq .last_error")
 @handle_errors
 def show(
     ctx: typer.Context,
@@ -291,9 +310,7 @@ def show(
     as_json: JsonOption = False,
 ) -> None:
     """Show one job: state, attempts, payload, last error, result (exit 1 when there is no
-    such job).
-
-    Example: coord queue show 42"""
+    such job)."""
     import time
 
     from coord.queues import get_job
@@ -315,6 +332,8 @@ def show(
 
 
 @queue_app.command("stats")
+@example("coord queue stats",
+         "coord queue stats jobs --json")
 @handle_errors
 def stats(
     ctx: typer.Context,
@@ -338,6 +357,8 @@ def stats(
 
 
 @queue_app.command("requeue")
+@example("coord queue requeue 42",
+         "coord queue requeue --dead jobs")
 @handle_errors
 def requeue(
     ctx: typer.Context,
@@ -362,6 +383,8 @@ def requeue(
 
 
 @queue_app.command("adopt")
+@example("coord queue adopt web-3f2a1c --to web-77b0e2",
+         "coord queue adopt web-3f2a1c --to-queue jobs")
 @handle_errors
 def adopt(
     ctx: typer.Context,
@@ -396,6 +419,8 @@ def adopt(
 
 
 @queue_app.command("purge")
+@example("coord queue purge jobs",
+         "coord queue purge scratch --all")
 @handle_errors
 def purge(
     ctx: typer.Context,
@@ -411,6 +436,7 @@ def purge(
 
 
 @queue_app.command("import")
+@example("coord queue import ./queue-state.json --queue legacy")
 @handle_errors
 def import_(
     ctx: typer.Context,

@@ -11,6 +11,7 @@ from ._common import (
     NoHeadersOption,
     emit_csv,
     emit_json,
+    example,
     handle_errors,
     store,
     table,
@@ -24,12 +25,15 @@ def register(app: typer.Typer) -> None:
     app.command("doctor")(doctor)
 
 
+@example("sqlite3 \"$(coord path)\" \"select count(*) from live_instances\"")
 @handle_errors
 def path(ctx: typer.Context) -> None:
     """Print the database path (`sqlite3 "$(coord path)"` works while instances run)."""
     print(store(ctx).path)
 
 
+@example("coord sql 'select id, app, pid from live_instances'",
+         "coord sql --csv 'select * from queue_depths' > depths.csv")
 @handle_errors
 def sql(
     ctx: typer.Context,
@@ -62,6 +66,8 @@ def sql(
                   headers=not no_headers)
 
 
+@example("coord doctor",
+         "coord doctor --json | jq .problems")
 @handle_errors
 def doctor(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Check integrity, invariants, permissions, journal mode, WAL size and schema version.

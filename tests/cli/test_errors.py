@@ -33,7 +33,8 @@ def one_line(r: subprocess.CompletedProcess[str], code: int) -> str:
 NOT_FOUND = [
     ["leader", "nosuch"], ["ps", "--instance", "nosuch"], ["queue", "ls", "nosuch"],
     ["queue", "stats", "nosuch"], ["kv", "get", "nosuch"], ["instance", "nosuch"],
-    ["queue", "cancel", "999"], ["kv", "del", "nosuch"],
+    ["queue", "show", "999"], ["queue", "cancel", "999"], ["kv", "del", "nosuch"],
+    ["logs", "999"],
 ]
 
 
@@ -79,10 +80,10 @@ HUGE = "99999999999999999999"
 HUGE_INTS = [
     ["queue", "put", "-p", HUGE, "q", "1"], ["queue", "put", "--max-attempts", HUGE, "q", "1"],
     ["queue", "create", "--max-depth", HUGE, "q"], ["queue", "ls", "-n", HUGE],
-    ["queue", "cancel", HUGE], ["queue", "requeue", HUGE],
+    ["queue", "cancel", HUGE], ["queue", "show", HUGE], ["queue", "requeue", HUGE],
     ["kv", "cas", "k", HUGE, "1"], ["kv", "del", "--version", HUGE, "k"],
     ["kv", "watch", "-n", HUGE, "k"], ["stop", HUGE], ["top", "-n", HUGE],
-    ["events", "-n", HUGE], ["events", "-n", "-5"], ["events", "-n", "0"],
+    ["events", "-n", HUGE], ["events", "-n", "-5"], ["events", "-n", "0"], ["logs", HUGE],
 ]
 
 
