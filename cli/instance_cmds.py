@@ -19,6 +19,7 @@ from ._common import (
     store,
     table,
 )
+from .vocabulary import current
 
 COLUMNS = [("id", "ID"), ("app", "APP"), ("pid", "PID"), ("user", "USER"), ("status_h", "STATUS"),
            ("rss_h", "RSS"), ("cpu_percent", "CPU%"), ("uptime_h", "UPTIME"), ("cmdline", "COMMAND")]
@@ -197,7 +198,7 @@ def events(
     s = store(ctx)
     filters: dict[str, Any] = {"kinds": kind or None, "instance_id": instance,
                                "since": None if since is None else since_time(since)}
-    rows = list_events(s, limit=limit, **filters)
+    rows = [current(e) for e in list_events(s, limit=limit, **filters)]
 
     def show(batch: list[dict[str, Any]]) -> None:
         for e in batch:
@@ -219,7 +220,8 @@ def events(
         last = newest[-1]["id"] if newest else 0
     while follow:
         version = s.data_version()
-        batch = list_events(s, after=last, limit=1000, oldest_first=True, **filters)
+        batch = [current(e) for e in
+                 list_events(s, after=last, limit=1000, oldest_first=True, **filters)]
         if batch:
             show(batch)
             last = batch[-1]["id"]

@@ -17,6 +17,7 @@ from ._common import (
     store,
     table,
 )
+from .vocabulary import current
 
 COLUMNS = [("name", "NAME"), ("holder", "HOLDER"), ("term", "TERM"), ("alive", "ALIVE"),
            ("held_for_h", "HELD FOR"), ("expires_h", "EXPIRES IN"), ("pgid", "PGID")]
@@ -60,7 +61,7 @@ def leases(
     """List leases: name, holder, term (fencing token), holder liveness, time to expiry."""
     from coord.leases import list_leases
 
-    rows = [i.to_json() for i in list_leases(store(ctx), held_only=held)]
+    rows = [current(i.to_json()) for i in list_leases(store(ctx), held_only=held)]
     if as_json:
         emit_json(rows)
     else:
@@ -80,7 +81,7 @@ def leader(ctx: typer.Context, name: NameArgument, as_json: JsonOption = False) 
     info = get_lease(store(ctx), name)
     if info.term is None and info.holder is None:
         raise NotFound("lease", name)  # never taken: the same "not found" as everywhere
-    row = info.to_json()
+    row = current(info.to_json())
     if as_json:
         emit_json(row)
         return

@@ -28,6 +28,7 @@ from ._common import (
     store,
     table,
 )
+from .vocabulary import current
 
 TopicOption = Annotated[str, typer.Option("--topic", "-t", help="Topic of the message.")]
 PayloadArg = Annotated[str, typer.Argument(help="JSON payload, or - to read it from stdin.",
@@ -73,7 +74,7 @@ def _text(value: Any) -> str:
 def _show(messages: list[Any], as_json: bool, *, single: bool = False,
           no_headers: bool = False) -> None:
     if as_json:
-        objs = [m.to_json() for m in messages]
+        objs = [current(m.to_json()) for m in messages]
         emit_json(objs[0] if single else objs)
         return
     rows = [dict(m.to_json(), payload_text=_text(m.payload)) for m in messages]
@@ -104,7 +105,7 @@ def send(
     with acting(s, as_, what="coord send") as me:
         mid = me.mailbox(s).send(to, value, topic=topic, ttl=ttl)
     if as_json:
-        emit_json({"id": mid, "recipient": to, "topic": topic})
+        emit_json(current({"id": mid, "recipient": to, "topic": topic}))
     else:
         print(mid)
 
@@ -130,7 +131,7 @@ def broadcast(
     value = read_payload(ctx, payload)
     with acting(s, as_, what="coord broadcast") as me:
         sent = me.mailbox(s).broadcast(value, topic=topic, app=_app(me, app))
-    rows = [{"id": mid, "recipient": to, "topic": topic} for to, mid in sent.items()]
+    rows = [current({"id": mid, "recipient": to, "topic": topic}) for to, mid in sent.items()]
     if as_json:
         emit_json(rows)
     else:
@@ -187,7 +188,7 @@ def request(
     with acting(s, as_, what="coord request") as me:
         answer = me.mailbox(s).request(to, value, timeout=timeout, topic=topic)
     if as_json:
-        emit_json(answer.to_json())
+        emit_json(current(answer.to_json()))
     else:
         print(_text(answer.payload))
 
@@ -234,7 +235,8 @@ def gather(
     with acting(s, as_, what="coord gather") as me:
         got = me.mailbox(s).gather(value, topic=topic, timeout=timeout, app=_app(me, app))
     if as_json:
-        emit_json(got.to_json())
+        gathered = got.to_json()
+        emit_json(dict(gathered, replies=[current(m) for m in gathered["replies"]]))
     else:
         if got.replies:
             table([{"sender": m.sender, "payload_text": _text(m.payload)} for m in got.replies],
@@ -291,7 +293,7 @@ def kv_get(ctx: typer.Context, key: KeyArg, as_json: JsonOption = False) -> None
     if entry is None:
         raise NotFound("key", key)
     if as_json:
-        emit_json(entry.to_json())
+        emit_json(current(entry.to_json(), id_from="key"))
     else:
         print(_text(entry.value))
 
@@ -375,7 +377,7 @@ def kv_ls(
 
     entries = kv.list_keys(store(ctx), prefix)
     if as_json:
-        emit_json([e.to_json() for e in entries])
+        emit_json([current(e.to_json(), id_from="key") for e in entries])
     else:
         table(_kv_rows(entries), KV_COLUMNS, headers=not no_headers)
 
@@ -404,7 +406,7 @@ def kv_watch(
     for change in kv.watch(store(ctx), key, prefix=prefix, timeout=timeout):
         seen += 1
         if as_json:
-            emit_json(change.to_json())
+            emit_json(current(change.to_json(), id_from="key"))
         elif change.entry is None:
             print(f"deleted {change.key}", flush=True)
         else:

@@ -357,7 +357,7 @@ def test_kv_watch(db_path: Path, store: coord.Store, procs: list[Any]) -> None:
     events = [json.loads(p.stdout.readline())]
     while events[-1]["event"] != "deleted":  # sets still on their way come first
         events.append(json.loads(p.stdout.readline()))
-    assert events[-1] == {"key": "w/a", "event": "deleted"}
+    assert events[-1] == {"id": "w/a", "key": "w/a", "event": "deleted"}
     assert all(e["key"] == "w/a" for e in events)
     p.terminate()
     p.wait(timeout=30)
