@@ -152,12 +152,12 @@ def table(rows: Sequence[dict[str, Any]], columns: Columns, *, title: str | None
 
     if title and headers:
         print(title)
-    for line in render(rows, columns, width=_width(), headers=headers):
+    for line in render(rows, columns, width=terminal_width(), headers=headers):
         print(line)
     sys.stdout.flush()
 
 
-def _width() -> int | None:
+def terminal_width() -> int | None:
     """The width to fit: COLUMNS if set, else the terminal's; None (no limit) when piped."""
     env = os.environ.get("COLUMNS", "")
     if env.isdigit() and int(env) > 0:

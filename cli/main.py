@@ -26,9 +26,10 @@ COMMANDS: dict[str, str] = {
                     "message_cmds"),
     "metrics": "metrics_cmd",
     "demo": "demo_cmd",
+    "watch": "watch_cmd",
 }
 MODULES = ("store_cmds", "instance_cmds", "process_cmds", "lease_cmds", "queue_cmds",
-           "message_cmds", "metrics_cmd", "demo_cmd")
+           "message_cmds", "metrics_cmd", "demo_cmd", "watch_cmd")
 
 
 def build(modules: Sequence[str] = MODULES) -> typer.Typer:
