@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 from conftest import INSTANCE_WORKER, coord_env, spawn_python, wait_line, wait_until
+from coord.cli.tables import width_of
 
 import coord
-from coord.cli.tables import width_of
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 WIDTH, HEIGHT = 100, 40
