@@ -156,7 +156,7 @@ def _usage(path: tuple[str, ...], cmd: Any) -> str:
             name = f"-- {name}..." if p.nargs == -1 else name
             arguments.append(name if p.required else f"[{name}]")
         else:
-            flag = max(p.opts, key=len)
+            flag = next((o for o in p.opts if o.startswith("--")), p.opts[0])  # the first long name
             if not p.is_flag:
                 flag += " " + (p.metavar or (p.name or "").upper())
             options.append(flag if p.required else f"[{flag}]")
