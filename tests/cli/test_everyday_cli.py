@@ -200,3 +200,15 @@ def test_doctor_reports_orphans_as_a_problem(cli: Cli, db_path: Path, store: coo
     assert not report["ok"] and [p["check"] for p in report["problems"]] == ["orphans"]
     assert cli("orphans", "--kill", "--grace", "1").returncode == 0
     assert cli("doctor").returncode == 0
+
+
+def test_events_follow_with_a_filter(db_path: Path, store: coord.Store, procs: list[Any]) -> None:
+    p = subprocess.Popen([*COORD, "events", "-f", "--kind", "left", "--json"],
+                         env=coord_env(db_path), stdout=subprocess.PIPE, text=True)
+    procs.append(p)
+    # Before or after the follower starts, they come out: -f prints the recent ones first.
+    for id in ("f-1", "f-2"):
+        coord.register(store, id, app="t", heartbeat=False).close()
+    assert p.stdout is not None
+    got = [json.loads(p.stdout.readline()) for _ in range(2)]
+    assert [(e["kind"], e["instance_id"]) for e in got] == [("left", "f-1"), ("left", "f-2")]
