@@ -220,15 +220,17 @@ def events(
         last = newest[-1]["id"] if newest else 0
     while follow:
         version = s.data_version()
+        # The newest id before the filtered read: events up to it that the filters skip
+        # need not be read again (one read later could skip one that matched).
+        newest = list_events(s, after=last, limit=1)
         batch = [current(e) for e in
                  list_events(s, after=last, limit=1000, oldest_first=True, **filters)]
         if batch:
             show(batch)
             last = batch[-1]["id"]
             continue
-        newest = list_events(s, after=last, limit=1)  # skipped by the filters: move past them
         if newest:
-            last = newest[-1]["id"]
+            last = max(last, newest[-1]["id"])
         while s.data_version() == version:
             time.sleep(0.05)
 
