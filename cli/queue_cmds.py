@@ -376,6 +376,7 @@ def requeue(
     if (job_id is None) == (dead is None):
         raise InvalidArgument("give a JOB_ID or --dead QUEUE (one of them)")
     if dead is not None:
+        _exists(ctx, dead)
         print(requeue_dead(store(ctx), dead))
     else:
         assert job_id is not None

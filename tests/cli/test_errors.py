@@ -34,7 +34,8 @@ NOT_FOUND = [
     ["leader", "nosuch"], ["ps", "--instance", "nosuch"], ["queue", "ls", "nosuch"],
     ["queue", "stats", "nosuch"], ["kv", "get", "nosuch"], ["instance", "nosuch"],
     ["queue", "show", "999"], ["queue", "cancel", "999"], ["kv", "del", "nosuch"],
-    ["logs", "999"],
+    ["logs", "999"], ["queue", "requeue", "--dead", "nosuch"], ["queue", "purge", "nosuch"],
+    ["send", "nosuch", "1"],
 ]
 
 

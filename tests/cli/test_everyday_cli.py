@@ -212,3 +212,16 @@ def test_events_follow_with_a_filter(db_path: Path, store: coord.Store, procs: l
     assert p.stdout is not None
     got = [json.loads(p.stdout.readline()) for _ in range(2)]
     assert [(e["kind"], e["instance_id"]) for e in got] == [("left", "f-1"), ("left", "f-2")]
+
+
+def test_hoist_db_moves_only_coords_own_option() -> None:
+    from coord.cli.main import hoist_db
+
+    assert hoist_db(["queue", "ls", "--db", "x"]) == ["--db", "x", "queue", "ls"]
+    assert hoist_db(["--db", "a", "path", "--db=b"]) == ["--db", "a", "--db=b", "path"]
+    # CMD's words are CMD's: after `--`, and for `run` from CMD's first word on.
+    assert hoist_db(["elect", "n", "--db", "x", "--", "c", "--db", "z"]) == [
+        "--db", "x", "elect", "n", "--", "c", "--db", "z"]
+    assert hoist_db(["run", "--app", "w", "--db", "x", "sh", "--db", "y"]) == [
+        "--db", "x", "run", "--app", "w", "sh", "--db", "y"]
+    assert hoist_db(["run", "sh", "--db", "y"]) == ["run", "sh", "--db", "y"]
