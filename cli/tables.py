@@ -108,7 +108,9 @@ def render(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]], *
         return
     widths = [max(width_of(line[i]) for line in shown) for i in range(len(keys))]
     if width is not None:
-        floor = [min(w, max(MIN_CELL, width_of(h) if headers else 0)) for w, h in zip(widths, head, strict=True)]
+        # A number is never cut (a term or pid with an ellipsis would be a wrong number).
+        floor = [w if num else min(w, max(MIN_CELL, width_of(h) if headers else 0))
+                 for w, h, num in zip(widths, head, right, strict=True)]
         widths = fit(widths, floor, width)
     for line in shown:
         parts = []

@@ -137,3 +137,7 @@ def test_render_units() -> None:
     lines = list(render([{"a": 1, "b": "x" * 50}], [("a", "A"), ("b", "B")], width=20))
     assert lines == ["A  B", "1  " + "x" * 16 + "…"]
     assert list(render([], [("a", "A")], width=None, headers=False)) == []
+    # Numbers are never shortened; text gives way instead.
+    lines = list(render([{"t": 1796116726250, "b": "y" * 40}], [("t", "TERM"), ("b", "B")],
+                        width=24))
+    assert lines[1].startswith("1796116726250  ") and lines[1].endswith("…")
