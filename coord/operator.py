@@ -62,10 +62,17 @@ class Actor:
 
 
 def operator_id() -> str:
-    """A fresh operator instance id: ``cli-<user>-<6 hex>``."""
-    from .instances import _username, generate_id
+    """A fresh operator instance id: ``cli-<user>-<6 hex>`` (the user of the process's
+    effective uid, not $USER, which anyone can set)."""
+    import pwd
 
-    return generate_id(f"{OPERATOR_APP}-{_username()}")
+    from .instances import generate_id
+
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = str(os.geteuid())
+    return generate_id(f"{OPERATOR_APP}-{user}")
 
 
 def resolve(store: Store, as_id: str | None, what: str = "this command") -> Actor:
