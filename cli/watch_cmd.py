@@ -125,8 +125,10 @@ def _live(s: Any, events: int, interval: float) -> None:
                 out.flush()
                 version, drawn = v, now
             ready, _, _ = select.select([fd], [], [], 0.05)
-            if ready and b"q" in os.read(fd, 64).lower():
-                return
+            if ready:
+                keys = os.read(fd, 64)
+                if not keys or b"q" in keys.lower():  # q, or the terminal has gone
+                    return
     finally:
         out.write("\x1b[?25h\x1b[?1049l")
         out.flush()
