@@ -7,7 +7,19 @@ from typing import Annotated, Any
 
 import typer
 
-from ._common import JsonOption, duration, emit_json, handle_errors, store, table
+from ._common import (
+    INT64_MAX,
+    JsonOption,
+    NoHeadersOption,
+    detail,
+    duration,
+    emit_json,
+    example,
+    handle_errors,
+    store,
+    table,
+)
+from .vocabulary import current
 
 COLUMNS = [("id", "ID"), ("app", "APP"), ("pid", "PID"), ("user", "USER"), ("status_h", "STATUS"),
            ("rss_h", "RSS"), ("cpu_percent", "CPU%"), ("uptime_h", "UPTIME"), ("cmdline", "COMMAND")]
@@ -44,6 +56,9 @@ def _human(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+@example("coord instances --app web",
+         "coord instances --all --json",
+         "coord instances --scan 'node .*server.js'")
 @handle_errors
 def instances(
     ctx: typer.Context,
@@ -52,6 +67,7 @@ def instances(
     scan: Annotated[str | None, typer.Option("--scan", help="Also list unregistered processes of "
                                              "yours whose command line matches this regex.")] = None,
     as_json: JsonOption = False,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """List instances: alive ones by default."""
     from coord.instances import list_instances
@@ -62,14 +78,20 @@ def instances(
     rows = [_row(i, figures) for i in infos if all_ or i.alive]
     if scan is not None:
         from coord.discovery import scan as do_scan
+        from coord.processes import list_processes
 
-        rows += do_scan(scan, exclude_pids={i.pid for i in infos if i.alive})
+        # Registered instances and the processes they track are not "unregistered".
+        tracked = {p.pid for p in list_processes(s, all_=True, running=True, live=False)
+                   if p.alive}
+        rows += do_scan(scan, exclude_pids={i.pid for i in infos if i.alive} | tracked)
     if as_json:
         emit_json([{k: v for k, v in r.items() if not k.endswith("_h")} for r in rows])
     else:
-        table(_human(rows), COLUMNS)
+        table(_human(rows), COLUMNS, headers=not no_headers)
 
 
+@example("coord instance web-3f2a1c",
+         "coord instance --json")
 @handle_errors
 def instance(
     ctx: typer.Context,
@@ -92,17 +114,16 @@ def instance(
         emit_json(row)
         return
     _human([row])
-    for key in ("id", "app", "status_h", "incarnation", "pid", "user", "host", "cwd", "cmdline",
-                "labels", "rss_h", "cpu_percent", "uptime_h", "ttl", "watchdog", "heartbeat_age",
-                "lock_path"):
-        from ._common import fmt
-
-        print(f"{key.removesuffix('_h'):<14}{fmt(row.get(key))}")
+    detail(row, ("id", "app", "status_h", "incarnation", "pid", "user", "host", "cwd", "cmdline",
+                 "labels", "rss_h", "cpu_percent", "uptime_h", "ttl", "watchdog", "heartbeat_age",
+                 "lock_path"))
     if others:
         print()
         table(_human(others), COLUMNS[:5], title="other live instances")
 
 
+@example("coord run --app web -- python -m http.server 8000",
+         "coord run --app worker --log -- ./work.sh")
 @handle_errors
 def run(
     ctx: typer.Context,
@@ -123,6 +144,8 @@ def run(
     raise typer.Exit(code)
 
 
+@example("coord reap --dry-run",
+         "*/5 * * * * coord reap   # crontab")
 @handle_errors
 def reap(
     ctx: typer.Context,
@@ -146,19 +169,36 @@ def reap(
             print(", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items()))
 
 
+@example("coord events -n 20",
+         "coord events -f --kind died --kind 'took over'",
+         "coord events --since 10m --instance web-3f2a1c --json")
 @handle_errors
 def events(
     ctx: typer.Context,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new events.")] = False,
-    limit: Annotated[int, typer.Option("--limit", "-n", help="How many recent events.")] = 50,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=INT64_MAX,
+                                       help="How many recent events.")] = 50,
+    since: Annotated[str | None, typer.Option(
+        "--since", metavar="WHEN", show_default=False,
+        help="Only events since WHEN: an age (90s, 10m, 2h, 1d), a date and time "
+        "(2026-12-01T09:30, local time) or Unix seconds.")] = None,
+    kind: Annotated[list[str] | None, typer.Option(
+        "--kind", show_default=False,
+        help="Only events of this kind (repeat for several), e.g. died, joined.")] = None,
+    instance: Annotated[str | None, typer.Option(
+        "--instance", metavar="ID", show_default=False,
+        help="Only events of this instance.")] = None,
     as_json: JsonOption = False,
 ) -> None:
     """Show the event log: joined, left, died, reaped, took over, lease and job events."""
     from coord.events import list_events
 
+    from .tables import literal
+
     s = store(ctx)
-    last = 0
-    rows = list_events(s, limit=limit)
+    filters: dict[str, Any] = {"kinds": kind or None, "instance_id": instance,
+                               "since": None if since is None else since_time(since)}
+    rows = [current(e) for e in list_events(s, limit=limit, **filters)]
 
     def show(batch: list[dict[str, Any]]) -> None:
         for e in batch:
@@ -167,8 +207,8 @@ def events(
             else:
                 stamp = time.strftime("%H:%M:%S", time.localtime(e["at"]))
                 detail = " ".join(f"{k}={v}" for k, v in e["detail"].items())
-                print(f"{stamp} {e['kind']:<16} {e['instance_id'] or '-'} {e['subject'] or ''} {detail}".rstrip(),
-                      flush=True)
+                line = f"{stamp} {e['kind']:<16} {e['instance_id'] or '-'} {e['subject'] or ''} {detail}"
+                print(literal(line.rstrip()), flush=True)
 
     if as_json and not follow:
         emit_json(rows)
@@ -180,10 +220,40 @@ def events(
         last = newest[-1]["id"] if newest else 0
     while follow:
         version = s.data_version()
-        batch = list_events(s, after=last, limit=1000, oldest_first=True)
+        # The newest id before the filtered read: events up to it that the filters skip
+        # need not be read again (one read later could skip one that matched).
+        newest = list_events(s, after=last, limit=1)
+        batch = [current(e) for e in
+                 list_events(s, after=last, limit=1000, oldest_first=True, **filters)]
         if batch:
             show(batch)
             last = batch[-1]["id"]
             continue
+        if newest:
+            last = max(last, newest[-1]["id"])
         while s.data_version() == version:
             time.sleep(0.05)
+
+
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def since_time(text: str) -> float:
+    """Wall-clock seconds from an age (``90s``, ``10m``, ``2h``, ``1d``), a local date and
+    time in ISO form, or Unix seconds; anything else is a usage error."""
+    import datetime
+
+    from coord.errors import InvalidArgument
+
+    t = text.strip()
+    if t[-1:] in _AGE_UNITS and t[:-1].replace(".", "", 1).isdigit():
+        return time.time() - float(t[:-1]) * _AGE_UNITS[t[-1]]
+    try:
+        return float(t)
+    except ValueError:
+        pass
+    try:
+        return datetime.datetime.fromisoformat(t).timestamp()
+    except ValueError:
+        raise InvalidArgument(f"--since {text!r}: give an age (90s, 10m, 2h, 1d), a date and "
+                              "time (2026-12-01T09:30) or Unix seconds") from None

@@ -6,7 +6,18 @@ from typing import Annotated, Any
 
 import typer
 
-from ._common import JsonOption, duration, emit_json, fmt, handle_errors, store, table
+from ._common import (
+    JsonOption,
+    NoHeadersOption,
+    detail,
+    duration,
+    emit_json,
+    example,
+    handle_errors,
+    store,
+    table,
+)
+from .vocabulary import current
 
 COLUMNS = [("name", "NAME"), ("holder", "HOLDER"), ("term", "TERM"), ("alive", "ALIVE"),
            ("held_for_h", "HELD FOR"), ("expires_h", "EXPIRES IN"), ("pgid", "PGID")]
@@ -39,37 +50,48 @@ def _human(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
+@example("coord leases --held")
 @handle_errors
 def leases(
     ctx: typer.Context,
     held: Annotated[bool, typer.Option("--held", help="Only leases that have a holder.")] = False,
     as_json: JsonOption = False,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """List leases: name, holder, term (fencing token), holder liveness, time to expiry."""
     from coord.leases import list_leases
 
-    rows = [i.to_json() for i in list_leases(store(ctx), held_only=held)]
+    rows = [current(i.to_json()) for i in list_leases(store(ctx), held_only=held)]
     if as_json:
         emit_json(rows)
     else:
-        table([_human(r) for r in rows], COLUMNS)
+        table([_human(r) for r in rows], COLUMNS, headers=not no_headers)
 
 
+@example("coord leader app/cron",
+         "coord leader app/cron --json | jq .term")
 @handle_errors
 def leader(ctx: typer.Context, name: NameArgument, as_json: JsonOption = False) -> None:
-    """Show who holds lease NAME: holder, term, since, expires in (one object with --json)."""
+    """Show who holds lease NAME: holder, term, since, expires in (one object with --json).
+
+    Exit 1 when no lease of that name was ever taken."""
+    from coord.errors import NotFound
     from coord.leases import get_lease
 
-    row = get_lease(store(ctx), name).to_json()
+    info = get_lease(store(ctx), name)
+    if info.term is None and info.holder is None:
+        raise NotFound("lease", name)  # never taken: the same "not found" as everywhere
+    row = current(info.to_json())
     if as_json:
         emit_json(row)
         return
     _human(row)
-    for key in ("name", "holder", "holder_incarnation", "holder_pid", "alive", "term", "ttl",
-                "held_for_h", "expires_h", "pgid"):
-        print(f"{key.removesuffix('_h'):<20}{fmt(row.get(key))}")
+    detail(row, ("name", "holder", "holder_incarnation", "holder_pid", "alive", "term", "ttl",
+                 "held_for_h", "expires_h", "pgid"), pad=20)
 
 
+@example("coord elect app/cron -- ./nightly.sh",
+         "coord elect app/sync --wait 0 --ttl 30 -- rsync -a src/ dst/")
 @handle_errors
 def elect(
     ctx: typer.Context,
@@ -91,9 +113,12 @@ def elect(
     the lease was not obtained within --wait."""
     from coord.elect import run_elected
 
+    _say_waiting(store(ctx), name, wait)
     raise typer.Exit(run_elected(store(ctx), name, cmd, wait=wait, ttl=ttl, app=app, grace=grace))
 
 
+@example("coord lock app/migrate -- ./migrate.sh",
+         "coord lock app/backup --wait 60 -- ./backup.sh")
 @handle_errors
 def lock(ctx: typer.Context, name: NameArgument, cmd: CmdArgument, wait: WaitOption = None) -> None:
     """Run CMD while holding lock NAME (like flock): one CMD at a time across the machine.
@@ -101,4 +126,21 @@ def lock(ctx: typer.Context, name: NameArgument, cmd: CmdArgument, wait: WaitOpt
     Same rules as `coord elect`; exit 75 if the lock was not obtained within --wait."""
     from coord.elect import run_elected
 
+    _say_waiting(store(ctx), name, wait)
     raise typer.Exit(run_elected(store(ctx), name, cmd, wait=wait, app="coord-lock"))
+
+
+def _say_waiting(s: Any, name: str, wait: float | None) -> None:
+    """On a terminal, say that the command will wait, and for whom (a held lease)."""
+    import sys
+
+    if wait == 0 or not sys.stderr.isatty():
+        return
+    from coord.leases import get_lease
+
+    info = get_lease(s, name)
+    if info.holder is None or not info.alive:
+        return
+    limit = "" if wait is None else f" (for up to {wait:g}s)"
+    print(f"coord: waiting for {name!r}{limit}: held by {info.holder} (pid {info.holder_pid}, "
+          f"term {info.term})", file=sys.stderr, flush=True)

@@ -11,7 +11,7 @@ import typer
 
 from coord.errors import EXIT_ERROR
 
-from ._common import State
+from ._common import State, error_line, json_errors
 
 # Which module defines each top-level command. Building every command costs tens of ms at
 # each start, so main() builds only the invoked one's module (all of them for help or an
@@ -19,16 +19,17 @@ from ._common import State
 COMMANDS: dict[str, str] = {
     **dict.fromkeys(("path", "sql", "doctor"), "store_cmds"),
     **dict.fromkeys(("instances", "instance", "run", "reap", "events"), "instance_cmds"),
-    **dict.fromkeys(("ps", "stop", "orphans", "top"), "process_cmds"),
+    **dict.fromkeys(("ps", "stop", "orphans", "top", "logs"), "process_cmds"),
     **dict.fromkeys(("leases", "leader", "elect", "lock"), "lease_cmds"),
     "queue": "queue_cmds",
     **dict.fromkeys(("send", "broadcast", "recv", "request", "reply", "gather", "kv"),
                     "message_cmds"),
     "metrics": "metrics_cmd",
     "demo": "demo_cmd",
+    "watch": "watch_cmd",
 }
 MODULES = ("store_cmds", "instance_cmds", "process_cmds", "lease_cmds", "queue_cmds",
-           "message_cmds", "metrics_cmd", "demo_cmd")
+           "message_cmds", "metrics_cmd", "demo_cmd", "watch_cmd")
 
 
 def build(modules: Sequence[str] = MODULES) -> typer.Typer:
@@ -37,9 +38,12 @@ def build(modules: Sequence[str] = MODULES) -> typer.Typer:
 
     app = typer.Typer(
         name="coord",
-        help="A coordination store for the many copies of one tool on one machine.",
+        help="A coordination store for the many copies of one tool on one machine.\n\n"
+        "Examples:\n\n\b\n  coord run --app web -- python -m http.server 8000\n"
+        "  coord instances\n  coord queue put jobs '{\"n\": 1}'\n"
+        "  coord --db /srv/state/coord.db doctor",
         no_args_is_help=True,
-        add_completion=False,
+        add_completion=True,
         pretty_exceptions_enable=False,
         rich_markup_mode=None,
         context_settings={"help_option_names": ["-h", "--help"]},
@@ -69,21 +73,81 @@ def _invoked(args: Sequence[str]) -> str | None:
     return None
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        print(f"coord {version('coord')}")
+        raise typer.Exit(0)
+
+
 def _root(
     ctx: typer.Context,
     db: Annotated[
         str | None,
         typer.Option("--db", envvar="COORD_DB", show_default=False, metavar="PATH",
-                     help="Database path. Default: $COORD_DB, else coord.db in the user's runtime directory."),
+                     help="Database path. Default: $COORD_DB, else coord.db in the user's "
+                     "runtime directory. Accepted after the command too."),
     ] = None,
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=_version,
+                                          help="Print coord's version and exit.")] = False,
 ) -> None:
     """coord: instances, processes, leases, queues and messages in one SQLite database."""
     ctx.obj = State(db)
 
 
+# Commands whose CMD starts at their first argument (no `--` needed), with their options
+# that take a value: options after CMD's first word are CMD's own, so --db is hoisted only
+# from before it.
+_CMD_AT_FIRST_ARGUMENT = {"run": {"--app", "--instance-id"}}
+
+
+def hoist_db(args: Sequence[str]) -> list[str]:
+    """``args`` with a ``--db PATH`` (or ``--db=PATH``) given after the command moved to the
+    front, where the root option reads it: ``coord queue ls --db x.db`` works like
+    ``coord --db x.db queue ls``. Nothing after ``--`` (a CMD) is touched."""
+    out: list[str] = []
+    hoisted: list[str] = []
+    command: str | None = None
+    i = at = 0
+    while i < len(args):
+        a = args[i]
+        if a == "--":
+            out += args[i:]
+            break
+        if command in _CMD_AT_FIRST_ARGUMENT:
+            if a in _CMD_AT_FIRST_ARGUMENT[command]:
+                out += args[i:i + 2]  # the option and its value
+                i += 2
+                continue
+            if not a.startswith("-"):
+                out += args[i:]  # CMD itself
+                break
+        if command is not None and a == "--db" and i + 1 < len(args):
+            hoisted += [a, args[i + 1]]
+            i += 2
+            continue
+        if command is not None and a.startswith("--db="):
+            hoisted.append(a)
+            i += 1
+            continue
+        if command is None and a == "--db":
+            out += args[i:i + 2]
+            i += 2
+            continue
+        if command is None and not a.startswith("-"):
+            command, at = a, len(out)
+        out.append(a)
+        i += 1
+    # Just before the command word: after a --db given before it, so the later one wins.
+    return out[:at] + hoisted + out[at:] if hoisted else out
+
+
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """Run the CLI and exit with the brief's statuses; every error is one line on stderr."""
-    args = sys.argv[1:] if argv is None else list(argv)
+    args = hoist_db(sys.argv[1:] if argv is None else list(argv))
+    # --json (before any `--` that starts a CMD) makes usage errors JSON objects too.
+    json_errors("--json" in (args[:args.index("--")] if "--" in args else args))
     module = COMMANDS.get(_invoked(args) or "")
     app = build((module,) if module else MODULES)
     try:
@@ -91,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     except typer.Exit as e:
         code = e.exit_code
     except typer.Abort:
-        print("coord: aborted", file=sys.stderr)
+        error_line("aborted", 130, "Aborted")
         code = 130
     except KeyboardInterrupt:
         code = 130
@@ -104,16 +168,14 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             # @handle_errors; this catches what escaped one.
             if os.environ.get("COORD_DEBUG"):
                 raise
-            line = " ".join(f"{type(e).__name__}: {e}".split())
-            print(f"coord: internal error: {line}", file=sys.stderr)
+            error_line(f"internal error: {type(e).__name__}: {e}", EXIT_ERROR, "InternalError")
             sys.exit(EXIT_ERROR)
         if type(e).__name__ == "NoArgsIsHelpError":
             print(e.format_message(), file=sys.stderr)  # the help text of a bare group
         else:
             ctx = getattr(e, "ctx", None)
             where = getattr(ctx, "command_path", None) or "coord"
-            die_line = " ".join(str(e.format_message()).split())
-            print(f"coord: {die_line} (see '{where} --help')", file=sys.stderr)
+            error_line(f"{e.format_message()} (see '{where} --help')", code, "UsageError")
     # A command that returned normally gives None; typer.Exit(n) comes back as n.
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -1,8 +1,9 @@
 """``coord queue …``: work queues (put, claim, ack, fail, extend, release, cancel, ls, stats,
 requeue, adopt, purge, import, create).
 
-Claims belong to the live instance named by COORD_INSTANCE_ID (for example a shell worker
-run by ``coord run``); without one, ``claim`` is refused. A job as JSON is an object with
+Claims belong to the live instance the command runs under (COORD_INSTANCE_ID, e.g. a shell
+worker run by ``coord run``) or the one named with ``--as``; without one, ``claim`` is
+refused and says how to get one. A job as JSON is an object with
 id, queue, state (ready, delayed, claimed, dead, done, cancelled), priority, attempts,
 max_attempts, payload, dedupe_key, instance_id, created_at, available_in, expires_in,
 last_error, result, finished_at — and token, on the job that ``claim`` printed.
@@ -15,21 +16,41 @@ from typing import Annotated, Any
 
 import typer
 
-from ._common import JsonOption, duration, emit_json, fmt, handle_errors, read_payload, store, table
+from ._common import (
+    INT64_MAX,
+    INT64_MIN,
+    JsonOption,
+    NoHeadersOption,
+    detail,
+    die,
+    duration,
+    emit_json,
+    example,
+    handle_errors,
+    read_payload,
+    store,
+    table,
+)
+from .tables import fmt
 
 queue_app = typer.Typer(
     name="queue",
-    help="Work queues: put, claim, ack, fail, inspect, requeue, adopt, import.",
+    help="Work queues: put, claim, ack, fail, inspect, requeue, adopt, import.\n\n"
+    "Examples:\n\n\b\n  coord queue put jobs '{\"n\": 1}'\n"
+    "  coord run --app worker -- sh -c 'coord queue claim jobs --wait 60 --json'\n"
+    "  coord queue stats",
     no_args_is_help=True,
 )
 
 QueueArg = Annotated[str, typer.Argument(help="Queue name.", show_default=False)]
 TokenArg = Annotated[str, typer.Argument(help="The claim token printed by `coord queue claim`.",
                                          show_default=False)]
+# --instance-id is the old name of --as (kept for one release).
 InstanceOption = Annotated[
     str | None,
-    typer.Option("--instance-id", envvar="COORD_INSTANCE_ID", show_default=False,
-                 help="The claiming instance (default: $COORD_INSTANCE_ID, set by `coord run`)."),
+    typer.Option("--as", "--instance-id", metavar="ID", show_default=False,
+                 help="Claim as this live instance (default: the instance in COORD_INSTANCE_ID, "
+                 "when this command runs under it; --instance-id is the old name)."),
 ]
 
 JOB_COLUMNS = [("id", "ID"), ("queue", "QUEUE"), ("state", "STATE"), ("priority", "PRI"),
@@ -49,6 +70,13 @@ def _compact(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+def _exists(ctx: typer.Context, queue: str) -> None:
+    """Raise NotFound (exit 1) when QUEUE does not exist."""
+    from coord.queues import stats
+
+    stats(store(ctx), queue)
+
+
 def _job_row(j: dict[str, Any]) -> dict[str, Any]:
     r = dict(j)
     r["tries"] = f"{j['attempts']}/{j['max_attempts']}"
@@ -63,6 +91,8 @@ def _job_row(j: dict[str, Any]) -> dict[str, Any]:
 
 
 @queue_app.command("create")
+@example("coord queue create jobs --max-depth 1000",
+         "coord queue create inbox --private --owner web-3f2a1c")
 @handle_errors
 def create(
     ctx: typer.Context,
@@ -71,7 +101,7 @@ def create(
                                           "--owner or $COORD_INSTANCE_ID: only it claims.")] = False,
     owner: Annotated[str | None, typer.Option("--owner", help="Owner of a private queue.",
                                               show_default=False)] = None,
-    max_depth: Annotated[int | None, typer.Option("--max-depth", min=1, show_default=False,
+    max_depth: Annotated[int | None, typer.Option("--max-depth", min=1, max=INT64_MAX, show_default=False,
                                                   help="Refuse puts (QueueFull) when this "
                                                   "many jobs wait.")] = None,
 ) -> None:
@@ -80,29 +110,34 @@ def create(
     import os
 
     from coord.errors import InvalidArgument
+    from coord.instances import get_instance
     from coord.queues import create_queue
 
     if private and owner is None:
         owner = os.environ.get("COORD_INSTANCE_ID")
         if not owner:
             raise InvalidArgument("--private needs --owner or COORD_INSTANCE_ID")
+    if owner is not None:
+        get_instance(store(ctx), owner)  # an owner nobody ever registered is refused
     create_queue(store(ctx), queue, owner=owner, max_depth=max_depth)
 
 
 @queue_app.command("put")
+@example("coord queue put jobs '{\"url\": \"https://example.org\"}'",
+         "echo '{\"n\": 2}' | coord queue put jobs - --priority 5 --dedupe n2")
 @handle_errors
 def put(
     ctx: typer.Context,
     queue: QueueArg,
     payload: Annotated[str, typer.Argument(help="JSON payload, or - to read it from stdin.",
                                            show_default=False)],
-    priority: Annotated[int, typer.Option("--priority", "-p", help="Higher runs first.")] = 0,
+    priority: Annotated[int, typer.Option("--priority", "-p", min=INT64_MIN, max=INT64_MAX, help="Higher runs first.")] = 0,
     delay: Annotated[float, typer.Option("--delay", min=0, help="Seconds before it may be "
                                          "claimed.")] = 0.0,
     dedupe: Annotated[str | None, typer.Option("--dedupe", show_default=False,
                                                help="Dedupe key: a job with this key already in "
                                                "the queue (until purged) is not added again.")] = None,
-    max_attempts: Annotated[int | None, typer.Option("--max-attempts", min=1, show_default=False,
+    max_attempts: Annotated[int | None, typer.Option("--max-attempts", min=1, max=INT64_MAX, show_default=False,
                                                      help="Claims before it is dead-lettered "
                                                      "(default 5).")] = None,
     as_json: JsonOption = False,
@@ -119,6 +154,8 @@ def put(
 
 
 @queue_app.command("claim")
+@example("coord queue claim jobs --wait 30 --json   # under `coord run`",
+         "coord queue claim jobs --as worker-1 --lease 120")
 @handle_errors
 def claim(
     ctx: typer.Context,
@@ -133,12 +170,25 @@ def claim(
 ) -> None:
     """Claim the next job of QUEUE (highest priority, then oldest) for this instance and
     print it with its claim token; exit 3 when nothing arrived within --wait."""
-    from coord.errors import TimeoutExpired
+    import sys
+
+    from coord.errors import EXIT_TIMEOUT, NotFound
+    from coord.operator import resolve
     from coord.queues import claim as do_claim
 
-    job = do_claim(store(ctx), queue, instance_id or None, lease=lease, timeout=wait)
+    me = resolve(store(ctx), instance_id, "coord queue claim")  # before any word about waiting
+    try:
+        _exists(ctx, queue)
+        missing = ""
+    except NotFound:
+        # A queue is created by its first put: wait as on an empty one, but say so.
+        missing = " (the queue does not exist yet: its first put creates it)"
+        if wait > 0 and sys.stderr.isatty():
+            print(f"coord: queue {queue!r} does not exist yet; waiting up to {wait:g}s for its "
+                  "first put", file=sys.stderr)
+    job = do_claim(store(ctx), queue, me.id, lease=lease, timeout=wait)
     if job is None:
-        raise TimeoutExpired(f"queue {queue!r}", wait)
+        die(f"queue {queue!r}: nothing within {wait:g}s{missing}", EXIT_TIMEOUT, "TimeoutExpired")
     if as_json:
         emit_json(job.to_json())
         return
@@ -151,6 +201,7 @@ def claim(
 
 
 @queue_app.command("ack")
+@example("coord queue ack 7:9f2c... --result '{\"ok\": true}'")
 @handle_errors
 def ack(
     ctx: typer.Context,
@@ -166,6 +217,7 @@ def ack(
 
 
 @queue_app.command("fail")
+@example("coord queue fail 7:9f2c... --error 'timeout' --retry-in 30")
 @handle_errors
 def fail(
     ctx: typer.Context,
@@ -183,6 +235,7 @@ def fail(
 
 
 @queue_app.command("extend")
+@example("coord queue extend 7:9f2c... --lease 300")
 @handle_errors
 def extend(
     ctx: typer.Context,
@@ -198,6 +251,7 @@ def extend(
 
 
 @queue_app.command("release")
+@example("coord queue release 7:9f2c...")
 @handle_errors
 def release(ctx: typer.Context, token: TokenArg) -> None:
     """Hand a claimed job back untried: ready again at once, the attempt not counted."""
@@ -207,10 +261,11 @@ def release(ctx: typer.Context, token: TokenArg) -> None:
 
 
 @queue_app.command("cancel")
+@example("coord queue cancel 42")
 @handle_errors
 def cancel(
     ctx: typer.Context,
-    job_id: Annotated[int, typer.Argument(help="Job id.", show_default=False)],
+    job_id: Annotated[int, typer.Argument(min=1, max=INT64_MAX, help="Job id.", show_default=False)],
 ) -> None:
     """Cancel a job that waits (ready, delayed or dead); a claimed job cannot be cancelled."""
     from coord.queues import cancel as do_cancel
@@ -219,6 +274,8 @@ def cancel(
 
 
 @queue_app.command("ls")
+@example("coord queue ls jobs --state dead",
+         "coord queue ls --state all -n 20 --json")
 @handle_errors
 def ls(
     ctx: typer.Context,
@@ -226,26 +283,63 @@ def ls(
     state: Annotated[str | None, typer.Option("--state", "-s", show_default=False,
                                               help="ready, delayed, claimed, dead, done, "
                                               "cancelled, all (default: not finished).")] = None,
-    limit: Annotated[int | None, typer.Option("--limit", "-n", min=1, show_default=False,
+    limit: Annotated[int | None, typer.Option("--limit", "-n", min=1, max=INT64_MAX, show_default=False,
                                               help="At most this many jobs.")] = None,
     as_json: JsonOption = False,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """List jobs in claim order: by queue, then priority (high first), then FIFO."""
     from coord.queues import list_jobs
 
+    if queue is not None:
+        _exists(ctx, queue)
     jobs = [j.to_json() for j in list_jobs(store(ctx), queue, state=state, limit=limit)]
     if as_json:
         emit_json(jobs)
     else:
-        table([_job_row(j) for j in jobs], JOB_COLUMNS)
+        table([_job_row(j) for j in jobs], JOB_COLUMNS, headers=not no_headers)
+
+
+@queue_app.command("show")
+@example("coord queue show 42",
+         "coord queue show 42 --json | jq .last_error")
+@handle_errors
+def show(
+    ctx: typer.Context,
+    job_id: Annotated[int, typer.Argument(min=1, max=INT64_MAX, help="Job id.", show_default=False)],
+    as_json: JsonOption = False,
+) -> None:
+    """Show one job: state, attempts, payload, last error, result (exit 1 when there is no
+    such job)."""
+    import time
+
+    from coord.queues import get_job
+
+    job = get_job(store(ctx), job_id).to_json()
+    if as_json:
+        emit_json(job)
+        return
+    row = _job_row(job)
+    row["attempts_h"] = row["tries"]
+    row["result_text"] = None if job["result"] is None else _compact(job["result"])
+    for key in ("created_at", "finished_at"):
+        t = job[key]
+        row[key + "_h"] = None if t is None else time.strftime("%Y-%m-%d %H:%M:%S",
+                                                                time.localtime(t))
+    detail(row, ("id", "queue", "state", "priority", "attempts_h", "instance_id", "when",
+                 "dedupe_key", "created_at_h", "finished_at_h", "last_error", "payload_text",
+                 "result_text"))
 
 
 @queue_app.command("stats")
+@example("coord queue stats",
+         "coord queue stats jobs --json")
 @handle_errors
 def stats(
     ctx: typer.Context,
     queue: Annotated[str | None, typer.Argument(help="Only this queue.", show_default=False)] = None,
     as_json: JsonOption = False,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """Per queue: ready, delayed, claimed, dead, done and cancelled jobs, and the age of the
     oldest ready job. A private queue shows its owner (and whether it is alive)."""
@@ -259,14 +353,16 @@ def stats(
         r["owner"] = (None if r["instance_id"] is None
                       else f"{r['instance_id']}{'' if r['alive'] else ' (dead)'}")
         r["oldest"] = duration(r["oldest_age"])
-    table(rows, STATS_COLUMNS)
+    table(rows, STATS_COLUMNS, headers=not no_headers)
 
 
 @queue_app.command("requeue")
+@example("coord queue requeue 42",
+         "coord queue requeue --dead jobs")
 @handle_errors
 def requeue(
     ctx: typer.Context,
-    job_id: Annotated[int | None, typer.Argument(help="A dead or cancelled job's id.",
+    job_id: Annotated[int | None, typer.Argument(min=1, max=INT64_MAX, help="A dead or cancelled job's id.",
                                                  show_default=False)] = None,
     dead: Annotated[str | None, typer.Option("--dead", show_default=False,
                                              help="Requeue every dead job of this queue.")] = None,
@@ -280,6 +376,7 @@ def requeue(
     if (job_id is None) == (dead is None):
         raise InvalidArgument("give a JOB_ID or --dead QUEUE (one of them)")
     if dead is not None:
+        _exists(ctx, dead)
         print(requeue_dead(store(ctx), dead))
     else:
         assert job_id is not None
@@ -287,6 +384,8 @@ def requeue(
 
 
 @queue_app.command("adopt")
+@example("coord queue adopt web-3f2a1c --to web-77b0e2",
+         "coord queue adopt web-3f2a1c --to-queue jobs")
 @handle_errors
 def adopt(
     ctx: typer.Context,
@@ -321,6 +420,8 @@ def adopt(
 
 
 @queue_app.command("purge")
+@example("coord queue purge jobs",
+         "coord queue purge scratch --all")
 @handle_errors
 def purge(
     ctx: typer.Context,
@@ -336,6 +437,7 @@ def purge(
 
 
 @queue_app.command("import")
+@example("coord queue import ./queue-state.json --queue legacy")
 @handle_errors
 def import_(
     ctx: typer.Context,

@@ -6,7 +6,17 @@ from typing import Annotated
 
 import typer
 
-from ._common import JsonOption, emit_csv, emit_json, handle_errors, store, table, usage
+from ._common import (
+    JsonOption,
+    NoHeadersOption,
+    emit_csv,
+    emit_json,
+    example,
+    handle_errors,
+    store,
+    table,
+    usage,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -15,12 +25,15 @@ def register(app: typer.Typer) -> None:
     app.command("doctor")(doctor)
 
 
+@example("sqlite3 \"$(coord path)\" \"select count(*) from live_instances\"")
 @handle_errors
 def path(ctx: typer.Context) -> None:
     """Print the database path (`sqlite3 "$(coord path)"` works while instances run)."""
     print(store(ctx).path)
 
 
+@example("coord sql 'select id, app, pid from live_instances'",
+         "coord sql --csv 'select * from queue_depths' > depths.csv")
 @handle_errors
 def sql(
     ctx: typer.Context,
@@ -28,24 +41,33 @@ def sql(
                                          metavar="QUERY", show_default=False)],
     as_json: JsonOption = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV with a header row.")] = False,
+    no_headers: NoHeadersOption = False,
 ) -> None:
     """Run read-only SQL: writes, ATTACH, pragma changes and extensions are refused.
 
     Tables and views are documented in the schema files (see the README); the database is
-    never locked against writers while the query runs."""
-    from coord.adhoc import run_readonly
+    never locked against writers while the query runs. Several statements print every
+    result in turn (a blank line between tables; with --json, one array per line)."""
+    from coord.adhoc import run_readonly_all
 
     if as_json and as_csv:
         usage("choose one of --json and --csv")
-    cols, rows = run_readonly(store(ctx), query)
-    if as_json:
-        emit_json([dict(zip(cols, r, strict=True)) for r in rows])
-    elif as_csv:
-        emit_csv(cols, rows)
-    else:
-        table([dict(zip(cols, r, strict=True)) for r in rows], [(c, c) for c in cols])
+    results = run_readonly_all(store(ctx), query)
+    for n, (cols, rows) in enumerate(results):
+        if as_json:  # one array per statement: one line each (JSON lines)
+            emit_json([dict(zip(cols, r, strict=True)) for r in rows])
+            continue
+        if n:
+            print()  # a blank line between the results of several statements
+        if as_csv:
+            emit_csv(cols, rows, header=not no_headers)
+        else:
+            table([dict(zip(cols, r, strict=True)) for r in rows], [(c, c) for c in cols],
+                  headers=not no_headers)
 
 
+@example("coord doctor",
+         "coord doctor --json | jq .problems")
 @handle_errors
 def doctor(ctx: typer.Context, as_json: JsonOption = False) -> None:
     """Check integrity, invariants, permissions, journal mode, WAL size, schema version, and

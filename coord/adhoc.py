@@ -44,15 +44,23 @@ def _authorizer(op: int, p1: str | None, p2: str | None, db: str | None, trigger
     return apsw.SQLITE_DENY
 
 
-def run_readonly(
-    store: Store, sql: str, params: tuple[Any, ...] = ()
-) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Run ``sql`` on a read-only connection; return (column names, rows).
+Result = tuple[list[str], list[tuple[Any, ...]]]
 
-    With several statements, the result is the last statement's (its columns are known even
-    when it returns no rows). Raises ``ReadOnlyViolation`` for anything but a read, and
-    ``InvalidArgument`` for SQL that does not compile. Readers never block writers (WAL).
+
+def run_readonly(store: Store, sql: str, params: tuple[Any, ...] = ()) -> Result:
+    """Run ``sql`` on a read-only connection; return (column names, rows) of its last
+    statement (its columns are known even when it returns no rows).
+
+    Raises ``ReadOnlyViolation`` for anything but a read, and ``InvalidArgument`` for SQL
+    that does not compile. Readers never block writers (WAL).
     """
+    results = run_readonly_all(store, sql, params)
+    return results[-1] if results else ([], [])
+
+
+def run_readonly_all(store: Store, sql: str, params: tuple[Any, ...] = ()) -> list[Result]:
+    """Like ``run_readonly``, but (column names, rows) of every statement in ``sql`` that
+    has result columns, in order."""
     if not sql.strip():
         raise InvalidArgument("empty query")
     with translated(str(store.path)):
@@ -61,21 +69,20 @@ def run_readonly(
         conn.set_busy_timeout(store.config.busy_timeout_ms)
         conn.authorizer = _authorizer
         cur = conn.cursor()
-        cols: list[str] = []
-        rows: list[tuple[Any, ...]] = []
+        results: list[Result] = []
 
         def next_statement(cursor: apsw.Cursor, _sql: str, _bindings: Any) -> bool:
             # Called before each statement runs: start a fresh result with its columns.
-            cols[:] = [d[0] for d in cursor.get_description()]
-            rows.clear()
+            cols = [d[0] for d in cursor.get_description()]
+            if cols:
+                results.append((cols, []))
             return True
 
         cur.exec_trace = next_statement
         try:
             with translated(str(store.path)):
-                rows_iter = cur.execute(sql, params)
-                for r in rows_iter:
-                    rows.append(tuple(r))
+                for r in cur.execute(sql, params):
+                    results[-1][1].append(tuple(r))
         except (apsw.AuthError, apsw.ReadOnlyError) as e:
             raise ReadOnlyViolation(f"only reads are allowed ({e})") from None
         except apsw.SQLError as e:
@@ -84,6 +91,6 @@ def run_readonly(
             raise InvalidArgument(f"SQL error: {e}") from None
         except apsw.BindingsError as e:
             raise InvalidArgument(f"SQL error: {e}") from None
-        return cols, rows
+        return results
     finally:
         close_connection(conn)

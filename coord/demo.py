@@ -6,19 +6,22 @@ register through the library; everything the demo starts, it ends.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from .db import Store
 from .instances import list_instances
 from .reaper import reap
 
 Say = Callable[[str], None]
+DEMO_LEASE = "demo/leader"
 
 # A worker: registers as an instance of the demo app and waits to be told to stop.
 WORKER = textwrap.dedent(
@@ -69,6 +72,28 @@ class Demo:
         reap(self.store)
 
 
+def _names(items: Iterable[object]) -> str:
+    """Items for a line of text: ``a, b, c`` (or ``none``), never a Python repr."""
+    return ", ".join(str(i) for i in items) or "none"
+
+
+def _json(value: object) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+def forget_lease(store: Store, name: str) -> None:
+    """Delete a free lease's row and its history, so the demo leaves no lease behind. Terms
+    come from a counter that never goes back, so a later holder still gets a higher one."""
+    def txn(c: Any) -> None:
+        held = c.execute("SELECT 1 FROM leases WHERE name = ? AND holder_id IS NOT NULL",
+                         (name,)).fetchall()
+        if not held:
+            c.execute("DELETE FROM lease_terms WHERE name = ?", (name,))
+            c.execute("DELETE FROM leases WHERE name = ?", (name,))
+
+    store.write(txn)
+
+
 def section_instances(d: Demo) -> None:
     d.say("== instances: three copies of one tool register ==")
     tag = os.urandom(2).hex()
@@ -87,9 +112,9 @@ def section_instances(d: Demo) -> None:
     status = {i.id: i.status for i in list_instances(d.store, include_dead=True, app="demo")}
     d.say(f"  seen {status.get(ids[1])} after {1000 * (time.monotonic() - t0):.1f} ms (no TTL wait)")
     report = reap(d.store)
-    d.say(f"  reaped: {[x['id'] for x in report.dead]}")
+    d.say(f"  reaped: {_names(x['id'] for x in report.dead)}")
     alive = [i.id for i in list_instances(d.store, app="demo") if i.id in ids]
-    d.say(f"  still alive: {alive}")
+    d.say(f"  still alive: {_names(alive)}")
 
 
 # A worker that starts one child through coord (its own session: it outlives the worker).
@@ -121,7 +146,7 @@ def section_processes(d: Demo) -> None:
             rss = f"{(p.rss or 0) / 1048576:.1f}M"
             d.say(f"  {p.instance_id:<20} process {p.id:<3} pid {p.pid:<7} {p.status:<9} {rss:>7}  "
                   f"{' '.join(p.cmdline[2:])}")
-    d.say(f"-- {web} sees only its own: {[p.id for p in list_processes(d.store, web)]}")
+    d.say(f"-- {web} sees only its own: process {_names(p.id for p in list_processes(d.store, web))}")
     try:
         stop_as(d.store, child[jobs], instance_id=web, grace=1)
     except PermissionDenied as e:
@@ -130,7 +155,8 @@ def section_processes(d: Demo) -> None:
     workers[jobs].kill()
     workers[jobs].wait()
     report = reap(d.store)
-    d.say(f"  reaped {[x['id'] for x in report.dead]}: kept as a tombstone while its child runs")
+    d.say(f"  reaped {_names(x['id'] for x in report.dead)}: kept as a tombstone while its child "
+          "runs")
     for o in orphans(d.store, live=False):
         d.say(f"  orphan: process {o.id} pid {o.pid} of dead instance {o.instance_id}")
     for ended in kill_orphans(d.store, grace=2):
@@ -178,7 +204,7 @@ def section_messages(d: Demo) -> None:
     me = register(d.store, f"demo-{tag}-boss", app="demo-msg", handle_signals=False)
     try:
         answer = messages.request(me, ids[0], {"q": "status"}, timeout=10)
-        d.say(f"  request to {ids[0]}: {answer.payload}")
+        d.say(f"  request to {ids[0]}: {_json(answer.payload)}")
         times = []
         for i in range(100):
             t0 = time.monotonic()
@@ -191,16 +217,16 @@ def section_messages(d: Demo) -> None:
         got = messages.gather(me, {"q": "load?"}, timeout=1.0)
         for m in got.replies:
             d.say(f"  {m.sender}: load {m.payload['load']}")
-        d.say(f"  no answer from: {got.missing}")
+        d.say(f"  no answer from: {_names(got.missing)}")
         d.say("-- port discovery: each worker published an ephemeral key")
         mine = [e for e in kv.list_keys(d.store, "demo-msg/") if tag in e.key]
         for e in mine:
-            d.say(f"  {e.key} = {e.value}  (owner {e.owner_id}, version {e.version})")
+            d.say(f"  {e.key} = {_json(e.value)}  (owner {e.owner_id}, version {e.version})")
         d.say(f"-- kill -9 {ids[0]}")
         workers[0].kill()
         workers[0].wait()
         left = [e.key for e in kv.list_keys(d.store, "demo-msg/") if tag in e.key]
-        d.say(f"  its key is gone at once; keys left: {left}")
+        d.say(f"  its key is gone at once; keys left: {_names(left)}")
         d.say(f"-- ask {ids[2]} (it never answers; timeout 30 s) and kill -9 it meanwhile")
         threading.Timer(0.3, workers[2].kill).start()
         t0 = time.monotonic()
@@ -212,14 +238,14 @@ def section_messages(d: Demo) -> None:
         me.close()
 
 
-# A candidate: registers, waits to lead "demo/leader", says when it does (CLOCK_MONOTONIC).
+# A candidate: registers, waits to lead the lease named in argv[2], says when it does (CLOCK_MONOTONIC).
 CANDIDATE = textwrap.dedent(
     """
     import os, sys, time, coord
     store = coord.Store(os.environ["COORD_DB"])
     inst = coord.register(store, sys.argv[1], app="demo-elect")
     print("ready", flush=True)
-    lease = coord.acquire(inst, "demo/leader")
+    lease = coord.acquire(inst, sys.argv[2])
     print("leader", lease.term, time.clock_gettime(time.CLOCK_MONOTONIC), flush=True)
     while True:
         time.sleep(1)
@@ -235,19 +261,19 @@ def section_election(d: Demo) -> None:
     d.say("== leader election: three candidates, one leader, failover on kill -9 ==")
     tag = os.urandom(2).hex()
     ids = [f"demo-{tag}-{n}" for n in ("a", "b", "c")]
-    procs = {i: d.spawn(CANDIDATE, i) for i in ids}
+    procs = {i: d.spawn(CANDIDATE, i, DEMO_LEASE) for i in ids}
     for p in procs.values():
         d.wait_ready(p)
 
     def next_leader(after: int) -> tuple[str, int, float]:
-        info = wait_for(d.store, lambda: (i := get_lease(d.store, "demo/leader")).alive
+        info = wait_for(d.store, lambda: (i := get_lease(d.store, DEMO_LEASE)).alive
                         and (i.term or 0) > after and i or None, 30)
         assert info is not None and info.holder is not None and info.term is not None
         line = d.wait_ready(procs[info.holder]).split()
         return info.holder, info.term, float(line[2])
 
     leader, term, _ = next_leader(0)
-    d.say(f"  leader: {leader}, term {term} (the others wait; `coord leader demo/leader`)")
+    d.say(f"  leader: {leader}, term {term} (the others wait; `coord leader {DEMO_LEASE}`)")
     for _ in range(2):
         victim = procs.pop(leader)
         d.say(f"-- kill -9 {leader} (pid {victim.pid})")
@@ -259,7 +285,7 @@ def section_election(d: Demo) -> None:
         d.say(f"  new leader {leader}, term {term}, took over {1000 * (t1 - t0):.1f} ms after "
               "the kill (proof of death, no TTL wait)")
     try:
-        fenced_write(d.store, "demo/leader", old,
+        fenced_write(d.store, DEMO_LEASE, old,
                      "INSERT OR REPLACE INTO meta (key, value) VALUES ('demo/fenced', 'stale')")
     except LeaseLost as e:
         d.say(f"  a write fenced with the old term {old} is refused: {e}")
@@ -343,4 +369,5 @@ def run_demo(store: Store, say: Say = print) -> None:
             d.procs.clear()
     finally:
         d.cleanup()
-    say("demo done: nothing left running")
+        forget_lease(store, DEMO_LEASE)
+    say("demo done: nothing left running, nothing left behind but the event log")

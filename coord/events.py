@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import apsw
@@ -26,6 +26,12 @@ def log_event(
     )
 
 
+def record_event(store: Store, kind: str, instance_id: str | None = None,
+                 subject: str | None = None, **detail: Any) -> None:
+    """Record one event in its own transaction (for callers outside one, e.g. the CLI)."""
+    store.write(lambda c: log_event(c, store.wall(), kind, instance_id, subject, **detail))
+
+
 #: One event for ``log_events``: (at, kind, instance_id, subject, detail).
 Event = tuple[float, str, str | None, str | None, dict[str, Any]]
 
@@ -44,19 +50,36 @@ def log_events(conn: apsw.Connection, events: Iterable[Event]) -> None:
     )
 
 
-_LAST_AFTER = ("SELECT id, at, kind, instance_id, subject, detail FROM (SELECT * FROM events "
-               "WHERE id > ? ORDER BY id DESC LIMIT ?) ORDER BY id")
-_FIRST_AFTER = ("SELECT id, at, kind, instance_id, subject, detail FROM events "
-                "WHERE id > ? ORDER BY id LIMIT ?")
+_COLUMNS = "id, at, kind, instance_id, subject, detail"
 
 
 def list_events(
-    store: Store, *, after: int = 0, limit: int = 100, oldest_first: bool = False
+    store: Store, *, after: int = 0, limit: int = 100, oldest_first: bool = False,
+    kinds: Sequence[str] | None = None, instance_id: str | None = None,
+    since: float | None = None,
 ) -> list[Row]:
     """Events with id greater than ``after``, in id order: the newest ``limit`` of them, or
-    with ``oldest_first`` the first ``limit`` (to page forward without skipping any)."""
-    sql = _FIRST_AFTER if oldest_first else _LAST_AFTER
-    rows = store.rows(sql, (after, limit))
+    with ``oldest_first`` the first ``limit`` (to page forward without skipping any).
+    Optionally only those of the given ``kinds``, of ``instance_id``, or recorded at or after
+    ``since`` (wall-clock seconds)."""
+    where: list[str] = ["id > ?"]
+    params: list[Any] = [after]
+    if kinds:
+        where.append("kind IN (SELECT value FROM json_each(?))")
+        params.append(json.dumps(list(kinds)))
+    if instance_id is not None:
+        where.append("instance_id = ?")
+        params.append(instance_id)
+    if since is not None:
+        where.append("at >= ?")
+        params.append(since)
+    cond = " AND ".join(where)  # fixed fragments only; values are bound
+    if oldest_first:
+        sql = f"SELECT {_COLUMNS} FROM events WHERE {cond} ORDER BY id LIMIT ?"  # noqa: S608
+    else:
+        sql = (f"SELECT {_COLUMNS} FROM (SELECT * FROM events WHERE {cond} "  # noqa: S608
+               "ORDER BY id DESC LIMIT ?) ORDER BY id")
+    rows = store.rows(sql, (*params, limit))
     for r in rows:
         r["detail"] = json.loads(r["detail"])
     return rows

@@ -75,6 +75,18 @@ def start_token(pid: int) -> int | None:
     return None if fields is None else int(fields[19])
 
 
+def ancestry(pid: int, depth: int = 128) -> list[tuple[int, int]]:
+    """(pid, start token) of ``pid`` and each of its ancestors, nearest first."""
+    out: list[tuple[int, int]] = []
+    while pid > 0 and len(out) < depth:
+        fields = _stat_fields(pid)
+        if fields is None:
+            break
+        out.append((pid, int(fields[19])))
+        pid = int(fields[1])  # field 4: the parent's pid
+    return out
+
+
 def proc_state(pid: int) -> str | None:
     """The one-letter state (R, S, Z ...) or None when there is no such process."""
     fields = _stat_fields(pid)

@@ -1,30 +1,62 @@
-"""A Prometheus text export of instance, queue, lease and message figures, for monitoring
-(`coord metrics`, e.g. behind node_exporter's textfile collector)."""
+"""Instance, queue, lease and message figures for monitoring: the Prometheus text export
+(`coord metrics`, e.g. behind node_exporter's textfile collector) and the same figures as
+JSON (`coord metrics --json`).
+
+Integers are printed exactly: a lease term is a fencing token seeded from the wall clock in
+milliseconds (about 1.8e12), and ``%g`` would print ``1.79611e+12``, losing the digits that
+make it one.
+"""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
 
 from .db import Store
+
+Sample = tuple[dict[str, str], "int | float"]
+
+
+@dataclass(frozen=True)
+class Family:
+    """One metric: its name, type (gauge), help text and samples (labels, value)."""
+
+    name: str
+    kind: str
+    help: str
+    samples: list[Sample] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "type": self.kind, "help": self.help,
+                "samples": [{"labels": labels, "value": value} for labels, value in self.samples]}
 
 
 def _esc(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
-def _labels(**kv: str) -> str:
-    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in kv.items()) + "}" if kv else ""
+def _labels(labels: dict[str, str]) -> str:
+    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in labels.items()) + "}" if labels else ""
 
 
-def _family(name: str, kind: str, help_: str, samples: Iterable[tuple[dict[str, str], float]]) -> list[str]:
-    lines = [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
-    lines += [f"{name}{_labels(**labels)} {value:g}" for labels, value in samples]
-    return lines
+def _number(value: int | float) -> str:
+    """Exact for integers (never an exponent); the shortest round-trip text for floats."""
+    if isinstance(value, bool):
+        return str(int(value))
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer()
+                                  and abs(value) < 2**53):
+        return str(int(value))
+    return repr(float(value))
 
 
-def prometheus_text(store: Store) -> str:
-    """Current figures in the Prometheus text exposition format (version 0.0.4)."""
+def _gauge(name: str, help_: str, samples: Iterable[Sample]) -> Family:
+    return Family(name, "gauge", help_, list(samples))
+
+
+def collect(store: Store) -> list[Family]:
+    """Every metric family, with its current samples."""
     from .instances import list_instances
     from .leases import list_leases
     from .queues import stats
@@ -34,23 +66,33 @@ def prometheus_text(store: Store) -> str:
     for i in infos:
         key = (i.app, "alive" if i.alive else ("tombstone" if i.tombstone else "dead"))
         per_app[key] = per_app.get(key, 0) + 1
-    out = _family("coord_instances", "gauge", "Registered instances by app and liveness.",
-                  (({"app": a, "state": s}, n) for (a, s), n in sorted(per_app.items())))
+    out = [_gauge("coord_instances", "Registered instances by app and liveness.",
+                  (({"app": a, "state": s}, n) for (a, s), n in sorted(per_app.items())))]
     qs = stats(store)
-    for field in ("ready", "delayed", "claimed", "dead", "done"):
-        out += _family(f"coord_queue_jobs_{field}", "gauge", f"Jobs {field} per queue.",
-                       (({"queue": q.id}, getattr(q, field)) for q in qs))
-    out += _family("coord_queue_oldest_ready_seconds", "gauge",
-                   "Age of the oldest due job per queue.",
-                   (({"queue": q.id}, q.oldest_age) for q in qs if q.oldest_age is not None))
+    for name in ("ready", "delayed", "claimed", "dead", "done"):
+        out.append(_gauge(f"coord_queue_jobs_{name}", f"Jobs {name} per queue.",
+                          (({"queue": q.id}, getattr(q, name)) for q in qs)))
+    out.append(_gauge("coord_queue_oldest_ready_seconds", "Age of the oldest due job per queue.",
+                      (({"queue": q.id}, q.oldest_age) for q in qs if q.oldest_age is not None)))
     leases = list_leases(store)
-    out += _family("coord_lease_held", "gauge", "1 when the lease has a holder.",
-                   (({"lease": x.name, "holder": x.holder or ""}, 1 if x.holder else 0) for x in leases))
-    out += _family("coord_lease_term", "gauge", "Current fencing term of the lease.",
-                   (({"lease": x.name}, x.term) for x in leases if x.term is not None))
+    out.append(_gauge("coord_lease_held", "1 when the lease has a holder.",
+                      (({"lease": x.name, "holder": x.holder or ""}, 1 if x.holder else 0)
+                       for x in leases)))
+    out.append(_gauge("coord_lease_term", "Current fencing term of the lease.",
+                      (({"lease": x.name}, x.term) for x in leases if x.term is not None)))
     waiting = store.value("SELECT count(*) FROM messages WHERE acked = 0")
-    out += _family("coord_messages_pending", "gauge", "Messages not yet acknowledged.", [({}, waiting)])
+    out.append(_gauge("coord_messages_pending", "Messages not yet acknowledged.",
+                      [({}, int(waiting))]))
     wal = f"{store.path}-wal"
-    out += _family("coord_wal_bytes", "gauge", "Size of the write-ahead log.",
-                   [({}, os.path.getsize(wal) if os.path.exists(wal) else 0)])
-    return "\n".join(out) + "\n"
+    out.append(_gauge("coord_wal_bytes", "Size of the write-ahead log.",
+                      [({}, os.path.getsize(wal) if os.path.exists(wal) else 0)]))
+    return out
+
+
+def prometheus_text(store: Store) -> str:
+    """Current figures in the Prometheus text exposition format (version 0.0.4)."""
+    lines: list[str] = []
+    for f in collect(store):
+        lines += [f"# HELP {f.name} {f.help}", f"# TYPE {f.name} {f.kind}"]
+        lines += [f"{f.name}{_labels(labels)} {_number(v)}" for labels, v in f.samples]
+    return "\n".join(lines) + "\n"

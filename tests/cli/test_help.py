@@ -47,6 +47,19 @@ def test_command_has_help_text(path: tuple[str, ...], cmd: Any) -> None:
 
 
 @pytest.mark.parametrize(("path", "cmd"), COMMANDS, ids=IDS)
+def test_every_help_has_an_example(path: tuple[str, ...], cmd: Any) -> None:
+    """`--help` of every command and group shows at least one example command line."""
+    out = CliRunner().invoke(app, [*path[1:], "--help"]).stdout
+    text = out.split("\nArguments:", 1)[0].split("\nOptions:", 1)[0]
+    assert re.search(r"\n  Examples?:\n", text), f"{' '.join(path)} --help has no example"
+    examples = text.split("xample", 1)[1].split("\n\n", 2)[1]
+    lines = [line.strip() for line in examples.splitlines() if line.strip()]
+    assert lines and all(re.search(r"\bcoord\b", line) for line in lines), lines
+    named = " ".join(path[1:])
+    assert any(f"coord {named}" in line for line in lines), (named, lines)
+
+
+@pytest.mark.parametrize(("path", "cmd"), COMMANDS, ids=IDS)
 def test_help_works(path: tuple[str, ...], cmd: Any) -> None:
     r = CliRunner().invoke(app, [*path[1:], "--help"])
     assert r.exit_code == 0, r.output
@@ -143,7 +156,7 @@ def _usage(path: tuple[str, ...], cmd: Any) -> str:
             name = f"-- {name}..." if p.nargs == -1 else name
             arguments.append(name if p.required else f"[{name}]")
         else:
-            flag = max(p.opts, key=len)
+            flag = next((o for o in p.opts if o.startswith("--")), p.opts[0])  # the first long name
             if not p.is_flag:
                 flag += " " + (p.metavar or (p.name or "").upper())
             options.append(flag if p.required else f"[{flag}]")
@@ -151,7 +164,15 @@ def _usage(path: tuple[str, ...], cmd: Any) -> str:
 
 
 def _paragraphs(text: str) -> str:
-    return "\n\n".join(" ".join(par.split()) for par in text.strip().split("\n\n") if par.strip())
+    """Paragraphs joined into lines; one marked \\b (kept as it is, an example) as a code block."""
+    out = []
+    for par in text.strip().split("\n\n"):
+        if par.startswith("\b\n"):
+            lines = [line[2:] if line.startswith("  ") else line for line in par[2:].splitlines()]
+            out.append("```sh\n" + "\n".join(lines) + "\n```")
+        elif par.strip():
+            out.append(" ".join(par.split()))
+    return "\n\n".join(out)
 
 
 def reference_markdown() -> str:

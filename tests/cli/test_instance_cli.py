@@ -68,7 +68,8 @@ def test_help_runs(invoke: Callable[..., Any], name: str) -> None:
 def test_instance_errors_are_one_line(cli: Cli) -> None:
     one_line_error(cli("instance", "no-such-id"), 1)
     one_line_error(cli("instance"), 2)
-    one_line_error(cli("instance", "no-such-id", "--json"), 1)
+    err = cli("instance", "no-such-id", "--json")  # with --json: one JSON object
+    assert err.returncode == 1 and json.loads(err.stderr)["kind"] == "NotFound"
     one_line_error(cli("instances", "--scan", "(unclosed"), 2)
 
 

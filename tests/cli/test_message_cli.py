@@ -61,13 +61,17 @@ def test_every_command_and_option_has_help(invoke: Invoke) -> None:
         assert r.exit_code == 0 and "Usage" in r.output, (args, r.output)
 
 
-@pytest.mark.parametrize("args", [["send", "b", "1"], ["recv"], ["broadcast", "1"],
-                                  ["request", "b", "1"], ["reply", str(uuid.uuid4()), "1"],
-                                  ["gather", "1"], ["kv", "set", "k", "1", "--ephemeral"]])
-def test_acting_as_an_instance_needs_one(invoke: Invoke, args: list[str]) -> None:
+@pytest.mark.parametrize("args", [["recv"], ["reply", str(uuid.uuid4()), "1"],
+                                  ["kv", "set", "k", "1", "--ephemeral"], ["queue", "claim", "q"]])
+def test_being_an_instance_needs_one_and_says_how(invoke: Invoke, args: list[str]) -> None:
+    """Commands that mean "be this instance" keep requiring one (the plain-shell operator
+    instance is only for send, broadcast, request, gather and stop --instance)."""
     r = invoke(*args)
     assert r.exit_code == 1
-    assert r.stderr.strip() == "coord: no instance: set COORD_INSTANCE_ID (e.g. run under `coord run`)"
+    what = "an ephemeral key" if "--ephemeral" in args else "coord " + " ".join(args[:2 if args[0] == "queue" else 1])
+    assert r.stderr.strip() == (
+        f"coord: no instance: {what} acts as an instance: run it under one (`coord run --app "
+        "APP -- CMD` sets COORD_INSTANCE_ID for CMD), or name a live instance with --as ID")
 
 
 def test_a_dead_or_unknown_instance_is_refused(invoke: Invoke, store: coord.Store) -> None:
@@ -248,7 +252,7 @@ def test_bad_payloads_on_stdin_are_refused_and_nothing_stored(name: str, invoke:
     coord.register(store, "b", app="t")
     for args in (["send", "b", "-"], ["request", "b", "-"], ["kv", "set", "k", "-"]):
         r = invoke(*args, input=BAD_STDIN[name], env=as_("a"))
-        assert r.exit_code == 1, (name, args, r.output)
+        assert r.exit_code == 2, (name, args, r.output)  # an invalid argument
         assert r.stderr.startswith("coord: bad payload: ") and r.stderr.count("\n") == 1
     assert count(store) == 0 and count(store, "kv") == 0
 
@@ -261,7 +265,7 @@ def test_raw_bytes_through_a_real_stdin(name: str, db_path: Path, store: coord.S
                        env=coord_env(db_path, **as_("a")), input=BAD_STDIN[name],
                        capture_output=True, timeout=60)
     err = r.stderr.decode()
-    assert r.returncode == 1 and err.startswith("coord: bad payload: ") and err.count("\n") == 1
+    assert r.returncode == 2 and err.startswith("coord: bad payload: ") and err.count("\n") == 1
     assert "Traceback" not in err
     assert count(store) == 0
 
@@ -272,7 +276,7 @@ def test_payload_arguments_are_checked_too(invoke: Invoke, store: coord.Store) -
     for text, why in (("NaN", "NaN is not JSON"), ("{'a': 1}", "not JSON"),
                       ("[" * 70 + "]" * 70, "nested deeper")):
         r = invoke("send", "b", text, env=as_("a"))
-        assert r.exit_code == 1 and why in r.stderr, (text, r.stderr)
+        assert r.exit_code == 2 and why in r.stderr, (text, r.stderr)
     assert count(store) == 0
     r = invoke("send", "b", "-", input='{"from": "stdin"}', env=as_("a"))
     assert r.exit_code == 0, r.output
@@ -284,7 +288,7 @@ def test_the_payload_limit_follows_the_configuration(db_path: Path, store: coord
     coord.register(store, "b", app="t")
     env = coord_env(db_path, COORD_INSTANCE_ID="a", COORD_PAYLOAD_LIMIT="100")
     r = run_cli(db_path, "send", "b", json.dumps("x" * 200), env=env)
-    assert r.returncode == 1 and "exceeds the limit of 100 bytes" in r.stderr
+    assert r.returncode == 2 and "exceeds the limit of 100 bytes" in r.stderr
     assert count(store) == 0
 
 
@@ -353,7 +357,7 @@ def test_kv_watch(db_path: Path, store: coord.Store, procs: list[Any]) -> None:
     events = [json.loads(p.stdout.readline())]
     while events[-1]["event"] != "deleted":  # sets still on their way come first
         events.append(json.loads(p.stdout.readline()))
-    assert events[-1] == {"key": "w/a", "event": "deleted"}
+    assert events[-1] == {"id": "w/a", "key": "w/a", "event": "deleted"}
     assert all(e["key"] == "w/a" for e in events)
     p.terminate()
     p.wait(timeout=30)

@@ -29,3 +29,26 @@ def test_metrics_text_format_and_figures(store: coord.Store, cli: Cli) -> None:
     assert any(line.startswith('coord_lease_held{lease="web/\\"leader\\"",holder="m1"} 1') for line in lines)
     lease.release()
     inst.close()
+
+
+def test_terms_are_exact_integers_and_json_has_the_same_figures(store: coord.Store,
+                                                                 cli: Cli) -> None:
+    """A term is a fencing token seeded from the wall clock in ms (~1.8e12): every digit
+    counts, in the text and in --json."""
+    import json
+
+    inst = coord.register(store, "m2", app="web", heartbeat=False, handle_signals=False)
+    lease = leases.acquire(inst, "web/lead", timeout=0)
+    assert lease.term > 10**12
+    text = cli("metrics").stdout.splitlines()
+    assert f'coord_lease_term{{lease="web/lead"}} {lease.term}' in text
+    assert not [line for line in text if "e+" in line and not line.startswith("#")]
+    out = cli("metrics", "--json")
+    assert out.returncode == 0, out.stderr
+    families = {f["name"]: f for f in json.loads(out.stdout)}
+    assert families["coord_lease_term"]["type"] == "gauge"
+    assert families["coord_lease_term"]["samples"] == [
+        {"labels": {"lease": "web/lead"}, "value": lease.term}]
+    assert {"coord_instances", "coord_queue_jobs_ready", "coord_wal_bytes"} <= set(families)
+    lease.release()
+    inst.close()

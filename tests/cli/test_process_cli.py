@@ -86,18 +86,27 @@ def test_two_instances_each_see_and_stop_only_their_own(cli: Cli, db_path: Path,
     assert sorted(r["id"] for r in both) == sorted(a_ids + b_ids)
     assert sorted(r["id"] for r in _json(cli("ps", "--json"))) == sorted(a_ids + b_ids)
 
-    denied = cli("stop", str(b_ids[0]), "--grace", "0.1", env=as_a)
+    # An operator's shell names the owner; signals still go only to that owner's processes.
+    denied = cli("stop", str(b_ids[0]), "--grace", "0.1", "--instance", "inst-a")
     assert denied.returncode == 1
     assert denied.stderr.count("\n") == 1 and "not permitted" in denied.stderr
     assert "inst-b" in denied.stderr and "Traceback" not in denied.stderr
     assert _alive(db_path, b_ids[0])
 
-    ok = cli("stop", str(a_ids[0]), "--grace", "10", env=as_a)
+    ok = cli("stop", str(a_ids[0]), "--grace", "10", "--instance", "inst-a")
     assert ok.returncode == 0, ok.stderr
     assert "terminated" in ok.stdout
     assert not _alive(db_path, a_ids[0]) and _alive(db_path, a_ids[1])
-    again = _json(cli("stop", str(a_ids[0]), "--json", env=as_a))
+    again = _json(cli("stop", str(a_ids[0]), "--json", "--instance", "inst-a"))
     assert again == {"id": a_ids[0], "how": "gone"}
+    # The event log names the operator instance that stopped it, and the owner.
+    events = [e for e in _json(cli("events", "--json")) if e["kind"] == "operator stopped"]
+    assert [(e["subject"], e["detail"]["process"], e["detail"]["how"]) for e in events] == [
+        ("inst-a", a_ids[0], "terminated"), ("inst-a", a_ids[0], "gone")]
+    assert all(e["instance_id"].startswith("cli-") for e in events)
+    # COORD_INSTANCE_ID copied from elsewhere (not an instance this command runs under).
+    elsewhere = cli("stop", str(a_ids[1]), env=as_a)
+    assert elsewhere.returncode == 1 and "pass --as inst-a" in elsewhere.stderr
 
 
 def test_stop_needs_a_live_instance(cli: Cli, db_path: Path, spawner: Any) -> None:
@@ -138,7 +147,8 @@ def test_command_lines_print_literally(cli: Cli, spawner: Any) -> None:
     spawner("markup", 1, "[/red]", "[bold]x[/bold]", "[link=http://e]y")
     out = cli("ps", "--all")
     assert out.returncode == 0, out.stderr
-    assert "[/red] [bold]x[/bold] [link=http://e]y" in out.stdout
+    # Literal (never markup) and quoted as a shell would, so it can be pasted back.
+    assert "'[/red]' '[bold]x[/bold]' '[link=http://e]y'" in out.stdout
     assert "ID" in out.stdout and "INSTANCE" in out.stdout and "markup" in out.stdout
 
 

@@ -67,7 +67,7 @@ def test_put_ls_stats(invoke: Any, store: coord.Store) -> None:
 
 
 def test_bad_input_is_one_line(invoke: Any) -> None:
-    one_line_error(invoke("queue", "put", "jobs", "{nope"), 1, "payload")
+    one_line_error(invoke("queue", "put", "jobs", "{nope"), 2, "payload")
     one_line_error(invoke("queue", "put", "", "1"), 2, "queue name")
     one_line_error(invoke("queue", "ls", "--state", "weird"), 2, "unknown state")
     one_line_error(invoke("queue", "stats", "nope"), 1, "no such queue")
@@ -125,8 +125,15 @@ def test_fail_dead_letter_requeue_cancel_purge(invoke: Any, inst: coord.Instance
 
 
 def test_private_queue_and_adopt(invoke: Any, inst: coord.Instance, store: coord.Store) -> None:
+    # Owners must be registered instances (a typo is refused): these two leave tombstones.
+    gone = coord.register(store, "gone", app="t", heartbeat=False)
+    gone2 = coord.register(store, "gone2", app="t", heartbeat=False)
     ok(invoke("queue", "create", "mine", "--owner", "gone", "--max-depth", "5"))
     invoke("queue", "put", "mine", '"x"')
+    ok(invoke("queue", "create", "mine2", "--owner", "gone2"))
+    invoke("queue", "put", "mine2", '"y"')
+    gone.close()
+    gone2.close()
     one_line_error(invoke("queue", "claim", "mine", env={"COORD_INSTANCE_ID": "w"}), 1,
                    "private to instance 'gone'")
     text = ok(invoke("queue", "adopt", "gone", env={"COORD_INSTANCE_ID": "w"}))
@@ -134,8 +141,6 @@ def test_private_queue_and_adopt(invoke: Any, inst: coord.Instance, store: coord
     job = json.loads(ok(invoke("queue", "claim", "mine", "--json", env={"COORD_INSTANCE_ID": "w"})))
     assert job["payload"] == "x"
     one_line_error(invoke("queue", "adopt", "w", "--to", "z"), 1, "alive")
-    ok(invoke("queue", "create", "mine2", "--owner", "gone2"))
-    invoke("queue", "put", "mine2", '"y"')
     got = json.loads(ok(invoke("queue", "adopt", "gone2", "--to-queue", "shared", "--json")))
     assert got["jobs"] == 1 and got["queues"] == ["mine2"] and got["to_queue"] == "shared"
     st = {s["id"]: s for s in json.loads(ok(invoke("queue", "stats", "--json")))}
@@ -195,10 +200,10 @@ def test_claim_wait_wakes_on_put(cli: Cli, db_path: Path, procs: list[Any]) -> N
         env=coord_env(db_path), stdout=subprocess.PIPE, text=True)
     procs.append(worker)
     wait_line(worker)
-    env = coord_env(db_path, COORD_INSTANCE_ID="waiter")
+    env = coord_env(db_path)  # the waiter runs elsewhere: named with --as
     claimer = subprocess.Popen([sys.executable, "-m", "coord", "queue", "claim", "late",
-                                "--wait", "60", "--json"], env=env, stdout=subprocess.PIPE,
-                               text=True)
+                                "--wait", "60", "--json", "--as", "waiter"], env=env,
+                               stdout=subprocess.PIPE, text=True)
     procs.append(claimer)
     s = coord.Store(db_path)
     try:
