@@ -57,7 +57,9 @@ def leases(
 
 @handle_errors
 def leader(ctx: typer.Context, name: NameArgument, as_json: JsonOption = False) -> None:
-    """Show who holds lease NAME: holder, term, since, expires in (one object with --json)."""
+    """Show who holds lease NAME: holder, term, since, expires in (one object with --json).
+
+    A holder proven dead holds nothing: the lease shows free at once."""
     from coord.leases import get_lease
 
     row = get_lease(store(ctx), name).to_json()
@@ -85,10 +87,12 @@ def elect(
 ) -> None:
     """Run CMD only while holding lease NAME, as a registered instance (the lease dies with it).
 
-    CMD runs in its own process group and sees COORD_LEASE_NAME and COORD_LEASE_TERM;
-    SIGTERM, SIGINT and SIGHUP are forwarded to it; it is ended (TERM, then KILL) if the
-    lease is lost (exit 75). Exit: CMD's status, 128+N if it was killed by signal N, 75 if
-    the lease was not obtained within --wait."""
+    CMD sees COORD_LEASE_NAME and COORD_LEASE_TERM. Its whole process tree is the
+    instance's: every descendant is recorded, and none outlives the term. When CMD ends,
+    the rest of its tree is ended (TERM, grace, KILL); SIGTERM ends the whole tree; SIGINT
+    and SIGHUP are forwarded to CMD; if the lease is lost the tree is ended (exit 75). Exit:
+    CMD's status, 128+N if it was killed by signal N, 75 if the lease was not obtained
+    within --wait."""
     from coord.elect import run_elected
 
     raise typer.Exit(run_elected(store(ctx), name, cmd, wait=wait, ttl=ttl, app=app, grace=grace))
