@@ -654,21 +654,22 @@ def _settle_previous_group(lease: Lease, group: tuple[int, int] | None,
     """A new holder first ends the previous term's whole tree: the recorded process group
     and every recorded descendant of the instance that ran it (identity checked: TERM,
     grace, KILL), and takes over only when nothing of it runs."""
-    from .tree import DeadTree, collect, settle, tree_of
+    from dataclasses import replace
+
+    from .tree import DeadTree, left_of, settle, tree_of
 
     store = lease.store
     found = tree_of(store, tree) if tree is not None else DeadTree(("", 0), (), (), (), ())
     groups = list(found.groups)
     if group is not None:
         groups.append(ProcIdentity(boot_id(), *group))
-    todo = DeadTree(found.owner, found.rows, found.members, tuple(dict.fromkeys(groups)),
-                    found.leases)
+    todo = replace(found, groups=tuple(dict.fromkeys(groups)))
     g = store.config.kill_grace if grace is None else grace
     outcome = settle(store, [todo], g)
     if outcome != "gone":
         lease.instance.log.info("ended the previous term's processes of lease %r: %s",
                                 lease.name, outcome)
-    if collect(todo.members, todo.groups):
+    if left_of(todo):
         raise CoordError(f"processes of the previous holder of lease {lease.name!r} could not "
                          f"be ended ({outcome}); not taking over")
     record_group(store, lease.name, lease.term, None, None)

@@ -447,7 +447,7 @@ def orphans(store: Store, *, live: bool = True, cpu_interval: float = 0.1) -> li
     yet reaped): its tracked processes and, for a wrapper's tree, every member of its
     recorded groups and every descendant, recorded yet or not (those not recorded have
     ``id`` 0)."""
-    from .tree import collect, dead_trees, snapshot
+    from .tree import dead_trees, left_of, snapshot
 
     rows = store.rows("SELECT * FROM processes WHERE status = 'running' ORDER BY instance_id, id")
     verdicts = _verdicts(store, {r["instance_id"] for r in rows})
@@ -455,7 +455,7 @@ def orphans(store: Store, *, live: bool = True, cpu_interval: float = 0.1) -> li
     seen = {i.pid for i in found}
     procs = snapshot()
     for t in dead_trees(store):
-        for ident in collect(t.members, t.groups, procs=procs):
+        for ident in left_of(t, procs):
             if ident.pid not in seen:
                 seen.add(ident.pid)
                 found.append(_unrecorded(t.owner, ident, procs[ident.pid].pgid))

@@ -460,6 +460,31 @@ class DeadTree:
     members: tuple[ProcIdentity, ...]
     groups: tuple[ProcIdentity, ...]
     leases: tuple[tuple[str, int, int], ...]  # (lease name, pgid, pg_start_token)
+    terms: tuple[int, ...] = ()  # lease terms the owner held: its CMD saw COORD_LEASE_TERM
+
+
+def escaped(t: DeadTree, procs: Mapping[int, Proc]) -> list[ProcIdentity]:
+    """Live processes of ``t`` that left no trace but their environment: they carry one of
+    its terms as ``COORD_LEASE_TERM`` (terms are never reused; a nested `coord elect`
+    exports its own) and started no earlier than its first recorded member. This finds a
+    descendant that daemonized in the moment before the wrapper was SIGKILLed, before the
+    wrapper could record it."""
+    if not t.terms:
+        return []
+    since = min((m.start_token for m in t.members), default=0)
+    needles = [f"\0COORD_LEASE_TERM={term}\0".encode() for term in t.terms]
+    me, boot, out = os.getpid(), boot_id(), []
+    for p in procs.values():
+        if not p.live or p.token < since or p.pid == me:
+            continue
+        try:
+            with open(f"/proc/{p.pid}/environ", "rb") as f:
+                env = b"\0" + f.read() + b"\0"
+        except OSError:
+            continue
+        if any(n in env for n in needles):
+            out.append(ProcIdentity(boot, p.pid, p.token))
+    return out
 
 
 def tree_of(store: Store, owner: tuple[str, int]) -> DeadTree:
@@ -469,11 +494,22 @@ def tree_of(store: Store, owner: tuple[str, int]) -> DeadTree:
                       owner)
     leases = store.rows("SELECT name, pgid, pg_start_token FROM leases WHERE pg_holder_id = ? "
                         "AND pg_holder_incarnation = ? AND pgid IS NOT NULL", owner)
-    return _tree(owner, rows, leases)
+    return _tree(owner, rows, leases, _terms(store, owner))
+
+
+def left_of(t: DeadTree, procs: Mapping[int, Proc] | None = None) -> list[ProcIdentity]:
+    """What of ``t`` still runs: its members, its groups, what escaped, their descendants."""
+    procs = snapshot() if procs is None else procs
+    return collect([*t.members, *escaped(t, procs)], t.groups, procs=procs)
+
+
+def _terms(store: Store, owner: tuple[str, int]) -> tuple[int, ...]:
+    return tuple(int(r["term"]) for r in store.rows(
+        "SELECT term FROM lease_terms WHERE holder_id = ? AND holder_incarnation = ?", owner))
 
 
 def _tree(owner: tuple[str, int], rows: Sequence[Mapping[str, Any]],
-          leases: Sequence[Mapping[str, Any]]) -> DeadTree:
+          leases: Sequence[Mapping[str, Any]], terms: tuple[int, ...] = ()) -> DeadTree:
     boot = boot_id()
     members = tuple(ProcIdentity(r["boot_id"], r["pid"], r["start_token"]) for r in rows)
     groups = [m for m, r in zip(members, rows, strict=True) if r["pgid"] == r["pid"]]
@@ -481,7 +517,7 @@ def _tree(owner: tuple[str, int], rows: Sequence[Mapping[str, Any]],
                if r["pg_start_token"] is not None]
     return DeadTree(owner, tuple(r["id"] for r in rows), members, tuple(dict.fromkeys(groups)),
                     tuple((r["name"], int(r["pgid"]), int(r["pg_start_token"] or 0))
-                          for r in leases))
+                          for r in leases), terms)
 
 
 def dead_trees(store: Store, only: Iterable[tuple[str, int]] | None = None) -> list[DeadTree]:
@@ -507,7 +543,8 @@ def dead_trees(store: Store, only: Iterable[tuple[str, int]] | None = None) -> l
         out.append(_tree(owner,
                          [r for r in rows if (r["instance_id"], r["incarnation"]) == owner],
                          [r for r in leases
-                          if (r["pg_holder_id"], r["pg_holder_incarnation"]) == owner]))
+                          if (r["pg_holder_id"], r["pg_holder_incarnation"]) == owner],
+                         _terms(store, owner)))
     return out
 
 
@@ -517,11 +554,13 @@ def settle(store: Store, trees: Sequence[DeadTree], grace: float) -> str:
     'denied' when something is left: the rows and groups stay recorded)."""
     if not trees:
         return GONE
-    how = end_tree([m for t in trees for m in t.members], [g for t in trees for g in t.groups],
-                   grace)
+    procs = snapshot()
+    extra = [i for t in trees for i in escaped(t, procs)]
+    how = end_tree([*extra, *(m for t in trees for m in t.members)],
+                   [g for t in trees for g in t.groups], grace)
     for t in trees:
         mark_ended(store, t.owner)
-        if t.leases and not collect(t.members, t.groups):
+        if t.leases and not left_of(t):
             store.write(functools.partial(_clear_groups, t=t))
     return how
 

@@ -4,9 +4,11 @@ of death without waiting for the death rule, the elected reaper's pidfd watch.""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 from conftest import INSTANCE_WORKER, spawn_python, wait_line, wait_until
@@ -104,3 +106,28 @@ def test_the_elected_reaper_acts_on_a_death_by_its_pidfd_watch(fast_store: coord
         "SELECT detail FROM events WHERE kind = 'died' AND instance_id = 'v1'")]
     assert died == ["died"]
     me.close()
+
+
+def test_an_unrecorded_escapee_is_found_by_its_term(store: coord.Store,
+                                                   children: list[Any]) -> None:
+    """A descendant that daemonized just before its wrapper was SIGKILLed has no row; it
+    still carries its term (COORD_LEASE_TERM, never reused), which the death rule finds.
+    A process with another term is left alone."""
+    inst = coord.register(store, "gone", app="t", heartbeat=False, handle_signals=False)
+    lease = acquire(inst, "esc/l")
+    env = dict(os.environ, COORD_LEASE_TERM=str(lease.term))
+    escapee = subprocess.Popen(SLEEPER, env=env, start_new_session=True)
+    other = subprocess.Popen(SLEEPER, env=dict(env, COORD_LEASE_TERM=str(lease.term + 1)),
+                             start_new_session=True)
+    children += [escapee, other]
+    wait_until(lambda: b"COORD_LEASE_TERM" in Path(f"/proc/{escapee.pid}/environ").read_bytes())
+    # The wrapper had recorded its CMD (ended since: its pid now names another process).
+    first = tree.Proc(1, 0, 1, 0, "S")
+    tree.record(store, (inst.id, inst.incarnation), [(first, ["cmd"])], [], tree=True,
+                user="u", cwd="/")
+    inst.close()
+    found = P.orphans(store, live=False)
+    assert [(o.id, o.pid) for o in found] == [(0, escapee.pid)]
+    assert coord.reap(store).trees_ended == 1
+    assert escapee.wait(10) == -signal.SIGTERM
+    assert other.poll() is None
