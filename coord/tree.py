@@ -19,7 +19,10 @@ owns its control group:
   by a pidfd opened while its start token still matches, so a reused pid is never signalled.
 - **After the wrapper's death.** ``end_dead_trees`` applies the tree part of the death rule:
   the running ``tree = 1`` rows of dead instances and the groups recorded in lease rows for a
-  dead instance are ended; a lease row keeps its recorded group until it is proven empty.
+  dead instance are ended, with every descendant of theirs and every process that carries
+  one of the dead instance's terms as ``COORD_LEASE_TERM`` (``escaped``: one that daemonized
+  just before the wrapper died, unrecorded); a lease row keeps its recorded group until it
+  is proven empty.
   Whoever proves a death runs it: the next candidate (``leases``), the elected reaper
   (``coord.deathwatch``) and ``coord reap``.
 
