@@ -18,6 +18,10 @@ A process is signalled as a group only when it leads its own group (pgid == pid,
 process ``spawn`` starts does); a tracked process inside someone else's group is signalled
 alone, and coord never signals its own process group.
 
+Rows with ``tree = 1`` are the members of a `coord run`/`elect`/`lock` wrapper's process tree
+(``coord.tree``): the wrapper records them, and ends them with its CMD; the death rule ends
+them when the wrapper dies. Rows with ``tree = 0`` (``track``, ``spawn``) keep the rule below.
+
 Orphans are tracked processes still running whose instance is dead: a tombstone, an older
 incarnation than the registered one, or a registered row that is judged dead and not yet
 buried. Ending them marks their rows exited, so the next reap drops the tombstone.

@@ -479,7 +479,8 @@ def rebase_boot(store: Store) -> bool:
         release_claims(c, now_mono, now_wall, "1", (), error="reboot")
         # A recorded process group of the old boot names nothing now (pids start over).
         c.execute("UPDATE leases SET holder_id = NULL, holder_incarnation = NULL, expires_mono = NULL, "
-                  "pgid = NULL, pg_start_token = NULL")
+                  "pgid = NULL, pg_start_token = NULL, pg_holder_id = NULL, "
+                  "pg_holder_incarnation = NULL")
         # Remaining times carry over through the wall clock; a delayed job becomes due now.
         c.execute("UPDATE messages SET expires_mono = ? + (expires_at - ?)", (now_mono, now_wall))
         c.execute("UPDATE jobs SET available_mono = ? WHERE state = 'ready'", (now_mono,))
