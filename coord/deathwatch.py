@@ -49,6 +49,7 @@ class DeathWatch:
         return self.thread.is_alive()
 
     def start(self) -> DeathWatch:
+        _raise_fd_limit()
         self.thread.start()
         return self
 
@@ -109,8 +110,11 @@ class DeathWatch:
                 continue
             try:
                 fd = os.pidfd_open(row["pid"])
-            except OSError:
+            except ProcessLookupError:
                 dead.append(row)
+                continue
+            except OSError as e:  # out of descriptors: the periodic reap still covers it
+                self.inst.log.warning("death watch cannot watch %s: %s", row["id"], e)
                 continue
             if start_token(row["pid"]) != row["start_token"]:
                 os.close(fd)
@@ -170,3 +174,14 @@ class DeathWatch:
             self._enders.add(t)
         with contextlib.suppress(RuntimeError):
             t.start()
+
+
+def _raise_fd_limit() -> None:
+    """One pidfd per instance of the host: lift the soft descriptor limit (often 1 024) to
+    the hard one, which any process may do."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and (hard == resource.RLIM_INFINITY or soft < hard):
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
