@@ -302,3 +302,35 @@ def test_no_python_runs_in_the_forked_child(db_path: Path, tmp_path: Path) -> No
     assert codes.split() == ["4", "0", "5"]
     assert before == "''"  # the wrappers forked (through subprocess) and ran no Python there
     assert after == repr("fork\n")  # the hook itself works
+
+
+# Orphans that exit at once are reparented to the wrapper (a subreaper): it reaps them, by
+# pid, and still gets CMD's own status.
+ZOMBIES = """
+import os, time
+for _ in range(5):
+    if os.fork() == 0:
+        if os.fork() == 0:
+            time.sleep(0.05)
+            os._exit(0)
+        os._exit(0)
+    os.wait()
+time.sleep(0.6)
+wrapper = os.getppid()
+zombies = 0
+for name in os.listdir("/proc"):
+    if name.isdigit():
+        try:
+            rest = open(f"/proc/{name}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        zombies += rest[0] == "Z" and int(rest[1]) == wrapper
+print(zombies, flush=True)
+os._exit(7)
+"""
+
+
+def test_reparented_zombies_are_reaped_and_cmd_keeps_its_status(db_path: Path) -> None:
+    r = subprocess.run([*COORD, "run", "--app", "z", "--", sys.executable, "-c", ZOMBIES],
+                       env=coord_env(db_path, **ENV), capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout.strip()) == (7, "0"), r.stderr
