@@ -113,7 +113,8 @@ def run_elected(
     ``LeaseNotAcquired`` (exit 75) when not obtained. ``ttl``: the lease's TTL. ``grace``:
     seconds between TERM and KILL (default ``config.kill_grace``). Raises ``LeaseLost``
     (exit 75) after ending the command's tree when the lease was lost while it ran. Call
-    from the main thread of a process of its own (the CLI): it adopts every child of it.
+    from the main thread of a process of its own (the CLI): it adopts every child that
+    process starts after CMD.
     """
     if not argv:
         raise InvalidArgument("no command given (use: coord elect NAME -- CMD ...)")

@@ -27,7 +27,8 @@ wrapper has gone (the old rule of ``track``/``spawn``).
 
 When the wrapper owns the terminal's foreground, it hands the foreground to CMD's group for
 the program's life, so the program can read the terminal and Ctrl-C reaches it once, directly.
-Call ``run`` from a process of its own (the CLI): it adopts every child of the process.
+Call ``run`` from a process of its own (the CLI): it adopts every child the process starts
+after CMD (orphans of the tree are reparented to it, and cannot be told apart).
 """
 
 from __future__ import annotations

@@ -140,12 +140,16 @@ def _group_members(procs: Mapping[int, Proc], leader: ProcIdentity) -> list[Proc
 
 
 def collect(members: Iterable[ProcIdentity], groups: Iterable[ProcIdentity],
-            roots: Iterable[int] = (), procs: Mapping[int, Proc] | None = None) -> list[ProcIdentity]:
+            adopted_since: int | None = None,
+            procs: Mapping[int, Proc] | None = None) -> list[ProcIdentity]:
     """The live processes of a tree: ``members`` whose start token still matches, the live
-    members of each recorded group (named by its leader's identity), the descendants of
-    ``roots`` and of all of these."""
+    members of each recorded group (named by its leader's identity), and the descendants of
+    all of these. With ``adopted_since`` (a wrapper's CMD's start token), also the calling
+    process's own children that started no earlier — CMD and the orphans of its tree that
+    were reparented to this subreaper — and their descendants; an older child of the caller
+    is not CMD's."""
     procs = snapshot() if procs is None else procs
-    boot = boot_id()
+    boot, me = boot_id(), os.getpid()
     found: dict[int, Proc] = {}
     for m in members:
         p = procs.get(m.pid)
@@ -154,11 +158,12 @@ def collect(members: Iterable[ProcIdentity], groups: Iterable[ProcIdentity],
     for g in groups:
         for p in _group_members(procs, g):
             found[p.pid] = p
-    roots = list(roots)
-    found.update(descendants(procs, [*found, *roots]))
-    me = os.getpid()
+    if adopted_since is not None:
+        found.update((p.pid, p) for p in procs.values()
+                     if p.ppid == me and p.token >= adopted_since)
+    found.update(descendants(procs, list(found)))
     return [ProcIdentity(boot, p.pid, p.token) for p in found.values()
-            if p.live and p.pid != me and p.pid not in roots]
+            if p.live and p.pid != me]
 
 
 # -- ending ------------------------------------------------------------------------------------
@@ -186,9 +191,10 @@ def _send(fd: int, sig: int) -> bool:
 
 
 def end_tree(members: Iterable[ProcIdentity], groups: Iterable[ProcIdentity], grace: float,
-             *, roots: Iterable[int] = (), reap: Callable[[], object] | None = None) -> str:
+             *, adopted_since: int | None = None,
+             reap: Callable[[], object] | None = None) -> str:
     """End a process tree: ``members``, the groups their leaders' identities name, and every
-    descendant of these (and of ``roots``, e.g. the calling wrapper). SIGTERM and SIGCONT to
+    descendant of these (and, for a wrapper, what ``collect``'s ``adopted_since`` adds). SIGTERM and SIGCONT to
     all at once; for up to ``grace`` seconds, whatever appears meanwhile gets the same; then
     SIGKILL to what is left, repeated until the tree is empty (bounded).
 
@@ -196,7 +202,7 @@ def end_tree(members: Iterable[ProcIdentity], groups: Iterable[ProcIdentity], gr
     or 'denied' (the system refused a signal). ``reap`` runs between looks (the wrapper reaps
     its zombies there). Never signals the calling process.
     """
-    members, groups, roots = list(members), list(groups), list(roots)
+    members, groups = list(members), list(groups)
     pinned: dict[ProcIdentity, int] = {}
     denied = False
 
@@ -206,7 +212,7 @@ def end_tree(members: Iterable[ProcIdentity], groups: Iterable[ProcIdentity], gr
         nonlocal denied
         if reap is not None:
             reap()
-        live = collect([*members, *pinned], groups, roots)
+        live = collect([*members, *pinned], groups, adopted_since)
         for ident in live:
             fd = pinned.get(ident)
             fresh = fd is None
@@ -397,7 +403,8 @@ class TreeWatch:
         procs = snapshot() if procs is None else procs
         me = os.getpid()
         for p in procs.values():
-            if p.ppid == me and p.state == "Z" and p.pid != self.cmd.pid:
+            if (p.ppid == me and p.state == "Z" and p.pid != self.cmd.pid
+                    and p.token >= (self.cmd.token or 0)):  # an older child is not the tree's
                 with contextlib.suppress(ChildProcessError):
                     os.waitpid(p.pid, os.WNOHANG)
 
@@ -406,8 +413,8 @@ class TreeWatch:
         with self._lock:
             procs = snapshot()
             self.reap_zombies(procs)
-            below = descendants(procs, [os.getpid()])
-            live = {p.pid: p for p in below.values() if p.live}
+            tree = collect([self.cmd.identity], [self.cmd.identity], self.cmd.token, procs)
+            live = {i.pid: procs[i.pid] for i in tree}
             new = [p for pid, p in live.items()
                    if pid not in self.known or self.known[pid][0] != p.token]
             gone = [(pid, row) for pid, (tok, row) in self.known.items()
@@ -439,16 +446,12 @@ class TreeWatch:
         """Stop watching, end every remaining process of the tree (TERM, grace, KILL), reap
         the zombies and mark the rows exited. CMD itself is included while it runs."""
         self.stop()
-        how = end_tree([self.cmd.identity], [self.cmd.identity], grace, roots=[os.getpid()],
-                       reap=self.reap_zombies)
+        how = end_tree([self.cmd.identity], [self.cmd.identity], grace,
+                       adopted_since=self.cmd.token, reap=self.reap_zombies)
         self.reap_zombies()
         with contextlib.suppress(Exception):
             mark_ended(self.store, self.owner)
         return how
-
-    def alive(self) -> list[ProcIdentity]:
-        """Live processes of the tree now (CMD, its group, every descendant of ours)."""
-        return collect([self.cmd.identity], [self.cmd.identity], [os.getpid()])
 
 
 # -- the death rule's part -------------------------------------------------------------------
