@@ -194,9 +194,10 @@ def end_tree(members: Iterable[ProcIdentity], groups: Iterable[ProcIdentity], gr
              *, adopted_since: int | None = None,
              reap: Callable[[], object] | None = None) -> str:
     """End a process tree: ``members``, the groups their leaders' identities name, and every
-    descendant of these (and, for a wrapper, what ``collect``'s ``adopted_since`` adds). SIGTERM and SIGCONT to
-    all at once; for up to ``grace`` seconds, whatever appears meanwhile gets the same; then
-    SIGKILL to what is left, repeated until the tree is empty (bounded).
+    descendant of these (for a wrapper, also what ``collect``'s ``adopted_since`` adds).
+    SIGTERM and SIGCONT to all at once; for up to ``grace`` seconds, whatever appears
+    meanwhile gets the same; then SIGKILL to what is left, repeated until the tree is empty
+    (bounded).
 
     Returns 'gone' (nothing ran), 'terminated', 'killed', 'survived' (something still runs)
     or 'denied' (the system refused a signal). ``reap`` runs between looks (the wrapper reaps
@@ -627,8 +628,10 @@ class Forward:
         self.wake()
 
     def wake(self) -> None:
-        with contextlib.suppress(OSError):
-            os.write(self.wake_w, b"!")
+        w = self.wake_w
+        if w >= 0:  # never after restore(): the number may name another file by then
+            with contextlib.suppress(OSError):
+                os.write(w, b"!")
 
     def drain(self) -> None:
         with contextlib.suppress(OSError):
@@ -644,7 +647,8 @@ class Forward:
         for s, h in self._previous.items():
             signal.signal(s, h)
         self._previous = {}
-        for fd in (self.wake_r, self.wake_w):
+        fds, self.wake_r, self.wake_w = (self.wake_r, self.wake_w), -1, -1
+        for fd in fds:
             with contextlib.suppress(OSError):
                 os.close(fd)
 
