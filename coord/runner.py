@@ -89,16 +89,16 @@ def run(
         serve_reaper(inst)
         env["COORD_INSTANCE_ID"] = inst.id
         out: IO[bytes] | None = None
+        log_path = None
         if log:
             log_path = str(store.side_dir("logs") / f"{inst.id}-{os.urandom(3).hex()}.log")
             out = open(log_path, "ab", buffering=0)  # noqa: SIM115 - handed to the child
             os.chmod(log_path, 0o600)
         try:
             owner = (inst.id, inst.incarnation)
-            labels_ = dict(labels or {}, **({"log_path": log_path} if log else {}))
             cmd, watch, row = launch(store, owner, argv, env, tree=not keep_children,
-                                     user=_username(), labels=labels_, stdout=out,
-                                     log=inst.log.warning)
+                                     user=_username(), labels=labels, stdout=out,
+                                     log_path=log_path, log=inst.log.warning)
         finally:
             if out is not None:
                 out.close()

@@ -262,17 +262,17 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
-def _insert_sql() -> str:
-    return ("INSERT INTO processes (instance_id, incarnation, pid, start_token, boot_id, pgid, "
-            "name, cmdline, cwd, user, labels, started_at, tree) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id")
+_INSERT = ("INSERT INTO processes (instance_id, incarnation, pid, start_token, boot_id, pgid, "
+           "name, cmdline, cwd, user, labels, started_at, tree, log_path) "
+           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id")
 
 
 def record(store: Store, owner: tuple[str, int], new: Sequence[tuple[Proc, Sequence[str]]],
            gone: Sequence[int], *, tree: bool, user: str, cwd: str,
-           labels: Mapping[str, Any] | None = None) -> list[int]:
+           labels: Mapping[str, Any] | None = None, log_path: str | None = None) -> list[int]:
     """One transaction: insert a row for each new descendant (with its command line), mark
-    the rows ``gone`` exited; returns the new rows' ids."""
+    the rows ``gone`` exited; returns the new rows' ids. ``log_path``: where CMD's output
+    goes (`coord run --log`)."""
     lab = json.dumps(dict(labels or {}), sort_keys=True)
     boot = boot_id()
 
@@ -281,9 +281,9 @@ def record(store: Store, owner: tuple[str, int], new: Sequence[tuple[Proc, Seque
         ids = []
         for p, cmd in new:
             name = os.path.basename(cmd[0]) if cmd else str(p.pid)
-            ids.append(int(c.execute(_insert_sql(), (
+            ids.append(int(c.execute(_INSERT, (
                 *owner, p.pid, p.token, boot, p.pgid, name, json.dumps(list(cmd)), cwd, user, lab,
-                wall, int(tree))).fetchall()[0][0]))
+                wall, int(tree), log_path)).fetchall()[0][0]))
         if gone:
             c.execute("UPDATE processes SET status = 'exited', ended_at = coalesce(ended_at, ?) "
                       "WHERE status = 'running' AND id IN (SELECT value FROM json_each(?))",
@@ -655,7 +655,8 @@ class Forward:
 
 def launch(store: Store, owner: tuple[str, int], argv: Sequence[str], env: Mapping[str, str],
            *, tree: bool, user: str, labels: Mapping[str, Any] | None = None,
-           stdout: IO[bytes] | None = None, before_release: Callable[[Gated], None] | None = None,
+           stdout: IO[bytes] | None = None, log_path: str | None = None,
+           before_release: Callable[[Gated], None] | None = None,
            log: Callable[[str], None] | None = None) -> tuple[Gated, TreeWatch, int]:
     """Start CMD held at the gate, run ``before_release`` (record its group), record CMD as
     the instance's process, and return it with its (not yet started) ``TreeWatch`` and row
@@ -672,7 +673,7 @@ def launch(store: Store, owner: tuple[str, int], argv: Sequence[str], env: Mappi
         me = Proc(cmd.pid, os.getpid(), cmd.pid, cmd.token, "S")
         watch = TreeWatch(store, owner, cmd, tree=tree, user=user, labels=labels, log=log)
         row = record(store, owner, [(me, list(argv))], [], tree=tree, user=user, cwd=watch.cwd,
-                     labels=labels)[0]
+                     labels=labels, log_path=log_path)[0]
     except BaseException:
         cmd.abandon()
         raise
