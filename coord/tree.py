@@ -527,25 +527,34 @@ def _tree(owner: tuple[str, int], rows: Sequence[Mapping[str, Any]],
                           for r in leases), terms)
 
 
-def dead_trees(store: Store, only: Iterable[tuple[str, int]] | None = None) -> list[DeadTree]:
+def dead_trees(store: Store, only: Iterable[tuple[str, int]] | None = None, *,
+               lapsed: bool = False) -> list[DeadTree]:
     """The recorded trees whose instance is dead: a tombstone, gone, an older incarnation,
-    or judged dead (proof of death or an expired heartbeat) and not yet buried."""
+    or judged dead (proof of death or an expired heartbeat) and not yet buried. ``lapsed``:
+    also the trees of `coord elect`/`lock` wrappers that still live but whose term is over
+    (the lease expired or moved on: a wrapper SIGSTOPped past its TTL cannot end its tree
+    itself, and its CMD must not run without the lease)."""
     from .instances import Probe, judge
 
     rows = store.rows("SELECT id, instance_id, incarnation, pid, pgid, start_token, boot_id "
                       "FROM processes WHERE tree = 1 AND status = 'running'")
-    leases = store.rows("SELECT name, pgid, pg_start_token, pg_holder_id, pg_holder_incarnation "
-                        "FROM leases WHERE pgid IS NOT NULL AND pg_holder_id IS NOT NULL")
+    leases = store.rows("SELECT name, pgid, pg_start_token, pg_holder_id, pg_holder_incarnation, "
+                        "holder_id, holder_incarnation, expires_mono FROM leases "
+                        "WHERE pgid IS NOT NULL AND pg_holder_id IS NOT NULL")
     owners = {(r["instance_id"], r["incarnation"]) for r in rows}
     owners |= {(r["pg_holder_id"], r["pg_holder_incarnation"]) for r in leases}
     if only is not None:
         owners &= set(only)
     now, probe = store.mono(), Probe()
+    over = {(r["pg_holder_id"], r["pg_holder_incarnation"]) for r in leases
+            if (r["holder_id"], r["holder_incarnation"]) != (r["pg_holder_id"],
+                                                             r["pg_holder_incarnation"])
+            or r["expires_mono"] is None or r["expires_mono"] < now} if lapsed else set()
     out = []
     for owner in sorted(owners):
         inst = store.row("SELECT * FROM instances WHERE id = ?", (owner[0],))
-        if inst is not None and inst["incarnation"] == owner[1] and judge(store, inst, now,
-                                                                         probe=probe)[0]:
+        if (owner not in over and inst is not None and inst["incarnation"] == owner[1]
+                and judge(store, inst, now, probe=probe)[0]):
             continue
         out.append(_tree(owner,
                          [r for r in rows if (r["instance_id"], r["incarnation"]) == owner],
@@ -582,9 +591,10 @@ def _clear_groups(c: Any, t: DeadTree) -> None:
 
 def end_dead_trees(store: Store, *, grace: float | None = None,
                    only: Iterable[tuple[str, int]] | None = None) -> list[dict[str, Any]]:
-    """The tree part of the death rule: end every recorded tree of a dead instance (or of
-    those in ``only``). Returns one dict per tree: instance_id, incarnation, processes, how."""
-    trees = [t for t in dead_trees(store, only) if t.members or t.groups]
+    """The tree part of the death rule: end every recorded tree of a dead instance, and of
+    a wrapper whose term is over (or of those in ``only``). Returns one dict per tree:
+    instance_id, incarnation, processes, how."""
+    trees = [t for t in dead_trees(store, only, lapsed=True) if t.members or t.groups]
     if not trees:
         return []
     grace = store.config.kill_grace if grace is None else grace

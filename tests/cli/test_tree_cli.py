@@ -334,3 +334,29 @@ def test_reparented_zombies_are_reaped_and_cmd_keeps_its_status(db_path: Path) -
     r = subprocess.run([*COORD, "run", "--app", "z", "--", sys.executable, "-c", ZOMBIES],
                        env=coord_env(db_path, **ENV), capture_output=True, text=True, timeout=60)
     assert (r.returncode, r.stdout.strip()) == (7, "0"), r.stderr
+
+
+def test_a_stopped_holder_past_its_ttl_has_its_tree_ended_by_the_reaper(
+        db_path: Path, tmp_path: Path, procs: list[subprocess.Popen[str]],
+        leftovers: list[ProcIdentity]) -> None:
+    """No candidate waits: a SIGSTOPped `coord elect` cannot end its own tree when its lease
+    runs out, so `coord reap` does (its instance still lives: its term is over)."""
+    p = _start(db_path, procs, "elect", "tree/stop", "--ttl", "1.5", "--grace", str(GRACE), "--",
+               "sh", "-c", SCRIPT, "script", str(tmp_path), sys.executable, DAEMON)
+    script = int(wait_line(p, timeout=60).split()[1])
+    tree = [i for i in (identify(int(x)) for x in (
+        script, (tmp_path / "ignorer.pid").read_text(), (tmp_path / "daemon.pid").read_text()))
+        if i is not None]
+    leftovers += tree
+    store = coord.Store(db_path)
+    wait_until(lambda: store.value("SELECT count(*) FROM processes WHERE pid = ? AND status = "
+                                   "'running'", (tree[2].pid,)), timeout=30)
+    p.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: (get_lease(store, "tree/stop").expires_in or 0) < 0, timeout=30)
+        assert run_cli(db_path, "reap").returncode == 0
+        assert _gone(tree)
+    finally:
+        p.send_signal(signal.SIGCONT)
+    assert p.wait(30) == 75  # it lost the lease while stopped, and says so
+    store.close()
