@@ -360,3 +360,22 @@ def test_a_stopped_holder_past_its_ttl_has_its_tree_ended_by_the_reaper(
         p.send_signal(signal.SIGCONT)
     assert p.wait(30) == 75  # it lost the lease while stopped, and says so
     store.close()
+
+
+def test_the_heartbeat_goes_on_while_the_tree_is_ended(db_path: Path,
+                                                       procs: list[subprocess.Popen[str]]) -> None:
+    """Ending the tree (here a 4 s grace for a CMD that ignores SIGTERM) runs off the
+    heartbeat thread: the instance stays alive (TTL 1.5 s) until the wrapper leaves."""
+    from coord.instances import get_instance
+
+    env = {"COORD_HEARTBEAT": "0.2", "COORD_INSTANCE_TTL": "1.5"}
+    p = _start(db_path, procs, "run", "--app", "hb", "--instance-id", "hb", "--grace", "4", "--",
+               "sh", "-c", "trap '' TERM; echo ready; while :; do sleep 0.1; done", env=env)
+    wait_line(p, timeout=60)
+    store = coord.Store(db_path)
+    p.send_signal(signal.SIGTERM)
+    time.sleep(2.5)  # past the instance TTL, inside the grace period
+    info = get_instance(store, "hb")
+    assert info.alive and p.poll() is None, info
+    assert p.wait(30) == 128 + signal.SIGKILL  # CMD needed the KILL after the grace
+    store.close()
