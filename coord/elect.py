@@ -43,7 +43,7 @@ from .errors import CannotRun, InvalidArgument, LeaseLost, LeaseNotAcquired
 from .identity import ProcIdentity, _stat_fields
 from .instances import Instance, _username, generate_id, register
 from .leases import Lease, acquire, record_group, serve_reaper
-from .tree import Forward, Gated, launch, supervise
+from .tree import Forward, Gated, Interrupted, launch, release_and_wait
 
 
 def exit_status(returncode: int) -> int:
@@ -87,12 +87,6 @@ def check_runnable(argv: Sequence[str], env: dict[str, str]) -> None:
 
 
 # -- the wrapper -----------------------------------------------------------------------------
-
-
-class _Interrupted(Exception):
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
 
 
 def run_elected(
@@ -145,13 +139,13 @@ def run_elected(
             lease = acquire(inst, name, ttl=ttl, timeout=wait, cancel=cancel, grace=grace)
         except LeaseNotAcquired:
             if fwd.first is not None:
-                raise _Interrupted(fwd.first) from None
+                raise Interrupted(fwd.first) from None
             raise
         try:
             return _run_holding(inst, lease, argv, env, grace, fwd)
         finally:
             lease.release()
-    except _Interrupted as e:
+    except Interrupted as e:
         return 128 + e.signum
     finally:
         if inst is not None:
@@ -162,11 +156,10 @@ def run_elected(
 def _run_holding(inst: Instance, lease: Lease, argv: Sequence[str], env: dict[str, str],
                  grace: float, fwd: Forward) -> int:
     from .processes import record_exit
-    from .runner import _foreground
 
     store = inst.store
     if fwd.first is not None:
-        raise _Interrupted(fwd.first)
+        raise Interrupted(fwd.first)
     env = dict(env, COORD_INSTANCE_ID=inst.id, COORD_LEASE_TERM=str(lease.term))
     owner = (inst.id, inst.incarnation)
 
@@ -177,20 +170,8 @@ def _run_holding(inst: Instance, lease: Lease, argv: Sequence[str], env: dict[st
                              labels={"lease": lease.name}, before_release=record,
                              log=inst.log.warning)
     lease.add_callback(lambda _: fwd.wake())
-    with _foreground(cmd.pid):
-        if fwd.first is not None:
-            cmd.abandon()
-            record_exit(inst, row, -fwd.first)
-            raise _Interrupted(fwd.first)
-        fwd.pid = cmd.pid
-        try:
-            cmd.release()
-        except CannotRun as e:
-            record_exit(inst, row, 127 if e.not_found else 126)
-            raise
-        watch.start(row)
-        code = supervise(cmd, fwd, stop=lambda: not lease.held,
-                         timeout=lambda: min(max(0.0, lease.deadline_in), 5.0))
+    code = release_and_wait(inst, cmd, watch, row, fwd, stop=lambda: not lease.held,
+                            timeout=lambda: min(max(0.0, lease.deadline_in), 5.0))
     how = watch.end(grace)
     code = cmd.popen.wait() if code is None else code
     fwd.pid = None

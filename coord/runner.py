@@ -33,17 +33,14 @@ after CMD (orphans of the tree are reparented to it, and cannot be told apart).
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import IO, Any
 
 from .db import Store
-from .errors import CannotRun, InvalidArgument
+from .errors import InvalidArgument
 from .instances import _username, generate_id, register
-from .tree import Forward, launch, supervise
+from .tree import Forward, Interrupted, launch, release_and_wait
 
 
 def exit_status(returncode: int) -> int:
@@ -104,19 +101,10 @@ def run(
                 out.close()
         from .processes import record_exit
 
-        with _foreground(cmd.pid):
-            if fwd.first is not None:
-                cmd.abandon()
-                record_exit(inst, row, -fwd.first)
-                return 128 + fwd.first
-            fwd.pid = cmd.pid
-            try:
-                cmd.release()
-            except CannotRun as e:
-                record_exit(inst, row, 127 if e.not_found else 126)
-                raise
-            watch.start(row)
-            code = supervise(cmd, fwd)
+        try:
+            code = release_and_wait(inst, cmd, watch, row, fwd)
+        except Interrupted as e:
+            return 128 + e.signum
         if keep_children:
             watch.stop()
             watch.scan()  # what it left behind is recorded before the wrapper goes
@@ -132,41 +120,3 @@ def run(
         if inst is not None:
             inst.close()  # a signal now goes to the ended program (ignored), not to us
         fwd.restore()
-
-
-@contextlib.contextmanager
-def _foreground(pgid: int) -> Iterator[None]:
-    """Give the terminal's foreground to process group ``pgid`` while inside, when we hold
-    it (an interactive ``coord run``); do nothing otherwise."""
-    fd = _terminal_we_lead()
-    if fd is None:
-        yield
-        return
-    _set_foreground(fd, pgid)
-    # It may have touched the terminal before it was allowed to (SIGTTIN/SIGTTOU): resume it.
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signal.SIGCONT)
-    try:
-        yield
-    finally:
-        _set_foreground(fd, os.getpgrp())
-
-
-def _terminal_we_lead() -> int | None:
-    try:
-        fd = sys.stdin.fileno()
-        if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
-            return fd
-    except (OSError, ValueError, AttributeError):
-        pass
-    return None
-
-
-def _set_foreground(fd: int, pgid: int) -> None:
-    # A background process group changing the foreground gets SIGTTOU unless it ignores it.
-    old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
-    try:
-        with contextlib.suppress(OSError):
-            os.tcsetpgrp(fd, pgid)
-    finally:
-        signal.signal(signal.SIGTTOU, old)

@@ -43,15 +43,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from .clock import boot_id
 from .db import Store
 from .errors import CannotRun
 from .identity import DEAD_STATES, ProcIdentity, start_token, still_running
+
+if TYPE_CHECKING:
+    from .instances import Instance
 
 #: How often the wrapper looks for new descendants (the rule: at least every 100 ms).
 SCAN_EVERY = 0.08
@@ -690,6 +693,37 @@ def launch(store: Store, owner: tuple[str, int], argv: Sequence[str], env: Mappi
     return cmd, watch, row
 
 
+class Interrupted(Exception):
+    """A forwarded signal came before CMD could run: it never ran (exit 128+N)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def release_and_wait(inst: Instance, cmd: Gated, watch: TreeWatch, row: int, fwd: Forward,
+                     *, stop: Callable[[], bool] = lambda: False,
+                     timeout: Callable[[], float] = lambda: 5.0) -> int | None:
+    """Let CMD run (with the terminal's foreground, when we hold it) and watch its tree
+    until ``supervise`` returns. Raises ``Interrupted`` when a signal came first (CMD never
+    ran) and ``CannotRun`` when its exec failed; both are recorded as its end."""
+    from .processes import record_exit
+
+    with _foreground(cmd.pid):
+        if fwd.first is not None:
+            cmd.abandon()
+            record_exit(inst, row, -fwd.first)
+            raise Interrupted(fwd.first)
+        fwd.pid = cmd.pid
+        try:
+            cmd.release()
+        except CannotRun as e:
+            record_exit(inst, row, 127 if e.not_found else 126)
+            raise
+        watch.start(row)
+        return supervise(cmd, fwd, stop=stop, timeout=timeout)
+
+
 def supervise(cmd: Gated, fwd: Forward, *, stop: Callable[[], bool] = lambda: False,
               timeout: Callable[[], float] = lambda: 5.0) -> int | None:
     """Wait until CMD exits (returns its returncode), or until the tree must end: SIGTERM
@@ -712,3 +746,41 @@ def supervise(cmd: Gated, fwd: Forward, *, stop: Callable[[], bool] = lambda: Fa
             fwd.drain()
     finally:
         os.close(pidfd)
+
+
+@contextlib.contextmanager
+def _foreground(pgid: int) -> Iterator[None]:
+    """Give the terminal's foreground to process group ``pgid`` while inside, when we hold
+    it (an interactive ``coord run``); do nothing otherwise."""
+    fd = _terminal_we_lead()
+    if fd is None:
+        yield
+        return
+    _set_foreground(fd, pgid)
+    # It may have touched the terminal before it was allowed to (SIGTTIN/SIGTTOU): resume it.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGCONT)
+    try:
+        yield
+    finally:
+        _set_foreground(fd, os.getpgrp())
+
+
+def _terminal_we_lead() -> int | None:
+    try:
+        fd = sys.stdin.fileno()
+        if os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgrp():
+            return fd
+    except (OSError, ValueError, AttributeError):
+        pass
+    return None
+
+
+def _set_foreground(fd: int, pgid: int) -> None:
+    # A background process group changing the foreground gets SIGTTOU unless it ignores it.
+    old = signal.signal(signal.SIGTTOU, signal.SIG_IGN)
+    try:
+        with contextlib.suppress(OSError):
+            os.tcsetpgrp(fd, pgid)
+    finally:
+        signal.signal(signal.SIGTTOU, old)
