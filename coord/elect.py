@@ -8,7 +8,7 @@ when the wrapper is SIGKILLed or SIGSTOPped:
 2. A new holder first ends the previous term's whole tree — its recorded process group and
    every recorded descendant, identity checked: TERM, grace, KILL — and starts its own
    command only when nothing of the previous term runs.
-3. The command starts from the main thread through the exec'd gate (``coord.tree``): no
+3. The command starts from the main thread through the exec'd gate (``coord.wrapper``): no
    Python runs in the forked copy of this threaded process. The gate sets the parent-death
    signal (SIGKILL: it dies with a SIGKILLed wrapper) and waits on a pipe until the group is
    recorded in the lease row (``leases.pgid``/``pg_start_token``/``pg_holder_*``), so no
@@ -43,7 +43,7 @@ from .errors import CannotRun, InvalidArgument, LeaseLost, LeaseNotAcquired
 from .identity import ProcIdentity, _stat_fields
 from .instances import Instance, _username, generate_id, register
 from .leases import Lease, acquire, record_group, serve_reaper
-from .tree import Forward, Gated, Interrupted, launch, release_and_wait
+from .wrapper import Forward, Gated, Interrupted, launch, release_and_wait
 
 
 def exit_status(returncode: int) -> int:

@@ -468,9 +468,9 @@ def orphans(store: Store, *, live: bool = True, cpu_interval: float = 0.1) -> li
 
 def _unrecorded(owner: tuple[str, int], ident: ProcIdentity, pgid: int) -> ProcessInfo:
     """A live process of a dead instance's tree that has no row (found in /proc)."""
-    from .tree import _cmdline
+    from .tree import cmdline_of
 
-    cmd = _cmdline(ident.pid)
+    cmd = cmdline_of(ident.pid)
     started = _boot_time() + ident.start_token / os.sysconf("SC_CLK_TCK")
     return ProcessInfo(
         id=0, instance_id=owner[0], incarnation=owner[1], pid=ident.pid, pgid=pgid,

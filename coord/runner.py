@@ -6,9 +6,9 @@ to the program, records it as the instance's process, heartbeats for it, and ret
 status (128+N when it was ended by signal N; 127 when it was not found and 126 when it could
 not be executed, as shells do).
 
-The program's tree is the instance's (``coord.tree``): it starts through the exec'd gate in
-its own process group, with a parent-death signal; the wrapper is a child subreaper and
-records every descendant. The tree's rule:
+The program's tree is the instance's (``coord.wrapper``, ``coord.tree``): it starts through
+the exec'd gate in its own process group, with a parent-death signal; the wrapper is a child
+subreaper and records every descendant. The tree's rule:
 
 ==========================  ==================================================================
 when                        what happens to the tree
@@ -40,7 +40,7 @@ from typing import IO, Any
 from .db import Store
 from .errors import InvalidArgument
 from .instances import _username, generate_id, register
-from .tree import Forward, Interrupted, launch, release_and_wait
+from .wrapper import Forward, Interrupted, launch, release_and_wait
 
 
 def exit_status(returncode: int) -> int:
