@@ -131,3 +131,44 @@ def test_an_unrecorded_escapee_is_found_by_its_term(store: coord.Store,
     assert coord.reap(store).trees_ended == 1
     assert escapee.wait(10) == -signal.SIGTERM
     assert other.poll() is None
+
+
+def test_the_death_watch_holds_more_pidfds_than_select_could(fast_store: coord.Store,
+                                                             children: list[Any]) -> None:
+    """1 100 registered instances (rows naming one real process, heartbeats fresh): the
+    elected reaper's watch holds a pidfd for each in one epoll set — beyond select's 1 024 —
+    and buries all of them when that process dies."""
+    from coord.clock import boot_id
+    from coord.identity import pid_namespace
+
+    me = coord.register(fast_store, "reaper", app="t", handle_signals=False)
+    serve_reaper(me, every=3600)
+    wait_until(lambda: get_lease(fast_store, "coord/reaper").holder == "reaper", timeout=10)
+    sleeper = subprocess.Popen(SLEEPER)
+    children.append(sleeper)
+    ident = identify(sleeper.pid)
+    assert ident is not None
+    now, wall = fast_store.mono(), fast_store.wall()
+    rows = [(f"many-{i}", 100000 + i, sleeper.pid, ident.start_token, boot_id(), pid_namespace(),
+             "/nonexistent/many.lock", wall, wall, now) for i in range(1100)]
+    fast_store.write(lambda c: c.executemany(
+        "INSERT INTO instances (id, incarnation, app, status, pid, start_token, boot_id, pidns, "
+        "uid, user, host, lock_path, ttl, started_at, heartbeat_at, heartbeat_mono) VALUES "
+        "(?, ?, 'x', 'alive', ?, ?, ?, ?, 0, 'u', 'h', ?, 3600, ?, ?, ?)", rows))
+
+    def pidfds() -> int:
+        n = 0
+        for fd in os.listdir("/proc/self/fd"):
+            try:
+                n += os.readlink(f"/proc/self/fd/{fd}") == "anon_inode:[pidfd]"
+            except OSError:
+                pass
+        return n
+
+    wait_until(lambda: pidfds() >= 1100, timeout=20)
+    sleeper.kill()
+    sleeper.wait()
+    wait_until(lambda: fast_store.value("SELECT count(*) FROM instances WHERE id LIKE 'many-%' "
+                                        "AND status = 'alive'") == 0, timeout=20)
+    assert pidfds() < 100  # it let go of the dead ones
+    me.close()
