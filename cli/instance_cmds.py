@@ -132,15 +132,25 @@ def run(
     instance_id: Annotated[str | None, typer.Option("--instance-id", help="Instance id (default: "
                                                     "generated; never inherited).")] = None,
     log: Annotated[bool, typer.Option("--log", help="Send CMD's output to a log file beside the database.")] = False,
+    keep_children: Annotated[bool, typer.Option(
+        "--keep-children", help="Leave what CMD started running when CMD ends (listed as "
+        "orphans once the wrapper has gone); SIGTERM then goes to CMD alone.")] = False,
+    grace: Annotated[float | None, typer.Option(
+        "--grace", help="Seconds between TERM and KILL when the tree ends (default: the "
+        "kill_grace setting, 5).", show_default=False)] = None,
 ) -> None:
     """Run CMD as a registered instance; exits with CMD's status (128+N if killed by signal N).
 
-    CMD gets COORD_DB and COORD_INSTANCE_ID; SIGTERM, SIGINT and SIGHUP are forwarded to it."""
+    CMD gets COORD_DB and COORD_INSTANCE_ID. CMD's whole process tree is the instance's:
+    every descendant is recorded (also one that daemonized); when CMD ends, the rest of the
+    tree is ended (TERM, grace, KILL) before coord run exits. SIGTERM to coord run ends the
+    whole tree; SIGINT and SIGHUP are forwarded to CMD."""
     import os
 
     from coord.runner import run as do_run
 
-    code = do_run(store(ctx), cmd, app=app or os.path.basename(cmd[0]), instance_id=instance_id, log=log)
+    code = do_run(store(ctx), cmd, app=app or os.path.basename(cmd[0]), instance_id=instance_id,
+                  log=log, keep_children=keep_children, grace=grace)
     raise typer.Exit(code)
 
 

@@ -74,7 +74,8 @@ def leases(
 def leader(ctx: typer.Context, name: NameArgument, as_json: JsonOption = False) -> None:
     """Show who holds lease NAME: holder, term, since, expires in (one object with --json).
 
-    Exit 1 when no lease of that name was ever taken."""
+    A holder proven dead holds nothing: the lease shows free at once. Exit 1 when no lease
+    of that name was ever taken."""
     from coord.errors import NotFound
     from coord.leases import get_lease
 
@@ -107,10 +108,12 @@ def elect(
 ) -> None:
     """Run CMD only while holding lease NAME, as a registered instance (the lease dies with it).
 
-    CMD runs in its own process group and sees COORD_LEASE_NAME and COORD_LEASE_TERM;
-    SIGTERM, SIGINT and SIGHUP are forwarded to it; it is ended (TERM, then KILL) if the
-    lease is lost (exit 75). Exit: CMD's status, 128+N if it was killed by signal N, 75 if
-    the lease was not obtained within --wait."""
+    CMD sees COORD_LEASE_NAME and COORD_LEASE_TERM. Its whole process tree is the
+    instance's: every descendant is recorded, and none outlives the term. When CMD ends,
+    the rest of its tree is ended (TERM, grace, KILL); SIGTERM ends the whole tree; SIGINT
+    and SIGHUP are forwarded to CMD; if the lease is lost the tree is ended (exit 75). Exit:
+    CMD's status, 128+N if it was killed by signal N, 75 if the lease was not obtained
+    within --wait."""
     from coord.elect import run_elected
 
     _say_waiting(store(ctx), name, wait)

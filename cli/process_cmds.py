@@ -98,7 +98,7 @@ def ps(
 
     JSON keys: id, instance_id, incarnation, pid, pgid, name, status, alive, orphan, rss,
     cpu_percent, memory_percent, started_at, uptime, ended_at, exit_code, signal, cmdline,
-    cwd, user, labels, log_path."""
+    cwd, user, labels, log_path, tree (a member of a coord run/elect/lock process tree)."""
     from coord.processes import list_processes
 
     s = store(ctx)
@@ -162,9 +162,11 @@ def orphans(
     as_json: JsonOption = False,
     no_headers: NoHeadersOption = False,
 ) -> None:
-    """List tracked processes still running whose instance is dead; --kill ends them.
+    """List every live process of a dead instance; --kill ends them.
 
-    With --kill, JSON keys are id, instance_id, pid, name, how (terminated, killed, gone)."""
+    That is its tracked processes and, for a `coord run`/`elect`/`lock` wrapper, every member
+    of its recorded process groups and every descendant (ID 0: not recorded). With --kill,
+    JSON keys are id, instance_id, pid, name, how (terminated, killed, gone)."""
     from coord.processes import kill_orphans
     from coord.processes import orphans as find
 

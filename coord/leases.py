@@ -58,7 +58,7 @@ from .db import Row, Store, fetch, next_counter, scalar
 from .errors import CoordError, InvalidArgument, LeaseLost, LeaseNotAcquired, NotRegistered
 from .events import log_event
 from .identity import ProcIdentity, pid_namespace, start_token, still_running
-from .instances import Instance, judge
+from .instances import Instance, Probe, judge
 from .instances import validate_name as _validate_name
 from .reaper import bury
 
@@ -102,7 +102,8 @@ class LeaseInfo:
     expires_in: float | None  # seconds
     alive: bool | None  # is the holder alive (None when free)
     holder_pid: int | None
-    pgid: int | None  # process group of a `coord elect`/`coord lock` command
+    pgid: int | None  # process group of a `coord elect`/`coord lock` command (kept after the
+    #                   holder's end until the group is proven empty)
 
     @property
     def held(self) -> bool:
@@ -118,28 +119,33 @@ class LeaseInfo:
         }
 
 
-def _info(store: Store, lease: Row, now: float) -> LeaseInfo:
+def _info(store: Store, lease: Row, now: float, probe: Probe | None = None) -> LeaseInfo:
+    """A lease row as readers see it: a holder proven dead (or hung past its TTL) holds
+    nothing, so the lease shows free, as the death rule will make it — without waiting for
+    that rule, or the ending of the holder's tree, to be applied. ``pgid`` stays shown while
+    the dead holder's recorded group is not yet proven empty."""
     alive: bool | None = None
     pid: int | None = None
-    if lease["holder_id"] is not None:
+    held = lease["holder_id"] is not None
+    if held:
         inst = store.row(
             "SELECT * FROM instances WHERE id = ? AND incarnation = ?",
             (lease["holder_id"], lease["holder_incarnation"]),
         )
-        alive = inst is not None and judge(store, inst, now)[0]
+        alive = inst is not None and judge(store, inst, now, probe=probe)[0]
         pid = inst["pid"] if inst is not None else None
-    held = lease["holder_id"] is not None
+        held = alive
     return LeaseInfo(
         name=lease["name"],
-        holder=lease["holder_id"],
-        holder_incarnation=lease["holder_incarnation"],
+        holder=lease["holder_id"] if held else None,
+        holder_incarnation=lease["holder_incarnation"] if held else None,
         term=lease["term"],
         ttl=lease["ttl"],
         since=lease["acquired_at"] if held else None,
         renewed_at=lease["renewed_at"] if held else None,
         expires_in=(lease["expires_mono"] - now) if held and lease["expires_mono"] is not None else None,
-        alive=alive,
-        holder_pid=pid,
+        alive=True if held else None,
+        holder_pid=pid if held else None,
         pgid=lease["pgid"],
     )
 
@@ -158,8 +164,9 @@ def list_leases(store: Store, *, held_only: bool = False) -> list[LeaseInfo]:
     sql = "SELECT * FROM leases"
     if held_only:
         sql += " WHERE holder_id IS NOT NULL"
-    now = store.mono()
-    return [_info(store, r, now) for r in store.rows(sql + " ORDER BY name")]
+    now, probe = store.mono(), Probe()
+    out = [_info(store, r, now, probe) for r in store.rows(sql + " ORDER BY name")]
+    return [i for i in out if i.held] if held_only else out
 
 
 # -- the rules, each one transaction --------------------------------------------------------
@@ -187,6 +194,7 @@ class _Taken:
     term: int
     previous_holder: str | None
     previous_group: tuple[int, int] | None  # (pgid, leader start token) to end first
+    previous_tree: tuple[str, int] | None  # the instance whose tree runs in that group
 
 
 def _take(store: Store, inst: Instance, name: str, ttl: float) -> _Taken | str:
@@ -253,10 +261,12 @@ def _take(store: Store, inst: Instance, name: str, ttl: float) -> _Taken | str:
         )
         log_event(c, now_wall, "leader changed", inst.id, name, term=term, previous=previous,
                   reason=reason)
-        group = None
+        group = tree = None
         if row is not None and row["pgid"] is not None and row["pg_start_token"] is not None:
             group = (int(row["pgid"]), int(row["pg_start_token"]))
-        return _Taken(term, previous, group)
+        if row is not None and row["pg_holder_id"] is not None:
+            tree = (str(row["pg_holder_id"]), int(row["pg_holder_incarnation"]))
+        return _Taken(term, previous, group, tree)
 
     taken = store.write(txn)
     if dead:
@@ -320,15 +330,19 @@ def fenced_batch(
     return store.write(txn)
 
 
-def record_group(store: Store, name: str, term: int, pgid: int | None, token: int | None) -> None:
-    """Record (or clear) the process group that runs for ``term``; ``LeaseLost`` if the term
-    is no longer current. Done before the group's command runs."""
+def record_group(store: Store, name: str, term: int, pgid: int | None, token: int | None,
+                 *, holder: tuple[str, int] | None = None) -> None:
+    """Record (or clear) the process group that runs for ``term``, and ``holder``, the
+    instance whose tree it is; ``LeaseLost`` if the term is no longer current. Done before
+    the group's command runs."""
 
     def txn(c: apsw.Connection) -> None:
         if not _current(c, store, name, term):
             raise LeaseLost(name, term)
-        c.execute("UPDATE leases SET pgid = ?, pg_start_token = ? WHERE name = ? AND term = ?",
-                  (pgid, token, name, term))
+        hid, hinc = holder if holder is not None else (None, None)
+        c.execute("UPDATE leases SET pgid = ?, pg_start_token = ?, pg_holder_id = ?, "
+                  "pg_holder_incarnation = ? WHERE name = ? AND term = ?",
+                  (pgid, token, hid, hinc, name, term))
 
     store.write(txn)
 
@@ -635,21 +649,30 @@ def _keep(lease: Lease) -> None:
 # -- acquiring --------------------------------------------------------------------------------
 
 
-def _settle_previous_group(lease: Lease, group: tuple[int, int], grace: float | None) -> None:
-    """A new holder first ends the previous holder's recorded process group."""
-    from .elect import end_group, group_members
+def _settle_previous_group(lease: Lease, group: tuple[int, int] | None,
+                           tree: tuple[str, int] | None, grace: float | None) -> None:
+    """A new holder first ends the previous term's whole tree: the recorded process group
+    and every recorded descendant of the instance that ran it (identity checked: TERM,
+    grace, KILL), and takes over only when nothing of it runs."""
+    from dataclasses import replace
 
-    pgid, token = group
-    g = lease.store.config.kill_grace if grace is None else grace
-    outcome = end_group(pgid, ProcIdentity(boot_id(), pgid, token), g)
+    from .tree import DeadTree, left_of, settle, tree_of
+
+    store = lease.store
+    found = tree_of(store, tree) if tree is not None else DeadTree(("", 0), (), (), (), ())
+    groups = list(found.groups)
+    if group is not None:
+        groups.append(ProcIdentity(boot_id(), *group))
+    todo = replace(found, groups=tuple(dict.fromkeys(groups)))
+    g = store.config.kill_grace if grace is None else grace
+    outcome = settle(store, [todo], g)
     if outcome != "gone":
-        lease.instance.log.info("ended previous holder's process group %d of lease %r: %s",
-                                pgid, lease.name, outcome)
-    left = [] if outcome == "foreign" else [m for m in group_members(pgid) if m.start_token >= token]
-    if outcome == "denied" or left:
-        raise CoordError(f"process group {pgid} of the previous holder of lease {lease.name!r} "
-                         f"could not be ended ({outcome}); not taking over")
-    record_group(lease.store, lease.name, lease.term, None, None)
+        lease.instance.log.info("ended the previous term's processes of lease %r: %s",
+                                lease.name, outcome)
+    if left_of(todo):
+        raise CoordError(f"processes of the previous holder of lease {lease.name!r} could not "
+                         f"be ended ({outcome}); not taking over")
+    record_group(store, lease.name, lease.term, None, None)
 
 
 def try_acquire(
@@ -682,9 +705,9 @@ def try_acquire(
     inst.log.info("acquired lease %r term %d", name, got.term)
     if renew:
         _keep(lease)
-    if got.previous_group is not None:
+    if got.previous_group is not None or got.previous_tree is not None:
         try:
-            _settle_previous_group(lease, got.previous_group, grace)
+            _settle_previous_group(lease, got.previous_group, got.previous_tree, grace)
         except BaseException:
             lease.release()
             raise
@@ -885,14 +908,23 @@ class Candidate:
 
 class _ReaperDuty:
     """A heartbeat hook: contend for ``coord/reaper``; while holding it, reap every
-    ``every`` seconds. Renewal rides on the heartbeat (the lease TTL is the config's)."""
+    ``every`` seconds, and keep a ``DeathWatch`` running that acts on every death of this
+    host at once. Renewal rides on the heartbeat (the lease TTL is the config's). The
+    ending of dead instances' trees (a grace period each) runs in threads of its own, never
+    in the heartbeat's."""
 
     def __init__(self, every: float) -> None:
         self.every = every
         self.lease: Lease | None = None
         self.last = float("-inf")
+        self.watch: Any = None
+
+    def _on_duty(self) -> bool:
+        lease = self.lease
+        return lease is not None and lease.held
 
     def __call__(self, inst: Instance) -> None:
+        from .deathwatch import DeathWatch
         from .reaper import reap
 
         store = inst.store
@@ -905,10 +937,13 @@ class _ReaperDuty:
             self.lease = try_acquire(inst, REAPER_LEASE, renew=False)
             if self.lease is None:
                 return
+        if self.watch is None or not self.watch.running:
+            self.watch = DeathWatch(inst, self._on_duty).start()
         now = store.mono()
         if now - self.last >= self.every:
             self.last = now
-            report = reap(store)
+            report = reap(store, trees=False)
+            self.watch.end_trees()
             if report.did_something:
                 inst.log.info("reaped: %d dead, %d leases expired", len(report.dead),
                               report.leases_expired)

@@ -18,6 +18,10 @@ A process is signalled as a group only when it leads its own group (pgid == pid,
 process ``spawn`` starts does); a tracked process inside someone else's group is signalled
 alone, and coord never signals its own process group.
 
+Rows with ``tree = 1`` are the members of a `coord run`/`elect`/`lock` wrapper's process tree
+(``coord.tree``): the wrapper records them, and ends them with its CMD; the death rule ends
+them when the wrapper dies. Rows with ``tree = 0`` (``track``, ``spawn``) keep the rule below.
+
 Orphans are tracked processes still running whose instance is dead: a tombstone, an older
 incarnation than the registered one, or a registered row that is judged dead and not yet
 buried. Ending them marks their rows exited, so the next reap drops the tombstone.
@@ -310,6 +314,7 @@ class ProcessInfo:
     cpu_percent: float | None = None
     memory_percent: float | None = None
     uptime: float | None = None
+    tree: bool = False  # a member of a wrapper's process tree (ended with its instance)
 
     @property
     def identity(self) -> ProcIdentity:
@@ -350,7 +355,7 @@ def _info(row: Row, verdicts: Mapping[str, tuple[Row, bool]]) -> ProcessInfo:
         user=row["user"], labels=json.loads(row["labels"]), log_path=row["log_path"],
         started_at=row["started_at"], ended_at=row["ended_at"], exit_code=row["exit_code"],
         signal=row["signal"], alive=alive, orphan=orphan,
-        status="running" if alive else "exited",
+        status="running" if alive else "exited", tree=bool(row["tree"]),
     )
 
 
@@ -442,12 +447,46 @@ def get_process(store: Store, proc_id: int) -> ProcessInfo:
 
 
 def orphans(store: Store, *, live: bool = True, cpu_interval: float = 0.1) -> list[ProcessInfo]:
-    """Tracked processes still running whose instance is dead (tombstone, older
-    incarnation, or dead and not yet reaped)."""
+    """Every live process of a dead instance (tombstone, older incarnation, or dead and not
+    yet reaped): its tracked processes and, for a wrapper's tree, every member of its
+    recorded groups and every descendant, recorded yet or not (those not recorded have
+    ``id`` 0)."""
+    from .tree import dead_trees, left_of, snapshot
+
     rows = store.rows("SELECT * FROM processes WHERE status = 'running' ORDER BY instance_id, id")
     verdicts = _verdicts(store, {r["instance_id"] for r in rows})
     found = [i for i in (_info(r, verdicts) for r in rows) if i.orphan]
+    seen = {i.pid for i in found}
+    procs = snapshot()
+    for t in dead_trees(store):
+        for ident in left_of(t, procs):
+            if ident.pid not in seen:
+                seen.add(ident.pid)
+                found.append(_unrecorded(t.owner, ident, procs[ident.pid].pgid))
     return _with_figures(found, cpu_interval) if live else found
+
+
+def _unrecorded(owner: tuple[str, int], ident: ProcIdentity, pgid: int) -> ProcessInfo:
+    """A live process of a dead instance's tree that has no row (found in /proc)."""
+    from .tree import cmdline_of
+
+    cmd = cmdline_of(ident.pid)
+    started = _boot_time() + ident.start_token / os.sysconf("SC_CLK_TCK")
+    return ProcessInfo(
+        id=0, instance_id=owner[0], incarnation=owner[1], pid=ident.pid, pgid=pgid,
+        start_token=ident.start_token, boot_id=ident.boot_id,
+        name=(os.path.basename(cmd[0]) if cmd else _comm(ident.pid) or str(ident.pid)),
+        cmdline=tuple(cmd), cwd="", user="", labels={}, log_path=None, started_at=started,
+        ended_at=None, exit_code=None, signal=None, alive=True, orphan=True, status="running",
+        tree=True)
+
+
+def _boot_time() -> float:
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("btime "):
+                return float(line.split()[1])
+    return 0.0
 
 
 def top(n: int = 15) -> list[dict[str, Any]]:
@@ -750,20 +789,29 @@ def stop_as(store: Store, proc_id: int, *, instance_id: str | None = None,
 def kill_orphans(store: Store, *, grace: float | None = None) -> list[dict[str, Any]]:
     """End every orphan whose pid and start token still match (TERM, grace, KILL, all at
     once) and mark its row exited, so the next reap drops a tombstone left with nothing.
-    Returns one dict per orphan: id, instance_id, pid, name, how."""
+    A dead wrapper's tree is ended whole (its groups and descendants too). Returns one dict
+    per orphan: id (0: not recorded), instance_id, pid, name, how."""
+    from .tree import dead_trees, settle
+
     grace = store.config.kill_grace if grace is None else grace
     found = orphans(store, live=False)
     if not found:
         return []
     rows = {r["id"]: r for r in store.rows(
         "SELECT * FROM processes WHERE id IN (SELECT value FROM json_each(?))",
-        (json.dumps([o.id for o in found]),))}
-    targets = [o for o in found if o.id in rows]
-    hows = _end_many([(o.identity, _as_group(rows[o.id])) for o in targets], grace)
-    _record_ended(store, [(rows[o.id], h, None) for o, h in zip(targets, hows, strict=True)],
+        (json.dumps([o.id for o in found if o.id]),))}
+    plain = [o for o in found if o.id in rows and not o.tree]
+    trees = [t for t in dead_trees(store) if t.members or t.groups]
+    how_tree = {"": GONE}
+    done = threading.Thread(target=lambda: how_tree.update({"": settle(store, trees, grace)}))
+    done.start()  # both endings share one grace period
+    hows = _end_many([(o.identity, _as_group(rows[o.id])) for o in plain], grace)
+    done.join()
+    _record_ended(store, [(rows[o.id], h, None) for o, h in zip(plain, hows, strict=True)],
                   "orphan ended")
-    return [{"id": o.id, "instance_id": o.instance_id, "pid": o.pid, "name": o.name, "how": h}
-            for o, h in zip(targets, hows, strict=True)]
+    how = dict(zip((o.pid for o in plain), hows, strict=True))
+    return [{"id": o.id, "instance_id": o.instance_id, "pid": o.pid, "name": o.name,
+             "how": how.get(o.pid, how_tree[""])} for o in found if o.id in rows or o.tree]
 
 
 # -- invariants (coord.check) --------------------------------------------------------------

@@ -13,7 +13,12 @@ messages addressed to it   kept until their TTL (a restart with the same id stil
                            delivered-but-unacked ones are offered again
 pending requests it sent   dropped, and replies addressed to it discarded
 its private queue          kept; ``coord queue adopt`` moves it
-its running processes      kept and listed as orphans until they end or are killed
+its process tree           a `coord run`/`elect`/`lock` wrapper's recorded tree (CMD, every
+                           descendant, the recorded groups) is ended: TERM, grace, KILL,
+                           identity checked; a lease row keeps the recorded group until it
+                           is proven empty (``coord.tree``; not with ``run --keep-children``)
+its tracked processes      (``track``/``spawn``) kept and listed as orphans until they end or
+                           are killed
 its instance row           a tombstone (status 'dead') while it owns queued jobs or running
                            processes; deleted when nothing remains
 =========================  ===================================================================
@@ -233,6 +238,7 @@ class ReapReport:
     dead: list[dict[str, Any]] = field(default_factory=list)
     tombstones_removed: int = 0
     processes_exited: int = 0
+    trees_ended: int = 0  # dead instances whose process trees were ended (TERM, grace, KILL)
     claims_released: int = 0
     leases_expired: int = 0
     messages_expired: int = 0
@@ -260,8 +266,13 @@ def _batched(store: Store, sql: str, params: tuple[Any, ...], dry_run: bool, cou
             return total
 
 
-def reap(store: Store, *, dry_run: bool = False, checkpoint: bool = True) -> ReapReport:
-    """Apply the death rule to every dead instance and expire what has expired."""
+def reap(store: Store, *, dry_run: bool = False, checkpoint: bool = True,
+         trees: bool = True) -> ReapReport:
+    """Apply the death rule to every dead instance and expire what has expired.
+
+    ``trees``: also end the recorded process trees of dead `coord run`/`elect`/`lock`
+    instances (``coord.tree.end_dead_trees``; it waits up to the kill grace). The elected
+    reaper passes False and does that in a thread of its own, off the heartbeat."""
     from .instances import Probe, _unlink_many, judge
 
     report = ReapReport(dry_run=dry_run)
@@ -289,6 +300,14 @@ def reap(store: Store, *, dry_run: bool = False, checkpoint: bool = True) -> Rea
             if not dry_run:  # their lock files and sockets are nobody's now
                 _unlink_many(p for r in done for p in (r["lock_path"], r["nudge_path"]))
 
+    if trees and not dry_run:
+        from .tree import end_dead_trees
+
+        report.trees_ended = len(end_dead_trees(store))
+    elif trees:
+        from .tree import dead_trees
+
+        report.trees_ended = sum(1 for t in dead_trees(store) if t.members or t.groups)
     # Processes whose identity no longer matches have ended: never signal them.
     running = store.rows(
         "SELECT id, pid, start_token, boot_id FROM processes WHERE status = 'running'"
@@ -460,7 +479,8 @@ def rebase_boot(store: Store) -> bool:
         release_claims(c, now_mono, now_wall, "1", (), error="reboot")
         # A recorded process group of the old boot names nothing now (pids start over).
         c.execute("UPDATE leases SET holder_id = NULL, holder_incarnation = NULL, expires_mono = NULL, "
-                  "pgid = NULL, pg_start_token = NULL")
+                  "pgid = NULL, pg_start_token = NULL, pg_holder_id = NULL, "
+                  "pg_holder_incarnation = NULL")
         # Remaining times carry over through the wall clock; a delayed job becomes due now.
         c.execute("UPDATE messages SET expires_mono = ? + (expires_at - ?)", (now_mono, now_wall))
         c.execute("UPDATE jobs SET available_mono = ? WHERE state = 'ready'", (now_mono,))

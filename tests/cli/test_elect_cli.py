@@ -4,6 +4,7 @@ processes, real SIGKILL and SIGSTOP."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import coord_env, wait_until
 
 import coord
@@ -256,3 +258,154 @@ def test_lost_lease_ends_cmd(db_path: Path, children: list[subprocess.Popen[Any]
     assert p.stderr is not None and "no longer held" in p.stderr.read()
     assert _gone(cmd)
     store.close()
+
+
+# -- chaos with whole process trees ------------------------------------------------------------
+
+# One process of a term: the shell script's child ("child"), or, after a double fork and
+# setsid, its daemonized grandchild ("daemon"). Each holds a record lock on a file of its own
+# named after its term, and at start tries every other term's file: one still locked means a
+# process of another term is alive at the same time ("OVERLAP"). The kernel drops the lock the
+# instant a process dies, SIGKILL included. Start and end are logged with CLOCK_MONOTONIC.
+TREE_WORKER = """
+import fcntl, os, signal, sys, time
+log, locks, role = sys.argv[1], sys.argv[2], sys.argv[3]
+term = os.environ["COORD_LEASE_TERM"]
+if role == "daemon":
+    if os.fork():
+        os._exit(0)
+    os.setsid()
+    if os.fork():
+        os._exit(0)
+fd = os.open(os.path.join(locks, f"{term}.{os.getpid()}"), os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+state = "alone"
+for name in os.listdir(locks):
+    if name.split(".")[0] != term:
+        other = os.open(os.path.join(locks, name), os.O_RDWR)
+        try:
+            fcntl.lockf(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            state = "OVERLAP"
+        os.close(other)
+def note(what):
+    t = time.clock_gettime(time.CLOCK_MONOTONIC)
+    with open(log, "a") as f:
+        f.write(f"{what} {term} {os.getpid()} {t} {state} {role}\\n")
+def end(signum, frame):
+    note("end")
+    os._exit(0)
+signal.signal(signal.SIGTERM, end)
+note("start")
+while True:
+    time.sleep(0.05)
+"""
+
+TREE_SCRIPT = """
+"$0" -c "$1" "$2" "$3" child &
+"$0" -c "$1" "$2" "$3" daemon
+wait
+"""
+
+
+def run_tree_chaos(db: Path, tmp: Path, children: list[subprocess.Popen[Any]], rounds: int) -> None:
+    """3 `coord elect` wrappers whose CMD is a shell script with a child and a daemonized
+    grandchild; each round the holder's wrapper is SIGKILLed (every fourth: SIGSTOPped) as
+    soon as both have started, whether the wrapper has recorded the grandchild yet or not.
+    No two terms' processes ever run at the same time, and every process of a killed
+    holder's term is gone within the grace period (plus a margin for a loaded machine)."""
+    from coord.identity import ProcIdentity, identify, still_running
+
+    log, locks = tmp / "tree.log", tmp / "locks"
+    locks.mkdir()
+    grace = 1.0
+    args = ["elect", "chaos/T", "--ttl", "1.5", "--grace", str(grace), "--",
+            "sh", "-c", TREE_SCRIPT, sys.executable, TREE_WORKER, str(log), str(locks)]
+    wrappers: dict[int, subprocess.Popen[str]] = {}
+    everyone: list[ProcIdentity] = []
+
+    def spawn() -> None:
+        w = _wrapper(db, *args, stderr=subprocess.DEVNULL)
+        children.append(w)
+        wrappers[w.pid] = w
+
+    def lines() -> list[list[str]]:
+        return [ln.split() for ln in log.read_text().splitlines()] if log.exists() else []
+
+    def of_term(term: int) -> list[ProcIdentity]:
+        found = [identify(int(ln[2])) for ln in lines() if ln[0] == "start" and int(ln[1]) == term]
+        return [i for i in found if i is not None]
+
+    store = coord.Store(db)
+    try:
+        for _ in range(3):
+            spawn()
+        last = 0
+        stopped: list[subprocess.Popen[str]] = []
+        for round_ in range(rounds):
+            info = wait_until(lambda last=last: (i := get_lease(store, "chaos/T")).alive
+                              and (i.term or 0) > last and i, timeout=60)
+            term = info.term or 0
+            # Both processes of the term are up (the daemon after its double fork).
+            wait_until(lambda term=term: {ln[5] for ln in lines() if ln[0] == "start"
+                                          and int(ln[1]) == term} == {"child", "daemon"},
+                       timeout=30)
+            procs_ = of_term(term)
+            everyone.extend(procs_)
+            w = wrappers.pop(info.holder_pid)
+            if round_ % 4 == 2:
+                w.send_signal(signal.SIGSTOP)  # its tree runs on until the next holder ends it
+                stopped.append(w)
+            else:
+                w.kill()
+                killed_at = time.monotonic()
+                w.wait()
+                wait_until(lambda p=procs_: not any(still_running(i) for i in p),
+                           timeout=grace + 5)
+                assert time.monotonic() - killed_at <= grace + 5
+            last = term
+            spawn()
+        final = wait_until(lambda: (i := get_lease(store, "chaos/T")).alive
+                           and (i.term or 0) > last and i, timeout=60)
+        wait_until(lambda: len(of_term(final.term or 0)) == 2, timeout=30)
+        everyone.extend(of_term(final.term or 0))
+        for w in stopped:
+            w.send_signal(signal.SIGCONT)
+            assert w.wait(30) == 75  # it lost the lease while stopped, and says so
+        for w in wrappers.values():
+            w.send_signal(signal.SIGTERM)
+        for w in wrappers.values():
+            w.wait(30)
+        assert not any(still_running(i) for i in everyone)
+        logged = lines()
+        assert not [ln for ln in logged if ln[4] != "alone"], "two terms' processes overlapped"
+        starts = [ln for ln in logged if ln[0] == "start"]
+        terms = sorted({int(ln[1]) for ln in starts})
+        assert len(terms) == rounds + 1 and all(
+            sorted(ln[5] for ln in starts if int(ln[1]) == t) == ["child", "daemon"] for t in terms)
+        # From the log: every process of a term ended before any process of the next started.
+        first_start = {t: min(float(ln[3]) for ln in starts if int(ln[1]) == t) for t in terms}
+        for ln in logged:
+            later = [t for t in terms if t > int(ln[1])]
+            if ln[0] == "end" and later:
+                assert float(ln[3]) <= first_start[later[0]]
+        coord.reap(store)
+        assert get_lease(store, "chaos/T").holder is None
+        assert store.value("SELECT count(*) FROM processes WHERE status = 'running'") == 0
+    finally:
+        for ident in everyone:
+            if still_running(ident):
+                os.kill(ident.pid, signal.SIGKILL)
+        store.close()
+
+
+def test_elect_chaos_with_process_trees(db_path: Path, tmp_path: Path,
+                                        children: list[subprocess.Popen[Any]]) -> None:
+    run_tree_chaos(db_path, tmp_path, children, rounds=6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("COORD_SLOW"), reason="set COORD_SLOW=1 for the long run")
+def test_elect_chaos_with_process_trees_long(db_path: Path, tmp_path: Path,
+                                             children: list[subprocess.Popen[Any]]) -> None:
+    run_tree_chaos(db_path, tmp_path, children, rounds=20)

@@ -113,36 +113,42 @@ def test_untrapped_term_ends_cmd_and_reports_it(db_path: Path,
 
 def test_sigkill_of_the_wrapper_is_seen_at_once(store: coord.Store, db_path: Path,
                                                 procs: list[subprocess.Popen[str]]) -> None:
+    """The wrapper is SIGKILLed: its instance is dead at once, CMD dies with it (parent-death
+    signal), and one reap ends what CMD left in its group and removes the instance."""
     p = run_bg(db_path, procs, "--app", "t", "--instance-id", "wrapped", "--",
-               "sh", "-c", 'echo "ready $$"; exec sleep 60')
-    child = int(wait_line(p, timeout=60).split()[1])
+               "sh", "-c", 'sleep 60 & echo "ready $$ $!"; wait')
+    _, child, bg = wait_line(p, timeout=60).split()
     try:
         assert get_instance(store, "wrapped").alive
-        # CMD may print before the wrapper has recorded it; wait for the row.
+        # CMD may print before the wrapper has recorded its child; wait for the row.
         deadline = time.monotonic() + 30
-        while not store.value("SELECT count(*) FROM processes WHERE instance_id = 'wrapped'"):
+        while not store.value("SELECT count(*) FROM processes WHERE instance_id = 'wrapped' "
+                              "AND pid = ?", (int(bg),)):
             assert time.monotonic() < deadline
             time.sleep(0.01)
         p.kill()
         p.wait()
         info = get_instance(store, "wrapped")  # no TTL wait: the wrapper's lock is gone
         assert (info.alive, info.status) == (False, "died")
-        # Its CMD still runs: the row stays a tombstone, its process an orphan ...
-        assert [d["id"] for d in coord.reap(store).dead] == ["wrapped"]
-        assert get_instance(store, "wrapped").tombstone
-        # ... until it ends; then the reaper removes both.
-        os.kill(child, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while coord.reap(store).tombstones_removed == 0:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        report = coord.reap(store)
+        assert [d["id"] for d in report.dead] == ["wrapped"] and report.trees_ended == 1
+        assert _gone(int(child)) and _gone(int(bg))
         with pytest.raises(coord.NotFound):
             get_instance(store, "wrapped")
     finally:
-        try:
-            os.kill(child, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        for pid in (int(child), int(bg)):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
 
 
 def test_cmd_that_cannot_start(cli: Cli, tmp_path: Path) -> None:
