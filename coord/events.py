@@ -8,8 +8,12 @@ yet behind the engine seam (``coord.backend``'s plan), and leave with them.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .backend.sqlite.events import Event, log_event, log_events, trim_events
-from .db import Row, Store
+
+if TYPE_CHECKING:
+    from .db import Row, Store
 
 __all__ = ["Event", "list_events", "log_event", "log_events", "trim_events"]
 

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import apsw
 
-from ...db import fetch
+from ...db import fetch, translated
 from ...errors import InvalidArgument, NotFound, NotRegistered, RecipientDead
 from ..records import Member, MessageRecord, Problem
 from .clock import MonotonicClock
@@ -34,9 +34,9 @@ T = TypeVar("T")
 _PEEK = (
     "SELECT (SELECT id FROM messages WHERE recipient_id = ?1 AND acked = 0 "
     "AND kind <> 'reply' AND (delivered_incarnation IS NULL OR delivered_incarnation <> ?2) "
-    "AND expires_mono > ?3 AND (?4 IS NULL OR topic = ?4) ORDER BY rowid LIMIT 1) AS next, "
+    "AND expires_mono > ?3 AND (?4 IS NULL OR topic = ?4) ORDER BY rowid LIMIT 1), "
     "EXISTS (SELECT 1 FROM messages WHERE recipient_id = ?1 AND acked = 0 "
-    "AND delivered_incarnation = ?2) AS owed"
+    "AND delivered_incarnation = ?2)"
 )
 
 
@@ -65,6 +65,7 @@ class SqliteMessages:
 
     def __init__(self, store: Store, clock: MonotonicClock, wakeup: SqliteWakeup) -> None:
         self._store = store
+        self._path = str(store.path)
         self._clock = clock
         self._wakeup = wakeup
         # (id, incarnation) -> ids of replies it took and has not deleted yet.
@@ -232,11 +233,14 @@ class SqliteMessages:
     def receive(self, me: Member, topic: str | None) -> MessageRecord | None:
         store = self._store
         while True:
-            peek = store.rows(_PEEK, (*me, self._clock.now(), topic))[0]
-            found, owed = peek["next"], peek["owed"]
+            # The hot path of every wait: one plain read, no row dicts.
+            with translated(self._path):
+                found, owed = store.conn().execute(
+                    _PEEK, (*me, self._clock.now(), topic)).fetchall()[0]
             if found is None and not owed:
                 return None
-            row = self._write(me, self._deliverer(me, found, bool(owed)))
+            mid = None if found is None else str(found)
+            row = self._write(me, self._deliverer(me, mid, bool(owed)))
             if row is not None:
                 return _record(row)
             if found is None:
@@ -292,26 +296,30 @@ class SqliteMessages:
         self, me: Member, request_ids: list[str], peers: list[Member], *, defer: bool
     ) -> tuple[list[MessageRecord], set[str] | None]:
         store = self._store
-        if len(request_ids) == 1:
-            rows = store.rows(
-                "SELECT * FROM messages WHERE correlation_id = ? AND recipient_id = ? "
-                "AND kind = 'reply'", (request_ids[0], me[0]))
-        else:
-            rows = store.rows(
-                "SELECT * FROM messages WHERE recipient_id = ? AND kind = 'reply' "
-                "AND correlation_id IN (SELECT value FROM json_each(?))",
-                (me[0], _ids_json(request_ids)))
-        if not rows:
-            if len(peers) == 1:
-                found = store.rows(
-                    "SELECT id FROM instances WHERE id = ? AND incarnation = ? "
-                    "AND status = 'alive'", peers[0])
+        conn = store.conn()
+        with translated(self._path):
+            if len(request_ids) == 1:
+                rows = fetch(
+                    conn,
+                    "SELECT * FROM messages WHERE correlation_id = ? AND recipient_id = ? "
+                    "AND kind = 'reply'", (request_ids[0], me[0]))
             else:
-                found = store.rows(
-                    "SELECT id FROM instances WHERE status = 'alive' AND (id, incarnation) "
-                    "IN (SELECT value->>0, value->>1 FROM json_each(?))",
-                    (json.dumps([list(p) for p in peers]),))
-            return [], {str(r["id"]) for r in found}
+                rows = fetch(
+                    conn,
+                    "SELECT * FROM messages WHERE recipient_id = ? AND kind = 'reply' "
+                    "AND correlation_id IN (SELECT value FROM json_each(?))",
+                    (me[0], _ids_json(request_ids)))
+            if not rows:
+                if len(peers) == 1:
+                    found = conn.execute(
+                        "SELECT id FROM instances WHERE id = ? AND incarnation = ? "
+                        "AND status = 'alive'", peers[0]).fetchall()
+                else:
+                    found = conn.execute(
+                        "SELECT id FROM instances WHERE status = 'alive' AND (id, incarnation) "
+                        "IN (SELECT value->>0, value->>1 FROM json_each(?))",
+                        (json.dumps([list(p) for p in peers]),)).fetchall()
+                return [], {str(r[0]) for r in found}
         spent = [r["id"] for r in rows]
         if defer:
             with self._spent_lock:
