@@ -12,6 +12,8 @@
   applies the death rule at once, so a SIGKILLed owner's keys are gone for everyone the
   moment its process is. ``watch`` watches the owners' pids and wakes at their death.
 * ``watch(key)`` (or a prefix) yields each change as it happens.
+* Storage is the store's engine (``store.backend.kv``); this module keeps validation, the
+  payload checks, the death rule's policy for ephemeral keys and the waiting.
 
 Port discovery, the typical use::
 
@@ -27,7 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .backend import KvRecord
+from .backend import KvRecord, Member
 from .db import Row, Store
 from .errors import InvalidArgument
 from .payload import decode, encode
@@ -120,7 +122,7 @@ def _entry(store: Store, rec: KvRecord) -> Entry:
     )
 
 
-def _owner(owner: Owner | None) -> tuple[str, int] | None:
+def _owner(owner: Owner | None) -> Member | None:
     return None if owner is None else (owner.id, owner.incarnation)
 
 
