@@ -10,6 +10,10 @@ from __future__ import annotations
 import os as _os
 from typing import TYPE_CHECKING, Any
 
+# The engines register themselves by name (``coord.backend``); their modules load when a
+# store is first opened.
+from .backend import sqlite as _sqlite  # noqa: F401
+
 if TYPE_CHECKING:
     from . import kv, leases, messages, queues
     from .clock import Clock

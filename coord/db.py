@@ -44,6 +44,7 @@ import apsw
 
 from . import paths
 from ._retry import on_busy
+from .backend import Backend, open_backend
 from .clock import SYSTEM, Clock, boot_id
 from .config import Config
 from .errors import CoordError, NotADatabase, StorageError, UnsafeFork, UnsafePath
@@ -244,6 +245,8 @@ class Store:
         self._closed = False
         self._commits = 0
         _STORES.add(self)
+        #: This store's engine: its operations per capability and its services (``coord.backend``).
+        self.backend: Backend = open_backend("sqlite", self)
         from .migrate import migrate
         from .reaper import rebase_boot
 

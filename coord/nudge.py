@@ -14,9 +14,10 @@ import os
 import select
 import socket
 from collections.abc import Callable, Iterable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from .db import Store
+if TYPE_CHECKING:
+    from .db import Store
 
 T = TypeVar("T")
 

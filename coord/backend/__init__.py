@@ -1,0 +1,321 @@
+"""The engine seam: what a storage engine must provide, as named operations per capability.
+
+The capability modules (``coord.kv``, ``coord.messages``, ``coord.events`` so far) hold the
+rules — validation, payload checks, waiting, the death rule's policy — and the public API;
+an engine holds its SQL, its driver import and error translation, and three services that
+differ per engine:
+
+* ``clock`` — the time every expiry is computed and compared with. No operation takes the
+  caller's time: the engine stamps expiry from its own clock and hands back durations, so an
+  engine whose clock is the server's (compared only in SQL) fits without changing callers.
+  SQLite: ``CLOCK_MONOTONIC`` of this boot, with the boot id as its epoch.
+* ``liveness`` — proof of death. SQLite: the instance's record lock on its lock file, pid +
+  start token, and a pidfd to hear of a death at once.
+* ``wakeup`` — how a waiter learns that something it waits for was committed. SQLite: a
+  datagram nudge to the instance's socket after commit, ``PRAGMA data_version`` polling
+  between nudges. An engine nudges on its own after the writes that need it; callers only
+  wait.
+
+A ``Store`` owns its engine object (``store.backend``), made by the factory registered under
+the engine's name (``register_engine``): ``coord/__init__`` imports the engines, so the core
+(``coord.db``) depends on this protocol only and never on an engine — the engine depends on
+the core. Each engine lives in its own folder, one file per capability
+(``coord/backend/sqlite/``).
+
+The plan, in steps that each keep the whole suite green:
+
+1. (done) This protocol; the SQLite engine's clock, liveness, wake-up, instance reads,
+   events, kv and messages; ``coord.kv``, ``coord.messages`` and ``coord.events`` hold no SQL.
+2. Instances (register, heartbeat, deregister, takeover, the tombstone) and the death rule's
+   state changes (bury, release holdings, release claims, expire leases, boot rebase) as
+   engine operations; ``judge``/``Probe`` and the own-lock set move into the SQLite
+   liveness file; opening a store (migrate, boot rebase) becomes a function above ``Store``,
+   which ends the ``db``/``migrate``/``reaper``/``instances`` circle.
+3. Leases (take, renew, release — also by an operator —, observe, fenced write, typed fenced
+   kv set/cas and queue put) and the recorded process groups; ends ``leases``/``elect``/
+   ``runner`` circle.
+4. Queues (put, claim, ack, fail, extend, release, cancel, stats, dead letters, adopt,
+   import), processes (track, descendants, orphans, exit marks), migrations/meta, read-only
+   ad-hoc SQL and the invariant checks; the schema files move to ``schema/sqlite/``.
+5. The PostgreSQL engine in ``coord/backend/postgresql/``: one file per capability, its
+   clock the server's ``clock_timestamp()`` compared only in SQL, liveness a session advisory
+   lock plus a death certificate from the holder's host, wake-up ``LISTEN/NOTIFY`` re-checked
+   after every reconnect. One contract test suite runs against every registered engine.
+
+What every engine must implement is the ``Backend`` protocol below (each operation says what
+it guarantees). Only operations that callers route through today are declared; the later
+steps add theirs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+from .records import KvRecord, Member, MessageRecord, Problem
+
+if TYPE_CHECKING:
+    import socket
+
+    from ..db import Row, Store
+    from ..instances import InstanceInfo
+
+T = TypeVar("T")
+
+__all__ = [
+    "Backend",
+    "EventLog",
+    "ExpiryClock",
+    "InstanceReads",
+    "KvOps",
+    "KvRecord",
+    "Liveness",
+    "Member",
+    "MessageOps",
+    "MessageRecord",
+    "Problem",
+    "Wakeup",
+    "Watch",
+    "open_backend",
+    "register_engine",
+]
+
+
+# -- the three per-engine services -----------------------------------------------------------
+
+
+class ExpiryClock(Protocol):
+    """The clock every expiry of this engine is stamped and compared with."""
+
+    def now(self) -> float:
+        """The engine's time in seconds; comparable only with this engine's stamps of the
+        same ``epoch``."""
+        ...
+
+    def epoch(self) -> str:
+        """What ``now`` is counted within (SQLite: the boot id); stamps of another epoch are
+        stale."""
+        ...
+
+
+class Watch(Protocol):
+    """One instance watched for its death (see ``Liveness.watch``)."""
+
+    def pids(self) -> list[int]:
+        """The pids a waiter may select on (empty when this host cannot watch it)."""
+        ...
+
+    def exited(self) -> bool:
+        """Its process has ended (seen at once, without a read)."""
+        ...
+
+    def pinned_alive(self) -> bool:
+        """Proof of life that needs no probe of its lock: the watched process is the one
+        that registered, and its heartbeat is current. False means "judge it"."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class Liveness(Protocol):
+    """Proof of death. A dead verdict needs proof or an expired heartbeat, never age alone."""
+
+    def look(self) -> object:
+        """A fresh look shared by many verdicts (what the kernel says about each pid and
+        lock file is asked once). Make a new one for every fresh look."""
+        ...
+
+    def judge(self, row: Row, look: object | None = None) -> tuple[bool, str]:
+        """(alive, status word) of an instance row: 'alive', else 'died', 'hung', 'reboot',
+        or the tombstone's end reason."""
+        ...
+
+    def watchable_pid(self, row: Row) -> int | None:
+        """The pid whose exit this process can hear of at once for the instance, or None
+        (another pid namespace; another host)."""
+        ...
+
+    def watch(self, row: Row | InstanceInfo) -> Watch:
+        """Start watching an instance (a row, or an ``InstanceInfo``) for its death."""
+        ...
+
+
+class Wakeup(Protocol):
+    """Waiting that costs almost nothing and wakes fast; the database stays the truth."""
+
+    def wait_for(
+        self,
+        check: Callable[[], T | None],
+        timeout: float | None,
+        *,
+        sock: socket.socket | None = None,
+        watch_pids: Callable[[], Iterable[int]] | None = None,
+    ) -> T | None:
+        """Call ``check`` until it returns something other than None, or ``timeout``
+        passes (None: never); again whenever another commit may have changed the answer,
+        a nudge arrives on ``sock`` (the waiting instance's own), or a watched pid exits."""
+        ...
+
+
+# -- operations per capability -----------------------------------------------------------------
+
+
+class InstanceReads(Protocol):
+    """Reads of the registry that other capabilities need (rows are dicts until the
+    instances capability itself moves behind the seam)."""
+
+    def get(self, member: Member) -> Row | None:
+        """The row of that incarnation, whatever its status."""
+        ...
+
+    def by_ids(self, ids: Iterable[str]) -> dict[str, Row]:
+        """The rows of these ids (any incarnation, any status)."""
+        ...
+
+    def registration(self, id: str) -> tuple[int, str] | None:
+        """(incarnation, status) of ``id``, or None when it has no row."""
+        ...
+
+
+class EventLog(Protocol):
+    """The bounded history of what happened."""
+
+    def list(
+        self, *, after: int, limit: int, oldest_first: bool,
+        kinds: Sequence[str] | None = None, instance_id: str | None = None,
+        since: float | None = None,
+    ) -> list[Row]:
+        """Events with id above ``after`` in id order (newest ``limit``, or the first
+        ``limit`` with ``oldest_first``); ``detail`` decoded. Optionally only those of
+        ``kinds``, of ``instance_id``, or recorded at or after ``since`` (wall clock)."""
+        ...
+
+
+class KvOps(Protocol):
+    """The key-value table. Every write takes the next value of one global counter as the
+    key's version. An ephemeral key whose owner is proven dead is gone: a write that meets
+    one applies the death rule to the owner in the same transaction."""
+
+    def get(self, key: str) -> KvRecord | None: ...
+
+    def prefixed(self, prefix: str) -> list[KvRecord]:
+        """Every key starting with ``prefix``, in key order."""
+        ...
+
+    def set(self, key: str, value: str, owner: Member | None) -> int:
+        """Write whatever was there; returns the new version. ``NotRegistered`` when
+        ``owner`` is not a live incarnation."""
+        ...
+
+    def cas(self, key: str, value: str, version: int, owner: Member | None) -> int:
+        """Write only while the key's version is ``version`` (0: absent), else
+        ``VersionConflict``."""
+        ...
+
+    def delete(self, key: str, version: int | None) -> bool:
+        """False when absent; with ``version``, ``VersionConflict`` unless it matches."""
+        ...
+
+    def drop_orphaned(self, entries: Iterable[tuple[str, int]]) -> None:
+        """Delete these (key, version) ephemeral entries, whose owner incarnation has no
+        live row any more."""
+        ...
+
+    def problems(self) -> list[Problem]: ...
+
+
+class MessageOps(Protocol):
+    """Envelopes between instances. ``me`` is the acting incarnation: every write checks
+    it is still registered and alive (``NotRegistered`` otherwise) and wakes the
+    recipients after commit. Expiry is stamped from the engine's clock, ``ttl`` seconds on."""
+
+    def send(self, me: Member, id: str, to: str, topic: str, payload: str, ttl: float) -> None:
+        """``NotFound`` when ``to`` has no row (alive or tombstone)."""
+        ...
+
+    def broadcast(
+        self, me: Member, sends: dict[str, tuple[Member, str]], topic: str, payload: str,
+        ttl: float,
+    ) -> dict[str, str]:
+        """``sends`` maps recipient id → (its incarnation, message id); recipients no longer
+        alive in that incarnation are skipped. Returns {recipient id: message id} sent."""
+        ...
+
+    def request(self, me: Member, id: str, to: str, topic: str, payload: str,
+                ttl: float) -> Row:
+        """Store one request to ``to`` and return its instance row; ``NotFound`` for an
+        unknown id, ``RecipientDead`` when it is a tombstone."""
+        ...
+
+    def ask(self, me: Member, asked: dict[str, str], topic: str, payload: str,
+            ttl: float) -> None:
+        """Store one request per {request id: recipient id}, in one transaction."""
+        ...
+
+    def receive(self, me: Member, topic: str | None) -> MessageRecord | None:
+        """Deliver the oldest unexpired message or request for ``me`` (of ``topic``) not yet
+        given to this incarnation, acknowledging what it was given before."""
+        ...
+
+    def ack(self, me: Member, message_id: str) -> bool: ...
+
+    def reply(self, me: Member, request_id: str, id: str, payload: str) -> bool:
+        """Replace the request with its reply, expiring when the request would have. False
+        when nobody waits any more; ``InvalidArgument`` when it is not a request."""
+        ...
+
+    def replies(
+        self, me: Member, request_ids: list[str], peers: list[Member], *, defer: bool
+    ) -> tuple[list[MessageRecord], set[str] | None]:
+        """The replies arrived for these requests — taken: deleted now, or with ``defer``
+        by ``me``'s next write — and, when none has, the ids of ``peers`` still alive."""
+        ...
+
+    def give_up(self, me: Member, request_ids: list[str]) -> list[MessageRecord]:
+        """Withdraw the requests; returns replies that slipped in meanwhile (taken)."""
+        ...
+
+    def drop(self, me: Member, message: MessageRecord, error: str) -> None:
+        """Delete a stored message that failed validation, with a 'message dropped' event."""
+        ...
+
+    def problems(self) -> list[Problem]:
+        """The envelopes' own invariants (liveness-free)."""
+        ...
+
+    def holders(self) -> tuple[list[tuple[str, Member]], list[tuple[str, str]]]:
+        """(request id, its sender) of every request and (reply id, its recipient id) of
+        every reply: what the death rule must clear."""
+        ...
+
+
+class Backend(Protocol):
+    """One engine bound to one store."""
+
+    name: str
+    clock: ExpiryClock
+    liveness: Liveness
+    wakeup: Wakeup
+    instances: InstanceReads
+    events: EventLog
+    kv: KvOps
+    messages: MessageOps
+
+
+# -- engines by name ---------------------------------------------------------------------------
+
+_ENGINES: dict[str, Callable[[Store], Backend]] = {}
+
+
+def register_engine(name: str, factory: Callable[[Store], Backend]) -> None:
+    """Make ``factory(store)`` the engine called ``name``."""
+    _ENGINES[name] = factory
+
+
+def open_backend(name: str, store: Store) -> Backend:
+    """The engine ``name`` bound to ``store``."""
+    try:
+        factory = _ENGINES[name]
+    except KeyError:
+        raise LookupError(f"no coord engine named {name!r} (known: {sorted(_ENGINES)})") from None
+    return factory(store)

@@ -1,0 +1,53 @@
+"""What engine operations return: frozen records of stored state, values still as stored.
+
+Payloads and values stay JSON text here: decoding and validating them is the capability
+modules' work (``coord.payload``), so every engine hands back the same shapes. Times named
+``*_at`` are wall-clock seconds, for people; an engine never returns its expiry clock's
+readings, only durations computed from them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+#: An instance incarnation: (instance id, incarnation). What every holding is bound to.
+Member = tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
+class KvRecord:
+    """One row of the key-value table."""
+
+    key: str
+    value: str  # JSON text
+    version: int
+    owner_id: str | None
+    owner_incarnation: int | None
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRecord:
+    """One stored envelope (see ``coord.messages`` for what each field means)."""
+
+    id: str
+    kind: str  # 'message', 'request' or 'reply'
+    sender_id: str
+    sender_incarnation: int
+    recipient_id: str
+    topic: str
+    payload: str  # JSON text
+    correlation_id: str | None
+    reply_to: str | None
+    created_at: float
+    expires_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """A broken invariant found by an engine's check: ``pending`` when the reaper will
+    repair it (an expired row not yet removed), not a defect."""
+
+    detail: str
+    pending: bool = False

@@ -1,0 +1,30 @@
+"""The SQLite engine: one database file in WAL mode, opened through apsw, on one host.
+
+One file per capability, each holding that capability's SQL, and the engine's three
+services: ``clock`` (CLOCK_MONOTONIC with the boot id), ``liveness`` (record lock, pid +
+start token, pidfd) and ``wakeup`` (datagram nudge, ``PRAGMA data_version``). The connection
+factory, pragmas, transactions and the translation of apsw errors are ``coord.db``'s
+``Store`` until the later steps of ``coord.backend``'s plan move them here.
+
+Importing this package registers the engine as ``sqlite``; its modules load when the first
+store is opened (so ``import coord`` stays cheap).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .. import register_engine
+
+if TYPE_CHECKING:
+    from ...db import Store
+    from .engine import SqliteBackend
+
+
+def _open(store: Store) -> SqliteBackend:
+    from .engine import SqliteBackend
+
+    return SqliteBackend(store)
+
+
+register_engine("sqlite", _open)

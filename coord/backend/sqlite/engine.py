@@ -1,0 +1,34 @@
+"""The SQLite engine bound to one store: its services and its operations per capability."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .clock import MonotonicClock
+from .events import SqliteEvents
+from .instances import SqliteInstances
+from .kv import SqliteKv
+from .liveness import SqliteLiveness
+from .messages import SqliteMessages
+from .wakeup import SqliteWakeup
+
+if TYPE_CHECKING:
+    from ...db import Store
+
+
+class SqliteBackend:
+    """``coord.backend.Backend`` on SQLite."""
+
+    name = "sqlite"
+
+    def __init__(self, store: Store) -> None:
+        self.clock = MonotonicClock(store)
+        self.liveness = SqliteLiveness(store, self.clock)
+        self.wakeup = SqliteWakeup(store)
+        self.instances = SqliteInstances(store)
+        self.events = SqliteEvents(store)
+        self.kv = SqliteKv(store, self.liveness)
+        self.messages = SqliteMessages(store, self.clock, self.wakeup)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}>"
