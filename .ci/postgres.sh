@@ -1,0 +1,13 @@
+# Sourced by .ci/run: a private PostgreSQL cluster for the test run, always stopped at exit.
+# initdb refuses root, so tests/pgcluster.py runs the server as the `postgres` user in a
+# temporary directory (unix socket + a loopback port) and prints the URLs the suite reads.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v pg_config >/dev/null; then
+    # Debian's package would also create and start a system-wide "main" cluster: not wanted.
+    mkdir -p /etc/postgresql-common/createcluster.d
+    echo 'create_main_cluster = false' >/etc/postgresql-common/createcluster.d/coord-ci.conf
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql
+fi
+COORD_PG_DIR=$(mktemp -d /tmp/coord-ci-pg.XXXXXX)
+trap 'python3 tests/pgcluster.py stop "$COORD_PG_DIR"' EXIT
+pg_env=$(python3 tests/pgcluster.py start "$COORD_PG_DIR")
+eval "$pg_env"
