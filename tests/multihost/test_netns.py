@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import selectors
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,8 +37,8 @@ print(json.dumps({"ready": list(row)}), flush=True)
 for line in sys.stdin:
     t = mono()
     try:
-        rows = conn.execute(line).fetchall()
-        out = {"ok": [list(r) for r in rows]}
+        cur = conn.execute(line)
+        out = {"ok": [list(r) for r in cur.fetchall()] if cur.description else []}
     except psycopg.Error as e:
         out = {"error": type(e).__name__ + ": " + str(e).strip().splitlines()[0]}
     out["seconds"] = mono() - t
@@ -145,6 +147,47 @@ def test_a_cut_is_silent_until_a_client_timeout_ends_it(healed: Net) -> None:
     assert n is not None and n[0] >= 1
     for p in (plain, guarded, other):
         end(p)
+
+
+def held_advisory_keys(admin_url: str) -> set[int]:
+    import psycopg
+
+    with psycopg.connect(admin_url) as admin:
+        rows = admin.execute("select (classid::bigint << 32) | objid::bigint from pg_locks "
+                             "where locktype = 'advisory' and granted").fetchall()
+    return {r[0] for r in rows}
+
+
+def test_server_side_keepalives_end_a_cut_session_and_free_its_lock(healed: Net) -> None:
+    """With the server's defaults a cut client's session and its session lock outlive the cut
+    (for hours: two-hour keepalive idle); with keepalives and a user timeout set on that session
+    the server ends it, and its advisory lock is free again, in bounded time."""
+    h0 = healed.hosts[0]
+    guarded, _ = client(healed, h0)
+    plain, _ = client(healed, h0)
+    k_guarded, k_plain = (random.randrange(1, 2**31) for _ in range(2))
+    for q in ("set tcp_keepalives_idle = 1", "set tcp_keepalives_interval = 1",
+              "set tcp_keepalives_count = 2", "set tcp_user_timeout = 1500",
+              f"select pg_advisory_lock({k_guarded})"):
+        ask(guarded, q)
+        assert "ok" in read_json(guarded, timeout=30)
+    ask(plain, f"select pg_advisory_lock({k_plain})")
+    assert "ok" in read_json(plain, timeout=30)
+    assert {k_guarded, k_plain} <= held_advisory_keys(healed.admin_url)
+    healed.cut(h0)
+    deadline = mono() + 60
+    while k_guarded in held_advisory_keys(healed.admin_url) and mono() < deadline:
+        time.sleep(0.2)
+    held = held_advisory_keys(healed.admin_url)
+    assert k_guarded not in held, "the server kept the cut session and its lock"
+    assert k_plain in held
+    for p in (guarded, plain):
+        end(p)
+    import psycopg
+
+    with psycopg.connect(healed.admin_url, autocommit=True) as admin:
+        admin.execute("select pg_terminate_backend(pid) from pg_locks where locktype = "
+                      "'advisory' and objid = %s", (k_plain,))
 
 
 def test_after_heal_a_new_connection_works(healed: Net) -> None:
