@@ -1,11 +1,16 @@
 # Sourced by .ci/run: a private PostgreSQL cluster for the test run, always stopped at exit.
 # initdb refuses root, so tests/pgcluster.py runs the server as the `postgres` user in a
 # temporary directory (unix socket + a loopback port) and prints the URLs the suite reads.
-if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && ! command -v pg_config >/dev/null; then
-    # Debian's package would also create and start a system-wide "main" cluster: not wanted.
+# The multi-host tests (tests/multihost) also need iproute2's `ip` and `tc`.
+pg_missing=()
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v pg_config >/dev/null ||
+    pg_missing+=(postgresql)
+command -v ip >/dev/null && command -v tc >/dev/null || pg_missing+=(iproute2)
+if [ ${#pg_missing[@]} -gt 0 ]; then
+    # Debian's postgresql package would also create and start a system-wide "main" cluster.
     mkdir -p /etc/postgresql-common/createcluster.d
     echo 'create_main_cluster = false' >/etc/postgresql-common/createcluster.d/coord-ci.conf
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pg_missing[@]}"
 fi
 COORD_PG_DIR=$(mktemp -d /tmp/coord-ci-pg.XXXXXX)
 trap 'python3 tests/pgcluster.py stop "$COORD_PG_DIR"' EXIT

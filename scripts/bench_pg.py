@@ -8,6 +8,7 @@ Run (psycopg comes with the postgres extra: ``pip install -e '.[postgres]'``):
     .venv/bin/python scripts/bench_pg.py --db postgresql://user@host:5432/db   # a given server
     .venv/bin/python scripts/bench_pg.py --quick --json     # small sizes, one JSON line each
     .venv/bin/python scripts/bench_pg.py --tiny --json      # the smallest: the CI smoke test
+    .venv/bin/python scripts/bench_pg.py --netns            # also cut links (root: namespaces)
 
 Without ``--db`` (or ``COORD_TEST_PG``) a private cluster is started in a temporary directory
 with tests/pgcluster.py and stopped at the end. On a given server everything is done in a
@@ -22,6 +23,9 @@ A benchmark, not a test: nothing here asserts on speed. Sections (SECTIONS, in o
      (seen waiting in pg_stat_activity), the holder is SIGKILLed: time until the waiter holds
      it; and the same followed by a committed term bump in a lease row.
   4. notify: a NOTIFY round trip between two processes (ping on one channel, pong on another).
+  5. partition (only with --netns; root): a client in a network namespace holds an advisory
+     lock with server-side keepalives set on its session; its link is cut silently: time
+     until a waiter holds the lock, and until the cut client's next query fails.
 Throughput figures are the median of rounds; latencies are p50 and p99 over every sample
 after a warm-up. Every time is CLOCK_MONOTONIC (one clock for every process of this boot).
 """
@@ -173,9 +177,34 @@ def worker_pong(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
         sender.execute("select pg_notify(%s, %s)", (spec["pong"], n.payload))
 
 
+# The partition section's settings: the server ends a silent session after 1 s idle and two
+# unanswered keepalive probes 1 s apart (or 1.5 s of unacknowledged data); the client gives
+# up on unacknowledged data after 1.5 s.
+SERVER_TIMEOUTS = {"tcp_keepalives_idle": 1, "tcp_keepalives_interval": 1,
+                   "tcp_keepalives_count": 2, "tcp_user_timeout": 1500}
+CLIENT_TIMEOUTS = {"keepalives": 1, "keepalives_idle": 1, "keepalives_interval": 1,
+                   "keepalives_count": 2, "tcp_user_timeout": 1500}
+
+
+def worker_partitioned(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    import psycopg
+
+    conn = psycopg.connect(spec["url"], autocommit=True)
+    for name, value in SERVER_TIMEOUTS.items():
+        conn.execute(f"set {name} = {value}")  # names and values are constants above
+    conn.execute("select pg_advisory_lock(%s)", (spec["key"],))
+    yield {"ready": True}
+    sys.stdin.readline()  # sent just after the link is cut
+    try:
+        conn.execute("select 1")
+        yield {"failed": None}
+    except psycopg.Error as e:
+        yield {"failed": mono(), "error": type(e).__name__}
+
+
 WORKERS: dict[str, Callable[[dict[str, Any]], Iterator[dict[str, Any]]]] = {
     "tx": worker_tx, "consume": worker_consume, "holder": worker_holder,
-    "waiter": worker_waiter, "pong": worker_pong,
+    "waiter": worker_waiter, "pong": worker_pong, "partitioned": worker_partitioned,
 }
 
 
@@ -188,9 +217,9 @@ def run_as_worker(role: str, spec_text: str) -> int:
 class Worker:
     """A worker process, always ended by ``close`` (SIGKILL of its own pid if need be)."""
 
-    def __init__(self, role: str, **spec: Any) -> None:
+    def __init__(self, role: str, prefix: tuple[str, ...] = (), **spec: Any) -> None:
         self.role = role
-        self.p = subprocess.Popen([sys.executable, str(SCRIPT), "--worker", role,
+        self.p = subprocess.Popen([*prefix, sys.executable, str(SCRIPT), "--worker", role,
                                    json.dumps(spec)], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, text=True)
         self.ready = self.read()
@@ -303,10 +332,10 @@ def section_skip_locked(ctx: Ctx) -> list[Row]:
     return rows
 
 
-def _wait_blocked(ctx: Ctx, backend: int, timeout: float = 10.0) -> None:
+def _wait_blocked(admin: Any, backend: int, timeout: float = 10.0) -> None:
     deadline = mono() + timeout
     while mono() < deadline:
-        got = ctx.admin.execute("select wait_event_type from pg_stat_activity where pid = %s",
+        got = admin.execute("select wait_event_type from pg_stat_activity where pid = %s",
                                 (backend,)).fetchone()
         if got is not None and got[0] == "Lock":
             return
@@ -325,7 +354,7 @@ def _handover(ctx: Ctx, lease: bool) -> Row:
             holder = Worker("holder", key=key, **ctx.spec())
             try:
                 waiter.send(f"wait {key}")
-                _wait_blocked(ctx, waiter.ready["backend"])
+                _wait_blocked(ctx.admin, waiter.ready["backend"])
                 t0 = mono()
                 os.kill(holder.p.pid, signal.SIGKILL)
                 held = waiter.read()["held"]
@@ -369,9 +398,52 @@ def section_notify(ctx: Ctx) -> list[Row]:
     return [row]
 
 
+def section_partition(ctx: Ctx) -> list[Row]:
+    """A host's link is cut silently (tests/multihost/netns.py): how long until the server
+    frees the cut session's advisory lock to a waiter, and until the cut client's own query
+    fails. Uses a server of its own, inside the harness's namespaces (needs root)."""
+    import psycopg
+
+    sys.path.insert(0, str(ROOT / "tests" / "multihost"))
+    from netns import Net
+
+    trials = max(2, ctx.size["handovers"] // 4)
+    freed = Row("partition", "cut -> a waiter holds the cut session's lock "
+                "(server keepalives 1 s, 1 s x 2)", trials)
+    failed = Row("partition", "cut -> the cut client's query fails (tcp_user_timeout 1.5 s)",
+                 trials)
+    with Net(hosts=1) as net:
+        host = net.hosts[0]
+        admin = psycopg.connect(net.admin_url, autocommit=True)
+        try:
+            with workers(1, "waiter", lease=False, url=net.admin_url, schema="public") as (w,):
+                for _ in range(trials):
+                    key = random.getrandbits(62)
+                    holder = Worker("partitioned", prefix=("ip", "netns", "exec", host.ns),
+                                    url=net.url(host, **CLIENT_TIMEOUTS), key=key)
+                    try:
+                        w.send(f"wait {key}")
+                        _wait_blocked(admin, w.ready["backend"])
+                        t0 = mono()
+                        net.cut(host)
+                        holder.send("go")
+                        freed.latencies_us.append((w.read()["held"] - t0) * 1e6)
+                        answer = holder.read()
+                        if answer["failed"] is None:
+                            raise RuntimeError("a query over a cut link succeeded")
+                        failed.latencies_us.append((answer["failed"] - t0) * 1e6)
+                    finally:
+                        holder.close()
+                        net.heal(host)
+        finally:
+            admin.close()
+    return [freed, failed]
+
+
 SECTION_FNS: dict[str, Callable[[Ctx], list[Row]]] = {
     "transactions": section_transactions, "skip_locked": section_skip_locked,
     "advisory_handover": section_advisory_handover, "notify": section_notify,
+    "partition": section_partition,
 }
 
 
@@ -402,16 +474,16 @@ def print_table(results: dict[str, list[Row]], run: dict[str, Any]) -> None:
           f"{run['size']} run, {run['seconds']} s")
     for section, rows in results.items():
         print(f"\n== {section} ==")
-        print(f"{'WORK':64} {'N':>6} {'OPS/S':>9} {'P50 ms':>9} {'P99 ms':>9}")
+        print(f"{'WORK':78} {'N':>6} {'OPS/S':>9} {'P50 ms':>9} {'P99 ms':>9}")
         for r in rows:
             d = r.as_dict()
             if r.error:
-                print(f"{r.work:64} {r.n:>6} FAILED: {r.error}")
+                print(f"{r.work:78} {r.n:>6} FAILED: {r.error}")
                 continue
             ops = f"{d['ops_per_s']:.0f}" if d["ops_per_s"] is not None else "-"
             p50 = f"{d['p50_us'] / 1000:.2f}" if d["p50_us"] is not None else "-"
             p99 = f"{d['p99_us'] / 1000:.2f}" if d["p99_us"] is not None else "-"
-            print(f"{r.work:64} {r.n:>6} {ops:>9} {p50:>9} {p99:>9}")
+            print(f"{r.work:78} {r.n:>6} {ops:>9} {p50:>9} {p99:>9}")
 
 
 @contextmanager
@@ -438,17 +510,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tiny", action="store_true", help="the smallest sizes (smoke test)")
     ap.add_argument("--json", action="store_true", help="one JSON object per section, per line")
     ap.add_argument("--json-out", metavar="PATH", help="also write the JSON lines to PATH")
-    ap.add_argument("--only", metavar="SECTIONS", help="comma-separated: " + ",".join(SECTIONS))
+    ap.add_argument("--only", metavar="SECTIONS",
+                    help="comma-separated: " + ",".join([*SECTIONS, "partition"]))
+    ap.add_argument("--netns", action="store_true",
+                    help="also run the partition section (root: network namespaces, and a "
+                         "server of its own inside them)")
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return run_as_worker(*args.worker)
-    wanted = SECTIONS
+    wanted = [*SECTIONS, "partition"] if args.netns else SECTIONS
     if args.only:
         wanted = [s.strip() for s in args.only.split(",") if s.strip()]
-        unknown = set(wanted) - set(SECTIONS)
+        unknown = set(wanted) - set(SECTION_FNS)
         if unknown:
             ap.error(f"unknown sections: {', '.join(sorted(unknown))}")
+        if "partition" in wanted and not args.netns:
+            ap.error("the partition section needs --netns")
     size = "tiny" if args.tiny else "quick" if args.quick else "full"
     import psycopg
 

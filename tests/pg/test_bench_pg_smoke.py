@@ -56,3 +56,28 @@ def test_table_for_people(pg_cluster: PgServer) -> None:
                         "--only", "notify"], capture_output=True, text=True, timeout=170)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "== notify ==" in p.stdout and "P50 ms" in p.stdout and "FAILED" not in p.stdout
+
+
+@pytest.mark.timeout(180)
+def test_partition_section_cuts_a_link(pg_cluster: PgServer, tmp_path: Path) -> None:
+    """--netns adds the partition section (a server inside the harness's namespaces)."""
+    sys.path.insert(0, str(ROOT / "tests" / "multihost"))
+    from netns import HarnessUnavailable, Net
+    from pg_fixtures import missing
+
+    try:
+        Net(hosts=1).__enter__().close()
+    except HarnessUnavailable as e:
+        missing(str(e))
+    out = tmp_path / "run.jsonl"
+    p = subprocess.run([sys.executable, str(BENCH), "--tiny", "--db", pg_cluster.url, "--netns",
+                        "--only", "partition", "--json-out", str(out)],
+                       capture_output=True, text=True, timeout=170)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    (section,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert section["section"] == "partition" and len(section["rows"]) == 2
+    for r in section["rows"]:
+        assert r["error"] is None and r["p50_us"] > 0, r
+    refused = subprocess.run([sys.executable, str(BENCH), "--only", "partition"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "needs --netns" in refused.stderr
