@@ -7,9 +7,11 @@ ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v pg_config >/de
     pg_missing+=(postgresql)
 command -v ip >/dev/null && command -v tc >/dev/null || pg_missing+=(iproute2)
 if [ ${#pg_missing[@]} -gt 0 ]; then
-    # Debian's postgresql package would also create and start a system-wide "main" cluster.
-    mkdir -p /etc/postgresql-common/createcluster.d
-    echo 'create_main_cluster = false' >/etc/postgresql-common/createcluster.d/coord-ci.conf
+    if [[ " ${pg_missing[*]} " == *" postgresql "* ]]; then
+        # Debian's package would also create and start a system-wide "main" cluster.
+        mkdir -p /etc/postgresql-common/createcluster.d
+        echo 'create_main_cluster = false' >/etc/postgresql-common/createcluster.d/coord-ci.conf
+    fi
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${pg_missing[@]}"
 fi
 COORD_PG_DIR=$(mktemp -d /tmp/coord-ci-pg.XXXXXX)
