@@ -144,12 +144,27 @@ class Cluster:
             if self.hba_extra:
                 with open(self.data / "pg_hba.conf", "a") as f:
                     f.writelines(line + "\n" for line in self.hba_extra)
-            self._run("pg_ctl", "-D", str(self.data), "-l", str(self.base / "server.log"),
-                      "-w", "-t", "60", "start", timeout=90)
+            self.run_server()
         except BaseException:
             self.stop(remove=False)
             raise
         return self
+
+    def run_server(self) -> None:
+        """Start the server on the existing data directory (after ``crash``: with crash
+        recovery) and wait until it accepts connections."""
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.base / "server.log"),
+                  "-w", "-t", "60", "start", timeout=90)
+
+    def crash(self) -> None:
+        """Stop the server as a crash would (``pg_ctl stop -m immediate``: no shutdown
+        checkpoint; the next start runs crash recovery)."""
+        pid = self.postmaster_pid()
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "-t", "30", "stop",
+                  timeout=40)
+        deadline = time.monotonic() + 10
+        while pid is not None and process_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.02)
 
     def postmaster_pid(self) -> int | None:
         try:
