@@ -18,7 +18,8 @@ fails. A blackhole *route* is not silent (local senders get EINVAL at once); her
 leaving either end of the link is dropped by the link's queueing discipline (netem ``loss
 100%`` where the kernel has sch_netem, else the ``blackhole`` qdisc, which drops everything and
 reports success to the sender). ``throttle`` limits a link's rate (tbf); ``delay`` adds latency
-where the kernel has sch_netem.
+where the kernel has sch_netem. ``freeze`` SIGSTOPs every process of a host (a hung
+host), ``thaw`` resumes them.
 
 ``close`` always ends what it started, in order: the processes started by ``run`` (SIGKILL by
 pid), any process still inside these namespaces (all started here), the server, the
@@ -73,6 +74,13 @@ def in_ns(ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProces
 def netns_names() -> set[str]:
     out = ip("netns", "list", check=False).stdout
     return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass  # it ended meanwhile
 
 
 @dataclass(frozen=True)
@@ -174,10 +182,7 @@ class Net:
             if not live:
                 return
             for pid in live:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                _signal(pid, signal.SIGKILL)
             time.sleep(0.05)
 
     # -- using it ------------------------------------------------------------------------
@@ -201,6 +206,24 @@ class Net:
         p = subprocess.Popen(["ip", "netns", "exec", host.ns, *argv], **popen)
         self.procs.append(p)
         return p
+
+    def pids(self, host: Host) -> list[int]:
+        """The live processes inside ``host`` (all started here)."""
+        out = ip("netns", "pids", host.ns, check=False).stdout.split()
+        return [pid for pid in map(int, out) if process_alive(pid)]
+
+    def freeze(self, host: Host) -> list[int]:
+        """SIGSTOP every process of ``host``: a hung host (its sockets stay open, its kernel
+        still answers TCP, nothing of its own runs). Returns the pids stopped."""
+        stopped = self.pids(host)
+        for pid in stopped:
+            _signal(pid, signal.SIGSTOP)
+        return stopped
+
+    def thaw(self, host: Host) -> None:
+        """SIGCONT every process of ``host``."""
+        for pid in self.pids(host):
+            _signal(pid, signal.SIGCONT)
 
     def _qdisc(self, host: Host, *spec: str) -> None:
         for ns, dev in ((self.server_ns, host.server_veth), (host.ns, host.veth)):

@@ -232,6 +232,27 @@ def test_a_throttled_link_holds_packets_back_and_loses_none(healed: Net) -> None
     end(p)
 
 
+def test_a_frozen_host_runs_nothing_until_thawed(healed: Net) -> None:
+    """freeze stops every process of that host and no other; its server session stays."""
+    h0, h1 = healed.hosts
+    frozen, _ = client(healed, h0)
+    other, _ = client(healed, h1)
+    stopped = healed.freeze(h0)
+    try:
+        assert frozen.pid in stopped and other.pid not in stopped
+        state = Path(f"/proc/{frozen.pid}/stat").read_text().rpartition(")")[2].split()[0]
+        assert state == "T"
+        ask(frozen, "select 1")
+        assert read_json(frozen, timeout=1.0) is None  # stopped: it cannot even read the line
+        ask(other, "select 2")
+        assert read_json(other, timeout=30)["ok"] == [[2]]
+    finally:
+        healed.thaw(h0)
+    assert read_json(frozen, timeout=30)["ok"] == [[1]]
+    for p in (frozen, other):
+        end(p)
+
+
 def test_delay_needs_netem(healed: Net) -> None:
     if not healed.has_netem():
         # A kernel module, not a permission: this kernel cannot delay, only cut and throttle.
