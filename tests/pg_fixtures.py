@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 from pgcluster import Cluster, ClusterUnavailable, new_cluster
@@ -24,6 +24,18 @@ def missing(reason: str) -> NoReturn:
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI must run this test, but: {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def import_psycopg() -> Any:
+    """psycopg, for a test module that needs it: skipped without it (failed under CI=true)."""
+    try:
+        import psycopg
+    except ImportError:
+        reason = "psycopg is not installed (pip install -e '.[postgres]')"
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(reason, allow_module_level=True)
+    return psycopg
 
 
 @dataclass(frozen=True)

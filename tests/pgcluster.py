@@ -205,13 +205,17 @@ class Cluster:
         return cls(**state)
 
 
+def process_state(pid: int) -> str | None:
+    """The kernel's one-letter state of ``pid`` (R, S, T, Z, ...), None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return None
+
+
 def process_alive(pid: int) -> bool:
     """Whether ``pid`` runs (a zombie has ended: it only waits for its parent to reap it)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+    return process_state(pid) not in (None, "Z", "X")
 
 
 def new_cluster(prefix: str = "coord-pg-", **kw: object) -> Cluster:

@@ -42,7 +42,7 @@ from types import TracebackType
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from pgcluster import Cluster, process_alive  # noqa: E402
+from pgcluster import Cluster, process_alive, process_state  # noqa: E402
 
 NET_PREFIX = "10.231"
 
@@ -218,6 +218,12 @@ class Net:
         stopped = self.pids(host)
         for pid in stopped:
             _signal(pid, signal.SIGSTOP)
+        # A signal is delivered asynchronously: return once each one is really stopped.
+        deadline = mono() + 10
+        while any(process_state(pid) not in ("T", None) for pid in stopped):
+            if mono() > deadline:
+                raise RuntimeError(f"processes of {host.ns} did not stop")
+            time.sleep(0.005)
         return stopped
 
     def thaw(self, host: Host) -> None:

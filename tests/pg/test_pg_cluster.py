@@ -8,8 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-from pg_fixtures import PgServer
+from pg_fixtures import PgServer, import_psycopg
 from pgcluster import Cluster, process_alive
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,7 +33,7 @@ def test_server_answers_on_socket_and_tcp(pg_cluster: PgServer) -> None:
 def test_script_starts_and_stops_a_private_cluster(tmp_path: Path) -> None:
     """What .ci/run does: start prints the URLs for eval, stop ends the server and removes
     the directory; psycopg can use the printed URL in between."""
-    psycopg = pytest.importorskip("psycopg")
+    psycopg = import_psycopg()
     base = Path(
         subprocess.run(["mktemp", "-d", "/tmp/coord-pgtest.XXXXXX"], capture_output=True,
                        text=True, check=True).stdout.strip())

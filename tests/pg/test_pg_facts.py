@@ -20,10 +20,10 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from pg_fixtures import PgServer, missing
+from pg_fixtures import PgServer, import_psycopg, missing
 from pgcluster import Cluster, ClusterUnavailable, new_cluster
 
-psycopg = pytest.importorskip("psycopg")
+psycopg = import_psycopg()
 
 
 @pytest.fixture
