@@ -23,7 +23,8 @@ A benchmark, not a test: nothing here asserts on speed. Sections (SECTIONS, in o
      (seen waiting in pg_stat_activity), the holder is SIGKILLed: time until the waiter holds
      it; and the same followed by a committed term bump in a lease row.
   4. notify: a NOTIFY round trip between two processes (ping on one channel, pong on another).
-  5. partition (only with --netns; root): a client in a network namespace holds an advisory
+  5. import: cold ``python -c "import psycopg"`` beside ``python -c pass``.
+  6. partition (only with --netns; root): a client in a network namespace holds an advisory
      lock with server-side keepalives set on its session; its link is cut silently: time
      until a waiter holds the lock, and until the cut client's next query fails.
 Throughput figures are the median of rounds; latencies are p50 and p99 over every sample
@@ -52,7 +53,7 @@ from typing import Any
 SCRIPT = Path(__file__).resolve()
 ROOT = SCRIPT.parents[1]
 
-SECTIONS = ["transactions", "skip_locked", "advisory_handover", "notify"]
+SECTIONS = ["transactions", "skip_locked", "advisory_handover", "notify", "import"]
 
 SIZES = {
     # transactions per client per round, rounds, queue jobs per round, handover trials,
@@ -440,10 +441,27 @@ def section_partition(ctx: Ctx) -> list[Row]:
     return [freed, failed]
 
 
+def section_import(ctx: Ctx) -> list[Row]:
+    """Cold start cost of the driver: ``python -c "import psycopg"`` beside ``python -c pass``
+    (a PostgreSQL URL pays the difference at start-up; SQLite users never do)."""
+    n = max(3, ctx.size["rounds"] * 2)
+    rows = []
+    for work, code in (("python -c pass", "pass"), ('python -c "import psycopg"',
+                                                     "import psycopg")):
+        row = Row("import", work, n)
+        for i in range(n + 1):
+            t0 = mono()
+            subprocess.run([sys.executable, "-c", code], check=True)
+            if i:  # the first run warms the page cache
+                row.latencies_us.append((mono() - t0) * 1e6)
+        rows.append(row)
+    return rows
+
+
 SECTION_FNS: dict[str, Callable[[Ctx], list[Row]]] = {
     "transactions": section_transactions, "skip_locked": section_skip_locked,
     "advisory_handover": section_advisory_handover, "notify": section_notify,
-    "partition": section_partition,
+    "import": section_import, "partition": section_partition,
 }
 
 

@@ -21,6 +21,7 @@ WORKS = {
     "advisory_handover": {"SIGKILL holder -> waiter holds (advisory lock)",
                           "SIGKILL holder -> waiter holds (advisory lock + lease term bump)"},
     "notify": {"NOTIFY round trip (2 processes)"},
+    "import": {"python -c pass", 'python -c "import psycopg"'},
 }
 
 
