@@ -2,6 +2,7 @@
 # initdb refuses root, so tests/pgcluster.py runs the server as the `postgres` user in a
 # temporary directory (unix socket + a loopback port) and prints the URLs the suite reads.
 # The multi-host tests (tests/multihost) also need iproute2's `ip` and `tc`.
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 pg_missing=()
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v pg_config >/dev/null ||
     pg_missing+=(postgresql)
