@@ -25,8 +25,9 @@ A benchmark, not a test: nothing here asserts on speed. Sections (SECTIONS, in o
   4. notify: a NOTIFY round trip between two processes (ping on one channel, pong on another).
   5. import: cold ``python -c "import psycopg"`` beside ``python -c pass``.
   6. partition (only with --netns; root): a client in a network namespace holds an advisory
-     lock with server-side keepalives set on its session; its link is cut silently: time
-     until a waiter holds the lock, and until the cut client's next query fails.
+     lock with server-side keepalives (or idle_session_timeout alone) set on its session;
+     its link is cut silently: time until a waiter holds the lock, and until the cut
+     client's next query fails.
 Throughput figures are the median of rounds; latencies are p50 and p99 over every sample
 after a warm-up. Every time is CLOCK_MONOTONIC (one clock for every process of this boot).
 """
@@ -183,6 +184,8 @@ def worker_pong(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
 # up on unacknowledged data after 1.5 s.
 SERVER_TIMEOUTS = {"tcp_keepalives_idle": 1, "tcp_keepalives_interval": 1,
                    "tcp_keepalives_count": 2, "tcp_user_timeout": 1500}
+# The other way to end it: the server's own timer on an idle session, whatever TCP knows.
+IDLE_TIMEOUT = {"idle_session_timeout": 2000}
 CLIENT_TIMEOUTS = {"keepalives": 1, "keepalives_idle": 1, "keepalives_interval": 1,
                    "keepalives_count": 2, "tcp_user_timeout": 1500}
 
@@ -191,8 +194,8 @@ def worker_partitioned(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
     import psycopg
 
     conn = psycopg.connect(spec["url"], autocommit=True)
-    for name, value in SERVER_TIMEOUTS.items():
-        conn.execute(f"set {name} = {value}")  # names and values are constants above
+    for name, value in spec["settings"].items():
+        conn.execute(f"set {name} = {int(value)}")  # names: the constants above
     conn.execute("select pg_advisory_lock(%s)", (spec["key"],))
     yield {"ready": True}
     sys.stdin.readline()  # sent just after the link is cut
@@ -409,36 +412,40 @@ def section_partition(ctx: Ctx) -> list[Row]:
     from netns import Net
 
     trials = max(2, ctx.size["handovers"] // 4)
-    freed = Row("partition", "cut -> a waiter holds the cut session's lock "
-                "(server keepalives 1 s, 1 s x 2)", trials)
+    variants = [(SERVER_TIMEOUTS, "keepalives 1 s + 1 s x 2, user timeout 1.5 s"),
+                (IDLE_TIMEOUT, "idle_session_timeout 2 s alone")]
+    rows = [Row("partition", f"cut -> a waiter holds the cut session's lock ({name})", trials)
+            for _, name in variants]
     failed = Row("partition", "cut -> the cut client's query fails (tcp_user_timeout 1.5 s)",
-                 trials)
+                 trials * len(variants))
     with Net(hosts=1) as net:
         host = net.hosts[0]
         admin = psycopg.connect(net.admin_url, autocommit=True)
         try:
             with workers(1, "waiter", lease=False, url=net.admin_url, schema="public") as (w,):
                 for _ in range(trials):
-                    key = random.getrandbits(62)
-                    holder = Worker("partitioned", prefix=("ip", "netns", "exec", host.ns),
-                                    url=net.url(host, **CLIENT_TIMEOUTS), key=key)
-                    try:
-                        w.send(f"wait {key}")
-                        _wait_blocked(admin, w.ready["backend"])
-                        t0 = mono()
-                        net.cut(host)
-                        holder.send("go")
-                        freed.latencies_us.append((w.read()["held"] - t0) * 1e6)
-                        answer = holder.read()
-                        if answer["failed"] is None:
-                            raise RuntimeError("a query over a cut link succeeded")
-                        failed.latencies_us.append((answer["failed"] - t0) * 1e6)
-                    finally:
-                        holder.close()
-                        net.heal(host)
+                    for (settings, _), freed in zip(variants, rows, strict=True):
+                        key = random.getrandbits(62)
+                        holder = Worker("partitioned", prefix=("ip", "netns", "exec", host.ns),
+                                        url=net.url(host, **CLIENT_TIMEOUTS), key=key,
+                                        settings=settings)
+                        try:
+                            w.send(f"wait {key}")
+                            _wait_blocked(admin, w.ready["backend"])
+                            t0 = mono()
+                            net.cut(host)
+                            holder.send("go")
+                            freed.latencies_us.append((w.read()["held"] - t0) * 1e6)
+                            answer = holder.read()
+                            if answer["failed"] is None:
+                                raise RuntimeError("a query over a cut link succeeded")
+                            failed.latencies_us.append((answer["failed"] - t0) * 1e6)
+                        finally:
+                            holder.close()
+                            net.heal(host)
         finally:
             admin.close()
-    return [freed, failed]
+    return [*rows, failed]
 
 
 def section_import(ctx: Ctx) -> list[Row]:

@@ -76,7 +76,7 @@ def test_partition_section_cuts_a_link(pg_cluster: PgServer, tmp_path: Path) -> 
                        capture_output=True, text=True, timeout=170)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     (section,) = [json.loads(line) for line in out.read_text().splitlines()]
-    assert section["section"] == "partition" and len(section["rows"]) == 2
+    assert section["section"] == "partition" and len(section["rows"]) == 3
     for r in section["rows"]:
         assert r["error"] is None and r["p50_us"] > 0, r
     refused = subprocess.run([sys.executable, str(BENCH), "--only", "partition"],

@@ -5,6 +5,7 @@
   ``pg_postmaster_start_time()`` stays the same; an UNLOGGED table is emptied by that crash
   recovery (so a row in one marks a server epoch), committed rows survive;
 - ``pg_ctl stop -m immediate`` and a start do the same, with a new postmaster start time;
+- ``pg_terminate_backend`` frees a session's lock while its client lives on;
 - a READ ONLY transaction still lets a session take advisory locks, notify, and end other
   backends (so read-only SQL for users needs a role of its own, not just READ ONLY).
 
@@ -114,6 +115,26 @@ def test_an_immediate_stop_keeps_commits_and_drops_locks(own_cluster: Cluster) -
         assert after.execute("select x from kept order by x").fetchall() == [(1,), (2,)]
     finally:
         after.close()
+
+
+def test_a_terminated_session_frees_its_lock_while_its_client_lives(
+        pg_cluster: PgServer) -> None:
+    """pg_terminate_backend ends the holder's session and frees its lock; the client process
+    is alive and learns of it only at its next statement."""
+    holder = psycopg.connect(pg_cluster.url, autocommit=True)
+    admin = psycopg.connect(pg_cluster.url, autocommit=True)
+    try:
+        key = 800_000 + os.getpid() % 100_000
+        holder.execute("select pg_advisory_lock(%s)", (key,))
+        backend = holder.execute("select pg_backend_pid()").fetchone()[0]
+        assert admin.execute("select pg_terminate_backend(%s, 10000)", (backend,)).fetchone()[0]
+        assert not advisory_held(admin, key)
+        assert not holder.closed  # nothing has told the client yet
+        with pytest.raises(psycopg.OperationalError):
+            holder.execute("select 1")
+    finally:
+        holder.close()
+        admin.close()
 
 
 def test_read_only_transactions_still_lock_notify_and_signal(pg_cluster: PgServer) -> None:
