@@ -6,6 +6,7 @@ harness leaves no namespace, link, process or cluster behind."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
@@ -188,6 +189,24 @@ def test_server_side_keepalives_end_a_cut_session_and_free_its_lock(healed: Net)
     with psycopg.connect(healed.admin_url, autocommit=True) as admin:
         admin.execute("select pg_terminate_backend(pid) from pg_locks where locktype = "
                       "'advisory' and objid = %s", (k_plain,))
+
+
+def test_a_blackhole_route_would_not_be_silent(healed: Net) -> None:
+    """Why cuts drop packets in the queueing discipline: with a blackhole route instead, the
+    host's own kernel refuses the send at once, which no real partition does."""
+    h0 = healed.hosts[0]
+    code = ("import socket, sys\n"
+            "s = socket.socket(); s.settimeout(10)\n"
+            "try:\n    s.connect((sys.argv[1], 5432)); print('connected')\n"
+            "except OSError as e:\n    print('error', e.errno)\n")
+    ip("route", "add", "blackhole", f"{h0.server_addr}/32", ns=h0.ns)
+    try:
+        p = healed.run(h0, [sys.executable, "-c", code, h0.server_addr],
+                       stdout=subprocess.PIPE, text=True)
+        out, _ = p.communicate(timeout=30)
+    finally:
+        ip("route", "del", "blackhole", f"{h0.server_addr}/32", ns=h0.ns)
+    assert out.split() == ["error", str(errno.EINVAL)]
 
 
 def test_after_heal_a_new_connection_works(healed: Net) -> None:
