@@ -23,6 +23,9 @@ from coord.config import Config
 
 NOBODY = 65534
 
+# The PostgreSQL server under test (tests/pg_fixtures.py): the `pg_cluster`/`pg_url` fixtures.
+pytest_plugins = ["pg_fixtures"]
+
 
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:

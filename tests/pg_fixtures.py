@@ -1,0 +1,74 @@
+"""PostgreSQL for the test run: ``pg_cluster`` is the server the suite runs against.
+
+With ``COORD_TEST_PG`` set (CI's `.ci/run` starts a private cluster and exports it; a user
+can point it at their own server) every PostgreSQL test uses that URL. Otherwise a private
+cluster is started for the session in a temporary directory when the server programs are
+installed, and stopped at the end. Where PostgreSQL or psycopg is missing the tests that need
+them are skipped with the reason — except under ``CI=true``, where that is a failure: CI must
+run them.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import pytest
+from pgcluster import Cluster, ClusterUnavailable, new_cluster
+
+
+def missing(reason: str) -> NoReturn:
+    """Skip the test for ``reason``; under CI=true fail it instead."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI must run this test, but: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def import_psycopg() -> Any:
+    """psycopg, for a test module that needs it: skipped without it (failed under CI=true)."""
+    try:
+        import psycopg
+    except ImportError:
+        reason = "psycopg is not installed (pip install -e '.[postgres]')"
+        if os.environ.get("CI") == "true":
+            raise
+        pytest.skip(reason, allow_module_level=True)
+    return psycopg
+
+
+@dataclass(frozen=True)
+class PgServer:
+    """The server under test: ``url`` (unix socket where private), ``tcp_url`` (a TCP URL,
+    may equal ``url``), and the cluster when this session started it."""
+
+    url: str
+    tcp_url: str
+    cluster: Cluster | None
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgServer]:
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        missing("psycopg is not installed (pip install -e '.[postgres]')")
+    url = os.environ.get("COORD_TEST_PG")
+    if url:
+        yield PgServer(url, os.environ.get("COORD_TEST_PG_TCP", url), None)
+        return
+    try:
+        cluster = new_cluster()
+    except ClusterUnavailable as e:
+        missing(str(e))
+    try:
+        yield PgServer(cluster.url(), cluster.tcp_url(), cluster)
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PgServer) -> str:
+    """The URL of the PostgreSQL server under test (see ``pg_cluster``)."""
+    return pg_cluster.url
