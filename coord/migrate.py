@@ -51,8 +51,12 @@ def _migrations() -> tuple[tuple[int, str, str], ...]:
             found.append((int(m.group(1)), entry.name, entry.read_text(encoding="utf-8")))
     found.sort()
     numbers = [n for n, _, _ in found]
-    if numbers != list(range(1, len(found) + 1)):
-        raise RuntimeError(f"schema files must be numbered 001, 002 ... without gaps: {numbers}")
+    # Numbers only grow; a gap is allowed, so that files written side by side can each take
+    # their own number and land in either order (a database stamped with a number skips
+    # every file below it, so a file is never numbered below one already released).
+    if not numbers or numbers[0] != 1 or len(set(numbers)) != len(numbers):
+        raise RuntimeError(f"schema files must be numbered 001, 002 ..., each number once: "
+                           f"{numbers}")
     return tuple(found)
 
 
