@@ -525,15 +525,20 @@ def _holder(store: Store, who: Instance | str | None) -> _Holder:
 # reads the bound value while it matches the ORDER BY to the partial index, and so marks
 # the statement to be prepared again whenever that parameter is bound — every claim. The
 # cast keeps the prepared statement (apsw's cache) valid: the pick costs a quarter.
+# The job's columns are read here rather than by the UPDATE's RETURNING, which costs more
+# (SQLite collects RETURNING rows in a temporary table).
+_JOB_COLUMNS = "id, priority, payload, dedupe_key, attempts, max_attempts, created_at, last_error"
 _PICK = (
     "SELECT (SELECT 1 FROM instances WHERE id = ?1 AND incarnation = ?2 AND status = 'alive'), "
     "(SELECT owner_id FROM queues WHERE name = ?3), "
-    "(SELECT id FROM jobs WHERE state = 'ready' AND queue = CAST(?3 AS TEXT) "
-    "AND available_mono <= ?4 ORDER BY priority DESC, id LIMIT 1)"
+    "j.id, j.priority, j.payload, j.dedupe_key, j.attempts, j.max_attempts, j.created_at, "
+    "j.last_error FROM (SELECT 1) LEFT JOIN jobs j ON j.id = (SELECT id FROM jobs "
+    "WHERE state = 'ready' AND queue = CAST(?3 AS TEXT) AND available_mono <= ?4 "
+    "ORDER BY priority DESC, id LIMIT 1)"
 )
 # The next due jobs after the first, for claim_many.
 _MORE = (
-    "SELECT id FROM jobs WHERE state = 'ready' AND queue = CAST(? AS TEXT) "
+    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'ready' AND queue = CAST(? AS TEXT) "  # noqa: S608
     "AND available_mono <= ? AND id <> ? ORDER BY priority DESC, id LIMIT ?"
 )
 # Then each job by its row id. Selecting first and updating by id is about twice as fast as
@@ -541,8 +546,7 @@ _MORE = (
 # changes the index its subquery reads. Both run in one IMMEDIATE transaction: no race.
 _CLAIM = (
     "UPDATE jobs SET state = 'claimed', claim_token = ?, claimed_by = ?, claimed_incarnation = ?, "
-    "claim_expires_mono = ?, claimed_at = ?, attempts = attempts + 1 WHERE id = ? "
-    "RETURNING priority, payload, dedupe_key, attempts, max_attempts, created_at, last_error"
+    "claim_expires_mono = ?, claimed_at = ?, attempts = attempts + 1 WHERE id = ?"
 )
 
 
@@ -550,35 +554,35 @@ def _try_claim(store: Store, queue: str, h: _Holder, lease: float, n: int = 1) -
     """One claim transaction: the claimer must be registered and alive, and the queue shared
     or its own; then up to ``n`` due jobs in claim order ([] when none is due)."""
 
-    def txn(c: apsw.Connection) -> tuple[float, list[tuple[int, str, tuple[Any, ...]]]]:
+    def txn(c: apsw.Connection) -> list[tuple[str, tuple[Any, ...]]]:
         now = store.mono()
-        ((alive, owner, first),) = c.execute(_PICK, (h.id, h.incarnation, queue, now))
+        ((alive, owner, *first),) = c.execute(_PICK, (h.id, h.incarnation, queue, now))
         if not alive:
             raise NotRegistered(h.id, "its registration has ended (declared dead or taken over)")
         if owner is not None and owner != h.id:
             raise PermissionDenied(f"queue {queue!r} is private to instance {owner!r}")
-        if first is None:
-            return now, []
-        ids = [first]
+        if first[0] is None:
+            return []
+        rows = [tuple(first)]
         if n > 1:
-            ids += [r[0] for r in c.execute(_MORE, (queue, now, first, n - 1))]
+            rows += c.execute(_MORE, (queue, now, first[0], n - 1)).fetchall()
         wall, until = store.wall(), now + lease
         out = []
-        for job_id in ids:
+        for row in rows:
             # With the job id, the token is unique; the random part makes it unguessable.
-            token = f"{job_id}-{random.getrandbits(64):016x}"
-            for row in c.execute(_CLAIM, (token, h.id, h.incarnation, until, wall, job_id)):
-                out.append((job_id, token, row))
-        return now, out
+            token = f"{row[0]}-{random.getrandbits(64):016x}"
+            c.execute(_CLAIM, (token, h.id, h.incarnation, until, wall, row[0]))
+            out.append((token, row))
+        return out
 
-    now, got = store.write(txn)
+    got = store.write(txn)
     limits = _limits(store)
     return [
-        Job(id=job_id, queue=queue, state="claimed", priority=prio, attempts=attempts,
+        Job(id=job_id, queue=queue, state="claimed", priority=prio, attempts=attempts + 1,
             max_attempts=max_attempts, payload_text=payload, dedupe_key=key, token=token,
             instance_id=h.id, created_at=created, available_in=0.0, expires_in=lease,
             last_error=error, result=None, finished_at=None, _limits=limits)
-        for job_id, token, (prio, payload, key, attempts, max_attempts, created, error) in got
+        for token, (job_id, prio, payload, key, attempts, max_attempts, created, error) in got
     ]
 
 
