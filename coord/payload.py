@@ -75,9 +75,10 @@ def encode(value: Any, *, limit: int = DEFAULT_LIMIT, max_depth: int = DEFAULT_D
                            else str(e)) from None
     except TypeError as e:
         raise PayloadError(str(e)) from None
-    size = len(text.encode("utf-8", "surrogatepass"))
-    if size > limit:
-        raise PayloadTooLarge(size, limit)
+    if len(text) * 4 > limit:  # else it fits whatever its characters (at most 4 bytes each)
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise PayloadTooLarge(size, limit)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -94,11 +95,12 @@ def decode(text: str | bytes, *, limit: int = DEFAULT_LIMIT, max_depth: int = DE
             text = text.decode("utf-8")
         except UnicodeDecodeError:
             raise PayloadError("not valid UTF-8") from None
-    size = len(text.encode("utf-8", "surrogatepass"))
-    if size > limit:
-        raise PayloadTooLarge(size, limit)
+    if len(text) * 4 > limit:  # else it fits whatever its characters (at most 4 bytes each)
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise PayloadTooLarge(size, limit)
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        value = _DECODER.decode(text)
     except PayloadError:
         raise
     except RecursionError:
@@ -119,3 +121,7 @@ def _finite_float(text: str) -> float:
     if not math.isfinite(value):  # 1e999 parses to infinity
         raise PayloadError("NaN and Infinity are not JSON data")
     return value
+
+
+#: One decoder for every payload (json.loads with hooks builds a new one per call).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
