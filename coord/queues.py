@@ -807,10 +807,23 @@ def _result_text(store: Store, result: Any) -> str | None:
         max_depth=store.config.payload_max_depth)
 
 
+def _acked(c: apsw.Connection, store: Store, tok: str, text: str | None, now: float,
+           wall: float) -> bool:
+    """Ack one claim inside the caller's transaction; False (and an expired claim released)
+    when the claim has moved on."""
+    c.execute(_ACK, (text, wall, now, _claim_id(tok), tok, now))
+    if c.changes():
+        return True
+    _expired_release(c, store, tok, now)
+    return False
+
+
 def ack(store: Store, token: Job | str, result: Any = None) -> None:
     """Mark the claimed job done, keeping ``result`` (small JSON) for the retention period.
     Raises ``ClaimLost`` if the claim has moved on."""
-    ack_many(store, [token], None if result is None else [result])
+    tok, text = _token(token), _result_text(store, result)
+    if not store.write(lambda c: _acked(c, store, tok, text, store.mono(), store.wall())):
+        raise ClaimLost(tok)
 
 
 def ack_many(
@@ -829,13 +842,8 @@ def ack_many(
 
     def txn(c: apsw.Connection) -> list[str]:
         now, wall = store.mono(), store.wall()
-        lost = []
-        for tok, text in zip(toks, texts, strict=True):
-            c.execute(_ACK, (text, wall, now, _claim_id(tok), tok, now))
-            if not c.changes():
-                _expired_release(c, store, tok, now)
-                lost.append(tok)
-        return lost
+        return [tok for tok, text in zip(toks, texts, strict=True)
+                if not _acked(c, store, tok, text, now, wall)]
 
     lost = store.write(txn)
     if lost:
