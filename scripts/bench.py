@@ -431,6 +431,13 @@ class QueueImpl:
     def ack(self, handle: Any) -> None:
         pass
 
+    # Batches: only the implementations in BATCH_IMPLS claim and ack many in one transaction.
+    def claim_batch(self, n: int, timeout: float) -> list[tuple[Any, Any]]:
+        raise NotImplementedError
+
+    def ack_batch(self, handles: list[Any]) -> None:
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -468,6 +475,13 @@ class CoordQueue(QueueImpl):
 
     def ack(self, handle: Any) -> None:
         self.q.ack(self.store, handle)
+
+    def claim_batch(self, n: int, timeout: float) -> list[tuple[Any, Any]]:
+        return [(j.payload, j) for j in self.q.claim_many(self.store, QUEUE, n, self.inst,
+                                                          timeout=timeout)]
+
+    def ack_batch(self, handles: list[Any]) -> None:
+        self.q.ack_many(self.store, handles)
 
     def close(self) -> None:
         if self.inst is not None:
@@ -515,6 +529,27 @@ class MinimalQueue(QueueImpl):
         c = self.c
         c.execute("BEGIN IMMEDIATE")
         c.execute("DELETE FROM q WHERE id = ? AND token = ?", handle)
+        c.execute("COMMIT")
+
+    def claim_batch(self, n: int, timeout: float) -> list[tuple[Any, Any]]:
+        end = mono() + timeout
+        while True:
+            c, now = self.c, mono()
+            c.execute("BEGIN IMMEDIATE")
+            got = c.execute(
+                "UPDATE q SET token = ?, expires = ? WHERE id IN (SELECT id FROM q "
+                "WHERE token IS NULL OR expires < ? ORDER BY id LIMIT ?) "
+                "RETURNING id, payload, token", (self.token(8), now + 60, now, n),
+            ).fetchall()
+            c.execute("COMMIT")
+            if got or mono() >= end:
+                return [(json.loads(str(p)), (i, t)) for i, p, t in got]
+            time.sleep(POLL)
+
+    def ack_batch(self, handles: list[Any]) -> None:
+        c = self.c
+        c.execute("BEGIN IMMEDIATE")
+        c.executemany("DELETE FROM q WHERE id = ? AND token = ?", handles)
         c.execute("COMMIT")
 
     def close(self) -> None:
@@ -749,13 +784,34 @@ def _consume(q: QueueImpl, spec: dict[str, Any], out: dict[str, Any], lock: thre
             if "t" in payload and not payload.get("w"):
                 out["latencies_us"].append((now - payload["t"]) * 1e6)
             if expect is not None and out["claimed"] == warmup + 1:
-                out["t0"] = now
+                out["t0"], out["t0_count"] = now, warmup
             if out["first"] is None:
                 out["first"] = now
             out["last"] = end
             if out["t0"] is not None and end - out["t0"] > spec["timebox"]:
                 out["boxed"] = True
                 out["stopped"] = True
+
+
+def _consume_batches(q: QueueImpl, spec: dict[str, Any], out: dict[str, Any]) -> None:
+    """Drain ``expect`` jobs, ``batch`` at a time: claim a batch, ack it in one call; time
+    from the first batch after the warm-up."""
+    expect, warmup, size = spec["expect"], spec.get("warmup", 0), spec["batch"]
+    give_up = mono() + spec["timebox"] + spec.get("patience", 60.0)
+    while mono() < give_up and out["claimed"] < expect:
+        got = q.claim_batch(size, min(1.0, max(0.0, give_up - mono())))
+        if not got:
+            continue
+        now = mono()
+        q.ack_batch([h for _, h in got])
+        if out["t0"] is None and out["claimed"] >= warmup:
+            out["t0"], out["t0_count"] = now, out["claimed"]
+        out["claimed"] += len(got)
+        out["ids"].extend(p["n"] for p, _ in got)
+        out["last"] = mono()
+        if out["t0"] is not None and out["last"] - out["t0"] > spec["timebox"]:
+            out["boxed"] = True
+            return
 
 
 @worker
@@ -767,13 +823,15 @@ def w_q_consume(spec: dict[str, Any]) -> dict[str, Any]:
     print("ready", flush=True)
     threads = [threading.Thread(target=_consume, args=(q, spec, out, lock))
                for _ in range(spec.get("threads", 1))]
+    if spec.get("batch"):
+        threads = [threading.Thread(target=_consume_batches, args=(q, spec, out))]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     q.close()
     if spec.get("expect") is not None:  # drain: the rate after the warm-up
-        timed = out["claimed"] - spec.get("warmup", 0)
+        timed = out["claimed"] - out.get("t0_count", spec.get("warmup", 0))
         out["n"] = max(0, timed)
         out["seconds"] = (out["last"] - out["t0"]) if out["t0"] is not None else 0.0
     if not spec.get("want_ids"):
@@ -982,6 +1040,39 @@ def queue_latency(ctx: Context, impls: list[str]) -> list[Result]:
     return out
 
 
+#: Who claims and acks in batches (claim_many/ack_many; one UPDATE … LIMIT n and one
+#: executemany of DELETEs for the minimal queue), and how many jobs a batch takes.
+BATCH_IMPLS = ("coord", LIMIT_QUEUE)
+BATCH = 10
+
+
+def queue_batches(ctx: Context) -> list[Result]:
+    """One consumer draining the queue BATCH jobs at a time: claim a batch in one
+    transaction, ack it in one; coord and the minimal queue back to back in every round."""
+    s = ctx.sizes
+    work = f"claim+ack, batches of {BATCH} (1 consumer)"
+    rows: dict[str, list[tuple[int, float]]] = {i: [] for i in BATCH_IMPLS}
+    errors: dict[str, str] = {}
+    for r in range(s.rounds):
+        for impl in _rotate(list(BATCH_IMPLS), r):
+            if impl in errors:
+                continue
+            d = ctx.fresh_dir(f"batch-{_slug(impl)}-{r}")
+            try:
+                _setup_queue(impl, d)
+                p = run_worker("q_put", impl=impl, dir=str(d), n=s.jobs, warmup=s.warmup,
+                               timebox=s.timebox)
+                c = run_worker("q_consume", impl=impl, dir=str(d), expect=p["n"] + s.warmup,
+                               warmup=s.warmup, timebox=s.timebox, batch=BATCH)
+                rows[impl].append((c["n"], c["seconds"]))
+            except WorkerFailed as e:
+                errors[impl] = str(e)
+    note = {"coord": f"claim_many({BATCH}), ack_many: one transaction each",
+            LIMIT_QUEUE: f"UPDATE … LIMIT {BATCH} RETURNING; DELETEs in one transaction"}
+    return [_rate_result("queue", work, impl, rows[impl], note[impl], errors.get(impl))
+            for impl in BATCH_IMPLS]
+
+
 #: ``--size`` without a value: the depths put and claim+ack run at.
 DEPTHS = (1000, 10_000, 100_000)
 
@@ -990,7 +1081,7 @@ def section_queue(ctx: Context) -> list[Result]:
     impls = list(QUEUE_IMPLS)
     depths: list[int | None] = list(ctx.depths) if ctx.depths else [None]
     out = [r for jobs in depths for r in queue_put_claim(ctx, impls, jobs)]
-    return out + queue_fanout(ctx, impls) + queue_latency(ctx, impls)
+    return out + queue_batches(ctx) + queue_fanout(ctx, impls) + queue_latency(ctx, impls)
 
 
 # -- section 3: messages ----------------------------------------------------------------------

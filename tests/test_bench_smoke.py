@@ -29,8 +29,8 @@ EXPECTED = {
             'python -c "import typer"'},
 }
 
-QUEUE_WORKS = {"put (1 producer)", "claim+ack (1 consumer)", "1 producer + 4 consumers",
-               "latency at 200 jobs/s"}
+QUEUE_WORKS = {"put (1 producer)", "claim+ack (1 consumer)", "claim+ack, batches of 10 (1 consumer)",
+               "1 producer + 4 consumers", "latency at 200 jobs/s"}
 
 
 @pytest.fixture(scope="module")
