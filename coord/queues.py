@@ -567,12 +567,10 @@ def _try_claim(store: Store, queue: str, h: _Holder, lease: float, n: int = 1) -
         if n > 1:
             rows += c.execute(_MORE, (queue, now, first[0], n - 1)).fetchall()
         wall, until = store.wall(), now + lease
-        out = []
-        for row in rows:
-            # With the job id, the token is unique; the random part makes it unguessable.
-            token = f"{row[0]}-{random.getrandbits(64):016x}"
-            c.execute(_CLAIM, (token, h.id, h.incarnation, until, wall, row[0]))
-            out.append((token, row))
+        # With the job id, a token is unique; the random part makes it unguessable.
+        out = [(f"{row[0]}-{random.getrandbits(64):016x}", row) for row in rows]
+        c.executemany(_CLAIM, [(token, h.id, h.incarnation, until, wall, row[0])
+                               for token, row in out])
         return out
 
     got = store.write(txn)
@@ -842,8 +840,18 @@ def ack_many(
 
     def txn(c: apsw.Connection) -> list[str]:
         now, wall = store.mono(), store.wall()
-        return [tok for tok, text in zip(toks, texts, strict=True)
-                if not _acked(c, store, tok, text, now, wall)]
+        pairs = list(zip(toks, texts, strict=True))
+        # Usually every claim is still held: ack them all in one executemany, and only when
+        # fewer rows changed than claims were given, undo that and go claim by claim.
+        c.execute("SAVEPOINT ack_many")
+        before = c.total_changes()
+        c.executemany(_ACK, [(text, wall, now, _claim_id(tok), tok, now) for tok, text in pairs])
+        if c.total_changes() - before == len(pairs):
+            c.execute("RELEASE ack_many")
+            return []
+        c.execute("ROLLBACK TO ack_many")
+        c.execute("RELEASE ack_many")
+        return [tok for tok, text in pairs if not _acked(c, store, tok, text, now, wall)]
 
     lost = store.write(txn)
     if lost:
