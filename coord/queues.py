@@ -569,8 +569,11 @@ def _try_claim(store: Store, queue: str, h: _Holder, lease: float, n: int = 1) -
         wall, until = store.wall(), now + lease
         # With the job id, a token is unique; the random part makes it unguessable.
         out = [(f"{row[0]}-{random.getrandbits(64):016x}", row) for row in rows]
-        c.executemany(_CLAIM, [(token, h.id, h.incarnation, until, wall, row[0])
-                               for token, row in out])
+        args = [(token, h.id, h.incarnation, until, wall, row[0]) for token, row in out]
+        if len(args) == 1:  # executemany costs more than execute for one row
+            c.execute(_CLAIM, args[0])
+        else:
+            c.executemany(_CLAIM, args)
         return out
 
     got = store.write(txn)
