@@ -130,14 +130,13 @@ class Job:
         return decode(self.payload_text, limit=limit, max_depth=depth)
 
     def to_json(self) -> dict[str, Any]:
-        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_JSON}
-        d["payload"] = self.payload
-        if d["token"] is None:
-            del d["token"]
+        d: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "payload_text":
+                d["payload"] = self.payload  # in the payload's place, decoded
+            elif f.name != "_limits" and not (f.name == "token" and self.token is None):
+                d[f.name] = getattr(self, f.name)
         return d
-
-
-_NOT_JSON = ("payload_text", "_limits")
 
 
 @dataclass(frozen=True)
