@@ -19,8 +19,9 @@
 -- whose WHERE implies the index's, and it proves that for `state = 'ready'` (or 'claimed')
 -- against an OR of equalities, not against an IN list.
 --
--- Counting jobs per state (coord queue stats, the queue_depths view) now reads the table:
--- that is for people and the reaper's batches, never on a claim's path.
+-- What reads finished jobs by queue (coord queue stats, the queue_depths view, purge,
+-- requeue --dead, adopt) now reads the table: that is for people and maintenance, never on
+-- a put's, claim's or ack's path.
 -- jobs_dedupe (queue, dedupe_key) stays: a dedupe key is unique until the job is purged.
 
 DROP INDEX IF EXISTS jobs_ready;
