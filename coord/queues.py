@@ -22,11 +22,15 @@ out of attempts is dead-lettered instead. ``release`` gives the attempt back: th
 hands the job back untried. ``fail`` retries with exponential backoff and jitter unless
 told ``retry_in``.
 
-**Claims** are taken in one statement (``UPDATE … WHERE id = (SELECT … LIMIT 1)
-RETURNING``), so a job has at most one claimer, and carry a token. ``ack``, ``fail``,
-``extend`` and ``release`` need the token and raise ``ClaimLost`` when the claim has moved on
-(released, expired, redelivered): a worker that hung and resumed can never ack a job that
-another worker now holds. A claim past its lease is lost even before anyone releases it.
+**Claims** are taken in one IMMEDIATE transaction that checks the claimer is still
+registered and alive, picks the best due job and updates it by id, so a job has at most one
+claimer, and carry a token (``<job id>-<random>``: a claim is found by its job id and the
+whole token compared). ``ack``, ``fail``, ``extend`` and ``release`` need the token and
+raise ``ClaimLost`` when the claim has moved on (released, expired, redelivered): a worker
+that hung and resumed can never ack a job that another worker now holds. A claim past its
+lease is lost even before anyone releases it. ``claim_many`` claims up to n jobs in one
+transaction and ``ack_many`` acks many, each claim on its own terms (see their docstrings).
+What a claim and an ack touch is kept small: see ``schema/004_queue_hot.sql``.
 
 **Death**: a claimer looks at the holders of its queue's claims (at most every
 ``SCAN_INTERVAL`` while busy, at once when it finds nothing ready) and applies the death
