@@ -21,7 +21,7 @@ store boundary (``coord.db``) so callers never catch ``apsw.*`` themselves::
     ├── ReadOnlyViolation(reason)       ``coord sql`` refused a write
     ├── LeaseNotAcquired(name, holder)  exit 75
     ├── LeaseLost(name, term)           exit 75
-    ├── ClaimLost(token)                the job's claim moved on
+    ├── ClaimLost(token, *others)       the job's claim moved on (ack_many: each lost one)
     ├── QueueFull(queue, depth)
     ├── MalformedFile(path, reason)     an imported file is not in the expected format
     ├── RecipientDead(id)               a request's recipient died while we waited
@@ -248,11 +248,18 @@ class LeaseLost(CoordError):
 
 
 class ClaimLost(CoordError):
-    def __init__(self, token: str) -> None:
-        super().__init__(token)
+    """A claim has moved on. ``token`` is the (first) lost claim; ``tokens`` every lost one
+    (``ack_many`` acks the claims still held and then raises for the rest)."""
+
+    def __init__(self, token: str, *others: str) -> None:
+        super().__init__(token, *others)
         self.token = token
+        self.tokens = (token, *others)
 
     def message(self) -> str:
+        if len(self.tokens) > 1:
+            return (f"{len(self.tokens)} claims are no longer held (expired, released or "
+                    f"redelivered), the first {self.token!r}")
         return f"claim {self.token!r} is no longer held (expired, released or redelivered)"
 
 

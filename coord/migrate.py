@@ -51,11 +51,11 @@ def _migrations() -> tuple[tuple[int, str, str], ...]:
             found.append((int(m.group(1)), entry.name, entry.read_text(encoding="utf-8")))
     found.sort()
     numbers = [n for n, _, _ in found]
-    # Numbers only grow and never repeat (a gap is tolerated: files numbered on separate
-    # branches are merged in any order, and the ladder applies every number above the
-    # database's user_version).
-    if not numbers or numbers[0] != 1 or len(set(numbers)) != len(numbers):
-        raise RuntimeError(f"schema files must be numbered 001, 002 ... once each: {numbers}")
+    # Numbered 001, 002 ... without gaps: a database stamped with a number skips every file
+    # below it, so a gap would hide a file added later below a released number.
+    if numbers != list(range(1, len(numbers) + 1)):
+        raise RuntimeError(f"schema files must be numbered 001, 002 ... once each, no gaps: "
+                           f"{numbers}")
     return tuple(found)
 
 

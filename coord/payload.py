@@ -47,16 +47,38 @@ def _depth_ok(value: Any, max_depth: int) -> None:
             raise PayloadError(f"{type(v).__name__} is not JSON data")
 
 
+#: Values a flat object may hold without a walk (NaN and Infinity: the encoder refuses them).
+_SCALARS = frozenset((str, int, float, bool, type(None)))
+#: One encoder for every payload: json.dumps with options builds a new one per call.
+_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+def _flat(value: Any) -> bool:
+    """Whether ``value`` is an object of string keys and scalar values (the common payload),
+    which needs no walk: it is one level deep, and json refuses what else could be wrong."""
+    if type(value) is not dict:
+        return False
+    for k, v in value.items():
+        if type(k) is not str or type(v) not in _SCALARS:
+            return False
+    return True
+
+
 def encode(value: Any, *, limit: int = DEFAULT_LIMIT, max_depth: int = DEFAULT_DEPTH) -> str:
     """Validate a Python value and return its canonical JSON text."""
-    _depth_ok(value, max_depth)
+    if max_depth < 1 or not _flat(value):
+        _depth_ok(value, max_depth)
     try:
-        text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as e:
+        text = _ENCODER.encode(value)
+    except ValueError as e:  # allow_nan=False refuses NaN and infinities ("Out of range float")
+        raise PayloadError("NaN and Infinity are not JSON data" if "float" in str(e)
+                           else str(e)) from None
+    except TypeError as e:
         raise PayloadError(str(e)) from None
-    size = len(text.encode("utf-8", "surrogatepass"))
-    if size > limit:
-        raise PayloadTooLarge(size, limit)
+    if len(text) * 4 > limit:  # else it fits whatever its characters (at most 4 bytes each)
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise PayloadTooLarge(size, limit)
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -73,11 +95,12 @@ def decode(text: str | bytes, *, limit: int = DEFAULT_LIMIT, max_depth: int = DE
             text = text.decode("utf-8")
         except UnicodeDecodeError:
             raise PayloadError("not valid UTF-8") from None
-    size = len(text.encode("utf-8", "surrogatepass"))
-    if size > limit:
-        raise PayloadTooLarge(size, limit)
+    if len(text) * 4 > limit:  # else it fits whatever its characters (at most 4 bytes each)
+        size = len(text.encode("utf-8", "surrogatepass"))
+        if size > limit:
+            raise PayloadTooLarge(size, limit)
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = _DECODER.decode(text)
     except PayloadError:
         raise
     except RecursionError:
@@ -85,5 +108,20 @@ def decode(text: str | bytes, *, limit: int = DEFAULT_LIMIT, max_depth: int = DE
         raise PayloadError(f"nested deeper than {max_depth} levels") from None
     except ValueError as e:
         raise PayloadError(f"not JSON: {e}") from None
-    _depth_ok(value, max_depth)
+    # What json.loads returns is JSON data already (string keys, finite numbers: see the
+    # hooks), so only the depth is left to check, and a text with fewer brackets than the
+    # limit cannot be deeper: the walk runs only for texts that could be.
+    if text.count("[") + text.count("{") > max_depth:
+        _depth_ok(value, max_depth)
     return value
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999 parses to infinity
+        raise PayloadError("NaN and Infinity are not JSON data")
+    return value
+
+
+#: One decoder for every payload (json.loads with hooks builds a new one per call).
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)

@@ -22,11 +22,15 @@ out of attempts is dead-lettered instead. ``release`` gives the attempt back: th
 hands the job back untried. ``fail`` retries with exponential backoff and jitter unless
 told ``retry_in``.
 
-**Claims** are taken in one statement (``UPDATE … WHERE id = (SELECT … LIMIT 1)
-RETURNING``), so a job has at most one claimer, and carry a token. ``ack``, ``fail``,
-``extend`` and ``release`` need the token and raise ``ClaimLost`` when the claim has moved on
-(released, expired, redelivered): a worker that hung and resumed can never ack a job that
-another worker now holds. A claim past its lease is lost even before anyone releases it.
+**Claims** are taken in one IMMEDIATE transaction that checks the claimer is still
+registered and alive, picks the best due job and updates it by id, so a job has at most one
+claimer, and carry a token (``<job id>-<random>``: a claim is found by its job id and the
+whole token compared). ``ack``, ``fail``, ``extend`` and ``release`` need the token and
+raise ``ClaimLost`` when the claim has moved on (released, expired, redelivered): a worker
+that hung and resumed can never ack a job that another worker now holds. A claim past its
+lease is lost even before anyone releases it. ``claim_many`` claims up to n jobs in one
+transaction and ``ack_many`` acks many, each claim on its own terms (see their docstrings).
+What a claim and an ack touch is kept small: see ``schema/004_queue_hot.sql``.
 
 **Death**: a claimer looks at the holders of its queue's claims (at most every
 ``SCAN_INTERVAL`` while busy, at once when it finds nothing ready) and applies the death
@@ -40,13 +44,14 @@ or when the next delayed job or claim lease falls due.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import socket
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple
 
 import apsw
@@ -98,7 +103,12 @@ NUDGE_INTERVAL = 0.002
 
 @dataclass(frozen=True)
 class Job:
-    """One job as seen now. ``token`` is set only on the job ``claim`` returned."""
+    """One job as seen now. ``token`` is set only on the jobs ``claim`` (or ``claim_many``)
+    returned.
+
+    ``payload`` is decoded and validated when first read, not when the job is fetched: a
+    worker that needs only the id or the token pays nothing for it, and a payload that fails
+    validation (``PayloadError``) reaches a worker that holds the claim and can ``fail`` it."""
 
     id: int
     queue: str
@@ -106,7 +116,7 @@ class Job:
     priority: int
     attempts: int
     max_attempts: int
-    payload: Any
+    payload_text: str = field(repr=False)  # the payload as stored (JSON text)
     dedupe_key: str | None
     token: str | None
     instance_id: str | None  # who holds it (claimed) or who acked it (done)
@@ -116,11 +126,20 @@ class Job:
     last_error: str | None
     result: Any
     finished_at: float | None
+    _limits: tuple[int, int] = field(repr=False, compare=False)  # (payload limit, max depth)
+
+    @functools.cached_property
+    def payload(self) -> Any:
+        limit, depth = self._limits
+        return decode(self.payload_text, limit=limit, max_depth=depth)
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        if d["token"] is None:
-            del d["token"]
+        d: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "payload_text":
+                d["payload"] = self.payload  # in the payload's place, decoded
+            elif f.name != "_limits" and not (f.name == "token" and self.token is None):
+                d[f.name] = getattr(self, f.name)
         return d
 
 
@@ -174,7 +193,6 @@ def _job(store: Store, r: Row | tuple[Any, ...], now: float, *, with_token: bool
     (id, queue, state, priority, payload, dedupe_key, attempts, max_attempts, available,
      created_at, claimed_by, token, expires, last_error, result, finished_at) = r
     avail = available - now if state == "ready" and available > now else 0.0
-    cfg = store.config
     return Job(
         id=id,
         queue=queue,
@@ -182,7 +200,7 @@ def _job(store: Store, r: Row | tuple[Any, ...], now: float, *, with_token: bool
         priority=priority,
         attempts=attempts,
         max_attempts=max_attempts,
-        payload=decode(payload, limit=cfg.payload_limit, max_depth=cfg.payload_max_depth),
+        payload_text=payload,
         dedupe_key=dedupe_key,
         token=token if with_token else None,
         instance_id=claimed_by,
@@ -192,7 +210,12 @@ def _job(store: Store, r: Row | tuple[Any, ...], now: float, *, with_token: bool
         last_error=last_error,
         result=None if result is None else decode(result),
         finished_at=finished_at,
+        _limits=_limits(store),
     )
+
+
+def _limits(store: Store) -> tuple[int, int]:
+    return store.config.payload_limit, store.config.payload_max_depth
 
 
 _COLUMN_NAMES = tuple(c.strip() for c in _COLUMNS.split(","))
@@ -210,6 +233,14 @@ def _token(job_or_token: Job | str) -> str:
     if not isinstance(job_or_token, str) or not job_or_token:
         raise InvalidArgument("a claim token is a non-empty string")
     return job_or_token
+
+
+def _claim_id(token: str) -> int:
+    """The job a claim token names: tokens are ``<job id>-<random>``, so a claim is found by
+    its row id and the whole token compared (no index on tokens). -1 for a token that names
+    no job: it matches no claim."""
+    head, sep, _ = token.partition("-")
+    return int(head) if sep and head.isascii() and head.isdigit() else -1
 
 
 # -- queues -------------------------------------------------------------------------------
@@ -430,8 +461,9 @@ def _insert(
     depth = None
     if max_depth is not None:
         depth = int(scalar(
-            c, "SELECT count(*) FROM jobs WHERE queue = ? AND state IN ('ready', 'claimed')",
-            (queue,),
+            # An OR, not IN: then it counts in jobs_active (see schema/004_queue_hot.sql).
+            c, "SELECT count(*) FROM jobs WHERE (state = 'ready' OR state = 'claimed') "
+            "AND queue = ?", (queue,),
         ))
     out: list[tuple[int, bool]] = []
     for text, prio, avail, key, max_att, att, state, created, error in rows:
@@ -488,43 +520,74 @@ def _holder(store: Store, who: Instance | str | None) -> _Holder:
     return _Holder(info.id, info.incarnation, None)
 
 
+# The claim's first statement: may this incarnation claim here (registered and alive, and
+# the queue shared or its own), and the best due job, in one read inside the claim's own
+# transaction, so a buried instance's claim never commits. The job comes from jobs_active:
+# (state, queue) then priority DESC, id, which is claim order (schema/004_queue_hot.sql).
+# `queue = CAST(? AS TEXT)`, not `queue = ?`: with a bare parameter compared to an indexed
+# column and an ORDER BY, SQLite prepares the statement again whenever that parameter is
+# bound — every claim (measured: the cached statement cost what an uncached one does). The
+# cast keeps the prepared statement (apsw's cache) valid: the pick costs a quarter.
+# The job's columns are read here rather than by the UPDATE's RETURNING, which costs more
+# (SQLite collects RETURNING rows in a temporary table).
+_JOB_COLUMNS = "id, priority, payload, dedupe_key, attempts, max_attempts, created_at, last_error"
+_PICK = (
+    "SELECT (SELECT 1 FROM instances WHERE id = ?1 AND incarnation = ?2 AND status = 'alive'), "
+    "(SELECT owner_id FROM queues WHERE name = ?3), "
+    "j.id, j.priority, j.payload, j.dedupe_key, j.attempts, j.max_attempts, j.created_at, "
+    "j.last_error FROM (SELECT 1) LEFT JOIN jobs j ON j.id = (SELECT id FROM jobs "
+    "WHERE state = 'ready' AND queue = CAST(?3 AS TEXT) AND available_mono <= ?4 "
+    "ORDER BY priority DESC, id LIMIT 1)"
+)
+# The next due jobs after the first, for claim_many.
+_MORE = (
+    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'ready' AND queue = CAST(? AS TEXT) "  # noqa: S608
+    "AND available_mono <= ? AND id <> ? ORDER BY priority DESC, id LIMIT ?"
+)
+# Then each job by its row id. Selecting first and updating by id is about twice as fast as
+# one UPDATE … WHERE id = (SELECT …): SQLite runs that in two passes, since the statement
+# changes the index its subquery reads. Both run in one IMMEDIATE transaction: no race.
 _CLAIM = (
-    "UPDATE jobs SET state = 'claimed', claim_token = id || '-' || ?, claimed_by = ?, "
-    "claimed_incarnation = ?, claim_expires_mono = ?, claimed_at = ?, attempts = attempts + 1 "
-    "WHERE id = (SELECT id FROM jobs WHERE queue = ? AND state = 'ready' AND available_mono <= ? "
-    "ORDER BY priority DESC, id LIMIT 1) "
-    "RETURNING id, queue, state, priority, payload, dedupe_key, attempts, max_attempts, "
-    "available_mono, created_at, claimed_by, claim_token, claim_expires_mono, last_error, result, "
-    "finished_at"  # the same list as _COLUMNS
-)
-# Who may claim, read in the claim's own transaction (cheaper than EXISTS in the UPDATE).
-_MAY_CLAIM = (
-    "SELECT (SELECT 1 FROM instances WHERE id = ? AND incarnation = ? AND status = 'alive'), "
-    "(SELECT owner_id FROM queues WHERE name = ?)"
+    "UPDATE jobs SET state = 'claimed', claim_token = ?, claimed_by = ?, claimed_incarnation = ?, "
+    "claim_expires_mono = ?, claimed_at = ?, attempts = attempts + 1 WHERE id = ?"
 )
 
 
-def _try_claim(store: Store, queue: str, h: _Holder, lease: float) -> Job | None:
+def _try_claim(store: Store, queue: str, h: _Holder, lease: float, n: int = 1) -> list[Job]:
     """One claim transaction: the claimer must be registered and alive, and the queue shared
-    or its own; then the best due job in one statement, or None."""
-    secret = f"{random.getrandbits(64):016x}"  # with the job id: unique, and not guessable
+    or its own; then up to ``n`` due jobs in claim order ([] when none is due)."""
 
-    def txn(c: apsw.Connection) -> tuple[float, tuple[Any, ...]] | None:
-        for alive, owner in c.execute(_MAY_CLAIM, (h.id, h.incarnation, queue)):
-            if not alive:
-                raise NotRegistered(h.id, "its registration has ended (declared dead or taken over)")
-            if owner is not None and owner != h.id:
-                raise PermissionDenied(f"queue {queue!r} is private to instance {owner!r}")
+    def txn(c: apsw.Connection) -> list[tuple[str, tuple[Any, ...]]]:
         now = store.mono()
-        got = c.execute(
-            _CLAIM, (secret, h.id, h.incarnation, now + lease, store.wall(), queue, now)
-        ).fetchall()
-        return (now, got[0]) if got else None
+        ((alive, owner, *first),) = c.execute(_PICK, (h.id, h.incarnation, queue, now))
+        if not alive:
+            raise NotRegistered(h.id, "its registration has ended (declared dead or taken over)")
+        if owner is not None and owner != h.id:
+            raise PermissionDenied(f"queue {queue!r} is private to instance {owner!r}")
+        if first[0] is None:
+            return []
+        rows = [tuple(first)]
+        if n > 1:
+            rows += c.execute(_MORE, (queue, now, first[0], n - 1)).fetchall()
+        wall, until = store.wall(), now + lease
+        # With the job id, a token is unique; the random part makes it unguessable.
+        out = [(f"{row[0]}-{random.getrandbits(64):016x}", row) for row in rows]
+        args = [(token, h.id, h.incarnation, until, wall, row[0]) for token, row in out]
+        if len(args) == 1:  # executemany costs more than execute for one row
+            c.execute(_CLAIM, args[0])
+        else:
+            c.executemany(_CLAIM, args)
+        return out
 
     got = store.write(txn)
-    if got is None:
-        return None
-    return _job(store, got[1], got[0], with_token=True)
+    limits = _limits(store)
+    return [
+        Job(id=job_id, queue=queue, state="claimed", priority=prio, attempts=attempts + 1,
+            max_attempts=max_attempts, payload_text=payload, dedupe_key=key, token=token,
+            instance_id=h.id, created_at=created, available_in=0.0, expires_in=lease,
+            last_error=error, result=None, finished_at=None, _limits=limits)
+        for token, (job_id, prio, payload, key, attempts, max_attempts, created, error) in got
+    ]
 
 
 # When this process last scanned each queue of each open Store for dead holders and
@@ -637,7 +700,27 @@ def claim(
     ``config.claim_lease``), or None when nothing arrived in time. Raises
     ``PermissionDenied`` for another instance's private queue, ``NotRegistered`` when the
     claimer's registration has ended."""
+    got = claim_many(store, queue, 1, instance, lease=lease, timeout=timeout)
+    return got[0] if got else None
+
+
+def claim_many(
+    store: Store,
+    queue: str,
+    n: int,
+    instance: Instance | str | None = None,
+    *,
+    lease: float | None = None,
+    timeout: float | None = 0.0,
+) -> list[Job]:
+    """Claim up to ``n`` jobs of ``queue`` in one transaction, in claim order, for a worker
+    that takes batches; each has its own token and lease, and is acked, failed, extended or
+    released on its own (or acked together with ``ack_many``). Waits up to ``timeout``
+    seconds for the first job, then takes what is due; [] when nothing arrived in time.
+    Otherwise as ``claim``."""
     _name(queue)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InvalidArgument(f"claim_many needs a count of at least 1, got {n!r}")
     h = _holder(store, instance)
     lease = store.config.claim_lease if lease is None else lease
     if not (lease > 0):
@@ -646,21 +729,23 @@ def claim(
         raise InvalidArgument(f"timeout must be zero or more seconds, got {timeout!r}")
     if _scan_due(store, queue, SCAN_INTERVAL):
         release_dead_claims(store, queue, skip=h.id)
-    job = _try_claim(store, queue, h, lease)
-    if job is not None:
-        return job
+    jobs = _try_claim(store, queue, h, lease, n)
+    if jobs:
+        return jobs
     if _scan_due(store, queue, IDLE_SCAN_INTERVAL) and release_dead_claims(store, queue, skip=h.id):
-        job = _try_claim(store, queue, h, lease)
-    if job is not None or timeout == 0:
-        return job
-    return _wait_claim(store, queue, h, lease,
+        jobs = _try_claim(store, queue, h, lease, n)
+    if jobs or timeout == 0:
+        return jobs
+    return _wait_claim(store, queue, h, lease, n,
                        float("inf") if timeout is None else store.mono() + timeout)
 
 
-def _wait_claim(store: Store, queue: str, h: _Holder, lease: float, deadline: float) -> Job | None:
+def _wait_claim(
+    store: Store, queue: str, h: _Holder, lease: float, n: int, deadline: float
+) -> list[Job]:
     me, ns = os.getpid(), Probe().pidns
     ready_sql = (
-        "SELECT 1 FROM jobs WHERE queue = ? AND state = 'ready' AND available_mono <= ? LIMIT 1"
+        "SELECT 1 FROM jobs WHERE state = 'ready' AND queue = ? AND available_mono <= ? LIMIT 1"
     )
 
     def watch() -> list[int]:
@@ -670,7 +755,7 @@ def _wait_claim(store: Store, queue: str, h: _Holder, lease: float, deadline: fl
     while True:
         now = store.mono()
         if now >= deadline:
-            return None
+            return []
         due = _next_due(store, queue, now)
         until = deadline if due is None else min(deadline, max(due, now + IDLE_SCAN_INTERVAL))
         slice_end = until
@@ -680,19 +765,19 @@ def _wait_claim(store: Store, queue: str, h: _Holder, lease: float, deadline: fl
             if not store.value(ready_sql, (queue, now)):
                 if _scan_due(store, queue, IDLE_SCAN_INTERVAL):
                     if release_dead_claims(store, queue, skip=h.id):
-                        return _try_claim(store, queue, h, lease)
+                        return _try_claim(store, queue, h, lease, n) or None
                 due = _next_due(store, queue, now)
                 if due is not None and due + 0.001 < slice_end:
                     return _RESLICE
                 return None
-            return _try_claim(store, queue, h, lease)
+            return _try_claim(store, queue, h, lease, n) or None
 
         wait = None if until == float("inf") else max(0.0, until - now)
         got = nudge.wait_for(store, check, wait, sock=h.sock, watch_pids=watch)
-        if isinstance(got, Job):
+        if isinstance(got, list):
             return got
         if got is None and store.mono() >= deadline:
-            return None
+            return []
         if _scan_due(store, queue, IDLE_SCAN_INTERVAL):
             release_dead_claims(store, queue, skip=h.id)
 
@@ -705,32 +790,78 @@ _LOST = object()
 def _expired_release(c: apsw.Connection, store: Store, token: str, now: float) -> object:
     """The claim is gone or past its lease: if merely expired, release it now (the attempt
     counted). Always returns the _LOST marker, raised as ClaimLost after the commit."""
-    release_claims(c, now, store.wall(), "claim_token = ? AND claim_expires_mono < ?",
-                   (token, now), error="claim lease expired")
+    release_claims(c, now, store.wall(),
+                   "id = ? AND claim_token = ? AND claim_expires_mono < ?",
+                   (_claim_id(token), token, now), error="claim lease expired")
     return _LOST
+
+
+# An ack finds the claim by its job id and compares the token: a claim that moved on (or a
+# lease past its end) changes nothing.
+_ACK = (
+    "UPDATE jobs SET state = 'done', claim_token = NULL, claim_expires_mono = NULL, "
+    "result = ?, finished_at = ?, finished_mono = ? "
+    "WHERE id = ? AND claim_token = ? AND claim_expires_mono >= ?"
+)
+
+
+def _result_text(store: Store, result: Any) -> str | None:
+    return None if result is None else encode(
+        result, limit=min(RESULT_LIMIT, store.config.payload_limit),
+        max_depth=store.config.payload_max_depth)
+
+
+def _acked(c: apsw.Connection, store: Store, tok: str, text: str | None, now: float,
+           wall: float) -> bool:
+    """Ack one claim inside the caller's transaction; False (and an expired claim released)
+    when the claim has moved on."""
+    c.execute(_ACK, (text, wall, now, _claim_id(tok), tok, now))
+    if c.changes():
+        return True
+    _expired_release(c, store, tok, now)
+    return False
 
 
 def ack(store: Store, token: Job | str, result: Any = None) -> None:
     """Mark the claimed job done, keeping ``result`` (small JSON) for the retention period.
     Raises ``ClaimLost`` if the claim has moved on."""
-    tok = _token(token)
-    text = None if result is None else encode(
-        result, limit=min(RESULT_LIMIT, store.config.payload_limit),
-        max_depth=store.config.payload_max_depth)
-
-    def txn(c: apsw.Connection) -> object:
-        now = store.mono()
-        if c.execute(
-            "UPDATE jobs SET state = 'done', claim_token = NULL, claim_expires_mono = NULL, "
-            "result = ?, finished_at = ?, finished_mono = ? "
-            "WHERE claim_token = ? AND claim_expires_mono >= ? RETURNING 1",
-            (text, store.wall(), now, tok, now),
-        ).fetchall():
-            return None
-        return _expired_release(c, store, tok, now)
-
-    if store.write(txn) is _LOST:
+    tok, text = _token(token), _result_text(store, result)
+    if not store.write(lambda c: _acked(c, store, tok, text, store.mono(), store.wall())):
         raise ClaimLost(tok)
+
+
+def ack_many(
+    store: Store, tokens: Iterable[Job | str], results: Iterable[Any] | None = None
+) -> None:
+    """Ack many claims in one transaction (``results``, if given, pairs one result with each
+    claim, as ``ack``'s). Each claim counts on its own: the claims still held are acked and
+    committed, and then ``ClaimLost`` is raised naming every claim that had moved on
+    (``ClaimLost.tokens``) — those jobs were not acked, whoever holds them now."""
+    toks = [_token(t) for t in tokens]
+    texts = [None] * len(toks) if results is None else [_result_text(store, r) for r in results]
+    if len(texts) != len(toks):
+        raise InvalidArgument(f"ack_many got {len(toks)} claims but {len(texts)} results")
+    if not toks:
+        return
+
+    def txn(c: apsw.Connection) -> list[str]:
+        now, wall = store.mono(), store.wall()
+        pairs = list(zip(toks, texts, strict=True))
+        # Usually every claim is still held: ack them all in one executemany, and only when
+        # fewer rows changed than claims were given, undo that and go claim by claim.
+        c.execute("SAVEPOINT ack_many")
+        before = c.total_changes()
+        c.executemany(_ACK, [(text, wall, now, _claim_id(tok), tok, now) for tok, text in pairs])
+        if c.total_changes() - before == len(pairs):
+            c.execute("RELEASE ack_many")
+            return []
+        c.execute("ROLLBACK TO ack_many")
+        c.execute("RELEASE ack_many")
+        return [tok for tok, text in pairs if not _acked(c, store, tok, text, now, wall)]
+
+    lost = store.write(txn)
+    if lost:
+        raise ClaimLost(*lost)
 
 
 def backoff(attempts: int) -> float:
@@ -753,8 +884,8 @@ def fail(store: Store, token: Job | str, error: str = "", *, retry_in: float | N
         rows = fetch(
             c,
             "SELECT id, queue, attempts, max_attempts, claimed_by FROM jobs "
-            "WHERE claim_token = ? AND claim_expires_mono >= ?",
-            (tok, now),
+            "WHERE id = ? AND claim_token = ? AND claim_expires_mono >= ?",
+            (_claim_id(tok), tok, now),
         )
         if not rows:
             return _expired_release(c, store, tok, now)
@@ -799,9 +930,9 @@ def extend(store: Store, token: Job | str, lease: float | None = None) -> float:
     def txn(c: apsw.Connection) -> object:
         now = store.mono()
         if c.execute(
-            "UPDATE jobs SET claim_expires_mono = ? WHERE claim_token = ? "
+            "UPDATE jobs SET claim_expires_mono = ? WHERE id = ? AND claim_token = ? "
             "AND claim_expires_mono >= ? RETURNING 1",
-            (now + lease, tok, now),
+            (now + lease, _claim_id(tok), tok, now),
         ).fetchall():
             return None
         return _expired_release(c, store, tok, now)
@@ -822,8 +953,8 @@ def release(store: Store, token: Job | str) -> None:
             "UPDATE jobs SET state = 'ready', claim_token = NULL, claimed_by = NULL, "
             "claimed_incarnation = NULL, claim_expires_mono = NULL, "
             "attempts = max(attempts - 1, 0), available_mono = ? "
-            "WHERE claim_token = ? AND claim_expires_mono >= ? RETURNING queue",
-            (now, tok, now),
+            "WHERE id = ? AND claim_token = ? AND claim_expires_mono >= ? RETURNING queue",
+            (now, _claim_id(tok), tok, now),
         ).fetchall()
         if got:
             return str(got[0][0])
@@ -1144,8 +1275,15 @@ class Queue:
     def claim(self, *, lease: float | None = None, timeout: float | None = 0.0) -> Job | None:
         return claim(self.store, self.name, self.instance, lease=lease, timeout=timeout)
 
+    def claim_many(self, n: int, *, lease: float | None = None,
+                   timeout: float | None = 0.0) -> list[Job]:
+        return claim_many(self.store, self.name, n, self.instance, lease=lease, timeout=timeout)
+
     def ack(self, job: Job | str, result: Any = None) -> None:
         ack(self.store, job, result)
+
+    def ack_many(self, jobs: Iterable[Job | str], results: Iterable[Any] | None = None) -> None:
+        ack_many(self.store, jobs, results)
 
     def fail(self, job: Job | str, error: str = "", *, retry_in: float | None = None) -> str:
         return fail(self.store, job, error, retry_in=retry_in)
@@ -1176,7 +1314,7 @@ class Queue:
 
 
 __all__ = [
-    "Adoption", "Job", "NewJob", "Queue", "QueueStats", "ack", "adopt", "backoff", "cancel",
-    "claim", "create_queue", "extend", "fail", "get_job", "list_jobs", "problems", "purge",
+    "Adoption", "Job", "NewJob", "Queue", "QueueStats", "ack", "ack_many", "adopt", "backoff",
+    "cancel", "claim", "claim_many", "create_queue", "extend", "fail", "get_job", "list_jobs", "problems", "purge",
     "put", "put_many", "release", "release_dead_claims", "requeue", "requeue_dead", "stats",
 ]

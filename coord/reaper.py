@@ -170,7 +170,7 @@ def _kept(c: apsw.Connection, ids: Sequence[str]) -> set[str]:
         "AND instance_id IN (SELECT value FROM json_each(?1)) "
         "UNION SELECT DISTINCT q.owner_id FROM queues q "
         "WHERE q.owner_id IN (SELECT value FROM json_each(?1)) AND EXISTS "
-        "(SELECT 1 FROM jobs j WHERE j.queue = q.name AND j.state IN ('ready', 'claimed'))",
+        "(SELECT 1 FROM jobs j WHERE j.queue = q.name AND (j.state = 'ready' OR j.state = 'claimed'))",
         (arr,),
     ).fetchall()
     return {str(r[0]) for r in rows}

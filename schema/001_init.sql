@@ -130,6 +130,8 @@ CREATE TABLE queues (
 -- claim_expires_mono), 'done' (acked; result kept until purged), 'dead' (out of attempts, last
 -- error kept), 'cancelled'. Claim order: priority DESC, then id (FIFO).
 -- dedupe_key is unique within a queue until the job row is purged.
+-- The claim token is "<job id>-<random>". Of the indexes below, version 4
+-- (004_queue_hot.sql) keeps jobs_dedupe and replaces the other four by jobs_active.
 CREATE TABLE jobs (
     id                  INTEGER PRIMARY KEY,
     queue               TEXT NOT NULL REFERENCES queues (name) ON DELETE CASCADE,

@@ -20,8 +20,8 @@ SECTIONS = ["transactions", "queue", "messages", "failover", "registry", "cli"]
 #: Every implementation each section must have measured (coord's own rows and references).
 EXPECTED = {
     "transactions": {"coord Store.write", "raw apsw"},
-    "queue": {"coord", "raw apsw", "persist-queue", "litequeue", "huey (no ack)",
-              "file-per-job dir", "persist-queue (4 threads)"},
+    "queue": {"coord", "minimal queue", "coord's schema, raw", "persist-queue", "litequeue",
+              "huey (no ack)", "file-per-job dir", "persist-queue (4 threads)"},
     "messages": {"coord", "pipe", "file-per-message dir"},
     "failover": {"coord", "kernel lock (F_SETLKW)", "filelock", "TTL lease row"},
     "registry": {"coord", "file-per-PID"},
@@ -29,8 +29,8 @@ EXPECTED = {
             'python -c "import typer"'},
 }
 
-QUEUE_WORKS = {"put (1 producer)", "claim+ack (1 consumer)", "1 producer + 4 consumers",
-               "latency at 200 jobs/s"}
+QUEUE_WORKS = {"put (1 producer)", "claim+ack (1 consumer)", "claim+ack, batches of 10 (1 consumer)",
+               "1 producer + 4 consumers", "latency at 200 jobs/s"}
 
 
 @pytest.fixture(scope="module")
@@ -79,8 +79,12 @@ def test_json_names_the_run_and_the_targets(run: tuple[str, list[dict[str, Any]]
         for t in s["targets"]:
             assert t["met"] in (True, False, None) and t["target"]
     checked = {t["target"] for s in sections for t in s["targets"]}
-    assert "request→reply p50 ≤ 1 ms" in checked
-    assert "claim+ack ≥ 0.6 × raw apsw" in checked
+    assert "request→reply p50 ≤ 0.4 ms" in checked
+    assert "claim+ack ≥ 0.5 × the minimal queue" in checked
+    assert "failover p50 ≤ 2 × the kernel's handover" in checked
+    queue = next(s for s in sections if s["section"] == "queue")
+    limits = {w["work"]: [r["impl"] for r in w["references"] if r["limit"]] for w in queue["works"]}
+    assert all(v == ["minimal queue"] for v in limits.values()), limits
 
 
 @pytest.mark.timeout(200)
@@ -89,3 +93,30 @@ def test_table_for_people(run: tuple[str, list[dict[str, Any]]]) -> None:
     for name in SECTIONS:
         assert f"== {name} ==" in table
     assert "COORD ÷ THIS" in table and "FAILED" not in table
+
+
+@pytest.mark.timeout(200)
+def test_size_runs_put_and_claim_at_each_depth(tmp_path: Path) -> None:
+    p = subprocess.run(
+        [sys.executable, str(BENCH), "--tiny", "--only", "queue", "--size", "30,60", "--json",
+         "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=170, cwd=ROOT,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    (queue,) = [json.loads(line) for line in p.stdout.splitlines()]
+    works = {w["work"]: w for w in queue["works"]}
+    for n in (30, 60):
+        for work in (f"put (1 producer, {n} jobs)", f"claim+ack (1 consumer, {n} jobs)"):
+            rows = {r["impl"]: r for r in queue["rows"] if r["work"] == work}
+            assert set(rows) == EXPECTED["queue"] - {"persist-queue (4 threads)"}, work
+            assert rows["coord"]["n"] == n, rows["coord"]
+            assert works[work]["coord"]["figure"] is not None
+    targets = {t["target"] for t in queue["targets"]}
+    assert {"claim+ack ahead of litequeue (30 jobs)",
+            "claim+ack ahead of litequeue (60 jobs)"} <= targets
+
+
+def test_size_refuses_what_is_not_a_count(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, str(BENCH), "--size", "lots", "--dir", str(tmp_path)],
+                       capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert p.returncode == 2 and "--size" in p.stderr

@@ -1,7 +1,7 @@
 """The queue rules against a model (hypothesis stateful), with an injected clock.
 
-Three in-process instances put, claim, ack, fail, extend, release, cancel and requeue on one
-shared queue while the clock moves, leases expire, instances are "killed" (they stop beating
+Three in-process instances put, claim (one job or a batch), ack (one or a batch), fail,
+extend, release, cancel and requeue on one shared queue while the clock moves, leases expire, instances are "killed" (they stop beating
 and the clock passes their TTL, so they are seen hung) and restarted under the same id, and
 workers ack with stale tokens. After every step every job's state, attempts and holder match
 the model, and the invariant checker is clean.
@@ -119,22 +119,51 @@ class QueueMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: len(self.killed) < len(IDS))
     @rule(data=st.data(), lease=st.sampled_from([5.0, 30.0, 30.0]))
-    def claim(self, data: st.DataObject, lease: float) -> None:
+    def claim(self, data: st.DataObject, lease: float, n: int = 1) -> None:
         i = data.draw(st.sampled_from([i for i in range(len(IDS)) if i not in self.killed]))
         self._release_pending()
         due = [j for j in self.jobs.values() if j.state == "ready" and j.available <= self.now]
-        want = min(due, key=lambda j: (-j.priority, j.id)) if due else None
-        got = queues.claim(self.store, Q, self.insts[i], lease=lease)
-        if want is None:
-            assert got is None
-            return
-        assert got is not None and got.id == want.id, (got, want)
-        assert got.token is not None and got.token not in self.tokens
-        want.state, want.holder, want.token = "claimed", i, got.token
-        want.attempts += 1
-        want.expires = self.now + lease
-        assert got.attempts == want.attempts
-        self.tokens.append(got.token)
+        want = sorted(due, key=lambda j: (-j.priority, j.id))[:n]
+        if n == 1:
+            one = queues.claim(self.store, Q, self.insts[i], lease=lease)
+            got = [] if one is None else [one]
+        else:
+            got = queues.claim_many(self.store, Q, n, self.insts[i], lease=lease)
+        assert [g.id for g in got] == [w.id for w in want], (got, want)
+        for g, w in zip(got, want, strict=True):
+            assert g.token is not None and g.token not in self.tokens
+            w.state, w.holder, w.token = "claimed", i, g.token
+            w.attempts += 1
+            w.expires = self.now + lease
+            assert g.attempts == w.attempts
+            self.tokens.append(g.token)
+
+    @precondition(lambda self: len(self.killed) < len(IDS))
+    @rule(data=st.data(), lease=st.sampled_from([5.0, 30.0]), n=st.integers(2, 4))
+    def claim_batch(self, data: st.DataObject, lease: float, n: int) -> None:
+        """A worker takes up to n jobs in one claim_many."""
+        self.claim(data, lease, n)
+
+    @precondition(lambda self: self.tokens)
+    @rule(data=st.data())
+    def settle_batch(self, data: st.DataObject) -> None:
+        """A worker acks several claims at once, some of them perhaps stale or repeated:
+        the held ones are acked, and ClaimLost names exactly the others, in order."""
+        pick = st.sampled_from(self.tokens[-4:] + self.tokens[:1])
+        tokens = data.draw(st.lists(pick, min_size=1, max_size=4))
+        lost = []
+        for t in tokens:
+            j = self._use(t)
+            if j is None:
+                lost.append(t)
+            else:
+                j.state, j.token = "done", None
+        try:
+            queues.ack_many(self.store, tokens, [{"n": k} for k in range(len(tokens))])
+        except ClaimLost as e:
+            assert list(e.tokens) == lost
+        else:
+            assert lost == []
 
     @precondition(lambda self: self.tokens)
     @rule(data=st.data(), op=st.sampled_from(["ack", "ack", "fail", "extend", "release"]),
