@@ -48,19 +48,17 @@ import threading
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
-import apsw
-
-from . import nudge
+from . import kv, nudge
+from .backend import LeaseRecord, LeaseTaken, Member
 from .clock import boot_id
-from .db import Row, Store, fetch, next_counter, scalar
+from .db import Row, Store
 from .errors import CoordError, InvalidArgument, LeaseLost, LeaseNotAcquired, NotRegistered
-from .events import log_event
-from .identity import ProcIdentity, pid_namespace, start_token, still_running
-from .instances import Instance, Probe, judge
+from .identity import ProcIdentity, start_token, still_running
+from .instances import Instance
 from .instances import validate_name as _validate_name
-from .reaper import bury
+from .reaper import bury_dead
 
 log = logging.getLogger("coord.leases")
 
@@ -68,6 +66,7 @@ log = logging.getLogger("coord.leases")
 REAPER_LEASE = "coord/reaper"
 
 LostCallback = Callable[["Lease"], None]
+T = TypeVar("T")
 
 
 def validate_name(name: str) -> str:
@@ -119,200 +118,96 @@ class LeaseInfo:
         }
 
 
-def _info(store: Store, lease: Row, now: float, probe: Probe | None = None) -> LeaseInfo:
-    """A lease row as readers see it: a holder proven dead (or hung past its TTL) holds
+def _info(store: Store, lease: LeaseRecord, look: object | None = None) -> LeaseInfo:
+    """A lease as readers see it: a holder proven dead (or hung past its TTL) holds
     nothing, so the lease shows free, as the death rule will make it — without waiting for
     that rule, or the ending of the holder's tree, to be applied. ``pgid`` stays shown while
     the dead holder's recorded group is not yet proven empty."""
-    alive: bool | None = None
+    backend = store.backend
     pid: int | None = None
-    held = lease["holder_id"] is not None
-    if held:
-        inst = store.row(
-            "SELECT * FROM instances WHERE id = ? AND incarnation = ?",
-            (lease["holder_id"], lease["holder_incarnation"]),
-        )
-        alive = inst is not None and judge(store, inst, now, probe=probe)[0]
+    held = lease.holder is not None
+    if lease.holder is not None:
+        inst = backend.instances.get(lease.holder)
+        held = inst is not None and backend.liveness.judge(inst, look)[0]
         pid = inst["pid"] if inst is not None else None
-        held = alive
     return LeaseInfo(
-        name=lease["name"],
-        holder=lease["holder_id"] if held else None,
-        holder_incarnation=lease["holder_incarnation"] if held else None,
-        term=lease["term"],
-        ttl=lease["ttl"],
-        since=lease["acquired_at"] if held else None,
-        renewed_at=lease["renewed_at"] if held else None,
-        expires_in=(lease["expires_mono"] - now) if held and lease["expires_mono"] is not None else None,
+        name=lease.name,
+        holder=lease.holder[0] if held and lease.holder else None,
+        holder_incarnation=lease.holder[1] if held and lease.holder else None,
+        term=lease.term,
+        ttl=lease.ttl,
+        since=lease.acquired_at if held else None,
+        renewed_at=lease.renewed_at if held else None,
+        expires_in=lease.expires_in if held else None,
         alive=True if held else None,
         holder_pid=pid if held else None,
-        pgid=lease["pgid"],
+        pgid=lease.pgid,
     )
 
 
 def get_lease(store: Store, name: str) -> LeaseInfo:
     """The lease ``name`` now (free, with no term, if it was never taken)."""
     validate_name(name)
-    row = store.row("SELECT * FROM leases WHERE name = ?", (name,))
-    if row is None:
+    rec = store.backend.leases.get(name)
+    if rec is None:
         return LeaseInfo(name, None, None, None, None, None, None, None, None, None, None)
-    return _info(store, row, store.mono())
+    return _info(store, rec)
 
 
 def list_leases(store: Store, *, held_only: bool = False) -> list[LeaseInfo]:
     """Every lease, free ones too unless ``held_only``, by name."""
-    sql = "SELECT * FROM leases"
-    if held_only:
-        sql += " WHERE holder_id IS NOT NULL"
-    now, probe = store.mono(), Probe()
-    out = [_info(store, r, now, probe) for r in store.rows(sql + " ORDER BY name")]
+    backend = store.backend
+    look = backend.liveness.look()
+    out = [_info(store, r, look) for r in backend.leases.every(held_only=held_only)]
     return [i for i in out if i.held] if held_only else out
 
 
 # -- the rules, each one transaction --------------------------------------------------------
 
 
-def _free(c: apsw.Connection, name: str, term: int, reason: str, now_wall: float,
-          holder: tuple[str, int] | None = None) -> bool:
-    """Make the lease free if it is still held in ``term`` (by ``holder`` when given)."""
-    rows = fetch(c, "SELECT holder_id, holder_incarnation FROM leases WHERE name = ? AND term = ? "
-                    "AND holder_id IS NOT NULL", (name, term))
-    if not rows or (holder is not None and
-                    (rows[0]["holder_id"], rows[0]["holder_incarnation"]) != tuple(holder)):
-        return False
-    c.execute("UPDATE leases SET holder_id = NULL, holder_incarnation = NULL, expires_mono = NULL "
-              "WHERE name = ?", (name,))
-    c.execute("UPDATE lease_terms SET released_at = ?, reason = ? WHERE name = ? AND term = ?",
-              (now_wall, reason, name, term))
-    kind = "lease expired" if reason == "expired" else "lease released"
-    log_event(c, now_wall, kind, rows[0]["holder_id"], name, term=term, reason=reason)
-    return True
-
-
-@dataclass(frozen=True)
-class _Taken:
-    term: int
-    previous_holder: str | None
-    previous_group: tuple[int, int] | None  # (pgid, leader start token) to end first
-    previous_tree: tuple[str, int] | None  # the instance whose tree runs in that group
-
-
-def _take(store: Store, inst: Instance, name: str, ttl: float) -> _Taken | str:
-    """One transaction: take the lease if it is free, expired, or its holder is dead.
+def _take(store: Store, inst: Instance, name: str, ttl: float) -> LeaseTaken | str:
+    """Take the lease if it is free, expired, or its holder is dead (one transaction).
 
     Returns the taken term, else the current holder's id; raises ``NotRegistered`` when
-    ``inst`` is no longer a live registered instance."""
-
-    dead: list[tuple[str, int, str]] = []  # a holder proven dead, buried right after
-
-    def txn(c: apsw.Connection) -> _Taken | str:
-        dead.clear()
-        now_mono, now_wall = store.mono(), store.wall()
-        me = fetch(c, "SELECT status FROM instances WHERE id = ? AND incarnation = ?",
-                   (inst.id, inst.incarnation))
-        if not me or me[0]["status"] != "alive":
-            raise NotRegistered(inst.id, "closed, declared dead or taken over")
-        rows = fetch(c, "SELECT * FROM leases WHERE name = ?", (name,))
-        row = rows[0] if rows else None
-        previous = None
-        reason = "free"
-        if row is not None and row["holder_id"] is not None:
-            previous = row["holder_id"]
-            holder = (row["holder_id"], row["holder_incarnation"])
-            if holder == (inst.id, inst.incarnation) and row["expires_mono"] >= now_mono:
-                return inst.id  # already ours: leases are not re-entrant
-            hrow = fetch(c, "SELECT * FROM instances WHERE id = ? AND incarnation = ?", holder)
-            alive, verdict = (judge(store, hrow[0], now_mono) if hrow else (False, "gone"))
-            if hrow and hrow[0]["status"] == "alive" and not alive:
-                # Proof of death (or a hung heartbeat): take the lease now; the rest of the
-                # death rule follows in its own transaction, so failover does not wait for it.
-                _free(c, name, row["term"], verdict, now_wall)
-                dead.append((holder[0], holder[1], verdict))
-                reason = verdict
-            elif row["expires_mono"] is None or row["expires_mono"] < now_mono:
-                _free(c, name, row["term"], "expired", now_wall)
-                reason = "expired"
-            elif not alive:
-                _free(c, name, row["term"], verdict, now_wall)
-                reason = verdict
-            else:
-                return str(row["holder_id"])
-            # bury/_free released it; make sure (a holder row may have been inconsistent).
-            _free(c, name, row["term"], reason, now_wall)
-        term = next_counter(c, "term")
-        expires = now_mono + ttl
-        if row is None:
-            c.execute(
-                "INSERT INTO leases (name, holder_id, holder_incarnation, term, ttl, acquired_at, "
-                "renewed_at, expires_mono) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, inst.id, inst.incarnation, term, ttl, now_wall, now_wall, expires),
-            )
-        else:
-            # pgid/pg_start_token stay: the new holder ends that group before doing anything.
-            c.execute(
-                "UPDATE leases SET holder_id = ?, holder_incarnation = ?, term = ?, ttl = ?, "
-                "acquired_at = ?, renewed_at = ?, expires_mono = ? WHERE name = ?",
-                (inst.id, inst.incarnation, term, ttl, now_wall, now_wall, expires, name),
-            )
-        c.execute(
-            "INSERT INTO lease_terms (name, term, holder_id, holder_incarnation, acquired_at) "
-            "VALUES (?, ?, ?, ?, ?)",
-            (name, term, inst.id, inst.incarnation, now_wall),
-        )
-        log_event(c, now_wall, "leader changed", inst.id, name, term=term, previous=previous,
-                  reason=reason)
-        group = tree = None
-        if row is not None and row["pgid"] is not None and row["pg_start_token"] is not None:
-            group = (int(row["pgid"]), int(row["pg_start_token"]))
-        if row is not None and row["pg_holder_id"] is not None:
-            tree = (str(row["pg_holder_id"]), int(row["pg_holder_incarnation"]))
-        return _Taken(term, previous, group, tree)
-
-    taken = store.write(txn)
-    if dead:
-        id, incarnation, verdict = dead[0]
+    ``inst`` is no longer a live registered instance. A holder proven dead is buried right
+    after (the death rule), so failover does not wait for it."""
+    backend = store.backend
+    taken = backend.leases.take((inst.id, inst.incarnation), name, ttl)
+    if isinstance(taken, LeaseTaken) and taken.dead is not None:
+        id, incarnation, verdict = taken.dead
         try:
-            store.write(lambda c: bury(c, store, id, incarnation, reason=verdict))
+            row = backend.instances.get((id, incarnation))
+            if row is not None:
+                bury_dead(store, [row], verdict)
         except CoordError as e:  # the reaper will do it; the lease is ours either way
             inst.log.warning("could not bury %s#%d: %s", id, incarnation, e)
     return taken
 
 
-def _renew(store: Store, name: str, term: int, holder: tuple[str, int], ttl: float) -> bool:
-    def txn(c: apsw.Connection) -> bool:
-        now_mono, now_wall = store.mono(), store.wall()
-        ok = fetch(
-            c,
-            "UPDATE leases SET renewed_at = ?, expires_mono = ? WHERE name = ? AND term = ? "
-            "AND holder_id = ? AND holder_incarnation = ? AND expires_mono >= ? RETURNING 1",
-            (now_wall, now_mono + ttl, name, term, *holder, now_mono),
-        )
-        if ok:
-            return True
-        _free(c, name, term, "expired", now_wall, holder)  # ours but expired: say so
-        return False
-
-    return store.write(txn)
+def release(store: Store, name: str, term: int, holder: Member | None, reason: str,
+            **detail: Any) -> bool:
+    """Free ``name`` if it is still held in ``term`` (by ``holder`` when given) and wake
+    the candidates waiting for it. ``detail`` joins the 'lease released' event. False
+    when it was not held so."""
+    freed = store.backend.leases.release(name, term, holder, reason, **detail)
+    if freed:
+        nudge_waiters(store, name)
+    return freed
 
 
-def _release(store: Store, name: str, term: int, holder: tuple[str, int], reason: str) -> bool:
-    return store.write(lambda c: _free(c, name, term, reason, store.wall(), holder))
-
-
-def _current(c: apsw.Connection, store: Store, name: str, term: int) -> bool:
-    return bool(scalar(
-        c,
-        "SELECT 1 FROM leases WHERE name = ? AND term = ? AND holder_id IS NOT NULL "
-        "AND expires_mono >= ?",
-        (name, term, store.mono()),
-    ))
+def release_dead_holders(store: Store, members: Sequence[Member], reason: str) -> int:
+    """The death rule's lease part on its own: free every lease held by one of ``members``
+    (proven dead) and wake the waiting candidates. Returns how many were freed."""
+    return store.backend.leases.release_dead_holders(members, reason)
 
 
 def fenced_write(
     store: Store, name: str, term: int, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()
 ) -> list[Row]:
     """Run one SQL statement only while ``term`` is the current, unexpired term of ``name``,
-    in the same transaction; returns its rows. Raises ``LeaseLost(name, term)`` otherwise."""
+    in the same transaction; returns its rows. Raises ``LeaseLost(name, term)`` otherwise.
+    The statement is the engine's (SQLite SQL here): for what every engine can do, use the
+    typed fenced operations (``kv.set``/``kv.cas`` with ``fence=``, ``Lease.set``/``cas``)."""
     return fenced_batch(store, name, term, [(sql, params)])[0]
 
 
@@ -320,14 +215,10 @@ def fenced_batch(
     store: Store, name: str, term: int,
     statements: Sequence[tuple[str, tuple[Any, ...] | dict[str, Any]]],
 ) -> list[list[Row]]:
-    """Run several statements in one transaction, only while ``term`` is current."""
-
-    def txn(c: apsw.Connection) -> list[list[Row]]:
-        if not _current(c, store, name, term):
-            raise LeaseLost(name, term)
-        return [fetch(c, sql, params) for sql, params in statements]
-
-    return store.write(txn)
+    """Run several statements in one transaction, only while ``term`` is current.
+    Engine-specific (SQLite's SQL): ``kv.set``/``kv.cas`` with ``fence=`` work on every
+    engine."""
+    return store.backend.leases.fenced(name, term, statements)
 
 
 def record_group(store: Store, name: str, term: int, pgid: int | None, token: int | None,
@@ -336,15 +227,7 @@ def record_group(store: Store, name: str, term: int, pgid: int | None, token: in
     instance whose tree it is; ``LeaseLost`` if the term is no longer current. Done before
     the group's command runs."""
 
-    def txn(c: apsw.Connection) -> None:
-        if not _current(c, store, name, term):
-            raise LeaseLost(name, term)
-        hid, hinc = holder if holder is not None else (None, None)
-        c.execute("UPDATE leases SET pgid = ?, pg_start_token = ?, pg_holder_id = ?, "
-                  "pg_holder_incarnation = ? WHERE name = ? AND term = ?",
-                  (pgid, token, hid, hinc, name, term))
-
-    store.write(txn)
+    store.backend.leases.record_group(name, term, pgid, token, holder)
 
 
 # -- waking waiting candidates --------------------------------------------------------------
@@ -471,7 +354,7 @@ class Lease:
         if not self._still_held():
             return False
         t0 = self.store.mono()
-        if _renew(self.store, self.name, self.term, self.holder, self.ttl):
+        if self.store.backend.leases.renew(self.name, self.term, self.holder, self.ttl):
             with self._lock:
                 self._deadline = max(self._deadline, t0 + self.deadline_span)
                 self._next = t0 + self.interval
@@ -484,10 +367,23 @@ class Lease:
         return self.write_many([(sql, params)])[0]
 
     def write_many(self, statements: Sequence[tuple[str, tuple[Any, ...] | dict[str, Any]]]) -> list[list[Row]]:
-        """Several fenced statements in one transaction."""
+        """Several fenced statements in one transaction (engine-specific: SQLite's SQL)."""
+        return self._fenced(lambda: fenced_batch(self.store, self.name, self.term, statements))
+
+    def set(self, key: str, value: Any, *, owner: kv.Owner | None = None) -> int:
+        """A fenced ``kv.set``: only while this term is current (else ``LeaseLost``); works
+        on every engine."""
+        return self._fenced(lambda: kv.set(self.store, key, value, owner=owner, fence=self))
+
+    def cas(self, key: str, value: Any, *, version: int, owner: kv.Owner | None = None) -> int:
+        """A fenced ``kv.cas``: only while this term is current (else ``LeaseLost``)."""
+        return self._fenced(lambda: kv.cas(self.store, key, value, version=version,
+                                           owner=owner, fence=self))
+
+    def _fenced(self, op: Callable[[], T]) -> T:
         self.check()
         try:
-            return fenced_batch(self.store, self.name, self.term, statements)
+            return op()
         except LeaseLost:
             self._lose("fenced write refused: term no longer current")
             raise
@@ -506,8 +402,7 @@ class Lease:
         if was_lost:
             return
         try:
-            if _release(self.store, self.name, self.term, self.holder, "released"):
-                nudge_waiters(self.store, self.name)
+            release(self.store, self.name, self.term, self.holder, "released")
         except CoordError as e:
             log.warning("releasing lease %r term %d failed: %s", self.name, self.term, e)
 
@@ -560,8 +455,7 @@ class Lease:
         if not self._lose("renew deadline passed"):
             return
         try:
-            if _release(self.store, self.name, self.term, self.holder, "stepped down"):
-                nudge_waiters(self.store, self.name)
+            release(self.store, self.name, self.term, self.holder, "stepped down")
         except Exception as e:
             log.warning("stepping down from lease %r failed: %s", self.name, e)
 
@@ -698,7 +592,7 @@ def try_acquire(
         raise InvalidArgument(f"lease ttl must be positive, got {ttl}")
     t0 = store.mono()
     got = _take(store, inst, name, ttl)
-    if not isinstance(got, _Taken):
+    if not isinstance(got, LeaseTaken):
         return None
     lease = Lease(inst, name, got.term, ttl, t0, on_lost=[on_lost] if on_lost else [],
                   previous_holder=got.previous_holder)
@@ -715,34 +609,42 @@ def try_acquire(
 
 
 def _holder_of(store: Store, name: str) -> str | None:
-    return store.value("SELECT holder_id FROM leases WHERE name = ?", (name,))  # type: ignore[no-any-return]
+    rec = store.backend.leases.get(name)
+    return rec.holder[0] if rec is not None and rec.holder is not None else None
 
 
 class _Watch:
-    """What a waiting candidate re-checks: can the lease be taken now?"""
+    """What a waiting candidate re-checks: can the lease be taken now? And who holds it."""
 
-    def __init__(self, store: Store, name: str) -> None:
+    def __init__(self, store: Store, name: str,
+                 on_wait: Callable[[LeaseInfo], None] | None = None) -> None:
         self.store, self.name = store, name
         self.pid: int | None = None
-        self.expires: float | None = None
+        self.expires: float | None = None  # store.mono() when the holder's TTL runs out
+        self._on_wait = on_wait
+        self._told: tuple[Member, int | None] | None = None
 
     def takeable(self) -> bool:
         store = self.store
-        now = store.mono()
-        row = store.row("SELECT holder_id, holder_incarnation, expires_mono FROM leases "
-                        "WHERE name = ?", (self.name,))
+        backend = store.backend
+        rec = backend.leases.get(self.name)
         self.pid = self.expires = None
-        if row is None or row["holder_id"] is None:
+        if rec is None or rec.holder is None:
             return True
-        if row["expires_mono"] is None or row["expires_mono"] < now:
+        if rec.expires_in is None or rec.expires_in < 0:
             return True
-        self.expires = row["expires_mono"]
-        inst = store.row("SELECT * FROM instances WHERE id = ? AND incarnation = ?",
-                         (row["holder_id"], row["holder_incarnation"]))
-        if inst is None or not judge(store, inst, now)[0]:
+        self.expires = store.mono() + rec.expires_in
+        inst = backend.instances.get(rec.holder)
+        if inst is None or not backend.liveness.judge(inst)[0]:
             return True
-        if inst["pidns"] == pid_namespace() and inst["pid"] != os.getpid():
-            self.pid = int(inst["pid"])
+        pid = backend.liveness.watchable_pid(inst)
+        if pid is not None and pid != os.getpid():
+            self.pid = pid
+        if self._on_wait is not None and self._told != (rec.holder, rec.term):
+            self._told = (rec.holder, rec.term)  # say it again when the holder changes
+            self._on_wait(LeaseInfo(
+                rec.name, rec.holder[0], rec.holder[1], rec.term, rec.ttl, rec.acquired_at,
+                rec.renewed_at, rec.expires_in, True, inst["pid"], rec.pgid))
         return False
 
 
@@ -756,6 +658,7 @@ def acquire(
     renew: bool = True,
     grace: float | None = None,
     cancel: threading.Event | None = None,
+    on_wait: Callable[[LeaseInfo], None] | None = None,
 ) -> Lease:
     """Become the holder of ``name``: wait up to ``timeout`` seconds (None: for ever, 0: try
     once) and return the ``Lease``; raise ``LeaseNotAcquired`` when it was not obtained
@@ -763,14 +666,15 @@ def acquire(
     ``NotRegistered`` when ``inst`` is closed or declared dead meanwhile.
 
     A waiting candidate takes over the moment the holder dies (its pid is watched), releases
-    (it is nudged) or its TTL passes.
+    (it is nudged) or its TTL passes. ``on_wait(info)`` is called (in this thread) when it
+    starts waiting for a live holder, and again whenever the holder it waits for changes.
     """
     store = inst.store
     deadline = None if timeout is None else store.mono() + max(0.0, timeout)
     lease = try_acquire(inst, name, ttl=ttl, on_lost=on_lost, renew=renew, grace=grace)
     if lease is not None:
         return lease
-    watch = _Watch(store, name)
+    watch = _Watch(store, name, on_wait)
     waiter = None
 
     def check() -> str | None:
@@ -791,8 +695,8 @@ def acquire(
             slice_ = 1.0 if deadline is None else min(1.0, deadline - now)
             if watch.expires is not None:
                 slice_ = max(0.0005, min(slice_, watch.expires - now + 0.0005))
-            why = nudge.wait_for(store, check, slice_, sock=inst.sock,
-                                 watch_pids=lambda: [watch.pid] if watch.pid else [])
+            why = store.backend.wakeup.wait_for(
+                check, slice_, sock=inst.sock, watch_pids=lambda: [watch.pid] if watch.pid else [])
             if why == "cancel":
                 raise LeaseNotAcquired(name, _holder_of(store, name))
             if why is None:
