@@ -22,7 +22,7 @@ The rules, each applied inside one short transaction:
 
 Waiting is cheap and wakes fast (``coord.nudge.wait_for``): a candidate re-checks when the
 database changes, when a releasing holder nudges it, when the holder's process exits (pidfd)
-or when the lease's TTL runs out. Expiry uses CLOCK_MONOTONIC only (``store.mono()``).
+or when the lease's TTL runs out. Expiry is the engine's clock (SQLite: CLOCK_MONOTONIC).
 
 A lease is a hint unless the work it guards is fenced: pass ``lease.term`` along and use
 ``lease.write()`` (or check ``lease.held`` before every step) so that a holder that was
@@ -34,511 +34,67 @@ Usage::
         while lease.held:                                     # False once lost or stepped down
             lease.write("INSERT INTO kv ...", (...,))         # only while the term is current
 
+``lease.set(key, value)`` and ``lease.cas(...)`` (``kv.set``/``kv.cas`` with ``fence=``) are
+the fenced writes every engine has; ``lease.write(sql)`` runs the engine's own SQL.
+
 ``Candidate`` contends in a background thread and re-contends after a loss;
-``serve_reaper`` makes an instance take part in electing the one instance that reaps.
+``serve_reaper`` makes an instance take part in electing the one instance that reaps;
+``release_by_operator`` frees a lease whose holder is dead or hung (``coord lease release``).
+
+This module is the public face. The rules (reading, taking, releasing, fencing, waking
+waiters) are ``coord.lease_rules``, a held lease and its renewing thread
+``coord.lease_keeper``; every state change is an operation of the store's engine
+(``store.backend.leases``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import secrets
 import threading
-import weakref
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from collections.abc import Callable
+from typing import Any
 
-from . import kv, nudge
-from .backend import LeaseRecord, LeaseTaken, Member
+from . import nudge
+from .backend import LeaseTaken, Member
 from .clock import boot_id
-from .db import Row, Store
-from .errors import CoordError, InvalidArgument, LeaseLost, LeaseNotAcquired, NotRegistered
-from .identity import ProcIdentity, start_token, still_running
+from .db import Store
+from .errors import CoordError, InvalidArgument, LeaseNotAcquired, NotRegistered
+from .identity import ProcIdentity
 from .instances import Instance
-from .instances import validate_name as _validate_name
-from .reaper import bury_dead
+from .lease_keeper import Lease, LostCallback, keep
+from .lease_rules import (
+    REAPER_LEASE,
+    LeaseInfo,
+    add_waiter,
+    fenced_batch,
+    fenced_write,
+    get_lease,
+    holder_of,
+    list_leases,
+    nudge_waiters,
+    record_group,
+    release,
+    release_dead_holders,
+    remove_waiter,
+    renew_deadline,
+    renew_interval,
+    take,
+    validate_name,
+    waiter_prefix,
+)
+
+__all__ = [
+    "REAPER_LEASE", "Candidate", "Lease", "LeaseInfo", "LostCallback", "acquire",
+    "fenced_batch", "fenced_write", "get_lease", "list_leases", "nudge_waiters",
+    "record_group", "release", "release_dead_holders", "renew_deadline", "renew_interval",
+    "serve_reaper", "try_acquire", "validate_name",
+]
 
 log = logging.getLogger("coord.leases")
 
-#: The lease the live instances elect their reaper with.
-REAPER_LEASE = "coord/reaper"
-
-LostCallback = Callable[["Lease"], None]
-T = TypeVar("T")
-
-
-def validate_name(name: str) -> str:
-    return _validate_name(name, "lease name")
-
-
-def renew_interval(store: Store, ttl: float) -> float:
-    """How often a holder renews a lease of this TTL."""
-    return min(store.config.heartbeat, ttl / 3)
-
-
-def renew_deadline(store: Store, ttl: float) -> float:
-    """How long a holder keeps a lease it could not renew before stepping down (< ttl)."""
-    return min(store.config.renew_deadline, ttl * 2 / 3)
-
-
-# -- observing ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class LeaseInfo:
-    """A lease as seen now. ``holder`` is None when free; ``expires_in`` is negative for a
-    lease whose TTL has passed but that nobody has taken over yet."""
-
-    name: str
-    holder: str | None
-    holder_incarnation: int | None
-    term: int | None
-    ttl: float | None
-    since: float | None  # wall clock: when the current holder took it
-    renewed_at: float | None  # wall clock
-    expires_in: float | None  # seconds
-    alive: bool | None  # is the holder alive (None when free)
-    holder_pid: int | None
-    pgid: int | None  # process group of a `coord elect`/`coord lock` command (kept after the
-    #                   holder's end until the group is proven empty)
-
-    @property
-    def held(self) -> bool:
-        return self.holder is not None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.name, "name": self.name, "holder": self.holder,
-            "instance_id": self.holder, "holder_incarnation": self.holder_incarnation,
-            "term": self.term, "ttl": self.ttl, "since": self.since,
-            "renewed_at": self.renewed_at, "expires_in": self.expires_in,
-            "alive": self.alive, "holder_pid": self.holder_pid, "pgid": self.pgid,
-        }
-
-
-def _info(store: Store, lease: LeaseRecord, look: object | None = None) -> LeaseInfo:
-    """A lease as readers see it: a holder proven dead (or hung past its TTL) holds
-    nothing, so the lease shows free, as the death rule will make it — without waiting for
-    that rule, or the ending of the holder's tree, to be applied. ``pgid`` stays shown while
-    the dead holder's recorded group is not yet proven empty."""
-    backend = store.backend
-    pid: int | None = None
-    held = lease.holder is not None
-    if lease.holder is not None:
-        inst = backend.instances.get(lease.holder)
-        held = inst is not None and backend.liveness.judge(inst, look)[0]
-        pid = inst["pid"] if inst is not None else None
-    return LeaseInfo(
-        name=lease.name,
-        holder=lease.holder[0] if held and lease.holder else None,
-        holder_incarnation=lease.holder[1] if held and lease.holder else None,
-        term=lease.term,
-        ttl=lease.ttl,
-        since=lease.acquired_at if held else None,
-        renewed_at=lease.renewed_at if held else None,
-        expires_in=lease.expires_in if held else None,
-        alive=True if held else None,
-        holder_pid=pid if held else None,
-        pgid=lease.pgid,
-    )
-
-
-def get_lease(store: Store, name: str) -> LeaseInfo:
-    """The lease ``name`` now (free, with no term, if it was never taken)."""
-    validate_name(name)
-    rec = store.backend.leases.get(name)
-    if rec is None:
-        return LeaseInfo(name, None, None, None, None, None, None, None, None, None, None)
-    return _info(store, rec)
-
-
-def list_leases(store: Store, *, held_only: bool = False) -> list[LeaseInfo]:
-    """Every lease, free ones too unless ``held_only``, by name."""
-    backend = store.backend
-    look = backend.liveness.look()
-    out = [_info(store, r, look) for r in backend.leases.every(held_only=held_only)]
-    return [i for i in out if i.held] if held_only else out
-
-
-# -- the rules, each one transaction --------------------------------------------------------
-
-
-def _take(store: Store, inst: Instance, name: str, ttl: float) -> LeaseTaken | str:
-    """Take the lease if it is free, expired, or its holder is dead (one transaction).
-
-    Returns the taken term, else the current holder's id; raises ``NotRegistered`` when
-    ``inst`` is no longer a live registered instance. A holder proven dead is buried right
-    after (the death rule), so failover does not wait for it."""
-    backend = store.backend
-    taken = backend.leases.take((inst.id, inst.incarnation), name, ttl)
-    if isinstance(taken, LeaseTaken) and taken.dead is not None:
-        id, incarnation, verdict = taken.dead
-        try:
-            row = backend.instances.get((id, incarnation))
-            if row is not None:
-                bury_dead(store, [row], verdict)
-        except CoordError as e:  # the reaper will do it; the lease is ours either way
-            inst.log.warning("could not bury %s#%d: %s", id, incarnation, e)
-    return taken
-
-
-def release(store: Store, name: str, term: int, holder: Member | None, reason: str,
-            **detail: Any) -> bool:
-    """Free ``name`` if it is still held in ``term`` (by ``holder`` when given) and wake
-    the candidates waiting for it. ``detail`` joins the 'lease released' event. False
-    when it was not held so."""
-    freed = store.backend.leases.release(name, term, holder, reason, **detail)
-    if freed:
-        nudge_waiters(store, name)
-    return freed
-
-
-def release_dead_holders(store: Store, members: Sequence[Member], reason: str) -> int:
-    """The death rule's lease part on its own: free every lease held by one of ``members``
-    (proven dead) and wake the waiting candidates. Returns how many were freed."""
-    return store.backend.leases.release_dead_holders(members, reason)
-
-
-def fenced_write(
-    store: Store, name: str, term: int, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()
-) -> list[Row]:
-    """Run one SQL statement only while ``term`` is the current, unexpired term of ``name``,
-    in the same transaction; returns its rows. Raises ``LeaseLost(name, term)`` otherwise.
-    The statement is the engine's (SQLite SQL here): for what every engine can do, use the
-    typed fenced operations (``kv.set``/``kv.cas`` with ``fence=``, ``Lease.set``/``cas``)."""
-    return fenced_batch(store, name, term, [(sql, params)])[0]
-
-
-def fenced_batch(
-    store: Store, name: str, term: int,
-    statements: Sequence[tuple[str, tuple[Any, ...] | dict[str, Any]]],
-) -> list[list[Row]]:
-    """Run several statements in one transaction, only while ``term`` is current.
-    Engine-specific (SQLite's SQL): ``kv.set``/``kv.cas`` with ``fence=`` work on every
-    engine."""
-    return store.backend.leases.fenced(name, term, statements)
-
-
-def record_group(store: Store, name: str, term: int, pgid: int | None, token: int | None,
-                 *, holder: tuple[str, int] | None = None) -> None:
-    """Record (or clear) the process group that runs for ``term``, and ``holder``, the
-    instance whose tree it is; ``LeaseLost`` if the term is no longer current. Done before
-    the group's command runs."""
-
-    store.backend.leases.record_group(name, term, pgid, token, holder)
-
-
-# -- waking waiting candidates --------------------------------------------------------------
-# A waiter leaves a symlink to its nudge socket in <db>.d/waiters, named after the lease; a
-# releasing holder nudges them. Only a hint: waiters also poll data_version.
-
-
-def _waiter_prefix(name: str) -> str:
-    return hashlib.sha256(name.encode()).hexdigest()[:20] + "."
-
-
-def _add_waiter(inst: Instance, name: str) -> str | None:
-    pid = os.getpid()
-    tok = start_token(pid)
-    path = str(inst.store.side_dir("waiters") /
-               f"{_waiter_prefix(name)}{pid}.{tok}.{secrets.token_hex(4)}")
-    try:
-        os.symlink(inst.nudge_path, path)
-    except OSError:
-        return None
-    return path
-
-
-def _remove_waiter(path: str | None) -> None:
-    if path:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
-
-def nudge_waiters(store: Store, name: str) -> None:
-    """Wake the candidates waiting for ``name``; forget those whose process is gone."""
-    try:
-        d = store.side_dir("waiters")
-        prefix = _waiter_prefix(name)
-        live: list[str] = []
-        with os.scandir(d) as it:
-            for entry in it:
-                if not entry.name.startswith(prefix):
-                    continue
-                try:
-                    _, pid, tok, _ = entry.name.split(".")
-                    ok = still_running(ProcIdentity(boot_id(), int(pid), int(tok)))
-                except ValueError:
-                    ok = False
-                if ok:
-                    live.append(entry.path)
-                else:
-                    _remove_waiter(entry.path)
-        nudge.nudge(live)
-    except OSError as e:  # a hint only
-        log.debug("nudging waiters of %r failed: %s", name, e)
-
-
-# -- a held lease ---------------------------------------------------------------------------
-
-
-class Lease:
-    """A lease this instance holds, in one term. Use ``acquire``/``try_acquire`` to get one.
-
-    ``held`` is True until the lease is lost, released, or the renew deadline passed;
-    ``lost`` (an Event) is set at that moment and the ``on_lost`` callbacks run (not for a
-    voluntary release). Renewal runs in a per-instance keeper thread unless ``renew=False``
-    was asked, in which case the owner calls ``renew()`` itself (every ``renew_interval``).
-    Leaving a ``with`` block releases the lease.
-    """
-
-    def __init__(self, inst: Instance, name: str, term: int, ttl: float, taken_mono: float,
-                 *, on_lost: Iterable[LostCallback] = (), previous_holder: str | None = None) -> None:
-        self.instance = inst
-        self.store = inst.store
-        self.name = name
-        self.term = term
-        self.ttl = ttl
-        self.previous_holder = previous_holder
-        self.lost = threading.Event()
-        self.lost_reason: str | None = None
-        self.interval = renew_interval(self.store, ttl)
-        self.deadline_span = renew_deadline(self.store, ttl)
-        self._deadline = taken_mono + self.deadline_span
-        self._next = taken_mono + self.interval
-        self._callbacks = list(on_lost)
-        self._lock = threading.Lock()
-        self._released = False
-        self._keeper: _Keeper | None = None
-
-    def __repr__(self) -> str:
-        state = "held" if self.held else f"lost ({self.lost_reason})"
-        return f"<Lease {self.name!r} term {self.term} {state}>"
-
-    @property
-    def holder(self) -> tuple[str, int]:
-        return (self.instance.id, self.instance.incarnation)
-
-    @property
-    def held(self) -> bool:
-        """Still ours: not lost, not released, our instance still registered, and renewed
-        within the renew deadline."""
-        return (not self.lost.is_set() and not self.instance.closed
-                and self.store.mono() < self._deadline)
-
-    @property
-    def deadline_in(self) -> float:
-        """Seconds until this holder steps down unless a renewal succeeds."""
-        return self._deadline - self.store.mono()
-
-    def add_callback(self, fn: LostCallback) -> None:
-        """Call ``fn(lease)`` when the lease is lost (at once if it already is)."""
-        with self._lock:
-            if not self.lost.is_set():
-                self._callbacks.append(fn)
-                return
-        if self.lost_reason != "released":
-            fn(self)
-
-    def check(self) -> None:
-        """Raise ``LeaseLost`` unless the lease is still held."""
-        if not self._still_held():
-            raise LeaseLost(self.name, self.term)
-
-    def renew(self) -> bool:
-        """Renew now. False (and the lease is lost) when it could not be renewed."""
-        if not self._still_held():
-            return False
-        t0 = self.store.mono()
-        if self.store.backend.leases.renew(self.name, self.term, self.holder, self.ttl):
-            with self._lock:
-                self._deadline = max(self._deadline, t0 + self.deadline_span)
-                self._next = t0 + self.interval
-            return True
-        self._lose("taken over or expired")
-        return False
-
-    def write(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Row]:
-        """A fenced write: run ``sql`` only while this term is current (else ``LeaseLost``)."""
-        return self.write_many([(sql, params)])[0]
-
-    def write_many(self, statements: Sequence[tuple[str, tuple[Any, ...] | dict[str, Any]]]) -> list[list[Row]]:
-        """Several fenced statements in one transaction (engine-specific: SQLite's SQL)."""
-        return self._fenced(lambda: fenced_batch(self.store, self.name, self.term, statements))
-
-    def set(self, key: str, value: Any, *, owner: kv.Owner | None = None) -> int:
-        """A fenced ``kv.set``: only while this term is current (else ``LeaseLost``); works
-        on every engine."""
-        return self._fenced(lambda: kv.set(self.store, key, value, owner=owner, fence=self))
-
-    def cas(self, key: str, value: Any, *, version: int, owner: kv.Owner | None = None) -> int:
-        """A fenced ``kv.cas``: only while this term is current (else ``LeaseLost``)."""
-        return self._fenced(lambda: kv.cas(self.store, key, value, version=version,
-                                           owner=owner, fence=self))
-
-    def _fenced(self, op: Callable[[], T]) -> T:
-        self.check()
-        try:
-            return op()
-        except LeaseLost:
-            self._lose("fenced write refused: term no longer current")
-            raise
-
-    def release(self) -> None:
-        """Give the lease up now; waiting candidates are woken at once."""
-        with self._lock:
-            if self._released:
-                return
-            self._released = True
-            was_lost = self.lost.is_set()
-            if not was_lost:
-                self.lost_reason = "released"
-                self.lost.set()
-        self._detach()
-        if was_lost:
-            return
-        try:
-            release(self.store, self.name, self.term, self.holder, "released")
-        except CoordError as e:
-            log.warning("releasing lease %r term %d failed: %s", self.name, self.term, e)
-
-    def __enter__(self) -> Lease:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    # -- internals ------------------------------------------------------------------------
-
-    def _due(self) -> float:
-        with self._lock:
-            return min(self._next, self._deadline)
-
-    def _tick(self) -> None:
-        """One keeper step: step down at the deadline, else renew when due."""
-        if self.lost.is_set():
-            self._detach()
-            return
-        now = self.store.mono()
-        if now >= self._deadline:
-            self._step_down()
-            return
-        if now < self._next:
-            return
-        if self.instance.stuck:
-            return  # a watchdog says the app is stuck: no renewal, so it steps down in time
-        try:
-            self.renew()
-        except Exception as e:  # busy, disk: retry soon; the deadline still applies
-            log.warning("renewing lease %r failed: %s", self.name, e)
-            with self._lock:
-                self._next = self.store.mono() + min(self.interval / 4, 0.25)
-
-    def _still_held(self) -> bool:
-        """``held``, and when it is not, make the loss official (event, callbacks, and a
-        step-down when the renew deadline passed)."""
-        if self.held:
-            return True
-        if not self.lost.is_set():
-            if self.instance.closed:
-                self._lose("instance closed")
-            else:
-                self._step_down()
-        return False
-
-    def _step_down(self) -> None:
-        """The renew deadline passed: give up before anyone may take over by TTL."""
-        if not self._lose("renew deadline passed"):
-            return
-        try:
-            release(self.store, self.name, self.term, self.holder, "stepped down")
-        except Exception as e:
-            log.warning("stepping down from lease %r failed: %s", self.name, e)
-
-    def _lose(self, reason: str) -> bool:
-        with self._lock:
-            if self.lost.is_set():
-                return False
-            self.lost_reason = reason
-            self.lost.set()
-            callbacks = list(self._callbacks)
-        self._detach()
-        self.instance.log.warning("lost lease %r term %d: %s", self.name, self.term, reason)
-        for fn in callbacks:
-            try:
-                fn(self)
-            except Exception:
-                log.exception("on_lost callback for lease %r failed", self.name)
-        return True
-
-    def _detach(self) -> None:
-        k, self._keeper = self._keeper, None
-        if k is not None:
-            k.remove(self)
-
-
-class _Keeper:
-    """Renews every held lease of one instance in one thread (one connection), and makes
-    holders step down at their renew deadline. Ends when the instance closes."""
-
-    def __init__(self, inst: Instance) -> None:
-        self.inst = inst
-        self.leases: list[Lease] = []
-        self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._run, daemon=True,
-                                       name=f"coord-leases-{inst.id}")
-        self.done = False
-
-    def add(self, lease: Lease) -> None:
-        with self.cond:
-            self.leases.append(lease)
-            lease._keeper = self
-            self.cond.notify()
-
-    def remove(self, lease: Lease) -> None:
-        with self.cond:
-            if lease in self.leases:
-                self.leases.remove(lease)
-            self.cond.notify()
-
-    def _run(self) -> None:
-        store = self.inst.store
-        while True:
-            with self.cond:
-                if self.inst.closed:
-                    self.done = True
-                    left = list(self.leases)
-                    break
-                now = store.mono()
-                due = [lease for lease in self.leases if lease._due() <= now]
-                if not due:
-                    nxt = min((lease._due() for lease in self.leases), default=now + 1.0)
-                    self.cond.wait(timeout=min(max(nxt - now, 0.001), 1.0))
-                    continue
-            for lease in due:
-                lease._tick()
-        for lease in left:  # closing the instance released them (the death rule)
-            lease._lose("instance closed")
-
-
-_KEEPERS: weakref.WeakKeyDictionary[Instance, _Keeper] = weakref.WeakKeyDictionary()
-_KEEPERS_LOCK = threading.Lock()
-
-
-def _keep(lease: Lease) -> None:
-    inst = lease.instance
-    with _KEEPERS_LOCK:
-        k = _KEEPERS.get(inst)
-        if k is None or k.done or not k.thread.is_alive():
-            k = _Keeper(inst)
-            _KEEPERS[inst] = k
-            k.thread.start()
-    k.add(lease)
-
+#: The waiters' file-name prefix of a lease (kept under its old name for the benchmark).
+_waiter_prefix = waiter_prefix
 
 # -- acquiring --------------------------------------------------------------------------------
 
@@ -591,14 +147,14 @@ def try_acquire(
     if ttl <= 0:
         raise InvalidArgument(f"lease ttl must be positive, got {ttl}")
     t0 = store.mono()
-    got = _take(store, inst, name, ttl)
+    got = take(store, inst, name, ttl)
     if not isinstance(got, LeaseTaken):
         return None
     lease = Lease(inst, name, got.term, ttl, t0, on_lost=[on_lost] if on_lost else [],
                   previous_holder=got.previous_holder)
     inst.log.info("acquired lease %r term %d", name, got.term)
     if renew:
-        _keep(lease)
+        keep(lease)
     if got.previous_group is not None or got.previous_tree is not None:
         try:
             _settle_previous_group(lease, got.previous_group, got.previous_tree, grace)
@@ -606,11 +162,6 @@ def try_acquire(
             lease.release()
             raise
     return lease
-
-
-def _holder_of(store: Store, name: str) -> str | None:
-    rec = store.backend.leases.get(name)
-    return rec.holder[0] if rec is not None and rec.holder is not None else None
 
 
 class _Watch:
@@ -688,9 +239,9 @@ def acquire(
             if inst.closed or inst.lost.is_set():
                 raise NotRegistered(inst.id, "closed, declared dead or taken over")
             if deadline is not None and now >= deadline:
-                raise LeaseNotAcquired(name, _holder_of(store, name))
+                raise LeaseNotAcquired(name, holder_of(store, name))
             if waiter is None:
-                waiter = _add_waiter(inst, name)
+                waiter = add_waiter(inst, name)
             # Wake at the latest when the TTL runs out (time alone moves no data_version).
             slice_ = 1.0 if deadline is None else min(1.0, deadline - now)
             if watch.expires is not None:
@@ -698,14 +249,14 @@ def acquire(
             why = store.backend.wakeup.wait_for(
                 check, slice_, sock=inst.sock, watch_pids=lambda: [watch.pid] if watch.pid else [])
             if why == "cancel":
-                raise LeaseNotAcquired(name, _holder_of(store, name))
+                raise LeaseNotAcquired(name, holder_of(store, name))
             if why is None:
                 continue
             lease = try_acquire(inst, name, ttl=ttl, on_lost=on_lost, renew=renew, grace=grace)
             if lease is not None:
                 return lease
     finally:
-        _remove_waiter(waiter)
+        remove_waiter(waiter)
 
 
 # -- re-contending ---------------------------------------------------------------------------
