@@ -300,6 +300,11 @@ class MessageOps(Protocol):
 
 
 # -- step 3: leases ----------------------------------------------------------------------------
+# Done: coord.leases (split into lease_rules, lease_keeper and leases), elect, wrapper,
+# runner and the tooz driver reach leases only through these operations; tree's lease reads
+# too. Freeing a lease is written once (SQLite: ``sqlite/lease_rows.py``), also for the death
+# rule (``release_dead_holders``), the reaper's expiry and the boot rebase. Not yet: a fenced
+# queue put (the queue capability has no in-transaction put until step 4).
 
 
 class LeaseOps(Protocol):
