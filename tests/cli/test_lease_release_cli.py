@@ -174,9 +174,10 @@ def test_a_waiting_lock_follows_the_holder_on_a_terminal(db_path: Path, procs: l
                 continue
             second = _read_until(master, [f"now held by {y}"], 30)
             assert f"coord: waiting for 'ops/w': now held by {y}" in second, second
+            hand.kill()  # y's process dies: the waiter takes over and runs `true`
+            code = waiter.wait(30)
+            assert code == 0, _read_until(master, ["\0"], 0.5)
         finally:
             os.close(master)
-        hand.kill()  # y's process dies: the waiter takes over and runs `true`
-        assert waiter.wait(30) == 0
         return
     raise AssertionError("the waiter won the handover five times")
