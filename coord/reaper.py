@@ -36,7 +36,7 @@ from typing import Any
 
 import apsw
 
-from .backend.sqlite.lease_rows import expire_lapsed, forget_boot, free_held
+from .backend.sqlite.lease_rows import forget_boot, free_held
 from .clock import boot_id
 from .db import Row, Store, fetch
 from .events import Event, log_event, log_events, trim_events
@@ -319,10 +319,9 @@ def reap(store: Store, *, dry_run: bool = False, checkpoint: bool = True,
                 break
     # Hung holders: leases past their TTL.
     if dry_run:
-        report.leases_expired = int(store.value(
-            "SELECT count(*) FROM leases WHERE holder_id IS NOT NULL AND expires_mono < ?", (now_mono,)))
+        report.leases_expired = store.backend.leases.lapsed()
     else:
-        report.leases_expired = store.write(lambda c: expire_lapsed(c, now_mono, now_wall))
+        report.leases_expired = store.backend.leases.expire()
     report.messages_expired = _batched(
         store,
         "DELETE FROM messages WHERE rowid IN (SELECT rowid FROM messages WHERE expires_mono < ? LIMIT ?) RETURNING 1",
