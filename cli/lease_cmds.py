@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import typer
@@ -32,8 +33,18 @@ CmdArgument = Annotated[list[str], typer.Argument(help="The command to run, afte
 NameArgument = Annotated[str, typer.Argument(help="Lease name (e.g. app/job).", show_default=False)]
 
 
+lease_app = typer.Typer(
+    name="lease",
+    help="Act on one lease (release)."
+    "\n\nExamples:\n\n\b\n  coord lease release app/cron\n  coord lease release app/cron --force",
+    no_args_is_help=True,
+)
+
+
 def register(app: typer.Typer) -> None:
     app.command("leases")(leases)
+    app.add_typer(lease_app, name="lease")
+    lease_app.command("release")(release)
     app.command("leader")(leader)
     # Options may follow NAME; everything after `--` is CMD, taken literally.
     app.command("elect")(elect)
@@ -116,8 +127,8 @@ def elect(
     within --wait."""
     from coord.elect import run_elected
 
-    _say_waiting(store(ctx), name, wait)
-    raise typer.Exit(run_elected(store(ctx), name, cmd, wait=wait, ttl=ttl, app=app, grace=grace))
+    raise typer.Exit(run_elected(store(ctx), name, cmd, wait=wait, ttl=ttl, app=app, grace=grace,
+                                 on_wait=_say_waiting(name, wait)))
 
 
 @example("coord lock app/migrate -- ./migrate.sh",
@@ -129,21 +140,59 @@ def lock(ctx: typer.Context, name: NameArgument, cmd: CmdArgument, wait: WaitOpt
     Same rules as `coord elect`; exit 75 if the lock was not obtained within --wait."""
     from coord.elect import run_elected
 
-    _say_waiting(store(ctx), name, wait)
-    raise typer.Exit(run_elected(store(ctx), name, cmd, wait=wait, app="coord-lock"))
+    raise typer.Exit(run_elected(store(ctx), name, cmd, wait=wait, app="coord-lock",
+                                 on_wait=_say_waiting(name, wait)))
 
 
-def _say_waiting(s: Any, name: str, wait: float | None) -> None:
-    """On a terminal, say that the command will wait, and for whom (a held lease)."""
+@example("coord lease release app/cron",
+         "coord lease release app/cron --force --json")
+@handle_errors
+def release(
+    ctx: typer.Context,
+    name: NameArgument,
+    force: Annotated[bool, typer.Option("--force", help="Release it even when its holder is "
+                                        "alive and renewing.")] = False,
+    grace: Annotated[float | None, typer.Option("--grace", help="Seconds between TERM and KILL "
+                                               "when the holder's processes must end (default: "
+                                               "the configured kill grace).",
+                                               show_default=False)] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Free lease NAME whose holder is dead or hung, as a new holder would take it over.
+
+    First ends the holder's recorded process tree (a `coord elect`/`lock` CMD and its
+    descendants: TERM, grace, KILL), then frees the lease and records who released it in
+    the events; the next holder takes a higher term. Refused (exit 1) while the holder is
+    alive and renewing, unless --force. Exit 1 when no lease of that name was ever taken."""
+    from coord.leases import release_by_operator
+    from coord.operator import operator_user
+
+    done = release_by_operator(store(ctx), name, by=operator_user(), force=force, grace=grace)
+    if as_json:
+        emit_json(current(done.to_json()))
+        return
+    if not done.released:
+        print(f"lease {name!r} was not held"
+              + ("" if done.processes == "gone" else f"; its processes: {done.processes}"))
+        return
+    print(f"released lease {name!r} term {done.term} (holder {done.holder}: "
+          f"{done.holder_state}; its processes: {done.processes})")
+
+
+def _say_waiting(name: str, wait: float | None) -> Callable[[Any], None] | None:
+    """On a terminal, what says that the command waits, and for whom: once when it starts
+    waiting for a live holder, again each time the holder it waits for changes."""
     import sys
 
     if wait == 0 or not sys.stderr.isatty():
-        return
-    from coord.leases import get_lease
-
-    info = get_lease(s, name)
-    if info.holder is None or not info.alive:
-        return
+        return None
     limit = "" if wait is None else f" (for up to {wait:g}s)"
-    print(f"coord: waiting for {name!r}{limit}: held by {info.holder} (pid {info.holder_pid}, "
-          f"term {info.term})", file=sys.stderr, flush=True)
+    said: list[bool] = []
+
+    def say(info: Any) -> None:
+        now = "now " if said else ""
+        said.append(True)
+        print(f"coord: waiting for {name!r}{limit}: {now}held by {info.holder} "
+              f"(pid {info.holder_pid}, term {info.term})", file=sys.stderr, flush=True)
+
+    return say

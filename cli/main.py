@@ -20,7 +20,7 @@ COMMANDS: dict[str, str] = {
     **dict.fromkeys(("path", "sql", "doctor"), "store_cmds"),
     **dict.fromkeys(("instances", "instance", "run", "reap", "events"), "instance_cmds"),
     **dict.fromkeys(("ps", "stop", "orphans", "top", "logs"), "process_cmds"),
-    **dict.fromkeys(("leases", "leader", "elect", "lock"), "lease_cmds"),
+    **dict.fromkeys(("leases", "lease", "leader", "elect", "lock"), "lease_cmds"),
     "queue": "queue_cmds",
     **dict.fromkeys(("send", "broadcast", "recv", "request", "reply", "gather", "kv"),
                     "message_cmds"),

@@ -34,7 +34,7 @@ import contextlib
 import os
 import shutil
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import nudge
 from .clock import boot_id
@@ -42,7 +42,7 @@ from .db import Store
 from .errors import CannotRun, InvalidArgument, LeaseLost, LeaseNotAcquired
 from .identity import ProcIdentity, _stat_fields
 from .instances import Instance, _username, generate_id, register
-from .leases import Lease, acquire, record_group, serve_reaper
+from .leases import Lease, LeaseInfo, acquire, record_group, serve_reaper
 from .wrapper import Forward, Gated, Interrupted, launch, release_and_wait
 
 
@@ -100,6 +100,7 @@ def run_elected(
     grace: float | None = None,
     instance_id: str | None = None,
     reaper: bool = True,
+    on_wait: Callable[[LeaseInfo], None] | None = None,
 ) -> int:
     """Run ``argv`` only while holding lease ``name``; return its exit status.
 
@@ -108,7 +109,8 @@ def run_elected(
     seconds between TERM and KILL (default ``config.kill_grace``). Raises ``LeaseLost``
     (exit 75) after ending the command's tree when the lease was lost while it ran. Call
     from the main thread of a process of its own (the CLI): it adopts every child that
-    process starts after CMD.
+    process starts after CMD. ``on_wait(info)``: called when it starts waiting for a live
+    holder and again whenever the holder it waits for changes (``leases.acquire``).
     """
     if not argv:
         raise InvalidArgument("no command given (use: coord elect NAME -- CMD ...)")
@@ -136,7 +138,8 @@ def run_elected(
         if reaper:
             serve_reaper(inst)
         try:
-            lease = acquire(inst, name, ttl=ttl, timeout=wait, cancel=cancel, grace=grace)
+            lease = acquire(inst, name, ttl=ttl, timeout=wait, cancel=cancel, grace=grace,
+                            on_wait=on_wait)
         except LeaseNotAcquired:
             if fwd.first is not None:
                 raise Interrupted(fwd.first) from None

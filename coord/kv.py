@@ -186,21 +186,43 @@ def list_keys(store: Store, prefix: str = "") -> list[Entry]:
     return [_entry(store, r) for r in _live(store, store.backend.kv.prefixed(prefix))[0]]
 
 
-def set(store: Store, key: str, value: Any, *, owner: Owner | None = None) -> int:
+class Fence(Protocol):
+    """A lease term that fences a write (a held ``coord.leases.Lease``)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def term(self) -> int: ...
+
+
+def set(store: Store, key: str, value: Any, *, owner: Owner | None = None,
+        fence: Fence | None = None) -> int:
     """Set ``key`` to ``value`` whatever it was; returns the new version. With ``owner``
     the key is ephemeral, bound to that live instance incarnation; without, it persists
-    (a set replaces the owner too)."""
+    (a set replaces the owner too). With ``fence`` (a lease), only while its term is the
+    current, unexpired one, in the same transaction: ``LeaseLost`` otherwise."""
     _key(key)
-    return store.backend.kv.set(key, _encode(store, value), _owner(owner))
+    text = _encode(store, value)
+    if fence is not None:
+        return store.backend.leases.fenced_kv_set(fence.name, fence.term, key, text,
+                                                  _owner(owner))
+    return store.backend.kv.set(key, text, _owner(owner))
 
 
-def cas(store: Store, key: str, value: Any, *, version: int, owner: Owner | None = None) -> int:
+def cas(store: Store, key: str, value: Any, *, version: int, owner: Owner | None = None,
+        fence: Fence | None = None) -> int:
     """Compare-and-set: write only if the key's version is still ``version`` (0: only if the
-    key does not exist). Returns the new version; raises ``VersionConflict`` otherwise."""
+    key does not exist). Returns the new version; raises ``VersionConflict`` otherwise.
+    With ``fence`` (a lease), also only while its term is current (``LeaseLost``)."""
     _key(key)
     if not isinstance(version, int) or version < 0:
         raise InvalidArgument(f"version must be a non-negative integer, got {version!r}")
-    return store.backend.kv.cas(key, _encode(store, value), version, _owner(owner))
+    text = _encode(store, value)
+    if fence is not None:
+        return store.backend.leases.fenced_kv_cas(fence.name, fence.term, key, text, version,
+                                                  _owner(owner))
+    return store.backend.kv.cas(key, text, version, _owner(owner))
 
 
 def delete(store: Store, key: str, *, version: int | None = None) -> bool:

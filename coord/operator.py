@@ -64,15 +64,19 @@ class Actor:
 def operator_id() -> str:
     """A fresh operator instance id: ``cli-<user>-<6 hex>`` (the user of the process's
     effective uid, not $USER, which anyone can set)."""
-    import pwd
-
     from .instances import generate_id
 
+    return generate_id(f"{OPERATOR_APP}-{operator_user()}")
+
+
+def operator_user() -> str:
+    """The user of the process's effective uid (not $USER, which anyone can set)."""
+    import pwd
+
     try:
-        user = pwd.getpwuid(os.geteuid()).pw_name
+        return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
-        user = str(os.geteuid())
-    return generate_id(f"{OPERATOR_APP}-{user}")
+        return str(os.geteuid())
 
 
 def resolve(store: Store, as_id: str | None, what: str = "this command") -> Actor:

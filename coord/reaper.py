@@ -36,6 +36,7 @@ from typing import Any
 
 import apsw
 
+from .backend.sqlite.lease_rows import forget_boot, free_held
 from .clock import boot_id
 from .db import Row, Store, fetch
 from .events import Event, log_event, log_events, trim_events
@@ -63,25 +64,7 @@ def release_holdings_many(
     now_mono, now_wall = store.mono(), store.wall()
     pairs = json.dumps([[i, n] for i, n in members])
     counts: dict[str, int] = {}
-    leases = fetch(
-        c,
-        "SELECT name, term, holder_id FROM leases "
-        f"WHERE (holder_id, holder_incarnation) IN ({_MEMBERS})",
-        (pairs,),
-    )
-    for lease in leases:
-        c.execute(
-            "UPDATE leases SET holder_id = NULL, holder_incarnation = NULL, expires_mono = NULL "
-            "WHERE name = ?",
-            (lease["name"],),
-        )
-        c.execute(
-            "UPDATE lease_terms SET released_at = ?, reason = ? WHERE name = ? AND term = ?",
-            (now_wall, reason, lease["name"], lease["term"]),
-        )
-        log_event(c, now_wall, "lease released", lease["holder_id"], lease["name"],
-                  term=lease["term"], reason=reason)
-    counts["leases"] = len(leases)
+    counts["leases"] = free_held(c, members, reason, now_wall)
     # Claims: find the holders with claims (few), then release each with its own error text.
     claimers = fetch(
         c,
@@ -336,10 +319,9 @@ def reap(store: Store, *, dry_run: bool = False, checkpoint: bool = True,
                 break
     # Hung holders: leases past their TTL.
     if dry_run:
-        report.leases_expired = int(store.value(
-            "SELECT count(*) FROM leases WHERE holder_id IS NOT NULL AND expires_mono < ?", (now_mono,)))
+        report.leases_expired = store.backend.leases.lapsed()
     else:
-        report.leases_expired = store.write(lambda c: _expire_leases(c, now_mono, now_wall))
+        report.leases_expired = store.backend.leases.expire()
     report.messages_expired = _batched(
         store,
         "DELETE FROM messages WHERE rowid IN (SELECT rowid FROM messages WHERE expires_mono < ? LIMIT ?) RETURNING 1",
@@ -444,22 +426,6 @@ def _drop_tombstones(c: apsw.Connection, store: Store, ids: list[str]) -> int:
     return len(gone)
 
 
-def _expire_leases(c: apsw.Connection, now_mono: float, now_wall: float) -> int:
-    expired = fetch(
-        c,
-        "SELECT name, term, holder_id FROM leases WHERE holder_id IS NOT NULL AND expires_mono < ?",
-        (now_mono,),
-    )
-    for lease in expired:
-        c.execute("UPDATE leases SET holder_id = NULL, holder_incarnation = NULL, expires_mono = NULL "
-                  "WHERE name = ?", (lease["name"],))
-        c.execute("UPDATE lease_terms SET released_at = ?, reason = 'expired' "
-                  "WHERE name = ? AND term = ?", (now_wall, lease["name"], lease["term"]))
-        log_event(c, now_wall, "lease expired", lease["holder_id"], lease["name"],
-                  term=lease["term"], reason="expired")
-    return len(expired)
-
-
 def rebase_boot(store: Store) -> bool:
     """After a reboot every instance of the old boot is dead and every *_mono value
     meaningless: apply the death rule to all of them and rebase the clocks, once."""
@@ -478,9 +444,7 @@ def rebase_boot(store: Store) -> bool:
                   (now_wall,))
         release_claims(c, now_mono, now_wall, "1", (), error="reboot")
         # A recorded process group of the old boot names nothing now (pids start over).
-        c.execute("UPDATE leases SET holder_id = NULL, holder_incarnation = NULL, expires_mono = NULL, "
-                  "pgid = NULL, pg_start_token = NULL, pg_holder_id = NULL, "
-                  "pg_holder_incarnation = NULL")
+        forget_boot(c)
         # Remaining times carry over through the wall clock; a delayed job becomes due now.
         c.execute("UPDATE messages SET expires_mono = ? + (expires_at - ?)", (now_mono, now_wall))
         c.execute("UPDATE jobs SET available_mono = ? WHERE state = 'ready'", (now_mono,))

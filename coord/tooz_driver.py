@@ -391,10 +391,8 @@ class CoordLock(locking.Lock):
             info = leases.get_lease(store, self.lease_name)
             if info.holder is not None and info.term is not None \
                     and info.holder_incarnation is not None:
-                freed = leases._release(store, self.lease_name, info.term,
-                                        (info.holder, info.holder_incarnation), "broken")
-                if freed:
-                    leases.nudge_waiters(store, self.lease_name)
+                freed = leases.release(store, self.lease_name, info.term,
+                                       (info.holder, info.holder_incarnation), "broken")
                 broken = freed or broken
             return broken
 

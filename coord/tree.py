@@ -26,7 +26,6 @@ orphans until they end or are killed.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -35,6 +34,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .backend import LeaseRecord
 from .clock import boot_id
 from .db import Store
 from .identity import DEAD_STATES, ProcIdentity, start_token, still_running
@@ -323,8 +323,7 @@ def tree_of(store: Store, owner: tuple[str, int]) -> DeadTree:
     rows = store.rows("SELECT id, pid, pgid, start_token, boot_id FROM processes WHERE "
                       "instance_id = ? AND incarnation = ? AND tree = 1 AND status = 'running'",
                       owner)
-    leases = store.rows("SELECT name, pgid, pg_start_token FROM leases WHERE pg_holder_id = ? "
-                        "AND pg_holder_incarnation = ? AND pgid IS NOT NULL", owner)
+    leases = store.backend.leases.recorded_groups(owner)
     return _tree(owner, rows, leases, _terms(store, owner))
 
 
@@ -335,20 +334,19 @@ def left_of(t: DeadTree, procs: Mapping[int, Proc] | None = None) -> list[ProcId
 
 
 def _terms(store: Store, owner: tuple[str, int]) -> tuple[int, ...]:
-    return tuple(int(r["term"]) for r in store.rows(
-        "SELECT term FROM lease_terms WHERE holder_id = ? AND holder_incarnation = ?", owner))
+    return store.backend.leases.terms_of(owner)
 
 
 def _tree(owner: tuple[str, int], rows: Sequence[Mapping[str, Any]],
-          leases: Sequence[Mapping[str, Any]], terms: tuple[int, ...] = ()) -> DeadTree:
+          leases: Sequence[LeaseRecord], terms: tuple[int, ...] = ()) -> DeadTree:
     boot = boot_id()
     members = tuple(ProcIdentity(r["boot_id"], r["pid"], r["start_token"]) for r in rows)
     groups = [m for m, r in zip(members, rows, strict=True) if r["pgid"] == r["pid"]]
-    groups += [ProcIdentity(boot, int(r["pgid"]), int(r["pg_start_token"])) for r in leases
-               if r["pg_start_token"] is not None]
+    groups += [ProcIdentity(boot, int(r.pgid), int(r.pg_start_token)) for r in leases
+               if r.pgid is not None and r.pg_start_token is not None]
     return DeadTree(owner, tuple(r["id"] for r in rows), members, tuple(dict.fromkeys(groups)),
-                    tuple((r["name"], int(r["pgid"]), int(r["pg_start_token"] or 0))
-                          for r in leases), terms)
+                    tuple((r.name, int(r.pgid), int(r.pg_start_token or 0))
+                          for r in leases if r.pgid is not None), terms)
 
 
 def dead_trees(store: Store, only: Iterable[tuple[str, int]] | None = None, *,
@@ -362,18 +360,15 @@ def dead_trees(store: Store, only: Iterable[tuple[str, int]] | None = None, *,
 
     rows = store.rows("SELECT id, instance_id, incarnation, pid, pgid, start_token, boot_id "
                       "FROM processes WHERE tree = 1 AND status = 'running'")
-    leases = store.rows("SELECT name, pgid, pg_start_token, pg_holder_id, pg_holder_incarnation, "
-                        "holder_id, holder_incarnation, expires_mono FROM leases "
-                        "WHERE pgid IS NOT NULL AND pg_holder_id IS NOT NULL")
+    leases = store.backend.leases.recorded_groups()
     owners = {(r["instance_id"], r["incarnation"]) for r in rows}
-    owners |= {(r["pg_holder_id"], r["pg_holder_incarnation"]) for r in leases}
+    owners |= {r.pg_holder for r in leases if r.pg_holder is not None}
     if only is not None:
         owners &= set(only)
     now, probe = store.mono(), Probe()
-    over = {(r["pg_holder_id"], r["pg_holder_incarnation"]) for r in leases
-            if (r["holder_id"], r["holder_incarnation"]) != (r["pg_holder_id"],
-                                                             r["pg_holder_incarnation"])
-            or r["expires_mono"] is None or r["expires_mono"] < now} if lapsed else set()
+    over = {r.pg_holder for r in leases
+            if r.holder != r.pg_holder or r.expires_in is None or r.expires_in < 0
+            } if lapsed else set()
     out = []
     for owner in sorted(owners):
         inst = store.row("SELECT * FROM instances WHERE id = ?", (owner[0],))
@@ -382,8 +377,7 @@ def dead_trees(store: Store, only: Iterable[tuple[str, int]] | None = None, *,
             continue
         out.append(_tree(owner,
                          [r for r in rows if (r["instance_id"], r["incarnation"]) == owner],
-                         [r for r in leases
-                          if (r["pg_holder_id"], r["pg_holder_incarnation"]) == owner],
+                         [r for r in leases if r.pg_holder == owner],
                          _terms(store, owner)))
     return out
 
@@ -401,16 +395,8 @@ def settle(store: Store, trees: Sequence[DeadTree], grace: float) -> str:
     for t in trees:
         mark_ended(store, t.owner)
         if t.leases and not left_of(t):
-            store.write(functools.partial(_clear_groups, t=t))
+            store.backend.leases.clear_groups(t.leases)
     return how
-
-
-def _clear_groups(c: Any, t: DeadTree) -> None:
-    """Clear each lease's recorded group of ``t`` (proven empty), unless recorded anew."""
-    for name, pgid, token in t.leases:
-        c.execute("UPDATE leases SET pgid = NULL, pg_start_token = NULL, pg_holder_id = NULL, "
-                  "pg_holder_incarnation = NULL WHERE name = ? AND pgid = ? AND pg_start_token = ?",
-                  (name, pgid, token))
 
 
 def end_dead_trees(store: Store, *, grace: float | None = None,

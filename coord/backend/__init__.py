@@ -50,9 +50,16 @@ steps add theirs.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from .records import KvRecord, Member, MessageRecord, Problem
+from .records import (
+    KvRecord,
+    LeaseRecord,  # step 3: leases
+    LeaseTaken,  # step 3: leases
+    Member,
+    MessageRecord,
+    Problem,
+)
 
 if TYPE_CHECKING:
     import socket
@@ -69,6 +76,9 @@ __all__ = [
     "InstanceReads",
     "KvOps",
     "KvRecord",
+    "LeaseOps",
+    "LeaseRecord",
+    "LeaseTaken",
     "Liveness",
     "Member",
     "MessageOps",
@@ -289,6 +299,90 @@ class MessageOps(Protocol):
         ...
 
 
+# -- step 3: leases ----------------------------------------------------------------------------
+# Done: coord.leases (split into lease_rules, lease_keeper and leases), elect, wrapper,
+# runner and the tooz driver reach leases only through these operations; tree's lease reads
+# too. Freeing a lease is written once (SQLite: ``sqlite/lease_rows.py``), also for the death
+# rule (``release_dead_holders``), the reaper's expiry and the boot rebase. Not yet: a fenced
+# queue put (the queue capability has no in-transaction put until step 4).
+
+
+class LeaseOps(Protocol):
+    """Leases fenced by terms. Every change of holder takes the next value of one global
+    term counter (never reused: seeded so that a wiped store does not repeat a term);
+    one history row per term held. Expiry is stamped from the engine's clock, ``ttl``
+    seconds on; every change of holder, release and expiry records its event."""
+
+    def get(self, name: str) -> LeaseRecord | None: ...
+
+    def every(self, *, held_only: bool = False) -> list[LeaseRecord]:
+        """Every lease (only those with a holder recorded), by name."""
+        ...
+
+    def recorded_groups(self, owner: Member | None = None) -> list[LeaseRecord]:
+        """Leases whose row records a process group and its tree's owner (``owner``'s)."""
+        ...
+
+    def terms_of(self, holder: Member) -> tuple[int, ...]:
+        """Every term ``holder`` held, of any lease."""
+        ...
+
+    def take(self, me: Member, name: str, ttl: float) -> LeaseTaken | str:
+        """Take ``name`` when free, expired, or its holder is judged dead (the lease is
+        freed and taken in one transaction; the dead holder is returned for the caller to
+        bury); else the current holder's id. ``NotRegistered`` when ``me`` is not alive."""
+        ...
+
+    def renew(self, name: str, term: int, holder: Member, ttl: float) -> bool:
+        """Extend while ``term`` is ``holder``'s and unexpired; False (and an expired own
+        term freed) otherwise."""
+        ...
+
+    def release(self, name: str, term: int, holder: Member | None, reason: str,
+                **detail: Any) -> bool:
+        """Free ``name`` if still held in ``term`` (by ``holder`` when given; None: by
+        whoever holds it, for an operator). ``detail`` joins the event."""
+        ...
+
+    def release_dead_holders(self, members: Sequence[Member], reason: str) -> int:
+        """The death rule's lease part: free every lease held by one of ``members``."""
+        ...
+
+    def expire(self) -> int:
+        """Free every lease whose TTL has passed; how many."""
+        ...
+
+    def lapsed(self) -> int:
+        """How many held leases are past their TTL."""
+        ...
+
+    def record_group(self, name: str, term: int, pgid: int | None, token: int | None,
+                     holder: Member | None) -> None:
+        """Record (or clear) the term's process group; ``LeaseLost`` unless current."""
+        ...
+
+    def clear_groups(self, groups: Iterable[tuple[str, int, int]]) -> None:
+        """Forget these (name, pgid, start token) groups, proven empty, unless re-recorded."""
+        ...
+
+    def fenced(self, name: str, term: int,
+               statements: Sequence[tuple[str, tuple[Any, ...] | dict[str, Any]]]
+               ) -> list[list[Row]]:
+        """Engine-specific statements (SQLite: SQL) in one transaction, only while ``term``
+        is current, else ``LeaseLost``."""
+        ...
+
+    def fenced_kv_set(self, name: str, term: int, key: str, value: str,
+                      owner: Member | None) -> int:
+        """``KvOps.set`` only while ``term`` is current, in one transaction."""
+        ...
+
+    def fenced_kv_cas(self, name: str, term: int, key: str, value: str, version: int,
+                      owner: Member | None) -> int:
+        """``KvOps.cas`` only while ``term`` is current, in one transaction."""
+        ...
+
+
 class Backend(Protocol):
     """One engine bound to one store."""
 
@@ -300,6 +394,7 @@ class Backend(Protocol):
     events: EventLog
     kv: KvOps
     messages: MessageOps
+    leases: LeaseOps  # step 3
 
 
 # -- engines by name ---------------------------------------------------------------------------

@@ -51,3 +51,39 @@ class Problem:
 
     detail: str
     pending: bool = False
+
+
+# -- leases (step 3 of coord.backend's plan) ---------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseRecord:
+    """One lease row. ``expires_in`` is computed by the engine from its own clock (negative
+    once the TTL has passed; None when free). ``pgid``/``pg_start_token`` name the process
+    group recorded for the term and ``pg_holder`` the instance whose tree runs in it; they
+    stay after the holder's end until the group is proven empty."""
+
+    name: str
+    holder: Member | None
+    term: int | None
+    ttl: float | None
+    acquired_at: float | None
+    renewed_at: float | None
+    expires_in: float | None
+    pgid: int | None
+    pg_start_token: int | None
+    pg_holder: Member | None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseTaken:
+    """What taking a lease found: the new term, the previous holder's id, the previous
+    term's recorded group (pgid, leader start token) and tree owner — the new holder ends
+    them first — and ``dead``, a previous holder proven dead (id, incarnation, verdict)
+    whose death rule the caller applies after the commit (failover does not wait for it)."""
+
+    term: int
+    previous_holder: str | None
+    previous_group: tuple[int, int] | None
+    previous_tree: Member | None
+    dead: tuple[str, int, str] | None

@@ -8,6 +8,7 @@ from .clock import MonotonicClock
 from .events import SqliteEvents
 from .instances import SqliteInstances
 from .kv import SqliteKv
+from .leases import SqliteLeases
 from .liveness import SqliteLiveness
 from .messages import SqliteMessages
 from .wakeup import SqliteWakeup
@@ -29,6 +30,8 @@ class SqliteBackend:
         self.events = SqliteEvents(store)
         self.kv = SqliteKv(store, self.liveness)
         self.messages = SqliteMessages(store, self.clock, self.wakeup)
+        # -- step 3: leases
+        self.leases = SqliteLeases(store, self.clock, self.liveness, self.kv)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}>"

@@ -46,14 +46,22 @@ class SqliteKv:
         return self._store.write(lambda c: self._write(c, key, value, owner))
 
     def cas(self, key: str, value: str, version: int, owner: Member | None) -> int:
-        def txn(c: apsw.Connection) -> int:
-            row = self._current(c, key)
-            found = row["version"] if row is not None else None
-            if (found or 0) != version:
-                raise VersionConflict(key, version, found)
-            return self._write(c, key, value, owner)
+        return self._store.write(lambda c: self.cas_in(c, key, value, version, owner))
 
-        return self._store.write(txn)
+    # -- inside a caller's transaction (the fenced operations of the leases) -----------------
+
+    def set_in(self, c: apsw.Connection, key: str, value: str, owner: Member | None) -> int:
+        """``set`` inside the caller's transaction."""
+        return self._write(c, key, value, owner)
+
+    def cas_in(self, c: apsw.Connection, key: str, value: str, version: int,
+               owner: Member | None) -> int:
+        """``cas`` inside the caller's transaction."""
+        row = self._current(c, key)
+        found = row["version"] if row is not None else None
+        if (found or 0) != version:
+            raise VersionConflict(key, version, found)
+        return self._write(c, key, value, owner)
 
     def delete(self, key: str, version: int | None) -> bool:
         def txn(c: apsw.Connection) -> bool:

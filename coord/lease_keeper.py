@@ -1,0 +1,278 @@
+"""A held lease and its keeper: ``Lease`` (one term of one holder: held, renew, fenced
+writes, release, stepping down at the renew deadline) and the per-instance thread that
+renews every lease of one instance."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+from . import kv
+from .db import Row
+from .errors import CoordError, LeaseLost
+from .instances import Instance
+from .lease_rules import fenced_batch, release, renew_deadline, renew_interval
+
+log = logging.getLogger("coord.leases")
+
+LostCallback = Callable[["Lease"], None]
+T = TypeVar("T")
+
+# -- a held lease ---------------------------------------------------------------------------
+
+
+class Lease:
+    """A lease this instance holds, in one term. Use ``acquire``/``try_acquire`` to get one.
+
+    ``held`` is True until the lease is lost, released, or the renew deadline passed;
+    ``lost`` (an Event) is set at that moment and the ``on_lost`` callbacks run (not for a
+    voluntary release). Renewal runs in a per-instance keeper thread unless ``renew=False``
+    was asked, in which case the owner calls ``renew()`` itself (every ``renew_interval``).
+    Leaving a ``with`` block releases the lease.
+    """
+
+    def __init__(self, inst: Instance, name: str, term: int, ttl: float, taken_mono: float,
+                 *, on_lost: Iterable[LostCallback] = (), previous_holder: str | None = None) -> None:
+        self.instance = inst
+        self.store = inst.store
+        self.name = name
+        self.term = term
+        self.ttl = ttl
+        self.previous_holder = previous_holder
+        self.lost = threading.Event()
+        self.lost_reason: str | None = None
+        self.interval = renew_interval(self.store, ttl)
+        self.deadline_span = renew_deadline(self.store, ttl)
+        self._deadline = taken_mono + self.deadline_span
+        self._next = taken_mono + self.interval
+        self._callbacks = list(on_lost)
+        self._lock = threading.Lock()
+        self._released = False
+        self._keeper: _Keeper | None = None
+
+    def __repr__(self) -> str:
+        state = "held" if self.held else f"lost ({self.lost_reason})"
+        return f"<Lease {self.name!r} term {self.term} {state}>"
+
+    @property
+    def holder(self) -> tuple[str, int]:
+        return (self.instance.id, self.instance.incarnation)
+
+    @property
+    def held(self) -> bool:
+        """Still ours: not lost, not released, our instance still registered, and renewed
+        within the renew deadline."""
+        return (not self.lost.is_set() and not self.instance.closed
+                and self.store.mono() < self._deadline)
+
+    @property
+    def deadline_in(self) -> float:
+        """Seconds until this holder steps down unless a renewal succeeds."""
+        return self._deadline - self.store.mono()
+
+    def add_callback(self, fn: LostCallback) -> None:
+        """Call ``fn(lease)`` when the lease is lost (at once if it already is)."""
+        with self._lock:
+            if not self.lost.is_set():
+                self._callbacks.append(fn)
+                return
+        if self.lost_reason != "released":
+            fn(self)
+
+    def check(self) -> None:
+        """Raise ``LeaseLost`` unless the lease is still held."""
+        if not self._still_held():
+            raise LeaseLost(self.name, self.term)
+
+    def renew(self) -> bool:
+        """Renew now. False (and the lease is lost) when it could not be renewed."""
+        if not self._still_held():
+            return False
+        t0 = self.store.mono()
+        if self.store.backend.leases.renew(self.name, self.term, self.holder, self.ttl):
+            with self._lock:
+                self._deadline = max(self._deadline, t0 + self.deadline_span)
+                self._next = t0 + self.interval
+            return True
+        self._lose("taken over or expired")
+        return False
+
+    def write(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Row]:
+        """A fenced write: run ``sql`` only while this term is current (else ``LeaseLost``)."""
+        return self.write_many([(sql, params)])[0]
+
+    def write_many(self, statements: Sequence[tuple[str, tuple[Any, ...] | dict[str, Any]]]) -> list[list[Row]]:
+        """Several fenced statements in one transaction (engine-specific: SQLite's SQL)."""
+        return self._fenced(lambda: fenced_batch(self.store, self.name, self.term, statements))
+
+    def set(self, key: str, value: Any, *, owner: kv.Owner | None = None) -> int:
+        """A fenced ``kv.set``: only while this term is current (else ``LeaseLost``); works
+        on every engine."""
+        return self._fenced(lambda: kv.set(self.store, key, value, owner=owner, fence=self))
+
+    def cas(self, key: str, value: Any, *, version: int, owner: kv.Owner | None = None) -> int:
+        """A fenced ``kv.cas``: only while this term is current (else ``LeaseLost``)."""
+        return self._fenced(lambda: kv.cas(self.store, key, value, version=version,
+                                           owner=owner, fence=self))
+
+    def _fenced(self, op: Callable[[], T]) -> T:
+        self.check()
+        try:
+            return op()
+        except LeaseLost:
+            self._lose("fenced write refused: term no longer current")
+            raise
+
+    def release(self) -> None:
+        """Give the lease up now; waiting candidates are woken at once."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+            was_lost = self.lost.is_set()
+            if not was_lost:
+                self.lost_reason = "released"
+                self.lost.set()
+        self._detach()
+        if was_lost:
+            return
+        try:
+            release(self.store, self.name, self.term, self.holder, "released")
+        except CoordError as e:
+            log.warning("releasing lease %r term %d failed: %s", self.name, self.term, e)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _due(self) -> float:
+        with self._lock:
+            return min(self._next, self._deadline)
+
+    def _tick(self) -> None:
+        """One keeper step: step down at the deadline, else renew when due."""
+        if self.lost.is_set():
+            self._detach()
+            return
+        now = self.store.mono()
+        if now >= self._deadline:
+            self._step_down()
+            return
+        if now < self._next:
+            return
+        if self.instance.stuck:
+            return  # a watchdog says the app is stuck: no renewal, so it steps down in time
+        try:
+            self.renew()
+        except Exception as e:  # busy, disk: retry soon; the deadline still applies
+            log.warning("renewing lease %r failed: %s", self.name, e)
+            with self._lock:
+                self._next = self.store.mono() + min(self.interval / 4, 0.25)
+
+    def _still_held(self) -> bool:
+        """``held``, and when it is not, make the loss official (event, callbacks, and a
+        step-down when the renew deadline passed)."""
+        if self.held:
+            return True
+        if not self.lost.is_set():
+            if self.instance.closed:
+                self._lose("instance closed")
+            else:
+                self._step_down()
+        return False
+
+    def _step_down(self) -> None:
+        """The renew deadline passed: give up before anyone may take over by TTL."""
+        if not self._lose("renew deadline passed"):
+            return
+        try:
+            release(self.store, self.name, self.term, self.holder, "stepped down")
+        except Exception as e:
+            log.warning("stepping down from lease %r failed: %s", self.name, e)
+
+    def _lose(self, reason: str) -> bool:
+        with self._lock:
+            if self.lost.is_set():
+                return False
+            self.lost_reason = reason
+            self.lost.set()
+            callbacks = list(self._callbacks)
+        self._detach()
+        self.instance.log.warning("lost lease %r term %d: %s", self.name, self.term, reason)
+        for fn in callbacks:
+            try:
+                fn(self)
+            except Exception:
+                log.exception("on_lost callback for lease %r failed", self.name)
+        return True
+
+    def _detach(self) -> None:
+        k, self._keeper = self._keeper, None
+        if k is not None:
+            k.remove(self)
+
+
+class _Keeper:
+    """Renews every held lease of one instance in one thread (one connection), and makes
+    holders step down at their renew deadline. Ends when the instance closes."""
+
+    def __init__(self, inst: Instance) -> None:
+        self.inst = inst
+        self.leases: list[Lease] = []
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name=f"coord-leases-{inst.id}")
+        self.done = False
+
+    def add(self, lease: Lease) -> None:
+        with self.cond:
+            self.leases.append(lease)
+            lease._keeper = self
+            self.cond.notify()
+
+    def remove(self, lease: Lease) -> None:
+        with self.cond:
+            if lease in self.leases:
+                self.leases.remove(lease)
+            self.cond.notify()
+
+    def _run(self) -> None:
+        store = self.inst.store
+        while True:
+            with self.cond:
+                if self.inst.closed:
+                    self.done = True
+                    left = list(self.leases)
+                    break
+                now = store.mono()
+                due = [lease for lease in self.leases if lease._due() <= now]
+                if not due:
+                    nxt = min((lease._due() for lease in self.leases), default=now + 1.0)
+                    self.cond.wait(timeout=min(max(nxt - now, 0.001), 1.0))
+                    continue
+            for lease in due:
+                lease._tick()
+        for lease in left:  # closing the instance released them (the death rule)
+            lease._lose("instance closed")
+
+
+_KEEPERS: weakref.WeakKeyDictionary[Instance, _Keeper] = weakref.WeakKeyDictionary()
+_KEEPERS_LOCK = threading.Lock()
+
+
+def keep(lease: Lease) -> None:
+    inst = lease.instance
+    with _KEEPERS_LOCK:
+        k = _KEEPERS.get(inst)
+        if k is None or k.done or not k.thread.is_alive():
+            k = _Keeper(inst)
+            _KEEPERS[inst] = k
+            k.thread.start()
+    k.add(lease)

@@ -1,0 +1,250 @@
+"""The lease rules: names, renewal timing, what a lease looks like to readers, taking,
+releasing (also of a dead holder), fenced writes, the recorded process group, and waking
+the candidates that wait. Each rule is one operation of the store's engine
+(``store.backend.leases``); ``coord.leases`` is the public face (see its docstring)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from . import nudge
+from .backend import LeaseRecord, LeaseTaken, Member
+from .clock import boot_id
+from .db import Row, Store
+from .errors import CoordError
+from .identity import ProcIdentity, start_token, still_running
+from .instances import Instance
+from .instances import validate_name as _validate_name
+from .reaper import bury_dead
+
+log = logging.getLogger("coord.leases")
+
+#: The lease the live instances elect their reaper with.
+REAPER_LEASE = "coord/reaper"
+
+
+
+def validate_name(name: str) -> str:
+    return _validate_name(name, "lease name")
+
+
+def renew_interval(store: Store, ttl: float) -> float:
+    """How often a holder renews a lease of this TTL."""
+    return min(store.config.heartbeat, ttl / 3)
+
+
+def renew_deadline(store: Store, ttl: float) -> float:
+    """How long a holder keeps a lease it could not renew before stepping down (< ttl)."""
+    return min(store.config.renew_deadline, ttl * 2 / 3)
+
+
+# -- observing ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LeaseInfo:
+    """A lease as seen now. ``holder`` is None when free; ``expires_in`` is negative for a
+    lease whose TTL has passed but that nobody has taken over yet."""
+
+    name: str
+    holder: str | None
+    holder_incarnation: int | None
+    term: int | None
+    ttl: float | None
+    since: float | None  # wall clock: when the current holder took it
+    renewed_at: float | None  # wall clock
+    expires_in: float | None  # seconds
+    alive: bool | None  # is the holder alive (None when free)
+    holder_pid: int | None
+    pgid: int | None  # process group of a `coord elect`/`coord lock` command (kept after the
+    #                   holder's end until the group is proven empty)
+
+    @property
+    def held(self) -> bool:
+        return self.holder is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.name, "name": self.name, "holder": self.holder,
+            "instance_id": self.holder, "holder_incarnation": self.holder_incarnation,
+            "term": self.term, "ttl": self.ttl, "since": self.since,
+            "renewed_at": self.renewed_at, "expires_in": self.expires_in,
+            "alive": self.alive, "holder_pid": self.holder_pid, "pgid": self.pgid,
+        }
+
+
+def info_of(store: Store, lease: LeaseRecord, look: object | None = None) -> LeaseInfo:
+    """A lease as readers see it: a holder proven dead (or hung past its TTL) holds
+    nothing, so the lease shows free, as the death rule will make it — without waiting for
+    that rule, or the ending of the holder's tree, to be applied. ``pgid`` stays shown while
+    the dead holder's recorded group is not yet proven empty."""
+    backend = store.backend
+    pid: int | None = None
+    held = lease.holder is not None
+    if lease.holder is not None:
+        inst = backend.instances.get(lease.holder)
+        held = inst is not None and backend.liveness.judge(inst, look)[0]
+        pid = inst["pid"] if inst is not None else None
+    return LeaseInfo(
+        name=lease.name,
+        holder=lease.holder[0] if held and lease.holder else None,
+        holder_incarnation=lease.holder[1] if held and lease.holder else None,
+        term=lease.term,
+        ttl=lease.ttl,
+        since=lease.acquired_at if held else None,
+        renewed_at=lease.renewed_at if held else None,
+        expires_in=lease.expires_in if held else None,
+        alive=True if held else None,
+        holder_pid=pid if held else None,
+        pgid=lease.pgid,
+    )
+
+
+def get_lease(store: Store, name: str) -> LeaseInfo:
+    """The lease ``name`` now (free, with no term, if it was never taken)."""
+    validate_name(name)
+    rec = store.backend.leases.get(name)
+    if rec is None:
+        return LeaseInfo(name, None, None, None, None, None, None, None, None, None, None)
+    return info_of(store, rec)
+
+
+def list_leases(store: Store, *, held_only: bool = False) -> list[LeaseInfo]:
+    """Every lease, free ones too unless ``held_only``, by name."""
+    backend = store.backend
+    look = backend.liveness.look()
+    out = [info_of(store, r, look) for r in backend.leases.every(held_only=held_only)]
+    return [i for i in out if i.held] if held_only else out
+
+
+# -- the rules, each one transaction --------------------------------------------------------
+
+
+def take(store: Store, inst: Instance, name: str, ttl: float) -> LeaseTaken | str:
+    """Take the lease if it is free, expired, or its holder is dead (one transaction).
+
+    Returns the taken term, else the current holder's id; raises ``NotRegistered`` when
+    ``inst`` is no longer a live registered instance. A holder proven dead is buried right
+    after (the death rule), so failover does not wait for it."""
+    backend = store.backend
+    taken = backend.leases.take((inst.id, inst.incarnation), name, ttl)
+    if isinstance(taken, LeaseTaken) and taken.dead is not None:
+        id, incarnation, verdict = taken.dead
+        try:
+            row = backend.instances.get((id, incarnation))
+            if row is not None:
+                bury_dead(store, [row], verdict)
+        except CoordError as e:  # the reaper will do it; the lease is ours either way
+            inst.log.warning("could not bury %s#%d: %s", id, incarnation, e)
+    return taken
+
+
+def release(store: Store, name: str, term: int, holder: Member | None, reason: str,
+            **detail: Any) -> bool:
+    """Free ``name`` if it is still held in ``term`` (by ``holder`` when given) and wake
+    the candidates waiting for it. ``detail`` joins the 'lease released' event. False
+    when it was not held so."""
+    freed = store.backend.leases.release(name, term, holder, reason, **detail)
+    if freed:
+        nudge_waiters(store, name)
+    return freed
+
+
+def release_dead_holders(store: Store, members: Sequence[Member], reason: str) -> int:
+    """The death rule's lease part on its own: free every lease held by one of ``members``
+    (proven dead); waiting candidates hear of the death through its pid. Returns how many
+    were freed."""
+    return store.backend.leases.release_dead_holders(members, reason)
+
+
+def fenced_write(
+    store: Store, name: str, term: int, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()
+) -> list[Row]:
+    """Run one SQL statement only while ``term`` is the current, unexpired term of ``name``,
+    in the same transaction; returns its rows. Raises ``LeaseLost(name, term)`` otherwise.
+    The statement is the engine's (SQLite SQL here): for what every engine can do, use the
+    typed fenced operations (``kv.set``/``kv.cas`` with ``fence=``, ``Lease.set``/``cas``)."""
+    return fenced_batch(store, name, term, [(sql, params)])[0]
+
+
+def fenced_batch(
+    store: Store, name: str, term: int,
+    statements: Sequence[tuple[str, tuple[Any, ...] | dict[str, Any]]],
+) -> list[list[Row]]:
+    """Run several statements in one transaction, only while ``term`` is current.
+    Engine-specific (SQLite's SQL): ``kv.set``/``kv.cas`` with ``fence=`` work on every
+    engine."""
+    return store.backend.leases.fenced(name, term, statements)
+
+
+def record_group(store: Store, name: str, term: int, pgid: int | None, token: int | None,
+                 *, holder: tuple[str, int] | None = None) -> None:
+    """Record (or clear) the process group that runs for ``term``, and ``holder``, the
+    instance whose tree it is; ``LeaseLost`` if the term is no longer current. Done before
+    the group's command runs."""
+
+    store.backend.leases.record_group(name, term, pgid, token, holder)
+
+
+# -- waking waiting candidates --------------------------------------------------------------
+# A waiter leaves a symlink to its nudge socket in <db>.d/waiters, named after the lease; a
+# releasing holder nudges them. Only a hint: waiters also poll data_version.
+
+
+def waiter_prefix(name: str) -> str:
+    return hashlib.sha256(name.encode()).hexdigest()[:20] + "."
+
+
+def add_waiter(inst: Instance, name: str) -> str | None:
+    pid = os.getpid()
+    tok = start_token(pid)
+    path = str(inst.store.side_dir("waiters") /
+               f"{waiter_prefix(name)}{pid}.{tok}.{secrets.token_hex(4)}")
+    try:
+        os.symlink(inst.nudge_path, path)
+    except OSError:
+        return None
+    return path
+
+
+def remove_waiter(path: str | None) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def nudge_waiters(store: Store, name: str) -> None:
+    """Wake the candidates waiting for ``name``; forget those whose process is gone."""
+    try:
+        d = store.side_dir("waiters")
+        prefix = waiter_prefix(name)
+        live: list[str] = []
+        with os.scandir(d) as it:
+            for entry in it:
+                if not entry.name.startswith(prefix):
+                    continue
+                try:
+                    _, pid, tok, _ = entry.name.split(".")
+                    ok = still_running(ProcIdentity(boot_id(), int(pid), int(tok)))
+                except ValueError:
+                    ok = False
+                if ok:
+                    live.append(entry.path)
+                else:
+                    remove_waiter(entry.path)
+        nudge.nudge(live)
+    except OSError as e:  # a hint only
+        log.debug("nudging waiters of %r failed: %s", name, e)
+
+
+def holder_of(store: Store, name: str) -> str | None:
+    rec = store.backend.leases.get(name)
+    return rec.holder[0] if rec is not None and rec.holder is not None else None

@@ -1,0 +1,51 @@
+"""The typed fenced operations every engine has: ``kv.set``/``kv.cas`` with ``fence=`` (and
+``Lease.set``/``Lease.cas``) write only while the lease's term is the current one, in the
+same transaction, and a holder whose term is over cannot write — not even once."""
+
+from __future__ import annotations
+
+import pytest
+
+import coord
+from coord import kv
+from coord.errors import LeaseLost, VersionConflict
+from coord.leases import acquire, release_dead_holders
+
+
+def test_fenced_kv_set_and_cas_run_only_in_the_current_term(store: coord.Store) -> None:
+    a = coord.register(store, "fa", app="t")
+    b = coord.register(store, "fb", app="t")
+    la = acquire(a, "fence/kv")
+    v1 = la.set("fence/state", {"by": "a"})
+    v2 = la.cas("fence/state", {"by": "a", "n": 2}, version=v1)
+    assert kv.get(store, "fence/state").value == {"by": "a", "n": 2}
+    with pytest.raises(VersionConflict):
+        la.cas("fence/state", {"stale": True}, version=v1)  # the version still counts
+    la.release()
+    lb = acquire(b, "fence/kv")
+    # The old term is over: refused whatever the version, and nothing is written.
+    with pytest.raises(LeaseLost) as e:
+        kv.set(store, "fence/state", {"by": "a, late"}, fence=la)
+    assert (e.value.name, e.value.term) == ("fence/kv", la.term)
+    with pytest.raises(LeaseLost):
+        kv.cas(store, "fence/state", {"by": "a, late"}, version=v2, fence=la)
+    with pytest.raises(LeaseLost):
+        la.set("fence/other", 1)
+    assert kv.get(store, "fence/other") is None
+    assert kv.get(store, "fence/state").version == v2
+    # The current holder writes; an ephemeral key bound to it works under the fence too.
+    lb.set("fence/state", {"by": "b"}, owner=b)
+    entry = kv.get(store, "fence/state")
+    assert entry.value == {"by": "b"} and entry.owner_id == "fb"
+    lb.release()
+
+
+def test_a_holder_whose_lease_was_lost_can_no_longer_set(store: coord.Store) -> None:
+    a = coord.register(store, "fd", app="t")
+    la = acquire(a, "fence/lost", renew=False)
+    la.set("fence/k", 1)
+    # The death rule frees a's leases (as the reaper does for a dead holder).
+    assert release_dead_holders(store, [(a.id, a.incarnation)], "died") == 1
+    with pytest.raises(LeaseLost):
+        la.set("fence/k", 2)
+    assert not la.held and kv.get(store, "fence/k").value == 1
