@@ -77,6 +77,17 @@ def _exists(ctx: typer.Context, queue: str) -> None:
     stats(store(ctx), queue)
 
 
+# A batch claim's rows: what a worker needs to ack each job.
+CLAIM_COLUMNS = [("token", "TOKEN"), ("id", "JOB"), ("tries", "ATTEMPT"), ("lease", "LEASE"),
+                 ("payload_text", "PAYLOAD")]
+CLAIM_COUNT_MAX = 1000  # one transaction; a bigger batch holds the write lock too long
+
+
+def _claim_row(j: dict[str, Any]) -> dict[str, Any]:
+    return {**j, "tries": f"{j['attempts']} of {j['max_attempts']}",
+            "lease": duration(j["expires_in"]), "payload_text": _compact(j["payload"])}
+
+
 def _job_row(j: dict[str, Any]) -> dict[str, Any]:
     r = dict(j)
     r["tries"] = f"{j['attempts']}/{j['max_attempts']}"
@@ -155,7 +166,8 @@ def put(
 
 @queue_app.command("claim")
 @example("coord queue claim jobs --wait 30 --json   # under `coord run`",
-         "coord queue claim jobs --as worker-1 --lease 120")
+         "coord queue claim jobs --as worker-1 --lease 120",
+         "coord queue claim jobs --count 10 --json | jq -r '.[].token'")
 @handle_errors
 def claim(
     ctx: typer.Context,
@@ -165,16 +177,23 @@ def claim(
                                                 "goes back (default: config claim_lease, 60).")] = None,
     wait: Annotated[float, typer.Option("--wait", min=0, help="Seconds to wait for a job; "
                                         "exit 3 if none arrived.")] = 0.0,
+    count: Annotated[int | None, typer.Option("--count", "-n", min=1, max=CLAIM_COUNT_MAX,
+                                              show_default=False,
+                                              help="Claim up to this many jobs in one "
+                                              "transaction (each with its own token); "
+                                              "prints a table, or a JSON array.")] = None,
     instance_id: InstanceOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Claim the next job of QUEUE (highest priority, then oldest) for this instance and
-    print it with its claim token; exit 3 when nothing arrived within --wait."""
+    print it with its claim token; exit 3 when nothing arrived within --wait. With --count,
+    claim up to that many at once (waiting only for the first)."""
     import sys
 
     from coord.errors import EXIT_TIMEOUT, NotFound
     from coord.operator import resolve
     from coord.queues import claim as do_claim
+    from coord.queues import claim_many
 
     me = resolve(store(ctx), instance_id, "coord queue claim")  # before any word about waiting
     try:
@@ -186,6 +205,16 @@ def claim(
         if wait > 0 and sys.stderr.isatty():
             print(f"coord: queue {queue!r} does not exist yet; waiting up to {wait:g}s for its "
                   "first put", file=sys.stderr)
+    if count is not None:
+        jobs = claim_many(store(ctx), queue, count, me.id, lease=lease, timeout=wait)
+        if not jobs:
+            die(f"queue {queue!r}: nothing within {wait:g}s{missing}", EXIT_TIMEOUT,
+                "TimeoutExpired")
+        if as_json:
+            emit_json([j.to_json() for j in jobs])
+            return
+        table([_claim_row(j.to_json()) for j in jobs], CLAIM_COLUMNS)
+        return
     job = do_claim(store(ctx), queue, me.id, lease=lease, timeout=wait)
     if job is None:
         die(f"queue {queue!r}: nothing within {wait:g}s{missing}", EXIT_TIMEOUT, "TimeoutExpired")

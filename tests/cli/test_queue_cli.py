@@ -162,6 +162,27 @@ def test_import(invoke: Any, tmp_path: Path) -> None:
     assert [r["priority"] for r in rows] == [8, 5, 5]
 
 
+def test_claim_a_batch(invoke: Any, inst: coord.Instance, store: coord.Store) -> None:
+    """`--count N` claims up to N jobs in claim order, each with its own token."""
+    env = {"COORD_INSTANCE_ID": "w"}
+    for n in range(3):
+        invoke("queue", "put", "jobs", json.dumps({"n": n}), "--priority", str(n % 2))
+    jobs = json.loads(ok(invoke("queue", "claim", "jobs", "--count", "2", "--json", env=env)))
+    assert [j["payload"]["n"] for j in jobs] == [1, 0]  # priority first, then FIFO
+    assert all(JOB_KEYS <= set(j) and j["state"] == "claimed" for j in jobs)
+    assert len({j["token"] for j in jobs}) == 2
+    ok(invoke("queue", "ack", jobs[0]["token"]))
+    one_line_error(invoke("queue", "ack", jobs[0]["token"]), 1, "no longer held")
+    text = ok(invoke("queue", "claim", "jobs", "-n", "5", env=env))
+    lines = text.splitlines()
+    assert lines[0].split()[:2] == ["TOKEN", "JOB"] and len(lines) == 2  # the one job left
+    ok(invoke("queue", "release", lines[1].split()[0]))
+    assert invoke("queue", "claim", "jobs", "--count", "0", env=env).exit_code == 2  # usage
+    assert len(json.loads(ok(invoke("queue", "claim", "jobs", "-n", "9", "--json", env=env)))) == 1
+    one_line_error(invoke("queue", "claim", "jobs", "-n", "3", "--wait", "0.1", env=env), 3,
+                   "nothing")
+
+
 def test_a_shell_worker_under_coord_run(cli: Cli, db_path: Path) -> None:
     """The real thing: `coord run` gives a shell script an instance; it claims, works, acks."""
     s = coord.Store(db_path)
