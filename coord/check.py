@@ -28,8 +28,6 @@ class Problem:
 
 def check(store: Store, *, strict: bool = False, integrity: bool = True) -> list[Problem]:
     """Run every invariant check; see the module docstring."""
-    from .instances import Probe, judge
-
     out: list[Problem] = []
     add = out.append
     if integrity:
@@ -55,9 +53,10 @@ def check(store: Store, *, strict: bool = False, integrity: bool = True) -> list
             add(Problem("counters", f"{name} counter {counters.get(name)} is below a used value {top}"))
 
     now = store.mono()
-    instances = {r["id"]: r for r in store.rows("SELECT * FROM instances")}
-    probe = Probe()
-    verdicts = {i: judge(store, r, now, probe=probe) for i, r in instances.items()}
+    liveness = store.backend.liveness
+    instances = {r["id"]: r for r in store.backend.instances.list()}
+    look = liveness.look()
+    verdicts = {i: liveness.judge(r, look) for i, r in instances.items()}
 
     def holder_problem(what: str, id: str, inc: int) -> None:
         row = instances.get(id)

@@ -49,7 +49,7 @@ from .db import Row, Store, scalar
 from .errors import InvalidArgument, NotFound, NotRegistered, PermissionDenied
 from .events import log_event
 from .identity import ProcIdentity, start_token, still_running
-from .instances import Instance, _username, judge, require_live
+from .instances import Instance, require_live, username
 
 PIDFD_SIGNAL_PROCESS_GROUP = 4  # linux/pidfd.h, Linux 6.9+
 
@@ -139,7 +139,7 @@ def _insert(
             "name, cmdline, cwd, user, labels, log_path, started_at) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
             (inst.id, inst.incarnation, pid, token, boot_id(), pgid, pname,
-             json.dumps(list(cmdline)), cwd, _username(), json.dumps(dict(labels or {})),
+             json.dumps(list(cmdline)), cwd, username(), json.dumps(dict(labels or {})),
              log_path, store.wall()),
         ))
         log_event(c, store.wall(), "process started", inst.id, pname, process=row_id, pid=pid)
@@ -204,7 +204,7 @@ def _insert_gone(inst: Instance, pid: int, argv: Sequence[str], cwd: str,
             "name, cmdline, cwd, user, labels, log_path, started_at, status, ended_at) "
             "VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'exited', ?) RETURNING id",
             (inst.id, inst.incarnation, pid, boot_id(), pid, os.path.basename(argv[0]),
-             json.dumps(list(argv)), cwd, _username(), json.dumps(dict(labels or {})),
+             json.dumps(list(argv)), cwd, username(), json.dumps(dict(labels or {})),
              log_path, store.wall(), store.wall()),
         )
     ))
@@ -334,11 +334,10 @@ class ProcessInfo:
 def _verdicts(store: Store, ids: set[str]) -> dict[str, tuple[Row, bool]]:
     """For each instance id: its row and whether it is alive now."""
     out: dict[str, tuple[Row, bool]] = {}
-    now = store.mono()
-    for i in ids:
-        row = store.row("SELECT * FROM instances WHERE id = ?", (i,))
-        if row is not None:
-            out[i] = (row, judge(store, row, now)[0])
+    backend = store.backend
+    look = backend.liveness.look()
+    for i, row in backend.instances.by_ids(ids).items():
+        out[i] = (row, backend.liveness.judge(row, look)[0])
     return out
 
 

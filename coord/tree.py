@@ -358,8 +358,6 @@ def dead_trees(store: Store, only: Iterable[tuple[str, int]] | None = None, *,
     also the trees of `coord elect`/`lock` wrappers that still live but whose term is over
     (the lease expired or moved on: a wrapper SIGSTOPped past its TTL cannot end its tree
     itself, and its CMD must not run without the lease)."""
-    from .instances import Probe, judge
-
     rows = store.rows("SELECT id, instance_id, incarnation, pid, pgid, start_token, boot_id "
                       "FROM processes WHERE tree = 1 AND status = 'running'")
     leases = store.rows("SELECT name, pgid, pg_start_token, pg_holder_id, pg_holder_incarnation, "
@@ -369,16 +367,17 @@ def dead_trees(store: Store, only: Iterable[tuple[str, int]] | None = None, *,
     owners |= {(r["pg_holder_id"], r["pg_holder_incarnation"]) for r in leases}
     if only is not None:
         owners &= set(only)
-    now, probe = store.mono(), Probe()
+    now, liveness = store.mono(), store.backend.liveness
+    look = liveness.look()
     over = {(r["pg_holder_id"], r["pg_holder_incarnation"]) for r in leases
             if (r["holder_id"], r["holder_incarnation"]) != (r["pg_holder_id"],
                                                              r["pg_holder_incarnation"])
             or r["expires_mono"] is None or r["expires_mono"] < now} if lapsed else set()
     out = []
     for owner in sorted(owners):
-        inst = store.row("SELECT * FROM instances WHERE id = ?", (owner[0],))
+        inst = store.backend.instances.by_id(owner[0])
         if (owner not in over and inst is not None and inst["incarnation"] == owner[1]
-                and judge(store, inst, now, probe=probe)[0]):
+                and liveness.judge(inst, look)[0]):
             continue
         out.append(_tree(owner,
                          [r for r in rows if (r["instance_id"], r["incarnation"]) == owner],

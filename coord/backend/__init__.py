@@ -49,8 +49,8 @@ steps add theirs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .records import KvRecord, Member, MessageRecord, Problem
 
@@ -64,8 +64,10 @@ T = TypeVar("T")
 
 __all__ = [
     "Backend",
+    "DeathRule",
     "EventLog",
     "ExpiryClock",
+    "InstanceOps",
     "InstanceReads",
     "KvOps",
     "KvRecord",
@@ -74,6 +76,7 @@ __all__ = [
     "MessageOps",
     "MessageRecord",
     "Problem",
+    "Proof",
     "Wakeup",
     "Watch",
     "open_backend",
@@ -122,12 +125,23 @@ class Liveness(Protocol):
 
     def look(self) -> object:
         """A fresh look shared by many verdicts (what the kernel says about each pid and
-        lock file is asked once). Make a new one for every fresh look."""
+        lock file is asked once, and the clock read once). Make a new one for every fresh
+        look."""
         ...
 
     def judge(self, row: Row, look: object | None = None) -> tuple[bool, str]:
         """(alive, status word) of an instance row: 'alive', else 'died', 'hung', 'reboot',
         or the tombstone's end reason."""
+        ...
+
+    def prove(self, token: str) -> Proof:
+        """Start proving that this process lives, for a registration about to be made
+        (``token`` names it uniquely); held until the ``Proof`` is released."""
+        ...
+
+    def forget(self, rows: Iterable[Row]) -> None:
+        """After those instances were buried: remove what proved them alive (files beside
+        the database, for SQLite)."""
         ...
 
     def watchable_pid(self, row: Row) -> int | None:
@@ -138,6 +152,14 @@ class Liveness(Protocol):
     def watch(self, row: Row | InstanceInfo) -> Watch:
         """Start watching an instance (a row, or an ``InstanceInfo``) for its death."""
         ...
+
+
+class Proof(Protocol):
+    """What a live instance holds to prove it lives; its death (or ``release``) ends it."""
+
+    where: str  # recorded in the instance's row (SQLite: its lock file)
+
+    def release(self) -> None: ...
 
 
 class Wakeup(Protocol):
@@ -289,6 +311,101 @@ class MessageOps(Protocol):
         ...
 
 
+# -- step 2: the registry and the death rule --------------------------------------------------
+
+
+class InstanceOps(InstanceReads, Protocol):
+    """The registry. Every registration takes the next value of the incarnation counter."""
+
+    def by_id(self, id: str) -> Row | None:
+        """The row registered as ``id`` (alive or a tombstone), or None."""
+        ...
+
+    def list(self, app: str | None = None) -> list[Row]:
+        """Every row (of ``app``), oldest registration first."""
+        ...
+
+    def register(self, id: str, fields: Mapping[str, Any]) -> tuple[int, Row | None]:
+        """Register ``id`` with the columns ``fields`` (app, pid, start_token, boot_id,
+        pidns, uid, user, host, cmdline, cwd, labels, lock_path, nudge_path, ttl,
+        watchdog), stamped with the engine's clock; returns (incarnation, the predecessor's
+        row or None). ``InstanceIdInUse`` while a live instance holds the id; a dead one's
+        death is recorded and what it held released (reason 'taken over') in the same
+        transaction."""
+        ...
+
+    def heartbeat(self, member: Member) -> bool:
+        """Renew; False when that incarnation is no longer registered and alive."""
+        ...
+
+    def deregister(self, member: Member) -> bool:
+        """The death rule for a clean exit (reason 'left'); False when not registered."""
+        ...
+
+
+class DeathRule(Protocol):
+    """The death rule's state changes (``coord.reaper`` holds the rule and the policy: what
+    to apply when, in which batches, or only to count). Each call is one short
+    transaction that re-checks its condition, so it is safe beside another reaper."""
+
+    def alive(self) -> list[Row]:
+        """The rows registered as alive (the reaper judges them)."""
+        ...
+
+    def bury(self, rows: Sequence[Row], verdict: str) -> list[Member]:
+        """Apply the death rule to rows judged dead with ``verdict``: release their leases,
+        return their claims to ready (or dead-letter them), delete their ephemeral keys,
+        requests and replies, re-offer what they were delivered; keep a tombstone while
+        they own queued jobs or running processes. A 'hung' verdict is re-checked against
+        the heartbeat. Returns the members buried."""
+        ...
+
+    def running_processes(self) -> list[Row]:
+        """id, pid, start_token, boot_id of every tracked process still marked running."""
+        ...
+
+    def mark_exited(self, ids: Sequence[int]) -> None: ...
+
+    def expired(self, retention: float) -> dict[str, int]:
+        """What the expiry steps would change now (for a dry run): 'claims', 'leases',
+        'messages', and 'jobs' finished more than ``retention`` seconds ago."""
+        ...
+
+    def release_expired_claims(self, limit: int) -> int:
+        """Return up to ``limit`` claims past their lease to ready (or dead-letter them)."""
+        ...
+
+    def expire_leases(self) -> int:
+        """Release every lease held past its TTL (reason 'expired')."""
+        ...
+
+    def expire_messages(self, limit: int) -> int: ...
+
+    def purge_finished_jobs(self, retention: float, limit: int) -> int: ...
+
+    def tombstones(self) -> list[str]: ...
+
+    def keeping(self, ids: Sequence[str]) -> set[str]:
+        """Which of these ids still own something that keeps a tombstone."""
+        ...
+
+    def drop_tombstones(self, ids: Sequence[str]) -> int:
+        """Delete those tombstones that nothing keeps any more."""
+        ...
+
+    def trim_events(self, max_rows: int, max_age: float) -> int: ...
+
+    def checkpoint(self) -> tuple[int, int, int]:
+        """Shrink the engine's log if nobody is in the way (SQLite: the WAL); never blocks
+        writers."""
+        ...
+
+    def rebase_boot(self) -> bool:
+        """After a reboot: bury every instance of the old boot and carry remaining
+        durations over to the new clock, once. False when there was nothing to do."""
+        ...
+
+
 class Backend(Protocol):
     """One engine bound to one store."""
 
@@ -296,10 +413,16 @@ class Backend(Protocol):
     clock: ExpiryClock
     liveness: Liveness
     wakeup: Wakeup
-    instances: InstanceReads
+    instances: InstanceOps
     events: EventLog
     kv: KvOps
     messages: MessageOps
+    death: DeathRule
+
+    def open(self) -> None:
+        """Make the store usable: create the database if needed, migrate it to this
+        coord's schema, rebase a new boot. ``Store`` calls it once, when constructed."""
+        ...
 
 
 # -- engines by name ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .clock import MonotonicClock
+from .death import SqliteDeathRule
 from .events import SqliteEvents
 from .instances import SqliteInstances
 from .kv import SqliteKv
@@ -25,10 +26,18 @@ class SqliteBackend:
         self.clock = MonotonicClock(store)
         self.liveness = SqliteLiveness(store, self.clock)
         self.wakeup = SqliteWakeup(store)
-        self.instances = SqliteInstances(store)
+        self.instances = SqliteInstances(store, self.liveness)
         self.events = SqliteEvents(store)
         self.kv = SqliteKv(store, self.liveness)
         self.messages = SqliteMessages(store, self.clock, self.wakeup)
+        # -- step 2 --
+        self.death = SqliteDeathRule(store, self.liveness)
+        self._store = store
+
+    def open(self) -> None:
+        from .opening import open_store
+
+        open_store(self._store)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}>"
