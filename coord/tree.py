@@ -26,7 +26,6 @@ orphans until they end or are killed.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import signal
@@ -234,11 +233,6 @@ def cmdline_of(pid: int) -> list[str]:
         return []
 
 
-_INSERT = ("INSERT INTO processes (instance_id, incarnation, pid, start_token, boot_id, pgid, "
-           "name, cmdline, cwd, user, labels, started_at, tree, log_path) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id")
-
-
 def record(store: Store, owner: tuple[str, int], new: Sequence[tuple[Proc, Sequence[str]]],
            gone: Sequence[int], *, tree: bool, user: str, cwd: str,
            labels: Mapping[str, Any] | None = None, log_path: str | None = None) -> list[int]:
@@ -248,34 +242,18 @@ def record(store: Store, owner: tuple[str, int], new: Sequence[tuple[Proc, Seque
     lab = json.dumps(dict(labels or {}), sort_keys=True)
     boot = boot_id()
 
-    def txn(c: Any) -> list[int]:
-        wall = store.wall()
-        ids = []
-        for p, cmd in new:
-            name = os.path.basename(cmd[0]) if cmd else str(p.pid)
-            ids.append(int(c.execute(_INSERT, (
-                *owner, p.pid, p.token, boot, p.pgid, name, json.dumps(list(cmd)), cwd, user, lab,
-                wall, int(tree), log_path)).fetchall()[0][0]))
-        if gone:
-            c.execute("UPDATE processes SET status = 'exited', ended_at = coalesce(ended_at, ?) "
-                      "WHERE status = 'running' AND id IN (SELECT value FROM json_each(?))",
-                      (wall, json.dumps(list(gone))))
-        return ids
-
-    return store.write(txn)
+    rows = [(*owner, p.pid, p.token, boot, p.pgid,
+             os.path.basename(cmd[0]) if cmd else str(p.pid), json.dumps(list(cmd)), cwd, user,
+             lab, int(tree), log_path) for p, cmd in new]
+    return store.backend.trees.record(rows, gone)
 
 
 def mark_ended(store: Store, owner: tuple[str, int]) -> int:
     """Mark exited every running tree row of ``owner`` whose process no longer runs."""
-    rows = store.rows("SELECT id, pid, start_token, boot_id FROM processes WHERE instance_id = ? "
-                      "AND incarnation = ? AND tree = 1 AND status = 'running'", owner)
-    gone = [r["id"] for r in rows
+    gone = [r["id"] for r in store.backend.trees.members(owner)
             if not still_running(ProcIdentity(r["boot_id"], r["pid"], r["start_token"]))]
     if gone:
-        store.write(lambda c: c.execute(
-            "UPDATE processes SET status = 'exited', ended_at = coalesce(ended_at, ?) "
-            "WHERE status = 'running' AND id IN (SELECT value FROM json_each(?))",
-            (store.wall(), json.dumps(gone))))
+        store.backend.trees.mark_exited(gone)
     return len(gone)
 
 
@@ -320,23 +298,14 @@ def escaped(t: DeadTree, procs: Mapping[int, Proc]) -> list[ProcIdentity]:
 
 def tree_of(store: Store, owner: tuple[str, int]) -> DeadTree:
     """The recorded tree of ``owner`` (id, incarnation), whatever its liveness."""
-    rows = store.rows("SELECT id, pid, pgid, start_token, boot_id FROM processes WHERE "
-                      "instance_id = ? AND incarnation = ? AND tree = 1 AND status = 'running'",
-                      owner)
-    leases = store.rows("SELECT name, pgid, pg_start_token FROM leases WHERE pg_holder_id = ? "
-                        "AND pg_holder_incarnation = ? AND pgid IS NOT NULL", owner)
-    return _tree(owner, rows, leases, _terms(store, owner))
+    trees = store.backend.trees
+    return _tree(owner, trees.members(owner), trees.groups(owner), trees.terms(owner))
 
 
 def left_of(t: DeadTree, procs: Mapping[int, Proc] | None = None) -> list[ProcIdentity]:
     """What of ``t`` still runs: its members, its groups, what escaped, their descendants."""
     procs = snapshot() if procs is None else procs
     return collect([*t.members, *escaped(t, procs)], t.groups, procs=procs)
-
-
-def _terms(store: Store, owner: tuple[str, int]) -> tuple[int, ...]:
-    return tuple(int(r["term"]) for r in store.rows(
-        "SELECT term FROM lease_terms WHERE holder_id = ? AND holder_incarnation = ?", owner))
 
 
 def _tree(owner: tuple[str, int], rows: Sequence[Mapping[str, Any]],
@@ -358,21 +327,16 @@ def dead_trees(store: Store, only: Iterable[tuple[str, int]] | None = None, *,
     also the trees of `coord elect`/`lock` wrappers that still live but whose term is over
     (the lease expired or moved on: a wrapper SIGSTOPped past its TTL cannot end its tree
     itself, and its CMD must not run without the lease)."""
-    rows = store.rows("SELECT id, instance_id, incarnation, pid, pgid, start_token, boot_id "
-                      "FROM processes WHERE tree = 1 AND status = 'running'")
-    leases = store.rows("SELECT name, pgid, pg_start_token, pg_holder_id, pg_holder_incarnation, "
-                        "holder_id, holder_incarnation, expires_mono FROM leases "
-                        "WHERE pgid IS NOT NULL AND pg_holder_id IS NOT NULL")
+    trees = store.backend.trees
+    rows, leases = trees.members(), trees.groups()
     owners = {(r["instance_id"], r["incarnation"]) for r in rows}
     owners |= {(r["pg_holder_id"], r["pg_holder_incarnation"]) for r in leases}
     if only is not None:
         owners &= set(only)
-    now, liveness = store.mono(), store.backend.liveness
+    liveness = store.backend.liveness
     look = liveness.look()
     over = {(r["pg_holder_id"], r["pg_holder_incarnation"]) for r in leases
-            if (r["holder_id"], r["holder_incarnation"]) != (r["pg_holder_id"],
-                                                             r["pg_holder_incarnation"])
-            or r["expires_mono"] is None or r["expires_mono"] < now} if lapsed else set()
+            if r["over"]} if lapsed else set()
     out = []
     for owner in sorted(owners):
         inst = store.backend.instances.by_id(owner[0])
@@ -383,7 +347,7 @@ def dead_trees(store: Store, only: Iterable[tuple[str, int]] | None = None, *,
                          [r for r in rows if (r["instance_id"], r["incarnation"]) == owner],
                          [r for r in leases
                           if (r["pg_holder_id"], r["pg_holder_incarnation"]) == owner],
-                         _terms(store, owner)))
+                         trees.terms(owner)))
     return out
 
 
@@ -400,16 +364,8 @@ def settle(store: Store, trees: Sequence[DeadTree], grace: float) -> str:
     for t in trees:
         mark_ended(store, t.owner)
         if t.leases and not left_of(t):
-            store.write(functools.partial(_clear_groups, t=t))
+            store.backend.trees.clear_groups(t.leases)
     return how
-
-
-def _clear_groups(c: Any, t: DeadTree) -> None:
-    """Clear each lease's recorded group of ``t`` (proven empty), unless recorded anew."""
-    for name, pgid, token in t.leases:
-        c.execute("UPDATE leases SET pgid = NULL, pg_start_token = NULL, pg_holder_id = NULL, "
-                  "pg_holder_incarnation = NULL WHERE name = ? AND pgid = ? AND pg_start_token = ?",
-                  (name, pgid, token))
 
 
 def end_dead_trees(store: Store, *, grace: float | None = None,

@@ -77,6 +77,7 @@ __all__ = [
     "MessageRecord",
     "Problem",
     "Proof",
+    "TreeOps",
     "Wakeup",
     "Watch",
     "open_backend",
@@ -406,6 +407,38 @@ class DeathRule(Protocol):
         ...
 
 
+class TreeOps(Protocol):
+    """What a `coord run`/`elect`/`lock` wrapper records of its process tree: tree rows of
+    the tracked processes, and the process group recorded on the lease it holds."""
+
+    def record(self, rows: Sequence[tuple[Any, ...]], gone: Sequence[int]) -> list[int]:
+        """One transaction: insert tree rows — (instance id, incarnation, pid, start token,
+        boot id, pgid, name, cmdline JSON, cwd, user, labels JSON, tree flag, log path),
+        started now — and mark the rows ``gone`` exited; returns the new rows' ids."""
+        ...
+
+    def mark_exited(self, ids: Sequence[int]) -> None: ...
+
+    def members(self, owner: Member | None = None) -> list[Row]:
+        """Running tree rows (of ``owner``): id, instance_id, incarnation, pid, pgid,
+        start_token, boot_id."""
+        ...
+
+    def groups(self, owner: Member | None = None) -> list[Row]:
+        """Recorded process groups (of ``owner``): name, pgid, pg_start_token, pg_holder_id,
+        pg_holder_incarnation, and ``over`` — the lease expired or moved on since (by the
+        engine's clock)."""
+        ...
+
+    def terms(self, owner: Member) -> tuple[int, ...]:
+        """The lease terms ``owner`` ever held."""
+        ...
+
+    def clear_groups(self, groups: Sequence[tuple[str, int, int]]) -> None:
+        """Forget these (lease, pgid, pg_start_token) groups, unless recorded anew."""
+        ...
+
+
 class Backend(Protocol):
     """One engine bound to one store."""
 
@@ -418,6 +451,7 @@ class Backend(Protocol):
     kv: KvOps
     messages: MessageOps
     death: DeathRule
+    trees: TreeOps
 
     def open(self) -> None:
         """Make the store usable: create the database if needed, migrate it to this

@@ -11,6 +11,7 @@ from .instances import SqliteInstances
 from .kv import SqliteKv
 from .liveness import SqliteLiveness
 from .messages import SqliteMessages
+from .trees import SqliteTrees
 from .wakeup import SqliteWakeup
 
 if TYPE_CHECKING:
@@ -32,6 +33,7 @@ class SqliteBackend:
         self.messages = SqliteMessages(store, self.clock, self.wakeup)
         # -- step 2 --
         self.death = SqliteDeathRule(store, self.liveness)
+        self.trees = SqliteTrees(store)
         self._store = store
 
     def open(self) -> None:
