@@ -76,6 +76,7 @@ __all__ = [
     "MessageOps",
     "MessageRecord",
     "Problem",
+    "ProcessOps",
     "Proof",
     "TreeOps",
     "Wakeup",
@@ -439,6 +440,35 @@ class TreeOps(Protocol):
         ...
 
 
+class ProcessOps(Protocol):
+    """The processes an instance tracks (``track``/``spawn``), bound to (id, incarnation)."""
+
+    def track(self, owner: Member, fields: Sequence[Any], *, running: bool) -> int:
+        """Record a process — ``fields``: pid, start token, boot id, pgid, name, cmdline
+        JSON, cwd, user, labels JSON, log path — started now; ``running`` False records one
+        that already ended. A running one gets a 'process started' event. Returns its id."""
+        ...
+
+    def record_exit(self, id: int, owner_id: str, code: int | None, sig: int | None) -> None:
+        """Its end as its owner saw it (exit code, or the signal that ended it)."""
+        ...
+
+    def record_ended(self, ended: Sequence[tuple[Row, str, int | None, int | None]],
+                     kind: str) -> None:
+        """Rows coord ended: (row, how, exit code, signal); an end already recorded stays.
+        One ``kind`` event per row."""
+        ...
+
+    def get(self, id: int) -> Row | None: ...
+
+    def by_ids(self, ids: Iterable[int]) -> dict[int, Row]: ...
+
+    def list(self, instance_id: str | None = None, *, running: bool = False) -> list[Row]:
+        """Rows of ``instance_id`` in id order, else every row (only running ones with
+        ``running``) by instance, then id."""
+        ...
+
+
 class Backend(Protocol):
     """One engine bound to one store."""
 
@@ -452,6 +482,7 @@ class Backend(Protocol):
     messages: MessageOps
     death: DeathRule
     trees: TreeOps
+    processes: ProcessOps
 
     def open(self) -> None:
         """Make the store usable: create the database if needed, migrate it to this

@@ -11,6 +11,7 @@ from .instances import SqliteInstances
 from .kv import SqliteKv
 from .liveness import SqliteLiveness
 from .messages import SqliteMessages
+from .processes import SqliteProcesses
 from .trees import SqliteTrees
 from .wakeup import SqliteWakeup
 
@@ -34,6 +35,7 @@ class SqliteBackend:
         # -- step 2 --
         self.death = SqliteDeathRule(store, self.liveness)
         self.trees = SqliteTrees(store)
+        self.processes = SqliteProcesses(store)
         self._store = store
 
     def open(self) -> None:
