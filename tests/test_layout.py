@@ -24,7 +24,7 @@ KNOWN_CIRCLES: set[frozenset[str]] = set()
 #: Modules whose storage lives in an engine: no SQL, no apsw.
 BEHIND_THE_SEAM = ("coord/kv.py", "coord/messages.py", "coord/events.py", "coord/instances.py",
                    "coord/reaper.py", "coord/deathwatch.py", "coord/tree.py",
-                   "coord/processes.py")
+                   "coord/processes.py", "coord/check.py")
 
 SQL_WORDS = re.compile(
     r"\b(SELECT|INSERT|UPDATE|DELETE|REPLACE|UPSERT|CREATE|DROP|ALTER|PRAGMA|BEGIN|COMMIT|"

@@ -64,6 +64,7 @@ T = TypeVar("T")
 
 __all__ = [
     "Backend",
+    "CheckOps",
     "DeathRule",
     "EventLog",
     "ExpiryClock",
@@ -469,6 +470,35 @@ class ProcessOps(Protocol):
         ...
 
 
+class CheckOps(Protocol):
+    """The invariant checks that need only the database (``coord.check`` adds those that
+    need liveness), and the storage facts ``coord doctor`` reports. Problems come as
+    (check name, ``Problem``)."""
+
+    def storage(self, *, integrity: bool) -> list[tuple[str, Problem]]:
+        """The store itself: integrity (when asked: it reads every page), the schema version
+        and identity, counters never below a used value."""
+        ...
+
+    def holdings(self) -> list[tuple[str, str, int]]:
+        """(what, holder id, holder incarnation) of every held lease, claimed job and
+        ephemeral key: each holder must be registered and alive."""
+        ...
+
+    def free_groups(self) -> list[tuple[str, int]]:
+        """(lease, pgid) of free leases still recording their last holder's group."""
+        ...
+
+    def problems(self) -> list[tuple[str, Problem]]:
+        """Liveness-free invariants of leases, terms, jobs and processes."""
+        ...
+
+    def facts(self) -> dict[str, Any]:
+        """journal_mode, schema_version, supported_schema_version, application_id,
+        busy_retries, counts (rows per table)."""
+        ...
+
+
 class Backend(Protocol):
     """One engine bound to one store."""
 
@@ -483,6 +513,7 @@ class Backend(Protocol):
     death: DeathRule
     trees: TreeOps
     processes: ProcessOps
+    checks: CheckOps
 
     def open(self) -> None:
         """Make the store usable: create the database if needed, migrate it to this

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .checks import SqliteChecks
 from .clock import MonotonicClock
 from .death import SqliteDeathRule
 from .events import SqliteEvents
@@ -36,6 +37,7 @@ class SqliteBackend:
         self.death = SqliteDeathRule(store, self.liveness)
         self.trees = SqliteTrees(store)
         self.processes = SqliteProcesses(store)
+        self.checks = SqliteChecks(store)
         self._store = store
 
     def open(self) -> None:
