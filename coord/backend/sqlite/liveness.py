@@ -190,7 +190,8 @@ class SqliteLiveness:
         return LockProof(str(self._store.side_dir("locks") / f"{token}.lock"))
 
     def forget(self, rows: Iterable[Row]) -> None:
-        unlink_many(p for r in rows for p in (r["lock_path"], r["nudge_path"]))
+        # A caller's row may carry only what judging needs: no path, nothing to remove.
+        unlink_many(p for r in rows for p in (r.get("lock_path"), r.get("nudge_path")))
 
     def watchable_pid(self, row: Row) -> int | None:
         return int(row["pid"]) if row["pidns"] == pid_namespace() else None
