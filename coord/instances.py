@@ -114,9 +114,9 @@ def _json(text: str) -> Any:
     return json.loads(text)
 
 
-def _info(store: Store, row: Row, now_mono: float, look: object) -> InstanceInfo:
-    alive, status = store.backend.liveness.judge(row, look)
-    same_boot = row["boot_id"] == store.backend.clock.epoch()
+def _info(verdict: tuple[bool, str], row: Row, now_mono: float, epoch: str) -> InstanceInfo:
+    alive, status = verdict
+    same_boot = row["boot_id"] == epoch
     fields = {
         "id": row["id"],
         "incarnation": row["incarnation"],
@@ -157,7 +157,8 @@ def list_instances(
     backend = store.backend
     rows = backend.instances.list(app)
     now, look = backend.clock.now(), backend.liveness.look()
-    out = [_info(store, r, now, look) for r in rows]
+    judge_row, epoch = backend.liveness.judge, backend.clock.epoch()
+    out = [_info(judge_row(r, look), r, now, epoch) for r in rows]
     return out if include_dead else [i for i in out if i.alive]
 
 
@@ -189,7 +190,7 @@ def get_instance(store: Store, id: str) -> InstanceInfo:
     row = backend.instances.by_id(id)
     if row is None:
         raise NotFound("instance", id)
-    return _info(store, row, backend.clock.now(), backend.liveness.look())
+    return _info(backend.liveness.judge(row), row, backend.clock.now(), backend.clock.epoch())
 
 
 def require_live(store: Store, id: str | None) -> InstanceInfo:
