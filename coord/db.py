@@ -247,13 +247,10 @@ class Store:
         _STORES.add(self)
         #: This store's engine: its operations per capability and its services (``coord.backend``).
         self.backend: Backend = open_backend("sqlite", self)
-        from .migrate import migrate
-        from .reaper import rebase_boot
-
+        # The engine creates, migrates and rebases: opening sits above Store (the engine
+        # imports this module; this module knows the protocol only).
         with translated(str(self.path)):
-            paths.create_db_file(self.path)
-            migrate(self)
-            rebase_boot(self)
+            self.backend.open()
 
     def __repr__(self) -> str:
         return f"Store({str(self.path)!r})"

@@ -94,11 +94,9 @@ class DeathWatch:
                  by_key: dict[tuple[str, int], int]) -> list[Row]:
         """Watch the instances registered since the last look, forget those gone; returns
         the new ones that are already dead."""
-        rows = self.inst.store.rows(
-            "SELECT id, incarnation, status, end_reason, boot_id, pidns, pid, start_token, "
-            "lock_path, nudge_path, heartbeat_mono, ttl FROM instances WHERE status = 'alive' "
-            "AND boot_id = ? AND pidns = ? AND pid != ?", (boot_id(), pid_namespace(), os.getpid()))
-        current = {(r["id"], r["incarnation"]): r for r in rows}
+        boot, ns, me = boot_id(), pid_namespace(), os.getpid()
+        current = {(r["id"], r["incarnation"]): r for r in self.inst.store.backend.death.alive()
+                   if r["boot_id"] == boot and r["pidns"] == ns and r["pid"] != me}
         for key in [k for k in by_key if k not in current]:
             fd = by_key.pop(key)
             watched.pop(fd, None)
@@ -127,20 +125,19 @@ class DeathWatch:
 
     def _act(self, rows: Iterable[Row]) -> None:
         """Bury those of ``rows`` that are dead, then end their trees in another thread."""
-        from .instances import Probe, _unlink_many, judge
         from .reaper import bury_dead
 
         store = self.inst.store
-        probe = Probe()
+        liveness = store.backend.liveness
+        look = liveness.look()
         by_verdict: dict[str, list[Row]] = {}
         for row in rows:
-            alive, verdict = judge(store, row, probe=probe)
+            alive, verdict = liveness.judge(row, look)
             if not alive:
                 by_verdict.setdefault(verdict, []).append(row)
         owners = []
         for verdict, dead in by_verdict.items():
-            bury_dead(store, dead, verdict)
-            _unlink_many(p for r in dead for p in (r["lock_path"], r["nudge_path"]))
+            bury_dead(store, dead, verdict)  # and their lock files and sockets go
             owners += [(r["id"], r["incarnation"]) for r in dead]
             self.inst.log.info("death watch: %s %s", verdict,
                                ", ".join(f"{r['id']}#{r['incarnation']}" for r in dead))

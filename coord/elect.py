@@ -40,8 +40,8 @@ from . import nudge
 from .clock import boot_id
 from .db import Store
 from .errors import CannotRun, InvalidArgument, LeaseLost, LeaseNotAcquired
-from .identity import ProcIdentity, _stat_fields
-from .instances import Instance, _username, generate_id, register
+from .identity import ProcIdentity, stat_fields
+from .instances import Instance, generate_id, register, username
 from .leases import Lease, LeaseInfo, acquire, record_group, serve_reaper
 from .wrapper import Forward, Gated, Interrupted, launch, release_and_wait
 
@@ -67,7 +67,7 @@ def group_members(pgid: int) -> list[ProcIdentity]:
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
-        fields = _stat_fields(int(name))
+        fields = stat_fields(int(name))
         if fields is None or int(fields[2]) != pgid or fields[0] in ("Z", "X", "x"):
             continue
         out.append(ProcIdentity(boot, int(name), int(fields[19])))
@@ -169,7 +169,7 @@ def _run_holding(inst: Instance, lease: Lease, argv: Sequence[str], env: dict[st
     def record(cmd: Gated) -> None:
         record_group(store, lease.name, lease.term, cmd.pid, cmd.token, holder=owner)
 
-    cmd, watch, row = launch(store, owner, argv, env, tree=True, user=_username(),
+    cmd, watch, row = launch(store, owner, argv, env, tree=True, user=username(),
                              labels={"lease": lease.name}, before_release=record,
                              log=inst.log.warning)
     lease.add_callback(lambda _: fwd.wake())

@@ -30,7 +30,7 @@ class ProcIdentity:
     start_token: int
 
 
-def _stat_fields(pid: int) -> list[str] | None:
+def stat_fields(pid: int) -> list[str] | None:
     # A reap checks thousands of pids that are gone: kill(pid, 0) says so three times faster
     # than a failing open of /proc/<pid>/stat. os.open/os.read: a buffered file object costs
     # several times more.
@@ -61,7 +61,7 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 def proc_stat(pid: int) -> tuple[int, str] | None:
     """(start token, one-letter state) of ``pid`` from one read of /proc, or None if gone."""
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     return None if fields is None else (int(fields[19]), fields[0])
 
 
@@ -71,7 +71,7 @@ DEAD_STATES = frozenset(("Z", "X", "x"))
 
 def start_token(pid: int) -> int | None:
     """Field 22 of /proc/<pid>/stat, or None when there is no such process."""
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     return None if fields is None else int(fields[19])
 
 
@@ -79,7 +79,7 @@ def ancestry(pid: int, depth: int = 128) -> list[tuple[int, int]]:
     """(pid, start token) of ``pid`` and each of its ancestors, nearest first."""
     out: list[tuple[int, int]] = []
     while pid > 0 and len(out) < depth:
-        fields = _stat_fields(pid)
+        fields = stat_fields(pid)
         if fields is None:
             break
         out.append((pid, int(fields[19])))
@@ -89,7 +89,7 @@ def ancestry(pid: int, depth: int = 128) -> list[tuple[int, int]]:
 
 def proc_state(pid: int) -> str | None:
     """The one-letter state (R, S, Z ...) or None when there is no such process."""
-    fields = _stat_fields(pid)
+    fields = stat_fields(pid)
     return None if fields is None else fields[0]
 
 
@@ -120,7 +120,7 @@ def still_running(ident: ProcIdentity) -> bool:
     """True only when the very same process (not a pid reuse) exists and is not a zombie."""
     if ident.boot_id != boot_id():
         return False
-    fields = _stat_fields(ident.pid)
+    fields = stat_fields(ident.pid)
     if fields is None:
         return False
     return int(fields[19]) == ident.start_token and fields[0] not in DEAD_STATES

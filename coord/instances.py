@@ -5,7 +5,9 @@ life (see ``coord.identity``); the kernel drops it the instant the process dies,
 proof of death. A hung instance is seen dead when its heartbeat is older than its TTL.
 Everything an instance holds is bound to (id, incarnation); every registration bumps the
 incarnation, and taking over a dead instance's id releases what the old incarnation held in
-the same transaction (``coord.reaper.release_holdings``).
+the same transaction. The rows, the proof of life and the verdict are the store's engine's
+(``store.backend.instances`` and ``store.backend.liveness``); this module keeps the rules,
+the heartbeat and the public API.
 """
 
 from __future__ import annotations
@@ -21,26 +23,22 @@ import socket
 import sys
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
-
-import apsw
+from typing import Any
 
 from . import nudge
+from .backend import Proof
+
+# The SQLite engine's verdict, named here for the modules that still judge rows themselves
+# (``coord.queues``, ``coord.leases``) until their steps of ``coord.backend``'s plan.
+from .backend.sqlite.liveness import Probe, judge, unlink
 from .clock import boot_id
-from .db import Row, Store, fetch, next_counter
-from .errors import InstanceIdInUse, InvalidArgument, NotFound, NotRegistered
-from .events import log_event
-from .identity import (
-    DEAD_STATES,
-    FREE,
-    hold_lock,
-    lock_state,
-    pid_namespace,
-    proc_stat,
-    start_token,
-)
+from .db import Row, Store
+from .errors import InvalidArgument, NotFound, NotRegistered
+from .identity import pid_namespace, start_token
+
+__all__ = ["Probe", "judge"]  # re-exported (see above)
 
 log = logging.getLogger("coord")
 
@@ -48,11 +46,6 @@ _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-
 
 # (id, incarnation) of every instance registered by this process and not yet closed.
 _LOCAL: dict[tuple[str, int], Instance] = {}
-# The lock files this process holds (from before its row is committed until the descriptor
-# is closed). A row with our own pid is judged from here: probing our own lock file would
-# release it, and the set is filled before the row exists, so a reaper thread of ours never
-# sees a registration of ours half-way.
-_OWN_LOCKS: set[str] = set()
 _LOCAL_LOCK = threading.Lock()
 
 
@@ -112,73 +105,6 @@ class InstanceInfo:
         return d
 
 
-class Probe:
-    """What the kernel says about pids and lock files, asked once per pid and per lock file.
-
-    One probe serves one listing or one reap, so a thousand rows that share a handful of
-    processes cost a handful of /proc reads. Make a new one for every fresh look: a probe
-    never forgets, and a process it saw alive may have died since.
-    """
-
-    def __init__(self) -> None:
-        self.boot_id = boot_id()
-        self.pidns = pid_namespace()
-        self.pid = os.getpid()
-        self._procs: dict[int, tuple[int, str] | None] = {}
-        self._locks: dict[str, tuple[str, int | None]] = {}
-
-    def proc(self, pid: int) -> tuple[int, str] | None:
-        """(start token, state) of ``pid``, or None when it does not exist."""
-        try:
-            return self._procs[pid]
-        except KeyError:
-            found = self._procs[pid] = proc_stat(pid)
-            return found
-
-    def lock(self, path: str) -> tuple[str, int | None]:
-        try:
-            return self._locks[path]
-        except KeyError:
-            found = self._locks[path] = lock_state(path)
-            return found
-
-
-def judge(
-    store: Store, row: Row, now_mono: float | None = None, *, probe: Probe | None = None
-) -> tuple[bool, str]:
-    """Liveness verdict for an instance row: (alive, status word).
-
-    Dead needs proof — another boot; the pid gone, reused (another start token) or a
-    zombie; its lock file present and unlocked — or an expired heartbeat (status 'hung').
-    Age alone never kills an instance whose heartbeat is current, and the wall clock is
-    never read. ``row`` needs: id, incarnation, status, end_reason, boot_id, pidns, pid,
-    start_token, lock_path, heartbeat_mono, ttl.
-    """
-    if row["status"] == "dead":
-        return False, row["end_reason"] or "dead"
-    pr = probe or Probe()
-    if row["boot_id"] != pr.boot_id:
-        return False, "reboot"
-    same_ns = row["pidns"] == pr.pidns
-    if same_ns:
-        st = pr.proc(row["pid"])
-        if st is None or st[0] != row["start_token"] or st[1] in DEAD_STATES:
-            return False, "died"
-    if same_ns and row["pid"] == pr.pid:
-        # Our own process: never probe our own lock file (closing the probe would drop it).
-        with _LOCAL_LOCK:
-            held = row["lock_path"] in _OWN_LOCKS
-        if not held:
-            return False, "died"  # registered here once and closed, or never by us
-    elif pr.lock(row["lock_path"])[0] == FREE:
-        return False, "died"
-    # HELD, or MISSING/UNKNOWN (no proof either way): the heartbeat decides.
-    now = store.mono() if now_mono is None else now_mono
-    if now - row["heartbeat_mono"] > row["ttl"]:
-        return False, "hung"
-    return True, "alive"
-
-
 def _json(text: str) -> Any:
     # The common empty values skip the parser (a listing parses two per row).
     if text == "{}":
@@ -188,9 +114,9 @@ def _json(text: str) -> Any:
     return json.loads(text)
 
 
-def _info(store: Store, row: Row, now_mono: float, probe: Probe) -> InstanceInfo:
-    alive, status = judge(store, row, now_mono, probe=probe)
-    same_boot = row["boot_id"] == probe.boot_id
+def _info(verdict: tuple[bool, str], row: Row, now_mono: float, epoch: str) -> InstanceInfo:
+    alive, status = verdict
+    same_boot = row["boot_id"] == epoch
     fields = {
         "id": row["id"],
         "incarnation": row["incarnation"],
@@ -228,13 +154,11 @@ def list_instances(
     store: Store, *, include_dead: bool = False, app: str | None = None
 ) -> list[InstanceInfo]:
     """Registered instances with their liveness; only live ones unless ``include_dead``."""
-    sql = "SELECT * FROM instances"
-    params: tuple[Any, ...] = ()
-    if app is not None:
-        sql += " WHERE app = ?"
-        params = (app,)
-    now, probe = store.mono(), Probe()
-    out = [_info(store, r, now, probe) for r in store.rows(sql + " ORDER BY started_at, id", params)]
+    backend = store.backend
+    rows = backend.instances.list(app)
+    now, look = backend.clock.now(), backend.liveness.look()
+    judge_row, epoch = backend.liveness.judge, backend.clock.epoch()
+    out = [_info(judge_row(r, look), r, now, epoch) for r in rows]
     return out if include_dead else [i for i in out if i.alive]
 
 
@@ -243,8 +167,6 @@ def problems(
 ) -> list[tuple[str, bool]]:
     """The registry's invariants, for ``coord.check``: (detail, pending) pairs. Pending means
     awaiting the reaper (a death not yet buried, a tombstone with nothing left to keep)."""
-    from .reaper import _kept
-
     out: list[tuple[str, bool]] = []
     for id, row in rows.items():
         alive, verdict = verdicts[id]
@@ -256,23 +178,19 @@ def problems(
         elif row["ended_at"] is None or not row["end_reason"]:
             out.append((f"tombstone {id} has no end time or reason", False))
     tombs = [id for id, row in rows.items() if row["status"] == "dead"]
-    kept = _kept(store.conn(), tombs)
+    kept = store.backend.death.keeping(tombs)
     out += [(f"tombstone {id} keeps nothing, awaiting the reaper", True)
             for id in tombs if id not in kept]
     return out
 
 
 def get_instance(store: Store, id: str) -> InstanceInfo:
-    row = store.row("SELECT * FROM instances WHERE id = ?", (id,))
+    """The instance registered as ``id`` (alive or a tombstone), with its verdict."""
+    backend = store.backend
+    row = backend.instances.by_id(id)
     if row is None:
         raise NotFound("instance", id)
-    return _info(store, row, store.mono(), Probe())
-
-
-def live_holder(store: Store, conn: apsw.Connection, id: str, incarnation: int) -> bool:
-    """Is (id, incarnation) a live instance? For checks inside a transaction."""
-    rows = fetch(conn, "SELECT * FROM instances WHERE id = ? AND incarnation = ?", (id, incarnation))
-    return bool(rows) and judge(store, rows[0])[0]
+    return _info(backend.liveness.judge(row), row, backend.clock.now(), backend.clock.epoch())
 
 
 def require_live(store: Store, id: str | None) -> InstanceInfo:
@@ -318,7 +236,7 @@ class Instance:
     watchdog: float | None
     lock_path: str
     nudge_path: str
-    _lock_fd: int
+    _proof: Proof
     sock: socket.socket
     pid: int = field(default_factory=os.getpid)
     hooks: list[HeartbeatHook] = field(default_factory=list)
@@ -352,17 +270,9 @@ class Instance:
 
     def heartbeat(self) -> bool:
         """Renew the registration now. False when it was lost (declared dead, taken over)."""
-        now_mono, now_wall = self.store.mono(), self.store.wall()
         if self.stuck:
             return True  # stuck: let the TTL run out so others see us as hung
-        n = self.store.write(
-            lambda c: c.execute(
-                "UPDATE instances SET heartbeat_mono = ?, heartbeat_at = ? "
-                "WHERE id = ? AND incarnation = ? AND status = 'alive' RETURNING 1",
-                (now_mono, now_wall, self.id, self.incarnation),
-            ).fetchall()
-        )
-        if not n:
+        if not self.store.backend.instances.heartbeat((self.id, self.incarnation)):
             if not self.lost.is_set():
                 self.log.warning("registration lost (declared dead or taken over)")
             self.lost.set()
@@ -410,21 +320,15 @@ class Instance:
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
-        from .reaper import bury
-
         try:
-            self.store.write(
-                lambda c: bury(c, self.store, self.id, self.incarnation, reason="left")
-            )
+            self.store.backend.instances.deregister((self.id, self.incarnation))
         except Exception as e:
             self.log.warning("deregistration failed: %s", e)
         with _LOCAL_LOCK:
             _LOCAL.pop((self.id, self.incarnation), None)
-        _unlink(self.lock_path, self.nudge_path)
+        unlink(self.nudge_path)
         self.sock.close()
-        with _LOCAL_LOCK:
-            _OWN_LOCKS.discard(self.lock_path)
-        os.close(self._lock_fd)
+        self._proof.release()
 
 
 def register(
@@ -451,81 +355,35 @@ def register(
     if ttl <= 0:
         raise InvalidArgument(f"ttl must be positive, got {ttl}")
     token = secrets.token_hex(8)
-    lock_path = str(store.side_dir("locks") / f"{token}.lock")
+    backend = store.backend
+    proof = backend.liveness.prove(token)
     nudge_path = nudge.socket_path(str(store.side_dir("sock") / f"{token}.sock"))
-    fd = hold_lock(lock_path)
-    with _LOCAL_LOCK:
-        _OWN_LOCKS.add(lock_path)
     try:
         sock = nudge.bind(nudge_path)
     except BaseException:
-        _release_own_lock(fd, lock_path)
+        proof.release()
         raise
     mypid = os.getpid()
-    labels_json = json.dumps(dict(labels or {}), sort_keys=True)
-    cmd = cmdline if cmdline is not None else _own_cmdline()
-    user = _username()
-    host = socket.gethostname()
     tok = start_token(mypid)
     assert tok is not None
-
-    previous: list[Row] = []
-
-    def txn(c: apsw.Connection) -> int:
-        now_mono, now_wall = store.mono(), store.wall()
-        old = fetch(c, "SELECT * FROM instances WHERE id = ?", (id,))
-        previous[:] = old
-        if old:
-            alive, verdict = judge(store, old[0], now_mono)
-            if alive:
-                raise InstanceIdInUse(id, old[0]["pid"])
-            from .reaper import release_holdings
-
-            # Its death was never recorded (no reaper came by): record it now, once.
-            if old[0]["status"] == "alive":
-                log_event(c, now_wall, "died", id, None, incarnation=old[0]["incarnation"],
-                          reason=verdict)
-            release_holdings(c, store, id, old[0]["incarnation"], reason="taken over")
-        inc = next_counter(c, "incarnation")
-        c.execute(
-            "INSERT INTO instances (id, incarnation, app, status, pid, start_token, boot_id, "
-            "pidns, uid, user, host, cmdline, cwd, labels, lock_path, nudge_path, ttl, "
-            "watchdog, started_at, heartbeat_at, heartbeat_mono) "
-            "VALUES (?, ?, ?, 'alive', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-            "ON CONFLICT (id) DO UPDATE SET incarnation = excluded.incarnation, "
-            "app = excluded.app, status = 'alive', pid = excluded.pid, "
-            "start_token = excluded.start_token, boot_id = excluded.boot_id, "
-            "pidns = excluded.pidns, uid = excluded.uid, user = excluded.user, "
-            "host = excluded.host, cmdline = excluded.cmdline, cwd = excluded.cwd, "
-            "labels = excluded.labels, lock_path = excluded.lock_path, "
-            "nudge_path = excluded.nudge_path, ttl = excluded.ttl, "
-            "watchdog = excluded.watchdog, started_at = excluded.started_at, "
-            "heartbeat_at = excluded.heartbeat_at, heartbeat_mono = excluded.heartbeat_mono, "
-            "ended_at = NULL, end_reason = NULL",
-            (
-                id, inc, app, mypid, tok, boot_id(), pid_namespace(), os.geteuid(), user,
-                host, json.dumps(cmd), _cwd(), labels_json, lock_path, nudge_path, ttl,
-                watchdog, now_wall, now_wall, now_mono,
-            ),
-        )
-        if old:
-            log_event(c, now_wall, "took over", id, None, previous=old[0]["incarnation"], incarnation=inc)
-        log_event(c, now_wall, "joined", id, app, incarnation=inc, pid=mypid)
-        return inc
-
+    fields = {
+        "app": app, "pid": mypid, "start_token": tok, "boot_id": boot_id(),
+        "pidns": pid_namespace(), "uid": os.geteuid(), "user": username(),
+        "host": socket.gethostname(),
+        "cmdline": json.dumps(cmdline if cmdline is not None else _own_cmdline()),
+        "cwd": _cwd(), "labels": json.dumps(dict(labels or {}), sort_keys=True),
+        "lock_path": proof.where, "nudge_path": nudge_path, "ttl": ttl, "watchdog": watchdog,
+    }
     try:
-        inc = store.write(txn)
+        inc, _ = backend.instances.register(id, fields)
     except BaseException:
         sock.close()
-        _release_own_lock(fd, lock_path)
-        _unlink(nudge_path)
+        proof.release()
+        unlink(nudge_path)
         raise
-    if previous:
-        # The dead predecessor's lock file and socket are nobody's now.
-        _unlink(previous[0]["lock_path"], previous[0]["nudge_path"])
     inst = Instance(
         store=store, id=id, incarnation=inc, app=app, ttl=ttl, watchdog=watchdog,
-        lock_path=lock_path, nudge_path=nudge_path, _lock_fd=fd, sock=sock,
+        lock_path=proof.where, nudge_path=nudge_path, _proof=proof, sock=sock,
     )
     with _LOCAL_LOCK:
         _LOCAL[(id, inc)] = inst
@@ -536,53 +394,6 @@ def register(
         inst.start()
     inst.log.debug("registered (incarnation %d)", inc)
     return inst
-
-
-def _release_own_lock(fd: int, path: str) -> None:
-    _unlink(path)
-    with _LOCAL_LOCK:
-        _OWN_LOCKS.discard(path)
-    os.close(fd)
-
-
-def _is_file(p: str | None) -> TypeGuard[str]:
-    """A path on disk — not an abstract-namespace socket name (``@coord-…``, see
-    ``nudge.socket_path``), which has no file, and unlinked as a path would remove a file of
-    that name from the current directory."""
-    return bool(p) and not nudge.is_abstract(p)
-
-
-def _unlink_many(paths: Iterable[str | None]) -> None:
-    """``_unlink`` for a reaper's batch: one directory descriptor per directory, so each
-    file costs an unlinkat without a path walk."""
-    by_dir: dict[str, list[str]] = {}
-    for p in paths:
-        if _is_file(p):
-            d, name = os.path.split(p)
-            by_dir.setdefault(d, []).append(name)
-    for d, names in by_dir.items():
-        try:
-            dfd = os.open(d or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            for name in names:
-                try:
-                    os.unlink(name, dir_fd=dfd)
-                except OSError:
-                    pass
-        finally:
-            os.close(dfd)
-
-
-def _unlink(*paths: str | None) -> None:
-    """Remove a dead instance's lock file and socket (unlinking never drops a lock)."""
-    for p in paths:
-        if _is_file(p):
-            try:
-                os.unlink(p)
-            except OSError:
-                pass
 
 
 def _own_cmdline() -> list[str]:
@@ -600,7 +411,8 @@ def _cwd() -> str:
         return ""
 
 
-def _username() -> str:
+def username() -> str:
+    """This process's user name (its uid when it has none)."""
     try:
         return getpass.getuser()
     except Exception:

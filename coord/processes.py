@@ -45,11 +45,10 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from .clock import boot_id
-from .db import Row, Store, scalar
+from .db import Row, Store
 from .errors import InvalidArgument, NotFound, NotRegistered, PermissionDenied
-from .events import log_event
 from .identity import ProcIdentity, start_token, still_running
-from .instances import Instance, _username, judge, require_live
+from .instances import Instance, require_live, username
 
 PIDFD_SIGNAL_PROCESS_GROUP = 4  # linux/pidfd.h, Linux 6.9+
 
@@ -133,19 +132,11 @@ def _insert(
     store = inst.store
     pname = name or (os.path.basename(cmdline[0]) if cmdline else str(pid))
 
-    def txn(c: Any) -> int:
-        row_id = int(scalar(c,
-            "INSERT INTO processes (instance_id, incarnation, pid, start_token, boot_id, pgid, "
-            "name, cmdline, cwd, user, labels, log_path, started_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-            (inst.id, inst.incarnation, pid, token, boot_id(), pgid, pname,
-             json.dumps(list(cmdline)), cwd, _username(), json.dumps(dict(labels or {})),
-             log_path, store.wall()),
-        ))
-        log_event(c, store.wall(), "process started", inst.id, pname, process=row_id, pid=pid)
-        return row_id
-
-    return Tracked(inst, store.write(txn), pid, token)
+    row_id = store.backend.processes.track(
+        (inst.id, inst.incarnation),
+        (pid, token, boot_id(), pgid, pname, json.dumps(list(cmdline)), cwd, username(),
+         json.dumps(dict(labels or {})), log_path), running=True)
+    return Tracked(inst, row_id, pid, token)
 
 
 def spawn(
@@ -197,17 +188,10 @@ def spawn(
 
 def _insert_gone(inst: Instance, pid: int, argv: Sequence[str], cwd: str,
                  labels: Mapping[str, Any] | None, log_path: str | None) -> int:
-    store = inst.store
-    return int(store.write(
-        lambda c: scalar(c,
-            "INSERT INTO processes (instance_id, incarnation, pid, start_token, boot_id, pgid, "
-            "name, cmdline, cwd, user, labels, log_path, started_at, status, ended_at) "
-            "VALUES (?, ?, ?, 0, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'exited', ?) RETURNING id",
-            (inst.id, inst.incarnation, pid, boot_id(), pid, os.path.basename(argv[0]),
-             json.dumps(list(argv)), cwd, _username(), json.dumps(dict(labels or {})),
-             log_path, store.wall(), store.wall()),
-        )
-    ))
+    return inst.store.backend.processes.track(
+        (inst.id, inst.incarnation),
+        (pid, 0, boot_id(), pid, os.path.basename(argv[0]), json.dumps(list(argv)), cwd,
+         username(), json.dumps(dict(labels or {})), log_path), running=False)
 
 
 def track(
@@ -264,13 +248,7 @@ def _comm(pid: int) -> str | None:
 def record_exit(inst: Instance, proc_id: int, returncode: int) -> None:
     """Record the end of one of ``inst``'s processes: exit code, or signal when negative."""
     code, sig = (None, -returncode) if returncode < 0 else (returncode, None)
-    inst.store.write(
-        lambda c: c.execute(
-            "UPDATE processes SET status = 'exited', ended_at = coalesce(ended_at, ?), "
-            "exit_code = ?, signal = ? WHERE id = ? AND instance_id = ?",
-            (inst.store.wall(), code, sig, proc_id, inst.id),
-        )
-    )
+    inst.store.backend.processes.record_exit(proc_id, inst.id, code, sig)
     with _CHILDREN_LOCK:
         entry = _CHILDREN.get(proc_id)
         if entry is not None and entry[0] is inst:
@@ -334,11 +312,10 @@ class ProcessInfo:
 def _verdicts(store: Store, ids: set[str]) -> dict[str, tuple[Row, bool]]:
     """For each instance id: its row and whether it is alive now."""
     out: dict[str, tuple[Row, bool]] = {}
-    now = store.mono()
-    for i in ids:
-        row = store.row("SELECT * FROM instances WHERE id = ?", (i,))
-        if row is not None:
-            out[i] = (row, judge(store, row, now)[0])
+    backend = store.backend
+    look = backend.liveness.look()
+    for i, row in backend.instances.by_ids(ids).items():
+        out[i] = (row, backend.liveness.judge(row, look)[0])
     return out
 
 
@@ -429,10 +406,7 @@ def list_processes(
     RSS, CPU % (sampled over ``cpu_interval`` seconds for all of them at once) and uptime."""
     if all_ == (instance_id is not None):
         raise InvalidArgument("name one instance, or ask for all of them (all_=True)")
-    if all_:
-        rows = store.rows("SELECT * FROM processes ORDER BY instance_id, id")
-    else:
-        rows = store.rows("SELECT * FROM processes WHERE instance_id = ? ORDER BY id", (instance_id,))
+    rows = store.backend.processes.list(None if all_ else instance_id)
     infos = [_info(r, _verdicts(store, {r["instance_id"] for r in rows})) for r in rows] if rows else []
     if running:
         infos = [i for i in infos if i.alive]
@@ -440,7 +414,7 @@ def list_processes(
 
 
 def get_process(store: Store, proc_id: int) -> ProcessInfo:
-    row = store.row("SELECT * FROM processes WHERE id = ?", (proc_id,))
+    row = store.backend.processes.get(proc_id)
     if row is None:
         raise NotFound("process", proc_id)
     return _info(row, _verdicts(store, {row["instance_id"]}))
@@ -453,7 +427,7 @@ def orphans(store: Store, *, live: bool = True, cpu_interval: float = 0.1) -> li
     ``id`` 0)."""
     from .tree import dead_trees, left_of, snapshot
 
-    rows = store.rows("SELECT * FROM processes WHERE status = 'running' ORDER BY instance_id, id")
+    rows = store.backend.processes.list(running=True)
     verdicts = _verdicts(store, {r["instance_id"] for r in rows})
     found = [i for i in (_info(r, verdicts) for r in rows) if i.orphan]
     seen = {i.pid for i in found}
@@ -714,31 +688,20 @@ def _as_group(row: Row) -> bool:
 
 def _record_ended(store: Store, ended: Sequence[tuple[Row, str, int | None]], kind: str) -> None:
     """Mark rows exited after coord ended them; ``code`` is the real returncode when known."""
-    def txn(c: Any) -> None:
-        wall = store.wall()
-        for row, how, code in ended:
-            if how in (DENIED, SURVIVED):
-                continue  # still running: the reaper marks it when it has ended
-            if code is not None:
-                ec, sig = (None, -code) if code < 0 else (code, None)
-            else:
-                ec, sig = None, _ENDED_BY.get(how)
-            c.execute(
-                "UPDATE processes SET status = 'exited', ended_at = coalesce(ended_at, ?), "
-                "exit_code = CASE WHEN exit_code IS NULL AND signal IS NULL THEN ? ELSE exit_code END, "
-                "signal = CASE WHEN exit_code IS NULL AND signal IS NULL THEN ? ELSE signal END "
-                "WHERE id = ?",
-                (wall, ec, sig, row["id"]),
-            )
-            log_event(c, wall, kind, row["instance_id"], row["name"], process=row["id"],
-                      pid=row["pid"], how=how)
-
-    store.write(txn)
+    marks: list[tuple[Row, str, int | None, int | None]] = []
+    for row, how, code in ended:
+        if how in (DENIED, SURVIVED):
+            continue  # still running: the reaper marks it when it has ended
+        if code is not None:
+            marks.append((row, how, *((None, -code) if code < 0 else (code, None))))
+        else:
+            marks.append((row, how, None, _ENDED_BY.get(how)))
+    store.backend.processes.record_ended(marks, kind)
 
 
 def _stop(store: Store, owner_id: str, proc_id: int, grace: float | None,
           popen: subprocess.Popen[Any] | None) -> str:
-    row = store.row("SELECT * FROM processes WHERE id = ?", (proc_id,))
+    row = store.backend.processes.get(proc_id)
     if row is None:
         raise NotFound("process", proc_id)
     if row["instance_id"] != owner_id:
@@ -797,9 +760,7 @@ def kill_orphans(store: Store, *, grace: float | None = None) -> list[dict[str, 
     found = orphans(store, live=False)
     if not found:
         return []
-    rows = {r["id"]: r for r in store.rows(
-        "SELECT * FROM processes WHERE id IN (SELECT value FROM json_each(?))",
-        (json.dumps([o.id for o in found if o.id]),))}
+    rows = store.backend.processes.by_ids(o.id for o in found if o.id)
     plain = [o for o in found if o.id in rows and not o.tree]
     trees = [t for t in dead_trees(store) if t.members or t.groups]
     how_tree = {"": GONE}
@@ -821,7 +782,7 @@ def problems(store: Store, instances: Mapping[str, Row]) -> list[tuple[str, bool
     """What is wrong with the processes table: (detail, pending). ``pending`` marks a row
     awaiting the reaper (its process has ended but the row still says running)."""
     out: list[tuple[str, bool]] = []
-    for r in store.rows("SELECT * FROM processes"):
+    for r in store.backend.processes.list():
         what = f"process {r['id']} (pid {r['pid']}, instance {r['instance_id']!r})"
         if r["status"] == "running" and (r["ended_at"] is not None or r["exit_code"] is not None
                                          or r["signal"] is not None):

@@ -39,7 +39,7 @@ from typing import IO, Any
 
 from .db import Store
 from .errors import InvalidArgument
-from .instances import _username, generate_id, register
+from .instances import generate_id, register, username
 from .wrapper import Forward, Interrupted, launch, release_and_wait
 
 
@@ -94,7 +94,7 @@ def run(
         try:
             owner = (inst.id, inst.incarnation)
             cmd, watch, row = launch(store, owner, argv, env, tree=not keep_children,
-                                     user=_username(), labels=labels, stdout=out,
+                                     user=username(), labels=labels, stdout=out,
                                      log_path=log_path, log=inst.log.warning)
         finally:
             if out is not None:

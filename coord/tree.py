@@ -234,11 +234,6 @@ def cmdline_of(pid: int) -> list[str]:
         return []
 
 
-_INSERT = ("INSERT INTO processes (instance_id, incarnation, pid, start_token, boot_id, pgid, "
-           "name, cmdline, cwd, user, labels, started_at, tree, log_path) "
-           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id")
-
-
 def record(store: Store, owner: tuple[str, int], new: Sequence[tuple[Proc, Sequence[str]]],
            gone: Sequence[int], *, tree: bool, user: str, cwd: str,
            labels: Mapping[str, Any] | None = None, log_path: str | None = None) -> list[int]:
@@ -248,34 +243,18 @@ def record(store: Store, owner: tuple[str, int], new: Sequence[tuple[Proc, Seque
     lab = json.dumps(dict(labels or {}), sort_keys=True)
     boot = boot_id()
 
-    def txn(c: Any) -> list[int]:
-        wall = store.wall()
-        ids = []
-        for p, cmd in new:
-            name = os.path.basename(cmd[0]) if cmd else str(p.pid)
-            ids.append(int(c.execute(_INSERT, (
-                *owner, p.pid, p.token, boot, p.pgid, name, json.dumps(list(cmd)), cwd, user, lab,
-                wall, int(tree), log_path)).fetchall()[0][0]))
-        if gone:
-            c.execute("UPDATE processes SET status = 'exited', ended_at = coalesce(ended_at, ?) "
-                      "WHERE status = 'running' AND id IN (SELECT value FROM json_each(?))",
-                      (wall, json.dumps(list(gone))))
-        return ids
-
-    return store.write(txn)
+    rows = [(*owner, p.pid, p.token, boot, p.pgid,
+             os.path.basename(cmd[0]) if cmd else str(p.pid), json.dumps(list(cmd)), cwd, user,
+             lab, int(tree), log_path) for p, cmd in new]
+    return store.backend.trees.record(rows, gone)
 
 
 def mark_ended(store: Store, owner: tuple[str, int]) -> int:
     """Mark exited every running tree row of ``owner`` whose process no longer runs."""
-    rows = store.rows("SELECT id, pid, start_token, boot_id FROM processes WHERE instance_id = ? "
-                      "AND incarnation = ? AND tree = 1 AND status = 'running'", owner)
-    gone = [r["id"] for r in rows
+    gone = [r["id"] for r in store.backend.trees.members(owner)
             if not still_running(ProcIdentity(r["boot_id"], r["pid"], r["start_token"]))]
     if gone:
-        store.write(lambda c: c.execute(
-            "UPDATE processes SET status = 'exited', ended_at = coalesce(ended_at, ?) "
-            "WHERE status = 'running' AND id IN (SELECT value FROM json_each(?))",
-            (store.wall(), json.dumps(gone))))
+        store.backend.trees.mark_exited(gone)
     return len(gone)
 
 
@@ -320,21 +299,15 @@ def escaped(t: DeadTree, procs: Mapping[int, Proc]) -> list[ProcIdentity]:
 
 def tree_of(store: Store, owner: tuple[str, int]) -> DeadTree:
     """The recorded tree of ``owner`` (id, incarnation), whatever its liveness."""
-    rows = store.rows("SELECT id, pid, pgid, start_token, boot_id FROM processes WHERE "
-                      "instance_id = ? AND incarnation = ? AND tree = 1 AND status = 'running'",
-                      owner)
-    leases = store.backend.leases.recorded_groups(owner)
-    return _tree(owner, rows, leases, _terms(store, owner))
+    trees, leases = store.backend.trees, store.backend.leases
+    return _tree(owner, trees.members(owner), leases.recorded_groups(owner),
+                 leases.terms_of(owner))
 
 
 def left_of(t: DeadTree, procs: Mapping[int, Proc] | None = None) -> list[ProcIdentity]:
     """What of ``t`` still runs: its members, its groups, what escaped, their descendants."""
     procs = snapshot() if procs is None else procs
     return collect([*t.members, *escaped(t, procs)], t.groups, procs=procs)
-
-
-def _terms(store: Store, owner: tuple[str, int]) -> tuple[int, ...]:
-    return store.backend.leases.terms_of(owner)
 
 
 def _tree(owner: tuple[str, int], rows: Sequence[Mapping[str, Any]],
@@ -356,29 +329,27 @@ def dead_trees(store: Store, only: Iterable[tuple[str, int]] | None = None, *,
     also the trees of `coord elect`/`lock` wrappers that still live but whose term is over
     (the lease expired or moved on: a wrapper SIGSTOPped past its TTL cannot end its tree
     itself, and its CMD must not run without the lease)."""
-    from .instances import Probe, judge
-
-    rows = store.rows("SELECT id, instance_id, incarnation, pid, pgid, start_token, boot_id "
-                      "FROM processes WHERE tree = 1 AND status = 'running'")
+    rows = store.backend.trees.members()
     leases = store.backend.leases.recorded_groups()
     owners = {(r["instance_id"], r["incarnation"]) for r in rows}
     owners |= {r.pg_holder for r in leases if r.pg_holder is not None}
     if only is not None:
         owners &= set(only)
-    now, probe = store.mono(), Probe()
+    liveness = store.backend.liveness
+    look = liveness.look()
     over = {r.pg_holder for r in leases
             if r.holder != r.pg_holder or r.expires_in is None or r.expires_in < 0
             } if lapsed else set()
     out = []
     for owner in sorted(owners):
-        inst = store.row("SELECT * FROM instances WHERE id = ?", (owner[0],))
+        inst = store.backend.instances.by_id(owner[0])
         if (owner not in over and inst is not None and inst["incarnation"] == owner[1]
-                and judge(store, inst, now, probe=probe)[0]):
+                and liveness.judge(inst, look)[0]):
             continue
         out.append(_tree(owner,
                          [r for r in rows if (r["instance_id"], r["incarnation"]) == owner],
                          [r for r in leases if r.pg_holder == owner],
-                         _terms(store, owner)))
+                         store.backend.leases.terms_of(owner)))
     return out
 
 

@@ -372,7 +372,10 @@ for _ in range(int(sys.argv[3])):
     if pid == 0:
         if sys.argv[2] == "control":
             for c in conns:
-                c.close()
+                try:
+                    c.close()
+                except apsw.ThreadingViolationError:  # forked while the heartbeat used it
+                    pass
         else:
             for call in (lambda: store.write(lambda c: None), lambda: coord.Store(sys.argv[1]),
                          inst.heartbeat, store.close):

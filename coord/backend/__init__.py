@@ -26,17 +26,22 @@ The plan, in steps that each keep the whole suite green:
 
 1. (done) This protocol; the SQLite engine's clock, liveness, wake-up, instance reads,
    events, kv and messages; ``coord.kv``, ``coord.messages`` and ``coord.events`` hold no SQL.
-2. Instances (register, heartbeat, deregister, takeover, the tombstone) and the death rule's
-   state changes (bury, release holdings, release claims, expire leases, boot rebase) as
-   engine operations; ``judge``/``Probe`` and the own-lock set move into the SQLite
-   liveness file; opening a store (migrate, boot rebase) becomes a function above ``Store``,
-   which ends the ``db``/``migrate``/``reaper``/``instances`` circle.
+2. (done) Instances (register, heartbeat, deregister, takeover, listing), the proof of life
+   (``Proof``) and the verdict (``judge``/``Probe``, the own-lock set: the SQLite liveness
+   file), the death rule's state changes (``DeathRule``: bury, release claims, release
+   leases, expiry, tombstones, trim, checkpoint, boot rebase; ``coord.reaper`` keeps the
+   policy), the recorded process trees (``TreeOps``), tracked processes (``ProcessOps``)
+   and the invariant checks (``CheckOps``); opening a store (create, migrate, boot rebase)
+   is the engine's ``open``, above ``Store``, which ended the ``db``/``migrate``/
+   ``reaper``/``instances``/``tree`` circle. ``coord.queues`` and ``coord.leases`` still
+   reach the engine's in-transaction ``bury``/``release_claims`` and ``judge``/``Probe``
+   through ``coord.reaper`` and ``coord.instances`` until steps 3 and 4.
 3. Leases (take, renew, release — also by an operator —, observe, fenced write, typed fenced
    kv set/cas and queue put) and the recorded process groups; ends ``leases``/``elect``/
    ``runner`` circle.
 4. Queues (put, claim, ack, fail, extend, release, cancel, stats, dead letters, adopt,
-   import), processes (track, descendants, orphans, exit marks), migrations/meta, read-only
-   ad-hoc SQL and the invariant checks; the schema files move to ``schema/sqlite/``.
+   import), migrations/meta, read-only ad-hoc SQL and the queues' invariant checks; the
+   schema files move to ``schema/sqlite/``.
 5. The PostgreSQL engine in ``coord/backend/postgresql/``: one file per capability, its
    clock the server's ``clock_timestamp()`` compared only in SQL, liveness a session advisory
    lock plus a death certificate from the holder's host, wake-up ``LISTEN/NOTIFY`` re-checked
@@ -52,6 +57,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from .lifecycle import CheckOps, DeathRule, InstanceWrites, ProcessOps, Proof, TreeOps
 from .records import (
     KvRecord,
     LeaseRecord,  # step 3: leases
@@ -71,9 +77,13 @@ T = TypeVar("T")
 
 __all__ = [
     "Backend",
+    "CheckOps",
+    "DeathRule",
     "EventLog",
     "ExpiryClock",
+    "InstanceOps",
     "InstanceReads",
+    "InstanceWrites",
     "KvOps",
     "KvRecord",
     "LeaseOps",
@@ -84,6 +94,9 @@ __all__ = [
     "MessageOps",
     "MessageRecord",
     "Problem",
+    "ProcessOps",
+    "Proof",
+    "TreeOps",
     "Wakeup",
     "Watch",
     "open_backend",
@@ -132,12 +145,23 @@ class Liveness(Protocol):
 
     def look(self) -> object:
         """A fresh look shared by many verdicts (what the kernel says about each pid and
-        lock file is asked once). Make a new one for every fresh look."""
+        lock file is asked once, and the clock read once). Make a new one for every fresh
+        look."""
         ...
 
     def judge(self, row: Row, look: object | None = None) -> tuple[bool, str]:
         """(alive, status word) of an instance row: 'alive', else 'died', 'hung', 'reboot',
         or the tombstone's end reason."""
+        ...
+
+    def prove(self, token: str) -> Proof:
+        """Start proving that this process lives, for a registration about to be made
+        (``token`` names it uniquely); held until the ``Proof`` is released."""
+        ...
+
+    def forget(self, rows: Iterable[Row]) -> None:
+        """After those instances were buried: remove what proved them alive (files beside
+        the database, for SQLite)."""
         ...
 
     def watchable_pid(self, row: Row) -> int | None:
@@ -299,6 +323,13 @@ class MessageOps(Protocol):
         ...
 
 
+# -- step 2: the registry (its reads above, its writes in ``.lifecycle``) -----------------------
+
+
+class InstanceOps(InstanceReads, InstanceWrites, Protocol):
+    """The registry: the reads other capabilities need and its own writes."""
+
+
 # -- step 3: leases ----------------------------------------------------------------------------
 # Done: coord.leases (split into lease_rules, lease_keeper and leases), elect, wrapper,
 # runner and the tooz driver reach leases only through these operations; tree's lease reads
@@ -390,11 +421,20 @@ class Backend(Protocol):
     clock: ExpiryClock
     liveness: Liveness
     wakeup: Wakeup
-    instances: InstanceReads
+    instances: InstanceOps
     events: EventLog
     kv: KvOps
     messages: MessageOps
     leases: LeaseOps  # step 3
+    death: DeathRule
+    trees: TreeOps
+    processes: ProcessOps
+    checks: CheckOps
+
+    def open(self) -> None:
+        """Make the store usable: create the database if needed, migrate it to this
+        coord's schema, rebase a new boot. ``Store`` calls it once, when constructed."""
+        ...
 
 
 # -- engines by name ---------------------------------------------------------------------------

@@ -2,9 +2,10 @@
 
 One file per capability, each holding that capability's SQL, and the engine's three
 services: ``clock`` (CLOCK_MONOTONIC with the boot id), ``liveness`` (record lock, pid +
-start token, pidfd) and ``wakeup`` (datagram nudge, ``PRAGMA data_version``). The connection
-factory, pragmas, transactions and the translation of apsw errors are ``coord.db``'s
-``Store`` until the later steps of ``coord.backend``'s plan move them here.
+start token, pidfd) and ``wakeup`` (datagram nudge, ``PRAGMA data_version``). Opening a
+store (create, migrate, boot rebase) is ``opening``. The connection factory, pragmas,
+transactions and the translation of apsw errors are ``coord.db``'s ``Store`` until the
+later steps of ``coord.backend``'s plan move them here.
 
 Importing this package registers the engine as ``sqlite``; its modules load when the first
 store is opened (so ``import coord`` stays cheap).

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .checks import SqliteChecks
 from .clock import MonotonicClock
+from .death import SqliteDeathRule
 from .events import SqliteEvents
 from .instances import SqliteInstances
 from .kv import SqliteKv
 from .leases import SqliteLeases
 from .liveness import SqliteLiveness
 from .messages import SqliteMessages
+from .processes import SqliteProcesses
+from .trees import SqliteTrees
 from .wakeup import SqliteWakeup
 
 if TYPE_CHECKING:
@@ -26,12 +30,23 @@ class SqliteBackend:
         self.clock = MonotonicClock(store)
         self.liveness = SqliteLiveness(store, self.clock)
         self.wakeup = SqliteWakeup(store)
-        self.instances = SqliteInstances(store)
+        self.instances = SqliteInstances(store, self.liveness)
         self.events = SqliteEvents(store)
         self.kv = SqliteKv(store, self.liveness)
         self.messages = SqliteMessages(store, self.clock, self.wakeup)
         # -- step 3: leases
         self.leases = SqliteLeases(store, self.clock, self.liveness, self.kv)
+        # -- step 2 --
+        self.death = SqliteDeathRule(store, self.liveness)
+        self.trees = SqliteTrees(store)
+        self.processes = SqliteProcesses(store)
+        self.checks = SqliteChecks(store)
+        self._store = store
+
+    def open(self) -> None:
+        from .opening import open_store
+
+        open_store(self._store)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}>"

@@ -9,8 +9,8 @@ import apsw
 
 from ...db import fetch, next_counter
 from ...errors import NotRegistered, VersionConflict
-from ...reaper import bury
 from ..records import KvRecord, Member, Problem
+from .death import bury
 from .liveness import SqliteLiveness
 
 if TYPE_CHECKING:
