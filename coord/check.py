@@ -7,6 +7,7 @@ which stress tests use after a final ``reap()``. ``coord doctor`` runs it.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from dataclasses import asdict, dataclass
@@ -122,17 +123,14 @@ def doctor(store: Store) -> dict[str, Any]:
 def orphan_problems(store: Store) -> list[Problem]:
     """Tracked processes still running whose instance is dead: a problem for ``doctor``
     (not a broken invariant, so ``check()`` stays silent), except those whose instance
-    chose to keep its children (``kept_on_purpose``)."""
+    chose to keep its children (`coord run --keep-children`, recorded in its labels)."""
     from .processes import orphans
+    from .runner import KEEP_CHILDREN_LABEL
 
+    found = orphans(store, live=False)
+    rows = store.backend.instances.by_ids({o.instance_id for o in found})
+    kept = {i for i, r in rows.items()
+            if json.loads(r["labels"] or "{}").get(KEEP_CHILDREN_LABEL) is True}
     return [Problem("orphans", f"process {o.id} (pid {o.pid}, {o.name}) of dead instance "
                     f"{o.instance_id} still runs; end it with `coord orphans --kill`")
-            for o in orphans(store, live=False) if not kept_on_purpose(o)]
-
-
-def kept_on_purpose(orphan: Any) -> bool:
-    """Hook: whether the orphan's instance chose to keep its children (`coord run
-    --keep-children`), so its orphans are expected, not a problem. No such choice is
-    recorded yet, so every orphan counts; once the process rows record it, answer from
-    there."""
-    return False
+            for o in found if o.instance_id not in kept]

@@ -48,6 +48,10 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+#: The instance label that records ``keep_children``: its orphans are expected.
+KEEP_CHILDREN_LABEL = "coord/keep_children"
+
+
 def run(
     store: Store,
     argv: Sequence[str],
@@ -78,6 +82,8 @@ def run(
     fwd.install()
     inst = None
     try:
+        if keep_children:  # recorded, so that doctor expects its orphans
+            labels = {**(labels or {}), KEEP_CHILDREN_LABEL: True}
         inst = register(store, instance_id or generate_id(app), app=app, labels=labels,
                         handle_signals=False)
         from .leases import serve_reaper

@@ -202,6 +202,23 @@ def test_doctor_reports_orphans_as_a_problem(cli: Cli, db_path: Path, store: coo
     assert cli("doctor").returncode == 0
 
 
+def test_doctor_expects_the_orphans_of_keep_children(cli: Cli, db_path: Path,
+                                                     store: coord.Store) -> None:
+    """`coord run --keep-children` records the choice: what it leaves running is listed as
+    orphans, but doctor stays healthy; without the option the same script's child is ended."""
+    r = cli("run", "--keep-children", "--app", "keep", "--", "sh", "-c",
+            "sleep 60 >/dev/null 2>&1 & echo started")
+    assert r.returncode == 0 and "started" in r.stdout
+    left = json.loads(cli("orphans", "--json").stdout)
+    assert [o["name"] for o in left] == ["sleep"]
+    assert cli("doctor").returncode == 0
+    owner = store.backend.instances.by_id(left[0]["instance_id"])
+    assert owner is not None and json.loads(owner["labels"]) == {"coord/keep_children": True}
+    assert cli("orphans", "--kill", "--grace", "1").returncode == 0
+    assert cli("run", "--app", "nokeep", "--", "sh", "-c", "sleep 60 >/dev/null 2>&1 & echo started").returncode == 0
+    assert json.loads(cli("orphans", "--json").stdout) == []
+
+
 def test_events_follow_with_a_filter(db_path: Path, store: coord.Store, procs: list[Any]) -> None:
     p = subprocess.Popen([*COORD, "events", "-f", "--kind", "left", "--json"],
                          env=coord_env(db_path), stdout=subprocess.PIPE, text=True)
