@@ -38,11 +38,13 @@ from typing import Any
 
 import apsw
 
+from .backend.sqlite.queues import insert as _insert
+from .backend.sqlite.queues import queue_row as _queue_row
 from .db import Store
 from .errors import MalformedFile, PayloadError
 from .events import log_event
 from .payload import encode
-from .queues import _insert, _name, _nudge_queue, _queue_row
+from .queues import _name, _nudge_queue
 
 #: The queue legacy entries go to unless told otherwise.
 DEFAULT_QUEUE = "legacy"

@@ -58,6 +58,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .lifecycle import CheckOps, DeathRule, InstanceWrites, ProcessOps, Proof, TreeOps
+from .queue_ops import JOB_FIELDS, QueueOps  # step 4: queues
 from .records import (
     KvRecord,
     LeaseRecord,  # step 3: leases
@@ -84,6 +85,7 @@ __all__ = [
     "InstanceOps",
     "InstanceReads",
     "InstanceWrites",
+    "JOB_FIELDS",
     "KvOps",
     "KvRecord",
     "LeaseOps",
@@ -96,6 +98,7 @@ __all__ = [
     "Problem",
     "ProcessOps",
     "Proof",
+    "QueueOps",
     "TreeOps",
     "Wakeup",
     "Watch",
@@ -430,6 +433,7 @@ class Backend(Protocol):
     trees: TreeOps
     processes: ProcessOps
     checks: CheckOps
+    queues: QueueOps  # step 4
 
     def open(self) -> None:
         """Make the store usable: create the database if needed, migrate it to this
