@@ -20,6 +20,9 @@ JOB_FIELDS = (
 #: A job to put, validated: (payload JSON text, priority, delay in seconds, dedupe key,
 #: max attempts).
 NewJobRow = tuple[str, int, float, "str | None", int]
+#: A job to import, validated: (payload JSON text, priority, dedupe key, max attempts,
+#: attempts already made, state 'ready' or 'dead', created_at, last error).
+ImportRow = tuple[str, int, "str | None", int, int, str, float, "str | None"]
 
 
 class QueueOps(Protocol):
@@ -57,6 +60,14 @@ class QueueOps(Protocol):
         """Put jobs in one transaction, creating the queue shared if needed: (the ids in
         order — existing ids for dedupe repeats —, whether any was added, the queue's
         owner). ``QueueFull`` past the max depth."""
+        ...
+
+    def import_jobs(self, queue: str, rows: Sequence[ImportRow], path: str
+                    ) -> tuple[list[tuple[int, bool]], str | None]:
+        """Add imported jobs in one transaction, due now, creating the queue shared if
+        needed; a dead one is finished now, a dedupe repeat not added; with a 'queue
+        imported' event naming ``path`` when any was added. ([(id, added)] in order, the
+        queue's owner). ``QueueFull`` past the max depth."""
         ...
 
     # -- claims

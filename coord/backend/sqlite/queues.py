@@ -18,7 +18,7 @@ import apsw
 
 from ...db import fetch, scalar
 from ...errors import InvalidArgument, NotFound, NotRegistered, PermissionDenied, QueueFull
-from ..queue_ops import JOB_FIELDS, NewJobRow
+from ..queue_ops import JOB_FIELDS, ImportRow, NewJobRow
 from .death import release_claims
 from .events import log_event
 
@@ -250,6 +250,26 @@ class SqliteQueues:
                 now, wall,
             )
             return [i for i, _ in ids], any(new for _, new in ids), owner
+
+        return store.write(txn)
+
+    def import_jobs(self, queue: str, rows: Sequence[ImportRow], path: str
+                    ) -> tuple[list[tuple[int, bool]], str | None]:
+        store = self._store
+
+        def txn(c: apsw.Connection) -> tuple[list[tuple[int, bool]], str | None]:
+            now, wall = store.mono(), store.wall()
+            owner, max_depth = queue_row(c, store, queue)
+            ids = insert(
+                c, queue, max_depth,
+                [(text, prio, now, key, max_att, att, state, created, error)
+                 for text, prio, key, max_att, att, state, created, error in rows],
+                now, wall,
+            )
+            added = sum(1 for _, new in ids if new)
+            if added:
+                log_event(c, wall, "queue imported", None, queue, path=path, jobs=added)
+            return ids, owner
 
         return store.write(txn)
 
