@@ -36,13 +36,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-import apsw
-
 from .db import Store
 from .errors import MalformedFile, PayloadError
-from .events import log_event
+from .instances import validate_name
 from .payload import encode
-from .queues import _insert, _name, _nudge_queue, _queue_row
+from .queues import _nudge_queue
 
 #: The queue legacy entries go to unless told otherwise.
 DEFAULT_QUEUE = "legacy"
@@ -163,7 +161,7 @@ def import_queue_state(
     ``queue`` (default ``legacy``, created shared if needed), in one transaction. See the
     module docstring for the mapping. Raises ``MalformedFile`` (nothing imported), and
     ``UnsafePath`` for the database's own files, which are never opened here."""
-    queue = _name(queue or DEFAULT_QUEUE)
+    queue = validate_name(queue or DEFAULT_QUEUE, "queue name")
     name = os.fspath(path)
     store.refuse_own_file(name)
     entries = read_state(name)
@@ -184,26 +182,17 @@ def import_queue_state(
         work.append((_when(entry["queuedAt"], "queuedAt"), n, entry, text))
     work.sort(key=lambda w: (w[0], w[1]))
 
-    def txn(c: apsw.Connection) -> tuple[list[tuple[int, bool]], str | None]:
-        now, wall = store.mono(), store.wall()
-        owner, max_depth = _queue_row(c, store, queue)
-        rows = []
-        for queued_at, _, e, text in work:
-            attempts = _count(e, "retryCount", 0) + (1 if e["status"] == "processing" else 0)
-            max_attempts = _count(e, "maxRetries", DEFAULT_MAX_RETRIES) + 1
-            error = e.get("error")
-            if e["status"] == "processing" and not error:
-                error = "interrupted: it was processing when its owner stopped"
-            state = "ready" if attempts < max_attempts else "dead"
-            rows.append((text, e["priority"], now, e["id"], max_attempts, attempts, state,
-                         queued_at, error))
-        ids = _insert(c, queue, max_depth, rows, now, wall)
-        added = sum(1 for _, new in ids if new)
-        if added:
-            log_event(c, wall, "queue imported", None, queue, path=name, jobs=added)
-        return ids, owner
-
-    ids, owner = store.write(txn)
+    rows = []
+    for queued_at, _, e, text in work:
+        attempts = _count(e, "retryCount", 0) + (1 if e["status"] == "processing" else 0)
+        max_attempts = _count(e, "maxRetries", DEFAULT_MAX_RETRIES) + 1
+        error = e.get("error")
+        if e["status"] == "processing" and not error:
+            error = "interrupted: it was processing when its owner stopped"
+        state = "ready" if attempts < max_attempts else "dead"
+        rows.append((text, e["priority"], e["id"], max_attempts, attempts, state, queued_at,
+                     error))
+    ids, owner = store.backend.queues.import_jobs(queue, rows, name)
     for (_, _, ent, _), (job_id, new) in zip(work, ids, strict=True):
         if new:
             attempts = _count(ent, "retryCount", 0) + (1 if ent["status"] == "processing" else 0)

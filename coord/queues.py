@@ -54,22 +54,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, NamedTuple
 
-import apsw
-
 from . import nudge
-from .db import Row, Store, fetch, scalar
-from .errors import (
-    ClaimLost,
-    InvalidArgument,
-    NotFound,
-    NotRegistered,
-    PermissionDenied,
-    QueueFull,
-)
-from .events import log_event
+from .backend import JOB_FIELDS
+from .db import Row, Store
+from .errors import ClaimLost, InvalidArgument, NotFound, NotRegistered, PermissionDenied
 from .instances import Instance, Probe, judge, require_live, validate_id, validate_name
 from .payload import decode, encode
-from .reaper import bury_dead, release_claims
+from .reaper import bury_dead
 
 #: Job states as stored, and as shown ('delayed' is a ready job that is not yet due).
 STATES = ("ready", "claimed", "done", "dead", "cancelled")
@@ -180,16 +171,11 @@ class QueueStats:
         return asdict(self)
 
 
-_COLUMNS = (
-    "id, queue, state, priority, payload, dedupe_key, attempts, max_attempts, available_mono, "
-    "created_at, claimed_by, claim_token, claim_expires_mono, last_error, result, finished_at"
-)
-
 
 def _job(store: Store, r: Row | tuple[Any, ...], now: float, *, with_token: bool = False) -> Job:
-    """A Job from a row: a dict, or a tuple in _COLUMNS order."""
+    """A Job from a row: a dict, or a tuple in ``JOB_FIELDS`` order."""
     if isinstance(r, dict):
-        r = tuple(r[k] for k in _COLUMN_NAMES)
+        r = tuple(r[k] for k in JOB_FIELDS)
     (id, queue, state, priority, payload, dedupe_key, attempts, max_attempts, available,
      created_at, claimed_by, token, expires, last_error, result, finished_at) = r
     avail = available - now if state == "ready" and available > now else 0.0
@@ -218,9 +204,6 @@ def _limits(store: Store) -> tuple[int, int]:
     return store.config.payload_limit, store.config.payload_max_depth
 
 
-_COLUMN_NAMES = tuple(c.strip() for c in _COLUMNS.split(","))
-
-
 def _name(queue: str) -> str:
     return validate_name(queue, "queue name")
 
@@ -233,14 +216,6 @@ def _token(job_or_token: Job | str) -> str:
     if not isinstance(job_or_token, str) or not job_or_token:
         raise InvalidArgument("a claim token is a non-empty string")
     return job_or_token
-
-
-def _claim_id(token: str) -> int:
-    """The job a claim token names: tokens are ``<job id>-<random>``, so a claim is found by
-    its row id and the whole token compared (no index on tokens). -1 for a token that names
-    no job: it matches no claim."""
-    head, sep, _ = token.partition("-")
-    return int(head) if sep and head.isascii() and head.isdigit() else -1
 
 
 # -- queues -------------------------------------------------------------------------------
@@ -261,35 +236,7 @@ def create_queue(
 
     _unbounded.pop((id(store), name), None)
 
-    def txn(c: apsw.Connection) -> None:
-        rows = fetch(c, "SELECT owner_id FROM queues WHERE name = ?", (name,))
-        if not rows:
-            c.execute(
-                "INSERT INTO queues (name, owner_id, max_depth, created_at) VALUES (?, ?, ?, ?)",
-                (name, owner, max_depth, store.wall()),
-            )
-            return
-        if rows[0]["owner_id"] != owner:
-            have = rows[0]["owner_id"]
-            raise InvalidArgument(
-                f"queue {name!r} already exists and is "
-                + (f"private to {have!r}" if have else "shared")
-            )
-        if max_depth is not None:
-            c.execute("UPDATE queues SET max_depth = ? WHERE name = ?", (max_depth, name))
-
-    store.write(txn)
-
-
-def _queue_row(c: apsw.Connection, store: Store, name: str) -> tuple[str | None, int | None]:
-    """(owner, max_depth) of a queue, creating it shared if it does not exist."""
-    for owner, depth in c.execute("SELECT owner_id, max_depth FROM queues WHERE name = ?", (name,)):
-        return owner, depth
-    c.execute(
-        "INSERT INTO queues (name, owner_id, max_depth, created_at) VALUES (?, NULL, NULL, ?)",
-        (name, store.wall()),
-    )
-    return None, None
+    store.backend.queues.create(name, owner, max_depth)
 
 
 # -- nudges -------------------------------------------------------------------------------
@@ -312,16 +259,10 @@ def _nudge_queue(store: Store, queue: str, owner: str | None = _UNKNOWN) -> None
     _nudged[key] = now
     pid, path = os.getpid(), str(store.path)
     if owner == _UNKNOWN:
-        owner = store.value("SELECT owner_id FROM queues WHERE name = ?", (queue,))
+        owner = store.backend.queues.owner(queue)
     hit = _nudge_cache.get((pid, path))
     if hit is None or now - hit[0] > NUDGE_CACHE_SECONDS:
-        rows = [
-            (str(r[0]), str(r[1]))
-            for r in store.conn().execute(
-                "SELECT id, nudge_path FROM instances WHERE status = 'alive' "
-                "AND nudge_path IS NOT NULL"
-            )
-        ]
+        rows = store.backend.queues.nudge_paths()
         hit = _nudge_cache[(pid, path)] = (now, rows)
     nudge.nudge(p for i, p in hit[1] if owner is None or i == owner)
 
@@ -349,18 +290,7 @@ def put(
         key = (id(store), queue)
         known = time.monotonic() - _unbounded.get(key, float("-inf")) < QUEUE_CONFIG_SECONDS
 
-        def txn(c: apsw.Connection) -> int | None:
-            params = (text, prio, store.mono() + wait, attempts, store.wall(), queue)
-            if known:
-                try:
-                    c.execute(_INSERT_PLAIN_FAST, params)
-                except apsw.ConstraintError:  # the queue is gone: take the general path
-                    return None
-                return c.last_insert_rowid()
-            c.execute(_INSERT_FAST, params)
-            return c.last_insert_rowid() if c.changes() else None
-
-        job_id = store.write(txn)
+        job_id = store.backend.queues.put(queue, text, prio, wait, attempts, known)
         if job_id is not None:
             _unbounded[key] = time.monotonic()
             _nudge_queue(store, queue)
@@ -369,19 +299,9 @@ def put(
     return _put_rows(store, queue, [row])[0]
 
 
-# The common put in one statement: it adds the job only to an existing queue without a max
-# depth (a new queue, or one with a max depth, takes _put_rows). Once a process has seen
-# that a queue has no max depth, it inserts without looking for QUEUE_CONFIG_SECONDS (the
-# foreign key still proves the queue exists).
-_INSERT_FAST = (
-    "INSERT INTO jobs (payload, priority, available_mono, max_attempts, created_at, queue) "
-    "SELECT ?, ?, ?, ?, ?, name FROM queues WHERE name = ? AND max_depth IS NULL"
-)
-_INSERT_PLAIN_FAST = (
-    "INSERT INTO jobs (payload, priority, available_mono, max_attempts, created_at, queue) "
-    "VALUES (?, ?, ?, ?, ?, ?)"
-)
-#: (id(store), queue) -> when this process last saw that the queue has no max depth.
+#: (id(store), queue) -> when this process last saw that the queue has no max depth: then
+#: a put inserts without looking for QUEUE_CONFIG_SECONDS (the engine still proves the queue
+#: exists).
 _unbounded: dict[tuple[int, str], float] = {}
 
 
@@ -418,88 +338,10 @@ def _checked(
 def _put_rows(
     store: Store, queue: str, rows: list[tuple[str, int, float, str | None, int]]
 ) -> list[int]:
-    def txn(c: apsw.Connection) -> tuple[list[int], bool, str | None]:
-        now, wall = store.mono(), store.wall()
-        owner, max_depth = _queue_row(c, store, queue)
-        ids = _insert(
-            c, queue, max_depth,
-            [(text, prio, now + delay, key, att, 0, "ready", wall, None) for
-             text, prio, delay, key, att in rows],
-            now, wall,
-        )
-        return [i for i, _ in ids], any(new for _, new in ids), owner
-
-    ids, added, owner = store.write(txn)
+    ids, added, owner = store.backend.queues.put_rows(queue, rows)
     if added:
         _nudge_queue(store, queue, owner)
     return ids
-
-
-#: (payload, priority, available_mono, dedupe_key, max_attempts, attempts, state, created_at,
-#: last_error) of a row to insert.
-_NewRow = tuple[str, int, float, str | None, int, int, str, float, str | None]
-
-_INSERT = (
-    "INSERT INTO jobs (queue, payload, priority, available_mono, dedupe_key, max_attempts, "
-    "attempts, state, created_at, last_error, finished_at, finished_mono) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-    "ON CONFLICT (queue, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING RETURNING id"
-)
-# The common case, a ready job without a dedupe key, in the plainest statement.
-_INSERT_PLAIN = (
-    "INSERT INTO jobs (queue, payload, priority, available_mono, max_attempts, created_at) "
-    "VALUES (?, ?, ?, ?, ?, ?)"
-)
-
-
-def _insert(
-    c: apsw.Connection, queue: str, max_depth: int | None, rows: list[_NewRow],
-    now: float, wall: float,
-) -> list[tuple[int, bool]]:
-    """Insert rows into ``queue`` inside the caller's transaction: [(id, added)]. A row in
-    a finished state (dead) is finished now. Raises ``QueueFull`` past ``max_depth``."""
-    depth = None
-    if max_depth is not None:
-        depth = int(scalar(
-            # An OR, not IN: then it counts in jobs_active (see schema/004_queue_hot.sql).
-            c, "SELECT count(*) FROM jobs WHERE (state = 'ready' OR state = 'claimed') "
-            "AND queue = ?", (queue,),
-        ))
-    out: list[tuple[int, bool]] = []
-    for text, prio, avail, key, max_att, att, state, created, error in rows:
-        ready = state == "ready"
-        if depth is not None and max_depth is not None and depth >= max_depth and ready:
-            existing = _existing(c, queue, key)
-            if existing is None:
-                raise QueueFull(queue, depth)
-            out.append((existing, False))
-            continue
-        if key is None and ready and att == 0 and error is None:
-            c.execute(_INSERT_PLAIN, (queue, text, prio, avail, max_att, created))
-            out.append((c.last_insert_rowid(), True))
-        else:
-            finished = (None, None) if ready else (wall, now)
-            got = c.execute(
-                _INSERT,
-                (queue, text, prio, avail, key, max_att, att, state, created, error, *finished),
-            ).fetchall()
-            if not got:
-                existing = _existing(c, queue, key)
-                assert existing is not None
-                out.append((existing, False))
-                continue
-            out.append((int(got[0][0]), True))  # type: ignore[arg-type]
-        if depth is not None and ready:
-            depth += 1
-    return out
-
-
-def _existing(c: apsw.Connection, queue: str, key: str | None) -> int | None:
-    if key is None:
-        return None
-    for (i,) in c.execute("SELECT id FROM jobs WHERE queue = ? AND dedupe_key = ?", (queue, key)):
-        return int(i)
-    return None
 
 
 # -- claim --------------------------------------------------------------------------------
@@ -520,66 +362,10 @@ def _holder(store: Store, who: Instance | str | None) -> _Holder:
     return _Holder(info.id, info.incarnation, None)
 
 
-# The claim's first statement: may this incarnation claim here (registered and alive, and
-# the queue shared or its own), and the best due job, in one read inside the claim's own
-# transaction, so a buried instance's claim never commits. The job comes from jobs_active:
-# (state, queue) then priority DESC, id, which is claim order (schema/004_queue_hot.sql).
-# `queue = CAST(? AS TEXT)`, not `queue = ?`: with a bare parameter compared to an indexed
-# column and an ORDER BY, SQLite prepares the statement again whenever that parameter is
-# bound — every claim (measured: the cached statement cost what an uncached one does). The
-# cast keeps the prepared statement (apsw's cache) valid: the pick costs a quarter.
-# The job's columns are read here rather than by the UPDATE's RETURNING, which costs more
-# (SQLite collects RETURNING rows in a temporary table).
-_JOB_COLUMNS = "id, priority, payload, dedupe_key, attempts, max_attempts, created_at, last_error"
-_PICK = (
-    "SELECT (SELECT 1 FROM instances WHERE id = ?1 AND incarnation = ?2 AND status = 'alive'), "
-    "(SELECT owner_id FROM queues WHERE name = ?3), "
-    "j.id, j.priority, j.payload, j.dedupe_key, j.attempts, j.max_attempts, j.created_at, "
-    "j.last_error FROM (SELECT 1) LEFT JOIN jobs j ON j.id = (SELECT id FROM jobs "
-    "WHERE state = 'ready' AND queue = CAST(?3 AS TEXT) AND available_mono <= ?4 "
-    "ORDER BY priority DESC, id LIMIT 1)"
-)
-# The next due jobs after the first, for claim_many.
-_MORE = (
-    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'ready' AND queue = CAST(? AS TEXT) "  # noqa: S608
-    "AND available_mono <= ? AND id <> ? ORDER BY priority DESC, id LIMIT ?"
-)
-# Then each job by its row id. Selecting first and updating by id is about twice as fast as
-# one UPDATE … WHERE id = (SELECT …): SQLite runs that in two passes, since the statement
-# changes the index its subquery reads. Both run in one IMMEDIATE transaction: no race.
-_CLAIM = (
-    "UPDATE jobs SET state = 'claimed', claim_token = ?, claimed_by = ?, claimed_incarnation = ?, "
-    "claim_expires_mono = ?, claimed_at = ?, attempts = attempts + 1 WHERE id = ?"
-)
-
-
 def _try_claim(store: Store, queue: str, h: _Holder, lease: float, n: int = 1) -> list[Job]:
     """One claim transaction: the claimer must be registered and alive, and the queue shared
     or its own; then up to ``n`` due jobs in claim order ([] when none is due)."""
-
-    def txn(c: apsw.Connection) -> list[tuple[str, tuple[Any, ...]]]:
-        now = store.mono()
-        ((alive, owner, *first),) = c.execute(_PICK, (h.id, h.incarnation, queue, now))
-        if not alive:
-            raise NotRegistered(h.id, "its registration has ended (declared dead or taken over)")
-        if owner is not None and owner != h.id:
-            raise PermissionDenied(f"queue {queue!r} is private to instance {owner!r}")
-        if first[0] is None:
-            return []
-        rows = [tuple(first)]
-        if n > 1:
-            rows += c.execute(_MORE, (queue, now, first[0], n - 1)).fetchall()
-        wall, until = store.wall(), now + lease
-        # With the job id, a token is unique; the random part makes it unguessable.
-        out = [(f"{row[0]}-{random.getrandbits(64):016x}", row) for row in rows]
-        args = [(token, h.id, h.incarnation, until, wall, row[0]) for token, row in out]
-        if len(args) == 1:  # executemany costs more than execute for one row
-            c.execute(_CLAIM, args[0])
-        else:
-            c.executemany(_CLAIM, args)
-        return out
-
-    got = store.write(txn)
+    got = store.backend.queues.claim(queue, h.id, h.incarnation, lease, n)
     limits = _limits(store)
     return [
         Job(id=job_id, queue=queue, state="claimed", priority=prio, attempts=attempts + 1,
@@ -615,13 +401,7 @@ def _scan_due(store: Store, queue: str, interval: float) -> bool:
 
 def _holders(store: Store, queue: str) -> list[Row]:
     """The distinct holders of claims in ``queue``, with their instance rows (if any)."""
-    return store.rows(
-        "SELECT h.claimed_by, h.claimed_incarnation, i.* FROM "
-        "(SELECT DISTINCT claimed_by, claimed_incarnation FROM jobs "
-        " WHERE queue = ? AND state = 'claimed') h "
-        "LEFT JOIN instances i ON i.id = h.claimed_by",
-        (queue,),
-    )
+    return store.backend.queues.holders(queue)
 
 
 def release_dead_claims(store: Store, queue: str, *, skip: str | None = None) -> int:
@@ -631,13 +411,7 @@ def release_dead_claims(store: Store, queue: str, *, skip: str | None = None) ->
     The claim path calls this by itself; it is public for tools and tests."""
     released = 0
     now = store.mono()
-    if store.value(
-        "SELECT 1 FROM jobs WHERE queue = ? AND state = 'claimed' AND claim_expires_mono < ? "
-        "LIMIT 1", (queue, now),
-    ):
-        released += store.write(lambda c: release_claims(
-            c, store.mono(), store.wall(), "queue = ? AND claim_expires_mono < ?",
-            (queue, store.mono()), error="claim lease expired"))
+    released += store.backend.queues.release_expired(queue)
     probe = Probe()
     by_verdict: dict[str, list[Row]] = {}
     orphans: list[tuple[str, int]] = []
@@ -651,34 +425,20 @@ def release_dead_claims(store: Store, queue: str, *, skip: str | None = None) ->
         if not alive:
             by_verdict.setdefault(verdict, []).append(r)
     for verdict, rows in by_verdict.items():
-        before = store.value(
-            "SELECT count(*) FROM jobs WHERE queue = ? AND state = 'claimed'", (queue,))
+        before = store.backend.queues.claimed(queue)
         bury_dead(store, rows, verdict)
-        after = store.value(
-            "SELECT count(*) FROM jobs WHERE queue = ? AND state = 'claimed'", (queue,))
-        released += int(before) - int(after)
+        after = store.backend.queues.claimed(queue)
+        released += before - after
     for who, inc in orphans:
         # Claims of an incarnation that is no longer registered: whatever ended it should
         # have released them; release them now.
-        released += store.write(_orphan_releaser(store, who, inc))
+        released += store.backend.queues.release_gone(who, inc)
     return released
 
 
-def _orphan_releaser(store: Store, who: str, inc: int) -> Callable[[apsw.Connection], int]:
-    return lambda c: release_claims(
-        c, store.mono(), store.wall(), "claimed_by = ? AND claimed_incarnation = ?",
-        (who, inc), error=f"worker {who} is gone")
-
-
-def _next_due(store: Store, queue: str, now: float) -> float | None:
+def _next_due(store: Store, queue: str) -> float | None:
     """When the next delayed job falls due or the next claim lease runs out."""
-    got = store.value(
-        "SELECT min(t) FROM (SELECT min(available_mono) AS t FROM jobs "
-        "WHERE queue = ?1 AND state = 'ready' AND available_mono > ?2 "
-        "UNION ALL SELECT min(claim_expires_mono) FROM jobs WHERE queue = ?1 AND state = 'claimed')",
-        (queue, now),
-    )
-    return None if got is None else float(got)
+    return store.backend.queues.next_due(queue)
 
 
 _RESLICE = object()
@@ -744,9 +504,6 @@ def _wait_claim(
     store: Store, queue: str, h: _Holder, lease: float, n: int, deadline: float
 ) -> list[Job]:
     me, ns = os.getpid(), Probe().pidns
-    ready_sql = (
-        "SELECT 1 FROM jobs WHERE state = 'ready' AND queue = ? AND available_mono <= ? LIMIT 1"
-    )
 
     def watch() -> list[int]:
         return [r["pid"] for r in _holders(store, queue)
@@ -756,17 +513,16 @@ def _wait_claim(
         now = store.mono()
         if now >= deadline:
             return []
-        due = _next_due(store, queue, now)
+        due = _next_due(store, queue)
         until = deadline if due is None else min(deadline, max(due, now + IDLE_SCAN_INTERVAL))
         slice_end = until
 
         def check(slice_end: float = slice_end) -> Any:
-            now = store.mono()
-            if not store.value(ready_sql, (queue, now)):
+            if not store.backend.queues.ready(queue):
                 if _scan_due(store, queue, IDLE_SCAN_INTERVAL):
                     if release_dead_claims(store, queue, skip=h.id):
                         return _try_claim(store, queue, h, lease, n) or None
-                due = _next_due(store, queue, now)
+                due = _next_due(store, queue)
                 if due is not None and due + 0.001 < slice_end:
                     return _RESLICE
                 return None
@@ -784,26 +540,6 @@ def _wait_claim(
 
 # -- ack, fail, extend, release -----------------------------------------------------------
 
-_LOST = object()
-
-
-def _expired_release(c: apsw.Connection, store: Store, token: str, now: float) -> object:
-    """The claim is gone or past its lease: if merely expired, release it now (the attempt
-    counted). Always returns the _LOST marker, raised as ClaimLost after the commit."""
-    release_claims(c, now, store.wall(),
-                   "id = ? AND claim_token = ? AND claim_expires_mono < ?",
-                   (_claim_id(token), token, now), error="claim lease expired")
-    return _LOST
-
-
-# An ack finds the claim by its job id and compares the token: a claim that moved on (or a
-# lease past its end) changes nothing.
-_ACK = (
-    "UPDATE jobs SET state = 'done', claim_token = NULL, claim_expires_mono = NULL, "
-    "result = ?, finished_at = ?, finished_mono = ? "
-    "WHERE id = ? AND claim_token = ? AND claim_expires_mono >= ?"
-)
-
 
 def _result_text(store: Store, result: Any) -> str | None:
     return None if result is None else encode(
@@ -811,22 +547,11 @@ def _result_text(store: Store, result: Any) -> str | None:
         max_depth=store.config.payload_max_depth)
 
 
-def _acked(c: apsw.Connection, store: Store, tok: str, text: str | None, now: float,
-           wall: float) -> bool:
-    """Ack one claim inside the caller's transaction; False (and an expired claim released)
-    when the claim has moved on."""
-    c.execute(_ACK, (text, wall, now, _claim_id(tok), tok, now))
-    if c.changes():
-        return True
-    _expired_release(c, store, tok, now)
-    return False
-
-
 def ack(store: Store, token: Job | str, result: Any = None) -> None:
     """Mark the claimed job done, keeping ``result`` (small JSON) for the retention period.
     Raises ``ClaimLost`` if the claim has moved on."""
     tok, text = _token(token), _result_text(store, result)
-    if not store.write(lambda c: _acked(c, store, tok, text, store.mono(), store.wall())):
+    if not store.backend.queues.ack(tok, text):
         raise ClaimLost(tok)
 
 
@@ -844,22 +569,7 @@ def ack_many(
     if not toks:
         return
 
-    def txn(c: apsw.Connection) -> list[str]:
-        now, wall = store.mono(), store.wall()
-        pairs = list(zip(toks, texts, strict=True))
-        # Usually every claim is still held: ack them all in one executemany, and only when
-        # fewer rows changed than claims were given, undo that and go claim by claim.
-        c.execute("SAVEPOINT ack_many")
-        before = c.total_changes()
-        c.executemany(_ACK, [(text, wall, now, _claim_id(tok), tok, now) for tok, text in pairs])
-        if c.total_changes() - before == len(pairs):
-            c.execute("RELEASE ack_many")
-            return []
-        c.execute("ROLLBACK TO ack_many")
-        c.execute("RELEASE ack_many")
-        return [tok for tok, text in pairs if not _acked(c, store, tok, text, now, wall)]
-
-    lost = store.write(txn)
+    lost = store.backend.queues.ack_many(list(zip(toks, texts, strict=True)))
     if lost:
         raise ClaimLost(*lost)
 
@@ -879,42 +589,14 @@ def fail(store: Store, token: Job | str, error: str = "", *, retry_in: float | N
         raise InvalidArgument(f"retry_in must be zero or more seconds, got {retry_in!r}")
     error = str(error)[:4000]
 
-    def txn(c: apsw.Connection) -> object:
-        now, wall = store.mono(), store.wall()
-        rows = fetch(
-            c,
-            "SELECT id, queue, attempts, max_attempts, claimed_by FROM jobs "
-            "WHERE id = ? AND claim_token = ? AND claim_expires_mono >= ?",
-            (_claim_id(tok), tok, now),
-        )
-        if not rows:
-            return _expired_release(c, store, tok, now)
-        j = rows[0]
-        if j["attempts"] >= j["max_attempts"]:
-            c.execute(
-                "UPDATE jobs SET state = 'dead', claim_token = NULL, claimed_by = NULL, "
-                "claimed_incarnation = NULL, claim_expires_mono = NULL, last_error = ?, "
-                "finished_at = ?, finished_mono = ? WHERE id = ?",
-                (error, wall, now, j["id"]),
-            )
-            log_event(c, wall, "job dead-lettered", j["claimed_by"], j["queue"], job=j["id"],
-                      error=error)
-            return ("dead", j["queue"], None)
-        delay = backoff(j["attempts"]) if retry_in is None else retry_in
-        c.execute(
-            "UPDATE jobs SET state = 'ready', claim_token = NULL, claimed_by = NULL, "
-            "claimed_incarnation = NULL, claim_expires_mono = NULL, last_error = ?, "
-            "available_mono = ? WHERE id = ?",
-            (error, now + delay, j["id"]),
-        )
-        return ("ready", j["queue"], delay)
+    def delay(attempts: int) -> float:
+        return backoff(attempts) if retry_in is None else retry_in
 
-    got = store.write(txn)
-    if got is _LOST:
+    got = store.backend.queues.fail(tok, error, delay)
+    if got is None:
         raise ClaimLost(tok)
-    assert isinstance(got, tuple)
-    state, queue, delay = got
-    if state == "ready" and delay == 0:
+    state, queue, wait = got
+    if state == "ready" and wait == 0:
         _nudge_queue(store, queue)
     return str(state)
 
@@ -926,18 +608,7 @@ def extend(store: Store, token: Job | str, lease: float | None = None) -> float:
     lease = store.config.claim_lease if lease is None else lease
     if not (lease > 0):
         raise InvalidArgument(f"lease must be positive, got {lease!r}")
-
-    def txn(c: apsw.Connection) -> object:
-        now = store.mono()
-        if c.execute(
-            "UPDATE jobs SET claim_expires_mono = ? WHERE id = ? AND claim_token = ? "
-            "AND claim_expires_mono >= ? RETURNING 1",
-            (now + lease, _claim_id(tok), tok, now),
-        ).fetchall():
-            return None
-        return _expired_release(c, store, tok, now)
-
-    if store.write(txn) is _LOST:
+    if not store.backend.queues.extend(tok, lease):
         raise ClaimLost(tok)
     return lease
 
@@ -946,79 +617,29 @@ def release(store: Store, token: Job | str) -> None:
     """Hand the job back untried: ready again at once, the attempt given back.
     Raises ``ClaimLost``."""
     tok = _token(token)
-
-    def txn(c: apsw.Connection) -> object:
-        now = store.mono()
-        got = c.execute(
-            "UPDATE jobs SET state = 'ready', claim_token = NULL, claimed_by = NULL, "
-            "claimed_incarnation = NULL, claim_expires_mono = NULL, "
-            "attempts = max(attempts - 1, 0), available_mono = ? "
-            "WHERE id = ? AND claim_token = ? AND claim_expires_mono >= ? RETURNING queue",
-            (now, _claim_id(tok), tok, now),
-        ).fetchall()
-        if got:
-            return str(got[0][0])
-        return _expired_release(c, store, tok, now)
-
-    got = store.write(txn)
-    if got is _LOST:
+    got = store.backend.queues.release(tok)
+    if got is None:
         raise ClaimLost(tok)
-    _nudge_queue(store, str(got))
+    _nudge_queue(store, got)
 
 
 # -- cancel, requeue, purge, adopt --------------------------------------------------------
 
 
-def _job_state(c: apsw.Connection, job_id: int) -> str:
-    for (state,) in c.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)):
-        return str(state)
-    raise NotFound("job", job_id)
-
-
 def cancel(store: Store, job_id: int) -> None:
     """Cancel a job that is not claimed and not finished (ready, delayed or dead)."""
-
-    def txn(c: apsw.Connection) -> None:
-        now = store.mono()
-        if c.execute(
-            "UPDATE jobs SET state = 'cancelled', finished_at = ?, finished_mono = ? "
-            "WHERE id = ? AND state IN ('ready', 'dead') RETURNING 1",
-            (store.wall(), now, job_id),
-        ).fetchall():
-            return
-        state = _job_state(c, job_id)
-        hint = "; fail or release it first" if state == "claimed" else ""
-        raise InvalidArgument(f"job {job_id} is {state}: only a job that waits can be cancelled{hint}")
-
-    store.write(txn)
+    store.backend.queues.cancel(job_id)
 
 
 def requeue(store: Store, job_id: int) -> None:
     """Put a dead or cancelled job back: ready at once, with a fresh set of attempts."""
-
-    def txn(c: apsw.Connection) -> str:
-        got = c.execute(
-            "UPDATE jobs SET state = 'ready', attempts = 0, available_mono = ?, "
-            "finished_at = NULL, finished_mono = NULL, result = NULL "
-            "WHERE id = ? AND state IN ('dead', 'cancelled') RETURNING queue",
-            (store.mono(), job_id),
-        ).fetchall()
-        if got:
-            return str(got[0][0])
-        state = _job_state(c, job_id)
-        raise InvalidArgument(f"job {job_id} is {state}: only a dead or cancelled job can be requeued")
-
-    _nudge_queue(store, store.write(txn))
+    _nudge_queue(store, store.backend.queues.requeue(job_id))
 
 
 def requeue_dead(store: Store, queue: str) -> int:
     """Requeue every dead job of ``queue``; returns how many."""
     _name(queue)
-    n = store.write(lambda c: len(c.execute(
-        "UPDATE jobs SET state = 'ready', attempts = 0, available_mono = ?, finished_at = NULL, "
-        "finished_mono = NULL, result = NULL WHERE queue = ? AND state = 'dead' RETURNING 1",
-        (store.mono(), queue),
-    ).fetchall()))
+    n = store.backend.queues.requeue_dead(queue)
     if n:
         _nudge_queue(store, queue)
     return n
@@ -1029,20 +650,7 @@ def purge(store: Store, queue: str, *, everything: bool = False) -> int:
     dedupe keys; with ``everything``, delete the queue itself and all its jobs (claims
     included: their holders get ``ClaimLost``). Returns how many jobs were deleted."""
     _name(queue)
-
-    def txn(c: apsw.Connection) -> int:
-        if not c.execute("SELECT 1 FROM queues WHERE name = ?", (queue,)).fetchall():
-            raise NotFound("queue", queue)
-        if everything:
-            n = len(c.execute("DELETE FROM jobs WHERE queue = ? RETURNING 1", (queue,)).fetchall())
-            c.execute("DELETE FROM queues WHERE name = ?", (queue,))
-            return n
-        return len(c.execute(
-            "DELETE FROM jobs WHERE queue = ? AND state IN ('done', 'dead', 'cancelled') "
-            "RETURNING 1", (queue,),
-        ).fetchall())
-
-    return store.write(txn)
+    return store.backend.queues.purge(queue, everything)
 
 
 @dataclass(frozen=True)
@@ -1073,7 +681,7 @@ def adopt(
         validate_id(to)
     if to_queue is not None:
         _name(to_queue)
-    row = store.row("SELECT * FROM instances WHERE id = ?", (from_id,))
+    row = store.backend.instances.by_id(from_id)
     if row is not None:
         alive, verdict = judge(store, row)
         if alive:
@@ -1081,37 +689,8 @@ def adopt(
         if row["status"] == "alive":
             bury_dead(store, [row], verdict)  # its claims go back first
 
-    def txn(c: apsw.Connection) -> Adoption:
-        names = [str(r[0]) for r in c.execute(
-            "SELECT name FROM queues WHERE owner_id = ? ORDER BY name", (from_id,))]
-        if not names:
-            raise NotFound("private queue of instance", from_id)
-        # A claim by an incarnation of from_id that outlived the row check above.
-        release_claims(c, store.mono(), store.wall(),
-                       "claimed_by = ? AND queue IN (SELECT name FROM queues WHERE owner_id = ?)",
-                       (from_id, from_id), error=f"worker {from_id} is gone")
-        moved = left = 0
-        if to is not None:
-            c.execute("UPDATE queues SET owner_id = ? WHERE owner_id = ?", (to, from_id))
-        else:
-            assert to_queue is not None
-            if to_queue in names:
-                raise InvalidArgument(f"queue {to_queue!r} is one of the adopted queues")
-            _queue_row(c, store, to_queue)
-            for name in names:
-                moved += len(c.execute(
-                    "UPDATE OR IGNORE jobs SET queue = ? WHERE queue = ? "
-                    "AND state IN ('ready', 'dead') RETURNING 1", (to_queue, name),
-                ).fetchall())
-                left += int(scalar(
-                    c, "SELECT count(*) FROM jobs WHERE queue = ? AND state IN ('ready', 'dead')",
-                    (name,),
-                ))
-        log_event(c, store.wall(), "queue adopted", from_id, ",".join(names), to=to,
-                  to_queue=to_queue, jobs=moved)
-        return Adoption(from_id, to, to_queue, names, moved, left)
-
-    result = store.write(txn)
+    names, moved, left = store.backend.queues.adopt(from_id, to, to_queue)
+    result = Adoption(from_id, to, to_queue, names, moved, left)
     for name in result.queues if to is not None else [to_queue] if to_queue else []:
         _nudge_queue(store, name)
     return result
@@ -1121,7 +700,7 @@ def adopt(
 
 
 def get_job(store: Store, job_id: int) -> Job:
-    r = store.row(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))  # noqa: S608
+    r = store.backend.queues.get(job_id)
     if r is None:
         raise NotFound("job", job_id)
     return _job(store, r, store.mono())
@@ -1134,53 +713,20 @@ def list_jobs(
     of SHOWN_STATES, 'active' (the default: ready, delayed, claimed, dead) or 'all'."""
     state = state or "active"
     now = store.mono()
-    where: list[str] = []
-    params: list[Any] = []
     if queue is not None:
-        where.append("queue = ?")
-        params.append(_name(queue))
-    if state == "ready":
-        where.append("state = 'ready' AND available_mono <= ?")
-        params.append(now)
-    elif state == "delayed":
-        where.append("state = 'ready' AND available_mono > ?")
-        params.append(now)
-    elif state == "active":
-        where.append("state IN ('ready', 'claimed', 'dead')")
-    elif state in STATES:
-        where.append("state = ?")
-        params.append(state)
-    elif state != "all":
+        _name(queue)
+    if state not in SHOWN_STATES and state not in ("active", "all"):
         raise InvalidArgument(
             f"unknown state {state!r}: use one of {', '.join(SHOWN_STATES)}, active, all")
-    sql = f"SELECT {_COLUMNS} FROM jobs"  # noqa: S608 - fixed fragments only
-    if where:
-        sql += " WHERE " + " AND ".join(where)
-    sql += " ORDER BY queue, priority DESC, id"
-    if limit is not None:
-        sql += f" LIMIT {int(limit)}"
-    return [_job(store, r, now) for r in store.rows(sql, tuple(params))]
+    return [_job(store, r, now) for r in store.backend.queues.jobs(queue, state, limit, now)]
 
 
 def stats(store: Store, queue: str | None = None) -> list[QueueStats]:
     """Counts per queue (every queue, or one)."""
     now, wall = store.mono(), store.wall()
-    sql = (
-        "SELECT q.name, q.owner_id, q.max_depth, "
-        "count(j.id) FILTER (WHERE j.state = 'ready' AND j.available_mono <= ?1) AS ready, "
-        "count(j.id) FILTER (WHERE j.state = 'ready' AND j.available_mono > ?1) AS delayed, "
-        "count(j.id) FILTER (WHERE j.state = 'claimed') AS claimed, "
-        "count(j.id) FILTER (WHERE j.state = 'dead') AS dead, "
-        "count(j.id) FILTER (WHERE j.state = 'done') AS done, "
-        "count(j.id) FILTER (WHERE j.state = 'cancelled') AS cancelled, "
-        "min(j.created_at) FILTER (WHERE j.state = 'ready' AND j.available_mono <= ?1) AS oldest "
-        "FROM queues q LEFT JOIN jobs j ON j.queue = q.name "
-    )
-    params: tuple[Any, ...] = (now,)
     if queue is not None:
-        sql += "WHERE q.name = ?2 "
-        params = (now, _name(queue))
-    rows = store.rows(sql + "GROUP BY q.name ORDER BY q.name", params)
+        _name(queue)
+    rows = store.backend.queues.stats(queue, now)
     if queue is not None and not rows:
         raise NotFound("queue", queue)
     owners = {r["owner_id"] for r in rows if r["owner_id"] is not None}
@@ -1188,7 +734,7 @@ def stats(store: Store, queue: str | None = None) -> list[QueueStats]:
     if owners:
         probe = Probe()
         for o in owners:
-            irow = store.row("SELECT * FROM instances WHERE id = ?", (o,))
+            irow = store.backend.instances.by_id(o)
             alive[o] = irow is not None and judge(store, irow, now, probe=probe)[0]
     return [
         QueueStats(
@@ -1205,31 +751,7 @@ def stats(store: Store, queue: str | None = None) -> list[QueueStats]:
 def problems(store: Store) -> list[tuple[str, bool]]:
     """Queue invariants for ``coord.check``: [(problem, pending)]; empty when healthy.
     Pending problems are claims past their lease, which the next claim or reap releases."""
-    out: list[tuple[str, bool]] = []
-    for r in store.rows(
-        "SELECT id, state, attempts, max_attempts FROM jobs WHERE attempts < 0 "
-        "OR (state = 'ready' AND attempts >= max_attempts) "
-        "OR (state = 'claimed' AND (attempts < 1 OR attempts > max_attempts))"
-    ):
-        out.append((f"job {r['id']} is {r['state']} with {r['attempts']} of "
-                    f"{r['max_attempts']} attempts", False))
-    for r in store.rows(
-        "SELECT id, state FROM jobs WHERE (state = 'claimed') <> "
-        "(claimed_by IS NOT NULL AND claimed_incarnation IS NOT NULL "
-        " AND claim_expires_mono IS NOT NULL) AND state <> 'done'"
-    ):
-        out.append((f"job {r['id']} is {r['state']} but its claim fields disagree", False))
-    for r in store.rows(
-        "SELECT j.id, j.claimed_by, q.owner_id FROM jobs j JOIN queues q ON q.name = j.queue "
-        "WHERE j.state = 'claimed' AND q.owner_id IS NOT NULL AND j.claimed_by <> q.owner_id"
-    ):
-        out.append((f"job {r['id']} of a queue private to {r['owner_id']!r} is claimed by "
-                    f"{r['claimed_by']!r}", False))
-    for r in store.rows(
-        "SELECT id FROM jobs WHERE state = 'claimed' AND claim_expires_mono < ?", (store.mono(),)
-    ):
-        out.append((f"job {r['id']} is claimed past its lease, awaiting release", True))
-    return out
+    return store.backend.queues.problems()
 
 
 # -- a handle -----------------------------------------------------------------------------

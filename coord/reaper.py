@@ -35,13 +35,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# The SQLite engine's in-transaction forms of the rule, named here for the modules whose
-# transactions are not yet behind the engine seam (``coord.queues``, ``coord.leases``).
-from .backend.sqlite.death import bury, release_claims
 from .db import Row, Store
 from .identity import ProcIdentity, still_running
 
-__all__ = ["ReapReport", "bury", "bury_dead", "checkpoint_wal", "reap", "release_claims"]
+__all__ = ["ReapReport", "bury_dead", "checkpoint_wal", "reap"]
 
 
 @dataclass

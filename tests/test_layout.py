@@ -30,6 +30,8 @@ BEHIND_THE_SEAM = (
     # step 3: leases and the modules that used their SQL
     "coord/leases.py", "coord/lease_rules.py", "coord/lease_keeper.py", "coord/elect.py",
     "coord/wrapper.py", "coord/runner.py", "coord/tooz_driver.py", "cli/lease_cmds.py",
+    # step 4: queues and the legacy queue import
+    "coord/queues.py", "coord/legacy.py",
 )
 
 SQL_WORDS = re.compile(

@@ -14,6 +14,7 @@ import pytest
 import coord
 import coord.migrate
 from coord import queues
+from coord.backend.sqlite import queues as sqlite_queues
 from coord.check import check
 from coord.clock import Clock
 from coord.config import Config
@@ -189,12 +190,12 @@ def _plan(store: coord.Store, sql: str, params: tuple[Any, ...]) -> str:
 
 
 def test_hot_statements_use_the_active_index_or_the_row_id(store: coord.Store) -> None:
-    pick = _plan(store, queues._PICK, ("w", 1, "q", 0.0))
+    pick = _plan(store, sqlite_queues._PICK, ("w", 1, "q", 0.0))
     assert "COVERING INDEX jobs_active (state=? AND queue=?)" in pick
     assert "TEMP B-TREE" not in pick  # claim order is index order: no sort
-    assert "jobs_active (state=? AND queue=?)" in _plan(store, queues._MORE, ("q", 0.0, 1, 3))
-    assert "INTEGER PRIMARY KEY" in _plan(store, queues._CLAIM, ("t", "w", 1, 0.0, 0.0, 1))
-    assert "INTEGER PRIMARY KEY" in _plan(store, queues._ACK, (None, 0.0, 0.0, 1, "t", 0.0))
+    assert "jobs_active (state=? AND queue=?)" in _plan(store, sqlite_queues._MORE, ("q", 0.0, 1, 3))
+    assert "INTEGER PRIMARY KEY" in _plan(store, sqlite_queues._CLAIM, ("t", "w", 1, 0.0, 0.0, 1))
+    assert "INTEGER PRIMARY KEY" in _plan(store, sqlite_queues._ACK, (None, 0.0, 0.0, 1, "t", 0.0))
     # The death rule's claim lookups and the claimer's scans read the 'claimed' range.
     assert "jobs_active (state=?)" in _plan(
         store, "SELECT id FROM jobs WHERE state = 'claimed' AND claimed_by = ? "

@@ -39,9 +39,12 @@ The plan, in steps that each keep the whole suite green:
 3. Leases (take, renew, release — also by an operator —, observe, fenced write, typed fenced
    kv set/cas and queue put) and the recorded process groups; ends ``leases``/``elect``/
    ``runner`` circle.
-4. Queues (put, claim, ack, fail, extend, release, cancel, stats, dead letters, adopt,
-   import), migrations/meta, read-only ad-hoc SQL and the queues' invariant checks; the
-   schema files move to ``schema/sqlite/``.
+4. Queues: (done) put, claim, ack, fail, extend, release, cancel, stats, listing, dead
+   letters, adopt, purge (``QueueOps``, in ``.queue_ops``; ``coord.queues`` keeps
+   validation, waiting, retries and their backoff, and the death rule's policy for claims;
+   a claim going back to ready is the death rule's one ``release_claims``) and the legacy
+   import (``import_jobs``). Not yet: the fenced queue put, migrations/meta, read-only
+   ad-hoc SQL; the schema files move to ``schema/sqlite/``.
 5. The PostgreSQL engine in ``coord/backend/postgresql/``: one file per capability, its
    clock the server's ``clock_timestamp()`` compared only in SQL, liveness a session advisory
    lock plus a death certificate from the holder's host, wake-up ``LISTEN/NOTIFY`` re-checked
@@ -58,6 +61,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .lifecycle import CheckOps, DeathRule, InstanceWrites, ProcessOps, Proof, TreeOps
+from .queue_ops import JOB_FIELDS, QueueOps  # step 4: queues
 from .records import (
     KvRecord,
     LeaseRecord,  # step 3: leases
@@ -84,6 +88,7 @@ __all__ = [
     "InstanceOps",
     "InstanceReads",
     "InstanceWrites",
+    "JOB_FIELDS",
     "KvOps",
     "KvRecord",
     "LeaseOps",
@@ -96,6 +101,7 @@ __all__ = [
     "Problem",
     "ProcessOps",
     "Proof",
+    "QueueOps",
     "TreeOps",
     "Wakeup",
     "Watch",
@@ -430,6 +436,7 @@ class Backend(Protocol):
     trees: TreeOps
     processes: ProcessOps
     checks: CheckOps
+    queues: QueueOps  # step 4
 
     def open(self) -> None:
         """Make the store usable: create the database if needed, migrate it to this

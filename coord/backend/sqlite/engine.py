@@ -14,6 +14,7 @@ from .leases import SqliteLeases
 from .liveness import SqliteLiveness
 from .messages import SqliteMessages
 from .processes import SqliteProcesses
+from .queues import SqliteQueues
 from .trees import SqliteTrees
 from .wakeup import SqliteWakeup
 
@@ -41,6 +42,8 @@ class SqliteBackend:
         self.trees = SqliteTrees(store)
         self.processes = SqliteProcesses(store)
         self.checks = SqliteChecks(store)
+        # -- step 4: queues
+        self.queues = SqliteQueues(store)
         self._store = store
 
     def open(self) -> None:

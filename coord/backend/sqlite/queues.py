@@ -1,0 +1,636 @@
+"""The SQLite engine's queues: ``queues`` and ``jobs`` (see ``coord.queues`` for the rules).
+
+The hot path was tuned statement by statement (``schema/004_queue_hot.sql``, and
+docs/benchmarks.md "The queue's hot path, by profile"): the claim picks then updates by row
+id, its parameters keep apsw's prepared statements valid, batches go through
+``executemany``. Claimed jobs' rows are returned as read; ``coord.queues`` makes the jobs.
+Claims that go back to ready because their holder is gone or their lease ran out go through
+the death rule's ``release_claims`` (``death.py``): the one "back to ready".
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import apsw
+
+from ...db import fetch, scalar
+from ...errors import InvalidArgument, NotFound, NotRegistered, PermissionDenied, QueueFull
+from ..queue_ops import JOB_FIELDS, ImportRow, NewJobRow
+from .death import release_claims
+from .events import log_event
+
+if TYPE_CHECKING:
+    from ...db import Row, Store
+
+#: A job row's columns, in the order of ``JOB_FIELDS``.
+_COLUMNS = ", ".join(JOB_FIELDS)
+
+# The common put in one statement: it adds the job only to an existing queue without a max
+# depth (a new queue, or one with a max depth, takes put_rows). Once a process has seen
+# that a queue has no max depth, it inserts without looking (the foreign key still proves
+# the queue exists).
+_INSERT_FAST = (
+    "INSERT INTO jobs (payload, priority, available_mono, max_attempts, created_at, queue) "
+    "SELECT ?, ?, ?, ?, ?, name FROM queues WHERE name = ? AND max_depth IS NULL"
+)
+_INSERT_PLAIN_FAST = (
+    "INSERT INTO jobs (payload, priority, available_mono, max_attempts, created_at, queue) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+#: (payload, priority, available_mono, dedupe_key, max_attempts, attempts, state, created_at,
+#: last_error) of a row to insert.
+NewRow = tuple[str, int, float, str | None, int, int, str, float, str | None]
+
+_INSERT = (
+    "INSERT INTO jobs (queue, payload, priority, available_mono, dedupe_key, max_attempts, "
+    "attempts, state, created_at, last_error, finished_at, finished_mono) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+    "ON CONFLICT (queue, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING RETURNING id"
+)
+# The common case, a ready job without a dedupe key, in the plainest statement.
+_INSERT_PLAIN = (
+    "INSERT INTO jobs (queue, payload, priority, available_mono, max_attempts, created_at) "
+    "VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+# The claim's first statement: may this incarnation claim here (registered and alive, and
+# the queue shared or its own), and the best due job, in one read inside the claim's own
+# transaction, so a buried instance's claim never commits. The job comes from jobs_active:
+# (state, queue) then priority DESC, id, which is claim order (schema/004_queue_hot.sql).
+# `queue = CAST(? AS TEXT)`, not `queue = ?`: with a bare parameter compared to an indexed
+# column and an ORDER BY, SQLite prepares the statement again whenever that parameter is
+# bound — every claim (measured: the cached statement cost what an uncached one does). The
+# cast keeps the prepared statement (apsw's cache) valid: the pick costs a quarter.
+# The job's columns are read here rather than by the UPDATE's RETURNING, which costs more
+# (SQLite collects RETURNING rows in a temporary table).
+_JOB_COLUMNS = "id, priority, payload, dedupe_key, attempts, max_attempts, created_at, last_error"
+_PICK = (
+    "SELECT (SELECT 1 FROM instances WHERE id = ?1 AND incarnation = ?2 AND status = 'alive'), "
+    "(SELECT owner_id FROM queues WHERE name = ?3), "
+    "j.id, j.priority, j.payload, j.dedupe_key, j.attempts, j.max_attempts, j.created_at, "
+    "j.last_error FROM (SELECT 1) LEFT JOIN jobs j ON j.id = (SELECT id FROM jobs "
+    "WHERE state = 'ready' AND queue = CAST(?3 AS TEXT) AND available_mono <= ?4 "
+    "ORDER BY priority DESC, id LIMIT 1)"
+)
+# The next due jobs after the first, for claim_many.
+_MORE = (
+    f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state = 'ready' AND queue = CAST(? AS TEXT) "  # noqa: S608
+    "AND available_mono <= ? AND id <> ? ORDER BY priority DESC, id LIMIT ?"
+)
+# Then each job by its row id. Selecting first and updating by id is about twice as fast as
+# one UPDATE … WHERE id = (SELECT …): SQLite runs that in two passes, since the statement
+# changes the index its subquery reads. Both run in one IMMEDIATE transaction: no race.
+_CLAIM = (
+    "UPDATE jobs SET state = 'claimed', claim_token = ?, claimed_by = ?, claimed_incarnation = ?, "
+    "claim_expires_mono = ?, claimed_at = ?, attempts = attempts + 1 WHERE id = ?"
+)
+# An ack finds the claim by its job id and compares the token: a claim that moved on (or a
+# lease past its end) changes nothing.
+_ACK = (
+    "UPDATE jobs SET state = 'done', claim_token = NULL, claim_expires_mono = NULL, "
+    "result = ?, finished_at = ?, finished_mono = ? "
+    "WHERE id = ? AND claim_token = ? AND claim_expires_mono >= ?"
+)
+_READY = "SELECT 1 FROM jobs WHERE state = 'ready' AND queue = ? AND available_mono <= ? LIMIT 1"
+
+
+def claim_id(token: str) -> int:
+    """The job a claim token names: tokens are ``<job id>-<random>``, so a claim is found by
+    its row id and the whole token compared (no index on tokens). -1 for a token that names
+    no job: it matches no claim."""
+    head, sep, _ = token.partition("-")
+    return int(head) if sep and head.isascii() and head.isdigit() else -1
+
+
+def queue_row(c: apsw.Connection, store: Store, name: str) -> tuple[str | None, int | None]:
+    """(owner, max_depth) of a queue inside the caller's transaction, creating it shared if
+    it does not exist."""
+    for owner, depth in c.execute("SELECT owner_id, max_depth FROM queues WHERE name = ?", (name,)):
+        return owner, depth
+    c.execute(
+        "INSERT INTO queues (name, owner_id, max_depth, created_at) VALUES (?, NULL, NULL, ?)",
+        (name, store.wall()),
+    )
+    return None, None
+
+
+def insert(
+    c: apsw.Connection, queue: str, max_depth: int | None, rows: list[NewRow],
+    now: float, wall: float,
+) -> list[tuple[int, bool]]:
+    """Insert rows into ``queue`` inside the caller's transaction: [(id, added)]. A row in
+    a finished state (dead) is finished now. Raises ``QueueFull`` past ``max_depth``."""
+    depth = None
+    if max_depth is not None:
+        depth = int(scalar(
+            # An OR, not IN: then it counts in jobs_active (see schema/004_queue_hot.sql).
+            c, "SELECT count(*) FROM jobs WHERE (state = 'ready' OR state = 'claimed') "
+            "AND queue = ?", (queue,),
+        ))
+    out: list[tuple[int, bool]] = []
+    for text, prio, avail, key, max_att, att, state, created, error in rows:
+        ready = state == "ready"
+        if depth is not None and max_depth is not None and depth >= max_depth and ready:
+            existing = _existing(c, queue, key)
+            if existing is None:
+                raise QueueFull(queue, depth)
+            out.append((existing, False))
+            continue
+        if key is None and ready and att == 0 and error is None:
+            c.execute(_INSERT_PLAIN, (queue, text, prio, avail, max_att, created))
+            out.append((c.last_insert_rowid(), True))
+        else:
+            finished = (None, None) if ready else (wall, now)
+            got = c.execute(
+                _INSERT,
+                (queue, text, prio, avail, key, max_att, att, state, created, error, *finished),
+            ).fetchall()
+            if not got:
+                existing = _existing(c, queue, key)
+                assert existing is not None
+                out.append((existing, False))
+                continue
+            out.append((int(got[0][0]), True))  # type: ignore[arg-type]
+        if depth is not None and ready:
+            depth += 1
+    return out
+
+
+def _existing(c: apsw.Connection, queue: str, key: str | None) -> int | None:
+    if key is None:
+        return None
+    for (i,) in c.execute("SELECT id FROM jobs WHERE queue = ? AND dedupe_key = ?", (queue, key)):
+        return int(i)
+    return None
+
+
+def _job_state(c: apsw.Connection, job_id: int) -> str:
+    for (state,) in c.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)):
+        return str(state)
+    raise NotFound("job", job_id)
+
+
+class SqliteQueues:
+    """``coord.backend.QueueOps``."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    # -- queues --------------------------------------------------------------------------
+
+    def create(self, name: str, owner: str | None, max_depth: int | None) -> None:
+        store = self._store
+
+        def txn(c: apsw.Connection) -> None:
+            rows = fetch(c, "SELECT owner_id FROM queues WHERE name = ?", (name,))
+            if not rows:
+                c.execute(
+                    "INSERT INTO queues (name, owner_id, max_depth, created_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    (name, owner, max_depth, store.wall()),
+                )
+                return
+            if rows[0]["owner_id"] != owner:
+                have = rows[0]["owner_id"]
+                raise InvalidArgument(
+                    f"queue {name!r} already exists and is "
+                    + (f"private to {have!r}" if have else "shared")
+                )
+            if max_depth is not None:
+                c.execute("UPDATE queues SET max_depth = ? WHERE name = ?", (max_depth, name))
+
+        store.write(txn)
+
+    def owner(self, queue: str) -> str | None:
+        return self._store.value("SELECT owner_id FROM queues WHERE name = ?", (queue,))  # type: ignore[no-any-return]
+
+    def nudge_paths(self) -> list[tuple[str, str]]:
+        return [
+            (str(r[0]), str(r[1]))
+            for r in self._store.conn().execute(
+                "SELECT id, nudge_path FROM instances WHERE status = 'alive' "
+                "AND nudge_path IS NOT NULL"
+            )
+        ]
+
+    # -- put -----------------------------------------------------------------------------
+
+    def put(self, queue: str, text: str, priority: int, delay: float, max_attempts: int,
+            known: bool) -> int | None:
+        store = self._store
+
+        def txn(c: apsw.Connection) -> int | None:
+            params = (text, priority, store.mono() + delay, max_attempts, store.wall(), queue)
+            if known:
+                try:
+                    c.execute(_INSERT_PLAIN_FAST, params)
+                except apsw.ConstraintError:  # the queue is gone: take the general path
+                    return None
+                return c.last_insert_rowid()
+            c.execute(_INSERT_FAST, params)
+            return c.last_insert_rowid() if c.changes() else None
+
+        return store.write(txn)
+
+    def put_rows(self, queue: str, rows: Sequence[NewJobRow]
+                 ) -> tuple[list[int], bool, str | None]:
+        store = self._store
+
+        def txn(c: apsw.Connection) -> tuple[list[int], bool, str | None]:
+            now, wall = store.mono(), store.wall()
+            owner, max_depth = queue_row(c, store, queue)
+            ids = insert(
+                c, queue, max_depth,
+                [(text, prio, now + delay, key, att, 0, "ready", wall, None) for
+                 text, prio, delay, key, att in rows],
+                now, wall,
+            )
+            return [i for i, _ in ids], any(new for _, new in ids), owner
+
+        return store.write(txn)
+
+    def import_jobs(self, queue: str, rows: Sequence[ImportRow], path: str
+                    ) -> tuple[list[tuple[int, bool]], str | None]:
+        store = self._store
+
+        def txn(c: apsw.Connection) -> tuple[list[tuple[int, bool]], str | None]:
+            now, wall = store.mono(), store.wall()
+            owner, max_depth = queue_row(c, store, queue)
+            ids = insert(
+                c, queue, max_depth,
+                [(text, prio, now, key, max_att, att, state, created, error)
+                 for text, prio, key, max_att, att, state, created, error in rows],
+                now, wall,
+            )
+            added = sum(1 for _, new in ids if new)
+            if added:
+                log_event(c, wall, "queue imported", None, queue, path=path, jobs=added)
+            return ids, owner
+
+        return store.write(txn)
+
+    # -- claim ---------------------------------------------------------------------------
+
+    def claim(self, queue: str, id: str, incarnation: int, lease: float, n: int
+              ) -> list[tuple[str, tuple[Any, ...]]]:
+        store = self._store
+
+        def txn(c: apsw.Connection) -> list[tuple[str, tuple[Any, ...]]]:
+            now = store.mono()
+            ((alive, owner, *first),) = c.execute(_PICK, (id, incarnation, queue, now))
+            if not alive:
+                raise NotRegistered(id, "its registration has ended (declared dead or taken over)")
+            if owner is not None and owner != id:
+                raise PermissionDenied(f"queue {queue!r} is private to instance {owner!r}")
+            if first[0] is None:
+                return []
+            rows = [tuple(first)]
+            if n > 1:
+                rows += c.execute(_MORE, (queue, now, first[0], n - 1)).fetchall()
+            wall, until = store.wall(), now + lease
+            # With the job id, a token is unique; the random part makes it unguessable.
+            out = [(f"{row[0]}-{random.getrandbits(64):016x}", row) for row in rows]
+            args = [(token, id, incarnation, until, wall, row[0]) for token, row in out]
+            if len(args) == 1:  # executemany costs more than execute for one row
+                c.execute(_CLAIM, args[0])
+            else:
+                c.executemany(_CLAIM, args)
+            return out
+
+        return store.write(txn)
+
+    def ready(self, queue: str) -> bool:
+        return bool(self._store.value(_READY, (queue, self._store.mono())))
+
+    def next_due(self, queue: str) -> float | None:
+        got = self._store.value(
+            "SELECT min(t) FROM (SELECT min(available_mono) AS t FROM jobs "
+            "WHERE queue = ?1 AND state = 'ready' AND available_mono > ?2 "
+            "UNION ALL SELECT min(claim_expires_mono) FROM jobs WHERE queue = ?1 "
+            "AND state = 'claimed')",
+            (queue, self._store.mono()),
+        )
+        return None if got is None else float(got)
+
+    def holders(self, queue: str) -> list[Row]:
+        return self._store.rows(
+            "SELECT h.claimed_by, h.claimed_incarnation, i.* FROM "
+            "(SELECT DISTINCT claimed_by, claimed_incarnation FROM jobs "
+            " WHERE queue = ? AND state = 'claimed') h "
+            "LEFT JOIN instances i ON i.id = h.claimed_by",
+            (queue,),
+        )
+
+    def claimed(self, queue: str) -> int:
+        return int(self._store.value(
+            "SELECT count(*) FROM jobs WHERE queue = ? AND state = 'claimed'", (queue,)))
+
+    def release_expired(self, queue: str) -> int:
+        store = self._store
+        if not store.value(
+            "SELECT 1 FROM jobs WHERE queue = ? AND state = 'claimed' AND claim_expires_mono < ? "
+            "LIMIT 1", (queue, store.mono()),
+        ):
+            return 0
+        return store.write(lambda c: release_claims(
+            c, store.mono(), store.wall(), "queue = ? AND claim_expires_mono < ?",
+            (queue, store.mono()), error="claim lease expired"))
+
+    def release_gone(self, who: str, incarnation: int) -> int:
+        store = self._store
+        return store.write(lambda c: release_claims(
+            c, store.mono(), store.wall(), "claimed_by = ? AND claimed_incarnation = ?",
+            (who, incarnation), error=f"worker {who} is gone"))
+
+    # -- ack, fail, extend, release ------------------------------------------------------
+
+    def _expired_release(self, c: apsw.Connection, token: str, now: float) -> None:
+        """The claim is gone or past its lease: if merely expired, release it now (the
+        attempt counted)."""
+        release_claims(c, now, self._store.wall(),
+                       "id = ? AND claim_token = ? AND claim_expires_mono < ?",
+                       (claim_id(token), token, now), error="claim lease expired")
+
+    def _acked(self, c: apsw.Connection, tok: str, text: str | None, now: float,
+               wall: float) -> bool:
+        c.execute(_ACK, (text, wall, now, claim_id(tok), tok, now))
+        if c.changes():
+            return True
+        self._expired_release(c, tok, now)
+        return False
+
+    def ack(self, token: str, result: str | None) -> bool:
+        store = self._store
+        return store.write(lambda c: self._acked(c, token, result, store.mono(), store.wall()))
+
+    def ack_many(self, pairs: Sequence[tuple[str, str | None]]) -> list[str]:
+        store = self._store
+
+        def txn(c: apsw.Connection) -> list[str]:
+            now, wall = store.mono(), store.wall()
+            # Usually every claim is still held: ack them all in one executemany, and only
+            # when fewer rows changed than claims were given, undo that and go claim by claim.
+            c.execute("SAVEPOINT ack_many")
+            before = c.total_changes()
+            c.executemany(_ACK, [(text, wall, now, claim_id(tok), tok, now) for tok, text in pairs])
+            if c.total_changes() - before == len(pairs):
+                c.execute("RELEASE ack_many")
+                return []
+            c.execute("ROLLBACK TO ack_many")
+            c.execute("RELEASE ack_many")
+            return [tok for tok, text in pairs if not self._acked(c, tok, text, now, wall)]
+
+        return store.write(txn)
+
+    def fail(self, token: str, error: str, retry_in: Callable[[int], float]
+             ) -> tuple[str, str, float | None] | None:
+        store = self._store
+
+        def txn(c: apsw.Connection) -> tuple[str, str, float | None] | None:
+            now, wall = store.mono(), store.wall()
+            rows = fetch(
+                c,
+                "SELECT id, queue, attempts, max_attempts, claimed_by FROM jobs "
+                "WHERE id = ? AND claim_token = ? AND claim_expires_mono >= ?",
+                (claim_id(token), token, now),
+            )
+            if not rows:
+                self._expired_release(c, token, now)
+                return None
+            j = rows[0]
+            if j["attempts"] >= j["max_attempts"]:
+                c.execute(
+                    "UPDATE jobs SET state = 'dead', claim_token = NULL, claimed_by = NULL, "
+                    "claimed_incarnation = NULL, claim_expires_mono = NULL, last_error = ?, "
+                    "finished_at = ?, finished_mono = ? WHERE id = ?",
+                    (error, wall, now, j["id"]),
+                )
+                log_event(c, wall, "job dead-lettered", j["claimed_by"], j["queue"], job=j["id"],
+                          error=error)
+                return ("dead", j["queue"], None)
+            delay = retry_in(j["attempts"])
+            c.execute(
+                "UPDATE jobs SET state = 'ready', claim_token = NULL, claimed_by = NULL, "
+                "claimed_incarnation = NULL, claim_expires_mono = NULL, last_error = ?, "
+                "available_mono = ? WHERE id = ?",
+                (error, now + delay, j["id"]),
+            )
+            return ("ready", j["queue"], delay)
+
+        return store.write(txn)
+
+    def extend(self, token: str, lease: float) -> bool:
+        store = self._store
+
+        def txn(c: apsw.Connection) -> bool:
+            now = store.mono()
+            if c.execute(
+                "UPDATE jobs SET claim_expires_mono = ? WHERE id = ? AND claim_token = ? "
+                "AND claim_expires_mono >= ? RETURNING 1",
+                (now + lease, claim_id(token), token, now),
+            ).fetchall():
+                return True
+            self._expired_release(c, token, now)
+            return False
+
+        return store.write(txn)
+
+    def release(self, token: str) -> str | None:
+        store = self._store
+
+        def txn(c: apsw.Connection) -> str | None:
+            now = store.mono()
+            got = c.execute(
+                "UPDATE jobs SET state = 'ready', claim_token = NULL, claimed_by = NULL, "
+                "claimed_incarnation = NULL, claim_expires_mono = NULL, "
+                "attempts = max(attempts - 1, 0), available_mono = ? "
+                "WHERE id = ? AND claim_token = ? AND claim_expires_mono >= ? RETURNING queue",
+                (now, claim_id(token), token, now),
+            ).fetchall()
+            if got:
+                return str(got[0][0])
+            self._expired_release(c, token, now)
+            return None
+
+        return store.write(txn)
+
+    # -- cancel, requeue, purge, adopt ---------------------------------------------------
+
+    def cancel(self, job_id: int) -> None:
+        store = self._store
+
+        def txn(c: apsw.Connection) -> None:
+            now = store.mono()
+            if c.execute(
+                "UPDATE jobs SET state = 'cancelled', finished_at = ?, finished_mono = ? "
+                "WHERE id = ? AND state IN ('ready', 'dead') RETURNING 1",
+                (store.wall(), now, job_id),
+            ).fetchall():
+                return
+            state = _job_state(c, job_id)
+            hint = "; fail or release it first" if state == "claimed" else ""
+            raise InvalidArgument(
+                f"job {job_id} is {state}: only a job that waits can be cancelled{hint}")
+
+        store.write(txn)
+
+    def requeue(self, job_id: int) -> str:
+        store = self._store
+
+        def txn(c: apsw.Connection) -> str:
+            got = c.execute(
+                "UPDATE jobs SET state = 'ready', attempts = 0, available_mono = ?, "
+                "finished_at = NULL, finished_mono = NULL, result = NULL "
+                "WHERE id = ? AND state IN ('dead', 'cancelled') RETURNING queue",
+                (store.mono(), job_id),
+            ).fetchall()
+            if got:
+                return str(got[0][0])
+            state = _job_state(c, job_id)
+            raise InvalidArgument(
+                f"job {job_id} is {state}: only a dead or cancelled job can be requeued")
+
+        return store.write(txn)
+
+    def requeue_dead(self, queue: str) -> int:
+        store = self._store
+        return store.write(lambda c: len(c.execute(
+            "UPDATE jobs SET state = 'ready', attempts = 0, available_mono = ?, "
+            "finished_at = NULL, finished_mono = NULL, result = NULL "
+            "WHERE queue = ? AND state = 'dead' RETURNING 1",
+            (store.mono(), queue),
+        ).fetchall()))
+
+    def purge(self, queue: str, everything: bool) -> int:
+        def txn(c: apsw.Connection) -> int:
+            if not c.execute("SELECT 1 FROM queues WHERE name = ?", (queue,)).fetchall():
+                raise NotFound("queue", queue)
+            if everything:
+                n = len(c.execute("DELETE FROM jobs WHERE queue = ? RETURNING 1",
+                                  (queue,)).fetchall())
+                c.execute("DELETE FROM queues WHERE name = ?", (queue,))
+                return n
+            return len(c.execute(
+                "DELETE FROM jobs WHERE queue = ? AND state IN ('done', 'dead', 'cancelled') "
+                "RETURNING 1", (queue,),
+            ).fetchall())
+
+        return self._store.write(txn)
+
+    def adopt(self, from_id: str, to: str | None, to_queue: str | None
+              ) -> tuple[list[str], int, int]:
+        store = self._store
+
+        def txn(c: apsw.Connection) -> tuple[list[str], int, int]:
+            names = [str(r[0]) for r in c.execute(
+                "SELECT name FROM queues WHERE owner_id = ? ORDER BY name", (from_id,))]
+            if not names:
+                raise NotFound("private queue of instance", from_id)
+            # A claim by an incarnation of from_id that outlived the caller's check.
+            release_claims(
+                c, store.mono(), store.wall(),
+                "claimed_by = ? AND queue IN (SELECT name FROM queues WHERE owner_id = ?)",
+                (from_id, from_id), error=f"worker {from_id} is gone")
+            moved = left = 0
+            if to is not None:
+                c.execute("UPDATE queues SET owner_id = ? WHERE owner_id = ?", (to, from_id))
+            else:
+                assert to_queue is not None
+                if to_queue in names:
+                    raise InvalidArgument(f"queue {to_queue!r} is one of the adopted queues")
+                queue_row(c, store, to_queue)
+                for name in names:
+                    moved += len(c.execute(
+                        "UPDATE OR IGNORE jobs SET queue = ? WHERE queue = ? "
+                        "AND state IN ('ready', 'dead') RETURNING 1", (to_queue, name),
+                    ).fetchall())
+                    left += int(scalar(
+                        c, "SELECT count(*) FROM jobs WHERE queue = ? "
+                        "AND state IN ('ready', 'dead')", (name,),
+                    ))
+            log_event(c, store.wall(), "queue adopted", from_id, ",".join(names), to=to,
+                      to_queue=to_queue, jobs=moved)
+            return names, moved, left
+
+        return store.write(txn)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def get(self, job_id: int) -> Row | None:
+        return self._store.row(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))  # noqa: S608
+
+    def jobs(self, queue: str | None, state: str, limit: int | None, now: float) -> list[Row]:
+        where: list[str] = []
+        params: list[Any] = []
+        if queue is not None:
+            where.append("queue = ?")
+            params.append(queue)
+        if state == "ready":
+            where.append("state = 'ready' AND available_mono <= ?")
+            params.append(now)
+        elif state == "delayed":
+            where.append("state = 'ready' AND available_mono > ?")
+            params.append(now)
+        elif state == "active":
+            where.append("state IN ('ready', 'claimed', 'dead')")
+        elif state != "all":
+            where.append("state = ?")
+            params.append(state)
+        sql = f"SELECT {_COLUMNS} FROM jobs"  # noqa: S608 - fixed fragments only
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY queue, priority DESC, id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return self._store.rows(sql, tuple(params))
+
+    def stats(self, queue: str | None, now: float) -> list[Row]:
+        sql = (
+            "SELECT q.name, q.owner_id, q.max_depth, "
+            "count(j.id) FILTER (WHERE j.state = 'ready' AND j.available_mono <= ?1) AS ready, "
+            "count(j.id) FILTER (WHERE j.state = 'ready' AND j.available_mono > ?1) AS delayed, "
+            "count(j.id) FILTER (WHERE j.state = 'claimed') AS claimed, "
+            "count(j.id) FILTER (WHERE j.state = 'dead') AS dead, "
+            "count(j.id) FILTER (WHERE j.state = 'done') AS done, "
+            "count(j.id) FILTER (WHERE j.state = 'cancelled') AS cancelled, "
+            "min(j.created_at) FILTER (WHERE j.state = 'ready' AND j.available_mono <= ?1) "
+            "AS oldest FROM queues q LEFT JOIN jobs j ON j.queue = q.name "
+        )
+        params: tuple[Any, ...] = (now,)
+        if queue is not None:
+            sql += "WHERE q.name = ?2 "
+            params = (now, queue)
+        return self._store.rows(sql + "GROUP BY q.name ORDER BY q.name", params)
+
+    def problems(self) -> list[tuple[str, bool]]:
+        store = self._store
+        out: list[tuple[str, bool]] = []
+        for r in store.rows(
+            "SELECT id, state, attempts, max_attempts FROM jobs WHERE attempts < 0 "
+            "OR (state = 'ready' AND attempts >= max_attempts) "
+            "OR (state = 'claimed' AND (attempts < 1 OR attempts > max_attempts))"
+        ):
+            out.append((f"job {r['id']} is {r['state']} with {r['attempts']} of "
+                        f"{r['max_attempts']} attempts", False))
+        for r in store.rows(
+            "SELECT id, state FROM jobs WHERE (state = 'claimed') <> "
+            "(claimed_by IS NOT NULL AND claimed_incarnation IS NOT NULL "
+            " AND claim_expires_mono IS NOT NULL) AND state <> 'done'"
+        ):
+            out.append((f"job {r['id']} is {r['state']} but its claim fields disagree", False))
+        for r in store.rows(
+            "SELECT j.id, j.claimed_by, q.owner_id FROM jobs j JOIN queues q ON q.name = j.queue "
+            "WHERE j.state = 'claimed' AND q.owner_id IS NOT NULL AND j.claimed_by <> q.owner_id"
+        ):
+            out.append((f"job {r['id']} of a queue private to {r['owner_id']!r} is claimed by "
+                        f"{r['claimed_by']!r}", False))
+        for r in store.rows(
+            "SELECT id FROM jobs WHERE state = 'claimed' AND claim_expires_mono < ?",
+            (store.mono(),),
+        ):
+            out.append((f"job {r['id']} is claimed past its lease, awaiting release", True))
+        return out
