@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 import coord
+from coord.clock import Clock
 from coord.config import Config
 
 NOBODY = 65534
@@ -182,3 +183,36 @@ print("ready", inst.id, inst.incarnation, flush=True)
 while True:
     time.sleep(0.5)
 """
+
+
+# -- a store on a manual clock, for the queue tests ------------------------------------------
+
+
+class ManualClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def mono(self) -> float:
+        return self.now
+
+    def wall(self) -> float:
+        return 1.7e9 + self.now
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+def cstore(db_path: Path, clock: ManualClock) -> Iterator[coord.Store]:
+    """A store on a manual clock (instances registered here must not heartbeat)."""
+    s = coord.Store(db_path, clock=Clock(mono=clock.mono, wall=clock.wall),
+                    config=Config(instance_ttl=1e9, claim_lease=30.0))
+    yield s
+    coord.instances.close_all()
+    s.close()
+
+
+def reg(store: coord.Store, id: str) -> coord.Instance:
+    return coord.register(store, id, app="test", heartbeat=False, handle_signals=False)

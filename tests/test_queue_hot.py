@@ -5,52 +5,20 @@ databases (right after 002, and after a 003 that only replaces views) with their
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import ManualClock, reg
 
 import coord
 import coord.migrate
 from coord import queues
 from coord.backend.sqlite import queues as sqlite_queues
 from coord.check import check
-from coord.clock import Clock
-from coord.config import Config
 from coord.errors import ClaimLost, InvalidArgument, NotRegistered, PayloadError
 from coord.migrate import latest_version, migrations
 from coord.reaper import bury_dead
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def mono(self) -> float:
-        return self.now
-
-    def wall(self) -> float:
-        return 1.7e9 + self.now
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-def cstore(db_path: Path, clock: ManualClock) -> Iterator[coord.Store]:
-    s = coord.Store(db_path, clock=Clock(mono=clock.mono, wall=clock.wall),
-                    config=Config(instance_ttl=1e9, claim_lease=30.0))
-    yield s
-    coord.instances.close_all()
-    s.close()
-
-
-def reg(store: coord.Store, id: str) -> coord.Instance:
-    return coord.register(store, id, app="test", heartbeat=False, handle_signals=False)
-
 
 # -- claim_many and ack_many --------------------------------------------------------------
 

@@ -11,18 +11,15 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import spawn_python, wait_line, wait_until
+from conftest import ManualClock, reg, spawn_python, wait_line, wait_until
 
 import coord
 from coord import queues
 from coord.check import check
-from coord.clock import Clock
-from coord.config import Config
 from coord.errors import (
     ClaimLost,
     InvalidArgument,
@@ -32,36 +29,6 @@ from coord.errors import (
     PermissionDenied,
     QueueFull,
 )
-
-
-class ManualClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def mono(self) -> float:
-        return self.now
-
-    def wall(self) -> float:
-        return 1.7e9 + self.now
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-def cstore(db_path: Path, clock: ManualClock) -> Iterator[coord.Store]:
-    """A store on a manual clock (instances registered here must not heartbeat)."""
-    s = coord.Store(db_path, clock=Clock(mono=clock.mono, wall=clock.wall),
-                    config=Config(instance_ttl=1e9, claim_lease=30.0))
-    yield s
-    coord.instances.close_all()
-    s.close()
-
-
-def reg(store: coord.Store, id: str) -> coord.Instance:
-    return coord.register(store, id, app="test", heartbeat=False, handle_signals=False)
 
 
 def queue_problems(store: coord.Store) -> list[str]:
