@@ -40,7 +40,7 @@ from .db import Store
 from .errors import MalformedFile, PayloadError
 from .instances import validate_name
 from .payload import encode
-from .queues import _nudge_queue
+from .queues import nudge_queue
 
 #: The queue legacy entries go to unless told otherwise.
 DEFAULT_QUEUE = "legacy"
@@ -202,5 +202,5 @@ def import_queue_state(
         else:
             report.existing.append({"id": ent["id"], "job_id": job_id})
     if report.imported:
-        _nudge_queue(store, queue, owner)
+        nudge_queue(store, queue, owner)
     return report

@@ -85,7 +85,7 @@ NUDGE_CACHE_SECONDS = 0.5
 #: A max depth set on a queue that had none applies to puts at most this long after
 #: (seconds): a process that saw the queue unbounded trusts that for this long.
 QUEUE_CONFIG_SECONDS = 1.0
-#: A process nudges the waiters of one queue at most this often (seconds); see _nudge_queue.
+#: A process nudges the waiters of one queue at most this often (seconds); see nudge_queue.
 NUDGE_INTERVAL = 0.002
 
 
@@ -246,7 +246,7 @@ _nudged: dict[tuple[int, str], float] = {}  # (id(store), queue) -> last nudge
 _UNKNOWN = "\0unknown"
 
 
-def _nudge_queue(store: Store, queue: str, owner: str | None = _UNKNOWN) -> None:
+def nudge_queue(store: Store, queue: str, owner: str | None = _UNKNOWN) -> None:
     """Wake the instances that may claim from ``queue``: its owner, or every live one.
 
     At most one nudge per NUDGE_INTERVAL for one queue: a waiter woken that recently is
@@ -293,7 +293,7 @@ def put(
         job_id = store.backend.queues.put(queue, text, prio, wait, attempts, known)
         if job_id is not None:
             _unbounded[key] = time.monotonic()
-            _nudge_queue(store, queue)
+            nudge_queue(store, queue)
             return job_id
         _unbounded.pop(key, None)
     return _put_rows(store, queue, [row])[0]
@@ -340,7 +340,7 @@ def _put_rows(
 ) -> list[int]:
     ids, added, owner = store.backend.queues.put_rows(queue, rows)
     if added:
-        _nudge_queue(store, queue, owner)
+        nudge_queue(store, queue, owner)
     return ids
 
 
@@ -597,7 +597,7 @@ def fail(store: Store, token: Job | str, error: str = "", *, retry_in: float | N
         raise ClaimLost(tok)
     state, queue, wait = got
     if state == "ready" and wait == 0:
-        _nudge_queue(store, queue)
+        nudge_queue(store, queue)
     return str(state)
 
 
@@ -620,7 +620,7 @@ def release(store: Store, token: Job | str) -> None:
     got = store.backend.queues.release(tok)
     if got is None:
         raise ClaimLost(tok)
-    _nudge_queue(store, got)
+    nudge_queue(store, got)
 
 
 # -- cancel, requeue, purge, adopt --------------------------------------------------------
@@ -633,7 +633,7 @@ def cancel(store: Store, job_id: int) -> None:
 
 def requeue(store: Store, job_id: int) -> None:
     """Put a dead or cancelled job back: ready at once, with a fresh set of attempts."""
-    _nudge_queue(store, store.backend.queues.requeue(job_id))
+    nudge_queue(store, store.backend.queues.requeue(job_id))
 
 
 def requeue_dead(store: Store, queue: str) -> int:
@@ -641,7 +641,7 @@ def requeue_dead(store: Store, queue: str) -> int:
     _name(queue)
     n = store.backend.queues.requeue_dead(queue)
     if n:
-        _nudge_queue(store, queue)
+        nudge_queue(store, queue)
     return n
 
 
@@ -692,7 +692,7 @@ def adopt(
     names, moved, left = store.backend.queues.adopt(from_id, to, to_queue)
     result = Adoption(from_id, to, to_queue, names, moved, left)
     for name in result.queues if to is not None else [to_queue] if to_queue else []:
-        _nudge_queue(store, name)
+        nudge_queue(store, name)
     return result
 
 
@@ -838,5 +838,6 @@ class Queue:
 __all__ = [
     "Adoption", "Job", "NewJob", "Queue", "QueueStats", "ack", "ack_many", "adopt", "backoff",
     "cancel", "claim", "claim_many", "create_queue", "extend", "fail", "get_job", "list_jobs", "problems", "purge",
-    "put", "put_many", "release", "release_dead_claims", "requeue", "requeue_dead", "stats",
+    "nudge_queue", "put", "put_many", "release", "release_dead_claims", "requeue", "requeue_dead",
+    "stats",
 ]

@@ -210,3 +210,27 @@ def test_capability_module_reaches_the_engine_only_through_the_store(rel: str) -
     graph = _graph()
     name = "coord." + Path(rel).stem
     assert not {m for m in graph[name] if m.startswith("coord.backend.")}
+
+
+def private_imports(source: str) -> list[str]:
+    """Names with one leading underscore that a module imports from coord (relative or
+    absolute): another module's private parts, a missing seam."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("coord")):
+            found += [f"{node.module}.{a.name}" for a in node.names
+                      if a.name.startswith("_") and not a.name.startswith("__")]
+    return found
+
+
+def test_no_private_cross_module_imports() -> None:
+    files = [*sorted((ROOT / "coord").rglob("*.py")), *sorted((ROOT / "cli").glob("*.py"))]
+    bad = {str(f.relative_to(ROOT)): names for f in files
+           if (names := private_imports(f.read_text(encoding="utf-8")))}
+    assert not bad, f"private names imported across modules: {bad}"
+
+
+def test_the_private_import_finder_finds_one() -> None:
+    assert private_imports("from .queues import _nudge, put\nfrom os import _exit") == [
+        "queues._nudge"]
+    assert private_imports("from coord.db import __all__, Store") == []
