@@ -15,12 +15,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import apsw
 import pytest
 from typer.testing import CliRunner
 
 import coord
 from coord.clock import Clock
 from coord.config import Config
+from coord.identity import proc_stat
 
 NOBODY = 65534
 
@@ -216,3 +218,24 @@ def cstore(db_path: Path, clock: ManualClock) -> Iterator[coord.Store]:
 
 def reg(store: coord.Store, id: str) -> coord.Instance:
     return coord.register(store, id, app="test", heartbeat=False, handle_signals=False)
+
+
+def stop_outside_a_write(store: coord.Store, p: subprocess.Popen[Any]) -> None:
+    """SIGSTOP ``p`` at a moment it holds no write lock (a process stopped in the middle of
+    its heartbeat's transaction would block every writer until it resumes)."""
+    probe = store.raw_connection()
+    probe.set_busy_timeout(0)
+    try:
+        for _ in range(200):
+            os.kill(p.pid, signal.SIGSTOP)
+            wait_until(lambda: (proc_stat(p.pid) or (0, "T"))[1] == "T", timeout=10)
+            try:
+                probe.execute("BEGIN IMMEDIATE")
+                probe.execute("ROLLBACK")
+                return
+            except apsw.BusyError:
+                os.kill(p.pid, signal.SIGCONT)
+                time.sleep(0.05)
+        raise AssertionError(f"could not stop {p.pid} outside a write transaction")
+    finally:
+        probe.close()

@@ -19,7 +19,7 @@ from typing import Any
 
 import apsw
 import pytest
-from conftest import wait_line, wait_until
+from conftest import stop_outside_a_write, wait_line, wait_until
 
 import coord
 from coord.check import check
@@ -77,27 +77,6 @@ def alive_ids(store: coord.Store) -> set[str]:
 def events_of(store: coord.Store, id: str) -> list[tuple[str, dict[str, Any]]]:
     return [(r["kind"], json.loads(r["detail"])) for r in
             store.rows("SELECT kind, detail FROM events WHERE instance_id = ? ORDER BY id", (id,))]
-
-
-def stop_outside_a_write(store: coord.Store, p: subprocess.Popen[str]) -> None:
-    """SIGSTOP ``p`` at a moment it holds no write lock (a process stopped in the middle of
-    its heartbeat's transaction would block every writer until it resumes)."""
-    probe = store.raw_connection()
-    probe.set_busy_timeout(0)
-    try:
-        for _ in range(200):
-            os.kill(p.pid, signal.SIGSTOP)
-            wait_until(lambda: (proc_stat(p.pid) or (0, "T"))[1] == "T", timeout=10)
-            try:
-                probe.execute("BEGIN IMMEDIATE")
-                probe.execute("ROLLBACK")
-                return
-            except apsw.BusyError:
-                os.kill(p.pid, signal.SIGCONT)
-                time.sleep(0.05)
-        raise AssertionError("could not stop the worker outside a transaction")
-    finally:
-        probe.close()
 
 
 # -- register ------------------------------------------------------------------------------

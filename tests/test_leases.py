@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import spawn_python, wait_line, wait_until
+from conftest import spawn_python, stop_outside_a_write, wait_line, wait_until
 
 import coord
 from coord.check import check
@@ -290,7 +290,7 @@ def test_sigstopped_holder_loses_after_ttl_not_before(
     children.append(cand)
     wait_line(cand, "ready")
     time.sleep(0.2)  # the candidate is waiting
-    holder.send_signal(signal.SIGSTOP)
+    stop_outside_a_write(store, holder)  # stopped mid-write, it would block every writer
     try:
         expires = store.value("SELECT expires_mono FROM leases WHERE name = 'stop/L'")
         # Before its TTL, nobody takes it: the holder is alive, only paused.

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ManualClock, reg, spawn_python, wait_line, wait_until
+from conftest import ManualClock, reg, spawn_python, stop_outside_a_write, wait_line, wait_until
 
 import coord
 from coord import queues
@@ -426,7 +426,7 @@ def test_a_hung_worker_cannot_ack_a_redelivered_job(store: coord.Store, db_path:
     w = start_claimer(db_path, "slow", "work", 0.5)
     children.append(w)
     wait_line(w, "claimed")
-    w.send_signal(signal.SIGSTOP)
+    stop_outside_a_write(store, w)
     try:
         me = coord.register(store, "me", app="test")
         job = queues.claim(store, "work", me, timeout=30)  # after its lease runs out
