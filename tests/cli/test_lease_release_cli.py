@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from conftest import coord_env, spawn_python, wait_line, wait_until
+from conftest import coord_env, spawn_python, stop_outside_a_write, wait_line, wait_until
 
 import coord
 from coord.identity import proc_state
@@ -95,9 +95,8 @@ def test_release_refuses_a_healthy_holder_frees_a_stopped_one_and_force_frees_an
     held = coord.leases.get_lease(store, "ops/stop")
     assert held.term == term and held.holder is not None and _running(cmd)
 
-    os.kill(holder.pid, signal.SIGSTOP)  # hung: it can neither renew nor end its CMD
+    stop_outside_a_write(store, holder)  # hung: it can neither renew nor end its CMD
     try:
-        wait_until(lambda: proc_state(holder.pid) in ("T", "t"), timeout=10)
         r = cli("lease", "release", "ops/stop", "--json", "--grace", "2")
         assert r.returncode == 0, r.stderr
         done = json.loads(r.stdout)

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import coord_env, run_cli, wait_line, wait_until
+from conftest import coord_env, run_cli, stop_outside_a_write, wait_line, wait_until
 
 import coord
 from coord.identity import ProcIdentity, identify, still_running
@@ -351,7 +351,7 @@ def test_a_stopped_holder_past_its_ttl_has_its_tree_ended_by_the_reaper(
     store = coord.Store(db_path)
     wait_until(lambda: store.value("SELECT count(*) FROM processes WHERE pid = ? AND status = "
                                    "'running'", (tree[2].pid,)), timeout=30)
-    p.send_signal(signal.SIGSTOP)
+    stop_outside_a_write(store, p)
     try:
         wait_until(lambda: (get_lease(store, "tree/stop").expires_in or 0) < 0, timeout=30)
         assert run_cli(db_path, "reap").returncode == 0
