@@ -90,8 +90,11 @@ def test_a_fork_child_of_a_coord_process_is_reported(store: coord.Store, db_path
                                                      procs: list[subprocess.Popen[str]]) -> None:
     p = spawn_python(FORKER, str(db_path), db=db_path, stdin=subprocess.PIPE)
     procs.append(p)
-    child = int(wait_line(p, "child").split()[1])
-    assert _pids(db_path) == [child]  # the coord parent holds its locks; the child none
+    try:
+        child = int(wait_line(p, "child").split()[1])
+        assert _pids(db_path) == [child]  # the coord parent holds its locks; the child none
+    finally:
+        p.communicate("\n", timeout=30)  # the parent ends its forked child before it goes
 
 
 def test_a_coord_process_that_used_a_second_sqlite_library_is_reported(
