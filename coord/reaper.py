@@ -120,12 +120,12 @@ def reap(store: Store, *, dry_run: bool = False, checkpoint: bool = True,
     if dry_run:
         would = death.expired(cfg.result_retention)
         report.claims_released = would["claims"]  # hung workers: claims past their lease
-        report.leases_expired = would["leases"]  # hung holders: leases past their TTL
+        report.leases_expired = store.backend.leases.lapsed()  # hung holders: past their TTL
         report.messages_expired = would["messages"]
         report.jobs_purged = would["jobs"]
     else:
         report.claims_released = _batched(death.release_expired_claims, batch)
-        report.leases_expired = death.expire_leases()
+        report.leases_expired = store.backend.leases.expire()
         report.messages_expired = _batched(death.expire_messages, batch)
         report.jobs_purged = _batched(
             lambda n: death.purge_finished_jobs(cfg.result_retention, n), batch)

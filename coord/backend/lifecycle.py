@@ -76,16 +76,12 @@ class DeathRule(Protocol):
     def mark_exited(self, ids: Sequence[int]) -> None: ...
 
     def expired(self, retention: float) -> dict[str, int]:
-        """What the expiry steps would change now (for a dry run): 'claims', 'leases',
+        """What the expiry steps would change now (for a dry run): 'claims',
         'messages', and 'jobs' finished more than ``retention`` seconds ago."""
         ...
 
     def release_expired_claims(self, limit: int) -> int:
         """Return up to ``limit`` claims past their lease to ready (or dead-letter them)."""
-        ...
-
-    def expire_leases(self) -> int:
-        """Release every lease held past its TTL (reason 'expired')."""
         ...
 
     def expire_messages(self, limit: int) -> int: ...

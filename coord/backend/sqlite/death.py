@@ -19,7 +19,7 @@ from ...clock import boot_id
 from ...db import fetch
 from ..records import Member
 from .events import Event, log_event, log_events, trim_events
-from .lease_rows import expire_lapsed, forget_boot, free_held
+from .lease_rows import forget_boot, free_held
 
 if TYPE_CHECKING:
     from ...db import Row, Store
@@ -239,8 +239,6 @@ class SqliteDeathRule:
         return {
             "claims": int(value("SELECT count(*) FROM jobs WHERE state = 'claimed' "
                                 "AND claim_expires_mono < ?", (now,))),
-            "leases": int(value("SELECT count(*) FROM leases WHERE holder_id IS NOT NULL "
-                                "AND expires_mono < ?", (now,))),
             "messages": int(value("SELECT count(*) FROM messages WHERE expires_mono < ?", (now,))),
             "jobs": int(value(f"SELECT count(*) FROM jobs WHERE {_FINISHED}",
                               (now - retention,))),
@@ -252,11 +250,6 @@ class SqliteDeathRule:
         return store.write(lambda c: release_claims(
             c, now_mono, now_wall, "claim_expires_mono < ?", (now_mono,),
             error="claim lease expired", limit=limit))
-
-    def expire_leases(self) -> int:
-        store = self._store
-        now_mono, now_wall = store.mono(), store.wall()
-        return store.write(lambda c: expire_lapsed(c, now_mono, now_wall))
 
     def _delete(self, sql: str, params: tuple[Any, ...]) -> int:
         return self._store.write(lambda c: len(c.execute(sql, params).fetchall()))
