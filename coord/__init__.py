@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 # The engines register themselves by name (``coord.backend``); their modules load when a
 # store is first opened.
+from .backend import postgresql as _postgresql  # noqa: F401
 from .backend import sqlite as _sqlite  # noqa: F401
 
 if TYPE_CHECKING:

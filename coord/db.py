@@ -45,6 +45,8 @@ import apsw
 from . import paths
 from ._retry import on_busy
 from .backend import Backend, open_backend
+from .backend.postgresql.url import PgLocation, is_url
+from .backend.postgresql.url import parse as parse_pg_url
 from .clock import SYSTEM, Clock, boot_id
 from .config import Config
 from .errors import CoordError, NotADatabase, StorageError, UnsafeFork, UnsafePath
@@ -233,9 +235,29 @@ class Store:
         clock: Clock = SYSTEM,
         config: Config | None = None,
     ) -> None:
-        resolved = paths.resolve_db_path(path)
-        refuse_if_forked(resolved)  # before anything touches the file
-        self.path = paths.prepare_db_path(resolved)
+        given = os.fspath(path) if path is not None else ""
+        if not given:
+            given = os.environ.get("COORD_DB", "")
+        #: The PostgreSQL location when this store is on a server, else None.
+        self.location: PgLocation | None = None
+        if is_url(given):
+            self.engine = "postgresql"
+            self.location = parse_pg_url(given)
+            #: What a child process is given as COORD_DB to reach the same store.
+            self.address = given
+            #: How messages name the store (never a secret).
+            self.address_shown = self.location.redacted
+            # Host-local files of this deployment (lock files, sockets, logs) live beside
+            # a name in the runtime directory, as an SQLite database's do beside it.
+            local = paths.default_db_path(
+                {k: v for k, v in os.environ.items() if k != "COORD_DB"}).parent
+            self.path = paths.prepare_db_path(local / f"pg-{self.location.key()}")
+        else:
+            self.engine = "sqlite"
+            resolved = paths.resolve_db_path(path)
+            refuse_if_forked(resolved)  # before anything touches the file
+            self.path = paths.prepare_db_path(resolved)
+            self.address = self.address_shown = str(self.path)
         self.clock = clock
         self.config = config if config is not None else Config.from_env()
         self._local = threading.local()
@@ -246,18 +268,24 @@ class Store:
         self._commits = 0
         _STORES.add(self)
         #: This store's engine: its operations per capability and its services (``coord.backend``).
-        self.backend: Backend = open_backend("sqlite", self)
+        self.backend: Backend = open_backend(self.engine, self)
         # The engine creates, migrates and rebases: opening sits above Store (the engine
         # imports this module; this module knows the protocol only).
-        with translated(str(self.path)):
-            self.backend.open()
+        try:
+            with translated(str(self.path)):
+                self.backend.open()
+        except BaseException:
+            self.close()
+            raise
 
     def __repr__(self) -> str:
-        return f"Store({str(self.path)!r})"
+        return f"Store({self.address_shown!r})"
 
     # -- connections ----------------------------------------------------------------------
 
     def _open(self) -> apsw.Connection:
+        if self.engine != "sqlite":
+            raise RuntimeError(f"an SQLite connection asked of a {self.engine} store")
         path = str(self.path)
         with translated(path):
             conn = open_connection(path, apsw.SQLITE_OPEN_READWRITE | apsw.SQLITE_OPEN_CREATE)
@@ -322,6 +350,9 @@ class Store:
         """Close the connections this process opened; those inherited across fork are left
         alone (the fork hook keeps them, unclosed, for ever)."""
         self._closed = True
+        closer = getattr(getattr(self, "backend", None), "close", None)
+        if closer is not None:
+            closer()
         pid = os.getpid()
         with self._lock:
             mine = [c for p, _, c in self._all if p == pid]

@@ -149,7 +149,7 @@ def wait_for(
                     ready = []
                     select.select([], [], [], slice_)
                 if sock is not None and sock.fileno() in ready:
-                    _drain(sock)
+                    drain(sock)
                     break
                 if ready:  # a watched pid exited
                     break
@@ -162,7 +162,7 @@ def wait_for(
             os.close(fd)
 
 
-def _drain(sock: socket.socket) -> None:
+def drain(sock: socket.socket) -> None:
     try:
         while sock.recv(64):
             pass

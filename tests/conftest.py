@@ -17,6 +17,7 @@ from typing import Any
 
 import apsw
 import pytest
+from contract_engines import engines_under_test, fresh_schema
 from typer.testing import CliRunner
 
 import coord
@@ -37,11 +38,36 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("COORD_DB", raising=False)
 
 
+#: The engines the contract suite runs on (tests/contract_engines.py).
+ENGINES = engines_under_test()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # A contract module's tests run once per engine; those marked sqlite_only on SQLite alone.
+    if "engine" in metafunc.fixturenames and metafunc.definition.get_closest_marker("contract"):
+        only = metafunc.definition.get_closest_marker("sqlite_only")
+        metafunc.parametrize("engine", ["sqlite"] if only else ENGINES, indirect=True)
+
+
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
+def engine(request: pytest.FixtureRequest) -> str:
+    """The engine a test runs on: 'sqlite' outside the contract suite."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def db_path(tmp_path: Path, engine: str, request: pytest.FixtureRequest) -> Iterator[Any]:
+    """Where the test's store lives: a file in a private directory, or — for the contract
+    suite on PostgreSQL — a URL naming a fresh schema of the server under test (dropped
+    after the test). Either works as ``coord.Store(db_path)`` and as ``COORD_DB``."""
+    if engine == "postgresql":
+        url = request.getfixturevalue("pg_url")
+        with fresh_schema(url) as schema_url:
+            yield schema_url
+        return
     d = tmp_path / "run"
     d.mkdir(mode=0o700)
-    return d / "coord.db"
+    yield d / "coord.db"
 
 
 @pytest.fixture
@@ -191,8 +217,22 @@ while True:
 
 
 class ManualClock:
+    """A clock tests move by hand (``clock.now += 5``). On PostgreSQL, where every expiry is
+    the server's, moving it moves the schema's ``coord_now()`` alike (see ``cstore``)."""
+
     def __init__(self) -> None:
-        self.now = 1000.0
+        self._now = 1000.0
+        self.moved: list[Callable[[float], None]] = []
+
+    @property
+    def now(self) -> float:
+        return self._now
+
+    @now.setter
+    def now(self, value: float) -> None:
+        step, self._now = value - self._now, value
+        for hook in self.moved:
+            hook(step)
 
     def mono(self) -> float:
         return self.now
@@ -211,9 +251,17 @@ def cstore(db_path: Path, clock: ManualClock) -> Iterator[coord.Store]:
     """A store on a manual clock (instances registered here must not heartbeat)."""
     s = coord.Store(db_path, clock=Clock(mono=clock.mono, wall=clock.wall),
                     config=Config(instance_ttl=1e9, claim_lease=30.0))
+    if s.engine == "postgresql":
+        clock.moved.append(lambda step: move_server_clock(s, step))
     yield s
     coord.instances.close_all()
     s.close()
+
+
+def move_server_clock(store: coord.Store, step: float) -> None:
+    """Move a PostgreSQL schema's ``coord_now()`` by ``step`` seconds (its test offset)."""
+    store.backend.db.write(lambda c: c.execute(  # type: ignore[attr-defined]
+        "UPDATE clock_offset SET offset_s = offset_s + %s", (step,)))
 
 
 def reg(store: coord.Store, id: str) -> coord.Instance:

@@ -41,6 +41,12 @@ _OWN_LOCKS: set[str] = set()
 _OWN_LOCKS_LOCK = threading.Lock()
 
 
+def holds_own_lock(path: str) -> bool:
+    """Whether this process holds the lock file at ``path`` (see ``_OWN_LOCKS``)."""
+    with _OWN_LOCKS_LOCK:
+        return path in _OWN_LOCKS
+
+
 class Probe:
     """What the kernel says about pids and lock files, asked once per pid and per lock file.
 

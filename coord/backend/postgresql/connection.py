@@ -1,0 +1,217 @@
+"""Connections to the PostgreSQL server: one per thread and process, in autocommit (a read
+is one statement), every write one short transaction run by ``PgDb.write(fn)``, and the
+translation of the driver's errors to ``coord.errors`` at this one boundary.
+
+- READ COMMITTED does not serialise writers as SQLite's single writer does: a write that
+  must see a stable row locks it (``SELECT … FOR UPDATE``) or is one statement. A write that
+  fails with a serialization failure or a deadlock was rolled back whole and is retried.
+- A lost connection is dropped and the error surfaces as one ``StorageError``; the next
+  call connects again. A write is never retried after a lost connection: its COMMIT may have
+  been applied, and running it twice could apply it twice.
+- fork: a child must never use, nor close, a connection it inherited — closing sends the
+  server a Terminate message on the socket the parent still uses, ending the parent's
+  session. So the after-fork hook keeps every inherited connection referenced for ever, and
+  the child opens its own.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import psycopg
+from psycopg import errors as pgerrors
+from psycopg.rows import dict_row
+
+from ...errors import CoordError, NotADatabase, StorageError
+
+if TYPE_CHECKING:
+    from .url import PgLocation
+
+T = TypeVar("T")
+Row = dict[str, Any]
+Conn = psycopg.Connection[Row]
+
+#: Seconds to wait for the server when connecting.
+CONNECT_TIMEOUT = 10
+#: Writes retried after a serialization failure or deadlock (each rolled back whole).
+RETRIES = 50
+
+# Every connection opened in this process and not closed: (pid, connection).
+_OPEN: list[tuple[int, Conn]] = []
+_OPEN_LOCK = threading.Lock()
+# Connections inherited across fork: never used, never closed (see the module docstring).
+_ABANDONED: list[Conn] = []
+
+
+def _after_fork_in_child() -> None:
+    global _OPEN_LOCK
+    _OPEN_LOCK = threading.Lock()
+    _ABANDONED.extend(c for _, c in _OPEN)
+    _OPEN.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def translate(e: BaseException, where: str) -> CoordError | None:
+    """The coord error for a driver error (one line, no secret), or None to let it be."""
+    if not isinstance(e, psycopg.Error):
+        return None
+    state = getattr(e, "sqlstate", None) or ""
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if state == "28P01" or state == "28000":
+        return StorageError(where, f"authentication failed: {first}")
+    if state == "3D000":
+        return StorageError(where, f"the database does not exist: {first}")
+    if state == "42501":
+        return StorageError(where, f"permission denied: {first}")
+    if state == "53100":
+        return StorageError(where, "the server's disk is full; nothing committed was lost")
+    if state in ("57P01", "57P02", "57P03") or isinstance(e, psycopg.OperationalError):
+        return StorageError(where, f"cannot reach the server: {first}")
+    if state.startswith("XX") or state == "58030":
+        return NotADatabase(where, f"server error: {first}")
+    return None
+
+
+class translated:
+    """Turn driver errors raised in the block into coord errors."""
+
+    __slots__ = ("where",)
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, e: BaseException | None,
+                 tb: object) -> None:
+        if e is not None:
+            mapped = translate(e, self.where)
+            if mapped is not None:
+                raise mapped from e
+
+
+class PgDb:
+    """The connections of one store to one deployment (a schema on one server)."""
+
+    def __init__(self, location: PgLocation, *, application: str = "coord") -> None:
+        self.location = location
+        self.where = location.redacted
+        self._application = application
+        self._local = threading.local()
+        self._closed = False
+        self.retries = 0  # writes retried after a serialization failure or deadlock
+
+    # -- connections ------------------------------------------------------------------------
+
+    def connect(self, **settings: str) -> Conn:
+        """A new connection in autocommit whose search_path is the deployment's schema alone,
+        with extra session ``settings`` (GUC name → value) applied at connect."""
+        opts = [f"-c search_path={self.location.schema}"]
+        opts += [f"-c {k}={v}" for k, v in settings.items()]
+        with translated(self.where):
+            conn: Conn = psycopg.connect(
+                self.location.dsn, autocommit=True, row_factory=dict_row,
+                connect_timeout=CONNECT_TIMEOUT, application_name=self._application,
+                options=" ".join(opts))
+        with _OPEN_LOCK:
+            _OPEN.append((os.getpid(), conn))
+        return conn
+
+    def conn(self) -> Conn:
+        """This thread's connection: opened on first use, and again after it was lost."""
+        local = self._local
+        c: Conn | None = getattr(local, "conn", None)
+        pid = os.getpid()
+        if c is not None and local.pid == pid and not c.closed and not c.broken:
+            return c
+        if self._closed:
+            raise StorageError(self.where, "store is closed")
+        if c is not None and local.pid == pid:
+            self.discard(c)
+        c = self.connect()
+        local.conn, local.pid = c, pid
+        return c
+
+    def discard(self, c: Conn) -> None:
+        """Close a connection of this process (a lost one, or at close)."""
+        with _OPEN_LOCK:
+            _OPEN[:] = [(p, x) for p, x in _OPEN if x is not c]
+        try:
+            c.close()
+        except psycopg.Error:
+            pass
+
+    def _drop_current(self) -> None:
+        c = getattr(self._local, "conn", None)
+        if c is not None and self._local.pid == os.getpid():
+            self._local.conn = None
+            self.discard(c)
+
+    def close(self) -> None:
+        """Close the connections this store opened in this process."""
+        self._closed = True
+        pid = os.getpid()
+        with _OPEN_LOCK:
+            mine = [c for p, c in _OPEN if p == pid]
+        for c in mine:
+            self.discard(c)
+        self._local = threading.local()
+
+    # -- transactions and reads -------------------------------------------------------------
+
+    def write(self, fn: Callable[[Conn], T]) -> T:
+        """Run ``fn(conn)`` in one transaction; retried whole after a serialization failure
+        or a deadlock. ``fn`` must only touch the database (it may run more than once)."""
+        conn = self.conn()
+        if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+            raise RuntimeError("PgDb.write() called inside a transaction of the same thread")
+        for attempt in range(RETRIES):
+            try:
+                with translated(self.where):
+                    with conn.transaction():
+                        return fn(conn)
+            except (pgerrors.SerializationFailure, pgerrors.DeadlockDetected):
+                self.retries += 1
+                time.sleep(min(0.001 * (attempt + 1), 0.02))
+            except (StorageError, psycopg.OperationalError):
+                if conn.closed or conn.broken:
+                    self._drop_current()
+                raise
+        raise StorageError(self.where, f"a write kept conflicting with others ({RETRIES} tries)")
+
+    def rows(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Row]:
+        """Run one read and return its rows as dicts."""
+        conn = self.conn()
+        try:
+            with translated(self.where):
+                return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+        except StorageError:
+            if conn.closed or conn.broken:
+                self._drop_current()
+            raise
+
+    def row(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Row | None:
+        found = self.rows(sql, params)
+        return found[0] if found else None
+
+    def value(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Any:
+        found = self.rows(sql, params)
+        return next(iter(found[0].values())) if found else None
+
+
+def fetch(c: Conn, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Row]:
+    """Rows of a statement run inside the caller's transaction."""
+    return c.execute(sql, params).fetchall()  # type: ignore[arg-type]
+
+
+def scalar(c: Conn, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> Any:
+    """The first column of the first row, or None."""
+    found = c.execute(sql, params).fetchall()  # type: ignore[arg-type]
+    return next(iter(found[0].values())) if found else None

@@ -1,0 +1,44 @@
+"""The engines the contract suite runs on, and a fresh PostgreSQL schema per test.
+
+A module marked ``pytestmark = pytest.mark.contract`` runs each of its tests once per engine
+in ``COORD_TEST_ENGINES`` (default: ``sqlite,postgresql``) through the ``engine`` fixture:
+``db_path`` is then a PostgreSQL URL naming a schema of its own, so ``coord.Store(db_path)``,
+``COORD_DB`` and the CLI helpers work unchanged. PostgreSQL comes from ``pg_url``
+(tests/pg_fixtures.py): where no server can run, those tests are skipped with the reason —
+a failure under ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+KNOWN = ("sqlite", "postgresql")
+
+
+def engines_under_test() -> list[str]:
+    chosen = [e.strip() for e in os.environ.get("COORD_TEST_ENGINES", ",".join(KNOWN)).split(",")
+              if e.strip()]
+    unknown = [e for e in chosen if e not in KNOWN]
+    if unknown:
+        raise SystemExit(f"COORD_TEST_ENGINES: unknown engine(s) {unknown} (known: {KNOWN})")
+    return chosen
+
+
+def with_schema(url: str, schema: str) -> str:
+    return f"{url}{'&' if '?' in url else '?'}schema={schema}"
+
+
+@contextmanager
+def fresh_schema(url: str) -> Iterator[str]:
+    """A URL of ``url``'s server naming a schema nobody uses; the schema is dropped after."""
+    import psycopg
+
+    schema = f"t_{uuid.uuid4().hex[:16]}"
+    try:
+        yield with_schema(url, schema)
+    finally:
+        with psycopg.connect(url, autocommit=True) as c:
+            c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
