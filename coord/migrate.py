@@ -1,4 +1,4 @@
-"""The schema ladder: numbered ``schema/NNN_*.sql`` files under ``PRAGMA user_version``.
+"""The schema ladder: numbered ``schema/sqlite/NNN_*.sql`` files under ``PRAGMA user_version``.
 
 A file at the database path is identified before anything is written to it. It must be
 empty, a blank SQLite database, or a coord database (``PRAGMA application_id`` is coord's)
@@ -45,7 +45,7 @@ _HEADER = b"SQLite format 3\x00"
 @functools.cache
 def _migrations() -> tuple[tuple[int, str, str], ...]:
     found = []
-    for entry in resources.files("coord.schema").iterdir():
+    for entry in resources.files("coord.schema.sqlite").iterdir():
         m = re.fullmatch(r"(\d{3})_\w+\.sql", entry.name)
         if m:
             found.append((int(m.group(1)), entry.name, entry.read_text(encoding="utf-8")))

@@ -24,7 +24,7 @@ from coord.db import APPLICATION_ID, Store
 from coord.errors import CoordError, NotADatabase, SchemaTooNew
 from coord.migrate import latest_version, migrations
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema" / "sqlite"
 
 
 # -- files that must be refused ---------------------------------------------------------------
