@@ -1,50 +1,23 @@
 """Read-only ad-hoc SQL for people and scripts (``coord sql``).
 
-Safety comes from SQLite itself, not from string matching: the connection is opened
-read-only, and an authorizer allows only reads, SELECTs, read-only functions and a short list
-of informational pragmas. Writes (also inside ``WITH``), ATTACH, transactions, pragma
-assignments and ``load_extension`` are refused before they run.
+The query is in the engine's own dialect and runs through its ``adhoc`` operation
+(``coord.backend.AdhocOps``), which guarantees that nothing it runs can write: the SQLite
+engine opens a read-only connection with an authorizer that allows only reads (see
+``coord.backend.sqlite.adhoc``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import apsw
+from .backend import AdhocResult
+from .db import Store
+from .errors import InvalidArgument
 
-from .db import Store, close_connection, open_connection, translated
-from .errors import InvalidArgument, ReadOnlyViolation
+__all__ = ["Result", "run_readonly", "run_readonly_all"]
 
-# Pragmas that only read, with or without an argument (a table or index name, a limit).
-_NAME_PRAGMAS = frozenset({
-    "table_info", "table_xinfo", "index_list", "index_info", "index_xinfo", "foreign_key_list",
-    "integrity_check", "quick_check", "foreign_key_check",
-})
-# Pragmas allowed only without an argument (with one, most of them write).
-_READ_PRAGMAS = _NAME_PRAGMAS | frozenset({
-    "user_version", "application_id", "journal_mode", "page_count", "page_size",
-    "freelist_count", "data_version", "schema_version", "compile_options", "database_list",
-    "table_list", "function_list", "pragma_list", "collation_list", "encoding",
-})
-_DENIED_FUNCTIONS = frozenset({"load_extension", "readfile", "writefile", "edit", "fts3_tokenizer"})
-
-_ALLOWED = {apsw.SQLITE_READ, apsw.SQLITE_SELECT, apsw.SQLITE_RECURSIVE}
-
-
-def _authorizer(op: int, p1: str | None, p2: str | None, db: str | None, trigger: str | None) -> int:
-    if op in _ALLOWED:
-        return apsw.SQLITE_OK
-    if op == apsw.SQLITE_FUNCTION:
-        return apsw.SQLITE_DENY if (p2 or "").lower() in _DENIED_FUNCTIONS else apsw.SQLITE_OK
-    if op == apsw.SQLITE_PRAGMA:
-        name = (p1 or "").lower()
-        if name in _NAME_PRAGMAS or (name in _READ_PRAGMAS and p2 is None):
-            return apsw.SQLITE_OK
-        return apsw.SQLITE_DENY
-    return apsw.SQLITE_DENY
-
-
-Result = tuple[list[str], list[tuple[Any, ...]]]
+#: (column names, rows) of one statement.
+Result = AdhocResult
 
 
 def run_readonly(store: Store, sql: str, params: tuple[Any, ...] = ()) -> Result:
@@ -63,34 +36,4 @@ def run_readonly_all(store: Store, sql: str, params: tuple[Any, ...] = ()) -> li
     has result columns, in order."""
     if not sql.strip():
         raise InvalidArgument("empty query")
-    with translated(str(store.path)):
-        conn = open_connection(str(store.path), apsw.SQLITE_OPEN_READONLY)
-    try:
-        conn.set_busy_timeout(store.config.busy_timeout_ms)
-        conn.authorizer = _authorizer
-        cur = conn.cursor()
-        results: list[Result] = []
-
-        def next_statement(cursor: apsw.Cursor, _sql: str, _bindings: Any) -> bool:
-            # Called before each statement runs: start a fresh result with its columns.
-            cols = [d[0] for d in cursor.get_description()]
-            if cols:
-                results.append((cols, []))
-            return True
-
-        cur.exec_trace = next_statement
-        try:
-            with translated(str(store.path)):
-                for r in cur.execute(sql, params):
-                    results[-1][1].append(tuple(r))
-        except (apsw.AuthError, apsw.ReadOnlyError) as e:
-            raise ReadOnlyViolation(f"only reads are allowed ({e})") from None
-        except apsw.SQLError as e:
-            if "not authorized" in str(e):
-                raise ReadOnlyViolation(f"only reads are allowed ({e})") from None
-            raise InvalidArgument(f"SQL error: {e}") from None
-        except apsw.BindingsError as e:
-            raise InvalidArgument(f"SQL error: {e}") from None
-        return results
-    finally:
-        close_connection(conn)
+    return store.backend.adhoc.run(sql, params)

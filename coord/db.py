@@ -23,7 +23,7 @@ Connections and processes:
   a grandchild is refused what its parent was refused.
 - No file of the database is ever opened and closed with plain ``open()`` while this process
   has a connection to it: closing any descriptor of a file drops every POSIX lock the
-  process holds on it, SQLite's included (``FILE_OPEN_LOCK``, ``coord.migrate``). For the
+  process holds on it, SQLite's included (``FILE_OPEN_LOCK``, ``coord.backend.sqlite.migrations``). For the
   same reason coord's database must never be opened by a second SQLite library (the stdlib
   ``sqlite3``, SQLAlchemy, pandas) inside a process that uses coord.
 """
@@ -67,7 +67,7 @@ CONNECTION_PRAGMAS: tuple[tuple[str, str], ...] = (
     ("wal_autocheckpoint", "1000"),  # PASSIVE checkpoints only: they never block writers
 )
 
-#: Held while a connection is opened, and while coord.migrate reads a database header with
+#: Held while a connection is opened, and while coord.backend.sqlite.migrations reads a database header with
 #: a plain open()/close(): closing that descriptor would drop every POSIX lock this process
 #: holds on the file, so the header is read only when no descriptor is open on it, and no
 #: other thread may open one (and then lock) in the meantime.

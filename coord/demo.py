@@ -14,7 +14,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import NamedTuple
 
 from .db import Store
 from .instances import list_instances
@@ -77,6 +77,13 @@ def _names(items: Iterable[object]) -> str:
     return ", ".join(str(i) for i in items) or "none"
 
 
+class _Term(NamedTuple):
+    """A term of a lease, to fence a write with (``coord.kv.Fence``)."""
+
+    name: str
+    term: int
+
+
 def _json(value: object) -> str:
     return json.dumps(value, ensure_ascii=False)
 
@@ -84,14 +91,7 @@ def _json(value: object) -> str:
 def forget_lease(store: Store, name: str) -> None:
     """Delete a free lease's row and its history, so the demo leaves no lease behind. Terms
     come from a counter that never goes back, so a later holder still gets a higher one."""
-    def txn(c: Any) -> None:
-        held = c.execute("SELECT 1 FROM leases WHERE name = ? AND holder_id IS NOT NULL",
-                         (name,)).fetchall()
-        if not held:
-            c.execute("DELETE FROM lease_terms WHERE name = ?", (name,))
-            c.execute("DELETE FROM leases WHERE name = ?", (name,))
-
-    store.write(txn)
+    store.backend.leases.forget(name)
 
 
 def section_instances(d: Demo) -> None:
@@ -255,7 +255,8 @@ CANDIDATE = textwrap.dedent(
 
 def section_election(d: Demo) -> None:
     from .errors import LeaseLost
-    from .leases import fenced_write, get_lease
+    from .kv import set as kv_set
+    from .leases import get_lease
     from .nudge import wait_for
 
     d.say("== leader election: three candidates, one leader, failover on kill -9 ==")
@@ -285,8 +286,7 @@ def section_election(d: Demo) -> None:
         d.say(f"  new leader {leader}, term {term}, took over {1000 * (t1 - t0):.1f} ms after "
               "the kill (proof of death, no TTL wait)")
     try:
-        fenced_write(d.store, DEMO_LEASE, old,
-                     "INSERT OR REPLACE INTO meta (key, value) VALUES ('demo/fenced', 'stale')")
+        kv_set(d.store, "demo/fenced", "stale", fence=_Term(DEMO_LEASE, old))
     except LeaseLost as e:
         d.say(f"  a write fenced with the old term {old} is refused: {e}")
 

@@ -1,9 +1,7 @@
 """The event log: a bounded history of what happened (joined, left, died, reaped, ...).
 
-Reading goes through the store's engine (``store.backend.events``). The writers
-``log_event``, ``log_events`` and ``trim_events`` run inside an SQLite transaction of their
-caller: they are the SQLite engine's, named here for the modules whose transactions are not
-yet behind the engine seam (``coord.backend``'s plan), and leave with them.
+Recording and reading go through the store's engine (``store.backend.events``); the
+engine's own operations record their events inside their transactions.
 """
 
 from __future__ import annotations
@@ -11,18 +9,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from .backend.sqlite.events import Event, log_event, log_events, trim_events
-
 if TYPE_CHECKING:
     from .db import Row, Store
 
-__all__ = ["Event", "list_events", "log_event", "log_events", "record_event", "trim_events"]
+__all__ = ["list_events", "record_event"]
 
 
 def record_event(store: Store, kind: str, instance_id: str | None = None,
                  subject: str | None = None, **detail: Any) -> None:
     """Record one event in its own transaction (for callers outside one, e.g. the CLI)."""
-    store.write(lambda c: log_event(c, store.wall(), kind, instance_id, subject, **detail))
+    store.backend.events.record(kind, instance_id, subject, **detail)
 
 
 def list_events(

@@ -80,9 +80,8 @@ def collect(store: Store) -> list[Family]:
                        for x in leases)))
     out.append(_gauge("coord_lease_term", "Current fencing term of the lease.",
                       (({"lease": x.name}, x.term) for x in leases if x.term is not None)))
-    waiting = store.value("SELECT count(*) FROM messages WHERE acked = 0")
     out.append(_gauge("coord_messages_pending", "Messages not yet acknowledged.",
-                      [({}, int(waiting))]))
+                      [({}, store.backend.messages.pending())]))
     wal = f"{store.path}-wal"
     out.append(_gauge("coord_wal_bytes", "Size of the write-ahead log.",
                       [({}, os.path.getsize(wal) if os.path.exists(wal) else 0)]))

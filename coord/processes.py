@@ -5,14 +5,10 @@ reused pid is never touched; a row whose process no longer matches has exited. A
 lists and signals its own processes (``list_processes(store, inst.id)``, ``stop``); the
 view across instances (``all_=True``) is read-only.
 
-Ending a process (``stop``, ``kill_orphans``, and the leases' ``end_group``) is one
-sequence: SIGTERM (and SIGCONT, so a stopped process sees it) to the process group, a grace
-period, then SIGKILL to what is left. The identity is checked once, when a pidfd is opened
-on the group leader; every later signal goes through that pidfd (with
-``PIDFD_SIGNAL_PROCESS_GROUP`` for the group), so it reaches the very same process, or the
-group that leader created, even after the leader itself has exited — never a newcomer that
-inherited the number. Without pidfd support, each signal re-checks the leader's start token
-first and a group is signalled only while its leader exists.
+Ending a process (``stop``, ``kill_orphans``) is ``coord.process_ending``'s one sequence:
+SIGTERM, a grace period, SIGKILL, every signal pinned to the very process by a pidfd.
+Listing, with each row's verdict and live figures, is ``coord.process_info``; both are
+re-exported here.
 
 A process is signalled as a group only when it leads its own group (pgid == pid, as every
 process ``spawn`` starts does); a tracked process inside someone else's group is signalled
@@ -33,15 +29,13 @@ coord ended but is not the caller's child, the signal that ended it (SIGTERM or 
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import signal
 import subprocess
 import threading
-import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from .clock import boot_id
@@ -49,20 +43,23 @@ from .db import Row, Store
 from .errors import InvalidArgument, NotFound, NotRegistered, PermissionDenied
 from .identity import ProcIdentity, start_token, still_running
 from .instances import Instance, require_live, username
+from .process_ending import (
+    DENIED,
+    GONE,
+    KILLED,
+    SURVIVED,
+    TERMINATED,
+    end_group,
+    end_many,
+    end_process,
+)
+from .process_info import ProcessInfo, comm, get_process, list_processes, orphans, top
 
-PIDFD_SIGNAL_PROCESS_GROUP = 4  # linux/pidfd.h, Linux 6.9+
-
-# How an ending went (returned by end_group / end_process / stop):
-GONE = "gone"  # it had already ended: nothing was signalled
-TERMINATED = "terminated"  # it ended within the grace period after SIGTERM
-KILLED = "killed"  # it was still there after the grace period and got SIGKILL
-DENIED = "denied"  # the OS refused the signal (another user's process)
-SURVIVED = "survived"  # something of it still runs after SIGKILL (stuck in the kernel, or
-#                        left behind by a leader that exited, without pidfd to reach them)
-
-# pidfd_open (Linux 5.3+): signals pinned to the very process; tests switch it off to cover
-# the fallback.
-_USE_PIDFD = hasattr(os, "pidfd_open")
+__all__ = [
+    "DENIED", "GONE", "KILLED", "SURVIVED", "TERMINATED", "ProcessInfo", "Tracked",
+    "end_group", "end_process", "get_process", "kill_orphans", "list_processes", "orphans",
+    "poll_children", "problems", "record_exit", "spawn", "stop", "stop_as", "top", "track",
+]
 
 
 # -- tracking ------------------------------------------------------------------------------
@@ -228,21 +225,13 @@ def track(
         args = target.args
         cmd = [os.fsdecode(args)] if isinstance(args, (str, bytes, os.PathLike)) else [os.fsdecode(a) for a in args]
     if not cmd:
-        cmd = [_comm(pid) or str(pid)]
+        cmd = [comm(pid) or str(pid)]
     t = _insert(inst, pid, pgid=pgid, cmdline=cmd, cwd=cwd, labels=labels, log_path=None,
                 name=name or os.path.basename(cmd[0]))
     if isinstance(target, subprocess.Popen):
         t.popen = target
         _adopt_popen(inst, t.id, target)
     return t
-
-
-def _comm(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            return f.read().decode("utf-8", "replace").strip() or None
-    except OSError:
-        return None
 
 
 def record_exit(inst: Instance, proc_id: int, returncode: int) -> None:
@@ -253,428 +242,6 @@ def record_exit(inst: Instance, proc_id: int, returncode: int) -> None:
         entry = _CHILDREN.get(proc_id)
         if entry is not None and entry[0] is inst:
             del _CHILDREN[proc_id]
-
-
-# -- listing -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProcessInfo:
-    """One tracked process with its verdict and, when asked, live figures.
-
-    ``alive``: the recorded process (same boot, pid and start token) still runs; a row
-    whose process no longer matches has exited, whatever its stored status says.
-    ``orphan``: alive, while its instance is dead (or an older incarnation of it).
-    ``status``: the live state ('sleeping', 'running', 'stopped' ...) or 'exited'.
-    """
-
-    id: int
-    instance_id: str
-    incarnation: int
-    pid: int
-    pgid: int | None
-    start_token: int
-    boot_id: str
-    name: str
-    cmdline: tuple[str, ...]
-    cwd: str
-    user: str
-    labels: Mapping[str, Any]
-    log_path: str | None
-    started_at: float
-    ended_at: float | None
-    exit_code: int | None
-    signal: int | None
-    alive: bool
-    orphan: bool
-    status: str
-    rss: int | None = None
-    cpu_percent: float | None = None
-    memory_percent: float | None = None
-    uptime: float | None = None
-    tree: bool = False  # a member of a wrapper's process tree (ended with its instance)
-
-    @property
-    def identity(self) -> ProcIdentity:
-        return ProcIdentity(self.boot_id, self.pid, self.start_token)
-
-    @property
-    def leads_group(self) -> bool:
-        return self.pgid is not None and self.pgid == self.pid
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["cmdline"] = list(self.cmdline)
-        d["labels"] = dict(self.labels)
-        return d
-
-
-def _verdicts(store: Store, ids: set[str]) -> dict[str, tuple[Row, bool]]:
-    """For each instance id: its row and whether it is alive now."""
-    out: dict[str, tuple[Row, bool]] = {}
-    backend = store.backend
-    look = backend.liveness.look()
-    for i, row in backend.instances.by_ids(ids).items():
-        out[i] = (row, backend.liveness.judge(row, look)[0])
-    return out
-
-
-def _info(row: Row, verdicts: Mapping[str, tuple[Row, bool]]) -> ProcessInfo:
-    alive = row["status"] == "running" and still_running(
-        ProcIdentity(row["boot_id"], row["pid"], row["start_token"]))
-    owner = verdicts.get(row["instance_id"])
-    orphan = alive and (owner is None or not owner[1] or owner[0]["status"] == "dead"
-                        or owner[0]["incarnation"] != row["incarnation"])
-    return ProcessInfo(
-        id=row["id"], instance_id=row["instance_id"], incarnation=row["incarnation"],
-        pid=row["pid"], pgid=row["pgid"], start_token=row["start_token"], boot_id=row["boot_id"],
-        name=row["name"], cmdline=tuple(json.loads(row["cmdline"])), cwd=row["cwd"],
-        user=row["user"], labels=json.loads(row["labels"]), log_path=row["log_path"],
-        started_at=row["started_at"], ended_at=row["ended_at"], exit_code=row["exit_code"],
-        signal=row["signal"], alive=alive, orphan=orphan,
-        status="running" if alive else "exited", tree=bool(row["tree"]),
-    )
-
-
-def _with_figures(infos: list[ProcessInfo], cpu_interval: float) -> list[ProcessInfo]:
-    """Add RSS, CPU % (two samples ``cpu_interval`` apart, taken for all at once), memory %
-    and uptime to the live ones; a process that ended meanwhile is reported exited."""
-    import psutil
-
-    procs: dict[int, Any] = {}
-    for info in infos:
-        if not info.alive:
-            continue
-        try:
-            p = psutil.Process(info.pid)
-            p.cpu_percent(None)
-            procs[info.id] = p
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    if procs and cpu_interval > 0:
-        time.sleep(cpu_interval)
-    up = _boot_uptime()
-    tck = os.sysconf("SC_CLK_TCK")
-    out = []
-    for info in infos:
-        p = procs.get(info.id)
-        if p is None:
-            out.append(info)
-            continue
-        try:
-            with p.oneshot():
-                cpu = p.cpu_percent(None)
-                rss = p.memory_info().rss
-                mem = p.memory_percent()
-                status = p.status()
-        except (psutil.NoSuchProcess, psutil.ZombieProcess):
-            out.append(_replace(info, alive=False, orphan=False, status="exited"))
-            continue
-        except psutil.AccessDenied:
-            out.append(info)
-            continue
-        if not still_running(info.identity):  # ended (and maybe reused) while we looked
-            out.append(_replace(info, alive=False, orphan=False, status="exited"))
-            continue
-        out.append(_replace(info, rss=rss, cpu_percent=round(cpu, 1), memory_percent=round(mem, 2),
-                            status=str(status), uptime=max(0.0, up - info.start_token / tck)))
-    return out
-
-
-def _replace(info: ProcessInfo, **changes: Any) -> ProcessInfo:
-    from dataclasses import replace
-
-    return replace(info, **changes)
-
-
-def _boot_uptime() -> float:
-    with open("/proc/uptime") as f:
-        return float(f.read().split()[0])
-
-
-def list_processes(
-    store: Store,
-    instance_id: str | None = None,
-    *,
-    all_: bool = False,
-    running: bool = False,
-    live: bool = True,
-    cpu_interval: float = 0.1,
-) -> list[ProcessInfo]:
-    """The processes of instance ``instance_id`` (its own view), or with ``all_`` those of
-    every instance (a read-only view). ``running``: only those still running. ``live``: add
-    RSS, CPU % (sampled over ``cpu_interval`` seconds for all of them at once) and uptime."""
-    if all_ == (instance_id is not None):
-        raise InvalidArgument("name one instance, or ask for all of them (all_=True)")
-    rows = store.backend.processes.list(None if all_ else instance_id)
-    infos = [_info(r, _verdicts(store, {r["instance_id"] for r in rows})) for r in rows] if rows else []
-    if running:
-        infos = [i for i in infos if i.alive]
-    return _with_figures(infos, cpu_interval) if live else infos
-
-
-def get_process(store: Store, proc_id: int) -> ProcessInfo:
-    row = store.backend.processes.get(proc_id)
-    if row is None:
-        raise NotFound("process", proc_id)
-    return _info(row, _verdicts(store, {row["instance_id"]}))
-
-
-def orphans(store: Store, *, live: bool = True, cpu_interval: float = 0.1) -> list[ProcessInfo]:
-    """Every live process of a dead instance (tombstone, older incarnation, or dead and not
-    yet reaped): its tracked processes and, for a wrapper's tree, every member of its
-    recorded groups and every descendant, recorded yet or not (those not recorded have
-    ``id`` 0)."""
-    from .tree import dead_trees, left_of, snapshot
-
-    rows = store.backend.processes.list(running=True)
-    verdicts = _verdicts(store, {r["instance_id"] for r in rows})
-    found = [i for i in (_info(r, verdicts) for r in rows) if i.orphan]
-    seen = {i.pid for i in found}
-    procs = snapshot()
-    for t in dead_trees(store):
-        for ident in left_of(t, procs):
-            if ident.pid not in seen:
-                seen.add(ident.pid)
-                found.append(_unrecorded(t.owner, ident, procs[ident.pid].pgid))
-    return _with_figures(found, cpu_interval) if live else found
-
-
-def _unrecorded(owner: tuple[str, int], ident: ProcIdentity, pgid: int) -> ProcessInfo:
-    """A live process of a dead instance's tree that has no row (found in /proc)."""
-    from .tree import cmdline_of
-
-    cmd = cmdline_of(ident.pid)
-    started = _boot_time() + ident.start_token / os.sysconf("SC_CLK_TCK")
-    return ProcessInfo(
-        id=0, instance_id=owner[0], incarnation=owner[1], pid=ident.pid, pgid=pgid,
-        start_token=ident.start_token, boot_id=ident.boot_id,
-        name=(os.path.basename(cmd[0]) if cmd else _comm(ident.pid) or str(ident.pid)),
-        cmdline=tuple(cmd), cwd="", user="", labels={}, log_path=None, started_at=started,
-        ended_at=None, exit_code=None, signal=None, alive=True, orphan=True, status="running",
-        tree=True)
-
-
-def _boot_time() -> float:
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("btime "):
-                return float(line.split()[1])
-    return 0.0
-
-
-def top(n: int = 15) -> list[dict[str, Any]]:
-    """The system's ``n`` largest processes by resident memory, largest first: dicts with
-    pid, user, rss (bytes), memory_percent, name, cmdline."""
-    import psutil
-
-    if n < 1:
-        raise InvalidArgument(f"-n must be at least 1, got {n}")
-    rows = []
-    for p in psutil.process_iter(["pid", "username", "memory_info", "memory_percent", "name", "cmdline"]):
-        info = p.info
-        mem = info["memory_info"]
-        if mem is None:
-            continue
-        rows.append({"pid": info["pid"], "user": info["username"], "rss": int(mem.rss),
-                     "memory_percent": round(float(info["memory_percent"] or 0.0), 2),
-                     "name": info["name"], "cmdline": list(info["cmdline"] or [])})
-    rows.sort(key=lambda r: (-r["rss"], r["pid"]))
-    return rows[:n]
-
-
-# -- ending: TERM, grace, KILL --------------------------------------------------------------
-
-
-class _Handle:
-    """One process (or the group it leads) being ended, pinned by a pidfd when possible."""
-
-    def __init__(self, ident: ProcIdentity, group: bool, fd: int | None) -> None:
-        self.ident, self.group, self.fd = ident, group, fd
-        self.group_flag_ok = True
-
-    @classmethod
-    def open(cls, ident: ProcIdentity, group: bool) -> _Handle | None:
-        """A handle on the very process ``ident`` names (a zombie too: it may still lead
-        live group members), or None when it is gone or the pid was reused."""
-        if ident.boot_id != boot_id():
-            return None
-        fd: int | None = None
-        if _USE_PIDFD:
-            try:
-                fd = os.pidfd_open(ident.pid)
-            except ProcessLookupError:
-                return None
-            except OSError:
-                fd = None  # no pidfd support: fall back to re-checking before each signal
-        # Checked after opening: the pidfd names whichever process had the pid at open time.
-        if start_token(ident.pid) != ident.start_token:
-            if fd is not None:
-                os.close(fd)
-            return None
-        return cls(ident, group, fd)
-
-    def close(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def signal(self, sig: int) -> bool:
-        """Send ``sig``; False when there was nobody left to receive it."""
-        if self.fd is not None and (self.group_flag_ok or not self.group):
-            try:
-                signal.pidfd_send_signal(self.fd, sig, None,
-                                         PIDFD_SIGNAL_PROCESS_GROUP if self.group else 0)
-                return True
-            except ProcessLookupError:
-                return False
-            except OSError as e:
-                if e.errno != errno.EINVAL or not self.group:
-                    raise
-                self.group_flag_ok = False  # kernel before 6.9: fall back below
-        if start_token(self.ident.pid) != self.ident.start_token:
-            return False  # the leader is gone: its group can no longer be named safely
-        try:
-            if self.group:
-                os.killpg(self.ident.pid, sig)
-            else:
-                os.kill(self.ident.pid, sig)
-            return True
-        except ProcessLookupError:
-            return False
-
-    def ended(self, live_groups: set[int]) -> bool:
-        """Nothing of it still runs (zombies do not count)."""
-        if not self.group:
-            return not still_running(self.ident)
-        if self.fd is not None and self.group_flag_ok:
-            try:
-                signal.pidfd_send_signal(self.fd, 0, None, PIDFD_SIGNAL_PROCESS_GROUP)
-            except ProcessLookupError:
-                return True
-            except OSError:
-                pass
-        return self.ident.pid not in live_groups
-
-
-def _live_groups() -> set[int]:
-    """Process group ids that have at least one member that is not a zombie."""
-    groups: set[int] = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                raw = f.read()
-        except OSError:
-            continue
-        rest = raw[raw.rindex(b")") + 2 :].split()
-        if rest[0] not in (b"Z", b"X", b"x"):
-            groups.add(int(rest[2]))
-    return groups
-
-
-def _ended(h: _Handle | None, live: set[int]) -> bool:
-    return h is None or h.ended(live)
-
-
-def _is_self(ident: ProcIdentity, group: bool) -> bool:
-    """Would this signal reach the calling process itself?"""
-    return ident.pid == os.getpid() or (group and ident.pid == os.getpgrp())
-
-
-def _end_many(targets: Sequence[tuple[ProcIdentity, bool]], grace: float) -> list[str]:
-    """End each (identity, as_group) target: SIGTERM (+SIGCONT) to all at once, wait up to
-    ``grace`` seconds, SIGKILL what is left. Returns how each one ended."""
-    handles: list[_Handle | None] = []
-    try:
-        for ident, group in targets:
-            handles.append(None if _is_self(ident, group) else _Handle.open(ident, group))
-        how = [DENIED if _is_self(t[0], t[1]) else GONE if h is None else ""
-               for t, h in zip(targets, handles, strict=True)]
-        pending: set[int] = set()
-        live = _live_groups()
-        for i, h in enumerate(handles):
-            if h is None:
-                continue
-            if h.ended(live):
-                how[i] = GONE
-                continue
-            try:
-                if h.signal(signal.SIGTERM):
-                    h.signal(signal.SIGCONT)
-                    pending.add(i)
-                else:
-                    how[i] = GONE
-            except PermissionError:
-                how[i] = DENIED
-        deadline = time.monotonic() + max(0.0, grace)
-        pause = 0.01
-        while pending:
-            live = _live_groups()
-            for i in list(pending):
-                h = handles[i]
-                assert h is not None
-                if h.ended(live):
-                    how[i] = TERMINATED
-                    pending.discard(i)
-            left = deadline - time.monotonic()
-            if not pending or left <= 0:
-                break
-            time.sleep(min(pause, left))
-            pause = min(pause * 1.5, 0.1)
-        for i in pending:
-            h = handles[i]
-            assert h is not None
-            try:
-                h.signal(signal.SIGKILL)
-            except PermissionError:
-                how[i] = DENIED
-                continue
-            how[i] = KILLED
-        # SIGKILL is not instant (exit work, a process in uninterruptible sleep): give it a
-        # moment, bounded, so callers see it gone; what is still there has survived.
-        killed = {i for i in pending if how[i] == KILLED}
-        end = time.monotonic() + 2.0
-        while killed:
-            live = _live_groups()
-            killed = {i for i in killed if not _ended(handles[i], live)}
-            if not killed or time.monotonic() >= end:
-                break
-            time.sleep(0.01)
-        for i in killed:
-            how[i] = SURVIVED
-        return how
-    finally:
-        for h in handles:
-            if h is not None:
-                h.close()
-
-
-def end_group(pgid: int, leader: ProcIdentity, grace: float) -> str:
-    """End the process group ``pgid`` that ``leader`` leads: SIGTERM to the group, up to
-    ``grace`` seconds for it to empty, then SIGKILL.
-
-    The leader's identity (boot id, pid, start token) is checked before the first signal;
-    if it does not match (the leader is gone or its pid was reused), nothing is signalled.
-    Later signals reach the same group even after the leader has exited (pidfd, Linux 6.9+;
-    older kernels: only while the leader still exists). Returns 'gone' (nothing to do),
-    'terminated' (ended within the grace period), 'killed' (needed SIGKILL), 'survived'
-    (something of the group still runs after SIGKILL: the group is NOT empty) or 'denied'
-    (the system refused the signal).
-    """
-    if pgid != leader.pid:
-        raise InvalidArgument(f"process group {pgid} is not led by pid {leader.pid}")
-    if _is_self(leader, True):
-        raise InvalidArgument(f"refusing to signal coord's own process group ({pgid})")
-    return _end_many([(leader, True)], grace)[0]
-
-
-def end_process(ident: ProcIdentity, grace: float) -> str:
-    """Like ``end_group``, for one process alone (not its group)."""
-    if _is_self(ident, False):
-        raise InvalidArgument(f"refusing to signal coord's own process ({ident.pid})")
-    return _end_many([(ident, False)], grace)[0]
 
 
 # -- stopping own processes and orphans ----------------------------------------------------
@@ -710,7 +277,7 @@ def _stop(store: Store, owner_id: str, proc_id: int, grace: float | None,
             f"instance {owner_id!r} may only signal its own processes")
     grace = store.config.kill_grace if grace is None else grace
     ident = ProcIdentity(row["boot_id"], row["pid"], row["start_token"])
-    how = GONE if row["status"] == "exited" else _end_many([(ident, _as_group(row))], grace)[0]
+    how = GONE if row["status"] == "exited" else end_many([(ident, _as_group(row))], grace)[0]
     if how == DENIED:
         raise PermissionDenied(f"the system refused to signal process {proc_id} (pid {row['pid']})")
     code = None
@@ -766,7 +333,7 @@ def kill_orphans(store: Store, *, grace: float | None = None) -> list[dict[str, 
     how_tree = {"": GONE}
     done = threading.Thread(target=lambda: how_tree.update({"": settle(store, trees, grace)}))
     done.start()  # both endings share one grace period
-    hows = _end_many([(o.identity, _as_group(rows[o.id])) for o in plain], grace)
+    hows = end_many([(o.identity, _as_group(rows[o.id])) for o in plain], grace)
     done.join()
     _record_ended(store, [(rows[o.id], h, None) for o, h in zip(plain, hows, strict=True)],
                   "orphan ended")

@@ -1,1 +1,2 @@
-"""The SQL schema: numbered migrations and views, package data of coord."""
+"""The SQL schema, one folder per engine (``sqlite/``, ``postgresql/``): numbered migrations and views,
+package data of coord."""

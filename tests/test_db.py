@@ -23,8 +23,8 @@ from conftest import NOBODY, reap_children, wait_line, wait_until
 
 import coord
 import coord._retry
+import coord.backend.sqlite.migrations
 import coord.check
-import coord.migrate
 from coord.config import Config
 from coord.db import CONNECTION_PRAGMAS, Store
 from coord.errors import Busy, StorageError
@@ -316,7 +316,7 @@ def _warm_imports() -> None:
     import importlib.readers  # noqa: F401
     import importlib.resources.readers  # noqa: F401
 
-    coord.migrate.migrations()
+    coord.backend.sqlite.migrations.migrations()
 
 
 def test_existing_database_in_read_only_directory(reachable_dir: Path) -> None:

@@ -18,13 +18,13 @@ import pytest
 from conftest import reap_children
 
 import coord
+import coord.backend.sqlite.migrations
 import coord.check
-import coord.migrate
+from coord.backend.sqlite.migrations import latest_version, migrations
 from coord.db import APPLICATION_ID, Store
 from coord.errors import CoordError, NotADatabase, SchemaTooNew
-from coord.migrate import latest_version, migrations
 
-SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema"
+SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema" / "sqlite"
 
 
 # -- files that must be refused ---------------------------------------------------------------
@@ -216,9 +216,9 @@ def test_upgrade_from_version_1_keeps_data(db_path: Path) -> None:
 def test_failed_migration_leaves_nothing_behind(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    broken = (*coord.migrate._migrations(), (latest_version() + 1, "999_broken.sql",
+    broken = (*coord.backend.sqlite.migrations._migrations(), (latest_version() + 1, "999_broken.sql",
                                              "CREATE TABLE fine (x); SELECT * FROM no_such_table;"))
-    monkeypatch.setattr(coord.migrate, "_migrations", lambda: broken)
+    monkeypatch.setattr(coord.backend.sqlite.migrations, "_migrations", lambda: broken)
     with pytest.raises(apsw.SQLError):
         Store(db_path)
     c = apsw.Connection(str(db_path), flags=apsw.SQLITE_OPEN_READONLY)

@@ -13,6 +13,7 @@ import pytest
 from conftest import spawn_python, wait_line, wait_until
 
 import coord
+from coord import process_ending
 from coord import processes as P
 from coord.check import check
 from coord.identity import ProcIdentity, identify, still_running
@@ -195,7 +196,7 @@ def test_stop_group_of_own_child_with_and_without_pidfd(store: coord.Store, pidf
     # With pidfd the group is reached after the leader has gone; without, signals re-check the
     # leader's start token, and our own exited child stays a zombie until we reap it, which
     # keeps its group nameable until SIGKILL.
-    monkeypatch.setattr(P, "_USE_PIDFD", pidfd)
+    monkeypatch.setattr(process_ending, "_USE_PIDFD", pidfd)
     script = ("import subprocess, sys, time\n"
               f"c = subprocess.Popen({STUBBORN!r})\n"
               "print(c.pid, flush=True)\n"

@@ -12,12 +12,12 @@ import pytest
 from conftest import ManualClock, reg
 
 import coord
-import coord.migrate
+import coord.backend.sqlite.migrations
 from coord import queues
 from coord.backend.sqlite import queues as sqlite_queues
+from coord.backend.sqlite.migrations import latest_version, migrations
 from coord.check import check
 from coord.errors import ClaimLost, InvalidArgument, NotRegistered, PayloadError
-from coord.migrate import latest_version, migrations
 from coord.reaper import bury_dead
 
 # -- claim_many and ack_many --------------------------------------------------------------
@@ -198,7 +198,7 @@ def _old_database(path: Path, ladder: tuple[tuple[int, str, str], ...],
     an instance that stays alive, done with a result, dead, cancelled); returns what a
     later open must find again."""
     with monkeypatch.context() as m:
-        m.setattr(coord.migrate, "_migrations", lambda: ladder)
+        m.setattr(coord.backend.sqlite.migrations, "_migrations", lambda: ladder)
         store = coord.Store(path)
         assert store.value("PRAGMA user_version") == ladder[-1][0]
         assert store.value("SELECT count(*) FROM sqlite_schema WHERE name = 'jobs_ready'") == 1

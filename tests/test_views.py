@@ -17,7 +17,7 @@ import pytest
 from conftest import run_cli, spawn_python, wait_line
 
 import coord
-from coord.migrate import migrations
+from coord.backend.sqlite.migrations import migrations
 
 # A live instance in another process that holds a lease (its heartbeat keeps it fresh).
 HOLDER = """

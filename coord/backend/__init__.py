@@ -43,8 +43,13 @@ The plan, in steps that each keep the whole suite green:
    letters, adopt, purge (``QueueOps``, in ``.queue_ops``; ``coord.queues`` keeps
    validation, waiting, retries and their backoff, and the death rule's policy for claims;
    a claim going back to ready is the death rule's one ``release_claims``) and the legacy
-   import (``import_jobs``). Not yet: the fenced queue put, migrations/meta, read-only
-   ad-hoc SQL; the schema files move to ``schema/sqlite/``.
+   import (``import_jobs``). Not yet: the fenced queue put.
+   (done) The schema ladder (``MetaOps``, ``backend.meta``; the SQLite files in
+   ``schema/sqlite/``) and read-only ad-hoc SQL (``AdhocOps``, ``backend.adhoc``); the
+   remaining writes of ``coord.events``, ``coord.demo`` and ``coord.metrics`` go through
+   ``EventLog.record``, ``LeaseOps.forget`` and ``MessageOps.pending``. Outside the engine
+   folder only ``coord.db`` (the connection, pragmas and transactions) and ``coord._retry``
+   (the busy retry) still use apsw.
 5. The PostgreSQL engine in ``coord/backend/postgresql/``: one file per capability, its
    clock the server's ``clock_timestamp()`` compared only in SQL, liveness a session advisory
    lock plus a death certificate from the holder's host, wake-up ``LISTEN/NOTIFY`` re-checked
@@ -80,6 +85,8 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 __all__ = [
+    "AdhocOps",
+    "AdhocResult",
     "Backend",
     "CheckOps",
     "DeathRule",
@@ -98,6 +105,7 @@ __all__ = [
     "Member",
     "MessageOps",
     "MessageRecord",
+    "MetaOps",
     "Problem",
     "ProcessOps",
     "Proof",
@@ -220,6 +228,12 @@ class InstanceReads(Protocol):
 class EventLog(Protocol):
     """The bounded history of what happened."""
 
+    def record(self, kind: str, instance_id: str | None, subject: str | None,
+               **detail: Any) -> None:
+        """Record one event, stamped with the wall clock, in a transaction of its own;
+        ``detail`` is stored as JSON."""
+        ...
+
     def list(
         self, *, after: int, limit: int, oldest_first: bool,
         kinds: Sequence[str] | None = None, instance_id: str | None = None,
@@ -319,6 +333,10 @@ class MessageOps(Protocol):
         """Delete a stored message that failed validation, with a 'message dropped' event."""
         ...
 
+    def pending(self) -> int:
+        """How many stored messages and requests are not yet acknowledged."""
+        ...
+
     def problems(self) -> list[Problem]:
         """The envelopes' own invariants (liveness-free)."""
         ...
@@ -402,6 +420,12 @@ class LeaseOps(Protocol):
         """Forget these (name, pgid, start token) groups, proven empty, unless re-recorded."""
         ...
 
+    def forget(self, name: str) -> bool:
+        """Delete a free lease's row and its history of terms (False, nothing deleted, while
+        it is held or when there is none). The term counter never goes back, so a later
+        holder still gets a higher term."""
+        ...
+
     def fenced(self, name: str, term: int,
                statements: Sequence[tuple[str, tuple[Any, ...] | dict[str, Any]]]
                ) -> list[list[Row]]:
@@ -417,6 +441,49 @@ class LeaseOps(Protocol):
     def fenced_kv_cas(self, name: str, term: int, key: str, value: str, version: int,
                       owner: Member | None) -> int:
         """``KvOps.cas`` only while ``term`` is current, in one transaction."""
+        ...
+
+
+# -- the store itself: its schema ladder and read-only ad-hoc queries ---------------------------
+
+
+class MetaOps(Protocol):
+    """The engine's schema ladder: numbered migrations (SQLite: ``schema/sqlite/``,
+    ``PRAGMA user_version``). Numbers only grow; a store at version N applies every
+    migration above N."""
+
+    def migrate(self) -> None:
+        """Create or upgrade the store to ``latest()``. Anything that is not a store of
+        this engine this code can use is refused — ``NotADatabase``, ``SchemaTooNew`` —
+        and left untouched (nothing written to it). Many processes migrating one new store
+        at once migrate it exactly once; each migration run records a 'migrated' event
+        (from_version, to_version, pid)."""
+        ...
+
+    def version(self) -> int:
+        """The store's schema version."""
+        ...
+
+    def latest(self) -> int:
+        """The schema version this code writes."""
+        ...
+
+
+#: (column names, rows) of one statement of an ad-hoc query.
+AdhocResult = tuple[list[str], list[tuple[Any, ...]]]
+
+
+class AdhocOps(Protocol):
+    """Read-only ad-hoc queries in the engine's own dialect (``coord sql``)."""
+
+    def run(self, sql: str, params: tuple[Any, ...] = ()) -> list[AdhocResult]:
+        """Run every statement of ``sql`` and return (column names, rows) of each one that
+        has result columns, in order (columns known even without rows). The engine itself
+        guarantees that nothing run here can change the store or reach outside it — writes
+        (also inside a CTE), transactions, attaching other databases, setting options,
+        loading extensions: ``ReadOnlyViolation``, before anything runs — never string
+        matching. SQL that does not compile or bind: ``InvalidArgument``. It never blocks
+        writers."""
         ...
 
 
@@ -437,10 +504,13 @@ class Backend(Protocol):
     processes: ProcessOps
     checks: CheckOps
     queues: QueueOps  # step 4
+    meta: MetaOps
+    adhoc: AdhocOps
 
     def open(self) -> None:
         """Make the store usable: create the database if needed, migrate it to this
-        coord's schema, rebase a new boot. ``Store`` calls it once, when constructed."""
+        coord's schema (``meta.migrate``), rebase a new boot. ``Store`` calls it once, when
+        constructed."""
         ...
 
 

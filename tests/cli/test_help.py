@@ -80,8 +80,8 @@ def test_source_checkout_resolves_cli_and_schema() -> None:
     keeps out the editable install's import hook, so only coord itself can make this work."""
     import sysconfig
 
-    code = ("import coord.cli.main, coord.schema, coord.migrate; "
-            "print(coord.cli.__file__, coord.schema.__file__, coord.migrate.latest_version())")
+    code = ("import coord.cli.main, coord.schema, coord.backend.sqlite.migrations as m; "
+            "print(coord.cli.__file__, coord.schema.__file__, m.latest_version())")
     r = subprocess.run([sys.executable, "-S", "-c", code], cwd=ROOT, capture_output=True,
                        text=True, timeout=60, env={"PYTHONPATH": sysconfig.get_paths()["purelib"]})
     assert r.returncode == 0, r.stderr

@@ -19,8 +19,8 @@ from conftest import NOBODY, run_cli
 from test_adhoc import contents
 from test_migrate import BAD_FILES, make_bad, snapshot
 
+import coord.backend.sqlite.migrations
 import coord.check
-import coord.migrate
 from coord import paths
 from coord.errors import CoordError
 
@@ -305,7 +305,7 @@ def _main_as_nobody(argv: list[str]) -> tuple[int, str]:
 
     from coord.cli.main import main
 
-    coord.migrate.migrations()
+    coord.backend.sqlite.migrations.migrations()
     r, w = os.pipe()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)

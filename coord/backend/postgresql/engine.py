@@ -51,6 +51,8 @@ class PostgresBackend:
         self.processes: Any = NotYet("processes")
         self.checks: Any = NotYet("checks")
         self.queues: Any = NotYet("queues")
+        self.meta: Any = NotYet("meta")
+        self.adhoc: Any = NotYet("adhoc")
 
     def open(self) -> None:
         open_schema(self.db)

@@ -3,7 +3,8 @@
 One file per capability, each holding that capability's SQL, and the engine's three
 services: ``clock`` (CLOCK_MONOTONIC with the boot id), ``liveness`` (record lock, pid +
 start token, pidfd) and ``wakeup`` (datagram nudge, ``PRAGMA data_version``). Opening a
-store (create, migrate, boot rebase) is ``opening``. The connection factory, pragmas,
+store (create, migrate, boot rebase) is ``opening``; the schema ladder (``schema/sqlite/``
+under ``PRAGMA user_version``) is ``migrations``, read-only ad-hoc SQL ``adhoc``. The connection factory, pragmas,
 transactions and the translation of apsw errors are ``coord.db``'s ``Store`` until the
 later steps of ``coord.backend``'s plan move them here.
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ...db import APPLICATION_ID
-from ...migrate import latest_version
 from ..records import Problem
+from .migrations import latest_version
 
 if TYPE_CHECKING:
     from ...db import Store

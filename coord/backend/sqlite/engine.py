@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .adhoc import SqliteAdhoc
 from .checks import SqliteChecks
 from .clock import MonotonicClock
 from .death import SqliteDeathRule
@@ -13,6 +14,7 @@ from .kv import SqliteKv
 from .leases import SqliteLeases
 from .liveness import SqliteLiveness
 from .messages import SqliteMessages
+from .migrations import SqliteMeta
 from .processes import SqliteProcesses
 from .queues import SqliteQueues
 from .trees import SqliteTrees
@@ -44,6 +46,8 @@ class SqliteBackend:
         self.checks = SqliteChecks(store)
         # -- step 4: queues
         self.queues = SqliteQueues(store)
+        self.meta = SqliteMeta(store)
+        self.adhoc = SqliteAdhoc(store)
         self._store = store
 
     def open(self) -> None:

@@ -1,7 +1,8 @@
 """The SQLite engine's event log: the ``events`` table.
 
 ``log_event``, ``log_events`` and ``trim_events`` write inside the caller's transaction (an
-apsw connection); the modules not yet behind the seam reach them through ``coord.events``.
+apsw connection), for the engine's other operations; ``SqliteEvents.record`` is one event in a
+transaction of its own.
 """
 
 from __future__ import annotations
@@ -70,6 +71,11 @@ class SqliteEvents:
 
     def __init__(self, store: Store) -> None:
         self._store = store
+
+    def record(self, kind: str, instance_id: str | None, subject: str | None,
+               **detail: Any) -> None:
+        store = self._store
+        store.write(lambda c: log_event(c, store.wall(), kind, instance_id, subject, **detail))
 
     def list(
         self, *, after: int, limit: int, oldest_first: bool,

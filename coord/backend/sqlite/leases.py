@@ -221,6 +221,17 @@ class SqliteLeases:
                 "pg_holder_incarnation = NULL WHERE name = ? AND pgid = ? AND pg_start_token = ?",
                 todo))
 
+    def forget(self, name: str) -> bool:
+        def txn(c: apsw.Connection) -> bool:
+            if scalar(c, "SELECT 1 FROM leases WHERE name = ? AND holder_id IS NOT NULL",
+                      (name,)):
+                return False
+            c.execute("DELETE FROM lease_terms WHERE name = ?", (name,))
+            c.execute("DELETE FROM leases WHERE name = ?", (name,))
+            return c.changes() > 0
+
+        return self._store.write(txn)
+
     # -- fenced operations --------------------------------------------------------------------
 
     def fenced(self, name: str, term: int, statements: Statements) -> list[list[Row]]:

@@ -350,6 +350,9 @@ class SqliteMessages:
 
     # -- invariants -----------------------------------------------------------------------------
 
+    def pending(self) -> int:
+        return int(self._store.value("SELECT count(*) FROM messages WHERE acked = 0"))
+
     def problems(self) -> list[Problem]:
         store, out = self._store, []
         for r in store.rows("SELECT id, kind FROM messages WHERE kind IN ('request', 'reply') "

@@ -1,5 +1,5 @@
 """Opening an SQLite store: create the file, bring its schema to this coord's version
-(``coord.migrate``), and after a reboot apply the death rule to the old boot once. It runs
+(``.migrations``), and after a reboot apply the death rule to the old boot once. It runs
 above ``Store`` (called from the engine's ``open``), so the store itself imports neither the
 migrations nor the death rule."""
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ... import paths
-from ...migrate import migrate
 from .death import rebase_boot
+from .migrations import migrate
 
 if TYPE_CHECKING:
     from ...db import Store

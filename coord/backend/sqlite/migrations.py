@@ -1,4 +1,5 @@
-"""The schema ladder: numbered ``schema/NNN_*.sql`` files under ``PRAGMA user_version``.
+"""The SQLite engine's schema ladder: numbered ``schema/sqlite/NNN_*.sql`` files under
+``PRAGMA user_version`` (``coord.backend.MetaOps``).
 
 A file at the database path is identified before anything is written to it. It must be
 empty, a blank SQLite database, or a coord database (``PRAGMA application_id`` is coord's)
@@ -29,15 +30,16 @@ from typing import TYPE_CHECKING, Any
 
 import apsw
 
-from . import db
-from ._retry import on_busy
-from .db import APPLICATION_ID, close_connection, open_connection, scalar
-from .errors import NotADatabase, SchemaTooNew
+from ... import db
+from ..._retry import on_busy
+from ...db import APPLICATION_ID, close_connection, open_connection, scalar
+from ...errors import NotADatabase, SchemaTooNew
+from .events import log_event
 
 if TYPE_CHECKING:
-    from .db import Store
+    from ...db import Store
 
-__all__ = ["latest_version", "migrate", "migrations"]
+__all__ = ["SqliteMeta", "latest_version", "migrate", "migrations"]
 
 _HEADER = b"SQLite format 3\x00"
 
@@ -45,7 +47,7 @@ _HEADER = b"SQLite format 3\x00"
 @functools.cache
 def _migrations() -> tuple[tuple[int, str, str], ...]:
     found = []
-    for entry in resources.files("coord.schema").iterdir():
+    for entry in resources.files("coord.schema.sqlite").iterdir():
         m = re.fullmatch(r"(\d{3})_\w+\.sql", entry.name)
         if m:
             found.append((int(m.group(1)), entry.name, entry.read_text(encoding="utf-8")))
@@ -196,8 +198,6 @@ def migrate(store: Store) -> None:
 def _apply(store: Store, conn: apsw.Connection) -> None:
     """Run every pending migration in one IMMEDIATE transaction; a no-op when another
     process got there first."""
-    from .events import log_event
-
     path = str(store.path)
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -232,3 +232,19 @@ def _apply(store: Store, conn: apsw.Connection) -> None:
         if not conn.get_autocommit():
             conn.execute("ROLLBACK")
         raise
+
+
+class SqliteMeta:
+    """``coord.backend.MetaOps``: this ladder, for one store."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def migrate(self) -> None:
+        migrate(self._store)
+
+    def version(self) -> int:
+        return int(self._store.value("PRAGMA user_version"))
+
+    def latest(self) -> int:
+        return latest_version()

@@ -1,0 +1,1 @@
+"""The PostgreSQL schema: numbered migrations and views (one schema per deployment)."""
