@@ -49,6 +49,11 @@ _HOLDS = ("EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND grante
           "AND pid = pg_backend_pid() AND objsubid = 1 "
           "AND classid::bigint = ((%(key)s >> 32) & 4294967295) "
           "AND objid::bigint = (%(key)s & 4294967295))")
+#: One heartbeat: renew the row, and say whether this backend still holds its lock.
+_BEAT = ("WITH hb AS (UPDATE instances SET heartbeat_mono = coord_now(), "  # noqa: S608
+         "heartbeat_at = coord_now() WHERE id = %(id)s AND incarnation = %(inc)s "
+         "AND status = 'alive' RETURNING 1) "
+         "SELECT EXISTS (SELECT 1 FROM hb) AS ok, " + _HOLDS + " AS held")
 _INT_MAX = 2**31 - 1
 
 
@@ -160,47 +165,46 @@ class LivenessConnection:
 
     def heartbeat(self) -> bool:
         """Renew the registration on this connection, checking the lock is still this
-        backend's; False when the registration is gone. A lock found free is taken again
-        and recorded ('liveness lock retaken'): nothing is lost while the heartbeat is
-        current."""
+        backend's; False when the registration is gone. A connection found lost is opened
+        again and the beat repeated once (renewing twice is harmless); a lock found free is
+        taken again. Either is recorded ('liveness lock retaken'): nothing is lost while the
+        heartbeat is current."""
         assert self.member is not None
         with self._lock:
-            c = self._conn
-            if c is None or c.closed or c.broken:
-                if c is not None:
-                    self._db.discard(c)
-                self._conn = None
-                self._connect()
+            for attempt in (1, 2):
                 c = self._conn
-            assert c is not None
-            try:
-                with translated(self._db.where):
-                    row = c.execute(
-                        "WITH hb AS (UPDATE instances SET heartbeat_mono = coord_now(), "  # noqa: S608 - fixed fragments, values bound
-                        "heartbeat_at = coord_now() WHERE id = %(id)s AND incarnation = %(inc)s "
-                        "AND status = 'alive' RETURNING 1) "
-                        f"SELECT EXISTS (SELECT 1 FROM hb) AS ok, {_HOLDS} AS held",
-                        {"id": self.member[0], "inc": self.member[1], "key": self.key},
-                    ).fetchone()
-            except Exception:
-                if c.closed or c.broken:
-                    self._db.discard(c)
+                if c is None or c.closed or c.broken:
+                    if c is not None:
+                        self._db.discard(c)
                     self._conn = None
-                raise
-            assert row is not None
-            if row["ok"] and not row["held"]:
-                self._retake(c)
-            return bool(row["ok"])
+                    got = self._connect()
+                    self._record("reconnected", got)
+                    c = self._conn
+                assert c is not None
+                try:
+                    with translated(self._db.where):
+                        row = c.execute(_BEAT, {"id": self.member[0], "inc": self.member[1],
+                                                "key": self.key}).fetchone()
+                except Exception:
+                    if not (c.closed or c.broken) or attempt == 2:
+                        raise
+                    continue  # the session was lost: open another and beat again
+                assert row is not None
+                if row["ok"] and not row["held"]:
+                    with translated(self._db.where):
+                        again = c.execute("SELECT pg_try_advisory_lock(%s) AS got",
+                                          (self.key,)).fetchone()
+                    self._record("lock free", bool(again and again["got"]))
+                return bool(row["ok"])
+        return False  # not reached: the second attempt returns or raises
 
-    def _retake(self, c: Conn) -> None:
-        with translated(self._db.where):
-            got = c.execute("SELECT pg_try_advisory_lock(%s) AS got", (self.key,)).fetchone()
+    def _record(self, why: str, got: bool) -> None:
         self.retaken += 1
         assert self.member is not None
         member = self.member
         self._db.write(lambda w: log_event(
-            w, "liveness lock retaken", member[0], None, incarnation=member[1],
-            got=bool(got and got["got"])))
+            w, "liveness lock retaken", member[0], None, incarnation=member[1], why=why,
+            got=got))
 
     def holds(self) -> bool:
         """Whether this connection's backend holds the lock now (for tests and doctor)."""
