@@ -184,5 +184,12 @@ class CheckOps(Protocol):
 
     def facts(self) -> dict[str, Any]:
         """journal_mode, schema_version, supported_schema_version, application_id,
-        busy_retries, counts (rows per table)."""
+        busy_retries, counts (rows per table); PostgreSQL adds server_version, schema,
+        settings and idle_lock_holders."""
+        ...
+
+    def figures(self) -> dict[str, int | float]:
+        """Cheap figures for ``coord metrics``: messages_pending (not yet acknowledged) and
+        the engine's own (SQLite: wal_bytes; PostgreSQL: schema_version,
+        server_version_num, idle_lock_holders)."""
         ...

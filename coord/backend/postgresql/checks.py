@@ -146,3 +146,13 @@ class PgChecks:
             "busy_retries": db.retries,
             "counts": {k: int(v) for k, v in (counts or {}).items()},
         }
+
+    def figures(self) -> dict[str, int | float]:
+        row = self._db.row(
+            "SELECT (SELECT count(*) FROM messages WHERE acked = 0) AS messages_pending, "
+            "current_setting('server_version_num')::int AS server_version_num")
+        assert row is not None
+        return {"messages_pending": int(row["messages_pending"]),
+                "schema_version": schema_version(self._db.conn()),
+                "server_version_num": int(row["server_version_num"]),
+                "idle_lock_holders": len(self.idle_lock_holders())}
