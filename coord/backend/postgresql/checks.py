@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 _TABLES = ("instances", "processes", "leases", "jobs", "messages", "kv", "events")
 #: Settings ``coord doctor`` shows: what bounds a dead client's session, and the commit mode.
-SETTINGS = ("server_version", "synchronous_commit", "idle_session_timeout",
+SETTINGS = ("synchronous_commit", "idle_session_timeout",
             "idle_in_transaction_session_timeout", "statement_timeout", "tcp_keepalives_idle",
             "tcp_user_timeout", "max_connections", "default_transaction_isolation")
 #: A session idle this long while holding one of coord's advisory locks is reported.
