@@ -47,6 +47,12 @@ class InstanceWrites(Protocol):
         """Renew; False when that incarnation is no longer registered and alive."""
         ...
 
+    def changes(self) -> object:
+        """A cheap token that differs whenever registrations may have changed since it was
+        taken (SQLite: the database's data version; PostgreSQL: the registry's newest
+        incarnation and its count of live rows)."""
+        ...
+
     def deregister(self, member: Member) -> bool:
         """The death rule for a clean exit (reason 'left'); False when not registered."""
         ...

@@ -107,5 +107,10 @@ class PgInstances:
             c, "UPDATE instances SET heartbeat_mono = coord_now(), heartbeat_at = coord_now() "
             "WHERE id = %s AND incarnation = %s AND status = 'alive' RETURNING 1", member)))
 
+    def changes(self) -> object:
+        row = self._db.row("SELECT max(incarnation) AS top, count(*) AS n FROM instances "
+                           "WHERE status = 'alive'")
+        return None if row is None else (row["top"], row["n"])
+
     def deregister(self, member: Member) -> bool:
         return bool(self._db.write(lambda c: bury_many(c, [member], reason="left")))
