@@ -175,3 +175,40 @@ def test_another_host_s_process_is_not_stopped_from_here(pg_store: coord.Store) 
     assert sql.value(pg_store, "SELECT status FROM processes WHERE id = ?", (far_proc,)) \
         == "running"
     assert coord.processes.orphans(pg_store, live=False) == []
+
+
+def test_a_lock_found_free_is_taken_again_and_recorded(pg_store: coord.Store) -> None:
+    with coord.register(pg_store, "me", app="x", ttl=3.0, heartbeat=False) as inst:
+        proof = pg_store.backend.liveness.by_member(  # type: ignore[attr-defined]
+            (inst.id, inst.incarnation))
+        pid = proof.backend_pid()
+        proof._conn.execute("SELECT pg_advisory_unlock_all()")  # as a server restart would
+        assert not proof.holds()
+        assert get_instance_alive(pg_store, "me")
+        assert inst.heartbeat()
+        assert proof.holds() and proof.backend_pid() == pid  # the same session took it
+        details = [json.loads(r["detail"]) for r in sql.rows(
+            pg_store, "SELECT detail FROM events WHERE kind = 'liveness lock retaken'")]
+        assert details == [{"incarnation": inst.incarnation, "why": "lock free", "got": True}]
+
+
+def get_instance_alive(store: coord.Store, id: str) -> bool:
+    return coord.get_instance(store, id).alive
+
+
+def test_another_host_s_instance_is_never_watched_by_pid(pg_store: coord.Store) -> None:
+    fake_row(pg_store, "far", machine="another-machine", boot="its-boot", ttl=1e6)
+    row = pg_store.backend.instances.by_id("far")
+    assert row is not None
+    sql.execute(pg_store, "UPDATE instances SET pid = ?, pidns = ? WHERE id = 'far'",
+                (os.getpid(), os.readlink("/proc/self/ns/pid")))
+    row = pg_store.backend.instances.by_id("far")
+    assert row is not None
+    liveness = pg_store.backend.liveness
+    assert liveness.watchable_pid(row) is None
+    for watched in (row, coord.get_instance(pg_store, "far")):
+        w = liveness.watch(watched)
+        try:
+            assert w.pids() == [] and not w.exited() and not w.pinned_alive()
+        finally:
+            w.close()

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from ...clock import boot_id
-from ...identity import DEAD_STATES, FREE, pid_namespace
+from ...identity import DEAD_STATES, FREE, ProcIdentity, pid_namespace, still_running
 from ..sqlite.liveness import LockProof, PidWatch, Probe, holds_own_lock, unlink_many
 from .connection import Conn, translated
 from .events import log_event
@@ -297,4 +297,24 @@ class PgLiveness:
         return int(row["pid"])
 
     def watch(self, row: Row | InstanceInfo) -> PidWatch:
-        return PidWatch(self._clock, row)  # type: ignore[arg-type]
+        watch = PgPidWatch(self._clock, row)  # type: ignore[arg-type]
+        theirs = row.get("boot_id") if isinstance(row, dict) else row.boot_id
+        if theirs != boot_id():
+            # Another host's (or boot's) pid names nothing here, even in a pid namespace
+            # of the same inode number (every host's first one has the same).
+            watch.close()
+            watch._pid = 0
+        return watch
+
+
+class PgPidWatch(PidWatch):
+    """``PidWatch`` whose heartbeat is judged by the server's clock (its epoch is not a
+    boot id)."""
+
+    def pinned_alive(self) -> bool:
+        row = self._row
+        if self._fd is None or row is None or row["status"] != "alive":
+            return False
+        if row["boot_id"] != boot_id() or self._clock.now() - row["heartbeat_mono"] > row["ttl"]:
+            return False
+        return still_running(ProcIdentity(row["boot_id"], row["pid"], row["start_token"]))
