@@ -23,6 +23,7 @@ boot id is of a boot that is over.
 from __future__ import annotations
 
 import functools
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -30,6 +31,7 @@ from typing import TYPE_CHECKING
 
 from ...clock import boot_id
 from ...identity import DEAD_STATES, FREE, ProcIdentity, pid_namespace, still_running
+from ..records import Member
 from ..sqlite.liveness import LockProof, PidWatch, Probe, holds_own_lock, unlink_many
 from .connection import Conn, translated
 from .events import log_event
@@ -37,7 +39,6 @@ from .events import log_event
 if TYPE_CHECKING:
     from ...db import Row, Store
     from ...instances import InstanceInfo
-    from ..records import Member
     from .clock import ServerClock
     from .connection import PgDb
 
@@ -69,6 +70,11 @@ def machine_id() -> str:
         if found:
             return found
     return f"host:{socket.gethostname()}"
+
+
+def application_name(member: Member) -> str:
+    """How a registration's liveness session is named on the server (at most 63 bytes)."""
+    return f"coord live {member[0]}#{member[1]} pid {os.getpid()}"[-63:]
 
 
 def judge(row: Row, probe: Probe, now: float) -> tuple[bool, str]:
@@ -147,6 +153,8 @@ class LivenessConnection:
         """(Re)open the connection and take the lock; whether it was got."""
         c = self._db.connect(**self._settings())
         self._conn = c
+        if self.member is not None:
+            self._name(c)
         with translated(self._db.where):
             self.key = self._key(c)
             got = c.execute("SELECT pg_try_advisory_lock(%s) AS got", (self.key,)).fetchone()
@@ -154,14 +162,20 @@ class LivenessConnection:
 
     def bind(self, member: Member, ttl: float) -> None:
         """The registration this proof is for, once committed; its timeouts follow its
-        TTL from now on."""
+        TTL from now on, and the session names it (``pg_stat_activity``, ``coord doctor``)."""
         with self._lock:
             self.member, self.ttl = member, ttl
             c = self._conn
             if c is not None and not c.closed:
-                with translated(self._db.where):
-                    for name, value in self._settings().items():
-                        c.execute("SELECT set_config(%s, %s, false)", (name, value))
+                self._name(c)
+
+    def _name(self, c: Conn) -> None:
+        settings = self._settings()
+        if self.member is not None:
+            settings["application_name"] = application_name(self.member)
+        with translated(self._db.where):
+            for name, value in settings.items():
+                c.execute("SELECT set_config(%s, %s, false)", (name, value))
 
     def heartbeat(self) -> bool:
         """Renew the registration on this connection, checking the lock is still this
