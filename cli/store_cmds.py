@@ -79,6 +79,14 @@ def doctor(ctx: typer.Context, as_json: JsonOption = False) -> None:
     report = run_doctor(store(ctx))
     if as_json:
         emit_json(report)
+    elif report.get("engine") == "postgresql":
+        print(f"database       {report['location']}")
+        print(f"server         PostgreSQL {report['server_version']}")
+        print(f"schema         {report['schema']} version {report['schema_version']} "
+              f"(this coord: {report['supported_schema_version']})")
+        print("settings       " + ", ".join(f"{k} {v}" for k, v in report["settings"].items()))
+        print(f"retried        {report['busy_retries']} writes after a serialization "
+              "failure or deadlock")
     else:
         print(f"database       {report['path']}")
         print(f"schema         {report['schema_version']} (this coord: {report['supported_schema_version']})")
@@ -86,6 +94,7 @@ def doctor(ctx: typer.Context, as_json: JsonOption = False) -> None:
         print(f"size           {report['size_bytes']} bytes, WAL {report['wal_bytes']} bytes")
         print(f"busy           {report['busy_retries']} writes retried after the "
               f"{report['busy_timeout_ms']} ms busy timeout")
+    if not as_json:
         print("counts         " + ", ".join(f"{k} {v}" for k, v in report["counts"].items()))
         for p in report["permissions"]:
             print(f"permissions    {p}")

@@ -76,7 +76,11 @@ def check(store: Store, *, strict: bool = False, integrity: bool = True) -> list
 
 def doctor(store: Store) -> dict[str, Any]:
     """Health report: integrity, invariants, permissions, journal mode, sizes, versions, and
-    processes that use the database without SQLite's locks (``coord.lockless``)."""
+    processes that use the database without SQLite's locks (``coord.lockless``). On
+    PostgreSQL: invariants, the server's and the schema's versions, the connection settings
+    that bound a dead client's session, and sessions long idle holding coord's locks."""
+    if store.engine != "sqlite":
+        return _server_doctor(store)
     from .lockless import lockless_users
 
     found = check(store, strict=True)  # once: pending items are split off below
@@ -118,6 +122,35 @@ def doctor(store: Store) -> dict[str, Any]:
     if report["journal_mode"] != "wal" or orphaned:
         report["ok"] = False
     return report
+
+
+def _server_doctor(store: Store) -> dict[str, Any]:
+    found = check(store, strict=True)
+    facts = store.backend.checks.facts()
+    # Idle while holding a lock: a client gone without closing (held until the server's
+    # timeouts end it) or a stuck one; a free lock proves nothing, a held one neither.
+    found += [Problem("sessions", f"backend {s['pid']} ({s['application']}, {s['client']}) "
+                      f"holds {s['locks']} advisory lock(s) and has been idle "
+                      f"{s['idle_s']} s", pending=True) for s in facts["idle_lock_holders"]]
+    found += orphan_problems(store)
+    problems = [p for p in found if not p.pending]
+    return {
+        "engine": store.engine,
+        "location": store.address_shown,
+        "ok": not problems and facts["schema_version"] == facts["supported_schema_version"],
+        "schema": facts["schema"],
+        "schema_version": facts["schema_version"],
+        "supported_schema_version": facts["supported_schema_version"],
+        "server_version": facts["server_version"],
+        "settings": facts["settings"],
+        "idle_lock_holders": facts["idle_lock_holders"],
+        # Writes rolled back by a serialization failure or deadlock and retried (this process).
+        "busy_retries": facts["busy_retries"],
+        "problems": [p.to_json() for p in problems],
+        "pending": [p.to_json() for p in found if p.pending],
+        "permissions": [],
+        "counts": facts["counts"],
+    }
 
 
 def orphan_problems(store: Store) -> list[Problem]:

@@ -8,8 +8,9 @@ applies the death rule (``reaper.bury_dead``, one short transaction) and hands t
 the dead instance's process tree (``tree.end_dead_trees``: TERM, grace, KILL) to a thread of
 its own, so neither this watch nor any heartbeat waits for a grace period.
 
-New registrations are picked up when the database changes (``PRAGMA data_version``, looked
-at every ``LOOK_EVERY`` seconds); one that has already died by then is acted on at once.
+New registrations are picked up when the registry changes (the engine's
+``instances.changes()``, looked at every ``LOOK_EVERY`` seconds); one that has already died
+by then is acted on at once.
 """
 
 from __future__ import annotations
@@ -64,11 +65,11 @@ class DeathWatch:
         ep = select.epoll()
         watched: dict[int, Row] = {}  # pidfd -> instance row
         by_key: dict[tuple[str, int], int] = {}  # (id, incarnation) -> pidfd
-        version: int | None = None
+        version: object = None
         try:
             while self._active():
                 try:
-                    v = store.data_version()
+                    v = store.backend.instances.changes()
                     dead: list[Row] = []
                     if v != version:
                         version = v

@@ -114,9 +114,8 @@ def _json(text: str) -> Any:
     return json.loads(text)
 
 
-def _info(verdict: tuple[bool, str], row: Row, now_mono: float, epoch: str) -> InstanceInfo:
+def _info(verdict: tuple[bool, str], row: Row, age: float | None) -> InstanceInfo:
     alive, status = verdict
-    same_boot = row["boot_id"] == epoch
     fields = {
         "id": row["id"],
         "incarnation": row["incarnation"],
@@ -139,7 +138,7 @@ def _info(verdict: tuple[bool, str], row: Row, now_mono: float, epoch: str) -> I
         "watchdog": row["watchdog"],
         "started_at": row["started_at"],
         "heartbeat_at": row["heartbeat_at"],
-        "heartbeat_age": (now_mono - row["heartbeat_mono"]) if same_boot else None,
+        "heartbeat_age": age,
         "ended_at": row["ended_at"],
         "tombstone": row["status"] == "dead",
     }
@@ -156,9 +155,9 @@ def list_instances(
     """Registered instances with their liveness; only live ones unless ``include_dead``."""
     backend = store.backend
     rows = backend.instances.list(app)
-    now, look = backend.clock.now(), backend.liveness.look()
-    judge_row, epoch = backend.liveness.judge, backend.clock.epoch()
-    out = [_info(judge_row(r, look), r, now, epoch) for r in rows]
+    look = backend.liveness.look()
+    judge_row, age = backend.liveness.judge, backend.liveness.heartbeat_age
+    out = [_info(judge_row(r, look), r, age(r, look)) for r in rows]
     return out if include_dead else [i for i in out if i.alive]
 
 
@@ -190,7 +189,8 @@ def get_instance(store: Store, id: str) -> InstanceInfo:
     row = backend.instances.by_id(id)
     if row is None:
         raise NotFound("instance", id)
-    return _info(backend.liveness.judge(row), row, backend.clock.now(), backend.clock.epoch())
+    look = backend.liveness.look()
+    return _info(backend.liveness.judge(row, look), row, backend.liveness.heartbeat_age(row, look))
 
 
 def require_live(store: Store, id: str | None) -> InstanceInfo:

@@ -9,7 +9,6 @@ make it one.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -80,12 +79,23 @@ def collect(store: Store) -> list[Family]:
                        for x in leases)))
     out.append(_gauge("coord_lease_term", "Current fencing term of the lease.",
                       (({"lease": x.name}, x.term) for x in leases if x.term is not None)))
+    figures = store.backend.checks.figures()
     out.append(_gauge("coord_messages_pending", "Messages not yet acknowledged.",
-                      [({}, store.backend.messages.pending())]))
-    wal = f"{store.path}-wal"
-    out.append(_gauge("coord_wal_bytes", "Size of the write-ahead log.",
-                      [({}, os.path.getsize(wal) if os.path.exists(wal) else 0)]))
+                      [({}, int(figures["messages_pending"]))]))
+    for fig, name, help_ in _ENGINE_FIGURES:
+        if fig in figures:
+            out.append(_gauge(name, help_, [({}, figures[fig])]))
     return out
+
+
+#: The engines' own figures (``CheckOps.figures``), each where its engine has it.
+_ENGINE_FIGURES: tuple[tuple[str, str, str], ...] = (
+    ("wal_bytes", "coord_wal_bytes", "Size of the write-ahead log."),
+    ("schema_version", "coord_schema_version", "Version of the deployment's schema."),
+    ("server_version_num", "coord_server_version", "The PostgreSQL server's version number."),
+    ("idle_lock_holders", "coord_idle_lock_sessions",
+     "Server sessions idle for over a minute while holding coord's advisory locks."),
+)
 
 
 def prometheus_text(store: Store) -> str:

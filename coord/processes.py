@@ -275,6 +275,10 @@ def _stop(store: Store, owner_id: str, proc_id: int, grace: float | None,
         raise PermissionDenied(
             f"process {proc_id} (pid {row['pid']}) belongs to instance {row['instance_id']!r}; "
             f"instance {owner_id!r} may only signal its own processes")
+    if row["status"] == "running" and row["boot_id"] != boot_id():
+        raise PermissionDenied(
+            f"process {proc_id} (pid {row['pid']}) runs on another host or boot; "
+            "only a coord process there can signal it")
     grace = store.config.kill_grace if grace is None else grace
     ident = ProcIdentity(row["boot_id"], row["pid"], row["start_token"])
     how = GONE if row["status"] == "exited" else end_many([(ident, _as_group(row))], grace)[0]
@@ -362,7 +366,8 @@ def problems(store: Store, instances: Mapping[str, Row]) -> list[tuple[str, bool
         if owner is not None and r["incarnation"] > owner["incarnation"]:
             out.append((f"{what} belongs to incarnation {r['incarnation']}, newer than the "
                         f"instance's {owner['incarnation']}", False))
-        if r["status"] == "running" and not still_running(
+        # Only this boot's processes can be probed (another host's are that host's).
+        if r["status"] == "running" and r["boot_id"] == boot_id() and not still_running(
                 ProcIdentity(r["boot_id"], r["pid"], r["start_token"])):
             out.append((f"{what} has ended, awaiting the reaper", True))
     return out

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import apsw
+import engine_sql as sql
 import pytest
 from conftest import INSTANCE_WORKER, spawn_python, wait_line
 
@@ -18,15 +18,23 @@ import coord.check
 from coord.check import Problem, check, doctor
 from coord.db import Store
 
+pytestmark = pytest.mark.contract
+
 
 def test_fresh_database_is_healthy(store: Store) -> None:
     assert check(store) == []
     assert check(store, strict=True) == []
     report = doctor(store)
     assert report["ok"] is True
-    assert report["journal_mode"] == "wal"
     assert report["schema_version"] == report["supported_schema_version"]
-    assert report["application_id"] == coord.db.APPLICATION_ID
+    if store.engine == "sqlite":
+        assert report["journal_mode"] == "wal"
+        assert report["application_id"] == coord.db.APPLICATION_ID
+    else:  # the server's side: what bounds a dead client's session, and who sits idle
+        assert report["server_version"] and report["location"] == store.address_shown
+        assert {"idle_session_timeout", "tcp_user_timeout", "synchronous_commit"} \
+            <= set(report["settings"])
+        assert report["idle_lock_holders"] == []
     assert report["problems"] == report["pending"] == report["permissions"] == []
     assert set(report["counts"]) >= {"instances", "leases", "jobs", "messages", "kv", "events"}
 
@@ -40,15 +48,19 @@ def test_database_with_a_live_instance_is_healthy(store: Store) -> None:
     assert check(store, strict=True) == []
 
 
-def _sql(*statements: tuple[str, tuple[Any, ...]]) -> Callable[[apsw.Connection], None]:
-    def txn(c: apsw.Connection) -> None:
-        for sql, params in statements:
-            c.execute(sql, params)
+def _sql(*statements: tuple[str, tuple[Any, ...]]) -> Callable[[Store], None]:
+    """Statements run in one transaction of either engine (``tests/engine_sql.py``)."""
+    def run(store: Store) -> None:
+        def txn(t: sql.Txn) -> None:
+            for text, params in statements:
+                t(text, params)
 
-    return txn
+        sql.txn(store, txn)
+
+    return run
 
 
-BROKEN: list[tuple[str, Callable[[apsw.Connection], None], str, str]] = [
+BROKEN: list[tuple[str, Callable[[Store], None], str, str]] = [
     (
         "lease held by an unknown instance",
         _sql(("INSERT INTO leases (name, holder_id, holder_incarnation, term, ttl, acquired_at) "
@@ -82,10 +94,10 @@ BROKEN: list[tuple[str, Callable[[apsw.Connection], None], str, str]] = [
 @pytest.mark.parametrize(("what", "breakage", "check_name", "detail"), BROKEN,
                          ids=[b[0] for b in BROKEN])
 def test_broken_row_is_reported(
-    store: Store, what: str, breakage: Callable[[apsw.Connection], None], check_name: str,
+    store: Store, what: str, breakage: Callable[[Store], None], check_name: str,
     detail: str,
 ) -> None:
-    store.write(breakage)
+    breakage(store)
     problems = check(store)
     assert any(p.check == check_name and detail in p.detail and not p.pending
                for p in problems), problems
@@ -95,34 +107,48 @@ def test_broken_row_is_reported(
 
 
 def test_row_without_its_instance_is_reported(store: Store) -> None:
-    # Foreign keys stop this in coord; a hand-edited database can still contain it.
-    c = apsw.Connection(str(store.path))
-    c.execute("PRAGMA foreign_keys = OFF")
-    c.execute("INSERT INTO processes (instance_id, incarnation, pid, start_token, boot_id, name, "
-              "started_at) VALUES ('ghost', 1, 1, 1, 'b', 'sh', 1)")
-    c.close()
+    # Foreign keys stop this in coord; a hand-edited database can still contain it (on
+    # PostgreSQL: a superuser replicating with triggers off).
+    insert = ("INSERT INTO processes (instance_id, incarnation, pid, start_token, boot_id, "
+              "name, started_at) VALUES ('ghost', 1, 1, 1, 'b', 'sh', 1)")
+    if store.engine == "sqlite":
+        import apsw
+
+        c = apsw.Connection(str(store.path))
+        c.execute("PRAGMA foreign_keys = OFF")
+        c.execute(insert)
+        c.close()
+        expected = {"foreign keys", "processes"}
+    else:
+        _sql(("SET LOCAL session_replication_role = replica", ()), (insert, ()))(store)
+        expected = {"processes"}  # the server enforces foreign keys itself
     problems = {p.check for p in check(store)}
-    assert {"foreign keys", "processes"} <= problems
+    assert expected <= problems
 
 
 def test_wrong_stamp_is_reported(store: Store) -> None:
-    store.write(_sql(("PRAGMA user_version = 1", ())))
+    if store.engine == "postgresql":
+        _sql(("UPDATE meta SET value = '0' WHERE key = 'schema_version'", ()))(store)
+        assert Problem("schema", "schema version differs from this coord's") in check(store)
+        return
+    _sql(("PRAGMA user_version = 1", ()))(store)
     assert Problem("schema", "schema version differs from this coord's") in check(store)
-    store.write(_sql(("PRAGMA application_id = 7", ())))
+    _sql(("PRAGMA application_id = 7", ()))(store)
     assert Problem("application_id", "not coord's") in check(store)
 
 
 def test_dead_holder_is_pending_until_reaped(store: Store) -> None:
-    p = spawn_python(INSTANCE_WORKER, "victim", db=store.path)
+    p = spawn_python(INSTANCE_WORKER, "victim", db=store.address)  # type: ignore[arg-type]
+    last_term = ("nextval('term_seq')" if store.engine == "postgresql"
+                 else "(SELECT value FROM counters WHERE name = 'term')")
     try:
         _, id, inc = wait_line(p).split()
-        store.write(_sql(
+        _sql(
             ("INSERT INTO leases (name, holder_id, holder_incarnation, term, ttl, acquired_at, "
-             "expires_mono) VALUES ('l', ?, ?, (SELECT value FROM counters WHERE name = 'term'), "
-             "15, 1, 1e12)", (id, int(inc))),
+             f"expires_mono) VALUES ('l', ?, ?, {last_term}, 15, 1, 1e12)", (id, int(inc))),
             ("INSERT INTO lease_terms (name, term, holder_id, holder_incarnation, acquired_at) "
              "SELECT name, term, holder_id, holder_incarnation, 1 FROM leases", ()),
-        ))
+        )(store)
         assert check(store, strict=True) == []
         os.kill(p.pid, signal.SIGKILL)
         p.wait(timeout=30)
@@ -140,6 +166,7 @@ def test_dead_holder_is_pending_until_reaped(store: Store) -> None:
     assert check(store, strict=True) == []
 
 
+@pytest.mark.sqlite_only("the permissions of the database's own files")
 def test_doctor_reports_loose_permissions(store: Store) -> None:
     Path(store.path).chmod(0o666)
     try:

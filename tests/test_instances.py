@@ -17,16 +17,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-import apsw
+import engine_sql as sql
 import pytest
-from conftest import stop_outside_a_write, wait_line, wait_until
+from conftest import move_server_clock, stop_outside_a_write, wait_line, wait_until
+from engine_sql import expiry_now
 
 import coord
 from coord.check import check
 from coord.clock import Clock
-from coord.db import next_counter
 from coord.identity import HELD, lock_state, proc_stat
-from coord.instances import get_instance, judge, list_instances, register
+from coord.instances import get_instance, list_instances, register
+
+pytestmark = pytest.mark.contract
 
 # A worker instance. argv: id ('' = generated). Env: APP, TTL (register's ttl), FORK=1 (fork
 # a child that outlives it; prints "child PID"). Prints "ready ID INCARNATION", then "lost"
@@ -76,7 +78,18 @@ def alive_ids(store: coord.Store) -> set[str]:
 
 def events_of(store: coord.Store, id: str) -> list[tuple[str, dict[str, Any]]]:
     return [(r["kind"], json.loads(r["detail"])) for r in
-            store.rows("SELECT kind, detail FROM events WHERE instance_id = ? ORDER BY id", (id,))]
+            sql.rows(store, "SELECT kind, detail FROM events WHERE instance_id = ? ORDER BY id",
+                     (id,))]
+
+
+def judge(store: coord.Store, row: dict[str, Any], now: float | None = None) -> tuple[bool, str]:
+    """The engine's verdict on ``row``, its heartbeat judged at ``now`` (the expiry clock's
+    reading; default: now)."""
+    liveness = store.backend.liveness
+    look = liveness.look()
+    if now is not None:
+        look.now = now  # type: ignore[attr-defined]
+    return liveness.judge(row, look)
 
 
 # -- register ------------------------------------------------------------------------------
@@ -96,7 +109,7 @@ def test_id_from_argument_environment_or_generated(store: coord.Store,
         register(store, "bad id!", app="x")
     with pytest.raises(coord.InvalidArgument):
         register(store, "ok", app="x", ttl=0)
-    assert not store.rows("SELECT * FROM instances")
+    assert not sql.rows(store, "SELECT * FROM instances")
 
 
 def test_registration_records_identity_and_labels(store: coord.Store) -> None:
@@ -176,7 +189,7 @@ def test_ten_register_at_once_three_killed_are_dead_at_once(
                          env={**os.environ, "COORD_DB": str(db_path)}, timeout=60)
     assert out.returncode == 0, out.stderr
     assert sorted(re.findall(r"reaped (w\d)", out.stdout)) == ["w0", "w1", "w2"]
-    rows = {r["id"]: r for r in store.rows("SELECT id, incarnation, status FROM instances")}
+    rows = {r["id"]: r for r in sql.rows(store, "SELECT id, incarnation, status FROM instances")}
     assert set(rows) == {f"w{i}" for i in range(3, 10)}  # the dead are gone ...
     for i in range(3, 10):  # ... the others untouched
         assert rows[f"w{i}"]["incarnation"] == incs[f"w{i}"]
@@ -203,7 +216,7 @@ def test_a_stopped_instance_is_hung_only_after_its_ttl(
     procs.append(w)
     ready(w)
     stop_outside_a_write(store, w)
-    row = store.row("SELECT * FROM instances WHERE id = 'sleepy'")
+    row = sql.row(store, "SELECT * FROM instances WHERE id = 'sleepy'")
     assert row is not None
     hb = row["heartbeat_mono"]
     # The process exists and holds its lock: only the heartbeat's age can condemn it.
@@ -212,13 +225,13 @@ def test_a_stopped_instance_is_hung_only_after_its_ttl(
     assert judge(store, row, hb + ttl + 0.01) == (False, "hung")
     # In real time: it is seen hung, and never before its TTL has passed.
     while True:
-        now = store.mono()
+        now = expiry_now(store)
         alive, status = get_instance(store, "sleepy").alive, get_instance(store, "sleepy").status
         if not alive:
             assert status == "hung"
             assert now - hb > ttl - 0.01
             break
-        assert store.mono() - hb <= ttl + 5, "not seen hung long after its TTL"
+        assert expiry_now(store) - hb <= ttl + 5, "not seen hung long after its TTL"
         time.sleep(0.02)
     # Resumed before anyone reaped it: it heartbeats again and is alive.
     os.kill(w.pid, signal.SIGCONT)
@@ -230,7 +243,7 @@ def test_pid_reuse_is_death(store: coord.Store, db_path: Path,
     w = start(db_path, "real")
     procs.append(w)
     ready(w)
-    row = store.row("SELECT * FROM instances WHERE id = 'real'")
+    row = sql.row(store, "SELECT * FROM instances WHERE id = 'real'")
     assert row is not None
     # Same pid, alive, even holding the lock -- but another start token: another process.
     assert judge(store, dict(row, id="reused", start_token=row["start_token"] - 1)) == (False, "died")
@@ -245,10 +258,9 @@ def test_pid_reuse_is_death(store: coord.Store, db_path: Path,
 
     # Such a row in the table is reaped; the real instance is untouched.
     fake = dict(row, id="reused", start_token=row["start_token"] - 1, lock_path=str(free))
-    cols = ", ".join(fake)
-    store.write(lambda c: c.execute(
-        f"INSERT INTO instances ({cols}) VALUES ({', '.join('?' * len(fake))})",
-        tuple(fake.values())))
+    cols = ", ".join(f'"{c}"' for c in fake)
+    sql.execute(store, f"INSERT INTO instances ({cols}) VALUES ({', '.join('?' * len(fake))})",
+                tuple(fake.values()))
     report = coord.reap(store)
     assert [d["id"] for d in report.dead] == ["reused"]
     assert alive_ids(store) == {"real"}
@@ -300,19 +312,26 @@ def test_a_wall_clock_jump_changes_no_verdict(db_path: Path,
         s.close()
 
 
-def test_expiry_follows_the_monotonic_clock(db_path: Path,
-                                            procs: list[subprocess.Popen[str]]) -> None:
+def test_expiry_follows_the_engine_s_clock(db_path: Path,
+                                           procs: list[subprocess.Popen[str]]) -> None:
+    """SQLite: this boot's monotonic clock (the store's); PostgreSQL: the server's."""
     shift = [0.0]
     real = coord.clock.SYSTEM.mono
     s = coord.Store(db_path, clock=Clock(mono=lambda: real() + shift[0]))
+
+    def move(to: float) -> None:
+        if s.engine == "postgresql":
+            move_server_clock(s, to - shift[0])
+        shift[0] = to
+
     try:
         w = start(db_path, "m1")
         procs.append(w)
         ready(w)
         assert verdicts(s)["m1"] == (True, "alive")
-        shift[0] = 16.0  # the default TTL is 15 s
+        move(16.0)  # the default TTL is 15 s (heartbeats 5 s apart)
         assert verdicts(s)["m1"] == (False, "hung")
-        shift[0] = 0.0
+        move(0.0)
         assert verdicts(s)["m1"] == (True, "alive")
     finally:
         s.close()
@@ -325,28 +344,28 @@ def _hold_things(store: coord.Store, id: str, inc: int) -> None:
     """Give (id, inc) a lease, a claimed job, an ephemeral key and a private queue with
     ready jobs, written directly with SQL."""
 
-    def txn(c: apsw.Connection) -> None:
-        mono, wall = store.mono(), store.wall()
-        term = next_counter(c, "term")
-        c.execute("INSERT INTO leases (name, holder_id, holder_incarnation, term, ttl, acquired_at, "
+    def txn(c: sql.Txn) -> None:
+        mono, wall = c.now, c.wall
+        term = c.counter("term")
+        c("INSERT INTO leases (name, holder_id, holder_incarnation, term, ttl, acquired_at, "
                   "renewed_at, expires_mono) VALUES (?, ?, ?, ?, 15, ?, ?, ?)",
                   (f"{id}/lease", id, inc, term, wall, wall, mono + 15))
-        c.execute("INSERT INTO lease_terms (name, term, holder_id, holder_incarnation, acquired_at) "
+        c("INSERT INTO lease_terms (name, term, holder_id, holder_incarnation, acquired_at) "
                   "VALUES (?, ?, ?, ?, ?)", (f"{id}/lease", term, id, inc, wall))
-        c.execute("INSERT INTO queues (name, owner_id, created_at) VALUES (?, NULL, ?), (?, ?, ?)",
+        c("INSERT INTO queues (name, owner_id, created_at) VALUES (?, NULL, ?), (?, ?, ?)",
                   (f"{id}/shared", wall, f"{id}/private", id, wall))
-        c.execute("INSERT INTO jobs (queue, state, payload, attempts, available_mono, created_at, "
+        c("INSERT INTO jobs (queue, state, payload, attempts, available_mono, created_at, "
                   "claimed_by, claimed_incarnation, claim_token, claim_expires_mono, claimed_at) "
                   "VALUES (?, 'claimed', '1', 1, ?, ?, ?, ?, ?, ?, ?)",
                   (f"{id}/shared", mono, wall, id, inc, f"tok-{id}", mono + 60, wall))
         for n in range(3):
-            c.execute("INSERT INTO jobs (queue, payload, available_mono, created_at) "
+            c("INSERT INTO jobs (queue, payload, available_mono, created_at) "
                       "VALUES (?, ?, ?, ?)", (f"{id}/private", str(n), mono, wall))
-        c.execute("INSERT INTO kv (key, value, version, owner_id, owner_incarnation, created_at, "
+        c("INSERT INTO kv (key, value, version, owner_id, owner_incarnation, created_at, "
                   "updated_at) VALUES (?, '\"here\"', ?, ?, ?, ?, ?)",
-                  (f"{id}/addr", next_counter(c, "revision"), id, inc, wall, wall))
+                  (f"{id}/addr", c.counter("revision"), id, inc, wall, wall))
 
-    store.write(txn)
+    sql.txn(store, txn)
 
 
 def test_takeover_of_a_dead_id(store: coord.Store, db_path: Path,
@@ -361,18 +380,18 @@ def test_takeover_of_a_dead_id(store: coord.Store, db_path: Path,
 
     with register(store, "svc", app="test") as inst:
         assert inst.incarnation > old
-        lease = store.row("SELECT * FROM leases WHERE name = 'svc/lease'")
+        lease = sql.row(store, "SELECT * FROM leases WHERE name = 'svc/lease'")
         assert lease is not None and lease["holder_id"] is None  # released, not inherited
-        term = store.row("SELECT * FROM lease_terms WHERE name = 'svc/lease'")
+        term = sql.row(store, "SELECT * FROM lease_terms WHERE name = 'svc/lease'")
         assert term is not None and term["released_at"] is not None
         assert term["reason"] == "taken over"
-        job = store.row("SELECT * FROM jobs WHERE queue = 'svc/shared'")
+        job = sql.row(store, "SELECT * FROM jobs WHERE queue = 'svc/shared'")
         assert job is not None and (job["state"], job["claimed_by"]) == ("ready", None)
-        assert store.value("SELECT count(*) FROM kv WHERE key = 'svc/addr'") == 0
+        assert sql.value(store, "SELECT count(*) FROM kv WHERE key = 'svc/addr'") == 0
         # Private work is kept and is the new incarnation's to resume.
-        assert store.value("SELECT count(*) FROM jobs WHERE queue = 'svc/private' "
+        assert sql.value(store, "SELECT count(*) FROM jobs WHERE queue = 'svc/private' "
                            "AND state = 'ready'") == 3
-        assert store.value("SELECT owner_id FROM queues WHERE name = 'svc/private'") == "svc"
+        assert sql.value(store, "SELECT owner_id FROM queues WHERE name = 'svc/private'") == "svc"
         kinds = [k for k, _ in events_of(store, "svc")]
         assert kinds == ["joined", "died", "lease released", "took over", "joined"]
         died = dict(events_of(store, "svc"))["died"]
@@ -398,14 +417,13 @@ def test_tombstone_is_kept_while_its_private_queue_has_work(
     with register(store, "tomb", app="test") as inst:
         assert inst.incarnation > old
         assert "took over" in [k for k, _ in events_of(store, "tomb")]
-        assert store.value("SELECT count(*) FROM jobs WHERE queue = 'tomb/private' "
+        assert sql.value(store, "SELECT count(*) FROM jobs WHERE queue = 'tomb/private' "
                            "AND state = 'ready'") == 3
     # It left with work queued: a tombstone again, until the queue is empty.
     assert get_instance(store, "tomb").tombstone
-    now, wall = store.mono(), store.wall()
-    store.write(lambda c: c.execute(
-        "UPDATE jobs SET state = 'done', finished_at = ?, finished_mono = ? "
-        "WHERE queue = 'tomb/private'", (wall, now)))
+    sql.txn(store, lambda t: t("UPDATE jobs SET state = 'done', finished_at = ?, "
+                               "finished_mono = ? WHERE queue = 'tomb/private'",
+                               (t.wall, t.now)))
     report = coord.reap(store)
     assert report.tombstones_removed == 1
     with pytest.raises(coord.NotFound):
@@ -420,8 +438,8 @@ def test_heartbeat_runs_at_least_three_times_per_ttl(store: coord.Store) -> None
     assert store.config.heartbeat == 5.0
     with register(store, "hb", app="x", ttl=0.6) as inst:
         assert inst.heartbeat_interval == pytest.approx(0.2)
-        first = store.value("SELECT heartbeat_mono FROM instances WHERE id = 'hb'")
-        wait_until(lambda: store.value("SELECT heartbeat_mono FROM instances WHERE id = 'hb'") > first)
+        first = sql.value(store, "SELECT heartbeat_mono FROM instances WHERE id = 'hb'")
+        wait_until(lambda: sql.value(store, "SELECT heartbeat_mono FROM instances WHERE id = 'hb'") > first)
         time.sleep(1.0)
         assert get_instance(store, "hb").alive
 
@@ -441,7 +459,7 @@ def test_watchdog_stops_the_heartbeat_of_a_stuck_app(fast_store: coord.Store) ->
 
 def test_a_lost_registration_is_reported(fast_store: coord.Store) -> None:
     inst = register(fast_store, "loser", app="x")
-    fast_store.write(lambda c: c.execute("UPDATE instances SET status = 'dead' WHERE id = 'loser'"))
+    sql.execute(fast_store, "UPDATE instances SET status = 'dead' WHERE id = 'loser'")
     assert inst.lost.wait(timeout=20)
     assert inst.heartbeat() is False
     inst.close()
@@ -460,7 +478,7 @@ def test_context_exit_deregisters(store: coord.Store) -> None:
     with register(store, "ctx", app="x") as inst:
         lock = inst.lock_path
         assert alive_ids(store) == {"ctx"}
-    assert store.rows("SELECT * FROM instances") == []
+    assert sql.rows(store, "SELECT * FROM instances") == []
     assert not os.path.exists(lock)
     assert [k for k, _ in events_of(store, "ctx")] == ["joined", "left"]
     inst.close()  # idempotent
@@ -501,7 +519,7 @@ def test_sigterm_and_exit_deregister(store: coord.Store, db_path: Path, how: str
         assert w.wait(timeout=30) == -signal.SIGTERM  # the default action still happens
     else:
         assert w.wait(timeout=30) == 0
-    assert store.rows("SELECT * FROM instances") == []
+    assert sql.rows(store, "SELECT * FROM instances") == []
     assert [k for k, _ in events_of(store, "bye")] == ["joined", "left"]
 
 
@@ -549,10 +567,10 @@ def test_check_reports_registry_invariants(store: coord.Store, db_path: Path,
     assert check(store) == []  # pending only: not a broken invariant
     coord.reap(store)
     # A tombstone that keeps nothing is pending; one without an end is broken.
-    store.write(lambda c: c.execute(
+    sql.execute(store,
         "INSERT INTO instances (id, incarnation, app, status, pid, start_token, boot_id, pidns, "
-        "uid, user, host, lock_path, ttl, started_at, heartbeat_at, heartbeat_mono) VALUES "
-        "('bare', 10000, 'x', 'dead', 1, 1, 'b', 'n', 0, 'u', 'h', '/x', 15, 1, 1, 1)"))
+        'uid, "user", host, lock_path, ttl, started_at, heartbeat_at, heartbeat_mono) VALUES '
+        "('bare', 10000, 'x', 'dead', 1, 1, 'b', 'n', 0, 'u', 'h', '/x', 15, 1, 1, 1)")
     details = {p.detail: p.pending for p in check(store, strict=True) if p.check == "instances"}
     assert details == {"tombstone bare has no end time or reason": False,
                        "tombstone bare keeps nothing, awaiting the reaper": True}
@@ -578,6 +596,7 @@ def test_a_stuck_instance_runs_no_hooks(fast_store: coord.Store) -> None:
             time.sleep(0.05)
 
 
+@pytest.mark.sqlite_only("the nudge socket's name follows the database file's path")
 def test_abstract_socket_names_are_never_unlinked_as_files(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, procs: list[subprocess.Popen[str]]
 ) -> None:

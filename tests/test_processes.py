@@ -9,6 +9,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
+import engine_sql as sql
 import pytest
 from conftest import spawn_python, wait_line, wait_until
 
@@ -18,6 +19,8 @@ from coord import processes as P
 from coord.check import check
 from coord.identity import ProcIdentity, identify, still_running
 from coord.instances import get_instance
+
+pytestmark = pytest.mark.contract
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
 # Ignores SIGTERM: only SIGKILL ends it.
@@ -249,7 +252,7 @@ def test_reused_pid_is_reported_exited_and_never_signalled(store: coord.Store, c
     children.append(p)
     t = P.track(a, p)
     # The row now names an earlier process that had this pid: the one running is someone else.
-    store.write(lambda c: c.execute("UPDATE processes SET start_token = start_token - 7 WHERE id = ?", (t.id,)))
+    sql.execute(store, "UPDATE processes SET start_token = start_token - 7 WHERE id = ?", (t.id,))
     info = P.get_process(store, t.id)
     assert (info.alive, info.status, info.orphan) == (False, "exited", False)
     listed = P.list_processes(store, "a")
@@ -269,10 +272,10 @@ def test_reaper_marks_rows_whose_process_no_longer_matches(store: coord.Store, c
     p = subprocess.Popen(SLEEPER)
     children.append(p)
     t = P.track(a, p)
-    store.write(lambda c: c.execute("UPDATE processes SET start_token = start_token + 1 WHERE id = ?", (t.id,)))
+    sql.execute(store, "UPDATE processes SET start_token = start_token + 1 WHERE id = ?", (t.id,))
     assert any(pr.pending and pr.check == "processes" for pr in check(store, strict=True))
     assert coord.reap(store).processes_exited == 1
-    assert store.value("SELECT status FROM processes WHERE id = ?", (t.id,)) == "exited"
+    assert sql.value(store, "SELECT status FROM processes WHERE id = ?", (t.id,)) == "exited"
     assert p.poll() is None
     assert check(store, strict=True) == []
 

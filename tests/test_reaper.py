@@ -13,16 +13,18 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import apsw
-from conftest import run_cli, wait_line
+import engine_sql as sql
+import pytest
+from conftest import move_server_clock, run_cli, wait_line
 
 import coord
 from coord.check import check
 from coord.clock import Clock, boot_id
 from coord.config import Config
-from coord.db import next_counter
 from coord.identity import pid_namespace
 from coord.instances import list_instances, register
+
+pytestmark = pytest.mark.contract
 
 WORKER = """
 import os, sys, time, coord
@@ -71,26 +73,35 @@ def insert_dead(store: coord.Store, n: int, prefix: str = "dead") -> list[str]:
     ids = [f"{prefix}-{i}" for i in range(n)]
     locks = store.side_dir("locks")
 
-    def txn(c: apsw.Connection) -> None:
-        mono, wall = store.mono(), store.wall()
+    def txn(c: sql.Txn) -> None:
+        mono, wall = c.now, c.wall
         for id in ids:
-            c.execute(
+            c(
                 "INSERT INTO instances (id, incarnation, app, pid, start_token, boot_id, pidns, "
-                "uid, user, host, lock_path, ttl, started_at, heartbeat_at, heartbeat_mono) "
+                'uid, "user", host, lock_path, ttl, started_at, heartbeat_at, heartbeat_mono) '
                 "VALUES (?, ?, 'test', ?, 1, ?, ?, ?, 'u', 'h', ?, 15, ?, ?, ?)",
-                (id, next_counter(c, "incarnation"), pid, boot_id(), pid_namespace(),
+                (id, c.counter("incarnation"), pid, boot_id(), pid_namespace(),
                  os.geteuid(), str(locks / f"{id}.lock"), wall, wall, mono))
+            if c.pg:  # the host it was registered on: this one
+                c("UPDATE instances SET machine_id = ? WHERE id = ?", (machine(), id))
 
-    store.write(txn)
+    sql.txn(store, txn)
     return ids
 
 
+def machine() -> str:
+    from coord.backend.postgresql.liveness import machine_id
+
+    return machine_id()
+
+
 def died_events(store: coord.Store) -> list[str]:
-    return [r["instance_id"] for r in store.rows("SELECT instance_id FROM events WHERE kind = 'died'")]
+    return [r["instance_id"] for r in sql.rows(
+        store, "SELECT instance_id FROM events WHERE kind = 'died'")]
 
 
 def snapshot(store: coord.Store) -> tuple[object, ...]:
-    return tuple(store.rows(f"SELECT * FROM {t} ORDER BY 1")  # noqa: S608 - fixed names
+    return tuple(sql.rows(store, f"SELECT * FROM {t} ORDER BY 1")  # noqa: S608 - fixed names
                  for t in ("instances", "events", "leases", "jobs", "kv", "messages"))
 
 
@@ -149,9 +160,9 @@ def test_two_reapers_at_once_bury_each_death_once(db_path: Path, tmp_path: Path,
         assert sorted(buried) == sorted(ids)  # between them, each exactly once
         died = Counter(died_events(s))
         assert set(died) == set(ids) and set(died.values()) == {1}
-        assert Counter(r["instance_id"] for r in s.rows(
-            "SELECT instance_id FROM events WHERE kind = 'reaped'")) == Counter(ids)
-        assert s.rows("SELECT * FROM instances") == []
+        assert Counter(r["instance_id"] for r in sql.rows(
+            s, "SELECT instance_id FROM events WHERE kind = 'reaped'")) == Counter(ids)
+        assert sql.rows(s, "SELECT * FROM instances") == []
         assert check(s, strict=True) == []
     finally:
         s.close()
@@ -166,7 +177,11 @@ def test_burial_goes_in_bounded_batches(db_path: Path) -> None:
         insert_dead(s, 30)
         report = coord.reap(s)
         assert len(report.dead) == 30
-        per_txn = Counter(r["at"] for r in s.rows("SELECT at FROM events WHERE kind = 'died'"))
+        # The transaction of each event: SQLite's one wall-clock reading (a new second per
+        # reading here), PostgreSQL's xmin.
+        txn_of = "xmin::text" if s.engine == "postgresql" else "at"
+        per_txn = Counter(r["t"] for r in sql.rows(
+            s, f"SELECT {txn_of} AS t FROM events WHERE kind = 'died'"))  # noqa: S608
         assert max(per_txn.values()) <= 7
         assert len(per_txn) >= 5
     finally:
@@ -195,7 +210,7 @@ def test_reaper_beside_live_instances(store: coord.Store, db_path: Path,
 
 def test_an_instance_of_another_boot_is_reaped(store: coord.Store) -> None:
     insert_dead(store, 1, prefix="old")
-    store.write(lambda c: c.execute("UPDATE instances SET boot_id = 'another-boot'"))
+    sql.execute(store, "UPDATE instances SET boot_id = 'another-boot'")
     report = coord.reap(store)
     assert report.dead == [{"id": "old-0", "incarnation": report.dead[0]["incarnation"],
                             "reason": "reboot"}]
@@ -207,11 +222,11 @@ def test_events_are_trimmed_by_rows(db_path: Path) -> None:
         for i in range(10):
             with register(s, f"e{i}", app="test"):
                 pass
-        newest = s.value("SELECT max(id) FROM events")
+        newest = sql.value(s, "SELECT max(id) FROM events")
         report = coord.reap(s)
         assert report.events_trimmed >= 15
-        assert s.value("SELECT count(*) FROM events") == 5
-        assert s.value("SELECT max(id) FROM events") == newest  # the newest are kept
+        assert sql.value(s, "SELECT count(*) FROM events") == 5
+        assert sql.value(s, "SELECT max(id) FROM events") == newest  # the newest are kept
     finally:
         s.close()
 
@@ -223,11 +238,14 @@ def test_events_are_trimmed_by_age(db_path: Path) -> None:
     try:
         with register(s, "old", app="test"):
             pass
-        offset[0] = 120.0
+        offset[0] = 120.0  # events are stamped with the wall clock: the server's on PostgreSQL
+        if s.engine == "postgresql":
+            move_server_clock(s, 120.0)
         with register(s, "new", app="test"):
             pass
         coord.reap(s)
-        left = {(r["kind"], r["instance_id"]) for r in s.rows("SELECT kind, instance_id FROM events")}
+        left = {(r["kind"], r["instance_id"])
+                for r in sql.rows(s, "SELECT kind, instance_id FROM events")}
         assert left == {("joined", "new"), ("left", "new")}
     finally:
         s.close()
@@ -246,8 +264,8 @@ def test_event_kinds_of_a_life(store: coord.Store, db_path: Path,
     coord.reap(store)
     with register(store, "short", app="test"):
         pass
-    kinds = [r["kind"] for r in store.rows(
-        "SELECT kind FROM events WHERE instance_id IN ('life', 'short') ORDER BY id")]
+    kinds = [r["kind"] for r in sql.rows(
+        store, "SELECT kind FROM events WHERE instance_id IN ('life', 'short') ORDER BY id")]
     assert kinds == ["joined", "died", "took over", "joined", "died", "reaped", "joined", "left"]
     out = run_cli(db_path, "events", "--json")
     listed = json.loads(out.stdout)

@@ -11,6 +11,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import engine_sql as sql
+import pytest
 from conftest import INSTANCE_WORKER, spawn_python, wait_line, wait_until
 
 import coord
@@ -18,6 +20,8 @@ from coord import processes as P
 from coord import tree
 from coord.identity import ProcIdentity, identify
 from coord.leases import acquire, get_lease, list_leases, serve_reaper
+
+pytestmark = pytest.mark.contract
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
 
@@ -79,9 +83,9 @@ def test_readers_show_a_dead_holders_lease_free_without_burying(store: coord.Sto
     assert list_leases(store, held_only=True) == []
     assert [i.holder for i in list_leases(store)] == [None]
     # A reader writes nothing: the row still names the dead holder until the rule is applied.
-    assert store.value("SELECT holder_id FROM leases WHERE name = 'read/l'") == "holder"
+    assert sql.value(store, "SELECT holder_id FROM leases WHERE name = 'read/l'") == "holder"
     coord.reap(store)
-    assert store.value("SELECT holder_id FROM leases WHERE name = 'read/l'") is None
+    assert sql.value(store, "SELECT holder_id FROM leases WHERE name = 'read/l'") is None
 
 
 def test_the_elected_reaper_acts_on_a_death_by_its_pidfd_watch(fast_store: coord.Store,
@@ -98,12 +102,12 @@ def test_the_elected_reaper_acts_on_a_death_by_its_pidfd_watch(fast_store: coord
         wait_line(v)
     victims[1].send_signal(signal.SIGKILL)
     victims[1].wait()
-    wait_until(lambda: fast_store.row("SELECT 1 FROM instances WHERE id = 'v1'") is None,
+    wait_until(lambda: sql.row(fast_store, "SELECT 1 FROM instances WHERE id = 'v1'") is None,
                timeout=5)
-    alive = {r["id"] for r in fast_store.rows("SELECT id FROM instances WHERE status = 'alive'")}
+    alive = {r["id"] for r in sql.rows(fast_store, "SELECT id FROM instances WHERE status = 'alive'")}
     assert alive == {"reaper", "v0", "v2"}
-    died = [json.loads(r["detail"])["reason"] for r in fast_store.rows(
-        "SELECT detail FROM events WHERE kind = 'died' AND instance_id = 'v1'")]
+    died = [json.loads(r["detail"])["reason"] for r in sql.rows(
+        fast_store, "SELECT detail FROM events WHERE kind = 'died' AND instance_id = 'v1'")]
     assert died == ["died"]
     me.close()
 
@@ -148,13 +152,18 @@ def test_the_death_watch_holds_more_pidfds_than_select_could(fast_store: coord.S
     children.append(sleeper)
     ident = identify(sleeper.pid)
     assert ident is not None
-    now, wall = fast_store.mono(), fast_store.wall()
-    rows = [(f"many-{i}", 100000 + i, sleeper.pid, ident.start_token, boot_id(), pid_namespace(),
-             "/nonexistent/many.lock", wall, wall, now) for i in range(1100)]
-    fast_store.write(lambda c: c.executemany(
-        "INSERT INTO instances (id, incarnation, app, status, pid, start_token, boot_id, pidns, "
-        "uid, user, host, lock_path, ttl, started_at, heartbeat_at, heartbeat_mono) VALUES "
-        "(?, ?, 'x', 'alive', ?, ?, ?, ?, 0, 'u', 'h', ?, 3600, ?, ?, ?)", rows))
+
+    def insert(t: sql.Txn) -> None:
+        rows = [(f"many-{i}", 100000 + i, sleeper.pid, ident.start_token, boot_id(),
+                 pid_namespace(), "/nonexistent/many.lock", t.wall, t.wall, t.now)
+                for i in range(1100)]
+        t("INSERT INTO instances (id, incarnation, app, status, pid, start_token, boot_id, "
+          'pidns, uid, "user", host, lock_path, ttl, started_at, heartbeat_at, heartbeat_mono) '
+          "SELECT * FROM (VALUES " + ", ".join(
+              ["(?, ?, 'x', 'alive', ?, ?, ?, ?, 0, 'u', 'h', ?, 3600, ?, ?, ?)"] * len(rows))
+          + ")", tuple(v for r in rows for v in r))
+
+    sql.txn(fast_store, insert)
 
     def pidfds() -> int:
         n = 0
@@ -168,7 +177,7 @@ def test_the_death_watch_holds_more_pidfds_than_select_could(fast_store: coord.S
     wait_until(lambda: pidfds() >= 1100, timeout=20)
     sleeper.kill()
     sleeper.wait()
-    wait_until(lambda: fast_store.value("SELECT count(*) FROM instances WHERE id LIKE 'many-%' "
-                                        "AND status = 'alive'") == 0, timeout=20)
+    wait_until(lambda: sql.value(fast_store, "SELECT count(*) FROM instances WHERE id LIKE "
+                                             "'many-%' AND status = 'alive'") == 0, timeout=20)
     assert pidfds() < 100  # it let go of the dead ones
     me.close()

@@ -168,6 +168,11 @@ class Liveness(Protocol):
         or the tombstone's end reason."""
         ...
 
+    def heartbeat_age(self, row: Row, look: object) -> float | None:
+        """Seconds since the row's last heartbeat as of ``look`` (a ``look()``), by the
+        engine's clock; None when its stamp is not comparable (SQLite: another boot)."""
+        ...
+
     def prove(self, token: str) -> Proof:
         """Start proving that this process lives, for a registration about to be made
         (``token`` names it uniquely); held until the ``Proof`` is released."""

@@ -47,6 +47,12 @@ class InstanceWrites(Protocol):
         """Renew; False when that incarnation is no longer registered and alive."""
         ...
 
+    def changes(self) -> object:
+        """A cheap token that differs whenever registrations may have changed since it was
+        taken (SQLite: the database's data version; PostgreSQL: the registry's newest
+        incarnation and its count of live rows)."""
+        ...
+
     def deregister(self, member: Member) -> bool:
         """The death rule for a clean exit (reason 'left'); False when not registered."""
         ...
@@ -184,5 +190,12 @@ class CheckOps(Protocol):
 
     def facts(self) -> dict[str, Any]:
         """journal_mode, schema_version, supported_schema_version, application_id,
-        busy_retries, counts (rows per table)."""
+        busy_retries, counts (rows per table); PostgreSQL adds server_version, schema,
+        settings and idle_lock_holders."""
+        ...
+
+    def figures(self) -> dict[str, int | float]:
+        """Cheap figures for ``coord metrics``: messages_pending (not yet acknowledged) and
+        the engine's own (SQLite: wal_bytes; PostgreSQL: schema_version,
+        server_version_num, idle_lock_holders)."""
         ...

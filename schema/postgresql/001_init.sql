@@ -65,8 +65,10 @@ END $$;
 -- Every registered instance, alive or a tombstone. One row per id; re-registering an id
 -- replaces the row with a new incarnation. host and boot_id say where its process runs:
 -- only a coord process on that host and boot can prove it dead from its pid (the others wait
--- for its heartbeat to expire by the server's clock). lock_path is its host-local proof of
--- life (a record lock in that host's runtime directory).
+-- for its heartbeat to expire by the server's clock). machine_id names the host (its
+-- /etc/machine-id, else "host:" and its host name): a row of this machine with another
+-- boot_id is of a boot that is over, and only that machine buries it as 'reboot'. lock_path
+-- is its host-local proof of life (a record lock in that host's runtime directory).
 CREATE TABLE instances (
     id             text PRIMARY KEY,
     incarnation    bigint NOT NULL,
@@ -79,6 +81,7 @@ CREATE TABLE instances (
     uid            bigint NOT NULL,
     "user"         text NOT NULL,
     host           text NOT NULL,
+    machine_id     text NOT NULL DEFAULT '',
     cmdline        text NOT NULL DEFAULT '[]',
     cwd            text NOT NULL DEFAULT '',
     labels         text NOT NULL DEFAULT '{}',
@@ -93,6 +96,7 @@ CREATE TABLE instances (
     end_reason     text
 );
 CREATE INDEX instances_app ON instances (app, status);
+CREATE INDEX instances_machine ON instances (machine_id, boot_id) WHERE status = 'alive';
 
 -- Processes an instance tracks (spawn/track) and the recorded process trees of `coord run`/
 -- `elect`/`lock` wrappers (tree = true), bound to (instance_id, incarnation). Host-local:

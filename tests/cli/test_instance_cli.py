@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import engine_sql as sql
 import pytest
 import typer
 from conftest import coord_env, wait_line
@@ -19,6 +20,8 @@ from coord.cli.main import app
 
 import coord
 from coord.instances import register
+
+pytestmark = pytest.mark.contract
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 COMMANDS = ["instances", "instance", "run", "reap", "events"]
@@ -81,11 +84,11 @@ def test_instances_lists_alive_by_default_and_all_with_tombstones(
     worker(db_path, procs, "db-1", "db")
     victim.kill()
     victim.wait()
-    store.write(lambda c: c.execute(
+    sql.execute(store,
         "INSERT INTO instances (id, incarnation, app, status, pid, start_token, boot_id, pidns, "
-        "uid, user, host, lock_path, ttl, started_at, heartbeat_at, heartbeat_mono, ended_at, "
+        'uid, "user", host, lock_path, ttl, started_at, heartbeat_at, heartbeat_mono, ended_at, '
         "end_reason) VALUES ('old-1', 999, 'web', 'dead', 1, 1, 'b', 'n', 0, 'u', 'h', '/x', 15, "
-        "1, 1, 1, 2, 'died')"))
+        "1, 1, 1, 2, 'died')")
 
     rows = json.loads(cli("instances", "--json").stdout)
     assert sorted(r["id"] for r in rows) == ["db-1", "web-1"]

@@ -6,8 +6,12 @@ import re
 import subprocess
 from collections.abc import Callable
 
+import pytest
+
 import coord
 from coord import leases, queues
+
+pytestmark = pytest.mark.contract
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 

@@ -18,6 +18,8 @@ import coord
 from coord import processes as P
 from coord.identity import ProcIdentity, still_running
 
+pytestmark = pytest.mark.contract
+
 Cli = Callable[..., subprocess.CompletedProcess[str]]
 
 # An instance that spawns N sleeping children through coord (own sessions, so they outlive

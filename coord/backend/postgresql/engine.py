@@ -6,11 +6,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from .checks import PgChecks
 from .clock import ServerClock
 from .connection import PgDb
+from .death_rule import PgDeathRule, rebase_boot
 from .instances import PgInstances
 from .liveness import PgLiveness
 from .opening import open_schema
+from .processes import PgProcesses
+from .trees import PgTrees
 from .wakeup import PgWakeup
 
 if TYPE_CHECKING:
@@ -39,23 +43,24 @@ class PostgresBackend:
     def __init__(self, store: Store, location: PgLocation) -> None:
         self.db = PgDb(location)
         self.clock = ServerClock(self.db)
-        self.liveness = PgLiveness(store, self.clock)
+        self.liveness = PgLiveness(store, self.clock, self.db)
         self.wakeup = PgWakeup()
         self.instances = PgInstances(self.db, self.liveness)
         self.events: Any = NotYet("events")
         self.kv: Any = NotYet("kv")
         self.messages: Any = NotYet("messages")
         self.leases: Any = NotYet("leases")
-        self.death: Any = NotYet("death")
-        self.trees: Any = NotYet("trees")
-        self.processes: Any = NotYet("processes")
-        self.checks: Any = NotYet("checks")
+        self.death = PgDeathRule(self.db, self.liveness)
+        self.trees = PgTrees(self.db)
+        self.processes = PgProcesses(self.db)
+        self.checks = PgChecks(self.db)
         self.queues: Any = NotYet("queues")
         self.meta: Any = NotYet("meta")
         self.adhoc: Any = NotYet("adhoc")
 
     def open(self) -> None:
         open_schema(self.db)
+        rebase_boot(self.db)
 
     def close(self) -> None:
         self.db.close()

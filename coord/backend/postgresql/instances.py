@@ -13,6 +13,7 @@ from ..records import Member
 from .connection import Conn, fetch, scalar
 from .death import bury_many, release_holdings_many
 from .events import log_event
+from .liveness import machine_id
 
 if TYPE_CHECKING:
     from .connection import PgDb, Row
@@ -21,10 +22,10 @@ if TYPE_CHECKING:
 #: The columns ``register`` takes in ``fields``, in the table's order.
 FIELDS = ("app", "pid", "start_token", "boot_id", "pidns", "uid", "user", "host", "cmdline",
           "cwd", "labels", "lock_path", "nudge_path", "ttl", "watchdog")
-_COLUMNS = ", ".join('"user"' if f == "user" else f for f in FIELDS)
+_COLUMNS = ", ".join('"user"' if f == "user" else f for f in (*FIELDS, "machine_id"))
 _INSERT = (
     f"INSERT INTO instances (id, incarnation, status, {_COLUMNS}, started_at, heartbeat_at, "
-    "heartbeat_mono) VALUES (%s, %s, 'alive', " + ", ".join(["%s"] * len(FIELDS))
+    "heartbeat_mono) VALUES (%s, %s, 'alive', " + ", ".join(["%s"] * (len(FIELDS) + 1))
     + ", coord_now(), coord_now(), coord_now()) "
     "ON CONFLICT (id) DO UPDATE SET incarnation = excluded.incarnation, status = 'alive', "
     + ", ".join(f"{c} = excluded.{c}" for c in _COLUMNS.split(", "))
@@ -82,7 +83,7 @@ class PgInstances:
                               reason=verdict)
                 release_holdings_many(c, [(id, old[0]["incarnation"])], reason="taken over")
             inc = int(scalar(c, "SELECT nextval('incarnation_seq')"))
-            c.execute(_INSERT, (id, inc, *[fields[k] for k in FIELDS]))
+            c.execute(_INSERT, (id, inc, *[fields[k] for k in FIELDS], machine_id()))
             if old:
                 log_event(c, "took over", id, None, previous=old[0]["incarnation"],
                           incarnation=inc)
@@ -90,14 +91,26 @@ class PgInstances:
             return inc
 
         inc = self._db.write(txn)
+        proof = self._liveness.proof_at(fields["lock_path"])
+        if proof is not None:
+            proof.bind((id, inc), float(fields["ttl"]))
         if previous:
             self._liveness.forget(previous)
         return inc, (previous[0] if previous else None)
 
     def heartbeat(self, member: Member) -> bool:
+        # Our own registration heartbeats on its liveness connection, which checks its lock.
+        proof = self._liveness.by_member(member)
+        if proof is not None:
+            return proof.heartbeat()
         return bool(self._db.write(lambda c: fetch(
             c, "UPDATE instances SET heartbeat_mono = coord_now(), heartbeat_at = coord_now() "
             "WHERE id = %s AND incarnation = %s AND status = 'alive' RETURNING 1", member)))
+
+    def changes(self) -> object:
+        row = self._db.row("SELECT max(incarnation) AS top, count(*) AS n FROM instances "
+                           "WHERE status = 'alive'")
+        return None if row is None else (row["top"], row["n"])
 
     def deregister(self, member: Member) -> bool:
         return bool(self._db.write(lambda c: bury_many(c, [member], reason="left")))

@@ -4,6 +4,7 @@ doctor``: the ones that need only the database (liveness-dependent checks stay i
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from ...db import APPLICATION_ID
@@ -139,4 +140,12 @@ class SqliteChecks:
                 "SELECT value FROM counters WHERE name = 'busy_retries'") or 0,
             "counts": {t: store.value(f"SELECT count(*) FROM {t}")  # noqa: S608 - fixed names
                        for t in _TABLES},
+        }
+
+    def figures(self) -> dict[str, int | float]:
+        wal = f"{self._store.path}-wal"
+        return {
+            "messages_pending": int(self._store.value(
+                "SELECT count(*) FROM messages WHERE acked = 0")),
+            "wal_bytes": os.path.getsize(wal) if os.path.exists(wal) else 0,
         }

@@ -122,6 +122,9 @@ class SqliteInstances:
             (now_mono, now_wall, *member),
         ).fetchall()))
 
+    def changes(self) -> object:
+        return self._store.data_version()
+
     def deregister(self, member: Member) -> bool:
         store = self._store
         return store.write(lambda c: bury(c, store, *member, reason="left"))

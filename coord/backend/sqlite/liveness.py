@@ -192,6 +192,11 @@ class SqliteLiveness:
             return judge(self._store, row, probe=look)
         return judge(self._store, row, self._clock.now())
 
+    def heartbeat_age(self, row: Row, look: object) -> float | None:
+        # Readings of CLOCK_MONOTONIC compare only within one boot.
+        assert isinstance(look, Probe) and look.now is not None
+        return look.now - row["heartbeat_mono"] if row["boot_id"] == look.boot_id else None
+
     def prove(self, token: str) -> LockProof:
         return LockProof(str(self._store.side_dir("locks") / f"{token}.lock"))
 
