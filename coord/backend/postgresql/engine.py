@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any, NoReturn
 from .clock import ServerClock
 from .connection import PgDb
 from .instances import PgInstances
+from .kv import PgKv
+from .leases import PgLeases
 from .liveness import PgLiveness
 from .opening import open_schema
 from .wakeup import PgWakeup
@@ -43,9 +45,9 @@ class PostgresBackend:
         self.wakeup = PgWakeup()
         self.instances = PgInstances(self.db, self.liveness)
         self.events: Any = NotYet("events")
-        self.kv: Any = NotYet("kv")
+        self.kv = PgKv(self.db, self.liveness)
         self.messages: Any = NotYet("messages")
-        self.leases: Any = NotYet("leases")
+        self.leases = PgLeases(self.db, self.liveness, self.kv)
         self.death: Any = NotYet("death")
         self.trees: Any = NotYet("trees")
         self.processes: Any = NotYet("processes")
