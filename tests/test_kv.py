@@ -288,3 +288,28 @@ def test_the_checker_sees_broken_kv_rows(store: coord.Store) -> None:
     details = [p.detail for p in check(store)]
     assert "keys a, b share version 5" in details
     assert "key 'c': value is not valid JSON" in details
+
+
+def test_create_only_cas_has_exactly_one_winner(db_path: Path, store: coord.Store) -> None:
+    # Writers racing to create one key (version 0): one wins, every other sees its version.
+    won: list[int] = []
+    lost: list[int | None] = []
+    start = threading.Barrier(6)
+
+    def race() -> None:
+        s = coord.Store(db_path)
+        try:
+            start.wait(10)
+            try:
+                won.append(kv.cas(s, "race/k", 1, version=0))
+            except VersionConflict as e:
+                lost.append(e.found)
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=race) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(won) == 1 and lost == [won[0]] * 5
