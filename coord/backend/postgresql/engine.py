@@ -13,6 +13,8 @@ from .kv import PgKv
 from .leases import PgLeases
 from .liveness import PgLiveness
 from .opening import open_schema
+from .processes import PgProcesses
+from .trees import PgTrees
 from .wakeup import PgWakeup
 
 if TYPE_CHECKING:
@@ -49,8 +51,8 @@ class PostgresBackend:
         self.messages: Any = NotYet("messages")
         self.leases = PgLeases(self.db, self.liveness, self.kv)
         self.death: Any = NotYet("death")
-        self.trees: Any = NotYet("trees")
-        self.processes: Any = NotYet("processes")
+        self.trees = PgTrees(self.db)
+        self.processes = PgProcesses(self.db)
         self.checks: Any = NotYet("checks")
         self.queues: Any = NotYet("queues")
 
