@@ -8,6 +8,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -401,3 +402,50 @@ def test_a_stuck_instance_stops_renewing_and_steps_down(fast_store: coord.Store)
     lease = acquire(a, "stuck")  # the app never calls a.beat(): stuck after 0.2 s
     wait_until(lambda: get_lease(fast_store, "stuck").holder is None, timeout=10)
     assert not lease.held and lease.lost_reason == "renew deadline passed"
+
+
+def _block_writes(store: coord.Store, name: str) -> Callable[[], None]:
+    """Make every renewal of lease ``name`` wait (as for a server that stopped answering):
+    SQLite's write lock, or the lease's row locked on PostgreSQL. Returns the unblocking."""
+    if store.engine == "postgresql":
+        c = store.backend.db.connect()  # type: ignore[attr-defined]
+        c.execute("BEGIN")
+        c.execute("SELECT * FROM leases WHERE name = %s FOR UPDATE", (name,))
+
+        def unblock_pg() -> None:
+            c.execute("ROLLBACK")
+            c.close()
+
+        return unblock_pg
+    raw = store.raw_connection()
+    raw.execute("BEGIN IMMEDIATE")
+
+    def unblock() -> None:
+        raw.execute("ROLLBACK")
+        raw.close()
+
+    return unblock
+
+
+def test_a_renewal_stuck_in_the_driver_does_not_delay_the_step_down(
+        fast_store: coord.Store) -> None:
+    a = _register(fast_store, "a")
+    seen: list[float] = []
+    lease = acquire(a, "stuck/renew", on_lost=lambda ls: seen.append(time.monotonic()))
+    t0 = time.monotonic()
+    unblock = _block_writes(fast_store, "stuck/renew")
+    try:
+        # The renewing thread waits on the lock (for SQLite's busy timeout, 5 s; on
+        # PostgreSQL until unblocked); the deadline still holds (a margin for a busy machine).
+        assert lease.lost.wait(timeout=lease.deadline_span + 4.0)
+        assert seen and seen[0] - t0 <= lease.deadline_span + 2.0
+        assert lease.lost_reason == "renew deadline passed" and not lease.held
+    finally:
+        unblock()
+    # Once the store answers again, the term is freed as a step-down.
+    wait_until(lambda: get_lease(fast_store, "stuck/renew").holder is None, timeout=20)
+    wait_until(lambda: engine_sql.value(
+        fast_store, "SELECT reason FROM lease_terms WHERE name = 'stuck/renew'") is not None,
+        timeout=20)
+    assert engine_sql.value(fast_store, "SELECT reason FROM lease_terms "
+                            "WHERE name = 'stuck/renew'") in ("stepped down", "expired")
