@@ -102,6 +102,9 @@ class PgLeases:
             if not fetch(c, "SELECT 1 FROM instances WHERE id = %s AND incarnation = %s "
                          "AND status = 'alive' FOR SHARE", me):
                 raise NotRegistered(me[0], "closed, declared dead or taken over")
+            held = self._held_by_another(c, name, me)
+            if held is not None:
+                return held
             row, hrow = self._locked(c, name, me)
             previous = None
             reason = "free"
@@ -151,6 +154,20 @@ class PgLeases:
         if buried:
             self._liveness.forget(buried)
         return taken
+
+    def _held_by_another(self, c: Conn, name: str, me: Member) -> str | None:
+        """The holder's id when another live instance holds ``name`` unexpired, read without
+        locks: candidates that poll a held lease do not queue on its holder's row."""
+        rows = fetch(c, f"{_SELECT} WHERE name = %s", (name,))
+        row = rows[0] if rows else None
+        holder = None if row is None else _member(row["holder_id"], row["holder_incarnation"])
+        if (row is None or holder is None or holder == (me[0], int(me[1]))
+                or row["expires_mono"] is None or row["expires_mono"] < row["now_mono"]):
+            return None
+        inst = fetch(c, "SELECT * FROM instances WHERE id = %s AND incarnation = %s", holder)
+        if not inst or not self._liveness.judge(inst[0])[0]:
+            return None
+        return holder[0]
 
     def _locked(self, c: Conn, name: str, me: Member) -> tuple[Row | None, Row | None]:
         """The lease row and its holder's instance row, both locked ``FOR UPDATE`` (the
