@@ -272,7 +272,7 @@ def stop_outside_a_write(store: coord.Store, p: subprocess.Popen[Any]) -> None:
     """SIGSTOP ``p`` at a moment it holds no write lock (a process stopped in the middle of
     its heartbeat's transaction would block every writer until it resumes)."""
     if store.engine == "postgresql":
-        _stop_outside_a_pg_write(store, p)
+        _stop_outside_a_pg_transaction(store, p)
         return
     probe = store.raw_connection()
     probe.set_busy_timeout(0)
@@ -292,17 +292,17 @@ def stop_outside_a_write(store: coord.Store, p: subprocess.Popen[Any]) -> None:
         probe.close()
 
 
-def _stop_outside_a_pg_write(store: coord.Store, p: subprocess.Popen[Any]) -> None:
-    # PostgreSQL: stopped while no session of the database but ours is inside a transaction
-    # (a stopped session in one would hold its row locks until it resumes).
-    busy = ("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-            "AND pid <> pg_backend_pid() AND backend_type = 'client backend' "
-            "AND state <> 'idle'")
+def _stop_outside_a_pg_transaction(store: coord.Store, p: subprocess.Popen[Any]) -> None:
+    # On PostgreSQL a stopped writer holds its row locks: stop it when no other session of
+    # the server under test is inside a transaction (each test has the server to itself).
+    db = store.backend.db  # type: ignore[attr-defined]
     for _ in range(200):
         os.kill(p.pid, signal.SIGSTOP)
         wait_until(lambda: (proc_stat(p.pid) or (0, "T"))[1] == "T", timeout=10)
-        if store.backend.db.value(busy) == 0:  # type: ignore[attr-defined]
+        busy = db.value("SELECT count(*) FROM pg_stat_activity WHERE backend_type = "
+                        "'client backend' AND xact_start IS NOT NULL AND pid <> pg_backend_pid()")
+        if not busy:
             return
         os.kill(p.pid, signal.SIGCONT)
         time.sleep(0.05)
-    raise AssertionError(f"could not stop {p.pid} outside a write transaction")
+    raise AssertionError(f"could not stop {p.pid} outside a transaction")

@@ -280,11 +280,11 @@ def test_any_json_value_round_trips(store: coord.Store, key: str, value: Any) ->
 
 def test_the_checker_sees_broken_kv_rows(store: coord.Store) -> None:
     healthy(store)
-    engine_sql.write(
-        store, "INSERT INTO kv (key, value, version, created_at, updated_at) VALUES (?, ?, ?, 0, 0)",
-        [("a", "1", 5), ("b", "2", 5), ("c", "{nope", 6)])
+    engine_sql.txn(store, lambda t: [t(
+        "INSERT INTO kv (key, value, version, created_at, updated_at) VALUES (?, ?, ?, 0, 0)", r)
+        for r in [("a", "1", 5), ("b", "2", 5), ("c", "{nope", 6)]])
     # SQLite's counter must stay ahead of every version (PostgreSQL's is a sequence).
-    engine_sql.write(store, "UPDATE counters SET value = 10 WHERE name = 'revision'")
+    engine_sql.execute(store, "UPDATE counters SET value = 10 WHERE name = 'revision'")
     details = [p.detail for p in check(store)]
     assert "keys a, b share version 5" in details
     assert "key 'c': value is not valid JSON" in details

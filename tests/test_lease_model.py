@@ -37,7 +37,7 @@ TTL = 10.0
 DEADLINE = 6.0  # renew deadline: a holder steps down before anyone may take over by TTL
 NAMES = ("svc/a", "svc/b")
 IDS = ("m-0", "m-1", "m-2")
-#: A fenced upsert of meta, both engines' SQL (placeholders: ``engine_sql.sql``).
+#: A fenced upsert of meta, both engines' SQL (placeholders: ``?`` or ``%s``).
 UPSERT = ("INSERT INTO meta (key, value) VALUES ({}, {}) "
           "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
 
@@ -63,7 +63,7 @@ class LeaseMachine(RuleBasedStateMachine):
         where = with_schema(pg_url, self.schema) if pg_url and self.schema else self.dir / "coord.db"
         self.store = coord.Store(where, clock=clock, config=cfg)
         if self.schema:
-            engine_sql.write(self.store, FROZEN_SERVER_CLOCK)
+            engine_sql.execute(self.store, FROZEN_SERVER_CLOCK)
             self._set_server_clock()
         self.insts = [self._register(i) for i in IDS]
         # model: name -> (holder index, term, expires) or None
@@ -81,13 +81,13 @@ class LeaseMachine(RuleBasedStateMachine):
 
     def _set_server_clock(self) -> None:
         if self.schema:
-            engine_sql.write(self.store, "UPDATE clock_offset SET offset_s = ?", (self.now,))
+            engine_sql.execute(self.store, "UPDATE clock_offset SET offset_s = ?", (self.now,))
 
     def teardown(self) -> None:
         for inst in self.insts:
             inst.close()
         if self.schema:
-            engine_sql.write(self.store, f'DROP SCHEMA "{self.schema}" CASCADE')
+            engine_sql.execute(self.store, f'DROP SCHEMA "{self.schema}" CASCADE')
         self.store.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -206,7 +206,7 @@ class LeaseMachine(RuleBasedStateMachine):
                 value = f"w{self.writes}"
                 try:
                     fenced_write(self.store, name, term,
-                                 engine_sql.sql(self.store, UPSERT.format("'model/w'", "?")),
+                                 UPSERT.format("'model/w'", "%s" if self.schema else "?"),
                                  (value,))
                     ok = True
                 except LeaseLost as e:

@@ -32,7 +32,7 @@ from coord.leases import (
 
 pytestmark = pytest.mark.contract
 
-#: A fenced write both engines speak (placeholders: ``engine_sql.sql``).
+#: A fenced write both engines speak (literal values: placeholders differ).
 UPSERT = "INSERT INTO meta (key, value) VALUES ({}, {}) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 
 # A candidate: registers, waits for the lease, reports when it got it (CLOCK_MONOTONIC).
@@ -164,7 +164,7 @@ def test_candidate_recontends_and_stops(fast_store: coord.Store) -> None:
     with Candidate(b, "cand") as cb:
         assert not cb.is_leader
         # Someone takes a's term away (as a TTL takeover would): a loses, b gets it, a waits.
-        engine_sql.write(fast_store, "UPDATE leases SET expires_mono = 0 WHERE name = 'cand'")
+        engine_sql.execute(fast_store, "UPDATE leases SET expires_mono = 0 WHERE name = 'cand'")
         wait_until(lambda: lost == [first.term])
         lb = cb.wait_leader(10)
         assert lb is not None and lb.term > first.term
@@ -370,17 +370,17 @@ def test_checker_sees_broken_lease_rules(store: coord.Store) -> None:
     a = _register(store, "a")
     lease = acquire(a, "chk", renew=False)
     assert check(store) == []
-    engine_sql.write(store, "UPDATE lease_terms SET released_at = 1 WHERE name = 'chk'")
+    engine_sql.execute(store, "UPDATE lease_terms SET released_at = 1 WHERE name = 'chk'")
     assert any("history row is not open" in p.detail for p in check(store))
-    engine_sql.write(store, "UPDATE lease_terms SET released_at = NULL WHERE name = 'chk'")
-    engine_sql.write(
+    engine_sql.execute(store, "UPDATE lease_terms SET released_at = NULL WHERE name = 'chk'")
+    engine_sql.execute(
         store, "INSERT INTO lease_terms (name, term, holder_id, holder_incarnation, acquired_at) "
         "VALUES ('other', ?, 'x', 1, 0)", (lease.term,))
     details = [p.detail for p in check(store)]
     assert any("handed out 2 times" in d for d in details)
     assert any("'other'" in d and "open but not held" in d for d in details)
-    engine_sql.write(store, "DELETE FROM lease_terms WHERE name = 'other'")
-    engine_sql.write(store, "UPDATE leases SET expires_mono = 0 WHERE name = 'chk'")
+    engine_sql.execute(store, "DELETE FROM lease_terms WHERE name = 'other'")
+    engine_sql.execute(store, "UPDATE leases SET expires_mono = 0 WHERE name = 'chk'")
     assert check(store) == []  # past its TTL is pending, not broken
     assert any("past its TTL" in p.detail for p in check(store, strict=True))
     lease.release()

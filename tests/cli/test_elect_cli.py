@@ -262,7 +262,7 @@ def test_lost_lease_ends_cmd(db_path: Path, children: list[subprocess.Popen[Any]
     store = coord.Store(db_path)
     cmd = get_lease(store, "app/l").pgid
     assert cmd is not None
-    engine_sql.write(store, "UPDATE leases SET expires_mono = 0 WHERE name = 'app/l'")
+    engine_sql.execute(store, "UPDATE leases SET expires_mono = 0 WHERE name = 'app/l'")
     assert p.wait(30) == 75  # at its next renewal it finds the lease gone
     assert p.stderr is not None and "no longer held" in p.stderr.read()
     assert _gone(cmd)

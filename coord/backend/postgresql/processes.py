@@ -1,5 +1,5 @@
 """The PostgreSQL engine's tracked processes: the ``processes`` table (see
-``coord.processes`` for the rules), stamped with the server's clock."""
+``coord.processes`` for the rules; signalling and probing stay on the process's host)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from .connection import PgDb, Row
 
 _INSERT = (
-    'INSERT INTO processes (instance_id, incarnation, pid, start_token, boot_id, pgid, '
+    "INSERT INTO processes (instance_id, incarnation, pid, start_token, boot_id, pgid, "
     'name, cmdline, cwd, "user", labels, log_path, started_at, status, ended_at) '
     "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, coord_now(), %s, "
     "CASE WHEN %s THEN NULL ELSE coord_now() END) RETURNING id"
@@ -54,8 +54,7 @@ class PgProcesses:
                     "exit_code = CASE WHEN exit_code IS NULL AND signal IS NULL THEN %s "
                     "ELSE exit_code END, "
                     "signal = CASE WHEN exit_code IS NULL AND signal IS NULL THEN %s "
-                    "ELSE signal END WHERE id = %s",
-                    (ec, sig, row["id"]))
+                    "ELSE signal END WHERE id = %s", (ec, sig, row["id"]))
                 log_event(c, kind, row["instance_id"], row["name"], process=row["id"],
                           pid=row["pid"], how=how)
 
@@ -74,5 +73,5 @@ class PgProcesses:
                 "SELECT * FROM processes WHERE instance_id = %s ORDER BY id", (instance_id,))
         if running:
             return self._db.rows("SELECT * FROM processes WHERE status = 'running' "
-                                 'ORDER BY instance_id COLLATE "C", id')
-        return self._db.rows('SELECT * FROM processes ORDER BY instance_id COLLATE "C", id')
+                                 "ORDER BY instance_id, id")
+        return self._db.rows("SELECT * FROM processes ORDER BY instance_id, id")

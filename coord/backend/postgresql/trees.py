@@ -1,26 +1,26 @@
-"""The PostgreSQL engine's recorded process trees: tree rows of ``processes`` (the groups
-recorded on ``leases`` are the lease engine's; see ``coord.tree`` for the rules). Rows are
-host-local facts: only a process on the owner's host and boot signals or probes them."""
+"""The PostgreSQL engine's recorded process trees: tree rows of ``processes`` (see
+``coord.tree`` for the rules). Only a coord process on the tree's host and boot ends or
+probes its members, so ``members`` lists this boot's rows alone."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from ...clock import boot_id
 from ..records import Member
 from .connection import Conn, fetch
 
 if TYPE_CHECKING:
     from .connection import PgDb, Row
 
-_INSERT = ('INSERT INTO processes (instance_id, incarnation, pid, start_token, boot_id, pgid, '
+_INSERT = ("INSERT INTO processes (instance_id, incarnation, pid, start_token, boot_id, pgid, "
            'name, cmdline, cwd, "user", labels, started_at, tree, log_path) '
            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, coord_now(), %s, %s) "
            "RETURNING id")
 _EXITED = ("UPDATE processes SET status = 'exited', ended_at = coalesce(ended_at, coord_now()) "
            "WHERE status = 'running' AND id = ANY(%s)")
-_MEMBERS = ("SELECT id, instance_id, incarnation, pid, pgid, start_token, boot_id "
-            "FROM processes WHERE tree = 1 AND status = 'running'")
+_COLS = "id, instance_id, incarnation, pid, pgid, start_token, boot_id"
 
 
 class PgTrees:
@@ -43,6 +43,10 @@ class PgTrees:
 
     def members(self, owner: Member | None = None) -> list[Row]:
         if owner is None:
-            return self._db.rows(_MEMBERS + " ORDER BY id")
-        return self._db.rows(_MEMBERS + " AND instance_id = %s AND incarnation = %s ORDER BY id",
-                             owner)
+            return self._db.rows(
+                f"SELECT {_COLS} FROM processes WHERE tree = 1 AND status = 'running' "  # noqa: S608 - fixed fragments, values bound
+                "AND boot_id = %s ORDER BY id", (boot_id(),))
+        return self._db.rows(
+            f"SELECT {_COLS} FROM processes WHERE instance_id = %s AND incarnation = %s "  # noqa: S608 - fixed fragments, values bound
+            "AND tree = 1 AND status = 'running' AND boot_id = %s ORDER BY id",
+            (*owner, boot_id()))
