@@ -137,7 +137,7 @@ def run(
         "orphans once the wrapper has gone); SIGTERM then goes to CMD alone.")] = False,
     grace: Annotated[float | None, typer.Option(
         "--grace", help="Seconds between TERM and KILL when the tree ends (default: the "
-        "kill_grace setting, 5).", show_default=False)] = None,
+        "kill_grace setting, 3).", show_default=False)] = None,
 ) -> None:
     """Run CMD as a registered instance; exits with CMD's status (128+N if killed by signal N).
 

@@ -26,7 +26,7 @@ PS_COLUMNS = [("id", "ID"), ("instance_id", "INSTANCE"), ("pid", "PID"), ("name"
 TOP_COLUMNS = [("pid", "PID"), ("user", "USER"), ("rss_h", "RSS"), ("memory_percent", "MEM%"),
                ("name", "NAME"), ("cmdline", "COMMAND")]
 GraceOption = Annotated[float | None, typer.Option(
-    "--grace", help="Seconds between SIGTERM and SIGKILL (default: the kill_grace setting, 5).",
+    "--grace", help="Seconds between SIGTERM and SIGKILL (default: the kill_grace setting, 3).",
     show_default=False)]
 
 

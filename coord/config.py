@@ -13,13 +13,17 @@ from dataclasses import dataclass, fields, replace
 
 from .errors import InvalidArgument
 
+#: Seconds a process tree may take to vanish after SIGKILL before it is reported as
+#: surviving (SIGKILL is not instant: the kernel reaps a big tree in steps).
+KILL_WAIT = 2.0
+
 
 @dataclass(frozen=True)
 class Config:
     instance_ttl: float = 15.0  # an instance without a heartbeat for this long is hung
     heartbeat: float = 5.0  # how often the background heartbeat renews instance and leases
     lease_ttl: float = 15.0  # a lease not renewed for this long expires
-    renew_deadline: float = 10.0  # a holder that could not renew for this long steps down
+    renew_deadline: float = 8.0  # a holder that could not renew for this long steps down
     claim_lease: float = 60.0  # a claimed job returns to ready after this long
     message_ttl: float = 3600.0  # undelivered messages are reaped after this long
     result_retention: float = 7 * 86400.0  # done/dead/cancelled jobs are purged after this long
@@ -28,8 +32,34 @@ class Config:
     payload_limit: int = 1 << 20  # bytes of JSON text
     payload_max_depth: int = 64
     reap_batch: int = 500  # rows per reaper transaction, so a reap never blocks writers long
-    kill_grace: float = 5.0  # TERM, then KILL after this long
+    kill_grace: float = 3.0  # TERM, then KILL after this long
     busy_timeout_ms: int = 5000
+
+    def renew_deadline_for(self, ttl: float) -> float:
+        """How long a holder of a lease of this TTL keeps it without a renewal (< ttl)."""
+        return min(self.renew_deadline, ttl * 2 / 3)
+
+    def check_step_down(self, ttl: float | None = None, grace: float | None = None, *,
+                        server_timeout: float | None = None) -> None:
+        """Refuse (``InvalidArgument``, one line) timings where a holder that can no longer
+        renew might still be ending its command's tree when others may take over: its renew
+        deadline + ``grace`` (TERM to KILL) + ``KILL_WAIT`` must stay below the lease's
+        ``ttl`` and below ``server_timeout``, the server's own end of a silent session
+        (PostgreSQL), when there is one. Defaults: ``lease_ttl`` and ``kill_grace``."""
+        ttl = self.lease_ttl if ttl is None else ttl
+        grace = self.kill_grace if grace is None else grace
+        deadline = self.renew_deadline_for(ttl)
+        total = deadline + grace + KILL_WAIT
+        limits = [("the lease TTL", ttl)]
+        if server_timeout is not None:
+            limits.append(("the server timeout", server_timeout))
+        for what, limit in limits:
+            if total >= limit:
+                raise InvalidArgument(
+                    f"timings refused: renew deadline {deadline:g} s + kill grace {grace:g} s + "
+                    f"KILL wait {KILL_WAIT:g} s = {total:g} s is not below {what} ({limit:g} s), "
+                    "so a holder could still be ending its command when another takes over; "
+                    "lower the renew deadline or the grace, or raise the TTL")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:

@@ -51,6 +51,7 @@ class Lease:
         self._callbacks = list(on_lost)
         self._lock = threading.Lock()
         self._released = False
+        self._stepped_down = False
         self._keeper: _Keeper | None = None
 
     def __repr__(self) -> str:
@@ -156,6 +157,10 @@ class Lease:
         with self._lock:
             return min(self._next, self._deadline)
 
+    def _deadline_at(self) -> float:
+        with self._lock:
+            return self._deadline
+
     def _tick(self) -> None:
         """One keeper step: step down at the deadline, else renew when due."""
         if self.lost.is_set():
@@ -190,8 +195,15 @@ class Lease:
 
     def _step_down(self) -> None:
         """The renew deadline passed: give up before anyone may take over by TTL."""
-        if not self._lose("renew deadline passed"):
-            return
+        if self._lose("renew deadline passed"):
+            self._free_stepped_down()
+
+    def _free_stepped_down(self) -> None:
+        """Free the term in the store after a step-down (once)."""
+        with self._lock:
+            if self._stepped_down:
+                return
+            self._stepped_down = True
         try:
             release(self.store, self.name, self.term, self.holder, "stepped down")
         except Exception as e:
@@ -221,7 +233,9 @@ class Lease:
 
 class _Keeper:
     """Renews every held lease of one instance in one thread (one connection), and makes
-    holders step down at their renew deadline. Ends when the instance closes."""
+    holders step down at their renew deadline — from a second thread that only reads the
+    clock, so a renewal stuck in the driver (a server that stopped answering) cannot hold a
+    step-down back. Ends when the instance closes."""
 
     def __init__(self, inst: Instance) -> None:
         self.inst = inst
@@ -229,7 +243,13 @@ class _Keeper:
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name=f"coord-leases-{inst.id}")
+        self.watchdog = threading.Thread(target=self._watch, daemon=True,
+                                         name=f"coord-lease-deadlines-{inst.id}")
         self.done = False
+
+    def start(self) -> None:
+        self.thread.start()
+        self.watchdog.start()
 
     def add(self, lease: Lease) -> None:
         with self.cond:
@@ -262,6 +282,28 @@ class _Keeper:
         for lease in left:  # closing the instance released them (the death rule)
             lease._lose("instance closed")
 
+    def _watch(self) -> None:
+        """Step down every lease whose renew deadline passed, on time: no database here
+        (the step-down's release runs in a thread of its own)."""
+        store = self.inst.store
+        while True:
+            with self.cond:
+                if self.done or self.inst.closed:
+                    return
+                now = store.mono()
+                late = [lease for lease in self.leases if lease._deadline_at() <= now]
+                if not late:
+                    nxt = min((lease._deadline_at() for lease in self.leases),
+                              default=now + 1.0)
+                    self.cond.wait(timeout=min(max(nxt - now, 0.001), 1.0))
+                    continue
+            for lease in late:
+                if lease._lose("renew deadline passed"):
+                    threading.Thread(target=lease._free_stepped_down, daemon=True,
+                                     name=f"coord-step-down-{lease.name}").start()
+                else:
+                    lease._detach()  # lost meanwhile: nothing left to watch
+
 
 _KEEPERS: weakref.WeakKeyDictionary[Instance, _Keeper] = weakref.WeakKeyDictionary()
 _KEEPERS_LOCK = threading.Lock()
@@ -274,5 +316,5 @@ def keep(lease: Lease) -> None:
         if k is None or k.done or not k.thread.is_alive():
             k = _Keeper(inst)
             _KEEPERS[inst] = k
-            k.thread.start()
+            k.start()
     k.add(lease)

@@ -41,7 +41,7 @@ def renew_interval(store: Store, ttl: float) -> float:
 
 def renew_deadline(store: Store, ttl: float) -> float:
     """How long a holder keeps a lease it could not renew before stepping down (< ttl)."""
-    return min(store.config.renew_deadline, ttl * 2 / 3)
+    return store.config.renew_deadline_for(ttl)
 
 
 # -- observing ----------------------------------------------------------------------------

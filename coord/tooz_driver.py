@@ -7,8 +7,11 @@ OpenStack's coordination library ``tooz`` loads drivers by URL scheme from the
     coordinator.start()
 
 URL: ``coord:///absolute/path/to/coord.db``, or ``coord://`` for the default database (the
-same one the ``coord`` CLI finds: ``COORD_DB``, then the user's runtime directory). Options
-from the query string (or keyword arguments of ``get_coordinator``):
+same one the ``coord`` CLI finds: ``COORD_DB``, then the user's runtime directory). On
+PostgreSQL (several hosts): ``coord+postgresql://user@host:port/dbname?schema=NAME`` — the
+store's PostgreSQL URL with ``coord+`` before its scheme (``coord://`` also follows a
+``COORD_DB`` that is a PostgreSQL URL). Options from the query string (or keyword arguments
+of ``get_coordinator``; they are not passed on to the server):
 
 - ``timeout``: seconds a *hung* member keeps its groups, locks and leadership (the coord
   instance TTL and the lease TTL; default ``config.instance_ttl`` / ``config.lease_ttl``).
@@ -44,6 +47,7 @@ both share (names, error translation, capabilities, stores, a coordinator's memb
 from __future__ import annotations
 
 import contextlib
+import os
 import urllib.parse
 from typing import Any
 
@@ -51,6 +55,7 @@ import tooz
 from tooz import coordination, utils
 
 from . import kv, leases
+from .backend.postgresql.url import is_url
 from .db import Store
 from .errors import CoordError, InstanceIdInUse, InvalidArgument, NotFound, VersionConflict
 from .instances import Instance, generate_id, get_instance, register, validate_id
@@ -81,6 +86,21 @@ from .tooz_common import (
 )
 from .tooz_lock import CoordLock
 
+#: The URL scheme of the driver on a PostgreSQL store (``coord`` is a local database).
+PG_SCHEME = "coord+postgresql"
+#: Query options that are the driver's own, never the server's.
+OPTIONS = ("timeout", "app")
+
+
+def _server_url(parsed: Any) -> str:
+    """The PostgreSQL URL a ``coord+postgresql://`` URL names: its own scheme, and the query
+    without the driver's options (the rest — ``schema``, ``host``, ``sslmode`` … — kept as
+    written)."""
+    kept = [p for p in parsed.query.split("&")
+            if p and p.split("=", 1)[0] not in OPTIONS]
+    url = f"postgresql://{parsed.netloc}{parsed.path}"
+    return url + ("?" + "&".join(kept) if kept else "")
+
 __all__ = [
     "GROUPS", "LEADERS", "LOCKS", "MEMBER_LABEL", "PACKED", "PREFIX", "CoordDriver", "CoordLock",
     "group_key", "leader_lease", "lock_lease", "member_key", "members_prefix",
@@ -110,11 +130,14 @@ class CoordDriver(coordination.CoordinationDriverCachedRunWatchers):
         self._member_id = tooz_id(member_id, "member")
         # coord's instance heartbeats in its own thread: tooz need not call heartbeat().
         self.requires_beating = False
-        if parsed_url.netloc:
+        #: The store's PostgreSQL URL (``coord+postgresql://``), else None.
+        self._url = _server_url(parsed_url) if parsed_url.scheme == PG_SCHEME else None
+        if self._url is None and parsed_url.netloc:
             raise tooz.ToozError(
                 f"coord:// names a database on this host, not {parsed_url.netloc!r}: use "
-                "coord:///absolute/path/to/coord.db, or coord:// for the default database")
-        path = urllib.parse.unquote(parsed_url.path or "")
+                "coord:///absolute/path/to/coord.db, coord:// for the default database, or "
+                f"{PG_SCHEME}://host/dbname for a PostgreSQL server")
+        path = "" if self._url else urllib.parse.unquote(parsed_url.path or "")
         if path and not path.startswith("/"):
             raise tooz.ToozError(f"coord:// needs an absolute database path, got {path!r}")
         self._path = path
@@ -136,7 +159,13 @@ class CoordDriver(coordination.CoordinationDriverCachedRunWatchers):
     def _start(self) -> None:
         with translated():
             # Resolved now: ``coord://`` follows COORD_DB as it is when the coordinator starts.
-            path = str(resolve_db_path(self._path or None))
+            env = os.environ.get("COORD_DB", "")
+            if self._url is not None:
+                path = self._url
+            elif not self._path and is_url(env):
+                path = env
+            else:
+                path = str(resolve_db_path(self._path or None))
             store = open_store(path)
             try:
                 self.membership.inst = self._register(store)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from tooz import locking, utils
 
-from . import kv, leases, nudge
+from . import kv, leases
 from .db import Store
 from .errors import LeaseNotAcquired, NotFound
 from .instances import Instance, get_instance
@@ -39,8 +39,8 @@ def _wait(store: Store, ready: Callable[[], tuple[bool, list[int]]],
         if left is not None and left <= 0:
             return bool(check())
         # Slices of at most a second: an expiring TTL moves no data_version.
-        if nudge.wait_for(store, check, 1.0 if left is None else min(1.0, left),
-                          watch_pids=lambda: pids):
+        if store.backend.wakeup.wait_for(check, 1.0 if left is None else min(1.0, left),
+                                         watch_pids=lambda: pids):
             return True
 
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from .backend import LeaseRecord
 from .clock import boot_id
+from .config import KILL_WAIT
 from .db import Store
 from .identity import DEAD_STATES, ProcIdentity, start_token, still_running
 
@@ -212,7 +213,7 @@ def end_tree(members: Iterable[ProcIdentity], groups: Iterable[ProcIdentity], gr
             pause = min(pause * 1.5, 0.05)
             if not sweep((signal.SIGTERM, signal.SIGCONT), all_=False):
                 return DENIED if denied else TERMINATED
-        end = time.monotonic() + 2.0  # SIGKILL is not instant: bounded, then 'survived'
+        end = time.monotonic() + KILL_WAIT  # SIGKILL is not instant: bounded, then 'survived'
         while sweep((signal.SIGKILL,), all_=True):
             if time.monotonic() >= end:
                 return DENIED if denied else SURVIVED

@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import engine_sql
 import pytest
 from conftest import spawn_python, wait_line
 from hypothesis import HealthCheck, given, settings
@@ -37,6 +38,9 @@ while True:
     conn.sendall(inst.id.encode())
     conn.close()
 """
+
+
+pytestmark = pytest.mark.contract
 
 
 def healthy(store: coord.Store) -> None:
@@ -129,10 +133,10 @@ def test_ephemeral_key_goes_with_its_owner(store: coord.Store) -> None:
     assert e.to_json()["instance_id"] == "a"
     a.close()
     assert kv.get(store, "t/a/port") is None
-    assert store.value("SELECT count(*) FROM kv") == 0
+    assert engine_sql.value(store, "SELECT count(*) FROM kv") == 0
     with pytest.raises(NotRegistered):
         kv.set(store, "t/a/port", 1, owner=a)  # a closed instance owns nothing
-    assert store.value("SELECT count(*) FROM kv") == 0
+    assert engine_sql.value(store, "SELECT count(*) FROM kv") == 0
 
 
 def test_port_discovery_and_sigkill_of_the_owner(store: coord.Store, db_path: Path,
@@ -170,7 +174,7 @@ def test_port_discovery_and_sigkill_of_the_owner(store: coord.Store, db_path: Pa
     t.join(30)
     assert [(c.key, c.deleted) for c in watched] == [("web/port", True)]
     # The death rule was applied by the read: nothing is left for the reaper.
-    assert store.value("SELECT count(*) FROM kv") == 0
+    assert engine_sql.value(store, "SELECT count(*) FROM kv") == 0
     assert kv.cas(store, "web/port", {"port": 2}, version=0) > entry.version
     healthy(store)
 
@@ -196,7 +200,7 @@ def test_cas_takes_over_a_dead_owners_key(store: coord.Store, db_path: Path,
     p = spawn_python(PORT_SERVER, "web-3", db=db_path)
     children.append(p)
     wait_line(p)
-    old = store.value("SELECT version FROM kv WHERE key = 'web/port'")
+    old = engine_sql.value(store, "SELECT version FROM kv WHERE key = 'web/port'")
     p.kill()
     p.wait()
     # No read, no reap in between: the compare-and-set itself applies the death rule.
@@ -205,7 +209,7 @@ def test_cas_takes_over_a_dead_owners_key(store: coord.Store, db_path: Path,
     assert v > old
     e = kv.get(store, "web/port")
     assert e is not None and e.owner_id == "web-4"
-    assert store.value("SELECT count(*) FROM instances WHERE id = 'web-3'") == 0
+    assert engine_sql.value(store, "SELECT count(*) FROM instances WHERE id = 'web-3'") == 0
 
 
 def test_watch_reports_sets_and_deletes(store: coord.Store, db_path: Path) -> None:
@@ -249,7 +253,7 @@ def test_bad_values_are_refused_and_nothing_is_stored(db_path: Path, bad: Any) -
             kv.set(s, "k", bad)
         with pytest.raises(PayloadError):
             kv.cas(s, "k", bad, version=0)
-        assert s.value("SELECT count(*) FROM kv") == 0
+        assert engine_sql.value(s, "SELECT count(*) FROM kv") == 0
     finally:
         s.close()
 
@@ -276,10 +280,36 @@ def test_any_json_value_round_trips(store: coord.Store, key: str, value: Any) ->
 
 def test_the_checker_sees_broken_kv_rows(store: coord.Store) -> None:
     healthy(store)
-    store.write(lambda c: c.executemany(
-        "INSERT INTO kv (key, value, version, created_at, updated_at) VALUES (?, ?, ?, 0, 0)",
-        [("a", "1", 5), ("b", "2", 5), ("c", "{nope", 6)]))
-    store.write(lambda c: c.execute("UPDATE counters SET value = 10 WHERE name = 'revision'"))
+    engine_sql.txn(store, lambda t: [t(
+        "INSERT INTO kv (key, value, version, created_at, updated_at) VALUES (?, ?, ?, 0, 0)", r)
+        for r in [("a", "1", 5), ("b", "2", 5), ("c", "{nope", 6)]])
+    # SQLite's counter must stay ahead of every version (PostgreSQL's is a sequence).
+    engine_sql.execute(store, "UPDATE counters SET value = 10 WHERE name = 'revision'")
     details = [p.detail for p in check(store)]
     assert "keys a, b share version 5" in details
     assert "key 'c': value is not valid JSON" in details
+
+
+def test_create_only_cas_has_exactly_one_winner(db_path: Path, store: coord.Store) -> None:
+    # Writers racing to create one key (version 0): one wins, every other sees its version.
+    won: list[int] = []
+    lost: list[int | None] = []
+    start = threading.Barrier(6)
+
+    def race() -> None:
+        s = coord.Store(db_path)
+        try:
+            start.wait(10)
+            try:
+                won.append(kv.cas(s, "race/k", 1, version=0))
+            except VersionConflict as e:
+                lost.append(e.found)
+        finally:
+            s.close()
+
+    threads = [threading.Thread(target=race) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(won) == 1 and lost == [won[0]] * 5

@@ -11,6 +11,8 @@ from coord import kv
 from coord.errors import LeaseLost, VersionConflict
 from coord.leases import acquire, release_dead_holders
 
+pytestmark = pytest.mark.contract
+
 
 def test_fenced_kv_set_and_cas_run_only_in_the_current_term(store: coord.Store) -> None:
     a = coord.register(store, "fa", app="t")

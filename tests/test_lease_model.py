@@ -10,12 +10,21 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import uuid
 from pathlib import Path
 
+import engine_sql
 import pytest
+from contract_engines import with_schema
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 import coord
 from coord.check import check
@@ -28,16 +37,34 @@ TTL = 10.0
 DEADLINE = 6.0  # renew deadline: a holder steps down before anyone may take over by TTL
 NAMES = ("svc/a", "svc/b")
 IDS = ("m-0", "m-1", "m-2")
+#: A fenced upsert of meta, both engines' SQL (placeholders: ``?`` or ``%s``).
+UPSERT = ("INSERT INTO meta (key, value) VALUES ({}, {}) "
+          "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+
+pytestmark = pytest.mark.contract
+
+# On PostgreSQL every expiry is the server's coord_now(): the model's schema replaces it with
+# a clock that stands still unless the model moves it (its offset is then the time itself).
+FROZEN_SERVER_CLOCK = """
+CREATE OR REPLACE FUNCTION coord_now() RETURNS double precision
+    LANGUAGE sql VOLATILE SET search_path FROM CURRENT
+    AS $$ SELECT offset_s FROM clock_offset $$
+"""
 
 
 class LeaseMachine(RuleBasedStateMachine):
-    def __init__(self) -> None:
+    def __init__(self, pg_url: str | None = None) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="coord-model-"))
         self.now = 1000.0
         clock = Clock(mono=lambda: self.now, wall=lambda: 1.7e9 + self.now)
         cfg = Config(instance_ttl=1e9, heartbeat=1.0, lease_ttl=TTL, renew_deadline=DEADLINE)
-        self.store = coord.Store(self.dir / "coord.db", clock=clock, config=cfg)
+        self.schema = f"t_{uuid.uuid4().hex[:16]}" if pg_url else None
+        where = with_schema(pg_url, self.schema) if pg_url and self.schema else self.dir / "coord.db"
+        self.store = coord.Store(where, clock=clock, config=cfg)
+        if self.schema:
+            engine_sql.execute(self.store, FROZEN_SERVER_CLOCK)
+            self._set_server_clock()
         self.insts = [self._register(i) for i in IDS]
         # model: name -> (holder index, term, expires) or None
         self.model: dict[str, tuple[int, int, float] | None] = dict.fromkeys(NAMES)
@@ -52,9 +79,15 @@ class LeaseMachine(RuleBasedStateMachine):
     def _register(self, id: str) -> coord.Instance:
         return coord.register(self.store, id, app="model", heartbeat=False, handle_signals=False)
 
+    def _set_server_clock(self) -> None:
+        if self.schema:
+            engine_sql.execute(self.store, "UPDATE clock_offset SET offset_s = ?", (self.now,))
+
     def teardown(self) -> None:
         for inst in self.insts:
             inst.close()
+        if self.schema:
+            engine_sql.execute(self.store, f'DROP SCHEMA "{self.schema}" CASCADE')
         self.store.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
@@ -119,6 +152,7 @@ class LeaseMachine(RuleBasedStateMachine):
     @rule(dt=st.sampled_from([0.0, 0.5, 2.0, 3.9, 5.99, 6.0, 9.99, 10.0, 10.01, 25.0]))
     def advance(self, dt: float) -> None:
         self.now += dt
+        self._set_server_clock()
 
     @rule(i=st.integers(0, 2))
     def restart(self, i: int) -> None:
@@ -141,15 +175,16 @@ class LeaseMachine(RuleBasedStateMachine):
         if cur is not None and cur[1] == lease.term:
             return  # a released object whose term is current cannot exist; guard anyway
         with pytest.raises(LeaseLost):
-            lease.write("INSERT OR REPLACE INTO meta (key, value) VALUES ('model/stale', 'x')")
-        assert self.store.value("SELECT value FROM meta WHERE key = 'model/stale'") is None
+            lease.write(UPSERT.format("'model/stale'", "'x'"))
+        assert engine_sql.value(self.store, "SELECT value FROM meta WHERE key = 'model/stale'") is None
 
     # -- invariants -----------------------------------------------------------------------
 
     @invariant()
     def database_agrees(self) -> None:
         for name in NAMES:
-            row = self.store.row("SELECT * FROM leases WHERE name = ?", (name,))
+            found = engine_sql.rows(self.store, "SELECT * FROM leases WHERE name = ?", (name,))
+            row = found[0] if found else None
             cur = self.model[name]
             if cur is None:
                 assert row is None or row["holder_id"] is None
@@ -171,14 +206,14 @@ class LeaseMachine(RuleBasedStateMachine):
                 value = f"w{self.writes}"
                 try:
                     fenced_write(self.store, name, term,
-                                 "INSERT OR REPLACE INTO meta (key, value) VALUES ('model/w', ?)",
+                                 UPSERT.format("'model/w'", "%s" if self.schema else "?"),
                                  (value,))
                     ok = True
                 except LeaseLost as e:
                     assert (e.name, e.term) == (name, term)
                     ok = False
                 assert ok == current, (name, term, cur, self.now)
-                stored = self.store.value("SELECT value FROM meta WHERE key = 'model/w'")
+                stored = engine_sql.value(self.store, "SELECT value FROM meta WHERE key = 'model/w'")
                 assert (stored == value) == ok
 
     @invariant()
@@ -194,14 +229,22 @@ class LeaseMachine(RuleBasedStateMachine):
 
     @invariant()
     def history_is_consistent(self) -> None:
-        terms = [r["term"] for r in self.store.rows("SELECT term FROM lease_terms ORDER BY rowid")]
+        # In the order the rows were written (PostgreSQL keeps no such order: by the time
+        # each term was taken, which the model's clock only moves forward).
+        order = "acquired_at, term" if self.schema else "rowid"
+        terms = [r["term"] for r in engine_sql.rows(
+            self.store, f"SELECT term FROM lease_terms ORDER BY {order}")]
         assert terms == sorted(terms) and len(set(terms)) == len(terms)
         problems = [p for p in check(self.store, integrity=False) if p.check != "instances"]
         assert not problems, problems
 
 
-TestLeaseModel = LeaseMachine.TestCase
-TestLeaseModel.settings = settings(
+SETTINGS = settings(
     max_examples=40, stateful_step_count=30, deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
+
+
+def test_lease_rules_against_the_model(engine: str, request: pytest.FixtureRequest) -> None:
+    url = request.getfixturevalue("pg_url") if engine == "postgresql" else None
+    run_state_machine_as_test(lambda: LeaseMachine(url), settings=SETTINGS)

@@ -8,9 +8,11 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import engine_sql
 import pytest
 from conftest import spawn_python, stop_outside_a_write, wait_line, wait_until
 
@@ -27,6 +29,11 @@ from coord.leases import (
     serve_reaper,
     try_acquire,
 )
+
+pytestmark = pytest.mark.contract
+
+#: A fenced write both engines speak (literal values: placeholders differ).
+UPSERT = "INSERT INTO meta (key, value) VALUES ({}, {}) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
 
 # A candidate: registers, waits for the lease, reports when it got it (CLOCK_MONOTONIC).
 CANDIDATE = """
@@ -49,10 +56,12 @@ from coord.leases import acquire
 store = coord.Store(os.environ["COORD_DB"])
 inst = coord.register(store, app="holder")
 lease = acquire(inst, sys.argv[1])
+mark = "%s" if store.engine == "postgresql" else "?"
 print("acquired", lease.term, flush=True)
 for line in sys.stdin:
     try:
-        lease.write("INSERT OR REPLACE INTO meta (key, value) VALUES ('test/w', ?)", (line.strip(),))
+        lease.write("INSERT INTO meta (key, value) VALUES ('test/w', " + mark + ") "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value", (line.strip(),))
         print("wrote", flush=True)
     except LeaseLost as e:
         print("lost", e.term, lease.lost.is_set(), lease.lost_reason, flush=True)
@@ -91,7 +100,7 @@ def test_acquire_observe_release(store: coord.Store) -> None:
     assert [i.holder for i in list_leases(store, held_only=True)] == ["b"]
     again.release()
     assert list_leases(store, held_only=True) == []
-    terms = store.rows("SELECT term, holder_id, reason FROM lease_terms ORDER BY term")
+    terms = engine_sql.rows(store, "SELECT term, holder_id, reason FROM lease_terms ORDER BY term")
     assert [(t["holder_id"], t["reason"]) for t in terms] == [("a", "released"), ("b", "released")]
     assert check(store) == []
 
@@ -107,17 +116,16 @@ def test_invalid_names_and_ttl(store: coord.Store) -> None:
 def test_fenced_write_runs_only_in_the_current_term(store: coord.Store) -> None:
     a, b = _register(store, "a"), _register(store, "b")
     la = acquire(a, "f")
-    rows = la.write("INSERT OR REPLACE INTO meta (key, value) VALUES ('t/f', 'a') RETURNING value")
+    rows = la.write(UPSERT.format("'t/f'", "'a'") + " RETURNING value")
     assert rows == [{"value": "a"}]
     la.release()
     lb = acquire(b, "f")
     with pytest.raises(LeaseLost) as e:
-        fenced_write(store, "f", la.term, "INSERT OR REPLACE INTO meta (key, value) VALUES ('t/f', 'stale')")
+        fenced_write(store, "f", la.term, UPSERT.format("'t/f'", "'stale'"))
     assert (e.value.name, e.value.term, e.value.exit_code) == ("f", la.term, 75)
-    assert store.value("SELECT value FROM meta WHERE key = 't/f'") == "a"
-    lb.write_many([("INSERT OR REPLACE INTO meta (key, value) VALUES ('t/f', 'b')", ()),
-                   ("INSERT OR REPLACE INTO meta (key, value) VALUES ('t/g', 'b')", ())])
-    assert store.value("SELECT value FROM meta WHERE key = 't/g'") == "b"
+    assert engine_sql.value(store, "SELECT value FROM meta WHERE key = 't/f'") == "a"
+    lb.write_many([(UPSERT.format("'t/f'", "'b'"), ()), (UPSERT.format("'t/g'", "'b'"), ())])
+    assert engine_sql.value(store, "SELECT value FROM meta WHERE key = 't/g'") == "b"
     lb.release()
 
 
@@ -156,8 +164,7 @@ def test_candidate_recontends_and_stops(fast_store: coord.Store) -> None:
     with Candidate(b, "cand") as cb:
         assert not cb.is_leader
         # Someone takes a's term away (as a TTL takeover would): a loses, b gets it, a waits.
-        fast_store.write(lambda c: c.execute(
-            "UPDATE leases SET expires_mono = 0 WHERE name = 'cand'"))
+        engine_sql.execute(fast_store, "UPDATE leases SET expires_mono = 0 WHERE name = 'cand'")
         wait_until(lambda: lost == [first.term])
         lb = cb.wait_leader(10)
         assert lb is not None and lb.term > first.term
@@ -190,7 +197,7 @@ def test_step_down_at_the_renew_deadline(fast_store: coord.Store) -> None:
     assert lease.lost_reason == "renew deadline passed"
     # It stepped down: free at once, well before its TTL.
     assert get_lease(fast_store, "deadline").holder is None
-    reason = fast_store.value("SELECT reason FROM lease_terms WHERE name = 'deadline'")
+    reason = engine_sql.value(fast_store, "SELECT reason FROM lease_terms WHERE name = 'deadline'")
     assert reason == "stepped down"
 
 
@@ -269,7 +276,7 @@ def test_five_candidates_thirty_kills(db_path: Path, tmp_path: Path,
         assert nxt[1] > prev[3], "a new holder started before the old one was killed"
     # The history agrees: one row per term, each with one holder; all released by now.
     coord.reap(store)
-    rows = store.rows("SELECT term, holder_id, released_at FROM lease_terms "
+    rows = engine_sql.rows(store, "SELECT term, holder_id, released_at FROM lease_terms "
                       "WHERE name = 'chaos/L' ORDER BY term")
     assert [r["term"] for r in rows] == terms
     assert all(r["released_at"] is not None for r in rows)
@@ -292,7 +299,10 @@ def test_sigstopped_holder_loses_after_ttl_not_before(
     time.sleep(0.2)  # the candidate is waiting
     stop_outside_a_write(store, holder)  # stopped mid-write, it would block every writer
     try:
-        expires = store.value("SELECT expires_mono FROM leases WHERE name = 'stop/L'")
+        # Its expiry on this process's CLOCK_MONOTONIC (the engine's clock may be another's):
+        # read before the lease, so the true expiry is no earlier.
+        now = time.monotonic()
+        expires = now + (get_lease(store, "stop/L").expires_in or 0)
         # Before its TTL, nobody takes it: the holder is alive, only paused.
         while time.monotonic() < expires - 0.2:
             assert get_lease(store, "stop/L").term == old_term
@@ -300,8 +310,8 @@ def test_sigstopped_holder_loses_after_ttl_not_before(
         new_term, acquired_at, _ = _parse_acquired(wait_line(cand, "acquired", timeout=30))
         assert new_term > old_term
         assert acquired_at >= expires
-        assert store.value("SELECT reason FROM lease_terms WHERE name = 'stop/L' AND term = ?",
-                           (old_term,)) == "expired"
+        assert engine_sql.value(store, "SELECT reason FROM lease_terms WHERE name = 'stop/L' "
+                                "AND term = ?", (old_term,)) == "expired"
     finally:
         holder.send_signal(signal.SIGCONT)
     assert holder.stdin is not None
@@ -309,7 +319,7 @@ def test_sigstopped_holder_loses_after_ttl_not_before(
     holder.stdin.flush()
     reply = wait_line(holder, "lost").split()
     assert reply[1:3] == [str(old_term), "True"]
-    assert store.value("SELECT value FROM meta WHERE key = 'test/w'") is None
+    assert engine_sql.value(store, "SELECT value FROM meta WHERE key = 'test/w'") is None
     store.close()
 
 
@@ -343,7 +353,7 @@ while True:
     other = next(p for p in ps if p.poll() is None and p.pid != second.holder_pid)
     other.kill()
     other.wait()
-    wait_until(lambda: store.value("SELECT count(*) FROM instances") == 1, timeout=20)
+    wait_until(lambda: engine_sql.value(store, "SELECT count(*) FROM instances") == 1, timeout=20)
     store.close()
 
 
@@ -360,17 +370,17 @@ def test_checker_sees_broken_lease_rules(store: coord.Store) -> None:
     a = _register(store, "a")
     lease = acquire(a, "chk", renew=False)
     assert check(store) == []
-    store.write(lambda c: c.execute("UPDATE lease_terms SET released_at = 1 WHERE name = 'chk'"))
+    engine_sql.execute(store, "UPDATE lease_terms SET released_at = 1 WHERE name = 'chk'")
     assert any("history row is not open" in p.detail for p in check(store))
-    store.write(lambda c: c.execute("UPDATE lease_terms SET released_at = NULL WHERE name = 'chk'"))
-    store.write(lambda c: c.execute(
-        "INSERT INTO lease_terms (name, term, holder_id, holder_incarnation, acquired_at) "
-        "VALUES ('other', ?, 'x', 1, 0)", (lease.term,)))
+    engine_sql.execute(store, "UPDATE lease_terms SET released_at = NULL WHERE name = 'chk'")
+    engine_sql.execute(
+        store, "INSERT INTO lease_terms (name, term, holder_id, holder_incarnation, acquired_at) "
+        "VALUES ('other', ?, 'x', 1, 0)", (lease.term,))
     details = [p.detail for p in check(store)]
     assert any("handed out 2 times" in d for d in details)
     assert any("'other'" in d and "open but not held" in d for d in details)
-    store.write(lambda c: c.execute("DELETE FROM lease_terms WHERE name = 'other'"))
-    store.write(lambda c: c.execute("UPDATE leases SET expires_mono = 0 WHERE name = 'chk'"))
+    engine_sql.execute(store, "DELETE FROM lease_terms WHERE name = 'other'")
+    engine_sql.execute(store, "UPDATE leases SET expires_mono = 0 WHERE name = 'chk'")
     assert check(store) == []  # past its TTL is pending, not broken
     assert any("past its TTL" in p.detail for p in check(store, strict=True))
     lease.release()
@@ -392,3 +402,50 @@ def test_a_stuck_instance_stops_renewing_and_steps_down(fast_store: coord.Store)
     lease = acquire(a, "stuck")  # the app never calls a.beat(): stuck after 0.2 s
     wait_until(lambda: get_lease(fast_store, "stuck").holder is None, timeout=10)
     assert not lease.held and lease.lost_reason == "renew deadline passed"
+
+
+def _block_writes(store: coord.Store, name: str) -> Callable[[], None]:
+    """Make every renewal of lease ``name`` wait (as for a server that stopped answering):
+    SQLite's write lock, or the lease's row locked on PostgreSQL. Returns the unblocking."""
+    if store.engine == "postgresql":
+        c = store.backend.db.connect()  # type: ignore[attr-defined]
+        c.execute("BEGIN")
+        c.execute("SELECT * FROM leases WHERE name = %s FOR UPDATE", (name,))
+
+        def unblock_pg() -> None:
+            c.execute("ROLLBACK")
+            c.close()
+
+        return unblock_pg
+    raw = store.raw_connection()
+    raw.execute("BEGIN IMMEDIATE")
+
+    def unblock() -> None:
+        raw.execute("ROLLBACK")
+        raw.close()
+
+    return unblock
+
+
+def test_a_renewal_stuck_in_the_driver_does_not_delay_the_step_down(
+        fast_store: coord.Store) -> None:
+    a = _register(fast_store, "a")
+    seen: list[float] = []
+    lease = acquire(a, "stuck/renew", on_lost=lambda ls: seen.append(time.monotonic()))
+    t0 = time.monotonic()
+    unblock = _block_writes(fast_store, "stuck/renew")
+    try:
+        # The renewing thread waits on the lock (for SQLite's busy timeout, 5 s; on
+        # PostgreSQL until unblocked); the deadline still holds (a margin for a busy machine).
+        assert lease.lost.wait(timeout=lease.deadline_span + 4.0)
+        assert seen and seen[0] - t0 <= lease.deadline_span + 2.0
+        assert lease.lost_reason == "renew deadline passed" and not lease.held
+    finally:
+        unblock()
+    # Once the store answers again, the term is freed as a step-down.
+    wait_until(lambda: get_lease(fast_store, "stuck/renew").holder is None, timeout=20)
+    wait_until(lambda: engine_sql.value(
+        fast_store, "SELECT reason FROM lease_terms WHERE name = 'stuck/renew'") is not None,
+        timeout=20)
+    assert engine_sql.value(fast_store, "SELECT reason FROM lease_terms "
+                            "WHERE name = 'stuck/renew'") in ("stepped down", "expired")

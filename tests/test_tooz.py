@@ -33,6 +33,8 @@ from coord.check import check  # noqa: E402
 
 SLOW = bool(os.environ.get("COORD_SLOW"))
 
+pytestmark = pytest.mark.contract
+
 # A tooz member in its own process, driven line by line on stdin; it answers each command.
 MEMBER = r"""
 import sys
@@ -62,9 +64,17 @@ for line in sys.stdin:
 """
 
 
+def base_url(db: Path) -> str:
+    """The driver's URL of this store: ``coord:///path``, or on PostgreSQL the server's URL
+    under the ``coord+postgresql`` scheme."""
+    where = str(db)
+    return f"coord+{where}" if where.startswith("postgresql://") else f"coord://{where}"
+
+
 def url_for(db: Path, **options: str) -> str:
     query = "&".join(f"{k}={v}" for k, v in {"timeout": "600", **options}.items())
-    return f"coord://{db}?{query}"
+    url = base_url(db)
+    return f"{url}{'&' if '?' in url else '?'}{query}"
 
 
 @pytest.fixture
@@ -138,6 +148,7 @@ def test_default_database_url(make: Callable[..., Any], db_path: Path,
     "coord:relative.db",
     "coord:///tmp/x.db?timeout=soon",
     "coord:///tmp/x.db?timeout=0",
+    "coord+postgresql://somehost/db?timeout=0",
 ])
 def test_bad_urls_are_refused(url: str) -> None:
     with pytest.raises(tooz.ToozError):
@@ -424,7 +435,7 @@ def test_tooz_driver_suite(db_path: Path, tmp_path: Path) -> None:
     ini.write_text("[pytest]\ntimeout = 120\n")
     report = tmp_path / "report.xml"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("COORD_", "TOOZ_"))}
-    env["TOOZ_TEST_URL"] = f"coord://{db_path}"
+    env["TOOZ_TEST_URL"] = base_url(db_path)
     targets = [str(suite / "test_coordination.py")]
     if SLOW:
         targets.append(f"{suite / 'test_partitioner.py'}::TestPartitioner")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import engine_sql
 import pytest
 from conftest import coord_env, wait_until
 
@@ -20,6 +21,8 @@ import coord
 from coord.leases import acquire, get_lease
 
 CLI = Callable[..., subprocess.CompletedProcess[str]]
+
+pytestmark = pytest.mark.contract
 
 # CMD for the chaos test: takes a record lock on a shared file first (the kernel drops it the
 # instant the process dies, so a second worker alive at the same time sees it taken), then
@@ -45,6 +48,12 @@ note("start")
 while True:
     time.sleep(0.05)
 """
+
+
+# Short timings that pass the step-down rule: renew deadline 1 s + grace + 2 s (the KILL
+# wait) stays below the TTL of 4.5 s.
+SHORT = {"COORD_RENEW_DEADLINE": "1.0", "COORD_HEARTBEAT": "0.2"}
+SHORT_TTL = "4.5"
 
 
 def _wrapper(db: Path, *args: str, env: dict[str, str] | None = None, **kw: Any) -> subprocess.Popen[str]:
@@ -122,10 +131,10 @@ def test_elect_wait_0_fails_fast_while_held(db_path: Path, cli: CLI) -> None:
 
 def test_group_is_recorded_before_cmd_runs(cli: CLI) -> None:
     probe = (
-        "import apsw, os\n"
-        "c = apsw.Connection(os.environ['COORD_DB'], flags=apsw.SQLITE_OPEN_READONLY)\n"
-        "row = c.execute('SELECT pgid, pg_start_token, term FROM leases WHERE name = ?',"
-        " (os.environ['COORD_LEASE_NAME'],)).fetchone()\n"
+        "import coord, os\n"
+        "s = coord.Store(os.environ['COORD_DB'])\n"
+        "rec = s.backend.leases.get(os.environ['COORD_LEASE_NAME'])\n"
+        "row = (rec.pgid, rec.pg_start_token, rec.term)\n"
         "tok = int(open('/proc/self/stat').read().rsplit(')', 1)[1].split()[19])\n"
         "print(row[0] == os.getpgrp() == os.getpid(), row[1] == tok,"
         " row[2] == int(os.environ['COORD_LEASE_TERM']))\n"
@@ -178,13 +187,13 @@ def test_elect_chaos_sigkill_and_sigstop(db_path: Path, tmp_path: Path,
     SIGSTOPped once: no two workers ever run at the same time, and no worker outlives its
     wrapper by more than the grace period."""
     log, lock = tmp_path / "workers.log", tmp_path / "workers.lock"
-    grace = 2.0
-    args = ["elect", "chaos/E", "--ttl", "1.5", "--grace", str(grace), "--",
+    grace = 1.0
+    args = ["elect", "chaos/E", "--ttl", SHORT_TTL, "--grace", str(grace), "--",
             sys.executable, "-c", WORKER, str(log), str(lock)]
     wrappers: dict[int, subprocess.Popen[str]] = {}
 
     def spawn() -> None:
-        w = _wrapper(db_path, *args, stderr=subprocess.DEVNULL)
+        w = _wrapper(db_path, *args, env=SHORT, stderr=subprocess.DEVNULL)
         children.append(w)
         wrappers[w.pid] = w
 
@@ -245,15 +254,15 @@ def test_elect_chaos_sigkill_and_sigstop(db_path: Path, tmp_path: Path,
 def test_lost_lease_ends_cmd(db_path: Path, children: list[subprocess.Popen[Any]]) -> None:
     """When the lease is taken away (here: expired by hand), CMD's group is ended and the
     wrapper exits 75."""
-    p = _wrapper(db_path, "elect", "app/l", "--ttl", "3", "--grace", "1", "--",
-                 "sh", "-c", "echo up; exec sleep 600", stdout=subprocess.PIPE,
+    p = _wrapper(db_path, "elect", "app/l", "--ttl", SHORT_TTL, "--grace", "1", "--",
+                 "sh", "-c", "echo up; exec sleep 600", env=SHORT, stdout=subprocess.PIPE,
                  stderr=subprocess.PIPE)
     children.append(p)
     assert p.stdout is not None and p.stdout.readline().strip() == "up"
     store = coord.Store(db_path)
     cmd = get_lease(store, "app/l").pgid
     assert cmd is not None
-    store.write(lambda c: c.execute("UPDATE leases SET expires_mono = 0 WHERE name = 'app/l'"))
+    engine_sql.execute(store, "UPDATE leases SET expires_mono = 0 WHERE name = 'app/l'")
     assert p.wait(30) == 75  # at its next renewal it finds the lease gone
     assert p.stderr is not None and "no longer held" in p.stderr.read()
     assert _gone(cmd)
@@ -319,13 +328,13 @@ def run_tree_chaos(db: Path, tmp: Path, children: list[subprocess.Popen[Any]], r
     log, locks = tmp / "tree.log", tmp / "locks"
     locks.mkdir()
     grace = 1.0
-    args = ["elect", "chaos/T", "--ttl", "1.5", "--grace", str(grace), "--",
+    args = ["elect", "chaos/T", "--ttl", SHORT_TTL, "--grace", str(grace), "--",
             "sh", "-c", TREE_SCRIPT, sys.executable, TREE_WORKER, str(log), str(locks)]
     wrappers: dict[int, subprocess.Popen[str]] = {}
     everyone: list[ProcIdentity] = []
 
     def spawn() -> None:
-        w = _wrapper(db, *args, stderr=subprocess.DEVNULL)
+        w = _wrapper(db, *args, env=SHORT, stderr=subprocess.DEVNULL)
         children.append(w)
         wrappers[w.pid] = w
 
@@ -391,7 +400,7 @@ def run_tree_chaos(db: Path, tmp: Path, children: list[subprocess.Popen[Any]], r
                 assert float(ln[3]) <= first_start[later[0]]
         coord.reap(store)
         assert get_lease(store, "chaos/T").holder is None
-        assert store.value("SELECT count(*) FROM processes WHERE status = 'running'") == 0
+        assert engine_sql.value(store, "SELECT count(*) FROM processes WHERE status = 'running'") == 0
     finally:
         for ident in everyone:
             if still_running(ident):

@@ -17,12 +17,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import coord_env, spawn_python, stop_outside_a_write, wait_line, wait_until
 
 import coord
 from coord.identity import proc_state
 
 Cli = Callable[..., subprocess.CompletedProcess[str]]
+
+pytestmark = pytest.mark.contract
 COORD = [sys.executable, "-m", "coord"]
 
 

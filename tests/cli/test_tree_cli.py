@@ -341,8 +341,10 @@ def test_a_stopped_holder_past_its_ttl_has_its_tree_ended_by_the_reaper(
         leftovers: list[ProcIdentity]) -> None:
     """No candidate waits: a SIGSTOPped `coord elect` cannot end its own tree when its lease
     runs out, so `coord reap` does (its instance still lives: its term is over)."""
-    p = _start(db_path, procs, "elect", "tree/stop", "--ttl", "1.5", "--grace", str(GRACE), "--",
-               "sh", "-c", SCRIPT, "script", str(tmp_path), sys.executable, DAEMON)
+    # Timings that pass the step-down rule (renew deadline 1 s + grace + KILL wait < TTL).
+    p = _start(db_path, procs, "elect", "tree/stop", "--ttl", "4.5", "--grace", str(GRACE), "--",
+               "sh", "-c", SCRIPT, "script", str(tmp_path), sys.executable, DAEMON,
+               env={**ENV, "COORD_RENEW_DEADLINE": "1.0"})
     script = int(wait_line(p, timeout=60).split()[1])
     tree = [i for i in (identify(int(x)) for x in (
         script, (tmp_path / "ignorer.pid").read_text(), (tmp_path / "daemon.pid").read_text()))

@@ -107,6 +107,7 @@ class PgDb:
         self._local = threading.local()
         self._closed = False
         self.retries = 0  # writes retried after a serialization failure or deadlock
+        self._mine: list[Conn] = []  # the connections this store opened (other stores' stay)
 
     # -- connections ------------------------------------------------------------------------
 
@@ -122,6 +123,7 @@ class PgDb:
                 options=" ".join(opts))
         with _OPEN_LOCK:
             _OPEN.append((os.getpid(), conn))
+            self._mine.append(conn)
         return conn
 
     def conn(self) -> Conn:
@@ -143,6 +145,7 @@ class PgDb:
         """Close a connection of this process (a lost one, or at close)."""
         with _OPEN_LOCK:
             _OPEN[:] = [(p, x) for p, x in _OPEN if x is not c]
+            self._mine[:] = [x for x in self._mine if x is not c]
         try:
             c.close()
         except psycopg.Error:
@@ -159,7 +162,7 @@ class PgDb:
         self._closed = True
         pid = os.getpid()
         with _OPEN_LOCK:
-            mine = [c for p, c in _OPEN if p == pid]
+            mine = [c for p, c in _OPEN if p == pid and any(c is x for x in self._mine)]
         for c in mine:
             self.discard(c)
         self._local = threading.local()

@@ -11,6 +11,8 @@ from .clock import ServerClock
 from .connection import PgDb
 from .death_rule import PgDeathRule, rebase_boot
 from .instances import PgInstances
+from .kv import PgKv
+from .leases import PgLeases
 from .liveness import PgLiveness
 from .opening import open_schema
 from .processes import PgProcesses
@@ -47,9 +49,9 @@ class PostgresBackend:
         self.wakeup = PgWakeup()
         self.instances = PgInstances(self.db, self.liveness)
         self.events: Any = NotYet("events")
-        self.kv: Any = NotYet("kv")
+        self.kv = PgKv(self.db, self.liveness)
         self.messages: Any = NotYet("messages")
-        self.leases: Any = NotYet("leases")
+        self.leases = PgLeases(self.db, self.liveness, self.kv)
         self.death = PgDeathRule(self.db, self.liveness)
         self.trees = PgTrees(self.db)
         self.processes = PgProcesses(self.db)

@@ -1,0 +1,283 @@
+"""The PostgreSQL engine's leases: ``leases`` (one row per name) and ``lease_terms`` (one row
+per term held), terms from ``term_seq``, expiry stamped and compared in SQL with
+``coord_now()`` (the server's clock).
+
+Taking locks, in the engine's order (instances before leases): the taker's own instance row
+``FOR SHARE`` (it cannot be buried while it takes), the holder's row ``FOR UPDATE`` (a holder
+judged dead is buried in the same transaction), then the lease row ``FOR UPDATE``. A fenced
+operation holds the lease row ``FOR SHARE`` while its writes run, so no take, renewal or
+release of that lease commits in between: the term it checked is the term it wrote under.
+Making a lease free is written once, in ``lease_rows``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from psycopg import errors as pgerrors
+
+from ...errors import LeaseLost, NotRegistered
+from ..records import LeaseRecord, LeaseTaken, Member
+from .connection import Conn, fetch, scalar
+from .death import bury_many
+from .events import log_event
+from .lease_rows import expire_lapsed, free_held, free_term
+
+if TYPE_CHECKING:
+    from .connection import PgDb, Row
+    from .kv import PgKv
+    from .liveness import PgLiveness
+
+#: Statements of a fenced write: (SQL with %s placeholders, parameters).
+Statements = Sequence[tuple[str, "tuple[Any, ...] | dict[str, Any]"]]
+
+#: A lease row with the server's clock read in the same statement.
+_SELECT = "SELECT *, coord_now() AS now_mono FROM leases"
+
+_CURRENT = ("SELECT 1 FROM leases WHERE name = %s AND term = %s AND holder_id IS NOT NULL "
+            "AND expires_mono >= coord_now() FOR SHARE")
+_CURRENT_FOR_UPDATE = _CURRENT.replace("FOR SHARE", "FOR UPDATE")
+
+
+def _member(id: Any, incarnation: Any) -> Member | None:
+    return None if id is None else (str(id), int(incarnation))
+
+
+def _record(row: Row) -> LeaseRecord:
+    held = row["holder_id"] is not None
+    return LeaseRecord(
+        name=row["name"], holder=_member(row["holder_id"], row["holder_incarnation"]),
+        term=int(row["term"]), ttl=row["ttl"], acquired_at=row["acquired_at"],
+        renewed_at=row["renewed_at"],
+        expires_in=(row["expires_mono"] - row["now_mono"])
+        if held and row["expires_mono"] is not None else None,
+        pgid=row["pgid"], pg_start_token=row["pg_start_token"],
+        pg_holder=_member(row["pg_holder_id"], row["pg_holder_incarnation"]),
+    )
+
+
+class PgLeases:
+    """``coord.backend.LeaseOps``."""
+
+    def __init__(self, db: PgDb, liveness: PgLiveness, kv: PgKv) -> None:
+        self._db = db
+        self._liveness = liveness
+        self._kv = kv
+
+    # -- reads --------------------------------------------------------------------------------
+
+    def get(self, name: str) -> LeaseRecord | None:
+        row = self._db.row(f"{_SELECT} WHERE name = %s", (name,))
+        return None if row is None else _record(row)
+
+    def every(self, *, held_only: bool = False) -> list[LeaseRecord]:
+        where = " WHERE holder_id IS NOT NULL" if held_only else ""
+        return [_record(r) for r in self._db.rows(
+            f'{_SELECT}{where} ORDER BY name COLLATE "C"')]
+
+    def recorded_groups(self, owner: Member | None = None) -> list[LeaseRecord]:
+        sql = f"{_SELECT} WHERE pgid IS NOT NULL AND pg_holder_id IS NOT NULL"
+        params: tuple[Any, ...] = ()
+        if owner is not None:
+            sql += " AND pg_holder_id = %s AND pg_holder_incarnation = %s"
+            params = owner
+        return [_record(r) for r in self._db.rows(sql + ' ORDER BY name COLLATE "C"', params)]
+
+    def terms_of(self, holder: Member) -> tuple[int, ...]:
+        return tuple(int(r["term"]) for r in self._db.rows(
+            "SELECT term FROM lease_terms WHERE holder_id = %s AND holder_incarnation = %s "
+            "ORDER BY term", holder))
+
+    # -- the rules ----------------------------------------------------------------------------
+
+    def take(self, me: Member, name: str, ttl: float) -> LeaseTaken | str:
+        """Take ``name`` if it is free, expired, or its holder is dead (then buried in the
+        same transaction); else the holder's id (``me``'s own when it holds it: leases are
+        not re-entrant). ``NotRegistered`` when ``me`` is not a live incarnation."""
+        buried: list[Row] = []
+
+        def txn(c: Conn) -> LeaseTaken | str:
+            buried.clear()
+            if not fetch(c, "SELECT 1 FROM instances WHERE id = %s AND incarnation = %s "
+                         "AND status = 'alive' FOR SHARE", me):
+                raise NotRegistered(me[0], "closed, declared dead or taken over")
+            held = self._held_by_another(c, name, me)
+            if held is not None:
+                return held
+            row, hrow = self._locked(c, name, me)
+            previous = None
+            reason = "free"
+            if row is not None and row["holder_id"] is not None:
+                previous = str(row["holder_id"])
+                holder = (previous, int(row["holder_incarnation"]))
+                expired = row["expires_mono"] is None or row["expires_mono"] < row["now_mono"]
+                if holder == (me[0], int(me[1])) and not expired:
+                    return me[0]
+                alive, verdict = self._liveness.judge(hrow) if hrow else (False, "gone")
+                if hrow is not None and hrow["status"] == "alive" and not alive:
+                    # Proof of death (or a hung heartbeat): the whole death rule now, which
+                    # frees this lease with the rest of what the holder held.
+                    bury_many(c, [holder], reason=verdict)
+                    buried.append(hrow)
+                    reason = verdict
+                elif expired:
+                    reason = "expired"
+                elif not alive:
+                    reason = verdict
+                else:
+                    return previous
+                free_term(c, name, int(row["term"]), reason)
+            term = int(scalar(c, "SELECT nextval('term_seq')"))
+            # pgid/pg_start_token stay: the new holder ends that group before anything.
+            c.execute(
+                "INSERT INTO leases (name, holder_id, holder_incarnation, term, ttl, "
+                "acquired_at, renewed_at, expires_mono) VALUES (%s, %s, %s, %s, %s, "
+                "coord_now(), coord_now(), coord_now() + %s) ON CONFLICT (name) DO UPDATE SET "
+                "holder_id = excluded.holder_id, holder_incarnation = excluded.holder_incarnation, "
+                "term = excluded.term, ttl = excluded.ttl, acquired_at = excluded.acquired_at, "
+                "renewed_at = excluded.renewed_at, expires_mono = excluded.expires_mono",
+                (name, *me, term, ttl, ttl))
+            c.execute(
+                "INSERT INTO lease_terms (name, term, holder_id, holder_incarnation, acquired_at) "
+                "VALUES (%s, %s, %s, %s, coord_now())", (name, term, *me))
+            log_event(c, "leader changed", me[0], name, term=term, previous=previous,
+                      reason=reason)
+            group = tree = None
+            if row is not None and row["pgid"] is not None and row["pg_start_token"] is not None:
+                group = (int(row["pgid"]), int(row["pg_start_token"]))
+            if row is not None:
+                tree = _member(row["pg_holder_id"], row["pg_holder_incarnation"])
+            return LeaseTaken(term, previous, group, tree, None)
+
+        taken = self._db.write(txn)
+        if buried:
+            self._liveness.forget(buried)
+        return taken
+
+    def _held_by_another(self, c: Conn, name: str, me: Member) -> str | None:
+        """The holder's id when another live instance holds ``name`` unexpired, read without
+        locks: candidates that poll a held lease do not queue on its holder's row."""
+        rows = fetch(c, f"{_SELECT} WHERE name = %s", (name,))
+        row = rows[0] if rows else None
+        holder = None if row is None else _member(row["holder_id"], row["holder_incarnation"])
+        if (row is None or holder is None or holder == (me[0], int(me[1]))
+                or row["expires_mono"] is None or row["expires_mono"] < row["now_mono"]):
+            return None
+        inst = fetch(c, "SELECT * FROM instances WHERE id = %s AND incarnation = %s", holder)
+        if not inst or not self._liveness.judge(inst[0])[0]:
+            return None
+        return holder[0]
+
+    def _locked(self, c: Conn, name: str, me: Member) -> tuple[Row | None, Row | None]:
+        """The lease row and its holder's instance row, both locked ``FOR UPDATE`` (the
+        instance first). None for a lease never taken: a racing first take then inserts it
+        first, and ours meets the conflict and re-reads it as held."""
+        for _ in range(20):
+            peek = fetch(c, "SELECT holder_id, holder_incarnation FROM leases WHERE name = %s",
+                         (name,))
+            holder = _member(peek[0]["holder_id"], peek[0]["holder_incarnation"]) if peek else None
+            hrow = None
+            if holder is not None and holder != (me[0], int(me[1])):
+                found = fetch(c, "SELECT * FROM instances WHERE id = %s AND incarnation = %s "
+                              "FOR UPDATE", holder)
+                hrow = found[0] if found else None
+            elif holder is not None:
+                hrow = fetch(c, "SELECT * FROM instances WHERE id = %s AND incarnation = %s",
+                             holder)[0]
+            if not peek:
+                # Claim the name (a free row of no term) so that takers queue on its lock.
+                c.execute("INSERT INTO leases (name, term, ttl) VALUES (%s, 0, 0) "
+                          "ON CONFLICT (name) DO NOTHING", (name,))
+            rows = fetch(c, f"{_SELECT} WHERE name = %s FOR UPDATE", (name,))
+            row = rows[0]
+            if _member(row["holder_id"], row["holder_incarnation"]) == holder:
+                return (None if row["term"] == 0 else row), hrow
+        # The lease kept changing hands under us: run the whole take again.
+        raise pgerrors.SerializationFailure(f"lease {name!r} kept changing hands")
+
+    def renew(self, name: str, term: int, holder: Member, ttl: float) -> bool:
+        def txn(c: Conn) -> bool:
+            if fetch(c, "UPDATE leases SET renewed_at = coord_now(), "
+                     "expires_mono = coord_now() + %s WHERE name = %s AND term = %s "
+                     "AND holder_id = %s AND holder_incarnation = %s "
+                     "AND expires_mono >= coord_now() RETURNING 1",
+                     (ttl, name, term, *holder)):
+                return True
+            free_term(c, name, term, "expired", holder, lapsed=True)
+            return False
+
+        return self._db.write(txn)
+
+    def release(self, name: str, term: int, holder: Member | None, reason: str,
+                **detail: Any) -> bool:
+        return self._db.write(lambda c: free_term(c, name, term, reason, holder, **detail))
+
+    def release_dead_holders(self, members: Sequence[Member], reason: str) -> int:
+        return self._db.write(lambda c: free_held(c, list(members), reason))
+
+    def expire(self) -> int:
+        return self._db.write(expire_lapsed)
+
+    def lapsed(self) -> int:
+        return int(self._db.value("SELECT count(*) FROM leases WHERE holder_id IS NOT NULL "
+                                  "AND expires_mono < coord_now()"))
+
+    def record_group(self, name: str, term: int, pgid: int | None, token: int | None,
+                     holder: Member | None) -> None:
+        def txn(c: Conn) -> None:
+            self._require(c, name, term, change=True)
+            hid, hinc = holder if holder is not None else (None, None)
+            c.execute("UPDATE leases SET pgid = %s, pg_start_token = %s, pg_holder_id = %s, "
+                      "pg_holder_incarnation = %s WHERE name = %s AND term = %s",
+                      (pgid, token, hid, hinc, name, term))
+
+        self._db.write(txn)
+
+    def clear_groups(self, groups: Iterable[tuple[str, int, int]]) -> None:
+        todo = list(groups)
+        if todo:
+            self._db.write(lambda c: c.cursor().executemany(
+                "UPDATE leases SET pgid = NULL, pg_start_token = NULL, pg_holder_id = NULL, "
+                "pg_holder_incarnation = NULL WHERE name = %s AND pgid = %s "
+                "AND pg_start_token = %s", todo))
+
+    # -- fenced operations --------------------------------------------------------------------
+
+    def fenced(self, name: str, term: int, statements: Statements) -> list[list[Row]]:
+        """Engine-specific: run PostgreSQL statements (``%s`` placeholders) in one
+        transaction, only while ``term`` is current; their rows (none for a statement that
+        returns none). ``LeaseLost`` otherwise."""
+        def txn(c: Conn) -> list[list[Row]]:
+            self._require(c, name, term)
+            out: list[list[Row]] = []
+            for sql, params in statements:
+                cur = c.execute(sql, params)  # type: ignore[arg-type]
+                out.append(cur.fetchall() if cur.description is not None else [])
+            return out
+
+        return self._db.write(txn)
+
+    def fenced_kv_set(self, name: str, term: int, key: str, value: str,
+                      owner: Member | None) -> int:
+        def txn(c: Conn) -> int:
+            self._kv.lock_owner(c, owner)  # instances before leases
+            self._require(c, name, term)
+            return self._kv.set_in(c, key, value, owner)
+
+        return self._db.write(txn)
+
+    def fenced_kv_cas(self, name: str, term: int, key: str, value: str, version: int,
+                      owner: Member | None) -> int:
+        def txn(c: Conn) -> int:
+            self._kv.lock_owner(c, owner)
+            self._require(c, name, term)
+            return self._kv.cas_in(c, key, value, version, owner)
+
+        return self._db.write(txn)
+
+    def _require(self, c: Conn, name: str, term: int, *, change: bool = False) -> None:
+        """Hold the lease row until commit (to ``change`` it: exclusively), or ``LeaseLost``
+        unless ``term`` is current."""
+        if not fetch(c, _CURRENT_FOR_UPDATE if change else _CURRENT, (name, term)):
+            raise LeaseLost(name, term)
