@@ -22,7 +22,7 @@ __all__ = ["Event", "list_events", "log_event", "log_events", "record_event", "t
 def record_event(store: Store, kind: str, instance_id: str | None = None,
                  subject: str | None = None, **detail: Any) -> None:
     """Record one event in its own transaction (for callers outside one, e.g. the CLI)."""
-    store.write(lambda c: log_event(c, store.wall(), kind, instance_id, subject, **detail))
+    store.backend.events.record(kind, instance_id, subject, **detail)
 
 
 def list_events(

@@ -8,8 +8,10 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from .clock import ServerClock
 from .connection import PgDb
+from .events import PgEvents
 from .instances import PgInstances
 from .liveness import PgLiveness
+from .messages import PgMessages
 from .opening import open_schema
 from .wakeup import PgWakeup
 
@@ -40,11 +42,11 @@ class PostgresBackend:
         self.db = PgDb(location)
         self.clock = ServerClock(self.db)
         self.liveness = PgLiveness(store, self.clock)
-        self.wakeup = PgWakeup()
+        self.wakeup = PgWakeup(self.db)
         self.instances = PgInstances(self.db, self.liveness)
-        self.events: Any = NotYet("events")
+        self.events = PgEvents(self.db)
         self.kv: Any = NotYet("kv")
-        self.messages: Any = NotYet("messages")
+        self.messages = PgMessages(self.db, self.wakeup)
         self.leases: Any = NotYet("leases")
         self.death: Any = NotYet("death")
         self.trees: Any = NotYet("trees")
@@ -56,6 +58,7 @@ class PostgresBackend:
         open_schema(self.db)
 
     def close(self) -> None:
+        self.wakeup.close()
         self.db.close()
 
     def __repr__(self) -> str:
