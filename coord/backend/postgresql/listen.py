@@ -5,7 +5,8 @@ A notification is a hint, never the truth: it is lost while the connection is do
 server restart, ``pg_terminate_backend``, a network cut), so after every (re)connect the
 thread LISTENs again on every wanted channel and then pokes *every* waiter, which re-checks
 the database. Until a waiter's channels are LISTENed on the current connection it is told
-so (``Interest.listening`` is False) and polls at the short interval.
+so (``Interest.listening`` is False) and polls at the short interval; a waiter is poked
+when the connection is lost, so that it starts doing so at once.
 
 The thread owns its connection alone (psycopg holds a connection's lock while it waits for
 notifications): other threads only change the set of wanted channels and wake the thread
@@ -114,6 +115,12 @@ class Listener:
         _poke(self._wake_w)
         return it
 
+    def listening(self, channel: str) -> bool:
+        """Whether a coord channel is LISTENed on the live connection now."""
+        name = channel_name(self._db.location.schema, channel)
+        with self._lock:
+            return self.backend_pid is not None and name in self._listening
+
     def forget(self, it: Interest) -> None:
         with self._lock:
             for n in it.names:
@@ -157,7 +164,7 @@ class Listener:
                     if pause and self._sleep(pause):
                         break
                     try:
-                        conn = self._db.connect()
+                        conn = self._connect()
                         self.backend_pid = conn.info.backend_pid
                         self.connects += 1
                         pause = 0.0
@@ -174,6 +181,9 @@ class Listener:
                 self._db.discard(conn)
             self.backend_pid = None
 
+    def _connect(self) -> Conn:
+        return self._db.connect()
+
     def _sleep(self, seconds: float) -> bool:
         """Wait ``seconds`` or until woken; True when asked to stop."""
         select.select([self._wake_r], [], [], seconds)
@@ -186,6 +196,7 @@ class Listener:
             for its in self._interests.values():
                 for it in its:
                     it.listening = False
+                    it.poke()  # no hint can come now: back to the short polling interval
         self.backend_pid = None
         self._db.discard(conn)
 
