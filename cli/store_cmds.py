@@ -48,11 +48,17 @@ def sql(
     Tables and views are documented in the schema files (see the README); the database is
     never locked against writers while the query runs. Several statements print every
     result in turn (a blank line between tables; with --json, one array per line)."""
-    from coord.adhoc import run_readonly_all
-
     if as_json and as_csv:
         usage("choose one of --json and --csv")
-    results = run_readonly_all(store(ctx), query)
+    s = store(ctx)
+    if s.engine == "postgresql":
+        from coord.backend.postgresql import adhoc as pg_adhoc
+
+        results = pg_adhoc.run_readonly_all(s, query)
+    else:
+        from coord.adhoc import run_readonly_all
+
+        results = run_readonly_all(s, query)
     for n, (cols, rows) in enumerate(results):
         if as_json:  # one array per statement: one line each (JSON lines)
             emit_json([dict(zip(cols, r, strict=True)) for r in rows])
