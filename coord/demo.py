@@ -45,7 +45,7 @@ class Demo:
         self.procs: list[subprocess.Popen[str]] = []
 
     def spawn(self, script: str, *args: str) -> subprocess.Popen[str]:
-        env = dict(os.environ, COORD_DB=str(self.store.path))
+        env = dict(os.environ, COORD_DB=self.store.address)
         env.pop("COORD_INSTANCE_ID", None)
         p = subprocess.Popen([sys.executable, "-c", script, *args], env=env,
                              stdout=subprocess.PIPE, text=True)

@@ -117,7 +117,7 @@ def run_elected(
     if wait is not None and wait < 0:
         raise InvalidArgument(f"--wait must not be negative, got {wait}")
     grace = store.config.kill_grace if grace is None else grace
-    env = dict(os.environ, COORD_DB=str(store.path), COORD_LEASE_NAME=name)
+    env = dict(os.environ, COORD_DB=store.address, COORD_LEASE_NAME=name)
     check_runnable(argv, env)
 
     cancel = threading.Event()
