@@ -229,7 +229,6 @@ def events(
         newest = list_events(s, limit=1)
         last = newest[-1]["id"] if newest else 0
     while follow:
-        version = s.data_version()
         # The newest id before the filtered read: events up to it that the filters skip
         # need not be read again (one read later could skip one that matched).
         newest = list_events(s, after=last, limit=1)
@@ -241,8 +240,9 @@ def events(
             continue
         if newest:
             last = max(last, newest[-1]["id"])
-        while s.data_version() == version:
-            time.sleep(0.05)
+        # Until an event newer than the last seen is committed (the engine's wake-up).
+        s.backend.wakeup.wait_for(
+            lambda seen=last: list_events(s, after=seen, limit=1) or None, None)
 
 
 _AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}

@@ -28,8 +28,10 @@ def register(app: typer.Typer) -> None:
 @example("sqlite3 \"$(coord path)\" \"select count(*) from live_instances\"")
 @handle_errors
 def path(ctx: typer.Context) -> None:
-    """Print the database path (`sqlite3 "$(coord path)"` works while instances run)."""
-    print(store(ctx).path)
+    """Print the database path (`sqlite3 "$(coord path)"` works while instances run); on
+    PostgreSQL its URL, the password shown as ***."""
+    s = store(ctx)
+    print(s.address_shown if s.engine == "postgresql" else s.path)
 
 
 @example("coord sql 'select id, app, pid from live_instances'",
@@ -47,12 +49,22 @@ def sql(
 
     Tables and views are documented in the schema files (see the README); the database is
     never locked against writers while the query runs. Several statements print every
-    result in turn (a blank line between tables; with --json, one array per line)."""
-    from coord.adhoc import run_readonly_all
+    result in turn (a blank line between tables; with --json, one array per line).
 
+    On PostgreSQL: one query at a time, as the schema's SELECT-only role, in a read-only
+    transaction with a time limit; functions that change state (advisory locks, notify,
+    set_config, ending backends) are refused."""
     if as_json and as_csv:
         usage("choose one of --json and --csv")
-    results = run_readonly_all(store(ctx), query)
+    s = store(ctx)
+    if s.engine == "postgresql":
+        from coord.backend.postgresql import adhoc as pg_adhoc
+
+        results = pg_adhoc.run_readonly_all(s, query)
+    else:
+        from coord.adhoc import run_readonly_all
+
+        results = run_readonly_all(s, query)
     for n, (cols, rows) in enumerate(results):
         if as_json:  # one array per statement: one line each (JSON lines)
             emit_json([dict(zip(cols, r, strict=True)) for r in rows])

@@ -29,6 +29,7 @@ from typing import Any
 
 from . import nudge
 from .backend import Proof
+from .backend.postgresql.url import redact_words
 
 # The SQLite engine's verdict, named here for the modules that still judge rows themselves
 # (``coord.queues``, ``coord.leases``) until their steps of ``coord.backend``'s plan.
@@ -370,7 +371,7 @@ def register(
         "app": app, "pid": mypid, "start_token": tok, "boot_id": boot_id(),
         "pidns": pid_namespace(), "uid": os.geteuid(), "user": username(),
         "host": socket.gethostname(),
-        "cmdline": json.dumps(cmdline if cmdline is not None else _own_cmdline()),
+        "cmdline": json.dumps(redact_words(cmdline if cmdline is not None else _own_cmdline())),
         "cwd": _cwd(), "labels": json.dumps(dict(labels or {}), sort_keys=True),
         "lock_path": proof.where, "nudge_path": nudge_path, "ttl": ttl, "watchdog": watchdog,
     }

@@ -37,10 +37,12 @@ Delivery is at least once to a live recipient:
 Payloads are JSON data (``coord.payload``), validated on the way in and on the way out (a
 stored payload that fails is dropped with a 'message dropped' event).
 The envelopes are stored by the store's engine (``store.backend.messages``), which wakes
-the recipient after each commit; waiting is the engine's ``wakeup`` (on SQLite a nudge to
-the instance's socket, ``PRAGMA data_version`` for everything else; no fixed sleep). The
-nudge socket is one per instance: when several threads of one instance wait at once, one
-of them may wake by ``data_version`` polling (a millisecond or so) instead of the nudge.
+the recipient after each commit; waiting is the engine's ``wakeup`` (no fixed sleep). On
+SQLite: a nudge to the instance's socket, ``PRAGMA data_version`` for everything else. On
+PostgreSQL: the nudge on the recipient's host, a NOTIFY on its inbox channel for waiters
+elsewhere (or without a socket), polling as the fallback. The nudge socket is one per
+instance: when several threads of one instance wait at once, one of them may wake by
+polling (a millisecond or so on SQLite) instead of the nudge.
 
 In a program the instance itself is the mailbox (``send(inst, ...)``); a process that acts
 for an instance registered elsewhere (the CLI under ``coord run``) uses ``mailbox(store)``.
@@ -55,7 +57,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from .backend import Member, MessageRecord, Watch
+from .backend import Member, MessageRecord, Watch, inbox_channel
 from .db import Row, Store
 from .errors import InvalidArgument, NotFound, PayloadError, RecipientDead, TimeoutExpired
 from .instances import Instance, InstanceInfo, list_instances, require_live, validate_id
@@ -194,7 +196,8 @@ class Mailbox:
     """Messaging as one instance (id, incarnation). Cheap to make; one per call is fine.
 
     ``sock`` is the instance's nudge socket when the instance lives in this process (then
-    waits wake within microseconds of a send); without it, waits poll ``data_version``.
+    waits wake within microseconds of a send); without it, waits rely on the engine's other
+    wake-ups (SQLite: ``data_version`` polling; PostgreSQL: NOTIFY).
     """
 
     def __init__(
@@ -202,6 +205,7 @@ class Mailbox:
     ) -> None:
         self.store, self.id, self.incarnation, self.app, self.sock = store, id, incarnation, app, sock
         self._me: Member = (id, incarnation)
+        self._inbox = (inbox_channel(id),)  # what its waits listen to (on engines that can)
 
     @classmethod
     def of(cls, who: Instance | Mailbox) -> Mailbox:
@@ -292,7 +296,7 @@ class Mailbox:
                     log.warning("[%s] dropped message %s: %s", self.id, rec.id, e)
                     backend.messages.drop(self._me, rec, str(e))
 
-        return backend.wakeup.wait_for(check, timeout, sock=self.sock)
+        return backend.wakeup.wait_for(check, timeout, sock=self.sock, channels=self._inbox)
 
     def ack(self, message_id: str) -> bool:
         """Acknowledge a message addressed to this instance: a plain message is deleted, a
@@ -348,7 +352,8 @@ class Mailbox:
                     return got[0]
                 return True if peer.dead(registered is not None and peer.id in registered) else None
 
-            found = backend.wakeup.wait_for(check, timeout, sock=self.sock, watch_pids=peer.pids)
+            found = backend.wakeup.wait_for(check, timeout, sock=self.sock,
+                                            watch_pids=peer.pids, channels=self._inbox)
         finally:
             peer.close()
         if found is True or found is None:
@@ -412,7 +417,8 @@ class Mailbox:
             def pids() -> list[int]:
                 return [p for to in pending.values() for p in peers[to].pids()]
 
-            backend.wakeup.wait_for(check, timeout, sock=self.sock, watch_pids=pids)
+            backend.wakeup.wait_for(check, timeout, sock=self.sock, watch_pids=pids,
+                                    channels=self._inbox)
             take(backend.messages.give_up(self._me, list(asked)))
             answered = set(replies)
             return Gathered(

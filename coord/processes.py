@@ -38,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .backend.postgresql.url import redact_words
 from .clock import boot_id
 from .db import Row, Store
 from .errors import InvalidArgument, NotFound, NotRegistered, PermissionDenied
@@ -131,7 +132,8 @@ def _insert(
 
     row_id = store.backend.processes.track(
         (inst.id, inst.incarnation),
-        (pid, token, boot_id(), pgid, pname, json.dumps(list(cmdline)), cwd, username(),
+        (pid, token, boot_id(), pgid, pname, json.dumps(redact_words(list(cmdline))), cwd,
+         username(),
          json.dumps(dict(labels or {})), log_path), running=True)
     return Tracked(inst, row_id, pid, token)
 
@@ -187,7 +189,7 @@ def _insert_gone(inst: Instance, pid: int, argv: Sequence[str], cwd: str,
                  labels: Mapping[str, Any] | None, log_path: str | None) -> int:
     return inst.store.backend.processes.track(
         (inst.id, inst.incarnation),
-        (pid, 0, boot_id(), pid, os.path.basename(argv[0]), json.dumps(list(argv)), cwd,
+        (pid, 0, boot_id(), pid, os.path.basename(argv[0]), json.dumps(redact_words(list(argv))), cwd,
          username(), json.dumps(dict(labels or {})), log_path), running=False)
 
 

@@ -74,7 +74,7 @@ def run(
     from .elect import check_runnable
 
     grace = store.config.kill_grace if grace is None else grace
-    env = dict(os.environ, COORD_DB=str(store.path))
+    env = dict(os.environ, COORD_DB=store.address)
     check_runnable(argv, env)
     # Handlers go in before the program starts: a signal that arrives while it is being
     # started means it never runs, and never kills the wrapper alone.

@@ -113,7 +113,9 @@ __all__ = [
     "TreeOps",
     "Wakeup",
     "Watch",
+    "inbox_channel",
     "open_backend",
+    "queue_channel",
     "register_engine",
 ]
 
@@ -203,11 +205,25 @@ class Wakeup(Protocol):
         *,
         sock: socket.socket | None = None,
         watch_pids: Callable[[], Iterable[int]] | None = None,
+        channels: Iterable[str] = (),
     ) -> T | None:
         """Call ``check`` until it returns something other than None, or ``timeout``
         passes (None: never); again whenever another commit may have changed the answer,
-        a nudge arrives on ``sock`` (the waiting instance's own), or a watched pid exits."""
+        a nudge arrives on ``sock`` (the waiting instance's own), or a watched pid exits.
+        ``channels`` name what the waiter waits for (``inbox_channel``, ``queue_channel``):
+        an engine that announces commits per channel (PostgreSQL's NOTIFY) wakes the
+        waiter on their writes; the others ignore them."""
         ...
+
+
+def inbox_channel(instance_id: str) -> str:
+    """The wake-up channel of an instance's messages (see ``Wakeup.wait_for``)."""
+    return f"inbox:{instance_id}"
+
+
+def queue_channel(queue: str) -> str:
+    """The wake-up channel of a queue's jobs (see ``Wakeup.wait_for``)."""
+    return f"queue:{queue}"
 
 
 # -- operations per capability -----------------------------------------------------------------
@@ -247,6 +263,11 @@ class EventLog(Protocol):
         """Events with id above ``after`` in id order (newest ``limit``, or the first
         ``limit`` with ``oldest_first``); ``detail`` decoded. Optionally only those of
         ``kinds``, of ``instance_id``, or recorded at or after ``since`` (wall clock)."""
+        ...
+
+    def record(self, kind: str, instance_id: str | None = None, subject: str | None = None,
+               **detail: Any) -> None:
+        """Record one event in a transaction of its own (for callers outside one)."""
         ...
 
 

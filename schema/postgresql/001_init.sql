@@ -196,10 +196,17 @@ CREATE INDEX jobs_state ON jobs (queue, state);
 CREATE UNIQUE INDEX jobs_dedupe ON jobs (queue, dedupe_key) WHERE dedupe_key IS NOT NULL;
 CREATE UNIQUE INDEX jobs_token ON jobs (claim_token) WHERE claim_token IS NOT NULL;
 
+-- Whether a text is JSON (payload checks; PostgreSQL 15 has no IS JSON).
+CREATE FUNCTION coord_is_json(t text) RETURNS boolean
+    LANGUAGE plpgsql IMMUTABLE
+    AS $$ BEGIN PERFORM t::json; RETURN true; EXCEPTION WHEN data_exception THEN RETURN false; END $$;
+
 -- Envelopes between instances: messages, requests and their replies. expires_mono is the
 -- server's clock; delivered_incarnation is who was given it (re-offered if that one dies).
+-- seq is the arrival order (SQLite's rowid): an inbox is delivered oldest seq first.
 CREATE TABLE messages (
     id                    text PRIMARY KEY,
+    seq                   bigint GENERATED ALWAYS AS IDENTITY,
     kind                  text NOT NULL DEFAULT 'message'
                           CHECK (kind IN ('message', 'request', 'reply')),
     sender_id             text NOT NULL,
@@ -215,7 +222,7 @@ CREATE TABLE messages (
     delivered_incarnation bigint,
     acked                 integer NOT NULL DEFAULT 0
 );
-CREATE INDEX messages_inbox ON messages (recipient_id, acked, topic, created_at);
+CREATE INDEX messages_inbox ON messages (recipient_id, acked, seq);
 CREATE INDEX messages_expiry ON messages (expires_mono);
 CREATE INDEX messages_correlation ON messages (correlation_id) WHERE correlation_id IS NOT NULL;
 

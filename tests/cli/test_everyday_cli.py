@@ -1,5 +1,5 @@
 """What the operator's everyday tools all have: --version, shell completion, --db after the
-command, kv strings, `queue show`, `logs`, event filters, an honest `--scan`, a word on stderr
+command, kv strings, `queue show`, `logs`, an honest `--scan`, a word on stderr
 when elect/lock wait, and doctor counting orphans."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
@@ -120,21 +119,6 @@ def test_logs_of_a_process_started_with_log(db_path: Path, cli: Cli, store: coor
         coord.processes.stop(inst, plain.id, grace=0.1)
 
 
-def test_events_filters(cli: Cli, store: coord.Store) -> None:
-    a = coord.register(store, "ev-a", app="t", heartbeat=False)
-    coord.register(store, "ev-b", app="t", heartbeat=False)
-    a.close()
-    kinds = [(e["kind"], e["instance_id"]) for e in json.loads(
-        cli("events", "--json", "--kind", "joined", "--kind", "left").stdout)]
-    assert kinds == [("joined", "ev-a"), ("joined", "ev-b"), ("left", "ev-a")]
-    mine = json.loads(cli("events", "--json", "--instance", "ev-a").stdout)
-    assert {e["instance_id"] for e in mine} == {"ev-a"} and len(mine) == 2
-    assert json.loads(cli("events", "--json", "--since", str(time.time() + 60)).stdout) == []
-    assert len(json.loads(cli("events", "--json", "--since", "1h").stdout)) >= 3
-    r = cli("events", "--since", "yesterday-ish")
-    assert r.returncode == 2 and "--since" in r.stderr
-
-
 def test_scan_does_not_call_tracked_children_unregistered(cli: Cli, db_path: Path,
                                                           store: coord.Store,
                                                           procs: list[Any]) -> None:
@@ -217,18 +201,6 @@ def test_doctor_expects_the_orphans_of_keep_children(cli: Cli, db_path: Path,
     assert cli("orphans", "--kill", "--grace", "1").returncode == 0
     assert cli("run", "--app", "nokeep", "--", "sh", "-c", "sleep 60 >/dev/null 2>&1 & echo started").returncode == 0
     assert json.loads(cli("orphans", "--json").stdout) == []
-
-
-def test_events_follow_with_a_filter(db_path: Path, store: coord.Store, procs: list[Any]) -> None:
-    p = subprocess.Popen([*COORD, "events", "-f", "--kind", "left", "--json"],
-                         env=coord_env(db_path), stdout=subprocess.PIPE, text=True)
-    procs.append(p)
-    # Before or after the follower starts, they come out: -f prints the recent ones first.
-    for id in ("f-1", "f-2"):
-        coord.register(store, id, app="t", heartbeat=False).close()
-    assert p.stdout is not None
-    got = [json.loads(p.stdout.readline()) for _ in range(2)]
-    assert [(e["kind"], e["instance_id"]) for e in got] == [("left", "f-1"), ("left", "f-2")]
 
 
 def test_hoist_db_moves_only_coords_own_option() -> None:

@@ -1,4 +1,5 @@
-"""`coord instances`, `coord instance`, `coord reap`, `coord events`: output, help, errors."""
+"""`coord instances`, `coord instance`, `coord reap`: output, help, errors (`coord events`:
+test_events_cli.py)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ from coord.cli import instance_cmds
 from coord.cli.main import app
 
 import coord
-from coord.instances import register
 
 pytestmark = pytest.mark.contract
 
@@ -156,35 +156,6 @@ def test_reap_json(cli: Cli, db_path: Path, procs: list[subprocess.Popen[str]]) 
     done = json.loads(cli("reap", "--json").stdout)
     assert [d["id"] for d in done["dead"]] == ["gone"] and done["dead"][0]["reason"] == "died"
     assert cli("reap").stdout == ""
-
-
-def test_events_json_and_follow(cli: Cli, store: coord.Store, db_path: Path) -> None:
-    with register(store, "ev-1", app="test"):
-        pass
-    listed = json.loads(cli("events", "--json").stdout)
-    assert [e["kind"] for e in listed if e["instance_id"] == "ev-1"] == ["joined", "left"]
-    assert {"id", "at", "kind", "instance_id", "subject", "detail"} <= set(listed[0])
-    assert "joined" in cli("events").stdout
-
-    follow = subprocess.Popen([sys.executable, "-m", "coord", "events", "--follow", "--json"],
-                              env=coord_env(db_path), stdout=subprocess.PIPE, text=True)
-    try:
-        assert follow.stdout is not None
-        seen: list[dict[str, Any]] = []
-        # The backlog first (one JSON object per line) ...
-        while not any(e["instance_id"] == "ev-1" and e["kind"] == "left" for e in seen):
-            seen.append(json.loads(follow.stdout.readline()))
-        # ... then what happens next, as it happens.
-        with register(store, "ev-2", app="test"):
-            pass
-        while not any(e["instance_id"] == "ev-2" and e["kind"] == "left" for e in seen):
-            seen.append(json.loads(follow.stdout.readline()))
-        assert [e["id"] for e in seen] == sorted({e["id"] for e in seen})  # none twice
-    finally:
-        follow.terminate()
-        follow.wait(timeout=30)
-        if follow.stdout is not None:
-            follow.stdout.close()
 
 
 def test_instances_empty_is_fine(cli: Cli) -> None:

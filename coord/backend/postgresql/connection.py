@@ -17,6 +17,7 @@ translation of the driver's errors to ``coord.errors`` at this one boundary.
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -71,6 +72,13 @@ def translate(e: BaseException, where: str) -> CoordError | None:
         return StorageError(where, f"permission denied: {first}")
     if state == "53100":
         return StorageError(where, "the server's disk is full; nothing committed was lost")
+    if isinstance(e, psycopg.OperationalError) and not state:
+        # A failed connect carries no SQLSTATE: libpq's message says which failure it was.
+        reason = first.rpartition("FATAL:")[2].strip() if "FATAL:" in first else first
+        if "authentication failed" in reason or "no password supplied" in reason:
+            return StorageError(where, f"authentication failed: {reason}")
+        if re.search(r'database ".*" does not exist', reason):
+            return StorageError(where, f"the database does not exist: {reason}")
     if state in ("57P01", "57P02", "57P03") or isinstance(e, psycopg.OperationalError):
         return StorageError(where, f"cannot reach the server: {first}")
     if state.startswith("XX") or state == "58030":

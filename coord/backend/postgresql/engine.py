@@ -10,10 +10,12 @@ from .checks import PgChecks
 from .clock import ServerClock
 from .connection import PgDb
 from .death_rule import PgDeathRule, rebase_boot
+from .events import PgEvents
 from .instances import PgInstances
 from .kv import PgKv
 from .leases import PgLeases
 from .liveness import PgLiveness
+from .messages import PgMessages
 from .opening import open_schema
 from .processes import PgProcesses
 from .trees import PgTrees
@@ -46,11 +48,11 @@ class PostgresBackend:
         self.db = PgDb(location)
         self.clock = ServerClock(self.db)
         self.liveness = PgLiveness(store, self.clock, self.db)
-        self.wakeup = PgWakeup()
+        self.wakeup = PgWakeup(self.db)
         self.instances = PgInstances(self.db, self.liveness)
-        self.events: Any = NotYet("events")
+        self.events = PgEvents(self.db)
         self.kv = PgKv(self.db, self.liveness)
-        self.messages: Any = NotYet("messages")
+        self.messages = PgMessages(self.db, self.wakeup)
         self.leases = PgLeases(self.db, self.liveness, self.kv)
         self.death = PgDeathRule(self.db, self.liveness)
         self.trees = PgTrees(self.db)
@@ -65,6 +67,7 @@ class PostgresBackend:
         rebase_boot(self.db)
 
     def close(self) -> None:
+        self.wakeup.close()
         self.db.close()
 
     def __repr__(self) -> str:

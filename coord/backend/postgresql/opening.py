@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from psycopg import sql
 
 from ...errors import SchemaTooNew, StorageError
+from .adhoc import ensure_reader
 from .connection import Conn, scalar
 
 if TYPE_CHECKING:
@@ -67,6 +68,8 @@ def _migrate(c: Conn, schema: str, where: str) -> list[int]:
                   "(extract(epoch FROM clock_timestamp()), 'migrated', %s)",
                   (f'{{"version": {number}}}',))
         done.append(number)
+    if done:
+        ensure_reader(c, schema)  # and its grants on the tables just made
     return done
 
 

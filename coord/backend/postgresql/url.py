@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
-from ...errors import InvalidArgument
+from ...errors import StorageError
 
 SCHEMES = ("postgresql", "postgres")
 #: coord's own URL parameters: taken out before libpq sees the URL.
@@ -68,25 +68,36 @@ def redact(url: str) -> str:
     return _join(parts.scheme, netloc, parts.path, urlencode(query, safe="/:@,*"))
 
 
+_URL_IN_WORD = re.compile(r"(?i)\b(?:postgresql|postgres)://\S*")
+
+
+def redact_words(words: list[str]) -> list[str]:
+    """A command line with the password of every PostgreSQL URL in it (``--db=URL`` too)
+    replaced by ``***``: what coord records and shows of a command line."""
+    return [_URL_IN_WORD.sub(lambda m: redact(m.group(0)), w) if "://" in w else w
+            for w in words]
+
+
 def parse(url: str) -> PgLocation:
     """Split a PostgreSQL URL into the driver's DSN and coord's own parameters;
-    ``InvalidArgument`` (one line, no secret) when it is malformed."""
+    ``StorageError`` (one line, no secret: exit 1, as for a store that cannot be opened)
+    when it is malformed."""
     shown = redact(url)
     try:
         parts = urlsplit(url)
         parts.port  # noqa: B018 - raises ValueError on a bad port
     except ValueError as e:
-        raise InvalidArgument(f"malformed PostgreSQL URL {shown}: {e}") from None
+        raise StorageError(shown, f"malformed PostgreSQL URL: {e}") from None
     if parts.scheme.lower() not in SCHEMES:
-        raise InvalidArgument(f"not a PostgreSQL URL: {shown}")
+        raise StorageError(shown, "not a PostgreSQL URL")
     query = parse_qsl(parts.query, keep_blank_values=True)
     own = {k: v for k, v in query if k in OWN_PARAMS}
     rest = [(k, v) for k, v in query if k not in OWN_PARAMS]
     schema = unquote(own.get("schema", DEFAULT_SCHEMA)) or DEFAULT_SCHEMA
     if not _SCHEMA_NAME.fullmatch(schema):
-        raise InvalidArgument(
-            f"schema {schema!r} in {shown}: use lower-case letters, digits and _ (at most 63, "
-            "not starting with a digit)")
+        raise StorageError(shown, (
+            f"schema {schema!r}: use lower-case letters, digits and _ (at most 63, "
+            "not starting with a digit)"))
     dsn = _join(parts.scheme, parts.netloc, parts.path,
                 urlencode(rest, quote_via=quote, safe="/:@,"))
     return PgLocation(url=url, dsn=dsn, schema=schema, redacted=shown)

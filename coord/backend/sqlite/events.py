@@ -103,3 +103,9 @@ class SqliteEvents:
         for r in rows:
             r["detail"] = json.loads(r["detail"])
         return rows
+
+    def record(self, kind: str, instance_id: str | None = None, subject: str | None = None,
+               **detail: Any) -> None:
+        """Record one event in its own transaction."""
+        store = self._store
+        store.write(lambda c: log_event(c, store.wall(), kind, instance_id, subject, **detail))

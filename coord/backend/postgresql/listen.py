@@ -1,0 +1,239 @@
+"""One ``LISTEN`` connection per store and process, kept by one thread: it turns the
+server's notifications into wake-ups of the waiters that registered interest in a channel.
+
+A notification is a hint, never the truth: it is lost while the connection is down (a
+server restart, ``pg_terminate_backend``, a network cut), so after every (re)connect the
+thread LISTENs again on every wanted channel and then pokes *every* waiter, which re-checks
+the database. Until a waiter's channels are LISTENed on the current connection it is told
+so (``Interest.listening`` is False) and polls at the short interval; a waiter is poked
+when the connection is lost, so that it starts doing so at once.
+
+The thread owns its connection alone (psycopg holds a connection's lock while it waits for
+notifications): other threads only change the set of wanted channels and wake the thread
+through a pipe. A connection that stays silent is pinged now and then, so a half-open one
+(a cut without a reset) is found and replaced too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import select
+import threading
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import psycopg
+from psycopg import sql
+
+from ...errors import CoordError
+
+if TYPE_CHECKING:
+    from .connection import Conn, PgDb
+
+#: Seconds of silence after which the thread pings its connection.
+PING_INTERVAL = 5.0
+#: Longest pause between two attempts to reconnect (seconds); the first is at once.
+RECONNECT_MAX = 2.0
+#: PostgreSQL truncates identifiers (so channel names) at 63 bytes.
+_NAME_MAX = 63
+
+
+def channel_name(schema: str, channel: str) -> str:
+    """The server's channel for a coord channel of one deployment (channels are per
+    database, so the schema is part of the name); hashed when too long for an identifier."""
+    name = f"coord.{schema}.{channel}"
+    if len(name.encode()) <= _NAME_MAX:
+        return name
+    return "coord#" + hashlib.sha256(name.encode()).hexdigest()[:40]
+
+
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    os.set_blocking(w, False)
+    return r, w
+
+
+def _poke(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError, OSError):
+        os.write(fd, b"!")
+
+
+def drain(fd: int) -> None:
+    with contextlib.suppress(BlockingIOError, OSError):
+        while os.read(fd, 512):
+            pass
+
+
+class Interest:
+    """One waiter's channels; ``fd`` becomes readable when it should check again."""
+
+    def __init__(self, listener: Listener, names: frozenset[str]) -> None:
+        self._listener = listener
+        self.names = names
+        self.fd, self._w = _pipe()
+        self.listening = False  # every channel LISTENed on the current connection
+
+    def poke(self) -> None:
+        _poke(self._w)
+
+    def close(self) -> None:
+        self._listener.forget(self)
+        os.close(self.fd)
+        os.close(self._w)
+
+
+class Listener:
+    """The LISTEN thread of one store in one process (started by the first ``interest``)."""
+
+    def __init__(self, db: PgDb) -> None:
+        self._db = db
+        self._lock = threading.Lock()
+        self._interests: dict[str, set[Interest]] = {}  # server channel -> waiters
+        self._listening: set[str] = set()  # channels LISTENed on the current connection
+        self._wake_r, self._wake_w = _pipe()
+        self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
+        self._stop = False
+        #: The server pid of the current LISTEN connection (None while disconnected).
+        self.backend_pid: int | None = None
+        #: How many times the connection was (re)made.
+        self.connects = 0
+
+    # -- waiters' side ----------------------------------------------------------------------
+
+    def interest(self, channels: Iterable[str]) -> Interest:
+        """Register a waiter for these coord channels; close the ``Interest`` when done."""
+        names = frozenset(channel_name(self._db.location.schema, c) for c in channels)
+        it = Interest(self, names)
+        with self._lock:
+            for n in names:
+                self._interests.setdefault(n, set()).add(it)
+            self._start()
+        _poke(self._wake_w)
+        return it
+
+    def listening(self, channel: str) -> bool:
+        """Whether a coord channel is LISTENed on the live connection now."""
+        name = channel_name(self._db.location.schema, channel)
+        with self._lock:
+            return self.backend_pid is not None and name in self._listening
+
+    def forget(self, it: Interest) -> None:
+        with self._lock:
+            for n in it.names:
+                left = self._interests.get(n)
+                if left is not None:
+                    left.discard(it)
+                    if not left:
+                        del self._interests[n]
+        _poke(self._wake_w)
+
+    def close(self) -> None:
+        """Stop the thread (it closes its connection)."""
+        self._stop = True
+        _poke(self._wake_w)
+        t = self._thread
+        if t is not None and t is not threading.current_thread() and self._pid == os.getpid():
+            t.join(5)
+
+    def _start(self) -> None:
+        # Called under the lock. A forked child inherits neither the thread nor the right
+        # to use the connection: it starts its own.
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            self._thread = None
+            self._listening = set()
+            self.backend_pid = None
+            self._wake_r, self._wake_w = _pipe()
+        if self._stop or (self._thread is not None and self._thread.is_alive()):
+            return
+        self._thread = threading.Thread(target=self._run, name="coord-listen", daemon=True)
+        self._thread.start()
+
+    # -- the thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        conn: Conn | None = None
+        pause = 0.0
+        try:
+            while not self._stop:
+                if conn is None:
+                    if pause and self._sleep(pause):
+                        break
+                    try:
+                        conn = self._connect()
+                        self.backend_pid = conn.info.backend_pid
+                        self.connects += 1
+                        pause = 0.0
+                    except CoordError:
+                        pause = min(max(pause * 2, 0.05), RECONNECT_MAX)
+                        continue
+                try:
+                    self._serve(conn)
+                except (psycopg.Error, OSError):
+                    self._lost(conn)
+                    conn = None
+        finally:
+            if conn is not None:
+                self._db.discard(conn)
+            self.backend_pid = None
+
+    def _connect(self) -> Conn:
+        return self._db.connect()
+
+    def _sleep(self, seconds: float) -> bool:
+        """Wait ``seconds`` or until woken; True when asked to stop."""
+        select.select([self._wake_r], [], [], seconds)
+        drain(self._wake_r)
+        return self._stop
+
+    def _lost(self, conn: Conn) -> None:
+        with self._lock:
+            self._listening = set()
+            for its in self._interests.values():
+                for it in its:
+                    it.listening = False
+                    it.poke()  # no hint can come now: back to the short polling interval
+        self.backend_pid = None
+        self._db.discard(conn)
+
+    def _serve(self, conn: Conn) -> None:
+        """LISTEN on what is wanted, then deliver notifications until the connection fails
+        or the thread is asked to stop."""
+        fresh = True
+        while not self._stop:
+            self._sync(conn, everyone=fresh)
+            fresh = False
+            self._deliver(conn)
+            ready = select.select([conn.fileno(), self._wake_r], [], [], PING_INTERVAL)[0]
+            if self._wake_r in ready:
+                drain(self._wake_r)
+            if not ready:
+                conn.execute("SELECT 1")
+            self._deliver(conn)
+
+    def _sync(self, conn: Conn, *, everyone: bool) -> None:
+        with self._lock:
+            wanted = set(self._interests)
+        new = wanted - self._listening
+        for n in sorted(new):
+            conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(n)))
+        for n in sorted(self._listening - wanted):
+            conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(n)))
+        with self._lock:
+            self._listening = wanted
+            for its in self._interests.values():
+                for it in its:
+                    if everyone or (not it.listening and it.names <= wanted):
+                        it.listening = it.names <= wanted
+                        # What committed before the LISTEN sent no hint we heard: look.
+                        it.poke()
+
+    def _deliver(self, conn: Conn) -> None:
+        for note in conn.notifies(timeout=0):
+            with self._lock:
+                for it in self._interests.get(note.channel, ()):
+                    it.poke()

@@ -1,0 +1,348 @@
+"""The PostgreSQL engine's messages: the ``messages`` table (see ``coord.messages`` for the
+delivery rules; the SQLite engine's ``messages`` is the reference behaviour).
+
+- Expiry: ``expires_mono`` is stamped ``coord_now() + ttl`` and compared with ``coord_now()``
+  in SQL; no client's clock enters it. ``created_at``/``expires_at`` are the same instant on
+  the server's wall clock, for people.
+- Arrival order is ``seq`` (an identity column): SQLite's rowid, which READ COMMITTED
+  writers on several hosts cannot share.
+- A write by an instance first locks the instance rows it relies on (its own, and the
+  recipients') ``FOR SHARE``, in id order, and checks its own is still alive: the death
+  rule locks those rows ``FOR UPDATE``, so a burial cannot interleave with the write (it
+  waits for the commit, or the write waits and then sees the tombstone).
+- Recipients are woken after the commit: the nudge socket when on this host and boot, and
+  a NOTIFY on their inbox channel from inside the transaction (``.wakeup``).
+
+Replies taken by a waiting requester of this process are deleted by that instance's next
+write (``_spent``), as on SQLite.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+from ...clock import boot_id
+from ...errors import InvalidArgument, NotFound, NotRegistered, RecipientDead
+from .. import inbox_channel
+from ..records import Member, MessageRecord, Problem
+from .connection import Conn, fetch
+from .death import MEMBERS, split
+from .events import log_event
+
+if TYPE_CHECKING:
+    from .connection import PgDb, Row
+    from .wakeup import PgWakeup
+
+T = TypeVar("T")
+
+# One read per look: the next message for us, and whether earlier deliveries still await
+# their acknowledgement.
+_PEEK = (
+    "SELECT (SELECT id FROM messages WHERE recipient_id = %(id)s AND acked = 0 "
+    "AND kind <> 'reply' AND (delivered_incarnation IS NULL OR delivered_incarnation <> %(inc)s) "
+    "AND expires_mono > (SELECT coord_now()) AND (%(topic)s::text IS NULL OR topic = %(topic)s) "
+    "ORDER BY seq LIMIT 1) AS found, "
+    "EXISTS (SELECT 1 FROM messages WHERE recipient_id = %(id)s AND acked = 0 "
+    "AND delivered_incarnation = %(inc)s) AS owed"
+)
+
+# The envelope, stamped once from the server's clock; %(ttl)s seconds on, or with
+# %(until)s (a reply) when the request would have expired, at least a second from now.
+_INSERT = (
+    "INSERT INTO messages (id, kind, sender_id, sender_incarnation, recipient_id, topic, "
+    "payload, correlation_id, reply_to, created_at, expires_at, expires_mono) "
+    "SELECT %(id)s, %(kind)s, %(me)s, %(inc)s, %(to)s, %(topic)s, %(payload)s, %(corr)s, "
+    "%(reply_to)s, n.t, n.t + d.ttl, n.t + d.ttl "
+    "FROM (SELECT coord_now() AS t) AS n, LATERAL (SELECT coalesce(%(ttl)s::float8, "
+    "greatest(%(until)s::float8 - n.t, 1.0)) AS ttl) AS d"
+)
+
+
+def _record(row: Row) -> MessageRecord:
+    return MessageRecord(
+        id=row["id"], kind=row["kind"], sender_id=row["sender_id"],
+        sender_incarnation=row["sender_incarnation"], recipient_id=row["recipient_id"],
+        topic=row["topic"], payload=row["payload"], correlation_id=row["correlation_id"],
+        reply_to=row["reply_to"], created_at=row["created_at"], expires_at=row["expires_at"],
+    )
+
+
+def lock_alive(c: Conn, me: Member, others: Iterable[str] = ()) -> dict[str, Row]:
+    """Lock the rows of ``me`` and of ``others`` (ids, any status) ``FOR SHARE`` in id order
+    and return them by id; ``NotRegistered`` unless ``me`` is alive in its incarnation."""
+    ids = sorted({me[0], *others})
+    rows = {r["id"]: r for r in fetch(
+        c, "SELECT id, incarnation, status, nudge_path, boot_id, pid, pidns, start_token, "
+        "heartbeat_mono, ttl, lock_path FROM instances WHERE id = ANY(%s) ORDER BY id "
+        "FOR SHARE", (ids,))}
+    mine = rows.get(me[0])
+    if mine is None or mine["incarnation"] != me[1] or mine["status"] != "alive":
+        raise NotRegistered(me[0], "closed, declared dead or taken over")
+    return rows
+
+
+class PgMessages:
+    """``coord.backend.MessageOps``."""
+
+    def __init__(self, db: PgDb, wakeup: PgWakeup) -> None:
+        self._db = db
+        self._wakeup = wakeup
+        self._boot = boot_id()
+        # (id, incarnation) -> ids of replies it took and has not deleted yet.
+        self._spent: dict[Member, set[str]] = {}
+        self._spent_lock = threading.Lock()
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def _insert(self, c: Conn, me: Member, *, id: str, kind: str, to: str, topic: str,
+                payload: str, corr: str | None = None, reply_to: str | None = None,
+                ttl: float | None = None, until: float | None = None) -> None:
+        c.execute(_INSERT, {"id": id, "kind": kind, "me": me[0], "inc": me[1], "to": to,
+                            "topic": topic, "payload": payload, "corr": corr,
+                            "reply_to": reply_to, "ttl": ttl, "until": until})
+
+    def _announce(self, c: Conn, recipients: Sequence[Row]) -> list[str | None]:
+        """NOTIFY the recipients' inboxes (delivered at commit); their nudge paths on this
+        host and boot, for after the commit."""
+        self._wakeup.notify(c, [inbox_channel(r["id"]) for r in recipients])
+        return [r["nudge_path"] for r in recipients if r["boot_id"] == self._boot]
+
+    @staticmethod
+    def _drop_spent(c: Conn, me: Member, ids: Iterable[str]) -> None:
+        c.execute("DELETE FROM messages WHERE recipient_id = %s AND kind = 'reply' "
+                  "AND id = ANY(%s)", (me[0], list(ids)))
+
+    def _write(self, me: Member, fn: Callable[[Conn], T]) -> T:
+        """``db.write(fn)`` for ``me``, also deleting the replies it has taken since its
+        last write."""
+        with self._spent_lock:
+            spent = list(self._spent.get(me, ()))
+        if not spent:
+            return self._db.write(fn)
+
+        def txn(c: Conn) -> T:
+            result = fn(c)
+            self._drop_spent(c, me, spent)
+            return result
+
+        result = self._db.write(txn)
+        with self._spent_lock:
+            left = self._spent.get(me, set()).difference(spent)
+            if left:
+                self._spent[me] = left
+            else:
+                self._spent.pop(me, None)
+        return result
+
+    def send(self, me: Member, id: str, to: str, topic: str, payload: str, ttl: float) -> None:
+        def txn(c: Conn) -> list[str | None]:
+            rows = lock_alive(c, me, [to])
+            if to not in rows:
+                raise NotFound("instance", to)
+            self._insert(c, me, id=id, kind="message", to=to, topic=topic, payload=payload,
+                         ttl=ttl)
+            return self._announce(c, [rows[to]])
+
+        self._wakeup.nudge(self._write(me, txn))
+
+    def broadcast(
+        self, me: Member, sends: dict[str, tuple[Member, str]], topic: str, payload: str,
+        ttl: float,
+    ) -> dict[str, str]:
+        sent: dict[str, str] = {}
+
+        def txn(c: Conn) -> list[str | None]:
+            rows = lock_alive(c, me, sends)
+            sent.clear()
+            reached = []
+            for to, (member, mid) in sends.items():
+                r = rows.get(to)
+                # Skip one that left or was replaced since the caller looked.
+                if r is None or r["incarnation"] != member[1] or r["status"] != "alive":
+                    continue
+                self._insert(c, me, id=mid, kind="message", to=to, topic=topic,
+                             payload=payload, ttl=ttl)
+                sent[to] = mid
+                reached.append(r)
+            return self._announce(c, reached)
+
+        self._wakeup.nudge(self._write(me, txn))
+        return sent
+
+    def request(self, me: Member, id: str, to: str, topic: str, payload: str,
+                ttl: float) -> Row:
+        def txn(c: Conn) -> tuple[Row, list[str | None]]:
+            rows = lock_alive(c, me, [to])
+            row = rows.get(to)
+            if row is None:
+                raise NotFound("instance", to)
+            if row["status"] != "alive":
+                raise RecipientDead(to)
+            self._insert(c, me, id=id, kind="request", to=to, topic=topic, payload=payload,
+                         corr=id, reply_to=me[0], ttl=ttl)
+            return row, self._announce(c, [row])
+
+        row, paths = self._write(me, txn)
+        self._wakeup.nudge(paths)
+        return row
+
+    def ask(self, me: Member, asked: dict[str, str], topic: str, payload: str,
+            ttl: float) -> None:
+        def txn(c: Conn) -> list[str | None]:
+            rows = lock_alive(c, me, asked.values())
+            for mid, to in asked.items():
+                self._insert(c, me, id=mid, kind="request", to=to, topic=topic,
+                             payload=payload, corr=mid, reply_to=me[0], ttl=ttl)
+            return self._announce(c, [rows[to] for to in set(asked.values()) if to in rows])
+
+        self._wakeup.nudge(self._write(me, txn))
+
+    def reply(self, me: Member, request_id: str, id: str, payload: str) -> bool:
+        def txn(c: Conn) -> tuple[bool, list[str | None]]:
+            lock_alive(c, me)
+            got = fetch(
+                c, "DELETE FROM messages WHERE id = %s AND recipient_id = %s "
+                "AND kind = 'request' RETURNING sender_id, sender_incarnation, topic, "
+                "correlation_id, expires_mono", (request_id, me[0]))
+            if not got:
+                other = fetch(c, "SELECT kind FROM messages WHERE id = %s AND recipient_id = %s",
+                              (request_id, me[0]))
+                if other:
+                    raise InvalidArgument(f"message {request_id} is a {other[0]['kind']}, not "
+                                          "a request: only requests take a reply")
+                return False, []
+            req = got[0]
+            asker = fetch(
+                c, "SELECT id, nudge_path, boot_id FROM instances WHERE id = %s "
+                "AND incarnation = %s AND status = 'alive' FOR SHARE",
+                (req["sender_id"], req["sender_incarnation"]))
+            if not asker:
+                return False, []
+            self._insert(c, me, id=id, kind="reply", to=req["sender_id"], topic=req["topic"],
+                         payload=payload, corr=req["correlation_id"] or request_id,
+                         until=req["expires_mono"])
+            return True, self._announce(c, asker)
+
+        ok, paths = self._write(me, txn)
+        if ok:
+            self._wakeup.nudge(paths)
+        return ok
+
+    def drop(self, me: Member, message: MessageRecord, error: str) -> None:
+        def txn(c: Conn) -> None:
+            c.execute("DELETE FROM messages WHERE id = %s", (message.id,))
+            log_event(c, "message dropped", me[0], message.id, sender=message.sender_id,
+                      error=error)
+
+        self._db.write(txn)
+
+    # -- receiving ------------------------------------------------------------------------------
+
+    def receive(self, me: Member, topic: str | None) -> MessageRecord | None:
+        while True:
+            peek = self._db.row(_PEEK, {"id": me[0], "inc": me[1], "topic": topic})
+            assert peek is not None
+            found, owed = peek["found"], bool(peek["owed"])
+            if found is None and not owed:
+                return None
+            row = self._write(me, self._deliverer(me, found, owed))
+            if row is not None:
+                return _record(row)
+            if found is None:
+                return None
+            # else taken by another receiver acting as this instance: look again
+
+    @staticmethod
+    def _deliverer(me: Member, mid: str | None, owed: bool) -> Callable[[Conn], Row | None]:
+        def txn(c: Conn) -> Row | None:
+            lock_alive(c, me)
+            if owed:
+                # Acknowledge what this incarnation was given before (the 'next receive' rule).
+                c.execute("DELETE FROM messages WHERE recipient_id = %s AND "
+                          "delivered_incarnation = %s AND acked = 0 AND kind = 'message'", me)
+                c.execute("UPDATE messages SET acked = 1 WHERE recipient_id = %s "
+                          "AND delivered_incarnation = %s AND acked = 0 AND kind = 'request'",
+                          me)
+            if mid is None:
+                return None
+            rows = fetch(
+                c, "UPDATE messages SET delivered_incarnation = %(inc)s WHERE id = %(mid)s "
+                "AND acked = 0 AND (delivered_incarnation IS NULL OR "
+                "delivered_incarnation <> %(inc)s) RETURNING *", {"inc": me[1], "mid": mid})
+            return rows[0] if rows else None
+
+        return txn
+
+    def ack(self, me: Member, message_id: str) -> bool:
+        def txn(c: Conn) -> bool:
+            gone = fetch(c, "DELETE FROM messages WHERE id = %s AND recipient_id = %s "
+                         "AND kind = 'message' RETURNING 1", (message_id, me[0]))
+            marked = fetch(
+                c, "UPDATE messages SET acked = 1, delivered_incarnation = "
+                "coalesce(delivered_incarnation, %s) WHERE id = %s AND recipient_id = %s "
+                "AND kind = 'request' AND acked = 0 RETURNING 1", (me[1], message_id, me[0]))
+            return bool(gone or marked)
+
+        return self._write(me, txn)
+
+    # -- waiting for replies --------------------------------------------------------------------
+
+    def replies(
+        self, me: Member, request_ids: list[str], peers: list[Member], *, defer: bool
+    ) -> tuple[list[MessageRecord], set[str] | None]:
+        rows = self._db.rows(
+            "SELECT * FROM messages WHERE recipient_id = %s AND kind = 'reply' "
+            "AND correlation_id = ANY(%s)", (me[0], request_ids))
+        if not rows:
+            ids, incs = split(peers)
+            found = self._db.rows(  # MEMBERS: a fixed fragment, its arrays bound
+                "SELECT id FROM instances WHERE status = 'alive' AND (id, incarnation) "  # noqa: S608
+                f"IN ({MEMBERS})", (ids, incs))
+            return [], {str(r["id"]) for r in found}
+        spent = [r["id"] for r in rows]
+        if defer:
+            with self._spent_lock:
+                self._spent.setdefault(me, set()).update(spent)
+        else:
+            self._db.write(lambda c: self._drop_spent(c, me, spent))
+        return [_record(r) for r in rows], None
+
+    def give_up(self, me: Member, request_ids: list[str]) -> list[MessageRecord]:
+        def txn(c: Conn) -> list[Row]:
+            c.execute("DELETE FROM messages WHERE kind = 'request' AND sender_id = %s "
+                      "AND sender_incarnation = %s AND id = ANY(%s)", (*me, request_ids))
+            return fetch(c, "DELETE FROM messages WHERE recipient_id = %s AND kind = 'reply' "
+                         "AND correlation_id = ANY(%s) RETURNING *", (me[0], request_ids))
+
+        return [_record(r) for r in self._write(me, txn)]
+
+    # -- invariants -----------------------------------------------------------------------------
+
+    def problems(self) -> list[Problem]:
+        db, out = self._db, []
+        for r in db.rows("SELECT id, kind FROM messages WHERE kind IN ('request', 'reply') "
+                         "AND correlation_id IS NULL"):
+            out.append(Problem(f"{r['kind']} {r['id']} has no correlation id"))
+        for r in db.rows("SELECT id FROM messages WHERE kind = 'request' "
+                         "AND reply_to IS DISTINCT FROM sender_id"):
+            out.append(Problem(f"request {r['id']} does not reply to its sender"))
+        for r in db.rows("SELECT id FROM messages WHERE NOT coord_is_json(payload)"):
+            out.append(Problem(f"message {r['id']}: payload is not valid JSON"))
+        for r in db.rows("SELECT id FROM messages WHERE acked <> 0 "
+                         "AND delivered_incarnation IS NULL"):
+            out.append(Problem(f"message {r['id']} is acked but never delivered"))
+        for r in db.rows("SELECT id FROM messages WHERE expires_at < created_at"):
+            out.append(Problem(f"message {r['id']} expires before it was created"))
+        n = db.value("SELECT count(*) FROM messages WHERE expires_mono < coord_now()")
+        if n:
+            out.append(Problem(f"{n} expired messages, awaiting the reaper", pending=True))
+        return out
+
+    def holders(self) -> tuple[list[tuple[str, Member]], list[tuple[str, str]]]:
+        requests = [(r["id"], (r["sender_id"], r["sender_incarnation"])) for r in self._db.rows(
+            "SELECT id, sender_id, sender_incarnation FROM messages WHERE kind = 'request'")]
+        replies = [(r["id"], r["recipient_id"]) for r in self._db.rows(
+            "SELECT id, recipient_id FROM messages WHERE kind = 'reply'")]
+        return requests, replies

@@ -1,0 +1,187 @@
+"""The PostgreSQL engine's wake-up on a real server: NOTIFY wakes a waiter that has no nudge
+socket (as one on another host has none), a killed LISTEN connection loses no wake-up
+(every waiter re-checks after the reconnect: issue 16, "Lost wake-ups"), and a commit that
+notifies nobody is still seen within the polling bound.
+
+To tell a wake-up by NOTIFY from one by polling, most tests stretch the polling interval of
+a waiter whose channels are LISTENed (``POLL_MIN``/``POLL_LISTENING``) far beyond their own
+timeouts: once LISTENed, only a hint can wake the waiter in time.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from contract_engines import fresh_schema
+from pg_fixtures import import_psycopg
+from rawsql import sql_write
+
+import coord
+from coord import messages
+from coord.backend import inbox_channel, queue_channel
+from coord.backend.postgresql import wakeup
+from coord.backend.postgresql.listen import channel_name
+
+psycopg = import_psycopg()
+
+#: What "at once" means here: long before the stretched polling bound.
+SOON = 10.0
+
+
+@pytest.fixture
+def stretched(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Before its LISTEN (and while the connection is down) a waiter still polls at POLL_MAX.
+    monkeypatch.setattr(wakeup, "POLL_MIN", 600.0)
+    monkeypatch.setattr(wakeup, "POLL_LISTENING", 600.0)
+
+
+@pytest.fixture
+def pg_store(pg_url: str) -> Iterator[coord.Store]:
+    with fresh_schema(pg_url) as url:
+        s = coord.Store(url)
+        try:
+            yield s
+        finally:
+            coord.instances.close_all()
+            s.close()
+
+
+class Waiter:
+    """``receive`` as instance ``id`` in a thread, through a mailbox without a nudge socket."""
+
+    def __init__(self, store: coord.Store, inst: coord.Instance) -> None:
+        self.box = messages.Mailbox(store, inst.id, inst.incarnation, inst.app)
+        self.got: list[Any] = []
+        self.at: float | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        self.got.append(self.box.receive(60))
+        self.at = time.monotonic()
+
+    def result(self) -> tuple[Any, float]:
+        self.thread.join(70)
+        assert self.at is not None
+        return self.got[0], self.at
+
+
+def wait_listening(store: coord.Store, channel: str) -> None:
+    listener = store.backend.wakeup.listener  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 20
+    while not listener.listening(channel):
+        assert time.monotonic() < deadline, "the LISTEN connection never started"
+        time.sleep(0.01)
+
+
+def test_notify_wakes_a_waiter_that_has_no_socket(pg_store: coord.Store, stretched: None) -> None:
+    a = coord.register(pg_store, "a", app="t")
+    b = coord.register(pg_store, "b", app="t")
+    w = Waiter(pg_store, b)
+    wait_listening(pg_store, inbox_channel("b"))
+    time.sleep(0.3)  # its look after the LISTEN is done: now only a hint wakes it
+    t0 = time.monotonic()
+    mid = messages.send(a, "b", "hello")
+    m, at = w.result()
+    assert m is not None and m.id == mid and m.payload == "hello"
+    assert at - t0 < SOON
+
+
+def test_killing_the_listen_connection_loses_no_wake_up(pg_store: coord.Store, pg_url: str,
+                                                        stretched: None,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    listener = pg_store.backend.wakeup.listener  # type: ignore[attr-defined]
+    a = coord.register(pg_store, "a", app="t")
+    b = coord.register(pg_store, "b", app="t")
+    # The listener reconnects only once let: so the send below surely commits while it is
+    # down, and its NOTIFY goes to nobody.
+    gate = threading.Event()
+    connect = listener._connect
+
+    def held_connect() -> Any:
+        gate.wait(30)
+        return connect()
+
+    with psycopg.connect(pg_url, autocommit=True) as admin:
+        for round_ in range(3):
+            w = Waiter(pg_store, b)
+            wait_listening(pg_store, inbox_channel("b"))
+            time.sleep(0.2)
+            before, victim = listener.connects, listener.backend_pid
+            gate.clear()
+            monkeypatch.setattr(listener, "_connect", held_connect)
+            assert admin.execute("SELECT pg_terminate_backend(%s, 10000)",
+                                 (victim,)).fetchone() == (True,)
+            t0 = time.monotonic()
+            mid = messages.send(a, "b", round_)
+            gate.set()
+            m, at = w.result()
+            assert m is not None and m.id == mid, round_
+            assert at - t0 < SOON, round_
+            assert listener.connects > before and listener.backend_pid != victim
+
+
+def test_a_commit_that_notifies_nobody_is_seen_within_the_polling_bound(
+    pg_store: coord.Store,
+) -> None:
+    a = coord.register(pg_store, "a", app="t")
+    b = coord.register(pg_store, "b", app="t")
+    w = Waiter(pg_store, b)
+    wait_listening(pg_store, inbox_channel("b"))
+    time.sleep(wakeup.POLL_LISTENING * 2)  # settled at the long interval
+    mid = str(uuid.uuid4())
+    t0 = time.monotonic()
+    # Written around coord: no NOTIFY, no nudge.
+    sql_write(pg_store, "INSERT INTO messages (id, sender_id, sender_incarnation, "
+              "recipient_id, payload, created_at, expires_at, expires_mono) "
+              "VALUES (?, 'a', ?, 'b', '1', 0, 0, coord_now() + 60)",
+              [(mid, a.incarnation)])
+    m, at = w.result()
+    assert m is not None and m.id == mid
+    assert at - t0 < wakeup.POLL_LISTENING + 2.0  # the bound, and slack for a busy machine
+
+
+def test_a_queue_channel_wakes_its_waiter(pg_store: coord.Store, stretched: None) -> None:
+    # The API queues use: notify in the writing transaction, wait_for(channels=...).
+    engine_wakeup = pg_store.backend.wakeup
+    db = pg_store.backend.db  # type: ignore[attr-defined]
+    flag: list[int] = []
+    got: list[Any] = []
+
+    def waiter() -> None:
+        got.append(engine_wakeup.wait_for(lambda: flag[0] if flag else None, 60,
+                                          channels=[queue_channel("jobs")]))
+
+    t = threading.Thread(target=waiter, daemon=True)
+    t.start()
+    wait_listening(pg_store, queue_channel("jobs"))
+    time.sleep(0.3)
+
+    def rolled_back(c: Any) -> None:
+        engine_wakeup.notify(c, [queue_channel("jobs")])  # type: ignore[attr-defined]
+        raise RuntimeError("roll back")
+
+    flag.append(7)  # a check would see it now; only a wake-up makes the waiter look
+    with pytest.raises(RuntimeError):
+        db.write(rolled_back)
+    time.sleep(1.0)
+    assert got == []  # a rolled-back transaction notified nobody
+    t0 = time.monotonic()
+    db.write(lambda c: engine_wakeup.notify(  # type: ignore[attr-defined]
+        c, [queue_channel("other"), queue_channel("jobs")]))
+    t.join(SOON)
+    assert got == [7] and time.monotonic() - t0 < SOON
+
+
+def test_channel_names_fit_the_server_and_stay_apart() -> None:
+    short = channel_name("coord", queue_channel("q"))
+    assert short == "coord.coord.queue:q"
+    long_a = channel_name("s" * 63, inbox_channel("x" * 200))
+    long_b = channel_name("s" * 63, inbox_channel("x" * 199 + "y"))
+    assert len(long_a.encode()) <= 63 and len(long_b.encode()) <= 63 and long_a != long_b
+    assert channel_name("one", "inbox:a") != channel_name("two", "inbox:a")
