@@ -270,7 +270,20 @@ def reg(store: coord.Store, id: str) -> coord.Instance:
 
 def stop_outside_a_write(store: coord.Store, p: subprocess.Popen[Any]) -> None:
     """SIGSTOP ``p`` at a moment it holds no write lock (a process stopped in the middle of
-    its heartbeat's transaction would block every writer until it resumes)."""
+    its heartbeat's transaction would block every writer until it resumes). On PostgreSQL
+    there is no store-wide write lock, but a process stopped inside a transaction keeps its
+    row locks: it is stopped when no session of the server is inside one."""
+    if store.engine == "postgresql":
+        for _ in range(200):
+            os.kill(p.pid, signal.SIGSTOP)
+            wait_until(lambda: (proc_stat(p.pid) or (0, "T"))[1] == "T", timeout=10)
+            if not store.backend.db.value(  # type: ignore[attr-defined]
+                    "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() "
+                    "AND state LIKE 'idle in transaction%%'"):
+                return
+            os.kill(p.pid, signal.SIGCONT)
+            time.sleep(0.05)
+        raise AssertionError(f"could not stop {p.pid} outside a transaction")
     probe = store.raw_connection()
     probe.set_busy_timeout(0)
     try:
