@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ManualClock, reg, spawn_python, stop_outside_a_write, wait_line, wait_until
+from conftest import ManualClock, invariants, reg, spawn_python, stop_outside_a_write, wait_line, wait_until
 
 import coord
 from coord import queues
-from coord.check import check
 from coord.errors import (
     ClaimLost,
     InvalidArgument,
@@ -39,14 +38,6 @@ def reap(store: coord.Store) -> coord.reaper.ReapReport:
         return coord.reap(store)
     except NotImplementedError as e:
         pytest.skip(f"the reaper needs {e}")
-
-
-def checked(store: coord.Store) -> list[Any]:
-    """``coord.check`` (strict), or a skip naming the part of the engine it still lacks."""
-    try:
-        return check(store, strict=True)
-    except NotImplementedError as e:
-        pytest.skip(f"the checker needs {e}")
 
 
 def queue_problems(store: coord.Store) -> list[str]:
@@ -411,7 +402,7 @@ def test_a_dead_workers_claim_goes_back_at_once(store: coord.Store, db_path: Pat
         queues.ack(store, token)
     queues.ack(store, job)
     reap(store)
-    assert checked(store) == []
+    assert invariants(store, strict=True) == []
 
 
 def test_a_waiting_claimer_wakes_when_the_holder_dies(store: coord.Store, db_path: Path,
@@ -526,7 +517,7 @@ def test_claims_and_checker_after_a_mixed_session(cstore: coord.Store, clock: Ma
     clock.now += 6
     reap(cstore)
     assert queue_problems(cstore) == []
-    assert checked(cstore) == []
+    assert invariants(cstore, strict=True) == []
 
 
 def test_claim_without_timeout_waits_until_a_job_comes(store: coord.Store, db_path: Path,
