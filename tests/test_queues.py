@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ManualClock, invariants, reg, spawn_python, stop_outside_a_write, wait_line, wait_until
+from conftest import (
+    ManualClock,
+    invariants,
+    reg,
+    spawn_python,
+    stop_outside_a_write,
+    wait_line,
+    wait_until,
+)
 
 import coord
 from coord import queues

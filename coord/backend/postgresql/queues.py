@@ -351,6 +351,10 @@ class PgQueues:
         return False
 
     def ack_many(self, pairs: Sequence[tuple[str, str | None]]) -> list[str]:
+        first: dict[str, str | None] = {}  # a token given twice acks with its first result
+        for t, r in pairs:
+            first.setdefault(t, r)
+
         def txn(c: Conn) -> list[str]:
             done = {str(r["claim_token"]) for r in fetch(
                 c,
@@ -359,9 +363,14 @@ class PgQueues:
                 "FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS a(id, token, result) "
                 "WHERE j.id = a.id AND j.claim_token = a.token "
                 "AND j.claim_expires_mono >= coord_now() RETURNING a.token AS claim_token",
-                ([claim_id(t) for t, _ in pairs], [t for t, _ in pairs],
-                 [r for _, r in pairs]))}
-            lost = [t for t, _ in pairs if t not in done]
+                ([claim_id(t) for t in first], list(first), list(first.values())))}
+            # A token given twice acks once: its repeat has moved on (as one by one).
+            lost = []
+            for t, _ in pairs:
+                if t in done:
+                    done.discard(t)
+                else:
+                    lost.append(t)
             for t in lost:
                 release_claims(c, _EXPIRED, (claim_id(t), t), error="claim lease expired")
             return lost

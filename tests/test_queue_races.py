@@ -1,0 +1,221 @@
+"""Queue invariants under concurrent writers, on every engine: max depth, dedupe, adoption,
+no job claimed twice, no ack by a stale claim, no claim committed for a buried instance.
+
+SQLite serialises writers; PostgreSQL (READ COMMITTED) does not, so each of these is one
+statement or a row lock there, and these tests are its proof. The writers are threads,
+each with its own connection, released together by a barrier, so their transactions
+overlap on the server.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from conftest import invariants, reg
+
+import coord
+from coord import queues
+from coord.errors import ClaimLost, NotFound, NotRegistered, QueueFull
+from coord.reaper import bury_dead
+
+pytestmark = pytest.mark.contract
+
+THREADS = 6
+
+
+def together(n: int, fn: Callable[[int], Any]) -> list[Any]:
+    """Run ``fn(i)`` in ``n`` threads started at once; their results (or exceptions)."""
+    barrier = threading.Barrier(n)
+    out: list[Any] = [None] * n
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            out[i] = fn(i)
+        except Exception as e:  # noqa: BLE001 - the caller judges every outcome
+            out[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads)
+    return out
+
+
+def test_max_depth_holds_under_concurrent_puts(store: coord.Store) -> None:
+    queues.create_queue(store, "bounded", max_depth=10)
+    for _ in range(3):
+        got = together(THREADS, lambda i: [queues.put_many(store, "bounded", [i, i])
+                                           for _ in range(3)])
+        st = queues.stats(store, "bounded")[0]
+        assert st.ready == 10  # filled to the brim, never past it
+        added = sum(len(r) for r in got if isinstance(r, list))
+        assert all(isinstance(r, (list, QueueFull)) for r in got), got
+        assert added <= 20 and st.ready == 10
+        queues.purge(store, "bounded", everything=True)
+        queues.create_queue(store, "bounded", max_depth=10)
+
+
+def test_a_bounded_queue_counts_claimed_jobs_under_concurrent_puts(store: coord.Store) -> None:
+    w = reg(store, "w")
+    queues.create_queue(store, "bounded", max_depth=5)
+    queues.put_many(store, "bounded", [1, 2, 3])
+    assert len(queues.claim_many(store, "bounded", 3, w)) == 3
+    got = together(THREADS, lambda i: queues.put_many(store, "bounded", [i]))
+    assert sum(isinstance(r, list) for r in got) == 2
+    assert all(isinstance(r, (list, QueueFull)) for r in got), got
+    st = queues.stats(store, "bounded")[0]
+    assert (st.ready, st.claimed) == (2, 3)
+
+
+def test_dedupe_holds_under_concurrent_puts(store: coord.Store) -> None:
+    keys = [f"k{n}" for n in range(20)]
+
+    def put(i: int) -> list[int]:
+        # Each thread puts the keys in its own order, singly and in batches.
+        order = keys[i:] + keys[:i]
+        ids = [queues.put(store, "dd", {"by": i}, dedupe_key=k) for k in order[:10]]
+        ids += queues.put_many(store, "dd", [queues.NewJob({"by": i}, dedupe_key=k)
+                                             for k in order[10:]])
+        return [ids[order.index(k)] for k in keys]
+
+    got = together(THREADS, put)
+    assert all(isinstance(r, list) for r in got), got
+    assert all(r == got[0] for r in got)  # every caller got the one job of each key
+    jobs = queues.list_jobs(store, "dd", state="all")
+    assert sorted(j.id for j in jobs) == sorted(got[0]) and len(jobs) == len(keys)
+
+
+def test_no_job_is_claimed_twice(store: coord.Store) -> None:
+    workers = [reg(store, f"w{i}") for i in range(THREADS)]
+    ids = queues.put_many(store, "work", list(range(300)))
+
+    def drain(i: int) -> list[tuple[int, str]]:
+        mine = []
+        while True:
+            got = queues.claim_many(store, "work", 1 + i % 3, workers[i])
+            if not got:
+                return mine
+            mine += [(j.id, str(j.token)) for j in got]
+
+    got = together(THREADS, drain)
+    claims = [c for r in got for c in r]
+    assert sorted(j for j, _ in claims) == sorted(ids)  # each job exactly once
+    assert len({t for _, t in claims}) == len(claims)
+    held = {j.id: j.instance_id for j in queues.list_jobs(store, "work", state="claimed")}
+    for i, r in enumerate(got):
+        assert all(held[j] == f"w{i}" for j, _ in r)
+
+
+def test_no_ack_by_a_stale_claim(cstore: coord.Store, clock: Any) -> None:
+    """Claims past their lease race a release and a new claimer: every job ends done once,
+    acked only by a claim that was current."""
+    old, new = reg(cstore, "old"), reg(cstore, "new")
+    ids = queues.put_many(cstore, "work", list(range(60)))
+    stale = queues.claim_many(cstore, "work", 60, old, lease=5)
+    clock.now += 10  # every lease has run out
+    acked: Counter[int] = Counter()
+
+    def stale_acks(i: int) -> int:
+        n = 0
+        for job in stale[i::2]:
+            try:
+                queues.ack(cstore, job)
+                n += 1
+            except ClaimLost:
+                pass
+        return n
+
+    def new_claims(i: int) -> list[int]:
+        done = []
+        while True:
+            got = queues.claim_many(cstore, "work", 2, new, lease=300)
+            if not got:
+                return done
+            for job in got:
+                queues.ack(cstore, job)
+                done.append(job.id)
+
+    got = together(4, lambda i: stale_acks(i) if i < 2 else new_claims(i))
+    assert all(not isinstance(r, Exception) for r in got), got
+    assert got[0] == got[1] == 0  # a claim past its lease acks nothing
+    acked.update(j for r in got[2:] for j in r)
+    assert sorted(acked) == sorted(ids) and max(acked.values()) == 1
+    assert all(j.instance_id == "new" for j in queues.list_jobs(cstore, "work", state="done"))
+    assert invariants(cstore, strict=True) == []
+
+
+def test_a_buried_instance_never_keeps_a_claim(store: coord.Store) -> None:
+    """Claims by one instance race its burial: whatever it claimed before goes back, and
+    nothing it claims commits after."""
+    for round in range(4):
+        race_a_burial(store, reg(store, f"victim-{round}"))
+
+
+def race_a_burial(store: coord.Store, victim: coord.Instance) -> None:
+    queues.put_many(store, "work", list(range(40)))
+    buried = threading.Event()
+    after: list[Any] = []
+
+    def claimer() -> int:
+        n = 0
+        while True:
+            late = buried.is_set()
+            try:
+                n += len(queues.claim_many(store, "work", 2, victim))
+            except NotRegistered:
+                return n
+            if late:  # began after the burial had committed, and did not fail
+                after.append(n)
+                return n
+
+    def burier() -> None:
+        row = store.backend.instances.by_id(victim.id)
+        assert bury_dead(store, [row], "died") == [(victim.id, victim.incarnation)]
+        buried.set()
+
+    got = together(THREADS, lambda i: burier() if i == 0 else claimer())
+    assert all(not isinstance(r, Exception) for r in got), got
+    assert after == []  # no claim committed once the burial had
+    assert not [j for j in queues.list_jobs(store, "work", state="claimed")
+                if j.instance_id == victim.id]
+    with pytest.raises(NotRegistered):
+        queues.claim(store, "work", victim)
+    queues.purge(store, "work", everything=True)
+    victim.close()
+
+
+def test_concurrent_adoptions_take_each_queue_once(store: coord.Store) -> None:
+    owner = reg(store, "owner")
+    for name in ("p1", "p2"):
+        queues.create_queue(store, name, owner="owner")
+        queues.put_many(store, name, [queues.NewJob(n, dedupe_key=f"{name}-{n}")
+                                      for n in range(20)])
+    queues.put(store, "shared", "there first", dedupe_key="p1-0")
+    owner.close()  # gone: its queues wait for someone to adopt them
+
+    def adopt(i: int) -> queues.Adoption:
+        if i % 2:
+            return queues.adopt(store, "owner", to=f"heir-{i}")
+        return queues.adopt(store, "owner", to_queue="shared")
+
+    got = together(THREADS, adopt)
+    wins = [r for r in got if isinstance(r, queues.Adoption)]
+    assert len(wins) == 1, got
+    assert all(isinstance(r, NotFound) for r in got if r is not wins[0]), got
+    win = wins[0]
+    assert win.queues == ["p1", "p2"]
+    stats = {s.id: s for s in queues.stats(store)}
+    if win.to_queue is not None:
+        assert (win.jobs, win.left) == (39, 1)  # p1-0 was already in "shared"
+        assert stats["shared"].ready == 40 and stats["p1"].ready == 1
+    else:
+        assert stats["p1"].instance_id == stats["p2"].instance_id == win.to
+        assert stats["shared"].ready == 1
+    assert invariants(store) == []  # (the owner's tombstone may await the reaper)
