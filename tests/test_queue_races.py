@@ -192,30 +192,68 @@ def race_a_burial(store: coord.Store, victim: coord.Instance) -> None:
 
 
 def test_concurrent_adoptions_take_each_queue_once(store: coord.Store) -> None:
-    owner = reg(store, "owner")
-    for name in ("p1", "p2"):
-        queues.create_queue(store, name, owner="owner")
+    """Many adopt a dead owner's queues at once: given to new owners, exactly one gets
+    them; moved into a queue, each job moves once (an adoption after that finds nothing
+    left to move: the emptied queues stay the dead owner's)."""
+    for round in range(6):
+        race_adoptions(store, f"owner-{round}", f"shared-{round}", into_queue=bool(round % 2))
+
+
+def race_adoptions(store: coord.Store, owner_id: str, shared: str, *, into_queue: bool) -> None:
+    owner = reg(store, owner_id)
+    names = [f"{owner_id}-p1", f"{owner_id}-p2"]
+    for name in names:
+        queues.create_queue(store, name, owner=owner_id)
         queues.put_many(store, name, [queues.NewJob(n, dedupe_key=f"{name}-{n}")
                                       for n in range(20)])
-    queues.put(store, "shared", "there first", dedupe_key="p1-0")
+    queues.put(store, shared, "there first", dedupe_key=f"{names[0]}-0")
     owner.close()  # gone: its queues wait for someone to adopt them
 
     def adopt(i: int) -> queues.Adoption:
-        if i % 2:
-            return queues.adopt(store, "owner", to=f"heir-{i}")
-        return queues.adopt(store, "owner", to_queue="shared")
+        if into_queue:
+            return queues.adopt(store, owner_id, to_queue=shared)
+        return queues.adopt(store, owner_id, to=f"heir-{i}")
 
     got = together(THREADS, adopt)
     wins = [r for r in got if isinstance(r, queues.Adoption)]
-    assert len(wins) == 1, got
-    assert all(isinstance(r, NotFound) for r in got if r is not wins[0]), got
-    win = wins[0]
-    assert win.queues == ["p1", "p2"]
+    assert all(isinstance(r, (queues.Adoption, NotFound)) for r in got), got
+    assert all(w.queues == names for w in wins) and wins
     stats = {s.id: s for s in queues.stats(store)}
-    if win.to_queue is not None:
-        assert (win.jobs, win.left) == (39, 1)  # p1-0 was already in "shared"
-        assert stats["shared"].ready == 40 and stats["p1"].ready == 1
+    if into_queue:
+        assert sum(w.jobs for w in wins) == 39  # the first key was already in the shared one
+        assert all(w.left == 1 for w in wins)
+        assert stats[shared].ready == 40 and stats[names[0]].ready == 1
+        assert stats[names[1]].ready == 0
     else:
-        assert stats["p1"].instance_id == stats["p2"].instance_id == win.to
-        assert stats["shared"].ready == 1
+        assert len(wins) == 1, got
+        assert stats[names[0]].instance_id == stats[names[1]].instance_id == wins[0].to
+        assert stats[shared].ready == 1
     assert invariants(store) == []  # (the owner's tombstone may await the reaper)
+
+
+def test_an_adoption_into_a_queue_races_puts_of_the_same_keys(store: coord.Store) -> None:
+    """Jobs moved into a queue while others put the same dedupe keys there: no error, and
+    each key is in that queue once (the job that stays behind keeps its own queue)."""
+    for round in range(4):
+        owner_id, shared = f"owner-{round}", f"shared-{round}"
+        owner = reg(store, owner_id)
+        queues.create_queue(store, f"{owner_id}-p", owner=owner_id)
+        keys = [f"k{n}" for n in range(30)]
+        queues.put_many(store, f"{owner_id}-p", [queues.NewJob(k, dedupe_key=k) for k in keys])
+        owner.close()
+
+        def act(i: int, owner_id: str = owner_id, shared: str = shared) -> Any:
+            if i == 0:
+                return queues.adopt(store, owner_id, to_queue=shared)
+            mine = keys[i::THREADS - 1]
+            return queues.put_many(store, shared, [queues.NewJob(i, dedupe_key=k)
+                                                   for k in mine])
+
+        got = together(THREADS, act)
+        assert not [r for r in got if isinstance(r, Exception)], got
+        moved = got[0]
+        there = queues.list_jobs(store, shared, state="all")
+        assert sorted(j.dedupe_key or "" for j in there) == sorted(keys)  # each once
+        behind = queues.list_jobs(store, f"{owner_id}-p", state="all")
+        assert moved.jobs + len(behind) == len(keys) and moved.left == len(behind)
+        assert not {j.dedupe_key for j in behind} - set(keys)
