@@ -242,7 +242,8 @@ def test_an_adoption_into_a_queue_races_puts_of_the_same_keys(store: coord.Store
         queues.put_many(store, f"{owner_id}-p", [queues.NewJob(k, dedupe_key=k) for k in keys])
         owner.close()
 
-        def act(i: int, owner_id: str = owner_id, shared: str = shared) -> Any:
+        def act(i: int, owner_id: str = owner_id, shared: str = shared,
+                keys: list[str] = keys) -> Any:
             if i == 0:
                 return queues.adopt(store, owner_id, to_queue=shared)
             mine = keys[i::THREADS - 1]
