@@ -58,7 +58,7 @@ from . import nudge
 from .backend import JOB_FIELDS
 from .db import Row, Store
 from .errors import ClaimLost, InvalidArgument, NotFound, NotRegistered, PermissionDenied
-from .instances import Instance, Probe, judge, require_live, validate_id, validate_name
+from .instances import Instance, require_live, validate_id, validate_name
 from .payload import decode, encode
 from .reaper import bury_dead
 
@@ -174,11 +174,20 @@ class QueueStats:
 
 def _job(store: Store, r: Row | tuple[Any, ...], now: float, *, with_token: bool = False) -> Job:
     """A Job from a row: a dict, or a tuple in ``JOB_FIELDS`` order."""
+    # An engine that computes the durations itself (PostgreSQL: by the server's clock)
+    # hands them back beside the row; else they are computed here at ``now``.
+    due_in = left = None
     if isinstance(r, dict):
+        due_in, left = r.get("available_in"), r.get("expires_in")
         r = tuple(r[k] for k in JOB_FIELDS)
     (id, queue, state, priority, payload, dedupe_key, attempts, max_attempts, available,
      created_at, claimed_by, token, expires, last_error, result, finished_at) = r
-    avail = available - now if state == "ready" and available > now else 0.0
+    if due_in is not None:
+        avail = float(due_in) if state == "ready" else 0.0
+    else:
+        avail = available - now if state == "ready" and available > now else 0.0
+    if left is not None:
+        expires = now + float(left)
     return Job(
         id=id,
         queue=queue,
@@ -410,9 +419,9 @@ def release_dead_claims(store: Store, queue: str, *, skip: str | None = None) ->
 
     The claim path calls this by itself; it is public for tools and tests."""
     released = 0
-    now = store.mono()
     released += store.backend.queues.release_expired(queue)
-    probe = Probe()
+    liveness = store.backend.liveness
+    look = liveness.look()
     by_verdict: dict[str, list[Row]] = {}
     orphans: list[tuple[str, int]] = []
     for r in _holders(store, queue):
@@ -421,7 +430,7 @@ def release_dead_claims(store: Store, queue: str, *, skip: str | None = None) ->
             continue
         if r["id"] == skip:
             continue
-        alive, verdict = judge(store, r, now, probe=probe)
+        alive, verdict = liveness.judge(r, look)
         if not alive:
             by_verdict.setdefault(verdict, []).append(r)
     for verdict, rows in by_verdict.items():
@@ -437,8 +446,13 @@ def release_dead_claims(store: Store, queue: str, *, skip: str | None = None) ->
 
 
 def _next_due(store: Store, queue: str) -> float | None:
-    """When the next delayed job falls due or the next claim lease runs out."""
-    return store.backend.queues.next_due(queue)
+    """When the next delayed job falls due or the next claim lease runs out, on the store's
+    own clock (``store.mono()``), whatever clock the engine stamps with."""
+    due = store.backend.queues.next_due(queue)
+    if due is None:
+        return None
+    # The engine's clock need not be this process's (PostgreSQL: the server's).
+    return store.mono() + (due - store.backend.clock.now())
 
 
 _RESLICE = object()
@@ -503,11 +517,12 @@ def claim_many(
 def _wait_claim(
     store: Store, queue: str, h: _Holder, lease: float, n: int, deadline: float
 ) -> list[Job]:
-    me, ns = os.getpid(), Probe().pidns
+    me, liveness = os.getpid(), store.backend.liveness
 
     def watch() -> list[int]:
-        return [r["pid"] for r in _holders(store, queue)
-                if r["pid"] and r["pidns"] == ns and r["pid"] != me and r["status"] == "alive"]
+        return [pid for r in _holders(store, queue)
+                if r["pid"] and r["status"] == "alive"
+                and (pid := liveness.watchable_pid(r)) is not None and pid != me]
 
     while True:
         now = store.mono()
@@ -529,7 +544,7 @@ def _wait_claim(
             return _try_claim(store, queue, h, lease, n) or None
 
         wait = None if until == float("inf") else max(0.0, until - now)
-        got = nudge.wait_for(store, check, wait, sock=h.sock, watch_pids=watch)
+        got = store.backend.wakeup.wait_for(check, wait, sock=h.sock, watch_pids=watch)
         if isinstance(got, list):
             return got
         if got is None and store.mono() >= deadline:
@@ -683,7 +698,7 @@ def adopt(
         _name(to_queue)
     row = store.backend.instances.by_id(from_id)
     if row is not None:
-        alive, verdict = judge(store, row)
+        alive, verdict = store.backend.liveness.judge(row)
         if alive:
             raise PermissionDenied(f"instance {from_id!r} is alive; only a dead one's queues are adopted")
         if row["status"] == "alive":
@@ -703,7 +718,7 @@ def get_job(store: Store, job_id: int) -> Job:
     r = store.backend.queues.get(job_id)
     if r is None:
         raise NotFound("job", job_id)
-    return _job(store, r, store.mono())
+    return _job(store, r, store.backend.clock.now())
 
 
 def list_jobs(
@@ -712,7 +727,7 @@ def list_jobs(
     """Jobs in claim order (queue, then priority high to low, then FIFO). ``state`` is one
     of SHOWN_STATES, 'active' (the default: ready, delayed, claimed, dead) or 'all'."""
     state = state or "active"
-    now = store.mono()
+    now = store.backend.clock.now()
     if queue is not None:
         _name(queue)
     if state not in SHOWN_STATES and state not in ("active", "all"):
@@ -723,7 +738,7 @@ def list_jobs(
 
 def stats(store: Store, queue: str | None = None) -> list[QueueStats]:
     """Counts per queue (every queue, or one)."""
-    now, wall = store.mono(), store.wall()
+    now, wall = store.backend.clock.now(), store.wall()
     if queue is not None:
         _name(queue)
     rows = store.backend.queues.stats(queue, now)
@@ -732,17 +747,19 @@ def stats(store: Store, queue: str | None = None) -> list[QueueStats]:
     owners = {r["owner_id"] for r in rows if r["owner_id"] is not None}
     alive: dict[str, bool] = {}
     if owners:
-        probe = Probe()
+        liveness = store.backend.liveness
+        look = liveness.look()
         for o in owners:
             irow = store.backend.instances.by_id(o)
-            alive[o] = irow is not None and judge(store, irow, now, probe=probe)[0]
+            alive[o] = irow is not None and liveness.judge(irow, look)[0]
     return [
         QueueStats(
             id=r["name"], instance_id=r["owner_id"],
             alive=None if r["owner_id"] is None else alive[r["owner_id"]],
             max_depth=r["max_depth"], ready=r["ready"], delayed=r["delayed"],
             claimed=r["claimed"], dead=r["dead"], done=r["done"], cancelled=r["cancelled"],
-            oldest_age=None if r["oldest"] is None else max(0.0, wall - r["oldest"]),
+            oldest_age=None if r["oldest"] is None else float(r["oldest_age"])
+            if "oldest_age" in r else max(0.0, wall - r["oldest"]),
         )
         for r in rows
     ]

@@ -306,3 +306,25 @@ def _stop_outside_a_pg_transaction(store: coord.Store, p: subprocess.Popen[Any])
         os.kill(p.pid, signal.SIGCONT)
         time.sleep(0.05)
     raise AssertionError(f"could not stop {p.pid} outside a transaction")
+
+
+def invariants(store: coord.Store, *, strict: bool = False) -> list[Any]:
+    """``coord.check``'s findings (no integrity scan). On an engine whose checker is not
+    complete yet (it raises ``NotImplementedError``), the queues' own checks alone."""
+    from coord import queues
+    from coord.check import check
+
+    try:
+        return check(store, strict=strict, integrity=False)
+    except NotImplementedError:
+        return [d for d, pending in queues.problems(store) if strict or not pending]
+
+
+def set_job_payload(store: coord.Store, job_id: int, text: str) -> None:
+    """Overwrite a stored job's payload behind the API (to test what a worker meets)."""
+    if store.engine == "postgresql":
+        store.backend.db.write(lambda c: c.execute(  # type: ignore[attr-defined]
+            "UPDATE jobs SET payload = %s WHERE id = %s", (text, job_id)))
+    else:
+        store.write(lambda c: c.execute("UPDATE jobs SET payload = ? WHERE id = ?",
+                                        (text, job_id)))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ManualClock, reg
+from conftest import ManualClock, invariants, reg, set_job_payload
 
 import coord
 import coord.backend.sqlite.migrations
@@ -19,6 +19,8 @@ from coord.backend.sqlite.migrations import latest_version, migrations
 from coord.check import check
 from coord.errors import ClaimLost, InvalidArgument, NotRegistered, PayloadError
 from coord.reaper import bury_dead
+
+pytestmark = pytest.mark.contract
 
 # -- claim_many and ack_many --------------------------------------------------------------
 
@@ -48,7 +50,7 @@ def test_claim_many_refuses_a_count_that_is_not_one_or_more(cstore: coord.Store,
 def test_claim_many_for_a_buried_claimer_takes_nothing(cstore: coord.Store) -> None:
     w = reg(cstore, "w-1")
     queues.put_many(cstore, "q", [1, 2, 3])
-    bury_dead(cstore, [cstore.row("SELECT * FROM instances WHERE id = 'w-1'")], "died")
+    bury_dead(cstore, [cstore.backend.instances.by_id("w-1")], "died")
     with pytest.raises(NotRegistered):
         queues.claim_many(cstore, "q", 3, w)
     assert queues.stats(cstore, "q")[0].claimed == 0
@@ -78,7 +80,7 @@ def test_ack_many_acks_the_held_claims_and_names_the_lost_ones(
     back = queues.get_job(cstore, j4.id)
     assert (back.state, back.attempts) == ("ready", 1)  # expired: released, attempt counted
     queues.ack(cstore, again)
-    assert check(cstore, integrity=False) == []
+    assert invariants(cstore) == []
 
 
 def test_ack_many_pairs_results_with_claims(cstore: coord.Store) -> None:
@@ -130,7 +132,7 @@ def test_a_token_is_checked_whole_not_just_its_job_id(cstore: coord.Store) -> No
 def test_a_bad_stored_payload_reaches_the_worker_holding_the_claim(cstore: coord.Store) -> None:
     w = reg(cstore, "w-1")
     job_id = queues.put(cstore, "q", {"fine": True})
-    cstore.write(lambda c: c.execute("UPDATE jobs SET payload = '[[[' WHERE id = ?", (job_id,)))
+    set_job_payload(cstore, job_id, "[[[")
     job = queues.claim(cstore, "q", w)  # claiming does not decode
     assert job is not None and job.token is not None
     with pytest.raises(PayloadError):
@@ -157,6 +159,7 @@ def _plan(store: coord.Store, sql: str, params: tuple[Any, ...]) -> str:
                                                                params))
 
 
+@pytest.mark.sqlite_only("reads SQLite's query plans of the SQLite engine's statements")
 def test_hot_statements_use_the_active_index_or_the_row_id(store: coord.Store) -> None:
     pick = _plan(store, sqlite_queues._PICK, ("w", 1, "q", 0.0))
     assert "COVERING INDEX jobs_active (state=? AND queue=?)" in pick
@@ -175,6 +178,33 @@ def test_hot_statements_use_the_active_index_or_the_row_id(store: coord.Store) -
         "SELECT name FROM sqlite_schema WHERE type = 'index' AND tbl_name = 'jobs' "
         "AND sql IS NOT NULL")}
     assert indexes == {"jobs_active", "jobs_dedupe"}
+
+
+
+def test_postgresql_hot_statements_use_the_ready_index_or_the_row_id(pg_url: str) -> None:
+    """The PostgreSQL twin: the claim walks jobs_ready in claim order (no sort before the
+    LIMIT) and updates by primary key; an ack finds its row by an index."""
+    from contract_engines import fresh_schema
+
+    from coord.backend.postgresql import queues as pg_queues
+
+    with fresh_schema(pg_url) as url, coord.Store(url) as store:
+        for q in ("a", "b"):
+            queues.put_many(store, q, list(range(2000)))
+        db = store.backend.db  # type: ignore[attr-defined]
+        db.conn().execute("ANALYZE jobs")
+
+        def plan(sql: str, params: Any) -> str:
+            return "\n".join(r["QUERY PLAN"] for r in db.rows("EXPLAIN " + sql, params))
+
+        claim = plan(pg_queues._CLAIM, {"id": "w", "inc": 1, "queue": "a", "lease": 1.0,
+                                        "n": 3})
+        picked = claim[claim.index("CTE picked"):claim.index("CTE got")]
+        assert "Index Scan using jobs_ready on jobs" in picked
+        assert "Sort" not in picked and "Seq Scan" not in claim
+        assert "Index Scan using jobs_pkey on jobs j" in claim[claim.index("CTE got"):]
+        ack = plan(pg_queues._ACK, (None, 1, "1-x"))
+        assert "Index Scan using" in ack and "Seq Scan" not in ack
 
 
 # -- schema 004 on existing databases -----------------------------------------------------
@@ -221,6 +251,7 @@ def _old_database(path: Path, ladder: tuple[tuple[int, str, str], ...],
             "keeper": keeper, "store": store}
 
 
+@pytest.mark.sqlite_only("the SQLite schema ladder (user_version 2 to 4)")
 @pytest.mark.parametrize("before", ["002", "003 views only"])
 def test_004_keeps_every_job_of_an_existing_database(
     db_path: Path, monkeypatch: pytest.MonkeyPatch, before: str

@@ -4,7 +4,8 @@ Three in-process instances put, claim (one job or a batch), ack (one or a batch)
 extend, release, cancel and requeue on one shared queue while the clock moves, leases expire, instances are "killed" (they stop beating
 and the clock passes their TTL, so they are seen hung) and restarted under the same id, and
 workers ack with stale tokens. After every step every job's state, attempts and holder match
-the model, and the invariant checker is clean.
+the model, and the invariant checker is clean. On PostgreSQL the schema's coord_now() is
+the model's clock (frozen between steps, as the injected clock is on SQLite).
 
 The model's rules: a claim takes the due ready job with the highest priority, then the
 lowest id, counting an attempt; before it picks, claims past their lease and claims of dead
@@ -16,16 +17,25 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+from conftest import invariants
+from contract_engines import fresh_schema
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    invariant,
+    precondition,
+    rule,
+    run_state_machine_as_test,
+)
 
 import coord
 from coord import queues
-from coord.check import check
 from coord.clock import Clock
 from coord.config import Config
 from coord.errors import ClaimLost, InvalidArgument
@@ -49,13 +59,19 @@ class MJob:
 
 
 class QueueMachine(RuleBasedStateMachine):
+    #: Where the stores live: None for an SQLite file per example, else the URL of one
+    #: PostgreSQL schema emptied for each example (set by the test below).
+    url: str | None = None
+
     def __init__(self) -> None:
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="coord-qmodel-"))
         self.now = 1000.0
         clock = Clock(mono=lambda: self.now, wall=lambda: 1.7e9 + self.now)
-        self.store = coord.Store(self.dir / "coord.db", clock=clock,
+        self.store = coord.Store(self.url or self.dir / "coord.db", clock=clock,
                                  config=Config(instance_ttl=TTL, claim_lease=30.0))
+        if self.store.engine == "postgresql":
+            empty_and_freeze(self.store, self.now)
         self.insts = [self._register(i) for i in IDS]
         self.old: list[coord.Instance] = []
         self.killed: set[int] = set()
@@ -103,6 +119,8 @@ class QueueMachine(RuleBasedStateMachine):
 
     def _advance(self, dt: float) -> None:
         self.now += dt
+        if self.store.engine == "postgresql":
+            set_server_clock(self.store, self.now)
         for i, inst in enumerate(self.insts):
             if i not in self.killed:
                 assert inst.heartbeat()
@@ -229,7 +247,10 @@ class QueueMachine(RuleBasedStateMachine):
         (it releases what claimers would release)."""
         self._advance(dt)
         if reap:
-            coord.reap(self.store, checkpoint=False)
+            try:
+                coord.reap(self.store, checkpoint=False)
+            except NotImplementedError:  # an engine whose reaper is not complete yet: the
+                queues.release_dead_claims(self.store, Q)  # claimers' part of it
             self._release_pending()
 
     @precondition(lambda self: len(self.killed) < len(IDS))
@@ -275,13 +296,48 @@ class QueueMachine(RuleBasedStateMachine):
 
     @invariant()
     def checker_is_clean(self) -> None:
-        assert check(self.store, integrity=False) == []
+        assert invariants(self.store) == []
 
 
-TestQueueModel = QueueMachine.TestCase
-TestQueueModel.settings = settings(
+def empty_and_freeze(store: coord.Store, now: float) -> None:
+    """Empty a PostgreSQL schema's tables and make its coord_now() read ``now`` until moved
+    (``set_server_clock``): the schema's own clock function, replaced for this test."""
+    def txn(c: object) -> None:
+        c.execute("TRUNCATE instances, processes, leases, lease_terms, queues, jobs, "  # type: ignore[attr-defined]
+                  "messages, kv, events")
+        c.execute("CREATE OR REPLACE FUNCTION coord_now() RETURNS double precision "  # type: ignore[attr-defined]
+                  "LANGUAGE sql VOLATILE SET search_path FROM CURRENT "
+                  "AS $$ SELECT offset_s FROM clock_offset $$")
+        c.execute("UPDATE clock_offset SET offset_s = %s", (now,))  # type: ignore[attr-defined]
+
+    store.backend.db.write(txn)  # type: ignore[attr-defined]
+
+
+def set_server_clock(store: coord.Store, now: float) -> None:
+    store.backend.db.write(lambda c: c.execute(  # type: ignore[attr-defined]
+        "UPDATE clock_offset SET offset_s = %s", (now,)))
+
+
+pytestmark = pytest.mark.contract
+
+SETTINGS = settings(
     max_examples=60,
     stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
 )
+
+
+@pytest.fixture
+def model_url(engine: str, request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """None on SQLite (a file per example); a PostgreSQL schema reused by every example."""
+    if engine != "postgresql":
+        yield None
+        return
+    with fresh_schema(request.getfixturevalue("pg_url")) as url:
+        yield url
+
+
+def test_queue_model(model_url: str | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(QueueMachine, "url", model_url)
+    run_state_machine_as_test(QueueMachine, settings=SETTINGS)

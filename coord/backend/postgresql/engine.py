@@ -18,6 +18,7 @@ from .liveness import PgLiveness
 from .messages import PgMessages
 from .opening import open_schema
 from .processes import PgProcesses
+from .queues import PgQueues
 from .trees import PgTrees
 from .wakeup import PgWakeup
 
@@ -39,6 +40,7 @@ class NotYet:
         return missing
 
 
+
 class PostgresBackend:
     """``coord.backend.Backend`` on PostgreSQL."""
 
@@ -58,7 +60,7 @@ class PostgresBackend:
         self.trees = PgTrees(self.db)
         self.processes = PgProcesses(self.db)
         self.checks = PgChecks(self.db)
-        self.queues: Any = NotYet("queues")
+        self.queues = PgQueues(self.db)
         self.meta: Any = NotYet("meta")
         self.adhoc: Any = NotYet("adhoc")
 

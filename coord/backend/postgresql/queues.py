@@ -1,0 +1,613 @@
+"""The PostgreSQL engine's queues: ``queues`` and ``jobs`` (see ``coord.queues`` for the
+rules; the SQLite engine's ``queues.py`` is the reference behaviour).
+
+READ COMMITTED does not serialise writers, so each invariant SQLite's single writer kept
+is one statement here, or holds a row lock:
+
+- A claim is one statement: it locks the claimer's instance row ``FOR SHARE`` (the death
+  rule locks it ``FOR UPDATE``: a burial and a claim queue on that row, so a buried
+  instance's claim never commits), picks due jobs ``FOR UPDATE SKIP LOCKED`` in claim order
+  and marks them claimed. Two claimers never take one job.
+- An ack, extend or release is one conditional ``UPDATE`` on (job id, whole token, lease
+  not past ``coord_now()``): a release of the claim by the death rule locks the same row,
+  so exactly one of them wins and a stale claim changes nothing.
+- A put into a bounded queue, an import, a purge and an adoption lock the queue row
+  (``FOR NO KEY UPDATE``/``FOR UPDATE``): puts into one bounded queue count its depth one
+  after the other; ``FOR UPDATE`` also excludes every insert into the queue (the jobs'
+  foreign key check takes a key-share lock on that row). Dedupe is the unique index.
+
+Every expiry and delay is stamped and compared in SQL with ``coord_now()``. A transaction
+that makes a job ready and due sends ``NOTIFY`` on the queue's channel (``channel``): a hint
+for waiting claimers on any host; the nudge sockets still wake this host's waiters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from psycopg import errors as pgerrors
+
+from ...clock import boot_id
+from ...errors import InvalidArgument, NotFound, NotRegistered, PermissionDenied, QueueFull
+from ..queue_ops import JOB_FIELDS, ImportRow, NewJobRow
+from .connection import Conn, fetch, scalar
+from .death import release_claims
+from .events import log_event
+
+if TYPE_CHECKING:
+    from .connection import PgDb, Row
+
+#: A job row's columns in ``JOB_FIELDS`` order, then what the engine computes from its clock:
+#: seconds until a ready job is due (0 when due), seconds left on a claim's lease.
+_COLUMNS = ", ".join(JOB_FIELDS) + (
+    ", CASE WHEN state = 'ready' THEN greatest(available_mono - coord_now(), 0) ELSE 0 END "
+    "AS available_in, claim_expires_mono - coord_now() AS expires_in"
+)
+
+#: (payload, priority, delay, dedupe_key, max_attempts, attempts, state, created_at or None
+#: for now, last_error) of a row to insert.
+NewRow = tuple[str, int, float, str | None, int, int, str, float | None, str | None]
+
+
+def channel(schema: str, queue: str) -> str:
+    """The ``NOTIFY`` channel of ``queue`` in the deployment ``schema`` (channels are per
+    database, shared by every schema): the same name as SQL's ``coord_queue_channel``."""
+    return "coord_q_" + hashlib.md5(f"{schema}:{queue}".encode()).hexdigest()[:16]
+
+
+#: The channel in SQL, for statements that learn the queue as they run.
+_CHANNEL = "'coord_q_' || substr(md5(current_schema() || ':' || {}), 1, 16)"
+_NOTIFY = f"SELECT pg_notify({_CHANNEL.format('%s')}, '')"
+
+
+def notify(c: Conn, queues: Sequence[str]) -> None:
+    """Tell waiting claimers of these queues that a job is ready (sent at commit)."""
+    for q in sorted(set(queues)):
+        c.execute(_NOTIFY, (q,))
+
+
+# The common put in one statement, into an existing queue without a max depth; the job is
+# ready now or after its delay, and a job due now notifies the queue's waiters.
+_PUT = (
+    "WITH q AS (SELECT name FROM queues WHERE name = %(queue)s AND max_depth IS NULL), "  # noqa: S608 - fixed fragments only
+    "j AS (INSERT INTO jobs (payload, priority, available_mono, max_attempts, created_at, queue) "
+    "SELECT %(text)s, %(prio)s, coord_now() + %(delay)s, %(att)s, coord_now(), name FROM q "
+    "RETURNING id) "
+    f"SELECT id, CASE WHEN %(delay)s <= 0 THEN pg_notify({_CHANNEL.format('%(queue)s')}, '') "
+    "END IS NULL AS sent FROM j"
+)
+# Once a process has seen that the queue has no max depth it inserts without looking (the
+# foreign key still proves the queue exists).
+_PUT_KNOWN = (
+    "WITH j AS (INSERT INTO jobs (payload, priority, available_mono, max_attempts, created_at, "  # noqa: S608 - fixed fragments only
+    "queue) VALUES (%(text)s, %(prio)s, coord_now() + %(delay)s, %(att)s, coord_now(), "
+    "%(queue)s) RETURNING id) "
+    f"SELECT id, CASE WHEN %(delay)s <= 0 THEN pg_notify({_CHANNEL.format('%(queue)s')}, '') "
+    "END IS NULL AS sent FROM j"
+)
+
+_INSERT = (
+    "INSERT INTO jobs (queue, payload, priority, available_mono, dedupe_key, max_attempts, "
+    "attempts, state, created_at, last_error, finished_at, finished_mono) "
+    "VALUES (%s, %s, %s, coord_now() + %s, %s, %s, %s, %s, coalesce(%s, coord_now()), %s, "
+    "CASE WHEN %s THEN NULL ELSE coord_now() END, CASE WHEN %s THEN NULL ELSE coord_now() END) "
+    "ON CONFLICT (queue, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING RETURNING id"
+)
+
+# The claim, in one statement and so one transaction: the claimer's row locked FOR SHARE
+# while alive (see the module docstring), the queue's owner, then up to n due jobs in claim
+# order (jobs_ready: queue, priority DESC, id), each locked or skipped, claimed with a fresh
+# token. The first row always comes (the LEFT JOIN), so "not alive" and "not yours" are told
+# apart from "nothing due".
+_CLAIM = (
+    "WITH now AS MATERIALIZED (SELECT coord_now() AS t), "
+    "me AS MATERIALIZED (SELECT 1 FROM instances WHERE id = %(id)s AND incarnation = %(inc)s "
+    " AND status = 'alive' FOR SHARE), "
+    "q AS MATERIALIZED (SELECT owner_id FROM queues WHERE name = %(queue)s), "
+    "picked AS (SELECT id FROM jobs WHERE state = 'ready' AND queue = %(queue)s "
+    " AND available_mono <= (SELECT t FROM now) AND EXISTS (SELECT 1 FROM me) "
+    " AND NOT EXISTS (SELECT 1 FROM q WHERE owner_id <> %(id)s) "
+    " ORDER BY priority DESC, id LIMIT %(n)s FOR UPDATE SKIP LOCKED), "
+    "got AS (UPDATE jobs j SET state = 'claimed', "
+    " claim_token = j.id::text || '-' || substr(md5(gen_random_uuid()::text), 1, 16), "
+    " claimed_by = %(id)s, claimed_incarnation = %(inc)s, "
+    " claim_expires_mono = (SELECT t FROM now) + %(lease)s, claimed_at = (SELECT t FROM now), "
+    " attempts = j.attempts + 1 FROM picked WHERE j.id = picked.id "
+    " RETURNING j.id, j.claim_token, j.priority, j.payload, j.dedupe_key, j.attempts - 1 AS "
+    " attempts, j.max_attempts, j.created_at, j.last_error) "
+    "SELECT EXISTS (SELECT 1 FROM me) AS alive, (SELECT owner_id FROM q) AS owner, got.* "
+    "FROM (SELECT 1) one LEFT JOIN got ON true ORDER BY got.priority DESC, got.id"
+)
+# A claim is found by its job id and the whole token compared; a lease past its end is lost.
+_HELD = "id = %s AND claim_token = %s AND claim_expires_mono >= coord_now()"
+_ACK = (
+    "UPDATE jobs SET state = 'done', claim_token = NULL, claim_expires_mono = NULL, "  # noqa: S608 - fixed fragments only
+    f"result = %s, finished_at = coord_now(), finished_mono = coord_now() WHERE {_HELD}"
+)
+_READY = ("SELECT 1 FROM jobs WHERE state = 'ready' AND queue = %s "
+          "AND available_mono <= coord_now() LIMIT 1")
+# Who is still owed an answer: a back-to-ready of this kind is a no-op unless expired.
+_EXPIRED = "id = %s AND claim_token = %s AND claim_expires_mono < coord_now()"
+
+
+def claim_id(token: str) -> int:
+    """The job a claim token names (``<job id>-<random>``); -1 names none."""
+    head, sep, _ = token.partition("-")
+    return int(head) if sep and head.isascii() and head.isdigit() and len(head) < 19 else -1
+
+
+def queue_row(c: Conn, name: str, *, lock: bool = False) -> tuple[str | None, int | None]:
+    """(owner, max_depth) of a queue inside the caller's transaction, creating it shared if
+    it does not exist. A bounded queue's row is locked (``lock``: any queue's), so puts that
+    count its depth take turns."""
+    rows = fetch(c, "SELECT owner_id, max_depth FROM queues WHERE name = %s", (name,))
+    if not rows:
+        c.execute("INSERT INTO queues (name, owner_id, max_depth, created_at) "
+                  "VALUES (%s, NULL, NULL, coord_now()) ON CONFLICT (name) DO NOTHING", (name,))
+    if not rows or lock or rows[0]["max_depth"] is not None:
+        rows = fetch(c, "SELECT owner_id, max_depth FROM queues WHERE name = %s "
+                     "FOR NO KEY UPDATE", (name,))
+    return rows[0]["owner_id"], rows[0]["max_depth"]
+
+
+def insert(c: Conn, queue: str, max_depth: int | None, rows: Sequence[NewRow]
+           ) -> list[tuple[int, bool]]:
+    """Insert rows into ``queue`` inside the caller's transaction (its row locked by
+    ``queue_row`` when bounded): [(id, added)]. Raises ``QueueFull`` past ``max_depth``."""
+    depth = None
+    if max_depth is not None:
+        depth = int(scalar(c, "SELECT count(*) AS n FROM jobs WHERE queue = %s "
+                           "AND state IN ('ready', 'claimed')", (queue,)))
+    out: list[tuple[int, bool]] = []
+    ready_now = False
+    for text, prio, delay, key, max_att, att, state, created, error in rows:
+        ready = state == "ready"
+        if depth is not None and max_depth is not None and depth >= max_depth and ready:
+            existing = _existing(c, queue, key)
+            if existing is None:
+                raise QueueFull(queue, depth)
+            out.append((existing, False))
+            continue
+        while True:
+            got = fetch(c, _INSERT, (queue, text, prio, delay, key, max_att, att, state, created,
+                                     error, ready, ready))
+            if got:
+                out.append((int(got[0]["id"]), True))
+                ready_now = ready_now or (ready and delay <= 0)
+                if depth is not None and ready:
+                    depth += 1
+                break
+            # A dedupe repeat: the other row is committed (ON CONFLICT waited for it) unless
+            # it was deleted meanwhile, and then the insert is tried again.
+            existing = _existing(c, queue, key)
+            if existing is not None:
+                out.append((existing, False))
+                break
+    if ready_now:
+        notify(c, [queue])
+    return out
+
+
+def _existing(c: Conn, queue: str, key: str | None) -> int | None:
+    if key is None:
+        return None
+    found = scalar(c, "SELECT id FROM jobs WHERE queue = %s AND dedupe_key = %s", (queue, key))
+    return None if found is None else int(found)
+
+
+def _job_state(c: Conn, job_id: int) -> str:
+    state = scalar(c, "SELECT state FROM jobs WHERE id = %s", (job_id,))
+    if state is None:
+        raise NotFound("job", job_id)
+    return str(state)
+
+
+class PgQueues:
+    """``coord.backend.QueueOps`` on PostgreSQL."""
+
+    def __init__(self, db: PgDb) -> None:
+        self._db = db
+
+    def channel(self, queue: str) -> str:
+        """The ``NOTIFY`` channel a waiter on ``queue`` listens on."""
+        return channel(self._db.location.schema, queue)
+
+    # -- queues --------------------------------------------------------------------------
+
+    def create(self, name: str, owner: str | None, max_depth: int | None) -> None:
+        def txn(c: Conn) -> None:
+            if fetch(c, "INSERT INTO queues (name, owner_id, max_depth, created_at) "
+                     "VALUES (%s, %s, %s, coord_now()) ON CONFLICT (name) DO NOTHING "
+                     "RETURNING 1", (name, owner, max_depth)):
+                return
+            rows = fetch(c, "SELECT owner_id FROM queues WHERE name = %s FOR UPDATE", (name,))
+            if not rows:  # deleted meanwhile: the write is tried again
+                raise pgerrors.SerializationFailure("queue deleted while created")
+            have = rows[0]["owner_id"]
+            if have != owner:
+                raise InvalidArgument(
+                    f"queue {name!r} already exists and is "
+                    + (f"private to {have!r}" if have else "shared"))
+            if max_depth is not None:
+                c.execute("UPDATE queues SET max_depth = %s WHERE name = %s", (max_depth, name))
+
+        self._db.write(txn)
+
+    def owner(self, queue: str) -> str | None:
+        return self._db.value("SELECT owner_id FROM queues WHERE name = %s",  # type: ignore[no-any-return]
+                              (queue,))
+
+    def nudge_paths(self) -> list[tuple[str, str]]:
+        # Sockets are host-local: only this boot's instances can be nudged from here.
+        return [(str(r["id"]), str(r["nudge_path"])) for r in self._db.rows(
+            "SELECT id, nudge_path FROM instances WHERE status = 'alive' "
+            "AND nudge_path IS NOT NULL AND boot_id = %s", (boot_id(),))]
+
+    # -- put -----------------------------------------------------------------------------
+
+    def put(self, queue: str, text: str, priority: int, delay: float, max_attempts: int,
+            known: bool) -> int | None:
+        params = {"queue": queue, "text": text, "prio": priority, "delay": delay,
+                  "att": max_attempts}
+        try:
+            # One statement: its own transaction, in autocommit.
+            got = self._db.row(_PUT_KNOWN if known else _PUT, params)
+        except pgerrors.ForeignKeyViolation:  # the queue is gone: take the general path
+            return None
+        return None if got is None else int(got["id"])
+
+    def put_rows(self, queue: str, rows: Sequence[NewJobRow]
+                 ) -> tuple[list[int], bool, str | None]:
+        def txn(c: Conn) -> tuple[list[int], bool, str | None]:
+            owner, max_depth = queue_row(c, queue)
+            ids = insert(c, queue, max_depth, [
+                (text, prio, delay, key, att, 0, "ready", None, None)
+                for text, prio, delay, key, att in rows])
+            return [i for i, _ in ids], any(new for _, new in ids), owner
+
+        return self._db.write(txn)
+
+    def import_jobs(self, queue: str, rows: Sequence[ImportRow], path: str
+                    ) -> tuple[list[tuple[int, bool]], str | None]:
+        def txn(c: Conn) -> tuple[list[tuple[int, bool]], str | None]:
+            owner, max_depth = queue_row(c, queue)
+            ids = insert(c, queue, max_depth, [
+                (text, prio, 0.0, key, max_att, att, state, created, error)
+                for text, prio, key, max_att, att, state, created, error in rows])
+            added = sum(1 for _, new in ids if new)
+            if added:
+                log_event(c, "queue imported", None, queue, path=path, jobs=added)
+            return ids, owner
+
+        return self._db.write(txn)
+
+    # -- claim ---------------------------------------------------------------------------
+
+    def claim(self, queue: str, id: str, incarnation: int, lease: float, n: int
+              ) -> list[tuple[str, tuple[Any, ...]]]:
+        got = self._db.rows(_CLAIM, {"id": id, "inc": incarnation, "queue": queue,
+                                     "lease": float(lease), "n": n})
+        head = got[0]
+        if not head["alive"]:
+            raise NotRegistered(id, "its registration has ended (declared dead or taken over)")
+        if head["owner"] is not None and head["owner"] != id:
+            raise PermissionDenied(f"queue {queue!r} is private to instance {head['owner']!r}")
+        return [(r["claim_token"], (r["id"], r["priority"], r["payload"], r["dedupe_key"],
+                                    r["attempts"], r["max_attempts"], r["created_at"],
+                                    r["last_error"]))
+                for r in got if r["id"] is not None]
+
+    def ready(self, queue: str) -> bool:
+        return bool(self._db.value(_READY, (queue,)))
+
+    def next_due(self, queue: str) -> float | None:
+        got = self._db.value(
+            "SELECT least((SELECT min(available_mono) FROM jobs WHERE queue = %(q)s "
+            "AND state = 'ready' AND available_mono > coord_now()), "
+            "(SELECT min(claim_expires_mono) FROM jobs WHERE queue = %(q)s "
+            "AND state = 'claimed')) AS t", {"q": queue})
+        return None if got is None else float(got)
+
+    def holders(self, queue: str) -> list[Row]:
+        return self._db.rows(
+            "SELECT h.claimed_by, h.claimed_incarnation, i.* FROM "
+            "(SELECT DISTINCT claimed_by, claimed_incarnation FROM jobs "
+            " WHERE queue = %s AND state = 'claimed') h "
+            "LEFT JOIN instances i ON i.id = h.claimed_by", (queue,))
+
+    def claimed(self, queue: str) -> int:
+        return int(self._db.value(
+            "SELECT count(*) FROM jobs WHERE queue = %s AND state = 'claimed'", (queue,)))
+
+    def release_expired(self, queue: str) -> int:
+        where = "queue = %s AND claim_expires_mono < coord_now()"
+        if not self._db.value(
+                f"SELECT 1 FROM jobs WHERE state = 'claimed' AND {where} LIMIT 1", (queue,)):  # noqa: S608 - fixed fragments only
+            return 0
+        return self._db.write(lambda c: release_claims(c, where, (queue,),
+                                                       error="claim lease expired"))
+
+    def release_gone(self, who: str, incarnation: int) -> int:
+        return self._db.write(lambda c: release_claims(
+            c, "claimed_by = %s AND claimed_incarnation = %s", (who, incarnation),
+            error=f"worker {who} is gone"))
+
+    # -- ack, fail, extend, release ------------------------------------------------------
+
+    def _expired_release(self, token: str) -> None:
+        """The claim is gone or past its lease: if merely expired, release it now (the
+        attempt counted). The operation that found it so changed nothing, so this is its
+        own transaction (and usually finds nothing)."""
+        self._db.write(lambda c: release_claims(c, _EXPIRED, (claim_id(token), token),
+                                                error="claim lease expired"))
+
+    def ack(self, token: str, result: str | None) -> bool:
+        # One statement in autocommit: the common ack costs one round trip.
+        if self._db.rows(f"{_ACK} RETURNING 1 AS ok", (result, claim_id(token), token)):
+            return True
+        self._expired_release(token)
+        return False
+
+    def ack_many(self, pairs: Sequence[tuple[str, str | None]]) -> list[str]:
+        first: dict[str, str | None] = {}  # a token given twice acks with its first result
+        for t, r in pairs:
+            first.setdefault(t, r)
+
+        def txn(c: Conn) -> list[str]:
+            done = {str(r["claim_token"]) for r in fetch(
+                c,
+                "UPDATE jobs j SET state = 'done', claim_token = NULL, claim_expires_mono = "
+                "NULL, result = a.result, finished_at = coord_now(), finished_mono = coord_now() "
+                "FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS a(id, token, result) "
+                "WHERE j.id = a.id AND j.claim_token = a.token "
+                "AND j.claim_expires_mono >= coord_now() RETURNING a.token AS claim_token",
+                ([claim_id(t) for t in first], list(first), list(first.values())))}
+            # A token given twice acks once: its repeat has moved on (as one by one).
+            lost = []
+            for t, _ in pairs:
+                if t in done:
+                    done.discard(t)
+                else:
+                    lost.append(t)
+            for t in lost:
+                release_claims(c, _EXPIRED, (claim_id(t), t), error="claim lease expired")
+            return lost
+
+        return self._db.write(txn)
+
+    def fail(self, token: str, error: str, retry_in: Callable[[int], float]
+             ) -> tuple[str, str, float | None] | None:
+        def txn(c: Conn) -> tuple[str, str, float | None] | None:
+            rows = fetch(c, "SELECT id, queue, attempts, max_attempts, claimed_by FROM jobs "  # noqa: S608 - fixed fragments only
+                         f"WHERE {_HELD} FOR UPDATE", (claim_id(token), token))
+            if not rows:
+                release_claims(c, _EXPIRED, (claim_id(token), token),
+                               error="claim lease expired")
+                return None
+            j = rows[0]
+            if j["attempts"] >= j["max_attempts"]:
+                c.execute(
+                    "UPDATE jobs SET state = 'dead', claim_token = NULL, claimed_by = NULL, "
+                    "claimed_incarnation = NULL, claim_expires_mono = NULL, last_error = %s, "
+                    "finished_at = coord_now(), finished_mono = coord_now() WHERE id = %s",
+                    (error, j["id"]))
+                log_event(c, "job dead-lettered", j["claimed_by"], j["queue"], job=j["id"],
+                          error=error)
+                return ("dead", j["queue"], None)
+            delay = retry_in(j["attempts"])
+            c.execute(
+                "UPDATE jobs SET state = 'ready', claim_token = NULL, claimed_by = NULL, "
+                "claimed_incarnation = NULL, claim_expires_mono = NULL, last_error = %s, "
+                "available_mono = coord_now() + %s WHERE id = %s", (error, delay, j["id"]))
+            if delay <= 0:
+                notify(c, [j["queue"]])
+            return ("ready", j["queue"], delay)
+
+        return self._db.write(txn)
+
+    def extend(self, token: str, lease: float) -> bool:
+        if self._db.rows(
+            "UPDATE jobs SET claim_expires_mono = coord_now() + %s "  # noqa: S608 - fixed fragments only
+            f"WHERE {_HELD} RETURNING 1 AS ok", (float(lease), claim_id(token), token)):
+            return True
+        self._expired_release(token)
+        return False
+
+    def release(self, token: str) -> str | None:
+        got = self._db.rows(
+            "WITH r AS (UPDATE jobs SET state = 'ready', claim_token = NULL, claimed_by = NULL, "  # noqa: S608 - fixed fragments only
+            "claimed_incarnation = NULL, claim_expires_mono = NULL, "
+            "attempts = greatest(attempts - 1, 0), available_mono = coord_now() "
+            f"WHERE {_HELD} RETURNING queue) "
+            f"SELECT queue, pg_notify({_CHANNEL.format('queue')}, '') IS NULL AS sent FROM r",
+            (claim_id(token), token))
+        if got:
+            return str(got[0]["queue"])
+        self._expired_release(token)
+        return None
+
+    # -- cancel, requeue, purge, adopt ---------------------------------------------------
+
+    def cancel(self, job_id: int) -> None:
+        def txn(c: Conn) -> None:
+            if fetch(c, "UPDATE jobs SET state = 'cancelled', finished_at = coord_now(), "
+                     "finished_mono = coord_now() WHERE id = %s AND state IN ('ready', 'dead') "
+                     "RETURNING 1", (job_id,)):
+                return
+            state = _job_state(c, job_id)
+            hint = "; fail or release it first" if state == "claimed" else ""
+            raise InvalidArgument(
+                f"job {job_id} is {state}: only a job that waits can be cancelled{hint}")
+
+        self._db.write(txn)
+
+    def requeue(self, job_id: int) -> str:
+        def txn(c: Conn) -> str:
+            got = fetch(c, "UPDATE jobs SET state = 'ready', attempts = 0, "
+                        "available_mono = coord_now(), finished_at = NULL, finished_mono = NULL, "
+                        "result = NULL WHERE id = %s AND state IN ('dead', 'cancelled') "
+                        "RETURNING queue", (job_id,))
+            if got:
+                notify(c, [got[0]["queue"]])
+                return str(got[0]["queue"])
+            state = _job_state(c, job_id)
+            raise InvalidArgument(
+                f"job {job_id} is {state}: only a dead or cancelled job can be requeued")
+
+        return self._db.write(txn)
+
+    def requeue_dead(self, queue: str) -> int:
+        def txn(c: Conn) -> int:
+            n = c.execute("UPDATE jobs SET state = 'ready', attempts = 0, "
+                          "available_mono = coord_now(), finished_at = NULL, "
+                          "finished_mono = NULL, result = NULL "
+                          "WHERE queue = %s AND state = 'dead'", (queue,)).rowcount
+            if n:
+                notify(c, [queue])
+            return n
+
+        return self._db.write(txn)
+
+    def purge(self, queue: str, everything: bool) -> int:
+        def txn(c: Conn) -> int:
+            # FOR UPDATE: no put into the queue runs meanwhile (see the module docstring).
+            if not fetch(c, "SELECT 1 FROM queues WHERE name = %s FOR UPDATE", (queue,)):
+                raise NotFound("queue", queue)
+            if everything:
+                n = c.execute("DELETE FROM jobs WHERE queue = %s", (queue,)).rowcount
+                c.execute("DELETE FROM queues WHERE name = %s", (queue,))
+                return n
+            return c.execute("DELETE FROM jobs WHERE queue = %s "
+                             "AND state IN ('done', 'dead', 'cancelled')", (queue,)).rowcount
+
+        return self._db.write(txn)
+
+    def adopt(self, from_id: str, to: str | None, to_queue: str | None
+              ) -> tuple[list[str], int, int]:
+        def txn(c: Conn) -> tuple[list[str], int, int]:
+            # The owner's queues locked (in name order): a second adoption waits, then finds
+            # them no longer its own; no put or move into them runs meanwhile.
+            names = [str(r["name"]) for r in fetch(
+                c, "SELECT name FROM queues WHERE owner_id = %s ORDER BY name FOR UPDATE",
+                (from_id,))]
+            if not names:
+                raise NotFound("private queue of instance", from_id)
+            # A claim by an incarnation of from_id that outlived the caller's check.
+            release_claims(c, "claimed_by = %s AND queue = ANY(%s)", (from_id, names),
+                           error=f"worker {from_id} is gone")
+            moved = left = 0
+            if to is not None:
+                c.execute("UPDATE queues SET owner_id = %s WHERE name = ANY(%s)", (to, names))
+            else:
+                assert to_queue is not None
+                if to_queue in names:
+                    raise InvalidArgument(f"queue {to_queue!r} is one of the adopted queues")
+                queue_row(c, to_queue)
+                # Locked FOR UPDATE: no insert with a dedupe key races the moves below.
+                c.execute("SELECT 1 FROM queues WHERE name = %s FOR UPDATE", (to_queue,))
+                for name in names:
+                    # A job whose dedupe key is already in to_queue stays (as UPDATE OR IGNORE).
+                    moved += c.execute(
+                        "UPDATE jobs j SET queue = %s WHERE j.queue = %s "
+                        "AND j.state IN ('ready', 'dead') AND (j.dedupe_key IS NULL OR NOT "
+                        "EXISTS (SELECT 1 FROM jobs o WHERE o.queue = %s "
+                        "AND o.dedupe_key = j.dedupe_key))", (to_queue, name, to_queue),
+                    ).rowcount
+                    left += int(scalar(c, "SELECT count(*) FROM jobs WHERE queue = %s "
+                                       "AND state IN ('ready', 'dead')", (name,)))
+                if moved:
+                    notify(c, [to_queue])
+            if to is not None:
+                notify(c, names)
+            log_event(c, "queue adopted", from_id, ",".join(names), to=to,
+                      to_queue=to_queue, jobs=moved)
+            return names, moved, left
+
+        return self._db.write(txn)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def get(self, job_id: int) -> Row | None:
+        return self._db.row(f"SELECT {_COLUMNS} FROM jobs WHERE id = %s", (job_id,))  # noqa: S608
+
+    def jobs(self, queue: str | None, state: str, limit: int | None, now: float) -> list[Row]:
+        # ``now`` is not used: 'ready' and 'delayed' are told apart at coord_now(), as the
+        # durations the rows carry (available_in, expires_in) are computed.
+        where: list[str] = []
+        params: list[Any] = []
+        if queue is not None:
+            where.append("queue = %s")
+            params.append(queue)
+        if state == "ready":
+            where.append("state = 'ready' AND available_mono <= coord_now()")
+        elif state == "delayed":
+            where.append("state = 'ready' AND available_mono > coord_now()")
+        elif state == "active":
+            where.append("state IN ('ready', 'claimed', 'dead')")
+        elif state != "all":
+            where.append("state = %s")
+            params.append(state)
+        sql = f"SELECT {_COLUMNS} FROM jobs"  # noqa: S608 - fixed fragments only
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY queue, priority DESC, id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        return self._db.rows(sql, tuple(params))
+
+    def stats(self, queue: str | None, now: float) -> list[Row]:
+        # ``now`` is not used (as in ``jobs``); ``oldest_age`` is the oldest due ready job's
+        # age by the server's clock.
+        sql = (
+            "WITH now AS MATERIALIZED (SELECT coord_now() AS t) "
+            "SELECT q.name, q.owner_id, q.max_depth, "
+            "count(j.id) FILTER (WHERE j.state = 'ready' AND j.available_mono <= n.t) AS ready, "
+            "count(j.id) FILTER (WHERE j.state = 'ready' AND j.available_mono > n.t) AS delayed, "
+            "count(j.id) FILTER (WHERE j.state = 'claimed') AS claimed, "
+            "count(j.id) FILTER (WHERE j.state = 'dead') AS dead, "
+            "count(j.id) FILTER (WHERE j.state = 'done') AS done, "
+            "count(j.id) FILTER (WHERE j.state = 'cancelled') AS cancelled, "
+            "min(j.created_at) FILTER (WHERE j.state = 'ready' AND j.available_mono <= n.t) "
+            "AS oldest, greatest(n.t - min(j.created_at) FILTER (WHERE j.state = 'ready' "
+            "AND j.available_mono <= n.t), 0) AS oldest_age "
+            "FROM queues q CROSS JOIN now n LEFT JOIN jobs j ON j.queue = q.name "
+        )
+        params: tuple[Any, ...] = ()
+        if queue is not None:
+            sql += "WHERE q.name = %s "
+            params = (queue,)
+        rows = self._db.rows(sql + "GROUP BY q.name, n.t ORDER BY q.name", params)
+        for r in rows:
+            for k in ("ready", "delayed", "claimed", "dead", "done", "cancelled"):
+                r[k] = int(r[k])
+        return rows
+
+    def problems(self) -> list[tuple[str, bool]]:
+        db = self._db
+        out: list[tuple[str, bool]] = []
+        for r in db.rows(
+            "SELECT id, state, attempts, max_attempts FROM jobs WHERE attempts < 0 "
+            "OR (state = 'ready' AND attempts >= max_attempts) "
+            "OR (state = 'claimed' AND (attempts < 1 OR attempts > max_attempts))"
+        ):
+            out.append((f"job {r['id']} is {r['state']} with {r['attempts']} of "
+                        f"{r['max_attempts']} attempts", False))
+        for r in db.rows(
+            "SELECT id, state FROM jobs WHERE (state = 'claimed') <> "
+            "(claimed_by IS NOT NULL AND claimed_incarnation IS NOT NULL "
+            " AND claim_expires_mono IS NOT NULL) AND state <> 'done'"
+        ):
+            out.append((f"job {r['id']} is {r['state']} but its claim fields disagree", False))
+        for r in db.rows(
+            "SELECT j.id, j.claimed_by, q.owner_id FROM jobs j JOIN queues q ON q.name = j.queue "
+            "WHERE j.state = 'claimed' AND q.owner_id IS NOT NULL AND j.claimed_by <> q.owner_id"
+        ):
+            out.append((f"job {r['id']} of a queue private to {r['owner_id']!r} is claimed by "
+                        f"{r['claimed_by']!r}", False))
+        for r in db.rows(
+            "SELECT id FROM jobs WHERE state = 'claimed' AND claim_expires_mono < coord_now()"
+        ):
+            out.append((f"job {r['id']} is claimed past its lease, awaiting release", True))
+        return out
