@@ -113,13 +113,20 @@ class PgDb:
     def connect(self, **settings: str) -> Conn:
         """A new connection in autocommit whose search_path is the deployment's schema alone,
         with extra session ``settings`` (GUC name → value) applied at connect."""
-        opts = [f"-c search_path={self.location.schema}"]
-        opts += [f"-c {k}={v}" for k, v in settings.items()]
+        # Set by a statement, not the startup packet's ``options``: PgBouncer refuses
+        # connections that send ``options`` ("unsupported startup parameter"), and a
+        # session-mode pool in front of the server is a supported deployment.
+        gucs = {"search_path": self.location.schema, **settings}
         with translated(self.where):
             conn: Conn = psycopg.connect(
                 self.location.dsn, autocommit=True, row_factory=dict_row,
-                connect_timeout=CONNECT_TIMEOUT, application_name=self._application,
-                options=" ".join(opts))
+                connect_timeout=CONNECT_TIMEOUT, application_name=self._application)
+            try:
+                conn.execute("SELECT " + ", ".join(["set_config(%s, %s, false)"] * len(gucs)),
+                             [x for kv in gucs.items() for x in kv])
+            except BaseException:
+                conn.close()
+                raise
         with _OPEN_LOCK:
             _OPEN.append((os.getpid(), conn))
         return conn
