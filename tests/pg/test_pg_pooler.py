@@ -24,8 +24,8 @@ from pathlib import Path
 
 import pytest
 from conftest import coord_env
-from pg_fixtures import import_psycopg, missing
-from pgcluster import SERVER_USER, Cluster, ClusterUnavailable, free_port, new_cluster
+from pg_fixtures import import_psycopg, missing, private_cluster
+from pgcluster import SERVER_USER, Cluster, free_port
 
 import coord
 from coord.errors import StorageError
@@ -105,14 +105,8 @@ class Bouncer:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[Cluster]:
-    try:
-        c = new_cluster(prefix="coord-pgpool-")
-    except ClusterUnavailable as e:
-        missing(str(e))
-    try:
+    with private_cluster("coord-pgpool-") as c:
         yield c
-    finally:
-        c.stop()
 
 
 @pytest.fixture(scope="module")
