@@ -60,15 +60,21 @@ class ServerClock:
         row = self._db.row(_READ)
         after = self._mono()
         assert row is not None
-        now, held = float(row["now"]), row["held"]
+        self.held_since = None if row["held"] is None else float(row["held"])
+        now = float(row["now"])
+        self.observe(now, before, after)
+        return now
+
+    def observe(self, now: float, before: float, after: float) -> None:
+        """Compare a reading of ``coord_now()`` taken by a call that ran between ``before``
+        and ``after`` on this store's monotonic clock with the previous one; record a step.
+        Any statement that returns ``coord_now()`` can feed it (a heartbeat, for one)."""
         with self._lock:
             last, self._last = self._last, (before, now, after)
         if last is not None:
             step = (now - last[1]) - (after - last[0])
             if step > STEP_TOLERANCE:
-                held = self._db.write(lambda c: self._hold(c, step))
-        self.held_since = None if held is None else float(held)
-        return now
+                self.held_since = self._db.write(lambda c: self._hold(c, step))
 
     @staticmethod
     def _hold(c: Conn, step: float) -> float:
