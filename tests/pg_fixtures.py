@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
@@ -72,3 +73,17 @@ def pg_cluster() -> Iterator[PgServer]:
 def pg_url(pg_cluster: PgServer) -> str:
     """The URL of the PostgreSQL server under test (see ``pg_cluster``)."""
     return pg_cluster.url
+
+
+@contextmanager
+def private_cluster(prefix: str) -> Iterator[Cluster]:
+    """A cluster of the caller's own (never the COORD_TEST_PG server): for tests that crash,
+    restart or otherwise harm the server. Stopped and removed after."""
+    try:
+        c = new_cluster(prefix=prefix)
+    except ClusterUnavailable as e:
+        missing(str(e))
+    try:
+        yield c
+    finally:
+        c.stop()

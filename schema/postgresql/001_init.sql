@@ -42,10 +42,13 @@ CREATE FUNCTION coord_now() RETURNS double precision
 -- The server's epoch: crash recovery empties an UNLOGGED table, so a missing row means the
 -- server restarted since (every session and advisory lock gone) even when
 -- pg_postmaster_start_time() did not change (a backend crash reinitialises the server).
+-- held_since: coord_now() when a reader last saw the server's clock step forward (see
+-- coord/backend/postgresql/clock.py); heartbeats older than it are judged from it.
 CREATE UNLOGGED TABLE server_epoch (
-    one     boolean PRIMARY KEY DEFAULT true CHECK (one),
-    token   text NOT NULL,
-    since   double precision NOT NULL
+    one        boolean PRIMARY KEY DEFAULT true CHECK (one),
+    token      text NOT NULL,
+    since      double precision NOT NULL,
+    held_since double precision
 );
 
 -- Sequences that never go backwards; seeded with the wall clock in milliseconds when the

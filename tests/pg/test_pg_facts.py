@@ -21,22 +21,16 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from pg_fixtures import PgServer, import_psycopg, missing
-from pgcluster import Cluster, ClusterUnavailable, new_cluster
+from pg_fixtures import PgServer, import_psycopg, private_cluster
+from pgcluster import Cluster
 
 psycopg = import_psycopg()
 
 
 @pytest.fixture
 def own_cluster() -> Iterator[Cluster]:
-    try:
-        c = new_cluster(prefix="coord-pgfacts-")
-    except ClusterUnavailable as e:
-        missing(str(e))
-    try:
+    with private_cluster("coord-pgfacts-") as c:
         yield c
-    finally:
-        c.stop()
 
 
 def connect_when_ready(url: str, timeout: float = 60.0) -> Any:

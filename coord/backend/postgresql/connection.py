@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from psycopg import errors as pgerrors
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 
 from ...errors import CoordError, NotADatabase, StorageError
@@ -38,6 +39,20 @@ Conn = psycopg.Connection[Row]
 
 #: Seconds to wait for the server when connecting.
 CONNECT_TIMEOUT = 10
+#: The client's side of a link that went silent (a cut cable, a partition): without these a
+#: statement waits for TCP's retransmissions, about 15 minutes, with the caller's thread. A
+#: statement whose data stays unacknowledged for 10 s, or an idle connection whose keepalive
+#: probes go unanswered (5 s idle, then 3 probes 2 s apart), fails instead. A URL's own values
+#: win; on a unix socket libpq ignores them.
+CLIENT_TIMEOUTS = {"keepalives": "1", "keepalives_idle": "5", "keepalives_interval": "2",
+                   "keepalives_count": "3", "tcp_user_timeout": "10000"}
+#: The server's side of the same: it ends a session whose client went silent (its locks go
+#: with it) after the same bounds, and a session idle inside a transaction for 5 s — coord's
+#: transactions run statement after statement, so that is a client stopped or cut off in
+#: the middle of a write, holding row locks every other host would wait for.
+SERVER_TIMEOUTS = {"tcp_keepalives_idle": "5", "tcp_keepalives_interval": "2",
+                   "tcp_keepalives_count": "3", "tcp_user_timeout": "10000",
+                   "idle_in_transaction_session_timeout": "5s"}
 #: Writes retried after a serialization failure or deadlock (each rolled back whole).
 RETRIES = 50
 
@@ -122,13 +137,23 @@ class PgDb:
     def connect(self, **settings: str) -> Conn:
         """A new connection in autocommit whose search_path is the deployment's schema alone,
         with extra session ``settings`` (GUC name → value) applied at connect."""
-        opts = [f"-c search_path={self.location.schema}"]
-        opts += [f"-c {k}={v}" for k, v in settings.items()]
+        # Set by a statement, not the startup packet's ``options``: PgBouncer refuses
+        # connections that send ``options`` ("unsupported startup parameter"), and a
+        # session-mode pool in front of the server is a supported deployment.
+        gucs = {"search_path": self.location.schema, **SERVER_TIMEOUTS, **settings}
         with translated(self.where):
+            given = conninfo_to_dict(self.location.dsn)
+            client: dict[str, Any] = {k: v for k, v in CLIENT_TIMEOUTS.items()
+                                      if k not in given}
             conn: Conn = psycopg.connect(
                 self.location.dsn, autocommit=True, row_factory=dict_row,
-                connect_timeout=CONNECT_TIMEOUT, application_name=self._application,
-                options=" ".join(opts))
+                connect_timeout=CONNECT_TIMEOUT, application_name=self._application, **client)
+            try:
+                conn.execute("SELECT " + ", ".join(["set_config(%s, %s, false)"] * len(gucs)),
+                             [x for kv in gucs.items() for x in kv])
+            except BaseException:
+                conn.close()
+                raise
         with _OPEN_LOCK:
             _OPEN.append((os.getpid(), conn))
             self._mine.append(conn)

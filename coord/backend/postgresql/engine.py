@@ -48,7 +48,7 @@ class PostgresBackend:
 
     def __init__(self, store: Store, location: PgLocation) -> None:
         self.db = PgDb(location)
-        self.clock = ServerClock(self.db)
+        self.clock = ServerClock(self.db, store.clock.mono)
         self.liveness = PgLiveness(store, self.clock, self.db)
         self.wakeup = PgWakeup(self.db)
         self.instances = PgInstances(self.db, self.liveness)

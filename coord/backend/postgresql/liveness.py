@@ -78,7 +78,9 @@ def application_name(member: Member) -> str:
 
 
 def judge(row: Row, probe: Probe, now: float) -> tuple[bool, str]:
-    """(alive, status word) of an instance row, ``now`` being the server's clock."""
+    """(alive, status word) of an instance row, ``now`` being the server's clock. After a
+    step of that clock (``probe.held_since``, see ``.clock``) a heartbeat older than the
+    step counts from the step: one TTL to heartbeat again before it is 'hung'."""
     if row["status"] == "dead":
         return False, row["end_reason"] or "dead"
     if row["boot_id"] == probe.boot_id:  # this host and boot: the kernel can prove a death
@@ -95,7 +97,10 @@ def judge(row: Row, probe: Probe, now: float) -> tuple[bool, str]:
     elif row.get("machine_id", machine_id()) == machine_id():
         return False, "reboot"  # this host, a boot that is over
     if now - row["heartbeat_mono"] > row["ttl"]:
-        return False, "hung"
+        # After a step of the server's clock a heartbeat older than it counts from it.
+        held = getattr(probe, "held_since", None)
+        if held is None or row["heartbeat_mono"] >= held or now - held > row["ttl"]:
+            return False, "hung"
     return True, "alive"
 
 
@@ -266,6 +271,7 @@ class PgLiveness:
     def look(self) -> Probe:
         probe = Probe()
         probe.now = self._clock.now()
+        probe.held_since = self._clock.held_since  # type: ignore[attr-defined]
         return probe
 
     def judge(self, row: Row, look: object | None = None) -> tuple[bool, str]:

@@ -7,14 +7,17 @@ from __future__ import annotations
 import functools
 import os
 import re
+import select
+import time
 from importlib import resources
 from typing import TYPE_CHECKING
 
-from psycopg import sql
+import psycopg
+from psycopg import pq, sql
 
 from ...errors import SchemaTooNew, StorageError
 from .adhoc import ensure_reader
-from .connection import Conn, scalar
+from .connection import Conn, scalar, translated
 
 if TYPE_CHECKING:
     from .connection import PgDb
@@ -73,22 +76,80 @@ def _migrate(c: Conn, schema: str, where: str) -> list[int]:
     return done
 
 
+#: Seconds a second session may take to answer the pooler probe (a pool that has no second
+#: server session to give would make coord wait for ever later: refused as well).
+PROBE_TIMEOUT = 5
+_PROBE = ("SELECT pg_backend_pid()::text AS pid, "
+          "current_setting('coord.session_probe', true) AS probe")
+_POOLER = ("a transaction-mode connection pooler is in the way ({}); point coord at the server "
+           "itself or at a session-mode pool")
+
+
+def _answer(c: Conn, timeout: float) -> tuple[str, str | None] | None:
+    """The probe's (pid, probe) on ``c``, or None when no answer came within ``timeout``.
+    Sent through libpq directly so the wait is bounded: a pooler with no free server
+    session queues the query instead of failing it."""
+    pg = c.pgconn
+    pg.send_query(_PROBE.encode())
+    deadline = time.monotonic() + timeout
+    while True:
+        pg.consume_input()
+        if not pg.is_busy():
+            break
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        select.select([pg.socket], [], [], left)
+    answer: tuple[str, str | None] | None = None
+    while (res := pg.get_result()) is not None:
+        if res.status == pq.ExecStatus.TUPLES_OK and res.ntuples == 1:
+            pid, probe = res.get_value(0, 0), res.get_value(0, 1)
+            answer = ((pid or b"").decode(), None if probe is None else probe.decode())
+        elif res.status != pq.ExecStatus.TUPLES_OK:
+            raise psycopg.OperationalError((res.error_message or b"").decode().strip())
+    return answer
+
+
 def refuse_pooler(db: PgDb) -> None:
-    """``StorageError`` when consecutive transactions of one connection run in different
-    server sessions (a transaction-mode pooler such as PgBouncer): coord's session locks
-    and LISTEN would be stranded there."""
+    """``StorageError`` when coord's sessions are not its own (a transaction-mode pooler
+    such as PgBouncer): its session locks and LISTEN would be stranded there.
+
+    A session is marked by a setting only it holds (a random token). Refused when this
+    connection's next transactions run in another server session (the pid changed or the
+    mark is gone), or when a second connection, opened while the first is idle, lands in the
+    first one's server session (same pid or sees the mark). The second check catches a
+    pooler that happens to give one client the same server session every time: an idle
+    client's server goes back to the pool, and PgBouncer hands out the one used last. Nothing
+    is locked by the probe, so nothing can be stranded by it; the mark is a custom setting."""
     c = db.conn()
     token = os.urandom(8).hex()
-    first = scalar(c, "SELECT pg_backend_pid()")
-    c.execute("SELECT set_config('coord.session_probe', %s, false)", (token,))
-    for _ in range(3):
-        row = c.execute("SELECT pg_backend_pid() AS pid, "
-                        "current_setting('coord.session_probe', true) AS probe").fetchone()
-        if row is None or row["pid"] != first or row["probe"] != token:
-            raise StorageError(db.where, (
-                "a transaction-mode connection pooler is in the way (the session changed "
-                "between transactions); point coord at the server itself or a session-mode "
-                "pool"))
+    row = c.execute("SELECT pg_backend_pid()::text AS pid, "
+                    "set_config('coord.session_probe', %s, false) AS probe", (token,)).fetchone()
+    assert row is not None
+    mine = row["pid"]
+    no_second = StorageError(db.where, (
+        f"a second connection got no server session within {PROBE_TIMEOUT} s (a pool of "
+        "one?); coord needs several sessions per process"))
+    with translated(db.where):
+        # Its own, plain connection: every statement on it must be bounded (a session pool
+        # with no free server session queues them), and it needs no search_path.
+        other: Conn = psycopg.connect(db.location.dsn, autocommit=True,
+                                      connect_timeout=PROBE_TIMEOUT)
+    try:
+        for _ in range(2):
+            with translated(db.where):
+                seen = _answer(other, PROBE_TIMEOUT)
+            if seen is None:
+                raise no_second
+            if seen[0] == mine or seen[1] == token:
+                raise StorageError(db.where, _POOLER.format(
+                    "a second connection was given the first one's server session"))
+            again = c.execute(_PROBE).fetchone()
+            if again is None or again["pid"] != mine or again["probe"] != token:
+                raise StorageError(db.where, _POOLER.format(
+                    "the session changed between two transactions of one connection"))
+    finally:
+        other.close()
 
 
 def open_schema(db: PgDb) -> list[int]:

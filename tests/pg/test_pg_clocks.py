@@ -1,0 +1,217 @@
+"""Clocks on PostgreSQL: only the server's clock (``coord_now()``) decides a verdict.
+
+- Clients whose clocks are an hour ahead or behind (a ``coord.clock.Clock`` with shifted
+  readings, injected into ``coord.Store``: the system clock is never set) change no verdict:
+  instances registered by them are alive while they heartbeat and 'hung' once their last
+  heartbeat is older than the TTL on the server's clock — never before — for observers with
+  any of those clocks alike; nothing they write carries their clock; no step is seen.
+- A step of the server's clock forward by an hour (faked with the schema's ``clock_offset``)
+  is noticed by the first process that reads the clock twice around it: it records the step,
+  and an instance whose last heartbeat is older than the step gets one TTL from the step to
+  heartbeat again — it is not declared hung, nor its id taken over, before that. A heartbeating
+  instance stays alive throughout. Before any process has noticed, a reader's first look sees
+  what the step does: every heartbeat an hour old.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from conftest import move_server_clock, reap_children, wait_until
+from contract_engines import fresh_schema
+from pg_fixtures import import_psycopg
+
+import coord
+from coord.clock import Clock
+from coord.errors import InstanceIdInUse
+from coord.instances import get_instance
+
+psycopg = import_psycopg()
+
+HOUR = 3600.0
+TTL = 2.0
+
+
+def mono() -> float:
+    return time.clock_gettime(time.CLOCK_MONOTONIC)
+
+
+def shifted(offset: float) -> Clock:
+    return Clock(mono=lambda: mono() + offset, wall=lambda: time.time() + offset)
+
+
+# An instance whose process's clocks are shifted by argv[3] seconds; heartbeats every TTL/3.
+HOLDER = r"""
+import sys, time
+import coord
+from coord.clock import Clock
+url, id, offset, ttl = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+def mono():
+    return time.clock_gettime(time.CLOCK_MONOTONIC) + offset
+store = coord.Store(url, clock=Clock(mono=mono, wall=lambda: time.time() + offset))
+inst = coord.register(store, id, app="clocks", ttl=ttl, handle_signals=False)
+print("ready", inst.incarnation, flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def url(pg_url: str) -> Iterator[str]:
+    with fresh_schema(pg_url) as u:
+        coord.Store(u).close()
+        yield u
+
+
+def start_holder(url: str, id: str, offset: float) -> subprocess.Popen[str]:
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, url, id, str(offset), str(TTL)],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    line = p.stdout.readline()
+    assert line.startswith("ready"), line
+    return p
+
+
+def verdict(store: coord.Store, id: str) -> tuple[float, str, float]:
+    """(server clock before, status, server clock after) of one look at ``id``."""
+    before = store.backend.clock.now()
+    status = get_instance(store, id).status
+    return before, status, store.backend.clock.now()
+
+
+def heartbeat_of(store: coord.Store, id: str) -> float:
+    row = store.backend.instances.by_id(id)
+    assert row is not None
+    return float(row["heartbeat_mono"])
+
+
+def events(store: coord.Store, kind: str) -> list[dict[str, Any]]:
+    return store.backend.db.rows(  # type: ignore[attr-defined, no-any-return]
+        "SELECT * FROM events WHERE kind = %s", (kind,))
+
+
+def test_client_clocks_an_hour_off_change_no_verdict(url: str) -> None:
+    holders = {"ahead": start_holder(url, "ahead", HOUR),
+               "behind": start_holder(url, "behind", -HOUR)}
+    observers = [coord.Store(url, clock=shifted(off)) for off in (-HOUR, 0.0, HOUR)]
+    try:
+        # While they heartbeat: alive to every observer, over several TTLs.
+        end = mono() + 2.5 * TTL
+        while mono() < end:
+            for o in observers:
+                for id in holders:
+                    assert verdict(o, id)[1] == "alive", (id, o.clock.mono())
+            time.sleep(0.05)
+        # What they wrote is the server's time, not theirs.
+        server_wall = float(observers[1].backend.db.value(  # type: ignore[attr-defined]
+            "SELECT extract(epoch FROM clock_timestamp())"))
+        for id in holders:
+            row = observers[1].backend.instances.by_id(id)
+            assert row is not None
+            assert abs(row["heartbeat_at"] - server_wall) < TTL + 1, row
+            assert abs(row["started_at"] - server_wall) < 60, row
+        # Their heartbeats stop (SIGSTOP between two beats: a beat is one short statement).
+        for p in holders.values():
+            os.kill(p.pid, signal.SIGSTOP)
+        time.sleep(0.2)
+        last = {id: heartbeat_of(observers[1], id) for id in holders}
+        first_hung: dict[tuple[int, str], float] = {}
+        deadline = mono() + TTL + 10
+        while len(first_hung) < len(observers) * len(holders) and mono() < deadline:
+            for n, o in enumerate(observers):
+                for id in holders:
+                    before, status, after = verdict(o, id)
+                    if status == "hung":
+                        # never before the TTL ran out on the server's clock
+                        assert after - last[id] > TTL, (n, id, after - last[id])
+                        first_hung.setdefault((n, id), before)
+                    else:
+                        assert status == "alive" and before - last[id] <= TTL + 0.001, \
+                            (n, id, status, before - last[id])
+            time.sleep(0.02)
+        assert len(first_hung) == len(observers) * len(holders), first_hung
+        late = {k: t - last[k[1]] - TTL for k, t in first_hung.items()}
+        assert max(late.values()) < 0.5, late  # and promptly after, for every observer
+        assert not events(observers[1], "clock stepped")
+    finally:
+        for p in holders.values():
+            os.kill(p.pid, signal.SIGCONT)
+        reap_children(list(holders.values()))
+        for o in observers:
+            o.close()
+
+
+def test_a_server_clock_step_holds_expiry_back_for_one_ttl(url: str) -> None:
+    watcher = coord.Store(url)  # a long-lived reader: its clock readings bracket the step
+    other = coord.Store(url)
+    try:
+        idle = coord.register(watcher, "idle", app="clocks", ttl=TTL, heartbeat=False,
+                              handle_signals=False)
+        assert verdict(watcher, "idle")[1] == "alive"
+        move_server_clock(watcher, HOUR)
+        # Noticed at the watcher's next reading: the idle instance's heartbeat, an hour old
+        # now, counts from the step.
+        _, status, now = verdict(watcher, "idle")
+        assert status == "alive"
+        stepped = events(watcher, "clock stepped")
+        assert len(stepped) == 1 and '"at_least_s": 3' in stepped[0]["detail"], stepped
+        held = watcher.backend.clock.held_since  # type: ignore[attr-defined]
+        assert held is not None and held <= now
+        # A reader with no reading of its own before the step learns it from the server.
+        assert verdict(other, "idle")[1] == "alive"
+        with pytest.raises(InstanceIdInUse):
+            coord.register(other, "idle", app="clocks", heartbeat=False, handle_signals=False)
+        # One TTL after the step (on the server's clock) it is hung, and its id free.
+        wait_until(lambda: verdict(other, "idle")[1] == "hung", timeout=TTL + 5)
+        assert other.backend.clock.now() - held > TTL
+        taken = coord.register(other, "idle", app="clocks", heartbeat=False,
+                               handle_signals=False)
+        assert taken.incarnation > idle.incarnation
+        assert not idle.heartbeat()
+    finally:
+        coord.instances.close_all()
+        watcher.close()
+        other.close()
+
+
+def test_a_heartbeating_instance_stays_alive_through_a_server_clock_step(url: str) -> None:
+    holder = start_holder(url, "beating", 0.0)
+    watcher = coord.Store(url)
+    try:
+        assert verdict(watcher, "beating")[1] == "alive"
+        move_server_clock(watcher, HOUR)
+        end = mono() + 3 * TTL
+        while mono() < end:
+            assert verdict(watcher, "beating")[1] == "alive"
+            time.sleep(0.05)
+        assert heartbeat_of(watcher, "beating") > watcher.backend.clock.held_since  # type: ignore[attr-defined, operator]
+    finally:
+        reap_children([holder])
+        watcher.close()
+
+
+def test_before_anyone_notices_a_server_clock_step_every_heartbeat_looks_old(
+        url: str) -> None:
+    """What the docs say a step does to a reader with no reading of its own before it, when
+    no process has read the clock twice around the step yet."""
+    owner = coord.Store(url)
+    try:
+        coord.register(owner, "early", app="clocks", ttl=TTL, heartbeat=False,
+                       handle_signals=False)
+        move_server_clock(owner, HOUR)
+        fresh = coord.Store(url)
+        try:
+            assert verdict(fresh, "early")[1] == "hung"
+        finally:
+            fresh.close()
+        # The owner's store read the clock before the step: its next look notices it.
+        assert verdict(owner, "early")[1] == "alive"
+    finally:
+        coord.instances.close_all()
+        owner.close()
