@@ -249,12 +249,6 @@ class InstanceReads(Protocol):
 class EventLog(Protocol):
     """The bounded history of what happened."""
 
-    def record(self, kind: str, instance_id: str | None, subject: str | None,
-               **detail: Any) -> None:
-        """Record one event, stamped with the wall clock, in a transaction of its own;
-        ``detail`` is stored as JSON."""
-        ...
-
     def list(
         self, *, after: int, limit: int, oldest_first: bool,
         kinds: Sequence[str] | None = None, instance_id: str | None = None,
@@ -267,7 +261,8 @@ class EventLog(Protocol):
 
     def record(self, kind: str, instance_id: str | None = None, subject: str | None = None,
                **detail: Any) -> None:
-        """Record one event in a transaction of its own (for callers outside one)."""
+        """Record one event, stamped with the engine's wall clock, in a transaction of its
+        own (for callers outside one); ``detail`` is stored as JSON."""
         ...
 
 

@@ -72,11 +72,6 @@ class SqliteEvents:
     def __init__(self, store: Store) -> None:
         self._store = store
 
-    def record(self, kind: str, instance_id: str | None, subject: str | None,
-               **detail: Any) -> None:
-        store = self._store
-        store.write(lambda c: log_event(c, store.wall(), kind, instance_id, subject, **detail))
-
     def list(
         self, *, after: int, limit: int, oldest_first: bool,
         kinds: Sequence[str] | None = None, instance_id: str | None = None,
