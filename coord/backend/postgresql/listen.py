@@ -21,6 +21,7 @@ import hashlib
 import os
 import select
 import threading
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -47,6 +48,19 @@ def channel_name(schema: str, channel: str) -> str:
     if len(name.encode()) <= _NAME_MAX:
         return name
     return "coord#" + hashlib.sha256(name.encode()).hexdigest()[:40]
+
+
+# Every listener of this process, for the after-fork hook.
+_LISTENERS: weakref.WeakSet[Listener] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The thread is not inherited, and its lock may have been held by it at the fork.
+    for listener in list(_LISTENERS):
+        listener._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _pipe() -> tuple[int, int]:
@@ -101,6 +115,17 @@ class Listener:
         self.backend_pid: int | None = None
         #: How many times the connection was (re)made.
         self.connects = 0
+        _LISTENERS.add(self)
+
+    def _forked(self) -> None:
+        # The parent's waiters and connection are not this process's: start afresh.
+        self._lock = threading.Lock()
+        self._interests = {}
+        self._listening = set()
+        self._thread = None
+        self._pid = os.getpid()
+        self.backend_pid = None
+        self._wake_r, self._wake_w = _pipe()
 
     # -- waiters' side ----------------------------------------------------------------------
 
@@ -140,14 +165,7 @@ class Listener:
             t.join(5)
 
     def _start(self) -> None:
-        # Called under the lock. A forked child inherits neither the thread nor the right
-        # to use the connection: it starts its own.
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._thread = None
-            self._listening = set()
-            self.backend_pid = None
-            self._wake_r, self._wake_w = _pipe()
+        # Called under the lock (a forked child was reset by the after-fork hook).
         if self._stop or (self._thread is not None and self._thread.is_alive()):
             return
         self._thread = threading.Thread(target=self._run, name="coord-listen", daemon=True)
