@@ -231,3 +231,19 @@ def test_a_forked_child_listens_on_its_own(pg_store: coord.Store, stretched: Non
     db.write(lambda c: engine_wakeup.notify(c, [queue_channel("p")]))  # type: ignore[attr-defined]
     parent_waiter.join(SOON)
     assert not parent_waiter.is_alive()  # the parent's listener still works
+
+
+def test_a_channel_stays_listened_a_while_after_its_last_waiter(
+    pg_store: coord.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coord.backend.postgresql import listen
+
+    monkeypatch.setattr(listen, "LINGER", 1.0)
+    engine_wakeup = pg_store.backend.wakeup
+    listener = engine_wakeup.listener  # type: ignore[attr-defined]
+    engine_wakeup.wait_for(lambda: None, 2.0, channels=[queue_channel("brief")])
+    assert listener.listening(queue_channel("brief"))  # kept for the next wait
+    deadline = time.monotonic() + listen.PING_INTERVAL + 10
+    while listener.listening(queue_channel("brief")):
+        assert time.monotonic() < deadline, "never UNLISTENed"
+        time.sleep(0.05)
