@@ -185,3 +185,65 @@ def test_channel_names_fit_the_server_and_stay_apart() -> None:
     long_b = channel_name("s" * 63, inbox_channel("x" * 199 + "y"))
     assert len(long_a.encode()) <= 63 and len(long_b.encode()) <= 63 and long_a != long_b
     assert channel_name("one", "inbox:a") != channel_name("two", "inbox:a")
+
+
+def test_a_forked_child_listens_on_its_own(pg_store: coord.Store, stretched: None) -> None:
+    # The parent's LISTEN thread (and its lock, its connection) stay the parent's: a child
+    # forked while it runs starts its own on its first wait.
+    import os
+
+    engine_wakeup = pg_store.backend.wakeup
+    db = pg_store.backend.db  # type: ignore[attr-defined]
+    flag = threading.Event()
+    parent_waiter = threading.Thread(target=lambda: engine_wakeup.wait_for(
+        lambda: True if flag.is_set() else None, 60, channels=[queue_channel("p")]),
+        daemon=True)
+    parent_waiter.start()
+    wait_listening(pg_store, queue_channel("p"))
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: wait for the parent's NOTIFY on "c", report how it went
+        code = 1
+        try:
+            os.close(r)
+            seen = threading.Event()
+            t = threading.Thread(target=lambda: engine_wakeup.wait_for(
+                lambda: True if seen.is_set() else None, 30, channels=[queue_channel("c")]),
+                daemon=True)
+            t.start()
+            wait_listening(pg_store, queue_channel("c"))
+            time.sleep(0.3)
+            seen.set()  # seen only if a hint makes it look (its polling is stretched)
+            os.write(w, b"L")
+            t.join(SOON)
+            code = 0 if not t.is_alive() else 2
+        finally:
+            os._exit(code)
+    os.close(w)
+    try:
+        assert os.read(r, 1) == b"L"
+        db.write(lambda c: engine_wakeup.notify(c, [queue_channel("c")]))  # type: ignore[attr-defined]
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        os.close(r)
+    flag.set()
+    db.write(lambda c: engine_wakeup.notify(c, [queue_channel("p")]))  # type: ignore[attr-defined]
+    parent_waiter.join(SOON)
+    assert not parent_waiter.is_alive()  # the parent's listener still works
+
+
+def test_a_channel_stays_listened_a_while_after_its_last_waiter(
+    pg_store: coord.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from coord.backend.postgresql import listen
+
+    monkeypatch.setattr(listen, "LINGER", 1.0)
+    engine_wakeup = pg_store.backend.wakeup
+    listener = engine_wakeup.listener  # type: ignore[attr-defined]
+    engine_wakeup.wait_for(lambda: None, 2.0, channels=[queue_channel("brief")])
+    assert listener.listening(queue_channel("brief"))  # kept for the next wait
+    deadline = time.monotonic() + listen.PING_INTERVAL + 10
+    while listener.listening(queue_channel("brief")):
+        assert time.monotonic() < deadline, "never UNLISTENed"
+        time.sleep(0.05)

@@ -8,6 +8,9 @@ the database. Until a waiter's channels are LISTENed on the current connection i
 so (``Interest.listening`` is False) and polls at the short interval; a waiter is poked
 when the connection is lost, so that it starts doing so at once.
 
+A channel stays LISTENed ``LINGER`` seconds after its last waiter left, so a waiter that
+loops (a requester, a worker) costs no LISTEN/UNLISTEN per wait.
+
 The thread owns its connection alone (psycopg holds a connection's lock while it waits for
 notifications): other threads only change the set of wanted channels and wake the thread
 through a pipe. A connection that stays silent is pinged now and then, so a half-open one
@@ -21,6 +24,8 @@ import hashlib
 import os
 import select
 import threading
+import time
+import weakref
 from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
@@ -34,6 +39,8 @@ if TYPE_CHECKING:
 
 #: Seconds of silence after which the thread pings its connection.
 PING_INTERVAL = 5.0
+#: Seconds a channel nobody waits on any more stays LISTENed.
+LINGER = 10.0
 #: Longest pause between two attempts to reconnect (seconds); the first is at once.
 RECONNECT_MAX = 2.0
 #: PostgreSQL truncates identifiers (so channel names) at 63 bytes.
@@ -47,6 +54,19 @@ def channel_name(schema: str, channel: str) -> str:
     if len(name.encode()) <= _NAME_MAX:
         return name
     return "coord#" + hashlib.sha256(name.encode()).hexdigest()[:40]
+
+
+# Every listener of this process, for the after-fork hook.
+_LISTENERS: weakref.WeakSet[Listener] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # The thread is not inherited, and its lock may have been held by it at the fork.
+    for listener in list(_LISTENERS):
+        listener._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _pipe() -> tuple[int, int]:
@@ -93,6 +113,7 @@ class Listener:
         self._lock = threading.Lock()
         self._interests: dict[str, set[Interest]] = {}  # server channel -> waiters
         self._listening: set[str] = set()  # channels LISTENed on the current connection
+        self._unwanted_since: dict[str, float] = {}  # LISTENed, nobody waiting: since when
         self._wake_r, self._wake_w = _pipe()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
@@ -101,6 +122,18 @@ class Listener:
         self.backend_pid: int | None = None
         #: How many times the connection was (re)made.
         self.connects = 0
+        _LISTENERS.add(self)
+
+    def _forked(self) -> None:
+        # The parent's waiters and connection are not this process's: start afresh.
+        self._lock = threading.Lock()
+        self._interests = {}
+        self._listening = set()
+        self._unwanted_since = {}
+        self._thread = None
+        self._pid = os.getpid()
+        self.backend_pid = None
+        self._wake_r, self._wake_w = _pipe()
 
     # -- waiters' side ----------------------------------------------------------------------
 
@@ -140,14 +173,7 @@ class Listener:
             t.join(5)
 
     def _start(self) -> None:
-        # Called under the lock. A forked child inherits neither the thread nor the right
-        # to use the connection: it starts its own.
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            self._thread = None
-            self._listening = set()
-            self.backend_pid = None
-            self._wake_r, self._wake_w = _pipe()
+        # Called under the lock (a forked child was reset by the after-fork hook).
         if self._stop or (self._thread is not None and self._thread.is_alive()):
             return
         self._thread = threading.Thread(target=self._run, name="coord-listen", daemon=True)
@@ -193,6 +219,7 @@ class Listener:
     def _lost(self, conn: Conn) -> None:
         with self._lock:
             self._listening = set()
+            self._unwanted_since = {}
             for its in self._interests.values():
                 for it in its:
                     it.listening = False
@@ -221,14 +248,23 @@ class Listener:
         new = wanted - self._listening
         for n in sorted(new):
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(n)))
+        # A channel nobody waits on stays LISTENed a while: a waiter looping on it (a
+        # requester, a worker) would otherwise cost a LISTEN and an UNLISTEN per wait.
+        now = time.monotonic()
+        for n in wanted:
+            self._unwanted_since.pop(n, None)
+        dropped = set()
         for n in sorted(self._listening - wanted):
-            conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(n)))
+            if now - self._unwanted_since.setdefault(n, now) >= LINGER:
+                conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(n)))
+                del self._unwanted_since[n]
+                dropped.add(n)
         with self._lock:
-            self._listening = wanted
+            self._listening = (self._listening | wanted) - dropped
             for its in self._interests.values():
                 for it in its:
-                    if everyone or (not it.listening and it.names <= wanted):
-                        it.listening = it.names <= wanted
+                    if everyone or (not it.listening and it.names <= self._listening):
+                        it.listening = it.names <= self._listening
                         # What committed before the LISTEN sent no hint we heard: look.
                         it.poke()
 
