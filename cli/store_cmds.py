@@ -57,14 +57,9 @@ def sql(
     if as_json and as_csv:
         usage("choose one of --json and --csv")
     s = store(ctx)
-    if s.engine == "postgresql":
-        from coord.backend.postgresql import adhoc as pg_adhoc
+    from coord.adhoc import run_readonly_all
 
-        results = pg_adhoc.run_readonly_all(s, query)
-    else:
-        from coord.adhoc import run_readonly_all
-
-        results = run_readonly_all(s, query)
+    results = run_readonly_all(s, query)
     for n, (cols, rows) in enumerate(results):
         if as_json:  # one array per statement: one line each (JSON lines)
             emit_json([dict(zip(cols, r, strict=True)) for r in rows])

@@ -206,3 +206,17 @@ def run_readonly_all(store: Store, query: str, *,
                 return [(cols, rows)]
     finally:
         db.discard(conn)
+
+
+class PgAdhoc:
+    """``coord.backend.AdhocOps`` on PostgreSQL (see the module docstring). Bound
+    parameters are not taken: one query, checked as written."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    def run(self, query: str, params: tuple[Any, ...] = ()) -> list[Result]:
+        if params:
+            raise InvalidArgument("parameters are not taken on PostgreSQL: write the values "
+                                  "into the query")
+        return run_readonly_all(self._store, query)

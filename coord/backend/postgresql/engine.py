@@ -1,11 +1,11 @@
 """The PostgreSQL engine bound to one store: its services and its operations per
-capability. An operation not yet written for this engine raises ``NotImplementedError``
-naming it, never a wrong answer."""
+capability."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING
 
+from .adhoc import PgAdhoc
 from .checks import PgChecks
 from .clock import ServerClock
 from .connection import PgDb
@@ -16,7 +16,7 @@ from .kv import PgKv
 from .leases import PgLeases
 from .liveness import PgLiveness
 from .messages import PgMessages
-from .opening import open_schema
+from .opening import PgMeta, open_schema
 from .processes import PgProcesses
 from .queues import PgQueues
 from .trees import PgTrees
@@ -25,19 +25,6 @@ from .wakeup import PgWakeup
 if TYPE_CHECKING:
     from ...db import Store
     from .url import PgLocation
-
-
-class NotYet:
-    """A capability whose operations are not yet written for PostgreSQL."""
-
-    def __init__(self, capability: str) -> None:
-        self._capability = capability
-
-    def __getattr__(self, name: str) -> Any:
-        def missing(*args: Any, **kwargs: Any) -> NoReturn:
-            raise NotImplementedError(
-                f"{self._capability}.{name} is not available on PostgreSQL yet")
-        return missing
 
 
 
@@ -61,8 +48,8 @@ class PostgresBackend:
         self.processes = PgProcesses(self.db)
         self.checks = PgChecks(self.db)
         self.queues = PgQueues(self.db)
-        self.meta: Any = NotYet("meta")
-        self.adhoc: Any = NotYet("adhoc")
+        self.meta = PgMeta(self.db)
+        self.adhoc = PgAdhoc(store)
 
     def open(self) -> None:
         open_schema(self.db)

@@ -172,3 +172,20 @@ def server_epoch(c: Conn) -> str:
         "extract(epoch FROM pg_postmaster_start_time())::text AS started").fetchone()
     assert row is not None
     return f"{row['started']}/{row['token']}"
+
+
+class PgMeta:
+    """``coord.backend.MetaOps``: this engine's ladder (``schema/postgresql/``) for one
+    deployment."""
+
+    def __init__(self, db: PgDb) -> None:
+        self._db = db
+
+    def migrate(self) -> None:
+        open_schema(self._db)
+
+    def version(self) -> int:
+        return schema_version(self._db.conn())
+
+    def latest(self) -> int:
+        return latest_version()
