@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from conftest import move_server_clock, reap_children, wait_until
+from conftest import ManualClock, move_server_clock, reap_children, wait_until
 from contract_engines import fresh_schema
 from pg_fixtures import import_psycopg
 
@@ -215,3 +215,26 @@ def test_before_anyone_notices_a_server_clock_step_every_heartbeat_looks_old(
     finally:
         coord.instances.close_all()
         owner.close()
+
+
+def test_a_manual_clock_that_moves_the_server_clock_with_it_is_no_step(url: str) -> None:
+    """The contract suite's manual clock (``cstore``) moves ``coord_now()`` along with the
+    store's own clock, and stands still while real time passes: neither is a step."""
+    clock = ManualClock()
+    s = coord.Store(url, clock=Clock(mono=clock.mono, wall=clock.wall))
+    clock.moved.append(lambda step: move_server_clock(s, step))
+    try:
+        inst = coord.register(s, "manual", app="clocks", ttl=10.0, heartbeat=False,
+                              handle_signals=False)
+        s.backend.clock.now()
+        clock.now += 4.0
+        time.sleep(1.5)
+        assert verdict(s, "manual")[1] == "alive"
+        clock.now += 5.0  # 10.5 s and more since its heartbeat, on the server's clock
+        assert verdict(s, "manual")[1] == "hung"
+        assert not events(s, "clock stepped")
+        assert s.backend.clock.held_since is None  # type: ignore[attr-defined]
+        inst.close()
+    finally:
+        coord.instances.close_all()
+        s.close()

@@ -48,9 +48,13 @@ class ServerClock:
     def __init__(self, db: PgDb, mono: Callable[[], float] = SYSTEM.mono) -> None:
         self._db = db
         self._mono = mono
+        # An injected clock (a test's manual clock) may stand still while real time passes,
+        # and the server's clock with it: real time then counts as well.
+        self._real = None if mono is SYSTEM.mono else SYSTEM.mono
         self._lock = threading.Lock()
-        # (own clock before the call, server's reading, own clock after) of the last reading.
-        self._last: tuple[float, float, float] | None = None
+        # (own clock before the call, server's reading, own clock after, real clock after)
+        # of the last reading.
+        self._last: tuple[float, float, float, float] | None = None
         #: The server's reading at the last step seen (by any process since the server's
         #: start), or None: heartbeats older than it are judged from it.
         self.held_since: float | None = None
@@ -69,10 +73,11 @@ class ServerClock:
         """Compare a reading of ``coord_now()`` taken by a call that ran between ``before``
         and ``after`` on this store's monotonic clock with the previous one; record a step.
         Any statement that returns ``coord_now()`` can feed it (a heartbeat, for one)."""
+        real = self._real() if self._real is not None else 0.0
         with self._lock:
-            last, self._last = self._last, (before, now, after)
+            last, self._last = self._last, (before, now, after, real)
         if last is not None:
-            step = (now - last[1]) - (after - last[0])
+            step = (now - last[1]) - (after - last[0]) - (real - last[3])
             if step > STEP_TOLERANCE:
                 self.held_since = self._db.write(lambda c: self._hold(c, step))
 
