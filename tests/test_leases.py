@@ -438,7 +438,8 @@ def test_a_renewal_stuck_in_the_driver_does_not_delay_the_step_down(
         # The renewing thread waits on the lock (for SQLite's busy timeout, 5 s; on
         # PostgreSQL until unblocked); the deadline still holds (a margin for a busy machine).
         assert lease.lost.wait(timeout=lease.deadline_span + 4.0)
-        assert seen and seen[0] - t0 <= lease.deadline_span + 2.0
+        wait_until(lambda: seen, timeout=2)  # the callbacks run just after the event is set
+        assert seen[0] - t0 <= lease.deadline_span + 2.0
         assert lease.lost_reason == "renew deadline passed" and not lease.held
     finally:
         unblock()
