@@ -4,6 +4,7 @@ same transaction, and a holder whose term is over cannot write — not even once
 
 from __future__ import annotations
 
+import engine_sql
 import pytest
 
 import coord
@@ -51,3 +52,21 @@ def test_a_holder_whose_lease_was_lost_can_no_longer_set(store: coord.Store) -> 
     with pytest.raises(LeaseLost):
         la.set("fence/k", 2)
     assert not la.held and kv.get(store, "fence/k").value == 1
+
+
+def test_fenced_statements_in_the_engines_own_sql(store: coord.Store) -> None:
+    # PostgreSQL's placeholders are %s, SQLite's ?; a statement without parameters runs as
+    # written (a literal % included) on both.
+    a = coord.register(store, "fs", app="t")
+    lease = acquire(a, "fence/sql")
+    mark = "%s" if store.engine == "postgresql" else "?"
+    upsert = ("INSERT INTO meta (key, value) VALUES ('fence/m', {}) "
+              "ON CONFLICT (key) DO UPDATE SET value = excluded.value RETURNING value")
+    assert lease.write(upsert.format(mark), ("one",)) == [{"value": "one"}]
+    assert lease.write("SELECT value FROM meta WHERE key LIKE 'fence/%'") == [{"value": "one"}]
+    assert lease.write("UPDATE meta SET value = 'two' WHERE key = 'fence/m'") == []
+    term = lease.term
+    lease.release()
+    with pytest.raises(LeaseLost):
+        coord.leases.fenced_write(store, "fence/sql", term, upsert.format(mark), ("late",))
+    assert engine_sql.value(store, "SELECT value FROM meta WHERE key = 'fence/m'") == "two"
