@@ -464,6 +464,7 @@ def test_racing_first_takes_of_a_new_lease_have_one_winner(db_path: Path,
 
     def take(i: int) -> None:
         s = coord.Store(db_path)
+        inst = None
         try:
             inst = coord.register(s, f"racer-{i}", app="t", heartbeat=False,
                                   handle_signals=False)
@@ -473,9 +474,12 @@ def test_racing_first_takes_of_a_new_lease_have_one_winner(db_path: Path,
                 lost.append(inst.id)
             else:
                 won.append(lease.term)
+            start.wait(10)  # nobody leaves (freeing what it holds) before all have tried
         except BaseException as e:  # reported below: a thread's failure must fail the test
             errors.append(e)
         finally:
+            if inst is not None:
+                inst.close()
             s.close()
 
     threads = [threading.Thread(target=take, args=(i,)) for i in range(n)]
