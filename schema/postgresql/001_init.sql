@@ -192,6 +192,11 @@ CREATE INDEX jobs_state ON jobs (queue, state);
 CREATE UNIQUE INDEX jobs_dedupe ON jobs (queue, dedupe_key) WHERE dedupe_key IS NOT NULL;
 CREATE UNIQUE INDEX jobs_token ON jobs (claim_token) WHERE claim_token IS NOT NULL;
 
+-- Whether a text is JSON (payload checks; PostgreSQL 15 has no IS JSON).
+CREATE FUNCTION coord_is_json(t text) RETURNS boolean
+    LANGUAGE plpgsql IMMUTABLE
+    AS $$ BEGIN PERFORM t::json; RETURN true; EXCEPTION WHEN data_exception THEN RETURN false; END $$;
+
 -- Envelopes between instances: messages, requests and their replies. expires_mono is the
 -- server's clock; delivered_incarnation is who was given it (re-offered if that one dies).
 CREATE TABLE messages (
@@ -228,11 +233,6 @@ CREATE TABLE kv (
     CHECK ((owner_id IS NULL) = (owner_incarnation IS NULL))
 );
 CREATE INDEX kv_owner ON kv (owner_id, owner_incarnation) WHERE owner_id IS NOT NULL;
-
--- Whether a text is valid JSON (the checker's test of kv values; SQLite's json_valid).
-CREATE FUNCTION json_valid(doc text) RETURNS boolean
-    LANGUAGE plpgsql IMMUTABLE
-    AS $$ BEGIN PERFORM doc::json; RETURN true; EXCEPTION WHEN others THEN RETURN false; END $$;
 
 -- The bounded history of what happened (trimmed by the reaper).
 CREATE TABLE events (
