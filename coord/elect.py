@@ -117,10 +117,14 @@ def run_elected(
     if wait is not None and wait < 0:
         raise InvalidArgument(f"--wait must not be negative, got {wait}")
     grace = store.config.kill_grace if grace is None else grace
-    # CMD's tree must be ended on the holder's own deadline before anyone may take over.
-    store.config.check_step_down(store.config.lease_ttl if ttl is None else ttl, grace)
     env = dict(os.environ, COORD_DB=store.address, COORD_LEASE_NAME=name)
     check_runnable(argv, env)
+    # CMD's tree must be ended on the holder's own deadline before anyone may take over, and
+    # on PostgreSQL before the server ends a silent session (its timeouts follow the
+    # instance TTL).
+    server = store.config.instance_ttl if store.engine == "postgresql" else None
+    store.config.check_step_down(store.config.lease_ttl if ttl is None else ttl, grace,
+                                 server_timeout=server)
 
     cancel = threading.Event()
     inst_box: list[Instance] = []

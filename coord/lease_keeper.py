@@ -106,7 +106,8 @@ class Lease:
         return self.write_many([(sql, params)])[0]
 
     def write_many(self, statements: Sequence[tuple[str, tuple[Any, ...] | dict[str, Any]]]) -> list[list[Row]]:
-        """Several fenced statements in one transaction (engine-specific: SQLite's SQL)."""
+        """Several fenced statements in one transaction (engine-specific: SQLite's SQL with
+        ``?``, PostgreSQL's with ``%s``)."""
         return self._fenced(lambda: fenced_batch(self.store, self.name, self.term, statements))
 
     def set(self, key: str, value: Any, *, owner: kv.Owner | None = None) -> int:

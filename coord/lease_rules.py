@@ -168,7 +168,8 @@ def fenced_write(
 ) -> list[Row]:
     """Run one SQL statement only while ``term`` is the current, unexpired term of ``name``,
     in the same transaction; returns its rows. Raises ``LeaseLost(name, term)`` otherwise.
-    The statement is the engine's (SQLite SQL here): for what every engine can do, use the
+    The statement is the engine's (SQLite's SQL with ``?``, PostgreSQL's with ``%s``; no
+    parameters: run as written): for what every engine can do, use the
     typed fenced operations (``kv.set``/``kv.cas`` with ``fence=``, ``Lease.set``/``cas``)."""
     return fenced_batch(store, name, term, [(sql, params)])[0]
 
@@ -178,7 +179,7 @@ def fenced_batch(
     statements: Sequence[tuple[str, tuple[Any, ...] | dict[str, Any]]],
 ) -> list[list[Row]]:
     """Run several statements in one transaction, only while ``term`` is current.
-    Engine-specific (SQLite's SQL): ``kv.set``/``kv.cas`` with ``fence=`` work on every
+    Engine-specific (the engine's own SQL): ``kv.set``/``kv.cas`` with ``fence=`` work on every
     engine."""
     return store.backend.leases.fenced(name, term, statements)
 

@@ -4,6 +4,7 @@ same transaction, and a holder whose term is over cannot write — not even once
 
 from __future__ import annotations
 
+import engine_sql
 import pytest
 
 import coord
@@ -51,3 +52,57 @@ def test_a_holder_whose_lease_was_lost_can_no_longer_set(store: coord.Store) -> 
     with pytest.raises(LeaseLost):
         la.set("fence/k", 2)
     assert not la.held and kv.get(store, "fence/k").value == 1
+
+
+def test_fenced_statements_in_the_engines_own_sql(store: coord.Store) -> None:
+    # PostgreSQL's placeholders are %s, SQLite's ?; a statement without parameters runs as
+    # written (a literal % included) on both.
+    a = coord.register(store, "fs", app="t")
+    lease = acquire(a, "fence/sql")
+    mark = "%s" if store.engine == "postgresql" else "?"
+    upsert = ("INSERT INTO meta (key, value) VALUES ('fence/m', {}) "
+              "ON CONFLICT (key) DO UPDATE SET value = excluded.value RETURNING value")
+    assert lease.write(upsert.format(mark), ("one",)) == [{"value": "one"}]
+    assert lease.write("SELECT value FROM meta WHERE key LIKE 'fence/%'") == [{"value": "one"}]
+    assert lease.write("UPDATE meta SET value = 'two' WHERE key = 'fence/m'") == []
+    term = lease.term
+    lease.release()
+    with pytest.raises(LeaseLost):
+        coord.leases.fenced_write(store, "fence/sql", term, upsert.format(mark), ("late",))
+    assert engine_sql.value(store, "SELECT value FROM meta WHERE key = 'fence/m'") == "two"
+
+
+def test_a_fenced_write_racing_the_takeover_never_lands_after_it(fast_store: coord.Store) -> None:
+    # The old holder writes as fast as it can, checked by the store alone (no local
+    # deadline), while the next holder waits out the TTL and takes over: every write of the
+    # old term committed before the new term began, none after.
+    import threading
+    from types import SimpleNamespace
+
+    a = coord.register(fast_store, "fr-a", app="t")
+    b = coord.register(fast_store, "fr-b", app="t")
+    la = acquire(a, "fence/race", renew=False, ttl=0.5)
+    fence = SimpleNamespace(name=la.name, term=la.term)
+    wrote: list[int] = []
+    stop = threading.Event()
+
+    def hammer() -> None:
+        n = 0
+        while not stop.is_set():
+            try:
+                wrote.append(kv.set(fast_store, "fence/race/v", {"by": "a", "n": n}, fence=fence))
+            except LeaseLost:
+                return
+            n += 1
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    lb = acquire(b, "fence/race", timeout=10)
+    vb = lb.set("fence/race/v", {"by": "b"})
+    stop.set()
+    t.join(30)
+    assert wrote and max(wrote) < vb
+    assert kv.get(fast_store, "fence/race/v").value == {"by": "b"}
+    with pytest.raises(LeaseLost):
+        kv.set(fast_store, "fence/race/v", {"by": "a", "late": True}, fence=fence)
+    lb.release()

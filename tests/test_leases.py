@@ -438,7 +438,8 @@ def test_a_renewal_stuck_in_the_driver_does_not_delay_the_step_down(
         # The renewing thread waits on the lock (for SQLite's busy timeout, 5 s; on
         # PostgreSQL until unblocked); the deadline still holds (a margin for a busy machine).
         assert lease.lost.wait(timeout=lease.deadline_span + 4.0)
-        assert seen and seen[0] - t0 <= lease.deadline_span + 2.0
+        wait_until(lambda: seen, timeout=2)  # the callbacks run just after the event is set
+        assert seen[0] - t0 <= lease.deadline_span + 2.0
         assert lease.lost_reason == "renew deadline passed" and not lease.held
     finally:
         unblock()
@@ -449,3 +450,44 @@ def test_a_renewal_stuck_in_the_driver_does_not_delay_the_step_down(
         timeout=20)
     assert engine_sql.value(fast_store, "SELECT reason FROM lease_terms "
                             "WHERE name = 'stuck/renew'") in ("stepped down", "expired")
+
+
+def test_racing_first_takes_of_a_new_lease_have_one_winner(db_path: Path,
+                                                           store: coord.Store) -> None:
+    # Takers of a lease nobody ever held, all at once, each its own store and instance:
+    # one term, one holder, one history row.
+    n = 6
+    start = threading.Barrier(n)
+    won: list[int] = []
+    lost: list[str] = []
+    errors: list[BaseException] = []
+
+    def take(i: int) -> None:
+        s = coord.Store(db_path)
+        inst = None
+        try:
+            inst = coord.register(s, f"racer-{i}", app="t", heartbeat=False,
+                                  handle_signals=False)
+            start.wait(10)
+            lease = try_acquire(inst, "race/new", renew=False)
+            if lease is None:
+                lost.append(inst.id)
+            else:
+                won.append(lease.term)
+            start.wait(10)  # nobody leaves (freeing what it holds) before all have tried
+        except BaseException as e:  # reported below: a thread's failure must fail the test
+            errors.append(e)
+        finally:
+            if inst is not None:
+                inst.close()
+            s.close()
+
+    threads = [threading.Thread(target=take, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    assert len(won) == 1 and len(lost) == n - 1, (won, lost)
+    rows = engine_sql.rows(store, "SELECT term FROM lease_terms WHERE name = 'race/new'")
+    assert [r["term"] for r in rows] == won

@@ -58,3 +58,14 @@ def test_elect_and_lock_refuse_such_timings_before_running(db_path: object) -> N
     r = run_cli(db_path, "elect", "t/x", "--ttl", "8", "--grace", "0.5", "--",  # type: ignore[arg-type]
                 "sh", "-c", "echo ran")
     assert r.returncode == 0 and r.stdout.strip() == "ran", r.stderr
+
+
+def test_on_postgresql_the_instance_ttl_is_the_server_timeout(db_path: object,
+                                                               engine: str) -> None:
+    # The liveness session's server-side timeouts follow the instance TTL there.
+    env = coord_env(db_path, COORD_INSTANCE_TTL="5")  # type: ignore[arg-type]
+    r = run_cli(db_path, "elect", "t/z", "--", "sh", "-c", "echo ran", env=env)  # type: ignore[arg-type]
+    if engine == "postgresql":
+        assert r.returncode != 0 and "server timeout" in r.stderr and "ran" not in r.stdout
+    else:
+        assert r.returncode == 0 and r.stdout.strip() == "ran", r.stderr

@@ -450,8 +450,8 @@ class LeaseOps(Protocol):
     def fenced(self, name: str, term: int,
                statements: Sequence[tuple[str, tuple[Any, ...] | dict[str, Any]]]
                ) -> list[list[Row]]:
-        """Engine-specific statements (SQLite: SQL) in one transaction, only while ``term``
-        is current, else ``LeaseLost``."""
+        """Engine-specific statements (SQLite: SQL with ``?``; PostgreSQL: SQL with ``%s``)
+        in one transaction, only while ``term`` is current, else ``LeaseLost``."""
         ...
 
     def fenced_kv_set(self, name: str, term: int, key: str, value: str,

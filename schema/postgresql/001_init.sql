@@ -243,11 +243,6 @@ CREATE TABLE kv (
 );
 CREATE INDEX kv_owner ON kv (owner_id, owner_incarnation) WHERE owner_id IS NOT NULL;
 
--- Whether a text is valid JSON (the checker's test of kv values; SQLite's json_valid).
-CREATE FUNCTION json_valid(doc text) RETURNS boolean
-    LANGUAGE plpgsql IMMUTABLE
-    AS $$ BEGIN PERFORM doc::json; RETURN true; EXCEPTION WHEN others THEN RETURN false; END $$;
-
 -- The bounded history of what happened (trimmed by the reaper).
 CREATE TABLE events (
     id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,

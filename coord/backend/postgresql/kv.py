@@ -87,7 +87,7 @@ class PgKv:
         for r in db.rows("SELECT version, string_agg(key, ', ' ORDER BY key COLLATE \"C\") "
                          "AS keys FROM kv GROUP BY version HAVING count(*) > 1"):
             out.append(Problem(f"keys {r['keys']} share version {r['version']}"))
-        for r in db.rows('SELECT key FROM kv WHERE NOT json_valid(value) ORDER BY key COLLATE "C"'):
+        for r in db.rows('SELECT key FROM kv WHERE NOT coord_is_json(value) ORDER BY key COLLATE "C"'):
             out.append(Problem(f"key {r['key']!r}: value is not valid JSON"))
         for r in db.rows('SELECT key FROM kv WHERE updated_at < created_at ORDER BY key COLLATE "C"'):
             out.append(Problem(f"key {r['key']!r} was updated before it was created"))

@@ -252,7 +252,8 @@ class PgLeases:
             self._require(c, name, term)
             out: list[list[Row]] = []
             for sql, params in statements:
-                cur = c.execute(sql, params)  # type: ignore[arg-type]
+                # No parameters: the statement is run as written (a literal % stays one).
+                cur = c.execute(sql, params or None)  # type: ignore[arg-type]
                 out.append(cur.fetchall() if cur.description is not None else [])
             return out
 
