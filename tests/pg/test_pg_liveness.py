@@ -239,3 +239,28 @@ def test_another_host_s_instance_is_never_watched_by_pid(pg_store: coord.Store) 
             assert w.pids() == [] and not w.exited() and not w.pinned_alive()
         finally:
             w.close()
+
+
+def test_over_tcp_both_ends_of_the_liveness_session_follow_the_ttl(pg_cluster: Any) -> None:
+    import socket
+
+    with fresh_schema(pg_cluster.tcp_url) as tcp:
+        s = coord.Store(tcp)
+        try:
+            with coord.register(s, "me", app="x", ttl=3.0, heartbeat=False) as inst:
+                proof = s.backend.liveness.by_member(  # type: ignore[attr-defined]
+                    (inst.id, inst.incarnation))
+                server = proof.settings()
+                assert (server["tcp_keepalives_idle"], server["tcp_keepalives_count"],
+                        server["tcp_user_timeout"]) == ("1", "3", "3000")
+                sock = socket.socket(fileno=os.dup(proof._conn.fileno()))
+                try:  # the client's own side: a cut link fails a heartbeat within the TTL
+                    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 1
+                    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 3000
+                finally:
+                    sock.close()
+                # The store's other connections keep the server's defaults.
+                assert sql.value(s, "SHOW tcp_user_timeout") == "0"
+        finally:
+            s.close()

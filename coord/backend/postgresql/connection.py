@@ -110,16 +110,17 @@ class PgDb:
 
     # -- connections ------------------------------------------------------------------------
 
-    def connect(self, **settings: str) -> Conn:
+    def connect(self, *, client: dict[str, Any] | None = None, **settings: str) -> Conn:
         """A new connection in autocommit whose search_path is the deployment's schema alone,
-        with extra session ``settings`` (GUC name → value) applied at connect."""
+        with extra session ``settings`` (GUC name → value) applied at connect and extra libpq
+        ``client`` parameters (e.g. the client's own keepalives)."""
         opts = [f"-c search_path={self.location.schema}"]
         opts += [f"-c {k}={v}" for k, v in settings.items()]
         with translated(self.where):
             conn: Conn = psycopg.connect(
                 self.location.dsn, autocommit=True, row_factory=dict_row,
                 connect_timeout=CONNECT_TIMEOUT, application_name=self._application,
-                options=" ".join(opts))
+                options=" ".join(opts), **(client or {}))
         with _OPEN_LOCK:
             _OPEN.append((os.getpid(), conn))
         return conn
