@@ -13,12 +13,15 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import engine_sql as sql
 import pytest
 from conftest import coord_env, run_cli, stop_outside_a_write, wait_line, wait_until
 
 import coord
 from coord.identity import ProcIdentity, identify, still_running
 from coord.leases import get_lease
+
+pytestmark = pytest.mark.contract
 
 GRACE = 1.0
 COORD = [sys.executable, "-m", "coord"]
@@ -92,7 +95,7 @@ def _tree(db: Path, tmp: Path, procs: list[subprocess.Popen[str]], kind: str,
     assert len(idents) == 3
     store = coord.Store(db)
     daemon = idents[2].pid
-    wait_until(lambda: store.value("SELECT count(*) FROM processes WHERE pid = ? AND tree = 1 "
+    wait_until(lambda: sql.value(store, "SELECT count(*) FROM processes WHERE pid = ? AND tree = 1 "
                                    "AND status = 'running'", (daemon,)), timeout=30)
     store.close()
     return p, idents
@@ -127,7 +130,7 @@ def test_term_to_the_wrapper_ends_the_whole_tree(db_path: Path, tmp_path: Path, 
     assert p.wait(60) == 128 + signal.SIGTERM  # CMD's status: sh ended by TERM
     assert _gone(tree)  # the daemon and the TERM-ignorer too, before the wrapper exited
     store = coord.Store(db_path)
-    assert store.value("SELECT count(*) FROM processes WHERE status = 'running'") == 0
+    assert sql.value(store, "SELECT count(*) FROM processes WHERE status = 'running'") == 0
     assert run_cli(db_path, "orphans", "--json").stdout.strip() == "[]"
     store.close()
 
@@ -194,7 +197,7 @@ def test_sigkill_the_elected_reaper_ends_the_tree(db_path: Path, tmp_path: Path,
     if kind != "run":
         # Proven empty: the lease row lets go of the dead holder's group.
         wait_until(lambda: get_lease(store, f"tree/{kind}").pgid is None, timeout=10)
-    wait_until(lambda: store.value("SELECT count(*) FROM processes WHERE status = 'running' "
+    wait_until(lambda: sql.value(store, "SELECT count(*) FROM processes WHERE status = 'running' "
                                    "AND tree = 1 AND instance_id != 'other'") == 0, timeout=10)
     store.close()
 
@@ -231,7 +234,7 @@ def test_measured_sigkill_of_elect_and_lock(db_path: Path, args: list[str],
                                             leftovers: list[ProcIdentity]) -> None:
     p = _start(db_path, procs, *args, "--", "sh", "-c", "sleep 41; echo done")
     store = coord.Store(db_path)
-    sleep = wait_until(lambda: store.row("SELECT pid, start_token, boot_id FROM processes "
+    sleep = wait_until(lambda: sql.row(store, "SELECT pid, start_token, boot_id FROM processes "
                                          "WHERE name = 'sleep' AND status = 'running'"), timeout=30)
     ident = ProcIdentity(sleep["boot_id"], sleep["pid"], sleep["start_token"])
     leftovers.append(ident)
@@ -349,7 +352,7 @@ def test_a_stopped_holder_past_its_ttl_has_its_tree_ended_by_the_reaper(
         if i is not None]
     leftovers += tree
     store = coord.Store(db_path)
-    wait_until(lambda: store.value("SELECT count(*) FROM processes WHERE pid = ? AND status = "
+    wait_until(lambda: sql.value(store, "SELECT count(*) FROM processes WHERE pid = ? AND status = "
                                    "'running'", (tree[2].pid,)), timeout=30)
     stop_outside_a_write(store, p)
     try:
