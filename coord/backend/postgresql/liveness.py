@@ -142,6 +142,7 @@ class LivenessConnection:
         self._conn: Conn | None = None
         self._lock = threading.Lock()
         self.retaken = 0  # times the lock had to be taken again
+        self.pid = os.getpid()  # a forked child must never use this session
         try:
             self._connect()
         except BaseException:
@@ -302,9 +303,12 @@ class PgLiveness:
             return self._proofs.get(where)
 
     def by_member(self, member: Member) -> LivenessConnection | None:
-        """This process's proof for that registration, if it is one of ours."""
+        """This process's proof for that registration, if it is one of ours (not one
+        inherited across fork: its session is the parent's)."""
+        pid = os.getpid()
         with self._proofs_lock:
-            return next((p for p in self._proofs.values() if p.member == member), None)
+            return next((p for p in self._proofs.values()
+                         if p.member == member and p.pid == pid), None)
 
     def _drop(self, proof: LivenessConnection) -> None:
         with self._proofs_lock:
