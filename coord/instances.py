@@ -357,7 +357,7 @@ def register(
         raise InvalidArgument(f"ttl must be positive, got {ttl}")
     token = secrets.token_hex(8)
     backend = store.backend
-    proof = backend.liveness.prove(token)
+    proof = backend.liveness.prove(token, ttl)
     nudge_path = nudge.socket_path(str(store.side_dir("sock") / f"{token}.sock"))
     try:
         sock = nudge.bind(nudge_path)

@@ -175,9 +175,10 @@ class Liveness(Protocol):
         engine's clock; None when its stamp is not comparable (SQLite: another boot)."""
         ...
 
-    def prove(self, token: str) -> Proof:
+    def prove(self, token: str, ttl: float = 15.0) -> Proof:
         """Start proving that this process lives, for a registration about to be made
-        (``token`` names it uniquely); held until the ``Proof`` is released."""
+        (``token`` names it uniquely; ``ttl`` is its TTL, which may bound what proves it);
+        held until the ``Proof`` is released."""
         ...
 
     def forget(self, rows: Iterable[Row]) -> None:

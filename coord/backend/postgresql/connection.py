@@ -134,20 +134,23 @@ class PgDb:
 
     # -- connections ------------------------------------------------------------------------
 
-    def connect(self, **settings: str) -> Conn:
+    def connect(self, *, client: dict[str, Any] | None = None, **settings: str) -> Conn:
         """A new connection in autocommit whose search_path is the deployment's schema alone,
-        with extra session ``settings`` (GUC name → value) applied at connect."""
+        with extra session ``settings`` (GUC name → value) applied at connect and extra libpq
+        ``client`` parameters (e.g. the client's own keepalives), which win over the
+        defaults."""
         # Set by a statement, not the startup packet's ``options``: PgBouncer refuses
         # connections that send ``options`` ("unsupported startup parameter"), and a
         # session-mode pool in front of the server is a supported deployment.
         gucs = {"search_path": self.location.schema, **SERVER_TIMEOUTS, **settings}
         with translated(self.where):
             given = conninfo_to_dict(self.location.dsn)
-            client: dict[str, Any] = {k: v for k, v in CLIENT_TIMEOUTS.items()
+            params: dict[str, Any] = {k: v for k, v in CLIENT_TIMEOUTS.items()
                                       if k not in given}
+            params.update(client or {})
             conn: Conn = psycopg.connect(
                 self.location.dsn, autocommit=True, row_factory=dict_row,
-                connect_timeout=CONNECT_TIMEOUT, application_name=self._application, **client)
+                connect_timeout=CONNECT_TIMEOUT, application_name=self._application, **params)
             try:
                 conn.execute("SELECT " + ", ".join(["set_config(%s, %s, false)"] * len(gucs)),
                              [x for kv in gucs.items() for x in kv])

@@ -27,7 +27,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ...clock import boot_id
 from ...identity import DEAD_STATES, FREE, ProcIdentity, pid_namespace, still_running
@@ -120,23 +120,34 @@ def session_settings(ttl: float) -> dict[str, str]:
     }
 
 
+def client_settings(ttl: float) -> dict[str, Any]:
+    """The same bounds on the client's side of a liveness connection (libpq parameters), so
+    a heartbeat on a cut link fails within about the TTL instead of blocking in the driver
+    for the kernel's retransmission timeout (many minutes)."""
+    ttl = max(ttl, 1.0)
+    third = min(_INT_MAX, max(1, int(ttl / 3)))
+    return {"keepalives": 1, "keepalives_idle": third, "keepalives_interval": third,
+            "keepalives_count": 3, "tcp_user_timeout": min(_INT_MAX, int(ttl * 1000))}
+
+
 class LivenessConnection:
     """``coord.backend.Proof`` on PostgreSQL: the host-local lock file (``where``) and a
     dedicated server connection holding the registration's session advisory lock, on which
     the instance heartbeats."""
 
     def __init__(self, db: PgDb, token: str, where: str,
-                 on_release: Callable[[LivenessConnection], None]) -> None:
+                 on_release: Callable[[LivenessConnection], None], ttl: float) -> None:
         self._db = db
         self._on_release = on_release
         self._token = token
         self._local = LockProof(where)
         self.where = where
-        self.ttl = 15.0
+        self.ttl = ttl
         self.member: Member | None = None
         self._conn: Conn | None = None
         self._lock = threading.Lock()
         self.retaken = 0  # times the lock had to be taken again
+        self.pid = os.getpid()  # a forked child must never use this session
         try:
             self._connect()
         except BaseException:
@@ -156,7 +167,7 @@ class LivenessConnection:
 
     def _connect(self) -> bool:
         """(Re)open the connection and take the lock; whether it was got."""
-        c = self._db.connect(**self._settings())
+        c = self._db.connect(client=client_settings(self.ttl), **self._settings())
         self._conn = c
         if self.member is not None:
             self._name(c)
@@ -284,9 +295,10 @@ class PgLiveness:
         assert isinstance(look, Probe) and look.now is not None
         return float(look.now - row["heartbeat_mono"])
 
-    def prove(self, token: str) -> LivenessConnection:
+    def prove(self, token: str, ttl: float = 15.0) -> LivenessConnection:
         proof = LivenessConnection(
-            self._db, token, str(self._store.side_dir("locks") / f"{token}.lock"), self._drop)
+            self._db, token, str(self._store.side_dir("locks") / f"{token}.lock"), self._drop,
+            ttl)
         with self._proofs_lock:
             self._proofs[proof.where] = proof
         return proof
@@ -297,9 +309,12 @@ class PgLiveness:
             return self._proofs.get(where)
 
     def by_member(self, member: Member) -> LivenessConnection | None:
-        """This process's proof for that registration, if it is one of ours."""
+        """This process's proof for that registration, if it is one of ours (not one
+        inherited across fork: its session is the parent's)."""
+        pid = os.getpid()
         with self._proofs_lock:
-            return next((p for p in self._proofs.values() if p.member == member), None)
+            return next((p for p in self._proofs.values()
+                         if p.member == member and p.pid == pid), None)
 
     def _drop(self, proof: LivenessConnection) -> None:
         with self._proofs_lock:

@@ -197,7 +197,7 @@ class SqliteLiveness:
         assert isinstance(look, Probe) and look.now is not None
         return look.now - row["heartbeat_mono"] if row["boot_id"] == look.boot_id else None
 
-    def prove(self, token: str) -> LockProof:
+    def prove(self, token: str, ttl: float = 15.0) -> LockProof:
         return LockProof(str(self._store.side_dir("locks") / f"{token}.lock"))
 
     def forget(self, rows: Iterable[Row]) -> None:
