@@ -79,3 +79,11 @@ def value(store: coord.Store, sql: str, params: tuple[Any, ...] = ()) -> Any:
 def expiry_now(store: coord.Store) -> float:
     """The engine's expiry clock now (what *_mono columns are compared with)."""
     return float(store.backend.clock.now())
+
+
+def write_many(store: coord.Store, sql: str, many: Any) -> None:
+    """One statement once per parameter tuple of ``many``, in one transaction."""
+    def go(t: Txn) -> None:
+        for params in many:
+            t(sql, tuple(params))
+    txn(store, go)

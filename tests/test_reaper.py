@@ -246,6 +246,11 @@ def test_events_are_trimmed_by_age(db_path: Path) -> None:
         coord.reap(s)
         left = {(r["kind"], r["instance_id"])
                 for r in sql.rows(s, "SELECT kind, instance_id FROM events")}
+        if s.engine == "postgresql":
+            # Moving the server's clock under a real-clock store is a step it detects and
+            # records (after the step: a new event, kept).
+            assert ("clock stepped", None) in left
+            left.discard(("clock stepped", None))
         assert left == {("joined", "new"), ("left", "new")}
     finally:
         s.close()

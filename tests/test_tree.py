@@ -161,7 +161,7 @@ def test_the_death_watch_holds_more_pidfds_than_select_could(fast_store: coord.S
           'pidns, uid, "user", host, lock_path, ttl, started_at, heartbeat_at, heartbeat_mono) '
           "SELECT * FROM (VALUES " + ", ".join(
               ["(?, ?, 'x', 'alive', ?, ?, ?, ?, 0, 'u', 'h', ?, 3600, ?, ?, ?)"] * len(rows))
-          + ")", tuple(v for r in rows for v in r))
+          + ") AS v", tuple(v for r in rows for v in r))
 
     sql.txn(fast_store, insert)
 

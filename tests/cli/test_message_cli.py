@@ -17,7 +17,7 @@ import pytest
 import typer.main
 from conftest import coord_env, run_cli, wait_until
 from coord.cli.main import app
-from rawsql import needs, sql_value
+from engine_sql import value as sql_value
 
 import coord
 from coord import kv, messages
@@ -298,7 +298,6 @@ def test_the_payload_limit_follows_the_configuration(db_path: Path, store: coord
 
 
 def test_kv_commands(invoke: Invoke, store: coord.Store) -> None:
-    needs(store, "kv")
     r = invoke("kv", "set", "app/port", "8080")
     assert r.exit_code == 0, r.output
     v1 = int(r.stdout)
@@ -331,7 +330,6 @@ def test_kv_commands(invoke: Invoke, store: coord.Store) -> None:
 
 
 def test_kv_ephemeral_needs_and_binds_an_instance(invoke: Invoke, store: coord.Store) -> None:
-    needs(store, "kv")
     inst = coord.register(store, "svc", app="t")
     r = invoke("kv", "set", "svc/port", "7000", "--ephemeral", env=as_("svc"))
     assert r.exit_code == 0, r.output
@@ -345,7 +343,6 @@ def test_kv_ephemeral_needs_and_binds_an_instance(invoke: Invoke, store: coord.S
 
 
 def test_kv_watch(db_path: Path, store: coord.Store, procs: list[Any]) -> None:
-    needs(store, "kv")
     r = run_cli(db_path, "kv", "watch", "w/", "--prefix", "--timeout", "0.2")
     assert r.returncode == 3 and "nothing within 0.2s" in r.stderr
     kv.set(store, "w/before", 0)  # existing state is not a change
@@ -379,7 +376,6 @@ def _readable(p: subprocess.Popen[str]) -> bool:
 
 def test_a_program_under_coord_run_receives_through_the_cli(db_path: Path, store: coord.Store,
                                                             procs: list[Any]) -> None:
-    needs(store, "trees", "processes")
     me = coord.register(store, "sender", app="t")
     p = popen_cli(db_path, "run", "--app", "t", "--instance-id", "shell-1", "--",
                   sys.executable, "-m", "coord", "recv", "--wait", "60", "--json")

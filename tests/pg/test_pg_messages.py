@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 from contract_engines import fresh_schema
+from engine_sql import value as sql_value
 from pg_fixtures import import_psycopg
-from rawsql import sql_value
 
 import coord
 from coord import messages

@@ -18,8 +18,8 @@ from typing import Any
 
 import pytest
 from contract_engines import fresh_schema
+from engine_sql import write_many as sql_write
 from pg_fixtures import import_psycopg
-from rawsql import sql_write
 
 import coord
 from coord import messages
