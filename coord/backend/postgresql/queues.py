@@ -158,8 +158,10 @@ def insert(c: Conn, queue: str, max_depth: int | None, rows: Sequence[NewRow]
     ``queue_row`` when bounded): [(id, added)]. Raises ``QueueFull`` past ``max_depth``."""
     depth = None
     if max_depth is not None:
-        depth = int(scalar(c, "SELECT count(*) AS n FROM jobs WHERE queue = %s "
-                           "AND state IN ('ready', 'claimed')", (queue,)))
+        # Two counts, each in its partial index (jobs_ready, jobs_claimed).
+        depth = int(scalar(c, "SELECT (SELECT count(*) FROM jobs WHERE queue = %(q)s AND "
+                           "state = 'ready') + (SELECT count(*) FROM jobs WHERE queue = %(q)s "
+                           "AND state = 'claimed') AS n", {"q": queue}))
     out: list[tuple[int, bool]] = []
     ready_now = False
     for text, prio, delay, key, max_att, att, state, created, error in rows:
