@@ -24,20 +24,22 @@ for waiting claimers on any host; the nudge sockets still wake this host's waite
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from psycopg import errors as pgerrors
 
 from ...clock import boot_id
-from ...errors import InvalidArgument, NotFound, NotRegistered, PermissionDenied
+from ...errors import InvalidArgument, NotFound, NotRegistered, PermissionDenied, StorageError
 from ..queue_ops import JOB_FIELDS, ImportRow, NewJobRow
-from .connection import Conn, fetch, scalar
+from .connection import RETRIES, Conn, fetch, scalar
 from .death import release_claims
 from .events import log_event
 from .queue_rows import CHANNEL, channel, claim_id, insert, job_state, notify, queue_row
 
 if TYPE_CHECKING:
     from .connection import PgDb, Row
+
+T = TypeVar("T")
 
 #: A job row's columns in ``JOB_FIELDS`` order, then what the engine computes from its clock:
 #: seconds until a ready job is due (0 when due), seconds left on a claim's lease.
@@ -165,7 +167,18 @@ class PgQueues:
                 for text, prio, delay, key, att in rows])
             return [i for i, _ in ids], any(new for _, new in ids), owner
 
-        return self._db.write(txn)
+        return self._into_queue(txn)
+
+    def _into_queue(self, txn: Callable[[Conn], T]) -> T:
+        """A write that puts jobs into a queue it made sure exists: tried again when the
+        queue was deleted meanwhile (a purge of the whole queue committed between that
+        look and the insert's foreign key check), so that it makes the queue anew."""
+        for _ in range(RETRIES):
+            try:
+                return self._db.write(txn)
+            except pgerrors.ForeignKeyViolation:
+                continue
+        raise StorageError(self._db.where, f"queue deleted while put into ({RETRIES} tries)")
 
     def import_jobs(self, queue: str, rows: Sequence[ImportRow], path: str
                     ) -> tuple[list[tuple[int, bool]], str | None]:
@@ -179,7 +192,7 @@ class PgQueues:
                 log_event(c, "queue imported", None, queue, path=path, jobs=added)
             return ids, owner
 
-        return self._db.write(txn)
+        return self._into_queue(txn)
 
     # -- claim ---------------------------------------------------------------------------
 
