@@ -681,11 +681,9 @@ def main(argv: list[str] | None = None) -> int:
             admin.execute(f"drop schema if exists {schema} cascade")
             admin.close()
     run["seconds"] = round(mono() - started, 1)
-    lines = [json.dumps({"section": name, "run": run, "rows": [r.as_dict() for r in rows]})
+    lines = [json.dumps({"section": name, "run": run, "rows": [r.as_dict() for r in rows],
+                         **({"ratios": coord_ratios(results)} if name == "coord_queue" else {})})
              for name, rows in results.items()]
-    if coord_ratios(results):
-        lines.append(json.dumps({"section": "coord_ratios", "run": run,
-                                 "ratios": coord_ratios(results)}))
     if args.json_out:
         Path(args.json_out).write_text("\n".join(lines) + "\n")
     if args.json:
