@@ -7,6 +7,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 
+from psycopg import errors as pgerrors
+
 from ...errors import NotFound, QueueFull
 from .connection import Conn, fetch, scalar
 
@@ -47,17 +49,27 @@ def claim_id(token: str) -> int:
     return int(head) if sep and head.isascii() and head.isdigit() and len(head) < 19 else -1
 
 
-def queue_row(c: Conn, name: str, *, lock: bool = False) -> tuple[str | None, int | None]:
+def queue_row(c: Conn, name: str) -> tuple[str | None, int | None]:
     """(owner, max_depth) of a queue inside the caller's transaction, creating it shared if
-    it does not exist. A bounded queue's row is locked (``lock``: any queue's), so puts that
-    count its depth take turns."""
-    rows = fetch(c, "SELECT owner_id, max_depth FROM queues WHERE name = %s", (name,))
-    if not rows:
+    it does not exist. Its row is locked before any job goes in: ``FOR KEY SHARE`` (what the
+    jobs' foreign key check takes anyway, taken first so that a purge or an adoption holding
+    the row ``FOR UPDATE`` is waited for before any job row is written, not after: no
+    deadlock), and a bounded queue's ``FOR NO KEY UPDATE``, so puts that count its depth
+    take turns."""
+    for _ in range(3):
+        rows = fetch(c, "SELECT owner_id, max_depth FROM queues WHERE name = %s FOR KEY SHARE",
+                     (name,))
+        if rows:
+            break
         c.execute("INSERT INTO queues (name, owner_id, max_depth, created_at) "
                   "VALUES (%s, NULL, NULL, coord_now()) ON CONFLICT (name) DO NOTHING", (name,))
-    if not rows or lock or rows[0]["max_depth"] is not None:
+    else:  # made and deleted again, over and over: the whole write is tried again
+        raise pgerrors.SerializationFailure(f"queue {name!r} kept being deleted")
+    if rows[0]["max_depth"] is not None:
         rows = fetch(c, "SELECT owner_id, max_depth FROM queues WHERE name = %s "
                      "FOR NO KEY UPDATE", (name,))
+        if not rows:
+            raise pgerrors.SerializationFailure(f"queue {name!r} deleted meanwhile")
     return rows[0]["owner_id"], rows[0]["max_depth"]
 
 

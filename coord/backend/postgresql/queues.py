@@ -415,9 +415,14 @@ class PgQueues:
                 assert to_queue is not None
                 if to_queue in names:
                     raise InvalidArgument(f"queue {to_queue!r} is one of the adopted queues")
-                queue_row(c, to_queue)
-                # Locked FOR UPDATE: no insert with a dedupe key races the moves below.
-                c.execute("SELECT 1 FROM queues WHERE name = %s FOR UPDATE", (to_queue,))
+                # Made shared if needed, and locked FOR UPDATE: no insert (with a dedupe key)
+                # into it races the moves below.
+                c.execute("INSERT INTO queues (name, owner_id, max_depth, created_at) "
+                          "VALUES (%s, NULL, NULL, coord_now()) ON CONFLICT (name) DO NOTHING",
+                          (to_queue,))
+                if not fetch(c, "SELECT 1 AS one FROM queues WHERE name = %s FOR UPDATE",
+                             (to_queue,)):
+                    raise pgerrors.SerializationFailure(f"queue {to_queue!r} deleted meanwhile")
                 for name in names:
                     # A job whose dedupe key is already in to_queue stays (as UPDATE OR IGNORE).
                     moved += c.execute(
