@@ -186,8 +186,8 @@ def _job(store: Store, r: Row | tuple[Any, ...], now: float, *, with_token: bool
         avail = float(due_in) if state == "ready" else 0.0
     else:
         avail = available - now if state == "ready" and available > now else 0.0
-    if left is not None:
-        expires = now + float(left)
+    if left is None and expires is not None:
+        left = expires - now
     return Job(
         id=id,
         queue=queue,
@@ -201,7 +201,7 @@ def _job(store: Store, r: Row | tuple[Any, ...], now: float, *, with_token: bool
         instance_id=claimed_by,
         created_at=created_at,
         available_in=avail,
-        expires_in=None if expires is None else expires - now,
+        expires_in=None if left is None else float(left),
         last_error=last_error,
         result=None if result is None else decode(result),
         finished_at=finished_at,

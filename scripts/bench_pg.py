@@ -19,6 +19,11 @@ A benchmark, not a test: nothing here asserts on speed. Sections (SECTIONS, in o
   2. skip_locked: a one-table queue; claim (UPDATE ... WHERE id = (SELECT ... FOR UPDATE
      SKIP LOCKED LIMIT 1) RETURNING) and ack (DELETE by id and claim token) as two
      transactions per job, 1 and 4 consumer processes draining a pre-filled queue.
+  2b. coord_queue: the same work through coord on this server (``coord.queues``: put_many
+     to fill, untimed; claim+ack per job, and claim_many+ack_many by tens), 1 and 4 consumer
+     processes, each a registered instance, in rounds alternating with the raw queue's; with
+     coord's ratio to the raw queue of the same rounds (the issue's target: claim+ack >=
+     0.6x).
   3. advisory_handover: a holder process holds ``pg_advisory_lock(k)``, a waiter blocks on it
      (seen waiting in pg_stat_activity), the holder is SIGKILLed: time until the waiter holds
      it; and the same followed by a committed term bump in a lease row.
@@ -54,7 +59,8 @@ from typing import Any
 SCRIPT = Path(__file__).resolve()
 ROOT = SCRIPT.parents[1]
 
-SECTIONS = ["transactions", "skip_locked", "advisory_handover", "notify", "import"]
+SECTIONS = ["transactions", "skip_locked", "coord_queue", "advisory_handover", "notify",
+            "import"]
 
 SIZES = {
     # transactions per client per round, rounds, queue jobs per round, handover trials,
@@ -144,6 +150,31 @@ def worker_consume(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield {"start": t0, "end": mono(), "n": done}
 
 
+def worker_coord_consume(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    sys.path.insert(0, str(ROOT))
+    import coord
+    from coord import queues
+
+    store = coord.Store(spec["coord_url"])
+    me = coord.register(store, f"bench-consumer-{spec['client']}", app="bench",
+                        handle_signals=False)
+    batch = spec["batch"]
+    yield {"ready": True}
+    while sys.stdin.readline().strip() == "go":
+        done, t0 = 0, mono()
+        if batch == 1:
+            while (job := queues.claim(store, "q", me)) is not None:
+                queues.ack(store, job)
+                done += 1
+        else:
+            while got := queues.claim_many(store, "q", batch, me):
+                queues.ack_many(store, got)
+                done += len(got)
+        yield {"start": t0, "end": mono(), "n": done}
+    me.close()
+    store.close()
+
+
 def worker_holder(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
     conn = _connect(spec)
     conn.execute("select pg_advisory_lock(%s)", (spec["key"],))
@@ -207,7 +238,8 @@ def worker_partitioned(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 WORKERS: dict[str, Callable[[dict[str, Any]], Iterator[dict[str, Any]]]] = {
-    "tx": worker_tx, "consume": worker_consume, "holder": worker_holder,
+    "tx": worker_tx, "consume": worker_consume, "coord_consume": worker_coord_consume,
+    "holder": worker_holder,
     "waiter": worker_waiter, "pong": worker_pong, "partitioned": worker_partitioned,
 }
 
@@ -334,6 +366,79 @@ def section_skip_locked(ctx: Ctx) -> list[Row]:
                 ctx.admin.execute("vacuum jobs")  # untimed: each round starts from a clean table
         rows.append(row)
     return rows
+
+
+def section_coord_queue(ctx: Ctx) -> list[Row]:
+    """coord's queue beside the raw SKIP LOCKED queue, their rounds alternating (a busy
+    moment of the machine falls on both alike): only this section's ratios compare."""
+    sys.path.insert(0, str(ROOT))
+    import coord
+    from coord import queues
+
+    schema = f"{ctx.schema}_coord"  # a deployment of its own beside the raw tables
+    url = f"{ctx.url}{'&' if '?' in ctx.url else '?'}schema={schema}"
+    store = coord.Store(url)
+    ctx.admin.execute("create table if not exists jobs (id bigserial primary key, queue text "
+                      "not null, state text not null default 'ready', token bigint, "
+                      "payload jsonb, claimed_at timestamptz)")
+    ctx.admin.execute("create index if not exists jobs_ready on jobs (queue, id) "
+                      "where state = 'ready'")
+    payloads = [{"i": i} for i in range(ctx.size["jobs"])]
+
+    def raw_round(ws: list[Worker]) -> float:
+        with ctx.admin.cursor() as cur, cur.copy("copy jobs (queue, payload) from stdin") as cp:
+            for p in payloads:
+                cp.write_row(("q", json.dumps(p)))
+        ctx.admin.execute("analyze jobs")
+        rate = _parallel_round(ws)
+        ctx.admin.execute("vacuum jobs")
+        return rate
+
+    def coord_round(ws: list[Worker]) -> float:
+        for i in range(0, len(payloads), 500):
+            queues.put_many(store, "q", payloads[i:i + 500])
+        rate = _parallel_round(ws)
+        st = queues.stats(store, "q")[0]
+        if st.ready or st.claimed or st.done != len(payloads):
+            raise RuntimeError(f"the consumers left {st}")
+        queues.purge(store, "q")  # untimed: each round starts from a clean table
+        ctx.admin.execute(f"vacuum {schema}.jobs")
+        return rate
+
+    rows = []
+    try:
+        for consumers, batch in ((1, 1), (4, 1), (1, 10), (4, 10)):
+            plural = "s" * (consumers > 1)
+            what = "claim+ack" if batch == 1 else f"claim_many+ack_many by {batch}"
+            ours = Row("coord_queue", f"coord {what} ({consumers} consumer{plural})",
+                       ctx.size["jobs"])
+            raw = Row("coord_queue", f"raw SKIP LOCKED claim+ack, same rounds ({consumers} "
+                      f"consumer{plural})", ctx.size["jobs"])
+            with workers(consumers, "coord_consume", coord_url=url, batch=batch) as cws, \
+                    workers(consumers, "consume", **ctx.spec()) as rws:
+                for r in range(ctx.size["rounds"] + 1):
+                    a, b = raw_round(rws), coord_round(cws)
+                    if r:  # round 0 warms up
+                        raw.rates.append(a)
+                        ours.rates.append(b)
+            rows += [raw, ours]
+    finally:
+        coord.instances.close_all()
+        store.close()
+        ctx.admin.execute(f"drop schema if exists {schema} cascade")
+    return rows
+
+
+def coord_ratios(results: dict[str, list[Row]]) -> list[str]:
+    """coord's figures beside the raw queue's of the same rounds and consumer count."""
+    rows = results.get("coord_queue", [])
+    out = []
+    for peer, r in zip(rows[::2], rows[1::2], strict=False):  # (raw, coord) of the same rounds
+        if r.rates and peer.rates:
+            ratio = statistics.median(r.rates) / statistics.median(peer.rates)
+            out.append(f"{r.work}: {ratio:.2f}x the raw SKIP LOCKED queue"
+                       + (" (target >= 0.6x)" if "claim+ack (" in r.work else ""))
+    return out
 
 
 def _wait_blocked(admin: Any, backend: int, timeout: float = 10.0) -> None:
@@ -467,7 +572,7 @@ def section_import(ctx: Ctx) -> list[Row]:
 
 SECTION_FNS: dict[str, Callable[[Ctx], list[Row]]] = {
     "transactions": section_transactions, "skip_locked": section_skip_locked,
-    "advisory_handover": section_advisory_handover, "notify": section_notify,
+    "coord_queue": section_coord_queue, "advisory_handover": section_advisory_handover, "notify": section_notify,
     "import": section_import, "partition": section_partition,
 }
 
@@ -576,7 +681,8 @@ def main(argv: list[str] | None = None) -> int:
             admin.execute(f"drop schema if exists {schema} cascade")
             admin.close()
     run["seconds"] = round(mono() - started, 1)
-    lines = [json.dumps({"section": name, "run": run, "rows": [r.as_dict() for r in rows]})
+    lines = [json.dumps({"section": name, "run": run, "rows": [r.as_dict() for r in rows],
+                         **({"ratios": coord_ratios(results)} if name == "coord_queue" else {})})
              for name, rows in results.items()]
     if args.json_out:
         Path(args.json_out).write_text("\n".join(lines) + "\n")
@@ -584,6 +690,9 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(lines))
     else:
         print_table(results, run)
+        ratios = coord_ratios(results)
+        if ratios:
+            print("\n" + "\n".join(ratios))
     failed = any(r.error for rows in results.values() for r in rows)
     return 1 if failed else 0
 

@@ -14,7 +14,7 @@ from pg_fixtures import import_psycopg
 
 import coord
 from coord import queues
-from coord.backend.postgresql.queues import channel
+from coord.backend.postgresql.queue_rows import channel
 from coord.reaper import bury_dead
 
 psycopg = import_psycopg()

@@ -9,6 +9,7 @@ overlap on the server.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -258,3 +259,23 @@ def test_an_adoption_into_a_queue_races_puts_of_the_same_keys(store: coord.Store
         behind = queues.list_jobs(store, f"{owner_id}-p", state="all")
         assert moved.jobs + len(behind) == len(keys) and moved.left == len(behind)
         assert not {j.dedupe_key for j in behind} - set(keys)
+
+
+def test_puts_race_the_deletion_of_their_queue(store: coord.Store) -> None:
+    """A queue deleted whole while others put into it: each put either lands in the old
+    queue (and goes with it) or makes the queue anew; none fails."""
+    for _ in range(5):
+        queues.put(store, "brief", "first")
+
+        def act(i: int) -> Any:
+            if i == 0:
+                return queues.purge(store, "brief", everything=True)
+            return [queues.put_many(store, "brief", [i, i]) for _ in range(3)]
+
+        got = together(THREADS, act)
+        assert not [r for r in got if isinstance(r, Exception)], got
+        kept = {j.id for j in queues.list_jobs(store, "brief", state="all")}
+        put = {x for r in got[1:] for ids in r for x in ids}
+        assert kept <= put  # whatever is there now was put by a put that succeeded
+        with contextlib.suppress(NotFound):  # the race's purge may have come last
+            queues.purge(store, "brief", everything=True)

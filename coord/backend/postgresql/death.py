@@ -11,6 +11,7 @@ from typing import Any
 
 from ..records import Member
 from .connection import Conn, fetch
+from .queue_rows import notify
 
 #: "the (id, incarnation) pairs bound here as two arrays".
 MEMBERS = "SELECT * FROM unnest(%s::text[], %s::bigint[])"
@@ -51,8 +52,6 @@ def release_claims(c: Conn, where: str, params: tuple[Any, ...], *, error: str,
         (*params, error))
     _event_rows(c, [("job dead-lettered", None, r["queue"], {"job": r["id"], "error": error})
                     for r in rows if r["state"] == "dead"])
-    from .queues import notify  # the queues' wake-up; queues.py imports this module
-
     notify(c, [r["queue"] for r in rows if r["state"] == "ready"])
     return len(rows)
 

@@ -23,21 +23,23 @@ for waiting claimers on any host; the nudge sockets still wake this host's waite
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from psycopg import errors as pgerrors
 
 from ...clock import boot_id
-from ...errors import InvalidArgument, NotFound, NotRegistered, PermissionDenied, QueueFull
+from ...errors import InvalidArgument, NotFound, NotRegistered, PermissionDenied, StorageError
 from ..queue_ops import JOB_FIELDS, ImportRow, NewJobRow
-from .connection import Conn, fetch, scalar
+from .connection import RETRIES, Conn, fetch, scalar
 from .death import release_claims
 from .events import log_event
+from .queue_rows import CHANNEL, channel, claim_id, insert, job_state, notify, queue_row
 
 if TYPE_CHECKING:
     from .connection import PgDb, Row
+
+T = TypeVar("T")
 
 #: A job row's columns in ``JOB_FIELDS`` order, then what the engine computes from its clock:
 #: seconds until a ready job is due (0 when due), seconds left on a claim's lease.
@@ -46,54 +48,24 @@ _COLUMNS = ", ".join(JOB_FIELDS) + (
     "AS available_in, claim_expires_mono - coord_now() AS expires_in"
 )
 
-#: (payload, priority, delay, dedupe_key, max_attempts, attempts, state, created_at or None
-#: for now, last_error) of a row to insert.
-NewRow = tuple[str, int, float, str | None, int, int, str, float | None, str | None]
-
-
-def channel(schema: str, queue: str) -> str:
-    """The ``NOTIFY`` channel of ``queue`` in the deployment ``schema`` (channels are per
-    database, shared by every schema): the same name as SQL's ``coord_queue_channel``."""
-    return "coord_q_" + hashlib.md5(f"{schema}:{queue}".encode()).hexdigest()[:16]
-
-
-#: The channel in SQL, for statements that learn the queue as they run.
-_CHANNEL = "'coord_q_' || substr(md5(current_schema() || ':' || {}), 1, 16)"
-_NOTIFY = f"SELECT pg_notify({_CHANNEL.format('%s')}, '')"
-
-
-def notify(c: Conn, queues: Sequence[str]) -> None:
-    """Tell waiting claimers of these queues that a job is ready (sent at commit)."""
-    for q in sorted(set(queues)):
-        c.execute(_NOTIFY, (q,))
-
-
 # The common put in one statement, into an existing queue without a max depth; the job is
 # ready now or after its delay, and a job due now notifies the queue's waiters.
 _PUT = (
-    "WITH q AS (SELECT name FROM queues WHERE name = %(queue)s AND max_depth IS NULL), "  # noqa: S608 - fixed fragments only
+    "WITH q AS (SELECT name FROM queues WHERE name = %(queue)s AND max_depth IS NULL), "  # noqa: S608
     "j AS (INSERT INTO jobs (payload, priority, available_mono, max_attempts, created_at, queue) "
     "SELECT %(text)s, %(prio)s, coord_now() + %(delay)s, %(att)s, coord_now(), name FROM q "
     "RETURNING id) "
-    f"SELECT id, CASE WHEN %(delay)s <= 0 THEN pg_notify({_CHANNEL.format('%(queue)s')}, '') "
+    f"SELECT id, CASE WHEN %(delay)s <= 0 THEN pg_notify({CHANNEL.format('%(queue)s')}, '') "
     "END IS NULL AS sent FROM j"
 )
 # Once a process has seen that the queue has no max depth it inserts without looking (the
 # foreign key still proves the queue exists).
 _PUT_KNOWN = (
-    "WITH j AS (INSERT INTO jobs (payload, priority, available_mono, max_attempts, created_at, "  # noqa: S608 - fixed fragments only
+    "WITH j AS (INSERT INTO jobs (payload, priority, available_mono, max_attempts, created_at, "  # noqa: S608
     "queue) VALUES (%(text)s, %(prio)s, coord_now() + %(delay)s, %(att)s, coord_now(), "
     "%(queue)s) RETURNING id) "
-    f"SELECT id, CASE WHEN %(delay)s <= 0 THEN pg_notify({_CHANNEL.format('%(queue)s')}, '') "
+    f"SELECT id, CASE WHEN %(delay)s <= 0 THEN pg_notify({CHANNEL.format('%(queue)s')}, '') "
     "END IS NULL AS sent FROM j"
-)
-
-_INSERT = (
-    "INSERT INTO jobs (queue, payload, priority, available_mono, dedupe_key, max_attempts, "
-    "attempts, state, created_at, last_error, finished_at, finished_mono) "
-    "VALUES (%s, %s, %s, coord_now() + %s, %s, %s, %s, %s, coalesce(%s, coord_now()), %s, "
-    "CASE WHEN %s THEN NULL ELSE coord_now() END, CASE WHEN %s THEN NULL ELSE coord_now() END) "
-    "ON CONFLICT (queue, dedupe_key) WHERE dedupe_key IS NOT NULL DO NOTHING RETURNING id"
 )
 
 # The claim, in one statement and so one transaction: the claimer's row locked FOR SHARE
@@ -123,85 +95,13 @@ _CLAIM = (
 # A claim is found by its job id and the whole token compared; a lease past its end is lost.
 _HELD = "id = %s AND claim_token = %s AND claim_expires_mono >= coord_now()"
 _ACK = (
-    "UPDATE jobs SET state = 'done', claim_token = NULL, claim_expires_mono = NULL, "  # noqa: S608 - fixed fragments only
+    "UPDATE jobs SET state = 'done', claim_token = NULL, claim_expires_mono = NULL, "  # noqa: S608
     f"result = %s, finished_at = coord_now(), finished_mono = coord_now() WHERE {_HELD}"
 )
 _READY = ("SELECT 1 FROM jobs WHERE state = 'ready' AND queue = %s "
           "AND available_mono <= coord_now() LIMIT 1")
 # Who is still owed an answer: a back-to-ready of this kind is a no-op unless expired.
 _EXPIRED = "id = %s AND claim_token = %s AND claim_expires_mono < coord_now()"
-
-
-def claim_id(token: str) -> int:
-    """The job a claim token names (``<job id>-<random>``); -1 names none."""
-    head, sep, _ = token.partition("-")
-    return int(head) if sep and head.isascii() and head.isdigit() and len(head) < 19 else -1
-
-
-def queue_row(c: Conn, name: str, *, lock: bool = False) -> tuple[str | None, int | None]:
-    """(owner, max_depth) of a queue inside the caller's transaction, creating it shared if
-    it does not exist. A bounded queue's row is locked (``lock``: any queue's), so puts that
-    count its depth take turns."""
-    rows = fetch(c, "SELECT owner_id, max_depth FROM queues WHERE name = %s", (name,))
-    if not rows:
-        c.execute("INSERT INTO queues (name, owner_id, max_depth, created_at) "
-                  "VALUES (%s, NULL, NULL, coord_now()) ON CONFLICT (name) DO NOTHING", (name,))
-    if not rows or lock or rows[0]["max_depth"] is not None:
-        rows = fetch(c, "SELECT owner_id, max_depth FROM queues WHERE name = %s "
-                     "FOR NO KEY UPDATE", (name,))
-    return rows[0]["owner_id"], rows[0]["max_depth"]
-
-
-def insert(c: Conn, queue: str, max_depth: int | None, rows: Sequence[NewRow]
-           ) -> list[tuple[int, bool]]:
-    """Insert rows into ``queue`` inside the caller's transaction (its row locked by
-    ``queue_row`` when bounded): [(id, added)]. Raises ``QueueFull`` past ``max_depth``."""
-    depth = None
-    if max_depth is not None:
-        depth = int(scalar(c, "SELECT count(*) AS n FROM jobs WHERE queue = %s "
-                           "AND state IN ('ready', 'claimed')", (queue,)))
-    out: list[tuple[int, bool]] = []
-    ready_now = False
-    for text, prio, delay, key, max_att, att, state, created, error in rows:
-        ready = state == "ready"
-        if depth is not None and max_depth is not None and depth >= max_depth and ready:
-            existing = _existing(c, queue, key)
-            if existing is None:
-                raise QueueFull(queue, depth)
-            out.append((existing, False))
-            continue
-        while True:
-            got = fetch(c, _INSERT, (queue, text, prio, delay, key, max_att, att, state, created,
-                                     error, ready, ready))
-            if got:
-                out.append((int(got[0]["id"]), True))
-                ready_now = ready_now or (ready and delay <= 0)
-                if depth is not None and ready:
-                    depth += 1
-                break
-            # A dedupe repeat: the other row is committed (ON CONFLICT waited for it) unless
-            # it was deleted meanwhile, and then the insert is tried again.
-            existing = _existing(c, queue, key)
-            if existing is not None:
-                out.append((existing, False))
-                break
-    if ready_now:
-        notify(c, [queue])
-    return out
-
-
-def _existing(c: Conn, queue: str, key: str | None) -> int | None:
-    if key is None:
-        return None
-    found = scalar(c, "SELECT id FROM jobs WHERE queue = %s AND dedupe_key = %s", (queue, key))
-    return None if found is None else int(found)
-
-
-def _job_state(c: Conn, job_id: int) -> str:
-    state = scalar(c, "SELECT state FROM jobs WHERE id = %s", (job_id,))
-    if state is None:
-        raise NotFound("job", job_id)
-    return str(state)
 
 
 class PgQueues:
@@ -267,7 +167,18 @@ class PgQueues:
                 for text, prio, delay, key, att in rows])
             return [i for i, _ in ids], any(new for _, new in ids), owner
 
-        return self._db.write(txn)
+        return self._into_queue(txn)
+
+    def _into_queue(self, txn: Callable[[Conn], T]) -> T:
+        """A write that puts jobs into a queue it made sure exists: tried again when the
+        queue was deleted meanwhile (a purge of the whole queue committed between that
+        look and the insert's foreign key check), so that it makes the queue anew."""
+        for _ in range(RETRIES):
+            try:
+                return self._db.write(txn)
+            except pgerrors.ForeignKeyViolation:
+                continue
+        raise StorageError(self._db.where, f"queue deleted while put into ({RETRIES} tries)")
 
     def import_jobs(self, queue: str, rows: Sequence[ImportRow], path: str
                     ) -> tuple[list[tuple[int, bool]], str | None]:
@@ -281,7 +192,7 @@ class PgQueues:
                 log_event(c, "queue imported", None, queue, path=path, jobs=added)
             return ids, owner
 
-        return self._db.write(txn)
+        return self._into_queue(txn)
 
     # -- claim ---------------------------------------------------------------------------
 
@@ -324,7 +235,7 @@ class PgQueues:
     def release_expired(self, queue: str) -> int:
         where = "queue = %s AND claim_expires_mono < coord_now()"
         if not self._db.value(
-                f"SELECT 1 FROM jobs WHERE state = 'claimed' AND {where} LIMIT 1", (queue,)):  # noqa: S608 - fixed fragments only
+                f"SELECT 1 FROM jobs WHERE state = 'claimed' AND {where} LIMIT 1", (queue,)):  # noqa: S608
             return 0
         return self._db.write(lambda c: release_claims(c, where, (queue,),
                                                        error="claim lease expired"))
@@ -380,7 +291,7 @@ class PgQueues:
     def fail(self, token: str, error: str, retry_in: Callable[[int], float]
              ) -> tuple[str, str, float | None] | None:
         def txn(c: Conn) -> tuple[str, str, float | None] | None:
-            rows = fetch(c, "SELECT id, queue, attempts, max_attempts, claimed_by FROM jobs "  # noqa: S608 - fixed fragments only
+            rows = fetch(c, "SELECT id, queue, attempts, max_attempts, claimed_by FROM jobs "  # noqa: S608
                          f"WHERE {_HELD} FOR UPDATE", (claim_id(token), token))
             if not rows:
                 release_claims(c, _EXPIRED, (claim_id(token), token),
@@ -409,7 +320,7 @@ class PgQueues:
 
     def extend(self, token: str, lease: float) -> bool:
         if self._db.rows(
-            "UPDATE jobs SET claim_expires_mono = coord_now() + %s "  # noqa: S608 - fixed fragments only
+            "UPDATE jobs SET claim_expires_mono = coord_now() + %s "  # noqa: S608
             f"WHERE {_HELD} RETURNING 1 AS ok", (float(lease), claim_id(token), token)):
             return True
         self._expired_release(token)
@@ -417,11 +328,11 @@ class PgQueues:
 
     def release(self, token: str) -> str | None:
         got = self._db.rows(
-            "WITH r AS (UPDATE jobs SET state = 'ready', claim_token = NULL, claimed_by = NULL, "  # noqa: S608 - fixed fragments only
+            "WITH r AS (UPDATE jobs SET state = 'ready', claim_token = NULL, claimed_by = NULL, "  # noqa: S608
             "claimed_incarnation = NULL, claim_expires_mono = NULL, "
             "attempts = greatest(attempts - 1, 0), available_mono = coord_now() "
             f"WHERE {_HELD} RETURNING queue) "
-            f"SELECT queue, pg_notify({_CHANNEL.format('queue')}, '') IS NULL AS sent FROM r",
+            f"SELECT queue, pg_notify({CHANNEL.format('queue')}, '') IS NULL AS sent FROM r",
             (claim_id(token), token))
         if got:
             return str(got[0]["queue"])
@@ -436,7 +347,7 @@ class PgQueues:
                      "finished_mono = coord_now() WHERE id = %s AND state IN ('ready', 'dead') "
                      "RETURNING 1", (job_id,)):
                 return
-            state = _job_state(c, job_id)
+            state = job_state(c, job_id)
             hint = "; fail or release it first" if state == "claimed" else ""
             raise InvalidArgument(
                 f"job {job_id} is {state}: only a job that waits can be cancelled{hint}")
@@ -452,7 +363,7 @@ class PgQueues:
             if got:
                 notify(c, [got[0]["queue"]])
                 return str(got[0]["queue"])
-            state = _job_state(c, job_id)
+            state = job_state(c, job_id)
             raise InvalidArgument(
                 f"job {job_id} is {state}: only a dead or cancelled job can be requeued")
 
@@ -504,9 +415,14 @@ class PgQueues:
                 assert to_queue is not None
                 if to_queue in names:
                     raise InvalidArgument(f"queue {to_queue!r} is one of the adopted queues")
-                queue_row(c, to_queue)
-                # Locked FOR UPDATE: no insert with a dedupe key races the moves below.
-                c.execute("SELECT 1 FROM queues WHERE name = %s FOR UPDATE", (to_queue,))
+                # Made shared if needed, and locked FOR UPDATE: no insert (with a dedupe key)
+                # into it races the moves below.
+                c.execute("INSERT INTO queues (name, owner_id, max_depth, created_at) "
+                          "VALUES (%s, NULL, NULL, coord_now()) ON CONFLICT (name) DO NOTHING",
+                          (to_queue,))
+                if not fetch(c, "SELECT 1 AS one FROM queues WHERE name = %s FOR UPDATE",
+                             (to_queue,)):
+                    raise pgerrors.SerializationFailure(f"queue {to_queue!r} deleted meanwhile")
                 for name in names:
                     # A job whose dedupe key is already in to_queue stays (as UPDATE OR IGNORE).
                     moved += c.execute(
@@ -549,7 +465,7 @@ class PgQueues:
         elif state != "all":
             where.append("state = %s")
             params.append(state)
-        sql = f"SELECT {_COLUMNS} FROM jobs"  # noqa: S608 - fixed fragments only
+        sql = f"SELECT {_COLUMNS} FROM jobs"  # noqa: S608
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY queue, priority DESC, id"
