@@ -309,15 +309,10 @@ def _stop_outside_a_pg_transaction(store: coord.Store, p: subprocess.Popen[Any])
 
 
 def invariants(store: coord.Store, *, strict: bool = False) -> list[Any]:
-    """``coord.check``'s findings (no integrity scan). On an engine whose checker is not
-    complete yet (it raises ``NotImplementedError``), the queues' own checks alone."""
-    from coord import queues
+    """``coord.check``'s findings (no integrity scan)."""
     from coord.check import check
 
-    try:
-        return check(store, strict=strict, integrity=False)
-    except NotImplementedError:
-        return [d for d, pending in queues.problems(store) if strict or not pending]
+    return check(store, strict=strict, integrity=False)
 
 
 def set_job_payload(store: coord.Store, job_id: int, text: str) -> None:

@@ -247,10 +247,7 @@ class QueueMachine(RuleBasedStateMachine):
         (it releases what claimers would release)."""
         self._advance(dt)
         if reap:
-            try:
-                coord.reap(self.store, checkpoint=False)
-            except NotImplementedError:  # an engine whose reaper is not complete yet: the
-                queues.release_dead_claims(self.store, Q)  # claimers' part of it
+            coord.reap(self.store, checkpoint=False)
             self._release_pending()
 
     @precondition(lambda self: len(self.killed) < len(IDS))

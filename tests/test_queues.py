@@ -41,11 +41,7 @@ pytestmark = pytest.mark.contract
 
 
 def reap(store: coord.Store) -> coord.reaper.ReapReport:
-    """``coord.reap``, or a skip naming the part of the engine it still lacks."""
-    try:
-        return coord.reap(store)
-    except NotImplementedError as e:
-        pytest.skip(f"the reaper needs {e}")
+    return coord.reap(store)
 
 
 def queue_problems(store: coord.Store) -> list[str]:
