@@ -9,6 +9,7 @@ import hashlib
 import logging
 import os
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -130,19 +131,23 @@ def take(store: Store, inst: Instance, name: str, ttl: float) -> LeaseTaken | st
     """Take the lease if it is free, expired, or its holder is dead (one transaction).
 
     Returns the taken term, else the current holder's id; raises ``NotRegistered`` when
-    ``inst`` is no longer a live registered instance. A holder proven dead is buried right
-    after (the death rule), so failover does not wait for it."""
-    backend = store.backend
-    taken = backend.leases.take((inst.id, inst.incarnation), name, ttl)
-    if isinstance(taken, LeaseTaken) and taken.dead is not None:
-        id, incarnation, verdict = taken.dead
-        try:
-            row = backend.instances.get((id, incarnation))
-            if row is not None:
-                bury_dead(store, [row], verdict)
-        except CoordError as e:  # the reaper will do it; the lease is ours either way
-            inst.log.warning("could not bury %s#%d: %s", id, incarnation, e)
-    return taken
+    ``inst`` is no longer a live registered instance. A holder proven dead is named in the
+    result (``dead``) and buried by ``bury_previous`` after, so failover does not wait for it."""
+    return store.backend.leases.take((inst.id, inst.incarnation), name, ttl)
+
+
+def bury_previous(store: Store, inst: Instance, taken: LeaseTaken) -> None:
+    """Apply the death rule to the previous holder that ``take`` proved dead (its own
+    transaction, which re-checks the death); the reaper does it when this fails."""
+    if taken.dead is None:
+        return
+    id, incarnation, verdict = taken.dead
+    try:
+        row = store.backend.instances.get((id, incarnation))
+        if row is not None:
+            bury_dead(store, [row], verdict)
+    except CoordError as e:  # the reaper will do it; the lease is ours either way
+        inst.log.warning("could not bury %s#%d: %s", id, incarnation, e)
 
 
 def release(store: Store, name: str, term: int, holder: Member | None, reason: str,
@@ -193,8 +198,11 @@ def record_group(store: Store, name: str, term: int, pgid: int | None, token: in
 
 
 # -- waking waiting candidates --------------------------------------------------------------
-# A waiter leaves a symlink to its nudge socket in <db>.d/waiters, named after the lease; a
-# releasing holder nudges them. Only a hint: waiters also poll data_version.
+# A waiter leaves a symlink to its nudge socket in <db>.d/waiters, named after the lease and
+# stamped with CLOCK_MONOTONIC (one clock for every process of the host): the live waiter
+# with the oldest stamp is the one a release wakes and the one that takes over from a dead
+# holder; the others watch it and re-check when the database changes. Only a hint: waiters
+# also poll data_version.
 
 
 def waiter_prefix(name: str) -> str:
@@ -204,8 +212,8 @@ def waiter_prefix(name: str) -> str:
 def add_waiter(inst: Instance, name: str) -> str | None:
     pid = os.getpid()
     tok = start_token(pid)
-    path = str(inst.store.side_dir("waiters") /
-               f"{waiter_prefix(name)}{pid}.{tok}.{secrets.token_hex(4)}")
+    stamp = f"{time.monotonic_ns():016x}{secrets.token_hex(2)}"
+    path = str(inst.store.side_dir("waiters") / f"{waiter_prefix(name)}{pid}.{tok}.{stamp}")
     try:
         os.symlink(inst.nudge_path, path)
     except OSError:
@@ -221,28 +229,37 @@ def remove_waiter(path: str | None) -> None:
             pass
 
 
-def nudge_waiters(store: Store, name: str) -> None:
-    """Wake the candidates waiting for ``name``; forget those whose process is gone."""
+def first_waiter(store: Store, name: str) -> tuple[str, int] | None:
+    """The live waiter of ``name`` that has waited longest: (its path, its pid), or None.
+    Waiters whose process is gone are forgotten on the way."""
+    d = store.side_dir("waiters")
+    prefix = waiter_prefix(name)
+    found: list[tuple[str, str, int, int]] = []
     try:
-        d = store.side_dir("waiters")
-        prefix = waiter_prefix(name)
-        live: list[str] = []
         with os.scandir(d) as it:
             for entry in it:
-                if not entry.name.startswith(prefix):
-                    continue
-                try:
-                    _, pid, tok, _ = entry.name.split(".")
-                    ok = still_running(ProcIdentity(boot_id(), int(pid), int(tok)))
-                except ValueError:
-                    ok = False
-                if ok:
-                    live.append(entry.path)
-                else:
-                    remove_waiter(entry.path)
-        nudge.nudge(live)
-    except OSError as e:  # a hint only
-        log.debug("nudging waiters of %r failed: %s", name, e)
+                if entry.name.startswith(prefix):
+                    parts = entry.name.split(".")
+                    try:
+                        found.append((parts[3], entry.path, int(parts[1]), int(parts[2])))
+                    except (IndexError, ValueError):
+                        remove_waiter(entry.path)
+    except OSError as e:  # a hint only: every waiter then acts as the first
+        log.debug("listing the waiters of %r failed: %s", name, e)
+        return None
+    for _, path, pid, tok in sorted(found):
+        if still_running(ProcIdentity(boot_id(), pid, tok)):
+            return path, pid
+        remove_waiter(path)
+    return None
+
+
+def nudge_waiters(store: Store, name: str) -> None:
+    """Wake the candidate that has waited longest for ``name`` (the others see the change
+    and re-check); forget those whose process is gone."""
+    first = first_waiter(store, name)
+    if first is not None:
+        nudge.nudge([first[0]])
 
 
 def holder_of(store: Store, name: str) -> str | None:

@@ -64,13 +64,15 @@ from .db import Store
 from .errors import CoordError, InvalidArgument, LeaseNotAcquired, NotFound, NotRegistered
 from .identity import ProcIdentity
 from .instances import Instance
-from .lease_keeper import Lease, LostCallback, keep
+from .lease_keeper import Lease, LostCallback, keep, keeper, later
 from .lease_rules import (
     REAPER_LEASE,
     LeaseInfo,
     add_waiter,
+    bury_previous,
     fenced_batch,
     fenced_write,
+    first_waiter,
     get_lease,
     holder_of,
     list_leases,
@@ -99,6 +101,15 @@ log = logging.getLogger("coord.leases")
 
 #: The waiters' file-name prefix of a lease (kept under its old name for the benchmark).
 _waiter_prefix = waiter_prefix
+
+#: How long a waiter that is not the first leaves a takeable lease to the first one before
+#: it takes it itself (the first one may be stopped or slow; seconds).
+WAITER_DEFER = 0.05
+#: How long after a takeover the dead holder is buried (seconds): long enough that the new
+#: holder's first steps do not share the interpreter with the burial's thread.
+BURY_DELAY = 0.01
+#: How often a waiter that is not the first re-checks without news (seconds).
+BEHIND_RECHECK = 0.25
 
 # -- acquiring --------------------------------------------------------------------------------
 
@@ -163,10 +174,16 @@ def try_acquire(
         return None
     lease = Lease(inst, name, got.term, ttl, t0, on_lost=[on_lost] if on_lost else [],
                   previous_holder=got.previous_holder)
-    inst.log.info("acquired lease %r term %d", name, got.term)
     if renew:
         keep(lease)
-    if got.previous_group is not None or got.previous_tree is not None:
+    settle = got.previous_group is not None or got.previous_tree is not None
+    if got.dead is not None:
+        if settle:  # the tree is ended from the dead holder's records: bury it first
+            bury_previous(store, inst, got)
+        else:  # off the caller's path: the lease is ours, readers see the holder dead
+            later(inst, lambda: bury_previous(store, inst, got), BURY_DELAY)
+    inst.log.info("acquired lease %r term %d", name, got.term)
+    if settle:
         try:
             _settle_previous_group(lease, got.previous_group, got.previous_tree, grace)
         except BaseException:
@@ -185,6 +202,10 @@ class _Watch:
         self.expires: float | None = None  # store.mono() when the holder's TTL runs out
         self._on_wait = on_wait
         self._told: tuple[Member, int | None] | None = None
+        #: store.mono() until which a waiter that is not the first leaves a takeable lease
+        #: to the first one (None: not deferring).
+        self.defer_until: float | None = None
+        self.behind = False  # another candidate has waited longer
 
     def takeable(self) -> bool:
         store = self.store
@@ -237,12 +258,31 @@ def acquire(
     if lease is not None:
         return lease
     watch = _Watch(store, name, on_wait)
-    waiter = None
+    waiter: str | None = None
 
     def check() -> str | None:
         if cancel is not None and cancel.is_set():
             return "cancel"
-        return "go" if watch.takeable() else None
+        takeable = watch.takeable()
+        if waiter is None:
+            return "go" if takeable else None
+        first = first_waiter(store, name)
+        watch.behind = first is not None and first[0] != waiter
+        if not watch.behind:
+            watch.defer_until = None
+            return "go" if takeable else None
+        # Another candidate waits longer: it is the one woken (by the holder's death, which
+        # only it watches, or by the release nudge); this one watches that candidate instead.
+        if first[1] != os.getpid():
+            watch.pid = first[1]
+        if not takeable:
+            watch.defer_until = None
+            return None
+        now = store.mono()
+        if watch.defer_until is None:
+            watch.defer_until = now + WAITER_DEFER
+            return "defer"
+        return "go" if now >= watch.defer_until else None
 
     try:
         while True:
@@ -253,15 +293,20 @@ def acquire(
                 raise LeaseNotAcquired(name, holder_of(store, name))
             if waiter is None:
                 waiter = add_waiter(inst, name)
+                keeper(inst)  # started now, so that taking over does not wait for it
             # Wake at the latest when the TTL runs out (time alone moves no data_version).
             slice_ = 1.0 if deadline is None else min(1.0, deadline - now)
             if watch.expires is not None:
                 slice_ = max(0.0005, min(slice_, watch.expires - now + 0.0005))
+            if watch.behind:  # re-check now and then, in case the first one is stopped
+                slice_ = min(slice_, BEHIND_RECHECK)
+            if watch.defer_until is not None:
+                slice_ = max(0.0005, min(slice_, watch.defer_until - now + 0.0005))
             why = store.backend.wakeup.wait_for(
                 check, slice_, sock=inst.sock, watch_pids=lambda: [watch.pid] if watch.pid else [])
             if why == "cancel":
                 raise LeaseNotAcquired(name, holder_of(store, name))
-            if why is None:
+            if why is None or why == "defer":
                 continue
             lease = try_acquire(inst, name, ttl=ttl, on_lost=on_lost, renew=renew, grace=grace)
             if lease is not None:
