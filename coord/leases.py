@@ -268,7 +268,7 @@ def acquire(
             return "go" if takeable else None
         first = first_waiter(store, name)
         watch.behind = first is not None and first[0] != waiter
-        if not watch.behind:
+        if first is None or not watch.behind:
             watch.defer_until = None
             return "go" if takeable else None
         # Another candidate waits longer: it is the one woken (by the holder's death, which
