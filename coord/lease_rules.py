@@ -247,8 +247,9 @@ def first_waiter(store: Store, name: str) -> tuple[str, int] | None:
     except OSError as e:  # a hint only: every waiter then acts as the first
         log.debug("listing the waiters of %r failed: %s", name, e)
         return None
+    me = os.getpid()
     for _, path, pid, tok in sorted(found):
-        if still_running(ProcIdentity(boot_id(), pid, tok)):
+        if pid == me or still_running(ProcIdentity(boot_id(), pid, tok)):
             return path, pid
         remove_waiter(path)
     return None

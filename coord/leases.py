@@ -58,7 +58,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import nudge
-from .backend import LeaseTaken, Member
+from .backend import LeaseTaken, Member, Watch
 from .clock import boot_id
 from .db import Store
 from .errors import CoordError, InvalidArgument, LeaseNotAcquired, NotFound, NotRegistered
@@ -206,6 +206,24 @@ class _Watch:
         #: to the first one (None: not deferring).
         self.defer_until: float | None = None
         self.behind = False  # another candidate has waited longer
+        # The engine's watch on the live holder last seen, and who that was.
+        self._holder_watch: Watch | None = None
+        self._watched: Member | None = None
+
+    def holder_gone(self) -> bool:
+        """Whether the holder last seen alive has ended since (its watch says so), so that
+        the takeover's own proof of death may decide at once. Once only: the next look
+        reads the lease afresh."""
+        w = self._holder_watch
+        if w is None or not w.exited():
+            return False
+        self.close()
+        return True
+
+    def close(self) -> None:
+        if self._holder_watch is not None:
+            self._holder_watch.close()
+        self._holder_watch = self._watched = None
 
     def takeable(self) -> bool:
         store = self.store
@@ -223,6 +241,9 @@ class _Watch:
         pid = backend.liveness.watchable_pid(inst)
         if pid is not None and pid != os.getpid():
             self.pid = pid
+            if self._watched != rec.holder:
+                self.close()
+                self._holder_watch, self._watched = backend.liveness.watch(inst), rec.holder
         if self._on_wait is not None and self._told != (rec.holder, rec.term):
             self._told = (rec.holder, rec.term)  # say it again when the holder changes
             self._on_wait(LeaseInfo(
@@ -263,6 +284,8 @@ def acquire(
     def check() -> str | None:
         if cancel is not None and cancel.is_set():
             return "cancel"
+        if watch.holder_gone() and waiter is not None and not watch.behind:
+            return "go"  # the first waiter: take over now, the takeover proves the death
         takeable = watch.takeable()
         if waiter is None:
             return "go" if takeable else None
@@ -313,6 +336,7 @@ def acquire(
                 return lease
     finally:
         remove_waiter(waiter)
+        watch.close()
 
 
 # -- an operator's release ------------------------------------------------------------------
