@@ -14,14 +14,6 @@ from collections.abc import Callable
 from typing import TypeVar
 
 import apsw
-from tenacity import (
-    RetryError,
-    Retrying,
-    before_sleep_log,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_random_exponential,
-)
 
 from .errors import Busy
 
@@ -39,6 +31,16 @@ def on_busy(fn: Callable[[], T], *, seconds: float | None = None, path: str = ""
         return fn()
     except (apsw.BusyError, apsw.LockedError):
         pass
+    # Imported here: a process that never meets a busy database never loads it.
+    from tenacity import (
+        RetryError,
+        Retrying,
+        before_sleep_log,
+        retry_if_exception_type,
+        stop_after_delay,
+        wait_random_exponential,
+    )
+
     seconds = RETRY_SECONDS if seconds is None else seconds
     retrying = Retrying(
         retry=retry_if_exception_type((apsw.BusyError, apsw.LockedError)),

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import secrets
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -212,7 +211,7 @@ def waiter_prefix(name: str) -> str:
 def add_waiter(inst: Instance, name: str) -> str | None:
     pid = os.getpid()
     tok = start_token(pid)
-    stamp = f"{time.monotonic_ns():016x}{secrets.token_hex(2)}"
+    stamp = f"{time.monotonic_ns():016x}{os.urandom(2).hex()}"
     path = str(inst.store.side_dir("waiters") / f"{waiter_prefix(name)}{pid}.{tok}.{stamp}")
     try:
         os.symlink(inst.nudge_path, path)

@@ -25,7 +25,7 @@ EXPECTED = {
     "messages": {"coord", "pipe", "file-per-message dir"},
     "failover": {"coord", "kernel lock (F_SETLKW)", "filelock", "TTL lease row"},
     "registry": {"coord", "file-per-PID"},
-    "cli": {"coord instances --json", 'coord sql "select 1"', "python -c pass",
+    "cli": {"coord instances --json", "coord queue put", 'coord sql "select 1"', "python -c pass",
             'python -c "import typer"'},
 }
 
