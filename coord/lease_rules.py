@@ -9,12 +9,12 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from . import nudge
-from .backend import LeaseRecord, LeaseTaken, Member
+from .backend import LeaseRecord, LeaseTaken, Member, Watch
 from .clock import boot_id
 from .db import Row, Store
 from .errors import CoordError
@@ -121,6 +121,66 @@ def list_leases(store: Store, *, held_only: bool = False) -> list[LeaseInfo]:
     look = backend.liveness.look()
     out = [info_of(store, r, look) for r in backend.leases.every(held_only=held_only)]
     return [i for i in out if i.held] if held_only else out
+
+
+class LeaseWatch:
+    """What a waiting candidate re-checks: can the lease be taken now? And who holds it."""
+
+    def __init__(self, store: Store, name: str,
+                 on_wait: Callable[[LeaseInfo], None] | None = None) -> None:
+        self.store, self.name = store, name
+        self.pid: int | None = None
+        self.expires: float | None = None  # store.mono() when the holder's TTL runs out
+        self._on_wait = on_wait
+        self._told: tuple[Member, int | None] | None = None
+        #: store.mono() until which a waiter that is not the first leaves a takeable lease
+        #: to the first one (None: not deferring).
+        self.defer_until: float | None = None
+        self.behind = False  # another candidate has waited longer
+        # The engine's watch on the live holder last seen, and who that was.
+        self._holder_watch: Watch | None = None
+        self._watched: Member | None = None
+
+    def holder_gone(self) -> bool:
+        """Whether the holder last seen alive has ended since (its watch says so), so that
+        the takeover's own proof of death may decide at once. Once only: the next look
+        reads the lease afresh."""
+        w = self._holder_watch
+        if w is None or not w.exited():
+            return False
+        self.close()
+        return True
+
+    def close(self) -> None:
+        if self._holder_watch is not None:
+            self._holder_watch.close()
+        self._holder_watch = self._watched = None
+
+    def takeable(self) -> bool:
+        store = self.store
+        backend = store.backend
+        rec = backend.leases.get(self.name)
+        self.pid = self.expires = None
+        if rec is None or rec.holder is None:
+            return True
+        if rec.expires_in is None or rec.expires_in < 0:
+            return True
+        self.expires = store.mono() + rec.expires_in
+        inst = backend.instances.get(rec.holder)
+        if inst is None or not backend.liveness.judge(inst)[0]:
+            return True
+        pid = backend.liveness.watchable_pid(inst)
+        if pid is not None and pid != os.getpid():
+            self.pid = pid
+            if self._watched != rec.holder:
+                self.close()
+                self._holder_watch, self._watched = backend.liveness.watch(inst), rec.holder
+        if self._on_wait is not None and self._told != (rec.holder, rec.term):
+            self._told = (rec.holder, rec.term)  # say it again when the holder changes
+            self._on_wait(LeaseInfo(
+                rec.name, rec.holder[0], rec.holder[1], rec.term, rec.ttl, rec.acquired_at,
+                rec.renewed_at, rec.expires_in, True, inst["pid"], rec.pgid))
+        return False
 
 
 # -- the rules, each one transaction --------------------------------------------------------

@@ -9,20 +9,26 @@ row per term held, the history that proves one holder per term.
 The rules, each applied inside one short transaction:
 
 - **acquire** takes the lease when it is free, when its TTL has passed (a hung holder), or
-  when its holder is dead (proof of death through ``instances.judge``: the whole death rule is
-  then applied to that holder at once, as the reaper would). A holder never re-acquires a
-  lease it already holds (leases are not re-entrant).
+  when its holder is dead (proof of death through ``instances.judge``, inside the takeover's
+  transaction). ``acquire()`` returns as soon as the lease is taken; the whole death rule is
+  applied to that holder just after, in the instance's lease keeper thread, as the reaper
+  would (at once when the holder's process tree must be ended first). A holder never
+  re-acquires a lease it already holds (leases are not re-entrant).
 - **renew** extends ``expires_mono`` only while the term is current and not yet expired. A
   holder renews every ``min(heartbeat, ttl/3)`` seconds and steps down by itself when it could
   not renew for ``min(renew_deadline, 2/3 ttl)`` — always before others may take the lease
   over by its TTL.
 - **fenced writes** run the caller's SQL in the same transaction only while the term is
   current and unexpired; otherwise they raise ``LeaseLost(name, term)``.
-- **release** hands over at once: waiting candidates are nudged.
+- **release** hands over at once: the candidate that has waited longest is nudged.
 
 Waiting is cheap and wakes fast (``coord.nudge.wait_for``): a candidate re-checks when the
-database changes, when a releasing holder nudges it, when the holder's process exits (pidfd)
-or when the lease's TTL runs out. Expiry is the engine's clock (SQLite: CLOCK_MONOTONIC).
+database changes, when a releasing holder nudges it, when the process it watches exits
+(pidfd) or when the lease's TTL runs out. Only the candidate that has waited longest watches
+the holder (and takes over the moment the holder's process ends, the takeover proving the
+death); every other one watches that candidate, re-checks when the database changes and now
+and then, and takes a takeable lease itself only when the first one has not within
+``WAITER_DEFER``. Expiry is the engine's clock (SQLite: CLOCK_MONOTONIC).
 
 A lease is a hint unless the work it guards is fenced: pass ``lease.term`` along and use
 ``lease.write()`` (or check ``lease.held`` before every step) so that a holder that was
@@ -58,7 +64,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import nudge
-from .backend import LeaseTaken, Member, Watch
+from .backend import LeaseTaken, Member
 from .clock import boot_id
 from .db import Store
 from .errors import CoordError, InvalidArgument, LeaseNotAcquired, NotFound, NotRegistered
@@ -68,6 +74,7 @@ from .lease_keeper import Lease, LostCallback, keep, keeper, later
 from .lease_rules import (
     REAPER_LEASE,
     LeaseInfo,
+    LeaseWatch,
     add_waiter,
     bury_previous,
     fenced_batch,
@@ -192,66 +199,6 @@ def try_acquire(
     return lease
 
 
-class _Watch:
-    """What a waiting candidate re-checks: can the lease be taken now? And who holds it."""
-
-    def __init__(self, store: Store, name: str,
-                 on_wait: Callable[[LeaseInfo], None] | None = None) -> None:
-        self.store, self.name = store, name
-        self.pid: int | None = None
-        self.expires: float | None = None  # store.mono() when the holder's TTL runs out
-        self._on_wait = on_wait
-        self._told: tuple[Member, int | None] | None = None
-        #: store.mono() until which a waiter that is not the first leaves a takeable lease
-        #: to the first one (None: not deferring).
-        self.defer_until: float | None = None
-        self.behind = False  # another candidate has waited longer
-        # The engine's watch on the live holder last seen, and who that was.
-        self._holder_watch: Watch | None = None
-        self._watched: Member | None = None
-
-    def holder_gone(self) -> bool:
-        """Whether the holder last seen alive has ended since (its watch says so), so that
-        the takeover's own proof of death may decide at once. Once only: the next look
-        reads the lease afresh."""
-        w = self._holder_watch
-        if w is None or not w.exited():
-            return False
-        self.close()
-        return True
-
-    def close(self) -> None:
-        if self._holder_watch is not None:
-            self._holder_watch.close()
-        self._holder_watch = self._watched = None
-
-    def takeable(self) -> bool:
-        store = self.store
-        backend = store.backend
-        rec = backend.leases.get(self.name)
-        self.pid = self.expires = None
-        if rec is None or rec.holder is None:
-            return True
-        if rec.expires_in is None or rec.expires_in < 0:
-            return True
-        self.expires = store.mono() + rec.expires_in
-        inst = backend.instances.get(rec.holder)
-        if inst is None or not backend.liveness.judge(inst)[0]:
-            return True
-        pid = backend.liveness.watchable_pid(inst)
-        if pid is not None and pid != os.getpid():
-            self.pid = pid
-            if self._watched != rec.holder:
-                self.close()
-                self._holder_watch, self._watched = backend.liveness.watch(inst), rec.holder
-        if self._on_wait is not None and self._told != (rec.holder, rec.term):
-            self._told = (rec.holder, rec.term)  # say it again when the holder changes
-            self._on_wait(LeaseInfo(
-                rec.name, rec.holder[0], rec.holder[1], rec.term, rec.ttl, rec.acquired_at,
-                rec.renewed_at, rec.expires_in, True, inst["pid"], rec.pgid))
-        return False
-
-
 def acquire(
     inst: Instance,
     name: str,
@@ -278,7 +225,7 @@ def acquire(
     lease = try_acquire(inst, name, ttl=ttl, on_lost=on_lost, renew=renew, grace=grace)
     if lease is not None:
         return lease
-    watch = _Watch(store, name, on_wait)
+    watch = LeaseWatch(store, name, on_wait)
     waiter: str | None = None
 
     def check() -> str | None:
@@ -556,7 +503,7 @@ class _ReaperDuty:
             self.lease = None
         if self.lease is None:
             # A cheap read first: only contend (a write) when it looks takeable.
-            if not _Watch(store, REAPER_LEASE).takeable():
+            if not LeaseWatch(store, REAPER_LEASE).takeable():
                 return
             self.lease = try_acquire(inst, REAPER_LEASE, renew=False)
             if self.lease is None:

@@ -70,9 +70,10 @@ def latest_version() -> int:
     """The schema version this code writes: the number of the last schema file. Read from
     the file names alone where the package is a directory: every open asks, and only an
     upgrade needs the SQL (and importlib.resources, slow to load)."""
-    from . import schema
+    from importlib.util import find_spec
 
-    where = os.path.dirname(getattr(schema, "__file__", None) or "")
+    spec = find_spec("coord.schema")
+    where = os.path.dirname(spec.origin) if spec is not None and spec.origin else ""
     try:
         names = os.listdir(where) if where else None
     except OSError:
