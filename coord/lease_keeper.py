@@ -261,6 +261,10 @@ class _Keeper:
 
     def _run_tasks(self, tasks: list[tuple[float, Callable[[], object]]]) -> None:
         for _, fn in tasks:
+            if self.inst.closed:  # its store may be closed too: the reaper does the rest
+                log.debug("%s closed: %d deferred lease tasks left to the reaper",
+                          self.inst.id, len(tasks))
+                return
             try:
                 fn()
             except Exception:
@@ -272,7 +276,7 @@ class _Keeper:
             with self.cond:
                 if self.inst.closed:
                     self.done = True
-                    left, tasks, self.tasks = list(self.leases), self.tasks, []
+                    left = list(self.leases)
                     break
                 now = store.mono()
                 tasks = [t for t in self.tasks if t[0] <= now]
@@ -290,7 +294,6 @@ class _Keeper:
             self._run_tasks(tasks)
             for lease in due:
                 lease._tick()
-        self._run_tasks(tasks)
         for lease in left:  # closing the instance released them (the death rule)
             lease._lose("instance closed")
 

@@ -12,7 +12,8 @@ The rules, each applied inside one short transaction:
   when its holder is dead (proof of death through ``instances.judge``, inside the takeover's
   transaction). ``acquire()`` returns as soon as the lease is taken; the whole death rule is
   applied to that holder just after, in the instance's lease keeper thread, as the reaper
-  would (at once when the holder's process tree must be ended first). A holder never
+  would (at once when the holder's process tree must be ended first; by the reaper when the
+  instance closes before). A holder never
   re-acquires a lease it already holds (leases are not re-entrant).
 - **renew** extends ``expires_mono`` only while the term is current and not yet expired. A
   holder renews every ``min(heartbeat, ttl/3)`` seconds and steps down by itself when it could
