@@ -53,7 +53,19 @@ class State:
             from coord.db import Store
 
             self._store = Store(self.db)
+            _OPENED.append(self._store)
         return self._store
+
+
+#: Every store the command opened, closed by ``close_stores`` before a quick exit.
+_OPENED: list[Any] = []
+
+
+def close_stores() -> None:
+    """Close the stores this invocation opened (the last connection to a database
+    checkpoints it, as when the interpreter's teardown closes them)."""
+    while _OPENED:
+        _OPENED.pop().close()
 
 
 def state(ctx: typer.Context) -> State:

@@ -11,7 +11,7 @@ import typer
 
 from coord.errors import EXIT_ERROR
 
-from ._common import State, error_line, json_errors
+from ._common import State, close_stores, error_line, json_errors
 
 # Which module defines each top-level command. Building every command costs tens of ms at
 # each start, so main() builds only the invoked one's module (all of them for help or an
@@ -32,8 +32,9 @@ MODULES = ("store_cmds", "instance_cmds", "process_cmds", "lease_cmds", "queue_c
            "message_cmds", "metrics_cmd", "demo_cmd", "watch_cmd")
 
 
-def build(modules: Sequence[str] = MODULES) -> typer.Typer:
-    """The typer app with the commands of ``modules`` (default: all)."""
+def build(modules: Sequence[str] = MODULES, words: Sequence[str] = ()) -> typer.Typer:
+    """The typer app with the commands of ``modules`` (default: all); with ``words`` (the
+    command words invoked, e.g. ``["queue", "put"]``) only the command they name."""
     import importlib
 
     app = typer.Typer(
@@ -51,7 +52,32 @@ def build(modules: Sequence[str] = MODULES) -> typer.Typer:
     app.callback()(_root)
     for name in modules:
         importlib.import_module(f"{__package__}.{name}").register(app)
-    return app
+    return _narrow(app, words)
+
+
+def _narrow(app: typer.Typer, words: Sequence[str]) -> typer.Typer:
+    """A copy of ``app`` holding only the command ``words`` name (a group: only its
+    subcommand the next word names). typer turns every command it holds into a click
+    command before running one, reading each signature: a command run alone need not pay
+    for its siblings. A word that names nothing, or a group without a subcommand word,
+    keeps everything: help, and click's own message for an unknown word, stay whole."""
+    import copy
+
+    if not words:
+        return app
+    commands = [c for c in app.registered_commands if c.name == words[0]]
+    groups = [g for g in app.registered_groups if g.name == words[0]]
+    if len(commands) + len(groups) != 1:
+        return app
+    narrow = copy.copy(app)
+    narrow.registered_commands = commands
+    narrow.registered_groups = []
+    for g in groups:
+        inner = copy.copy(g)
+        if g.typer_instance is not None:
+            inner.typer_instance = _narrow(g.typer_instance, words[1:])
+        narrow.registered_groups.append(inner)
+    return narrow
 
 
 def __getattr__(name: str) -> typer.Typer:
@@ -62,15 +88,21 @@ def __getattr__(name: str) -> typer.Typer:
     raise AttributeError(name)
 
 
-def _invoked(args: Sequence[str]) -> str | None:
-    """The top-level command word in ``args`` (skipping the global --db option)."""
+def _invoked(args: Sequence[str]) -> list[str]:
+    """The command words in ``args``: the top-level command (skipping the global --db
+    option) and the word after it that is not an option (a subcommand, if it is a group)."""
+    words: list[str] = []
     it = iter(args)
     for a in it:
-        if a == "--db":
+        if a == "--":
+            break
+        if a == "--db" and not words:
             next(it, None)
         elif not a.startswith("-"):
-            return a
-    return None
+            words.append(a)
+            if len(words) == 2:
+                break
+    return words
 
 
 def _version(value: bool) -> None:
@@ -148,8 +180,9 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     args = hoist_db(sys.argv[1:] if argv is None else list(argv))
     # --json (before any `--` that starts a CMD) makes usage errors JSON objects too.
     json_errors("--json" in (args[:args.index("--")] if "--" in args else args))
-    module = COMMANDS.get(_invoked(args) or "")
-    app = build((module,) if module else MODULES)
+    words = _invoked(args)
+    module = COMMANDS.get(words[0]) if words else None
+    app = build((module,), words) if module else build(MODULES)
     try:
         code = app(args=args, prog_name="coord", standalone_mode=False)
     except typer.Exit as e:
@@ -177,7 +210,33 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             where = getattr(ctx, "command_path", None) or "coord"
             error_line(f"{e.format_message()} (see '{where} --help')", code, "UsageError")
     # A command that returned normally gives None; typer.Exit(n) comes back as n.
-    sys.exit(code if isinstance(code, int) else 0)
+    code = code if isinstance(code, int) else 0
+    if argv is None:
+        _exit(code)
+    sys.exit(code)
+
+
+def _exit(code: int) -> NoReturn:
+    """End the process with ``code`` as the interpreter would — other threads awaited,
+    every atexit handler run (instances deregistered), the stores closed, the output
+    flushed — but without its teardown of every module and object, which costs ~10-15 ms
+    once typer and coord are loaded: most of what a command run in a loop pays above its
+    work. Anything out of the ordinary (a thread still running, output that cannot be
+    flushed) takes the interpreter's own exit."""
+    import atexit
+    import threading
+
+    me = threading.current_thread()
+    if any(t is not me and not t.daemon and t.is_alive() for t in threading.enumerate()):
+        sys.exit(code)
+    atexit._run_exitfuncs()
+    close_stores()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:
+        sys.exit(code)
+    os._exit(code)
 
 
 if __name__ == "__main__":

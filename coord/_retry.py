@@ -11,17 +11,9 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import apsw
-from tenacity import (
-    RetryError,
-    Retrying,
-    before_sleep_log,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_random_exponential,
-)
 
 from .errors import Busy
 
@@ -39,14 +31,36 @@ def on_busy(fn: Callable[[], T], *, seconds: float | None = None, path: str = ""
         return fn()
     except (apsw.BusyError, apsw.LockedError):
         pass
+    from tenacity import (
+        RetryError,
+        before_sleep_log,
+        retry_if_exception_type,
+        stop_after_delay,
+        wait_random_exponential,
+    )
+
     seconds = RETRY_SECONDS if seconds is None else seconds
-    retrying = Retrying(
+    # The module's Retrying (tests stand in for it), tenacity's once first asked for.
+    kind = globals().get("Retrying") or __getattr__("Retrying")
+    retrying = kind(
         retry=retry_if_exception_type((apsw.BusyError, apsw.LockedError)),
         wait=wait_random_exponential(multiplier=0.002, max=0.25),
         stop=stop_after_delay(seconds),
         before_sleep=before_sleep_log(log, logging.DEBUG),
     )
     try:
-        return retrying(fn)
+        result: T = retrying(fn)
+        return result
     except RetryError as e:
         raise Busy(seconds, path) from e.last_attempt.exception()
+
+
+def __getattr__(name: str) -> Any:
+    # tenacity is loaded on the first busy retry (or the first look at ``Retrying``): a
+    # process that never meets a busy database never imports it.
+    if name == "Retrying":
+        from tenacity import Retrying
+
+        globals()["Retrying"] = Retrying
+        return Retrying
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

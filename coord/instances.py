@@ -13,11 +13,9 @@ the heartbeat and the public API.
 from __future__ import annotations
 
 import atexit
-import getpass
 import json
 import logging
 import os
-import secrets
 import signal
 import socket
 import sys
@@ -68,7 +66,7 @@ def validate_name(value: str, what: str) -> str:
 def generate_id(app: str) -> str:
     """A readable unique id: ``<app>-<short random>``."""
     base = "".join(c if c in _ID_CHARS else "-" for c in app)[:60] or "coord"
-    return f"{base}-{secrets.token_hex(3)}"
+    return f"{base}-{os.urandom(3).hex()}"
 
 
 @dataclass(frozen=True)
@@ -355,7 +353,7 @@ def register(
     ttl = store.config.instance_ttl if ttl is None else ttl
     if ttl <= 0:
         raise InvalidArgument(f"ttl must be positive, got {ttl}")
-    token = secrets.token_hex(8)
+    token = os.urandom(8).hex()
     backend = store.backend
     proof = backend.liveness.prove(token, ttl)
     nudge_path = nudge.socket_path(str(store.side_dir("sock") / f"{token}.sock"))
@@ -414,6 +412,8 @@ def _cwd() -> str:
 
 def username() -> str:
     """This process's user name (its uid when it has none)."""
+    import getpass  # here: it loads the terminal modules, which no listing needs
+
     try:
         return getpass.getuser()
     except Exception:

@@ -236,17 +236,26 @@ class _Keeper:
     """Renews every held lease of one instance in one thread (one connection), and makes
     holders step down at their renew deadline — from a second thread that only reads the
     clock, so a renewal stuck in the driver (a server that stopped answering) cannot hold a
-    step-down back. Ends when the instance closes."""
+    step-down back; also runs the work a takeover leaves for after it has returned
+    (``later``). Ends when the instance closes."""
 
     def __init__(self, inst: Instance) -> None:
         self.inst = inst
         self.leases: list[Lease] = []
+        self.tasks: list[tuple[float, Callable[[], object]]] = []  # (when, what)
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name=f"coord-leases-{inst.id}")
         self.watchdog = threading.Thread(target=self._watch, daemon=True,
                                          name=f"coord-lease-deadlines-{inst.id}")
         self.done = False
+        self._wake_at = float("-inf")  # when the thread wakes by itself next
+
+    def _notify(self, when: float) -> None:
+        # Wake the thread only when it would otherwise sleep past ``when``: a takeover's
+        # caller then does not share the interpreter with a thread that has nothing to do.
+        if when < self._wake_at:
+            self.cond.notify()
 
     def start(self) -> None:
         self.thread.start()
@@ -256,13 +265,31 @@ class _Keeper:
         with self.cond:
             self.leases.append(lease)
             lease._keeper = self
-            self.cond.notify()
+            self._notify(lease._due())
 
     def remove(self, lease: Lease) -> None:
         with self.cond:
             if lease in self.leases:
                 self.leases.remove(lease)
             self.cond.notify()
+
+    def later(self, fn: Callable[[], object], delay: float) -> None:
+        """Run ``fn`` in this thread ``delay`` seconds from now (errors are logged)."""
+        with self.cond:
+            when = self.inst.store.mono() + delay
+            self.tasks.append((when, fn))
+            self._notify(when)
+
+    def _run_tasks(self, tasks: list[tuple[float, Callable[[], object]]]) -> None:
+        for _, fn in tasks:
+            if self.inst.closed:  # its store may be closed too: the reaper does the rest
+                log.debug("%s closed: %d deferred lease tasks left to the reaper",
+                          self.inst.id, len(tasks))
+                return
+            try:
+                fn()
+            except Exception:
+                log.exception("deferred lease work for %s failed", self.inst.id)
 
     def _run(self) -> None:
         store = self.inst.store
@@ -273,11 +300,19 @@ class _Keeper:
                     left = list(self.leases)
                     break
                 now = store.mono()
+                tasks = [t for t in self.tasks if t[0] <= now]
+                if tasks:
+                    self.tasks = [t for t in self.tasks if t[0] > now]
                 due = [lease for lease in self.leases if lease._due() <= now]
-                if not due:
-                    nxt = min((lease._due() for lease in self.leases), default=now + 1.0)
-                    self.cond.wait(timeout=min(max(nxt - now, 0.001), 1.0))
+                if not due and not tasks:
+                    nxt = min([lease._due() for lease in self.leases]
+                              + [t[0] for t in self.tasks], default=now + 1.0)
+                    timeout = min(max(nxt - now, 0.001), 1.0)
+                    self._wake_at = now + timeout
+                    self.cond.wait(timeout=timeout)
+                    self._wake_at = float("-inf")
                     continue
+            self._run_tasks(tasks)
             for lease in due:
                 lease._tick()
         for lease in left:  # closing the instance released them (the death rule)
@@ -310,12 +345,23 @@ _KEEPERS: weakref.WeakKeyDictionary[Instance, _Keeper] = weakref.WeakKeyDictiona
 _KEEPERS_LOCK = threading.Lock()
 
 
-def keep(lease: Lease) -> None:
-    inst = lease.instance
+def keeper(inst: Instance) -> _Keeper:
+    """The instance's keeper, started if it is not running (a waiting candidate starts it
+    before it takes over, so that the takeover does not wait for a thread to start)."""
     with _KEEPERS_LOCK:
         k = _KEEPERS.get(inst)
         if k is None or k.done or not k.thread.is_alive():
             k = _Keeper(inst)
             _KEEPERS[inst] = k
             k.start()
-    k.add(lease)
+    return k
+
+
+def keep(lease: Lease) -> None:
+    keeper(lease.instance).add(lease)
+
+
+def later(inst: Instance, fn: Callable[[], object], delay: float = 0.0) -> None:
+    """Run ``fn`` in the instance's keeper thread ``delay`` seconds from now, off the
+    caller's path."""
+    keeper(inst).later(fn, delay)

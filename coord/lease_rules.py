@@ -8,13 +8,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import secrets
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from . import nudge
-from .backend import LeaseRecord, LeaseTaken, Member
+from .backend import LeaseRecord, LeaseTaken, Member, Watch
 from .clock import boot_id
 from .db import Row, Store
 from .errors import CoordError
@@ -123,6 +123,66 @@ def list_leases(store: Store, *, held_only: bool = False) -> list[LeaseInfo]:
     return [i for i in out if i.held] if held_only else out
 
 
+class LeaseWatch:
+    """What a waiting candidate re-checks: can the lease be taken now? And who holds it."""
+
+    def __init__(self, store: Store, name: str,
+                 on_wait: Callable[[LeaseInfo], None] | None = None) -> None:
+        self.store, self.name = store, name
+        self.pid: int | None = None
+        self.expires: float | None = None  # store.mono() when the holder's TTL runs out
+        self._on_wait = on_wait
+        self._told: tuple[Member, int | None] | None = None
+        #: store.mono() until which a waiter that is not the first leaves a takeable lease
+        #: to the first one (None: not deferring).
+        self.defer_until: float | None = None
+        self.behind = False  # another candidate has waited longer
+        # The engine's watch on the live holder last seen, and who that was.
+        self._holder_watch: Watch | None = None
+        self._watched: Member | None = None
+
+    def holder_gone(self) -> bool:
+        """Whether the holder last seen alive has ended since (its watch says so), so that
+        the takeover's own proof of death may decide at once. Once only: the next look
+        reads the lease afresh."""
+        w = self._holder_watch
+        if w is None or not w.exited():
+            return False
+        self.close()
+        return True
+
+    def close(self) -> None:
+        if self._holder_watch is not None:
+            self._holder_watch.close()
+        self._holder_watch = self._watched = None
+
+    def takeable(self) -> bool:
+        store = self.store
+        backend = store.backend
+        rec = backend.leases.get(self.name)
+        self.pid = self.expires = None
+        if rec is None or rec.holder is None:
+            return True
+        if rec.expires_in is None or rec.expires_in < 0:
+            return True
+        self.expires = store.mono() + rec.expires_in
+        inst = backend.instances.get(rec.holder)
+        if inst is None or not backend.liveness.judge(inst)[0]:
+            return True
+        pid = backend.liveness.watchable_pid(inst)
+        if pid is not None and pid != os.getpid():
+            self.pid = pid
+            if self._watched != rec.holder:
+                self.close()
+                self._holder_watch, self._watched = backend.liveness.watch(inst), rec.holder
+        if self._on_wait is not None and self._told != (rec.holder, rec.term):
+            self._told = (rec.holder, rec.term)  # say it again when the holder changes
+            self._on_wait(LeaseInfo(
+                rec.name, rec.holder[0], rec.holder[1], rec.term, rec.ttl, rec.acquired_at,
+                rec.renewed_at, rec.expires_in, True, inst["pid"], rec.pgid))
+        return False
+
+
 # -- the rules, each one transaction --------------------------------------------------------
 
 
@@ -130,19 +190,23 @@ def take(store: Store, inst: Instance, name: str, ttl: float) -> LeaseTaken | st
     """Take the lease if it is free, expired, or its holder is dead (one transaction).
 
     Returns the taken term, else the current holder's id; raises ``NotRegistered`` when
-    ``inst`` is no longer a live registered instance. A holder proven dead is buried right
-    after (the death rule), so failover does not wait for it."""
-    backend = store.backend
-    taken = backend.leases.take((inst.id, inst.incarnation), name, ttl)
-    if isinstance(taken, LeaseTaken) and taken.dead is not None:
-        id, incarnation, verdict = taken.dead
-        try:
-            row = backend.instances.get((id, incarnation))
-            if row is not None:
-                bury_dead(store, [row], verdict)
-        except CoordError as e:  # the reaper will do it; the lease is ours either way
-            inst.log.warning("could not bury %s#%d: %s", id, incarnation, e)
-    return taken
+    ``inst`` is no longer a live registered instance. A holder proven dead is named in the
+    result (``dead``) and buried by ``bury_previous`` after, so failover does not wait for it."""
+    return store.backend.leases.take((inst.id, inst.incarnation), name, ttl)
+
+
+def bury_previous(store: Store, inst: Instance, taken: LeaseTaken) -> None:
+    """Apply the death rule to the previous holder that ``take`` proved dead (its own
+    transaction, which re-checks the death); the reaper does it when this fails."""
+    if taken.dead is None:
+        return
+    id, incarnation, verdict = taken.dead
+    try:
+        row = store.backend.instances.get((id, incarnation))
+        if row is not None:
+            bury_dead(store, [row], verdict)
+    except CoordError as e:  # the reaper will do it; the lease is ours either way
+        inst.log.warning("could not bury %s#%d: %s", id, incarnation, e)
 
 
 def release(store: Store, name: str, term: int, holder: Member | None, reason: str,
@@ -194,8 +258,11 @@ def record_group(store: Store, name: str, term: int, pgid: int | None, token: in
 
 
 # -- waking waiting candidates --------------------------------------------------------------
-# A waiter leaves a symlink to its nudge socket in <db>.d/waiters, named after the lease; a
-# releasing holder nudges them. Only a hint: waiters also poll data_version.
+# A waiter leaves a symlink to its nudge socket in <db>.d/waiters, named after the lease and
+# stamped with CLOCK_MONOTONIC (one clock for every process of the host): the live waiter
+# with the oldest stamp is the one a release wakes and the one that takes over from a dead
+# holder; the others watch it and re-check when the database changes. Only a hint: waiters
+# also poll data_version.
 
 
 def waiter_prefix(name: str) -> str:
@@ -205,8 +272,8 @@ def waiter_prefix(name: str) -> str:
 def add_waiter(inst: Instance, name: str) -> str | None:
     pid = os.getpid()
     tok = start_token(pid)
-    path = str(inst.store.side_dir("waiters") /
-               f"{waiter_prefix(name)}{pid}.{tok}.{secrets.token_hex(4)}")
+    stamp = f"{time.monotonic_ns():016x}{os.urandom(2).hex()}"
+    path = str(inst.store.side_dir("waiters") / f"{waiter_prefix(name)}{pid}.{tok}.{stamp}")
     try:
         os.symlink(inst.nudge_path, path)
     except OSError:
@@ -222,28 +289,38 @@ def remove_waiter(path: str | None) -> None:
             pass
 
 
-def nudge_waiters(store: Store, name: str) -> None:
-    """Wake the candidates waiting for ``name``; forget those whose process is gone."""
+def first_waiter(store: Store, name: str) -> tuple[str, int] | None:
+    """The live waiter of ``name`` that has waited longest: (its path, its pid), or None.
+    Waiters whose process is gone are forgotten on the way."""
+    d = store.side_dir("waiters")
+    prefix = waiter_prefix(name)
+    found: list[tuple[str, str, int, int]] = []
     try:
-        d = store.side_dir("waiters")
-        prefix = waiter_prefix(name)
-        live: list[str] = []
         with os.scandir(d) as it:
             for entry in it:
-                if not entry.name.startswith(prefix):
-                    continue
-                try:
-                    _, pid, tok, _ = entry.name.split(".")
-                    ok = still_running(ProcIdentity(boot_id(), int(pid), int(tok)))
-                except ValueError:
-                    ok = False
-                if ok:
-                    live.append(entry.path)
-                else:
-                    remove_waiter(entry.path)
-        nudge.nudge(live)
-    except OSError as e:  # a hint only
-        log.debug("nudging waiters of %r failed: %s", name, e)
+                if entry.name.startswith(prefix):
+                    parts = entry.name.split(".")
+                    try:
+                        found.append((parts[3], entry.path, int(parts[1]), int(parts[2])))
+                    except (IndexError, ValueError):
+                        remove_waiter(entry.path)
+    except OSError as e:  # a hint only: every waiter then acts as the first
+        log.debug("listing the waiters of %r failed: %s", name, e)
+        return None
+    me = os.getpid()
+    for _, path, pid, tok in sorted(found):
+        if pid == me or still_running(ProcIdentity(boot_id(), pid, tok)):
+            return path, pid
+        remove_waiter(path)
+    return None
+
+
+def nudge_waiters(store: Store, name: str) -> None:
+    """Wake the candidate that has waited longest for ``name`` (the others see the change
+    and re-check); forget those whose process is gone."""
+    first = first_waiter(store, name)
+    if first is not None:
+        nudge.nudge([first[0]])
 
 
 def holder_of(store: Store, name: str) -> str | None:

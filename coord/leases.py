@@ -9,20 +9,27 @@ row per term held, the history that proves one holder per term.
 The rules, each applied inside one short transaction:
 
 - **acquire** takes the lease when it is free, when its TTL has passed (a hung holder), or
-  when its holder is dead (proof of death through ``instances.judge``: the whole death rule is
-  then applied to that holder at once, as the reaper would). A holder never re-acquires a
-  lease it already holds (leases are not re-entrant).
+  when its holder is dead (proof of death through ``instances.judge``, inside the takeover's
+  transaction). ``acquire()`` returns as soon as the lease is taken; the whole death rule is
+  applied to that holder just after, in the instance's lease keeper thread, as the reaper
+  would (at once when the holder's process tree must be ended first; by the reaper when the
+  instance closes before). A holder never
+  re-acquires a lease it already holds (leases are not re-entrant).
 - **renew** extends ``expires_mono`` only while the term is current and not yet expired. A
   holder renews every ``min(heartbeat, ttl/3)`` seconds and steps down by itself when it could
   not renew for ``min(renew_deadline, 2/3 ttl)`` — always before others may take the lease
   over by its TTL.
 - **fenced writes** run the caller's SQL in the same transaction only while the term is
   current and unexpired; otherwise they raise ``LeaseLost(name, term)``.
-- **release** hands over at once: waiting candidates are nudged.
+- **release** hands over at once: the candidate that has waited longest is nudged.
 
 Waiting is cheap and wakes fast (``coord.nudge.wait_for``): a candidate re-checks when the
-database changes, when a releasing holder nudges it, when the holder's process exits (pidfd)
-or when the lease's TTL runs out. Expiry is the engine's clock (SQLite: CLOCK_MONOTONIC).
+database changes, when a releasing holder nudges it, when the process it watches exits
+(pidfd) or when the lease's TTL runs out. Only the candidate that has waited longest watches
+the holder (and takes over the moment the holder's process ends, the takeover proving the
+death); every other one watches that candidate, re-checks when the database changes and now
+and then, and takes a takeable lease itself only when the first one has not within
+``WAITER_DEFER``. Expiry is the engine's clock (SQLite: CLOCK_MONOTONIC).
 
 A lease is a hint unless the work it guards is fenced: pass ``lease.term`` along and use
 ``lease.write()`` (or check ``lease.held`` before every step) so that a holder that was
@@ -64,13 +71,16 @@ from .db import Store
 from .errors import CoordError, InvalidArgument, LeaseNotAcquired, NotFound, NotRegistered
 from .identity import ProcIdentity
 from .instances import Instance
-from .lease_keeper import Lease, LostCallback, keep
+from .lease_keeper import Lease, LostCallback, keep, keeper, later
 from .lease_rules import (
     REAPER_LEASE,
     LeaseInfo,
+    LeaseWatch,
     add_waiter,
+    bury_previous,
     fenced_batch,
     fenced_write,
+    first_waiter,
     get_lease,
     holder_of,
     list_leases,
@@ -99,6 +109,15 @@ log = logging.getLogger("coord.leases")
 
 #: The waiters' file-name prefix of a lease (kept under its old name for the benchmark).
 _waiter_prefix = waiter_prefix
+
+#: How long a waiter that is not the first leaves a takeable lease to the first one before
+#: it takes it itself (the first one may be stopped or slow; seconds).
+WAITER_DEFER = 0.05
+#: How long after a takeover the dead holder is buried (seconds): long enough that the new
+#: holder's first steps do not share the interpreter with the burial's thread.
+BURY_DELAY = 0.01
+#: How often a waiter that is not the first re-checks without news (seconds).
+BEHIND_RECHECK = 0.25
 
 # -- acquiring --------------------------------------------------------------------------------
 
@@ -163,51 +182,22 @@ def try_acquire(
         return None
     lease = Lease(inst, name, got.term, ttl, t0, on_lost=[on_lost] if on_lost else [],
                   previous_holder=got.previous_holder)
-    inst.log.info("acquired lease %r term %d", name, got.term)
     if renew:
         keep(lease)
-    if got.previous_group is not None or got.previous_tree is not None:
+    settle = got.previous_group is not None or got.previous_tree is not None
+    if got.dead is not None:
+        if settle:  # the tree is ended from the dead holder's records: bury it first
+            bury_previous(store, inst, got)
+        else:  # off the caller's path: the lease is ours, readers see the holder dead
+            later(inst, lambda: bury_previous(store, inst, got), BURY_DELAY)
+    inst.log.info("acquired lease %r term %d", name, got.term)
+    if settle:
         try:
             _settle_previous_group(lease, got.previous_group, got.previous_tree, grace)
         except BaseException:
             lease.release()
             raise
     return lease
-
-
-class _Watch:
-    """What a waiting candidate re-checks: can the lease be taken now? And who holds it."""
-
-    def __init__(self, store: Store, name: str,
-                 on_wait: Callable[[LeaseInfo], None] | None = None) -> None:
-        self.store, self.name = store, name
-        self.pid: int | None = None
-        self.expires: float | None = None  # store.mono() when the holder's TTL runs out
-        self._on_wait = on_wait
-        self._told: tuple[Member, int | None] | None = None
-
-    def takeable(self) -> bool:
-        store = self.store
-        backend = store.backend
-        rec = backend.leases.get(self.name)
-        self.pid = self.expires = None
-        if rec is None or rec.holder is None:
-            return True
-        if rec.expires_in is None or rec.expires_in < 0:
-            return True
-        self.expires = store.mono() + rec.expires_in
-        inst = backend.instances.get(rec.holder)
-        if inst is None or not backend.liveness.judge(inst)[0]:
-            return True
-        pid = backend.liveness.watchable_pid(inst)
-        if pid is not None and pid != os.getpid():
-            self.pid = pid
-        if self._on_wait is not None and self._told != (rec.holder, rec.term):
-            self._told = (rec.holder, rec.term)  # say it again when the holder changes
-            self._on_wait(LeaseInfo(
-                rec.name, rec.holder[0], rec.holder[1], rec.term, rec.ttl, rec.acquired_at,
-                rec.renewed_at, rec.expires_in, True, inst["pid"], rec.pgid))
-        return False
 
 
 def acquire(
@@ -236,13 +226,34 @@ def acquire(
     lease = try_acquire(inst, name, ttl=ttl, on_lost=on_lost, renew=renew, grace=grace)
     if lease is not None:
         return lease
-    watch = _Watch(store, name, on_wait)
-    waiter = None
+    watch = LeaseWatch(store, name, on_wait)
+    waiter: str | None = None
 
     def check() -> str | None:
         if cancel is not None and cancel.is_set():
             return "cancel"
-        return "go" if watch.takeable() else None
+        if watch.holder_gone() and waiter is not None and not watch.behind:
+            return "go"  # the first waiter: take over now, the takeover proves the death
+        takeable = watch.takeable()
+        if waiter is None:
+            return "go" if takeable else None
+        first = first_waiter(store, name)
+        watch.behind = first is not None and first[0] != waiter
+        if first is None or not watch.behind:
+            watch.defer_until = None
+            return "go" if takeable else None
+        # Another candidate waits longer: it is the one woken (by the holder's death, which
+        # only it watches, or by the release nudge); this one watches that candidate instead.
+        if first[1] != os.getpid():
+            watch.pid = first[1]
+        if not takeable:
+            watch.defer_until = None
+            return None
+        now = store.mono()
+        if watch.defer_until is None:
+            watch.defer_until = now + WAITER_DEFER
+            return "defer"
+        return "go" if now >= watch.defer_until else None
 
     try:
         while True:
@@ -253,21 +264,27 @@ def acquire(
                 raise LeaseNotAcquired(name, holder_of(store, name))
             if waiter is None:
                 waiter = add_waiter(inst, name)
+                keeper(inst)  # started now, so that taking over does not wait for it
             # Wake at the latest when the TTL runs out (time alone moves no data_version).
             slice_ = 1.0 if deadline is None else min(1.0, deadline - now)
             if watch.expires is not None:
                 slice_ = max(0.0005, min(slice_, watch.expires - now + 0.0005))
+            if watch.behind:  # re-check now and then, in case the first one is stopped
+                slice_ = min(slice_, BEHIND_RECHECK)
+            if watch.defer_until is not None:
+                slice_ = max(0.0005, min(slice_, watch.defer_until - now + 0.0005))
             why = store.backend.wakeup.wait_for(
                 check, slice_, sock=inst.sock, watch_pids=lambda: [watch.pid] if watch.pid else [])
             if why == "cancel":
                 raise LeaseNotAcquired(name, holder_of(store, name))
-            if why is None:
+            if why is None or why == "defer":
                 continue
             lease = try_acquire(inst, name, ttl=ttl, on_lost=on_lost, renew=renew, grace=grace)
             if lease is not None:
                 return lease
     finally:
         remove_waiter(waiter)
+        watch.close()
 
 
 # -- an operator's release ------------------------------------------------------------------
@@ -487,7 +504,7 @@ class _ReaperDuty:
             self.lease = None
         if self.lease is None:
             # A cheap read first: only contend (a write) when it looks takeable.
-            if not _Watch(store, REAPER_LEASE).takeable():
+            if not LeaseWatch(store, REAPER_LEASE).takeable():
                 return
             self.lease = try_acquire(inst, REAPER_LEASE, renew=False)
             if self.lease is None:

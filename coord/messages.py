@@ -345,12 +345,15 @@ class Mailbox:
         backend = self.store.backend
         row = backend.messages.request(self._me, mid, to, topic, text, timeout)
         peer = _Peer(self.store, row)
+        first = [True]  # the request's own transaction has just seen the recipient registered
         try:
             def check() -> MessageRecord | bool | None:
-                got, registered = self._poll([mid], [peer])
+                got, registered = self._poll([mid], [] if first[0] else [peer])
                 if got:
                     return got[0]
-                return True if peer.dead(registered is not None and peer.id in registered) else None
+                seen = first[0] or (registered is not None and peer.id in registered)
+                first[0] = False
+                return True if peer.dead(seen) else None
 
             found = backend.wakeup.wait_for(check, timeout, sock=self.sock,
                                             watch_pids=peer.pids, channels=self._inbox)

@@ -179,11 +179,12 @@ def end_tree(members: Iterable[ProcIdentity], groups: Iterable[ProcIdentity], gr
     members, groups = list(members), list(groups)
     pinned: dict[ProcIdentity, int] = {}
     denied = False
+    signalled = False  # something ran and was signalled (it may die before the next look)
 
     def sweep(sigs: Sequence[int], *, all_: bool) -> int:
         """Signal every live process of the tree that has not had ``sigs`` yet (``all_``:
         every one); return how many are live."""
-        nonlocal denied
+        nonlocal denied, signalled
         if reap is not None:
             reap()
         live = collect([*members, *pinned], groups, adopted_since)
@@ -198,14 +199,16 @@ def end_tree(members: Iterable[ProcIdentity], groups: Iterable[ProcIdentity], gr
             if fresh or all_:
                 for sig in sigs:
                     try:
-                        _send(fd, sig)
+                        if _send(fd, sig) and sig != signal.SIGCONT:
+                            signalled = True
                     except PermissionError:
                         denied = True
         return sum(1 for i in live if still_running(i))
 
     try:
         if not sweep((signal.SIGTERM, signal.SIGCONT), all_=True):
-            return DENIED if denied else GONE
+            # Nothing left: either nothing ran, or the TERM ended it before the count.
+            return DENIED if denied else TERMINATED if signalled else GONE
         deadline = time.monotonic() + max(0.0, grace)
         pause = 0.005
         while time.monotonic() < deadline:

@@ -23,9 +23,10 @@ EXPECTED = {
     "queue": {"coord", "minimal queue", "coord's schema, raw", "persist-queue", "litequeue",
               "huey (no ack)", "file-per-job dir", "persist-queue (4 threads)"},
     "messages": {"coord", "pipe", "file-per-message dir"},
-    "failover": {"coord", "kernel lock (F_SETLKW)", "filelock", "TTL lease row"},
+    "failover": {"coord", "kernel lock (F_SETLKW)", "kernel lock (F_SETLKW), coord-sized processes",
+                 "filelock", "TTL lease row"},
     "registry": {"coord", "file-per-PID"},
-    "cli": {"coord instances --json", 'coord sql "select 1"', "python -c pass",
+    "cli": {"coord instances --json", "coord queue put", 'coord sql "select 1"', "python -c pass",
             'python -c "import typer"'},
 }
 

@@ -284,6 +284,47 @@ def test_five_candidates_thirty_kills(db_path: Path, tmp_path: Path,
     store.close()
 
 
+# A holder with something the death rule releases: an ephemeral key.
+KEYED_HOLDER = """
+import os, sys, time, coord
+from coord import kv
+from coord.leases import acquire
+store = coord.Store(os.environ["COORD_DB"])
+inst = coord.register(store, app="keyed")
+kv.set(store, "keyed/" + inst.id, 1, owner=inst)
+acquire(inst, sys.argv[1])
+print("acquired", inst.id, flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_takeover_buries_the_dead_holder_after_returning(
+        db_path: Path, children: list[subprocess.Popen[Any]]) -> None:
+    """acquire() returns once the lease is taken from a SIGKILLed holder; the death rule is
+    applied to that holder right after by the new holder itself (no reaper runs here): its
+    ephemeral key goes, its row leaves the living, and only one holder is on record."""
+    store = coord.Store(db_path)
+    me = _register(store)
+    p = spawn_python(KEYED_HOLDER, "bury/L", db=db_path)
+    children.append(p)
+    dead_id = wait_line(p, "acquired").split()[1]
+    waiting = threading.Thread(target=lambda: got.append(acquire(me, "bury/L", timeout=60)))
+    got: list[Any] = []
+    waiting.start()
+    p.kill()
+    p.wait()
+    waiting.join(60)
+    assert got and got[0].held and get_lease(store, "bury/L").holder == me.id
+    wait_until(lambda: store.value("SELECT count(*) FROM kv WHERE key = ?",
+                                   (f"keyed/{dead_id}",)) == 0)
+    wait_until(lambda: not store.rows("SELECT 1 FROM instances WHERE id = ? AND status = 'alive'",
+                                      (dead_id,)))
+    got[0].release()
+    me.close()
+    store.close()
+
+
 def test_sigstopped_holder_loses_after_ttl_not_before(
     db_path: Path, children: list[subprocess.Popen[Any]]
 ) -> None:

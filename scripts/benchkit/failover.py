@@ -24,6 +24,7 @@ from .harness import (
     start_worker,
     stderr_tail,
     stop_worker,
+    wait_line,
     worker,
 )
 
@@ -46,7 +47,15 @@ def w_fo_candidate(spec: dict[str, Any]) -> None:
         print("acquired", mono(), flush=True)
         while True:
             time.sleep(1)
-    elif impl == "kernel lock (F_SETLKW)":
+    elif impl in ("kernel lock (F_SETLKW)", SIZED_KERNEL):
+        if impl == SIZED_KERNEL:
+            # As big as a coord holder: coord loaded, registered (heartbeat), holding a lease
+            # of its own (keeper); its death is what a coord waiter waits out.
+            import coord
+            from coord.leases import acquire
+            store = coord.Store(d / "coord.db")
+            inst = coord.register(store, app="bench")
+            acquire(inst, f"bench/own-{os.getpid()}")
         fd = os.open(d / "lock", os.O_RDWR | os.O_CREAT, 0o600)
         print("waiting", flush=True)
         fcntl.lockf(fd, fcntl.LOCK_EX)  # F_SETLKW: the kernel wakes us when it is free
@@ -84,7 +93,10 @@ def w_fo_candidate(spec: dict[str, Any]) -> None:
         raise SystemExit(f"unknown impl {impl}")
 
 
-FAILOVER_IMPLS = ["coord", "kernel lock (F_SETLKW)", "filelock", "TTL lease row"]
+#: The kernel lock again, every candidate as big as a coord one: what the kernel's own
+#: handover costs when the process that dies is the size of coord's.
+SIZED_KERNEL = "kernel lock (F_SETLKW), coord-sized processes"
+FAILOVER_IMPLS = ["coord", "kernel lock (F_SETLKW)", SIZED_KERNEL, "filelock", "TTL lease row"]
 CANDIDATES = 3
 
 
@@ -204,6 +216,48 @@ def failover_trials(impl: str, d: Path, trials: int) -> list[float]:
     return out
 
 
+def takeover_alone(d: Path, trials: int) -> tuple[list[float], list[float]]:
+    """The takeover transaction on its own, without the wait before it: µs of coord's
+    ``try_acquire()`` of a lease whose holder was SIGKILLed and has exited (the takeover,
+    proof of death included, until the Lease is returned), and of the minimal lease row's
+    takeover transaction (BEGIN IMMEDIATE, one UPDATE, COMMIT)."""
+    import coord
+    from coord.leases import try_acquire
+    store = coord.Store(d / "coord.db")
+    me = coord.register(store, "bench-takeover", app="bench", heartbeat=False,
+                        handle_signals=False)
+    c = raw_connection(d / "alone.db")
+    c.execute("CREATE TABLE lease (name TEXT PRIMARY KEY, holder TEXT, expires REAL)")
+    c.execute("INSERT INTO lease VALUES (?, '', 0)", (LEASE,))
+    ours, raw = [], []
+    try:
+        for _ in range(trials):
+            p = start_worker("fo_candidate", impl="coord", dir=str(d))
+            try:
+                wait_line(p, "acquired")
+            finally:
+                stop_worker(p)  # SIGKILL, then reaped: its pid is gone
+            t = time.perf_counter()
+            lease = try_acquire(me, LEASE)
+            ours.append((time.perf_counter() - t) * 1e6)
+            if lease is None:
+                raise WorkerFailed("coord: the dead holder's lease was not taken")
+            lease.release()
+            now = mono()
+            t = time.perf_counter()
+            c.execute("BEGIN IMMEDIATE")
+            c.execute("UPDATE lease SET holder = ?, expires = ? WHERE name = ? AND expires < ?",
+                      ("bench", now + TTL, LEASE, now))
+            c.execute("COMMIT")
+            raw.append((time.perf_counter() - t) * 1e6)
+            c.execute("UPDATE lease SET expires = 0")
+    finally:
+        c.close()
+        me.close()
+        store.close()
+    return ours, raw
+
+
 def _coord_waiters(d: Path) -> int:
     """How many coord candidates have set up their wait on LEASE."""
     from coord.leases import _waiter_prefix
@@ -219,6 +273,8 @@ def section_failover(ctx: Context) -> list[Result]:
         "coord": "acquire() waits on the holder's pidfd and a nudge; proof of death by its "
                  "record lock",
         "kernel lock (F_SETLKW)": "lockf(LOCK_EX) blocked in the kernel",
+        SIZED_KERNEL: "the same, each candidate also registered with coord and holding a "
+                      "lease of its own",
         "filelock": "FileLock.acquire() at its default 0.05 s poll",
         "TTL lease row": f"{TTL:.0f} s TTL renewed every {TTL_RENEW} s, polled every "
                          f"{TTL_POLL * 1000:.0f} ms",
@@ -236,4 +292,18 @@ def section_failover(ctx: Context) -> list[Result]:
                           sum(lat) / 1e6, lat, limit=impl == "kernel lock (F_SETLKW)",
                           coord=impl == "coord", note=f"{CANDIDATES} candidates; "
                           + notes[impl], error=err))
+    work = "takeover transaction alone (holder already dead)"
+    ours: list[float] = []
+    raw: list[float] = []
+    err = None
+    try:
+        ours, raw = takeover_alone(ctx.fresh_dir("fo-alone"), s.kills)
+    except (WorkerFailed, OSError) as e:
+        err = str(e)
+    out.append(Result("failover", work, "coord", len(ours), sum(ours) / 1e6, ours, coord=True,
+                      note="try_acquire() of a SIGKILLed holder's lease, after its exit",
+                      error=err))
+    out.append(Result("failover", work, "TTL lease row", len(raw), sum(raw) / 1e6, raw,
+                      limit=True, note="BEGIN IMMEDIATE; UPDATE the row; COMMIT",
+                      error=err))
     return out

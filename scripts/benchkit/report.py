@@ -52,6 +52,9 @@ TARGETS = [
     Target("cli", "coord instances --json cold start ≤ 4 × python -c pass",
            "cold start: coord instances --json", "coord instances --json", 4.0,
            "python -c pass", at_most=True),
+    Target("cli", "coord queue put cold start ≤ 4 × python -c pass",
+           "cold start: coord queue put", "coord queue put", 4.0, "python -c pass",
+           at_most=True),
 ]
 
 

@@ -24,11 +24,18 @@ def free_term(c: apsw.Connection, name: str, term: int, reason: str, now_wall: f
         return False
     c.execute("UPDATE leases SET holder_id = NULL, holder_incarnation = NULL, expires_mono = NULL "
               "WHERE name = ?", (name,))
+    end_term(c, name, term, str(rows[0][0]), reason, now_wall, **detail)
+    return True
+
+
+def end_term(c: apsw.Connection, name: str, term: int, holder_id: str, reason: str,
+             now_wall: float, **detail: Any) -> None:
+    """The history part of freeing a term (its lease_terms row and event), for a caller
+    that rewrites the leases row itself in the same transaction (a takeover)."""
     c.execute("UPDATE lease_terms SET released_at = ?, reason = ? WHERE name = ? AND term = ?",
               (now_wall, reason, name, term))
     kind = "lease expired" if reason == "expired" else "lease released"
-    log_event(c, now_wall, kind, str(rows[0][0]), name, term=term, reason=reason, **detail)
-    return True
+    log_event(c, now_wall, kind, holder_id, name, term=term, reason=reason, **detail)
 
 
 def free_held(c: apsw.Connection, members: Sequence[Member], reason: str,

@@ -18,7 +18,7 @@ from ...errors import LeaseLost, NotRegistered
 from ..records import LeaseRecord, LeaseTaken, Member
 from .clock import MonotonicClock
 from .events import log_event
-from .lease_rows import expire_lapsed, free_held, free_term
+from .lease_rows import end_term, expire_lapsed, free_held, free_term
 from .liveness import SqliteLiveness
 
 if TYPE_CHECKING:
@@ -121,7 +121,8 @@ class SqliteLeases:
                     reason = verdict
                 else:
                     return str(row["holder_id"])
-                free_term(c, name, row["term"], reason, now_wall)
+                # The UPDATE below rewrites the row: only the term's history is ended here.
+                end_term(c, name, row["term"], previous, reason, now_wall)
             term = next_counter(c, "term")
             expires = now_mono + ttl
             if row is None:

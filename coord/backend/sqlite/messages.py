@@ -42,6 +42,27 @@ _PEEK = (
 )
 
 
+# A request's one look: the recipient (what watching and judging it needs) and whether the
+# asker itself is still registered.
+_ASK_LOOK = (
+    "SELECT id, incarnation, status, pid, pidns, boot_id, start_token, heartbeat_mono, ttl, "
+    "nudge_path, EXISTS (SELECT 1 FROM instances WHERE id = ?2 AND incarnation = ?3 "
+    "AND status = 'alive') AS me_alive FROM instances WHERE id = ?1"
+)
+
+# A reply takes its request (only while the replier is registered) and, in the same
+# statement, the nudge path of the requester if it is still registered ('' without one,
+# NULL when it is not).
+_ANSWER = (
+    "DELETE FROM messages WHERE id = ?1 AND recipient_id = ?2 AND kind = 'request' "
+    "AND EXISTS (SELECT 1 FROM instances WHERE id = ?2 AND incarnation = ?3 "
+    "AND status = 'alive') "
+    "RETURNING sender_id, sender_incarnation, topic, correlation_id, expires_mono, "
+    "(SELECT coalesce(i.nudge_path, '') FROM instances AS i WHERE i.id = messages.sender_id "
+    "AND i.incarnation = messages.sender_incarnation AND i.status = 'alive') AS asker"
+)
+
+
 def _record(row: Row) -> MessageRecord:
     return MessageRecord(
         id=row["id"], kind=row["kind"], sender_id=row["sender_id"],
@@ -159,9 +180,9 @@ class SqliteMessages:
     def request(self, me: Member, id: str, to: str, topic: str, payload: str,
                 ttl: float) -> Row:
         def txn(c: apsw.Connection) -> Row:
-            _check_me(c, me)
-            rows = fetch(c, "SELECT id, incarnation, status, pid, pidns, boot_id, start_token, "
-                            "heartbeat_mono, ttl, nudge_path FROM instances WHERE id = ?", (to,))
+            rows = fetch(c, _ASK_LOOK, (to, *me))
+            if not rows or not rows[0].pop("me_alive"):
+                _check_me(c, me)  # raises when it is us who is not registered
             if not rows:
                 raise NotFound("instance", to)
             if rows[0]["status"] != "alive":
@@ -189,14 +210,9 @@ class SqliteMessages:
 
     def reply(self, me: Member, request_id: str, id: str, payload: str) -> bool:
         def txn(c: apsw.Connection) -> tuple[bool, str | None]:
-            _check_me(c, me)
-            got = fetch(
-                c,
-                "DELETE FROM messages WHERE id = ? AND recipient_id = ? AND kind = 'request' "
-                "RETURNING sender_id, sender_incarnation, topic, correlation_id, expires_mono",
-                (request_id, me[0]),
-            )
+            got = fetch(c, _ANSWER, (request_id, *me))
             if not got:
+                _check_me(c, me)  # raises when it is us who is not registered
                 other = c.execute("SELECT kind FROM messages WHERE id = ? AND recipient_id = ?",
                                   (request_id, me[0])).fetchall()
                 if other:
@@ -204,18 +220,13 @@ class SqliteMessages:
                                           "request: only requests take a reply")
                 return False, None
             req = got[0]
-            asker = c.execute(
-                "SELECT nudge_path FROM instances WHERE id = ? AND incarnation = ? "
-                "AND status = 'alive'",
-                (req["sender_id"], req["sender_incarnation"]),
-            ).fetchall()
-            if not asker:
+            if req["asker"] is None:  # the requester is gone: nobody waits for the answer
                 return False, None
             ttl = max(req["expires_mono"] - self._clock.now(), 1.0)
             self._insert(c, me, id=id, kind="reply", to=req["sender_id"], topic=req["topic"],
                          payload=payload, correlation_id=req["correlation_id"] or request_id,
                          reply_to=None, ttl=ttl)
-            return True, str(asker[0][0]) if asker[0][0] else None
+            return True, str(req["asker"]) or None
 
         ok, path = self._write(me, txn)
         if ok:
@@ -312,6 +323,8 @@ class SqliteMessages:
                     "AND correlation_id IN (SELECT value FROM json_each(?))",
                     (me[0], _ids_json(request_ids)))
             if not rows:
+                if not peers:
+                    return [], set()
                 if len(peers) == 1:
                     found = conn.execute(
                         "SELECT id FROM instances WHERE id = ? AND incarnation = ? "

@@ -25,7 +25,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import apsw
@@ -46,6 +45,8 @@ _HEADER = b"SQLite format 3\x00"
 
 @functools.cache
 def _migrations() -> tuple[tuple[int, str, str], ...]:
+    from importlib import resources
+
     found = []
     for entry in resources.files("coord.schema.sqlite").iterdir():
         m = re.fullmatch(r"(\d{3})_\w+\.sql", entry.name)
@@ -66,9 +67,25 @@ def migrations() -> list[tuple[int, str, str]]:
     return list(_migrations())
 
 
+@functools.cache
 def latest_version() -> int:
-    """The schema version this code writes: the number of the last schema file."""
-    return _migrations()[-1][0]
+    """The schema version this code writes: the number of the last schema file. Read from
+    the file names alone where the package is a directory: every open asks, and only an
+    upgrade needs the SQL (and importlib.resources, slow to load)."""
+    from importlib.util import find_spec
+
+    spec = find_spec("coord.schema.sqlite")
+    where = os.path.dirname(spec.origin) if spec is not None and spec.origin else ""
+    try:
+        names = os.listdir(where) if where else None
+    except OSError:
+        names = None
+    if names is None:
+        return _migrations()[-1][0]
+    numbers = sorted(int(n[:3]) for n in names if re.fullmatch(r"\d{3}_\w+\.sql", n))
+    if numbers != list(range(1, len(numbers) + 1)):
+        return _migrations()[-1][0]  # raises, naming the numbers
+    return numbers[-1]
 
 
 def _open_here(st: os.stat_result) -> bool:
@@ -203,7 +220,7 @@ def _apply(store: Store, conn: apsw.Connection) -> None:
     try:
         app_id, version, has_tables = _ident(conn)
         _refuse(path, app_id, version, has_tables)
-        latest = latest_version()
+        latest = _migrations()[-1][0]
         if version == latest:
             conn.execute("ROLLBACK")
             return
