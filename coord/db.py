@@ -45,11 +45,12 @@ import apsw
 from . import paths
 from ._retry import on_busy
 from .backend import Backend, open_backend
-from .backend.postgresql.url import PgLocation, is_url
+from .backend.postgresql.url import PgLocation
 from .backend.postgresql.url import parse as parse_pg_url
 from .clock import SYSTEM, Clock, boot_id
 from .config import Config
 from .errors import CoordError, NotADatabase, StorageError, UnsafeFork, UnsafePath
+from .locations import is_url
 
 T = TypeVar("T")
 Row = dict[str, Any]

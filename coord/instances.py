@@ -27,7 +27,6 @@ from typing import Any
 
 from . import nudge
 from .backend import Proof
-from .backend.postgresql.url import redact_words
 
 # The SQLite engine's verdict, named here for the modules that still judge rows themselves
 # (``coord.queues``, ``coord.leases``) until their steps of ``coord.backend``'s plan.
@@ -36,6 +35,7 @@ from .clock import boot_id
 from .db import Row, Store
 from .errors import InvalidArgument, NotFound, NotRegistered
 from .identity import pid_namespace, start_token
+from .locations import redact_words
 
 __all__ = ["Probe", "judge"]  # re-exported (see above)
 

@@ -38,12 +38,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .backend.postgresql.url import redact_words
 from .clock import boot_id
 from .db import Row, Store
 from .errors import InvalidArgument, NotFound, NotRegistered, PermissionDenied
 from .identity import ProcIdentity, start_token, still_running
 from .instances import Instance, require_live, username
+from .locations import redact_words
 from .process_ending import (
     DENIED,
     GONE,

@@ -55,10 +55,10 @@ import tooz
 from tooz import coordination, utils
 
 from . import kv, leases
-from .backend.postgresql.url import is_url
 from .db import Store
 from .errors import CoordError, InstanceIdInUse, InvalidArgument, NotFound, VersionConflict
 from .instances import Instance, generate_id, get_instance, register, validate_id
+from .locations import is_url
 from .paths import resolve_db_path
 from .tooz_common import (
     GROUPS,

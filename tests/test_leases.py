@@ -302,8 +302,9 @@ while True:
 def test_takeover_buries_the_dead_holder_after_returning(
         db_path: Path, children: list[subprocess.Popen[Any]]) -> None:
     """acquire() returns once the lease is taken from a SIGKILLed holder; the death rule is
-    applied to that holder right after by the new holder itself (no reaper runs here): its
-    ephemeral key goes, its row leaves the living, and only one holder is on record."""
+    applied to that holder by the new holder itself (no reaper runs here) — right after the
+    return on SQLite, inside the takeover's transaction on PostgreSQL: its ephemeral key
+    goes, its row leaves the living, and only one holder is on record."""
     store = coord.Store(db_path)
     me = _register(store)
     p = spawn_python(KEYED_HOLDER, "bury/L", db=db_path)
@@ -316,10 +317,10 @@ def test_takeover_buries_the_dead_holder_after_returning(
     p.wait()
     waiting.join(60)
     assert got and got[0].held and get_lease(store, "bury/L").holder == me.id
-    wait_until(lambda: store.value("SELECT count(*) FROM kv WHERE key = ?",
-                                   (f"keyed/{dead_id}",)) == 0)
-    wait_until(lambda: not store.rows("SELECT 1 FROM instances WHERE id = ? AND status = 'alive'",
-                                      (dead_id,)))
+    wait_until(lambda: engine_sql.value(store, "SELECT count(*) FROM kv WHERE key = ?",
+                                        (f"keyed/{dead_id}",)) == 0)
+    wait_until(lambda: not engine_sql.rows(
+        store, "SELECT 1 FROM instances WHERE id = ? AND status = 'alive'", (dead_id,)))
     got[0].release()
     me.close()
     store.close()

@@ -1,7 +1,7 @@
 """PostgreSQL locations: ``postgresql://user@host:port/dbname?schema=NAME``.
 
-Standard library only, so that telling a URL from a path costs SQLite users nothing. libpq
-rejects parameters it does not know, so coord's own (``schema``) are taken out here before
+Standard library only (telling a URL from a path, and redaction, are ``coord.locations``).
+libpq rejects parameters it does not know, so coord's own (``schema``) are taken out here before
 the URL reaches the driver. A password is never shown: ``redacted`` replaces it (and any
 ``password=`` parameter) with ``***`` for messages, events, ``coord path`` and logs.
 """
@@ -14,18 +14,12 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from ...errors import StorageError
+from ...locations import SCHEMES, join, redact
 
-SCHEMES = ("postgresql", "postgres")
 #: coord's own URL parameters: taken out before libpq sees the URL.
 OWN_PARAMS = ("schema",)
 DEFAULT_SCHEMA = "coord"
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
-
-
-def is_url(location: str) -> bool:
-    """Whether ``location`` (a ``--db``/``COORD_DB`` value) names a PostgreSQL server."""
-    head, sep, _ = location.partition("://")
-    return bool(sep) and head.lower() in SCHEMES
 
 
 @dataclass(frozen=True)
@@ -44,38 +38,6 @@ class PgLocation:
         ident = f"{parts.hostname}|{parts.port}|{parts.path}|{parts.username}|{self.schema}|" \
                 f"{dict(parse_qsl(parts.query)).get('host', '')}"
         return hashlib.sha256(ident.encode()).hexdigest()[:16]
-
-
-def _join(scheme: str, netloc: str, path: str, query: str) -> str:
-    # urlunsplit drops the "//" of an empty host (postgresql:///db?host=/socket/dir).
-    return f"{scheme}://{netloc}{path}" + (f"?{query}" if query else "")
-
-
-def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "postgresql://***"
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, _, hostport = netloc.rpartition("@")
-        if ":" in userinfo:
-            userinfo = userinfo.split(":", 1)[0] + ":***"
-        netloc = f"{userinfo}@{hostport}"
-    query = parse_qsl(parts.query, keep_blank_values=True)
-    query = [(k, "***" if k.lower() == "password" else v) for k, v in query]
-    return _join(parts.scheme, netloc, parts.path, urlencode(query, safe="/:@,*"))
-
-
-_URL_IN_WORD = re.compile(r"(?i)\b(?:postgresql|postgres)://\S*")
-
-
-def redact_words(words: list[str]) -> list[str]:
-    """A command line with the password of every PostgreSQL URL in it (``--db=URL`` too)
-    replaced by ``***``: what coord records and shows of a command line."""
-    return [_URL_IN_WORD.sub(lambda m: redact(m.group(0)), w) if "://" in w else w
-            for w in words]
 
 
 def parse(url: str) -> PgLocation:
@@ -98,6 +60,6 @@ def parse(url: str) -> PgLocation:
         raise StorageError(shown, (
             f"schema {schema!r}: use lower-case letters, digits and _ (at most 63, "
             "not starting with a digit)"))
-    dsn = _join(parts.scheme, parts.netloc, parts.path,
+    dsn = join(parts.scheme, parts.netloc, parts.path,
                 urlencode(rest, quote_via=quote, safe="/:@,"))
     return PgLocation(url=url, dsn=dsn, schema=schema, redacted=shown)
