@@ -31,7 +31,8 @@ BEHIND_THE_SEAM = (
     "coord/leases.py", "coord/lease_rules.py", "coord/lease_keeper.py", "coord/elect.py",
     "coord/wrapper.py", "coord/runner.py", "coord/tooz_driver.py", "cli/lease_cmds.py",
     # step 4: queues and the legacy queue import
-    "coord/queues.py", "coord/legacy.py",
+    "coord/queues.py", "coord/queue_jobs.py", "coord/queue_put.py", "coord/queue_claim.py",
+    "coord/queue_settle.py", "coord/queue_admin.py", "coord/legacy.py",
 )
 
 SQL_WORDS = re.compile(

@@ -18,15 +18,21 @@ import apsw
 
 from ...db import fetch, scalar
 from ...errors import InvalidArgument, NotFound, NotRegistered, PermissionDenied, QueueFull
-from ..queue_ops import JOB_FIELDS, ImportRow, NewJobRow
+from ..queue_ops import ImportRow, NewJobRow
 from .death import release_claims
 from .events import log_event
 
 if TYPE_CHECKING:
     from ...db import Row, Store
 
-#: A job row's columns, in the order of ``JOB_FIELDS``.
-_COLUMNS = ", ".join(JOB_FIELDS)
+#: A job row's columns, in the order of ``JOB_FIELDS``: the durations from the engine's now
+#: (?1), which every statement that reads them binds first.
+_COLUMNS = (
+    "id, queue, state, priority, payload, dedupe_key, attempts, max_attempts, "
+    "CASE WHEN state = 'ready' AND available_mono > ?1 THEN available_mono - ?1 ELSE 0.0 END "
+    "AS available_in, created_at, claimed_by, claim_expires_mono - ?1 AS expires_in, "
+    "last_error, result, finished_at"
+)
 
 # The common put in one statement: it adds the job only to an existing queue without a max
 # depth (a new queue, or one with a max depth, takes put_rows). Once a process has seen
@@ -308,7 +314,7 @@ class SqliteQueues:
 
     def next_due(self, queue: str) -> float | None:
         got = self._store.value(
-            "SELECT min(t) FROM (SELECT min(available_mono) AS t FROM jobs "
+            "SELECT min(t) - ?2 FROM (SELECT min(available_mono) AS t FROM jobs "
             "WHERE queue = ?1 AND state = 'ready' AND available_mono > ?2 "
             "UNION ALL SELECT min(claim_expires_mono) FROM jobs WHERE queue = ?1 "
             "AND state = 'claimed')",
@@ -561,24 +567,23 @@ class SqliteQueues:
     # -- reading -------------------------------------------------------------------------
 
     def get(self, job_id: int) -> Row | None:
-        return self._store.row(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))  # noqa: S608
+        return self._store.row(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?2",  # noqa: S608
+                               (self._store.mono(), job_id))
 
-    def jobs(self, queue: str | None, state: str, limit: int | None, now: float) -> list[Row]:
+    def jobs(self, queue: str | None, state: str, limit: int | None) -> list[Row]:
         where: list[str] = []
-        params: list[Any] = []
+        params: list[Any] = [self._store.mono()]
         if queue is not None:
-            where.append("queue = ?")
+            where.append("queue = ?2")
             params.append(queue)
         if state == "ready":
-            where.append("state = 'ready' AND available_mono <= ?")
-            params.append(now)
+            where.append("state = 'ready' AND available_mono <= ?1")
         elif state == "delayed":
-            where.append("state = 'ready' AND available_mono > ?")
-            params.append(now)
+            where.append("state = 'ready' AND available_mono > ?1")
         elif state == "active":
             where.append("state IN ('ready', 'claimed', 'dead')")
         elif state != "all":
-            where.append("state = ?")
+            where.append(f"state = ?{len(params) + 1}")
             params.append(state)
         sql = f"SELECT {_COLUMNS} FROM jobs"  # noqa: S608 - fixed fragments only
         if where:
@@ -588,7 +593,7 @@ class SqliteQueues:
             sql += f" LIMIT {int(limit)}"
         return self._store.rows(sql, tuple(params))
 
-    def stats(self, queue: str | None, now: float) -> list[Row]:
+    def stats(self, queue: str | None) -> list[Row]:
         sql = (
             "SELECT q.name, q.owner_id, q.max_depth, "
             "count(j.id) FILTER (WHERE j.state = 'ready' AND j.available_mono <= ?1) AS ready, "
@@ -597,13 +602,15 @@ class SqliteQueues:
             "count(j.id) FILTER (WHERE j.state = 'dead') AS dead, "
             "count(j.id) FILTER (WHERE j.state = 'done') AS done, "
             "count(j.id) FILTER (WHERE j.state = 'cancelled') AS cancelled, "
-            "min(j.created_at) FILTER (WHERE j.state = 'ready' AND j.available_mono <= ?1) "
-            "AS oldest FROM queues q LEFT JOIN jobs j ON j.queue = q.name "
+            "max(0.0, ?2 - min(j.created_at) FILTER (WHERE j.state = 'ready' "
+            "AND j.available_mono <= ?1)) AS oldest_age "
+            "FROM queues q LEFT JOIN jobs j ON j.queue = q.name "
         )
-        params: tuple[Any, ...] = (now,)
+        now, wall = self._store.mono(), self._store.wall()
+        params: tuple[Any, ...] = (now, wall)
         if queue is not None:
-            sql += "WHERE q.name = ?2 "
-            params = (now, queue)
+            sql += "WHERE q.name = ?3 "
+            params = (now, wall, queue)
         return self._store.rows(sql + "GROUP BY q.name ORDER BY q.name", params)
 
     def problems(self) -> list[tuple[str, bool]]:

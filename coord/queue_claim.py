@@ -1,0 +1,202 @@
+"""Queues: claiming jobs, waiting for them, and giving back the claims of dead holders
+(see ``coord.queues`` for the rules)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import weakref
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from . import nudge
+from .db import Row, Store
+from .errors import InvalidArgument, NotRegistered
+from .instances import Instance, Probe, judge, require_live
+from .queue_jobs import Job, payload_limits, queue_name
+from .reaper import bury_dead
+
+#: A busy claimer looks for dead holders and expired leases at most this often (seconds).
+SCAN_INTERVAL = 0.05
+#: A claimer that found nothing ready looks again at most this often.
+IDLE_SCAN_INTERVAL = 0.005
+
+
+class _Holder(NamedTuple):
+    id: str
+    incarnation: int
+    sock: socket.socket | None
+
+
+def _holder(store: Store, who: Instance | str | None) -> _Holder:
+    if isinstance(who, Instance):
+        if who.closed:
+            raise NotRegistered(who.id, "it was closed")
+        return _Holder(who.id, who.incarnation, who.sock)
+    info = require_live(store, who)
+    return _Holder(info.id, info.incarnation, None)
+
+
+def _try_claim(store: Store, queue: str, h: _Holder, lease: float, n: int = 1) -> list[Job]:
+    """One claim transaction: the claimer must be registered and alive, and the queue shared
+    or its own; then up to ``n`` due jobs in claim order ([] when none is due)."""
+    got = store.backend.queues.claim(queue, h.id, h.incarnation, lease, n)
+    limits = payload_limits(store)
+    return [
+        Job(id=job_id, queue=queue, state="claimed", priority=prio, attempts=attempts + 1,
+            max_attempts=max_attempts, payload_text=payload, dedupe_key=key, token=token,
+            instance_id=h.id, created_at=created, available_in=0.0, expires_in=lease,
+            last_error=error, result=None, finished_at=None, _limits=limits)
+        for token, (job_id, prio, payload, key, attempts, max_attempts, created, error) in got
+    ]
+
+
+# When this process last scanned each queue, per open Store: id(store) -> (a weak reference
+# to the store, {queue: store.mono() of the scan}); a clock that went back counts as due.
+_scanned: dict[int, tuple[weakref.ref[Store], dict[str, float]]] = {}
+
+
+def _forget_scans(key: int) -> Callable[[weakref.ref[Store]], None]:
+    return lambda _: _scanned.pop(key, None) and None
+
+
+def _scan_due(store: Store, queue: str, interval: float) -> bool:
+    # No lock: two threads that both scan at once do no harm.
+    now = store.mono()
+    entry = _scanned.get(id(store))
+    if entry is None or entry[0]() is not store:
+        entry = _scanned[id(store)] = (weakref.ref(store, _forget_scans(id(store))), {})
+    if 0 <= now - entry[1].get(queue, float("-inf")) < interval:
+        return False
+    entry[1][queue] = now
+    return True
+
+
+def release_dead_claims(store: Store, queue: str, *, skip: str | None = None) -> int:
+    """Apply the death rule to every dead holder of a claim in ``queue`` and release claims
+    past their lease. Returns how many claims went back (or were dead-lettered).
+
+    The claim path calls this by itself; it is public for tools and tests."""
+    released = 0
+    now = store.mono()
+    released += store.backend.queues.release_expired(queue)
+    probe = Probe()
+    by_verdict: dict[str, list[Row]] = {}
+    orphans: list[tuple[str, int]] = []
+    for r in store.backend.queues.holders(queue):
+        if r["id"] is None or r["incarnation"] != r["claimed_incarnation"] or r["status"] == "dead":
+            orphans.append((r["claimed_by"], r["claimed_incarnation"]))
+            continue
+        if r["id"] == skip:
+            continue
+        alive, verdict = judge(store, r, now, probe=probe)
+        if not alive:
+            by_verdict.setdefault(verdict, []).append(r)
+    for verdict, rows in by_verdict.items():
+        before = store.backend.queues.claimed(queue)
+        bury_dead(store, rows, verdict)
+        after = store.backend.queues.claimed(queue)
+        released += before - after
+    for who, inc in orphans:
+        # Claims of an incarnation that is no longer registered: whatever ended it should
+        # have released them; release them now.
+        released += store.backend.queues.release_gone(who, inc)
+    return released
+
+
+_RESLICE = object()
+
+
+def claim(
+    store: Store,
+    queue: str,
+    instance: Instance | str | None = None,
+    *,
+    lease: float | None = None,
+    timeout: float | None = 0.0,
+) -> Job | None:
+    """Claim the next job of ``queue`` for ``instance`` (an ``Instance``, a live instance's
+    id, or None for ``COORD_INSTANCE_ID``), waiting up to ``timeout`` seconds (None: until
+    a job comes).
+
+    Returns the job, with ``token``, claimed for ``lease`` seconds (default
+    ``config.claim_lease``), or None when nothing arrived in time. Raises
+    ``PermissionDenied`` for another instance's private queue, ``NotRegistered`` when the
+    claimer's registration has ended."""
+    got = claim_many(store, queue, 1, instance, lease=lease, timeout=timeout)
+    return got[0] if got else None
+
+
+def claim_many(
+    store: Store,
+    queue: str,
+    n: int,
+    instance: Instance | str | None = None,
+    *,
+    lease: float | None = None,
+    timeout: float | None = 0.0,
+) -> list[Job]:
+    """Claim up to ``n`` jobs of ``queue`` in one transaction, in claim order, for a worker
+    that takes batches; each has its own token and lease, and is acked, failed, extended or
+    released on its own (or acked together with ``ack_many``). Waits up to ``timeout``
+    seconds for the first job, then takes what is due; [] when nothing arrived in time.
+    Otherwise as ``claim``."""
+    queue_name(queue)
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InvalidArgument(f"claim_many needs a count of at least 1, got {n!r}")
+    h = _holder(store, instance)
+    lease = store.config.claim_lease if lease is None else lease
+    if not (lease > 0):
+        raise InvalidArgument(f"lease must be positive, got {lease!r}")
+    if timeout is not None and not (timeout >= 0):
+        raise InvalidArgument(f"timeout must be zero or more seconds, got {timeout!r}")
+    if _scan_due(store, queue, SCAN_INTERVAL):
+        release_dead_claims(store, queue, skip=h.id)
+    jobs = _try_claim(store, queue, h, lease, n)
+    if jobs:
+        return jobs
+    if _scan_due(store, queue, IDLE_SCAN_INTERVAL) and release_dead_claims(store, queue, skip=h.id):
+        jobs = _try_claim(store, queue, h, lease, n)
+    if jobs or timeout == 0:
+        return jobs
+    return _wait_claim(store, queue, h, lease, n,
+                       float("inf") if timeout is None else store.mono() + timeout)
+
+
+def _wait_claim(
+    store: Store, queue: str, h: _Holder, lease: float, n: int, deadline: float
+) -> list[Job]:
+    me, ns = os.getpid(), Probe().pidns
+
+    def watch() -> list[int]:
+        return [r["pid"] for r in store.backend.queues.holders(queue)
+                if r["pid"] and r["pidns"] == ns and r["pid"] != me and r["status"] == "alive"]
+
+    while True:
+        now = store.mono()
+        if now >= deadline:
+            return []
+        due_in = store.backend.queues.next_due(queue)
+        due = None if due_in is None else now + due_in
+        until = deadline if due is None else min(deadline, max(due, now + IDLE_SCAN_INTERVAL))
+        slice_end = until
+
+        def check(slice_end: float = slice_end) -> Any:
+            if not store.backend.queues.ready(queue):
+                if _scan_due(store, queue, IDLE_SCAN_INTERVAL):
+                    if release_dead_claims(store, queue, skip=h.id):
+                        return _try_claim(store, queue, h, lease, n) or None
+                due_in = store.backend.queues.next_due(queue)
+                if due_in is not None and store.mono() + due_in + 0.001 < slice_end:
+                    return _RESLICE
+                return None
+            return _try_claim(store, queue, h, lease, n) or None
+
+        wait = None if until == float("inf") else max(0.0, until - now)
+        got = nudge.wait_for(store, check, wait, sock=h.sock, watch_pids=watch)
+        if isinstance(got, list):
+            return got
+        if got is None and store.mono() >= deadline:
+            return []
+        if _scan_due(store, queue, IDLE_SCAN_INTERVAL):
+            release_dead_claims(store, queue, skip=h.id)
