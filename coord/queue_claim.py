@@ -6,14 +6,15 @@ from __future__ import annotations
 import os
 import socket
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from . import nudge
 from .db import Row, Store
 from .errors import InvalidArgument, NotRegistered
 from .instances import Instance, Probe, judge, require_live
-from .queue_jobs import Job, payload_limits, queue_name
+from .queue_jobs import Job, claim_token, make_job, payload_limits, queue_name
+from .queue_settle import ack_pairs, result_text
 from .reaper import bury_dead
 
 #: A busy claimer looks for dead holders and expired leases at most this often (seconds).
@@ -37,16 +38,19 @@ def _holder(store: Store, who: Instance | str | None) -> _Holder:
     return _Holder(info.id, info.incarnation, None)
 
 
-def _try_claim(store: Store, queue: str, h: _Holder, lease: float, n: int = 1) -> list[Job]:
-    """One claim transaction: the claimer must be registered and alive, and the queue shared
-    or its own; then up to ``n`` due jobs in claim order ([] when none is due)."""
-    got = store.backend.queues.claim(queue, h.id, h.incarnation, lease, n)
+def _try_claim(store: Store, queue: str, h: _Holder, lease: float, n: int = 1,
+               acks: list[tuple[str, str | None]] | None = None) -> list[Job]:
+    """One claim transaction: ``acks`` first (see ``claim_many``); the claimer must be
+    registered and alive, and the queue shared or its own; then up to ``n`` due jobs in
+    claim order ([] when none is due)."""
+    if acks:
+        got = store.backend.queues.claim(queue, h.id, h.incarnation, lease, n, acks)
+    else:
+        got = store.backend.queues.claim(queue, h.id, h.incarnation, lease, n)
     limits = payload_limits(store)
     return [
-        Job(id=job_id, queue=queue, state="claimed", priority=prio, attempts=attempts + 1,
-            max_attempts=max_attempts, payload_text=payload, dedupe_key=key, token=token,
-            instance_id=h.id, created_at=created, available_in=0.0, expires_in=lease,
-            last_error=error, result=None, finished_at=None, _limits=limits)
+        make_job(job_id, queue, "claimed", prio, attempts + 1, max_attempts, payload, key,
+                 token, h.id, created, 0.0, lease, error, None, None, limits)
         for token, (job_id, prio, payload, key, attempts, max_attempts, created, error) in got
     ]
 
@@ -114,6 +118,8 @@ def claim(
     *,
     lease: float | None = None,
     timeout: float | None = 0.0,
+    ack: Job | str | None = None,
+    result: Any = None,
 ) -> Job | None:
     """Claim the next job of ``queue`` for ``instance`` (an ``Instance``, a live instance's
     id, or None for ``COORD_INSTANCE_ID``), waiting up to ``timeout`` seconds (None: until
@@ -122,8 +128,15 @@ def claim(
     Returns the job, with ``token``, claimed for ``lease`` seconds (default
     ``config.claim_lease``), or None when nothing arrived in time. Raises
     ``PermissionDenied`` for another instance's private queue, ``NotRegistered`` when the
-    claimer's registration has ended."""
-    got = claim_many(store, queue, 1, instance, lease=lease, timeout=timeout)
+    claimer's registration has ended.
+
+    ``ack``: the job (or token) this worker has just finished, acked with ``result`` in the
+    same transaction as the claim, before it — what ``ack`` then ``claim`` do, in one
+    commit instead of two (a worker loop: ``job = claim(..., ack=job)``). If that claim
+    has moved on, ``ClaimLost`` is raised and nothing is claimed; once acked, the ack
+    stands whatever the claim then finds (nothing due, or a refusal)."""
+    acks = None if ack is None else [(claim_token(ack), result_text(store, result))]
+    got = _claim(store, queue, 1, instance, lease, timeout, acks)
     return got[0] if got else None
 
 
@@ -135,24 +148,39 @@ def claim_many(
     *,
     lease: float | None = None,
     timeout: float | None = 0.0,
+    ack: Iterable[Job | str] = (),
+    results: Iterable[Any] | None = None,
 ) -> list[Job]:
     """Claim up to ``n`` jobs of ``queue`` in one transaction, in claim order, for a worker
     that takes batches; each has its own token and lease, and is acked, failed, extended or
     released on its own (or acked together with ``ack_many``). Waits up to ``timeout``
     seconds for the first job, then takes what is due; [] when nothing arrived in time.
-    Otherwise as ``claim``."""
-    queue_name(queue)
+    Otherwise as ``claim``.
+
+    ``ack`` (with ``results``, as ``ack_many``'s): the last batch, acked in the claim's
+    transaction before it. The claims still held are acked; if any had moved on,
+    ``ClaimLost`` names those (``ClaimLost.tokens``) and nothing is claimed."""
     if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise InvalidArgument(f"claim_many needs a count of at least 1, got {n!r}")
+    acks = ack_pairs(store, ack, results)
+    return _claim(store, queue, n, instance, lease, timeout, acks or None)
+
+
+def _claim(
+    store: Store, queue: str, n: int, instance: Instance | str | None, lease: float | None,
+    timeout: float | None, acks: list[tuple[str, str | None]] | None,
+) -> list[Job]:
+    queue_name(queue)
     h = _holder(store, instance)
-    lease = store.config.claim_lease if lease is None else lease
-    if not (lease > 0):
+    if lease is None:
+        lease = store.config.claim_lease
+    elif not (lease > 0):
         raise InvalidArgument(f"lease must be positive, got {lease!r}")
     if timeout is not None and not (timeout >= 0):
         raise InvalidArgument(f"timeout must be zero or more seconds, got {timeout!r}")
     if _scan_due(store, queue, SCAN_INTERVAL):
         release_dead_claims(store, queue, skip=h.id)
-    jobs = _try_claim(store, queue, h, lease, n)
+    jobs = _try_claim(store, queue, h, lease, n, acks)
     if jobs:
         return jobs
     if _scan_due(store, queue, IDLE_SCAN_INTERVAL) and release_dead_claims(store, queue, skip=h.id):

@@ -21,7 +21,8 @@ BACKOFF_MAX = 300.0
 RESULT_LIMIT = 64 * 1024
 
 
-def _result_text(store: Store, result: Any) -> str | None:
+def result_text(store: Store, result: Any) -> str | None:
+    """An ack's result, validated and encoded (None for none)."""
     return None if result is None else encode(
         result, limit=min(RESULT_LIMIT, store.config.payload_limit),
         max_depth=store.config.payload_max_depth)
@@ -30,7 +31,7 @@ def _result_text(store: Store, result: Any) -> str | None:
 def ack(store: Store, token: Job | str, result: Any = None) -> None:
     """Mark the claimed job done, keeping ``result`` (small JSON) for the retention period.
     Raises ``ClaimLost`` if the claim has moved on."""
-    tok, text = claim_token(token), _result_text(store, result)
+    tok, text = claim_token(token), result_text(store, result)
     if not store.backend.queues.ack(tok, text):
         raise ClaimLost(tok)
 
@@ -42,16 +43,22 @@ def ack_many(
     claim, as ``ack``'s). Each claim counts on its own: the claims still held are acked and
     committed, and then ``ClaimLost`` is raised naming every claim that had moved on
     (``ClaimLost.tokens``) — those jobs were not acked, whoever holds them now."""
-    toks = [claim_token(t) for t in tokens]
-    texts = [None] * len(toks) if results is None else [_result_text(store, r) for r in results]
-    if len(texts) != len(toks):
-        raise InvalidArgument(f"ack_many got {len(toks)} claims but {len(texts)} results")
-    if not toks:
+    pairs = ack_pairs(store, tokens, results)
+    if not pairs:
         return
-
-    lost = store.backend.queues.ack_many(list(zip(toks, texts, strict=True)))
+    lost = store.backend.queues.ack_many(pairs)
     if lost:
         raise ClaimLost(*lost)
+
+
+def ack_pairs(store: Store, tokens: Iterable[Job | str], results: Iterable[Any] | None
+              ) -> list[tuple[str, str | None]]:
+    """(token, result text) for each claim to ack, validated (see ``ack_many``)."""
+    toks = [claim_token(t) for t in tokens]
+    texts = [None] * len(toks) if results is None else [result_text(store, r) for r in results]
+    if len(texts) != len(toks):
+        raise InvalidArgument(f"ack_many got {len(toks)} claims but {len(texts)} results")
+    return list(zip(toks, texts, strict=True))
 
 
 def backoff(attempts: int) -> float:

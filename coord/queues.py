@@ -138,12 +138,16 @@ class Queue:
     def put_many(self, jobs: Iterable[NewJob | Any]) -> list[int]:
         return put_many(self.store, self.name, jobs)
 
-    def claim(self, *, lease: float | None = None, timeout: float | None = 0.0) -> Job | None:
-        return claim(self.store, self.name, self.instance, lease=lease, timeout=timeout)
+    def claim(self, *, lease: float | None = None, timeout: float | None = 0.0,
+              ack: Job | str | None = None, result: Any = None) -> Job | None:
+        return claim(self.store, self.name, self.instance, lease=lease, timeout=timeout,
+                     ack=ack, result=result)
 
-    def claim_many(self, n: int, *, lease: float | None = None,
-                   timeout: float | None = 0.0) -> list[Job]:
-        return claim_many(self.store, self.name, n, self.instance, lease=lease, timeout=timeout)
+    def claim_many(self, n: int, *, lease: float | None = None, timeout: float | None = 0.0,
+                   ack: Iterable[Job | str] = (), results: Iterable[Any] | None = None
+                   ) -> list[Job]:
+        return claim_many(self.store, self.name, n, self.instance, lease=lease,
+                          timeout=timeout, ack=ack, results=results)
 
     def ack(self, job: Job | str, result: Any = None) -> None:
         ack(self.store, job, result)

@@ -76,12 +76,17 @@ class QueueOps(Protocol):
         ...
 
     # -- claims
-    def claim(self, queue: str, id: str, incarnation: int, lease: float, n: int
+    def claim(self, queue: str, id: str, incarnation: int, lease: float, n: int,
+              acks: Sequence[tuple[str, str | None]] = ()
               ) -> list[tuple[str, tuple[Any, ...]]]:
-        """In one transaction: ``NotRegistered`` unless (id, incarnation) is alive,
-        ``PermissionDenied`` for another's private queue; then up to ``n`` due jobs in claim
-        order, claimed for ``lease`` seconds: [(token, (id, priority, payload, dedupe_key,
-        attempts before this claim, max_attempts, created_at, last_error))]."""
+        """In one transaction: first ack each (token, result) of ``acks`` (a worker's last
+        jobs, as ``ack_many``: the claims still held are acked); when any claim had moved
+        on, commit and raise ``ClaimLost`` naming those, claiming nothing. Then
+        ``NotRegistered`` unless (id, incarnation) is alive, ``PermissionDenied`` for
+        another's private queue (either raised after the acks commit); then up to ``n`` due
+        jobs in claim order, claimed for ``lease`` seconds: [(token, (id, priority,
+        payload, dedupe_key, attempts before this claim, max_attempts, created_at,
+        last_error))]."""
         ...
 
     def ready(self, queue: str) -> bool:

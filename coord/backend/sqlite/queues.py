@@ -17,7 +17,14 @@ from typing import TYPE_CHECKING, Any
 import apsw
 
 from ...db import fetch, scalar
-from ...errors import InvalidArgument, NotFound, NotRegistered, PermissionDenied, QueueFull
+from ...errors import (
+    ClaimLost,
+    InvalidArgument,
+    NotFound,
+    NotRegistered,
+    PermissionDenied,
+    QueueFull,
+)
 from ..queue_ops import ImportRow, NewJobRow
 from .death import release_claims
 from .events import log_event
@@ -281,33 +288,47 @@ class SqliteQueues:
 
     # -- claim ---------------------------------------------------------------------------
 
-    def claim(self, queue: str, id: str, incarnation: int, lease: float, n: int
+    def claim(self, queue: str, id: str, incarnation: int, lease: float, n: int,
+              acks: Sequence[tuple[str, str | None]] = ()
               ) -> list[tuple[str, tuple[Any, ...]]]:
         store = self._store
 
-        def txn(c: apsw.Connection) -> list[tuple[str, tuple[Any, ...]]]:
+        def txn(c: apsw.Connection) -> tuple[list[str], BaseException | None,
+                                             list[tuple[str, tuple[Any, ...]]]]:
             now = store.mono()
+            if acks:
+                lost = self._ack_pairs(c, acks, now, store.wall())
+                if lost:
+                    return lost, None, []
             ((alive, owner, *first),) = c.execute(_PICK, (id, incarnation, queue, now))
+            # Refused claims still commit the acks made before them: raised after the commit.
             if not alive:
-                raise NotRegistered(id, "its registration has ended (declared dead or taken over)")
+                return [], NotRegistered(
+                    id, "its registration has ended (declared dead or taken over)"), []
             if owner is not None and owner != id:
-                raise PermissionDenied(f"queue {queue!r} is private to instance {owner!r}")
+                return [], PermissionDenied(
+                    f"queue {queue!r} is private to instance {owner!r}"), []
             if first[0] is None:
-                return []
+                return [], None, []
             rows = [tuple(first)]
             if n > 1:
                 rows += c.execute(_MORE, (queue, now, first[0], n - 1)).fetchall()
-            wall, until = store.wall(), now + lease
+            until, wall = now + lease, store.wall()
             # With the job id, a token is unique; the random part makes it unguessable.
             out = [(f"{row[0]}-{random.getrandbits(64):016x}", row) for row in rows]
-            args = [(token, id, incarnation, until, wall, row[0]) for token, row in out]
-            if len(args) == 1:  # executemany costs more than execute for one row
-                c.execute(_CLAIM, args[0])
+            if len(out) == 1:  # executemany costs more than execute for one row
+                c.execute(_CLAIM, (out[0][0], id, incarnation, until, wall, rows[0][0]))
             else:
-                c.executemany(_CLAIM, args)
-            return out
+                c.executemany(_CLAIM, [(token, id, incarnation, until, wall, row[0])
+                                       for token, row in out])
+            return [], None, out
 
-        return store.write(txn)
+        lost, refused, out = store.write(txn)
+        if lost:
+            raise ClaimLost(*lost)
+        if refused is not None:
+            raise refused
+        return out
 
     def ready(self, queue: str) -> bool:
         return bool(self._store.value(_READY, (queue, self._store.mono())))
@@ -373,24 +394,28 @@ class SqliteQueues:
         store = self._store
         return store.write(lambda c: self._acked(c, token, result, store.mono(), store.wall()))
 
+    def _ack_pairs(self, c: apsw.Connection, pairs: Sequence[tuple[str, str | None]],
+                   now: float, wall: float) -> list[str]:
+        """Ack each (token, result) inside the caller's transaction; the tokens whose claim
+        had moved on."""
+        if len(pairs) == 1:
+            tok, text = pairs[0]
+            return [] if self._acked(c, tok, text, now, wall) else [tok]
+        # Usually every claim is still held: ack them all in one executemany, and only when
+        # fewer rows changed than claims were given, undo that and go claim by claim.
+        c.execute("SAVEPOINT ack_many")
+        before = c.total_changes()
+        c.executemany(_ACK, [(text, wall, now, claim_id(tok), tok, now) for tok, text in pairs])
+        if c.total_changes() - before == len(pairs):
+            c.execute("RELEASE ack_many")
+            return []
+        c.execute("ROLLBACK TO ack_many")
+        c.execute("RELEASE ack_many")
+        return [tok for tok, text in pairs if not self._acked(c, tok, text, now, wall)]
+
     def ack_many(self, pairs: Sequence[tuple[str, str | None]]) -> list[str]:
         store = self._store
-
-        def txn(c: apsw.Connection) -> list[str]:
-            now, wall = store.mono(), store.wall()
-            # Usually every claim is still held: ack them all in one executemany, and only
-            # when fewer rows changed than claims were given, undo that and go claim by claim.
-            c.execute("SAVEPOINT ack_many")
-            before = c.total_changes()
-            c.executemany(_ACK, [(text, wall, now, claim_id(tok), tok, now) for tok, text in pairs])
-            if c.total_changes() - before == len(pairs):
-                c.execute("RELEASE ack_many")
-                return []
-            c.execute("ROLLBACK TO ack_many")
-            c.execute("RELEASE ack_many")
-            return [tok for tok, text in pairs if not self._acked(c, tok, text, now, wall)]
-
-        return store.write(txn)
+        return store.write(lambda c: self._ack_pairs(c, pairs, store.mono(), store.wall()))
 
     def fail(self, token: str, error: str, retry_in: Callable[[int], float]
              ) -> tuple[str, str, float | None] | None:
