@@ -12,6 +12,7 @@ from . import nudge
 from .db import Store
 from .errors import InvalidArgument
 from .instances import validate_id
+from .kv import Fence
 from .payload import encode
 from .queue_jobs import NewJob, queue_name
 
@@ -84,13 +85,16 @@ def put(
     delay: float = 0.0,
     dedupe_key: str | None = None,
     max_attempts: int | None = None,
+    fence: Fence | None = None,
 ) -> int:
     """Add one job and return its id. With ``dedupe_key``, a job with that key already in
     the queue (in any state, until it is purged) is not added again: its id is returned.
-    Raises ``QueueFull`` when the queue has a max depth and that many jobs wait."""
+    Raises ``QueueFull`` when the queue has a max depth and that many jobs wait. With
+    ``fence`` (a held lease), only while its term is the current, unexpired one, in the same
+    transaction: ``LeaseLost`` otherwise, and nothing is stored."""
     queue_name(queue)
     row = checked_job(store, payload, priority, delay, dedupe_key, max_attempts)
-    if dedupe_key is None:
+    if dedupe_key is None and fence is None:
         text, prio, wait, _, attempts = row
         key = (id(store), queue)
         known = time.monotonic() - _unbounded.get(key, float("-inf")) < QUEUE_CONFIG_SECONDS
@@ -101,7 +105,7 @@ def put(
             nudge_queue(store, queue)
             return job_id
         _unbounded.pop(key, None)
-    return _put_rows(store, queue, [row])[0]
+    return _put_rows(store, queue, [row], fence)[0]
 
 
 #: (id(store), queue) -> when this process last saw that the queue has no max depth: then
@@ -110,16 +114,18 @@ def put(
 _unbounded: dict[tuple[int, str], float] = {}
 
 
-def put_many(store: Store, queue: str, jobs: Iterable[NewJob | Any]) -> list[int]:
+def put_many(store: Store, queue: str, jobs: Iterable[NewJob | Any], *,
+             fence: Fence | None = None) -> list[int]:
     """Add many jobs in one transaction (all or none); each item is a ``NewJob`` or a bare
-    payload. Returns the job ids in order (existing ids for dedupe repeats)."""
+    payload. Returns the job ids in order (existing ids for dedupe repeats). ``fence``: as
+    ``put``'s."""
     queue_name(queue)
     rows = []
     for item in jobs:
         j = item if isinstance(item, NewJob) else NewJob(item)
         rows.append(checked_job(store, j.payload, j.priority, j.delay, j.dedupe_key,
                                 j.max_attempts))
-    return _put_rows(store, queue, rows) if rows else []
+    return _put_rows(store, queue, rows, fence) if rows else []
 
 
 def checked_job(
@@ -142,9 +148,14 @@ def checked_job(
 
 
 def _put_rows(
-    store: Store, queue: str, rows: list[tuple[str, int, float, str | None, int]]
+    store: Store, queue: str, rows: list[tuple[str, int, float, str | None, int]],
+    fence: Fence | None = None,
 ) -> list[int]:
-    ids, added, owner = store.backend.queues.put_rows(queue, rows)
+    if fence is None:
+        ids, added, owner = store.backend.queues.put_rows(queue, rows)
+    else:
+        ids, added, owner = store.backend.leases.fenced_queue_put(fence.name, fence.term,
+                                                                  queue, rows)
     if added:
         nudge_queue(store, queue, owner)
     return ids

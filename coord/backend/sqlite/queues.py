@@ -173,6 +173,20 @@ def insert(
     return out
 
 
+def put_in(c: apsw.Connection, store: Store, queue: str, rows: Sequence[NewJobRow]
+           ) -> tuple[list[int], bool, str | None]:
+    """``SqliteQueues.put_rows`` inside the caller's transaction (also the fenced put's)."""
+    now, wall = store.mono(), store.wall()
+    owner, max_depth = queue_row(c, store, queue)
+    ids = insert(
+        c, queue, max_depth,
+        [(text, prio, now + delay, key, att, 0, "ready", wall, None)
+         for text, prio, delay, key, att in rows],
+        now, wall,
+    )
+    return [i for i, _ in ids], any(new for _, new in ids), owner
+
+
 def _existing(c: apsw.Connection, queue: str, key: str | None) -> int | None:
     if key is None:
         return None
@@ -252,19 +266,7 @@ class SqliteQueues:
     def put_rows(self, queue: str, rows: Sequence[NewJobRow]
                  ) -> tuple[list[int], bool, str | None]:
         store = self._store
-
-        def txn(c: apsw.Connection) -> tuple[list[int], bool, str | None]:
-            now, wall = store.mono(), store.wall()
-            owner, max_depth = queue_row(c, store, queue)
-            ids = insert(
-                c, queue, max_depth,
-                [(text, prio, now + delay, key, att, 0, "ready", wall, None) for
-                 text, prio, delay, key, att in rows],
-                now, wall,
-            )
-            return [i for i, _ in ids], any(new for _, new in ids), owner
-
-        return store.write(txn)
+        return store.write(lambda c: put_in(c, store, queue, rows))
 
     def import_jobs(self, queue: str, rows: Sequence[ImportRow], path: str
                     ) -> tuple[list[tuple[int, bool]], str | None]:
