@@ -97,20 +97,22 @@ def put(
     if dedupe_key is None and fence is None:
         text, prio, wait, _, attempts = row
         key = (id(store), queue)
-        known = time.monotonic() - _unbounded.get(key, float("-inf")) < QUEUE_CONFIG_SECONDS
-
+        now = time.monotonic()
+        known = now - _unbounded.get(key, float("-inf")) < QUEUE_CONFIG_SECONDS
         job_id = store.backend.queues.put(queue, text, prio, wait, attempts, known)
         if job_id is not None:
-            _unbounded[key] = time.monotonic()
+            if not known:  # the engine looked: unbounded, for the next QUEUE_CONFIG_SECONDS
+                _unbounded[key] = now
             nudge_queue(store, queue)
             return job_id
         _unbounded.pop(key, None)
     return _put_rows(store, queue, [row], fence)[0]
 
 
-#: (id(store), queue) -> when this process last saw that the queue has no max depth: then
-#: a put inserts without looking for QUEUE_CONFIG_SECONDS (the engine still proves the queue
-#: exists).
+#: (id(store), queue) -> when this process last looked and saw that the queue has no max
+#: depth: then a put inserts without looking for QUEUE_CONFIG_SECONDS (the engine still
+#: proves the queue exists), and looks again after — a put that did not look does not renew
+#: it, so a producer that never pauses still sees a max depth set meanwhile.
 _unbounded: dict[tuple[int, str], float] = {}
 
 

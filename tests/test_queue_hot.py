@@ -5,6 +5,7 @@ databases (right after 002, and after a 003 that only replaces views) with their
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from conftest import ManualClock, reg
 
 import coord
 import coord.migrate
-from coord import queues
+from coord import queue_put, queues
 from coord.backend.sqlite import queues as sqlite_queues
 from coord.check import check
 from coord.errors import (
@@ -22,6 +23,7 @@ from coord.errors import (
     NotRegistered,
     PayloadError,
     PermissionDenied,
+    QueueFull,
 )
 from coord.migrate import latest_version, migrations
 from coord.reaper import bury_dead
@@ -188,6 +190,21 @@ def test_a_buried_claimer_acking_in_its_claim_claims_nothing(cstore: coord.Store
     with pytest.raises(NotRegistered):
         queues.claim(cstore, "q", w)
     assert queues.stats(cstore, "q")[0].claimed == 0
+
+
+def test_a_producer_that_never_pauses_sees_a_max_depth_set_meanwhile(
+    cstore: coord.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(queue_put, "QUEUE_CONFIG_SECONDS", 0.5)
+    other = coord.Store(cstore.path)  # another process's view: its own cache
+    queues.create_queue(other, "grow")
+    queues.put(cstore, "grow", 0)  # looked: unbounded, so the next puts do not look
+    queues.create_queue(other, "grow", max_depth=3)
+    end = time.monotonic() + 10.0
+    with pytest.raises(QueueFull):  # once its QUEUE_CONFIG_SECONDS have passed
+        while time.monotonic() < end:  # puts without a pause
+            queues.put(cstore, "grow", 1)
+    other.close()
 
 
 # -- tokens name their job ----------------------------------------------------------------
