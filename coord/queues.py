@@ -30,6 +30,8 @@ raise ``ClaimLost`` when the claim has moved on (released, expired, redelivered)
 that hung and resumed can never ack a job that another worker now holds. A claim past its
 lease is lost even before anyone releases it. ``claim_many`` claims up to n jobs in one
 transaction and ``ack_many`` acks many, each claim on its own terms (see their docstrings).
+A worker loop acks its last job (or batch) in its next claim's transaction, before the
+claim: ``job = claim(..., ack=job)`` — one commit per job instead of two.
 What a claim and an ack touch is kept small: see ``schema/004_queue_hot.sql``.
 
 **Death**: a claimer looks at the holders of its queue's claims (at most every
