@@ -269,6 +269,11 @@ class SqliteQueues(QueueUpkeep):
               ) -> list[tuple[str, tuple[Any, ...]]]:
         store = self._store
 
+        # The random part of the token is drawn before the transaction: less work while the
+        # write lock is held. With the job id, a token is unique; the random part makes it
+        # unguessable.
+        secret = f"{random.getrandbits(64):016x}"
+
         def txn(c: apsw.Connection) -> tuple[list[str], BaseException | None,
                                              list[tuple[str, tuple[Any, ...]]]]:
             now = store.mono()
@@ -276,27 +281,26 @@ class SqliteQueues(QueueUpkeep):
                 lost = self._ack_pairs(c, acks, now, store.wall())
                 if lost:
                     return lost, None, []
-            ((alive, owner, *first),) = c.execute(_PICK, (id, incarnation, queue, now))
+            (pick,) = c.execute(_PICK, (id, incarnation, queue, now))  # always one row
             # Refused claims still commit the acks made before them: raised after the commit.
-            if not alive:
+            if not pick[0]:
                 return [], NotRegistered(
                     id, "its registration has ended (declared dead or taken over)"), []
+            owner, first = pick[1], pick[2]
             if owner is not None and owner != id:
                 return [], PermissionDenied(
                     f"queue {queue!r} is private to instance {owner!r}"), []
-            if first[0] is None:
+            if first is None:
                 return [], None, []
-            rows = [tuple(first)]
-            if n > 1:
-                rows += c.execute(_MORE, (queue, now, first[0], n - 1)).fetchall()
-            until, wall = now + lease, store.wall()
-            # With the job id, a token is unique; the random part makes it unguessable.
+            if n == 1:  # executemany costs more than execute for one row
+                token = f"{first}-{secret}"
+                c.execute(_CLAIM, (token, id, incarnation, now + lease, store.wall(), first))
+                return [], None, [(token, pick[2:])]
+            rows = [pick[2:], *c.execute(_MORE, (queue, now, first, n - 1))]
             out = [(f"{row[0]}-{random.getrandbits(64):016x}", row) for row in rows]
-            if len(out) == 1:  # executemany costs more than execute for one row
-                c.execute(_CLAIM, (out[0][0], id, incarnation, until, wall, rows[0][0]))
-            else:
-                c.executemany(_CLAIM, [(token, id, incarnation, until, wall, row[0])
-                                       for token, row in out])
+            until, wall = now + lease, store.wall()
+            c.executemany(_CLAIM, [(token, id, incarnation, until, wall, row[0])
+                                   for token, row in out])
             return [], None, out
 
         lost, refused, out = store.write(txn)
