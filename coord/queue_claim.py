@@ -195,19 +195,10 @@ def _wait_claim(
     store: Store, queue: str, h: _Holder, lease: float, n: int, deadline: float
 ) -> list[Job]:
     me, ns = os.getpid(), Probe().pidns
-    watched: list[Any] = [float("-inf"), []]  # (when read, the holders' pids)
 
     def watch() -> list[int]:
-        # Asked after every wake-up that found nothing, and a busy queue wakes its waiters
-        # at every commit: the holders are read again at most every SCAN_INTERVAL (a holder
-        # that came since is still found dead by the scans, only not woken for at once).
-        now = store.mono()
-        if not 0 <= now - watched[0] < SCAN_INTERVAL:
-            watched[:] = [now, [
-                r["pid"] for r in store.backend.queues.holders(queue)
-                if r["pid"] and r["pidns"] == ns and r["pid"] != me and r["status"] == "alive"]]
-        pids: list[int] = watched[1]
-        return pids
+        return [r["pid"] for r in store.backend.queues.holders(queue)
+                if r["pid"] and r["pidns"] == ns and r["pid"] != me and r["status"] == "alive"]
 
     while True:
         now = store.mono()
