@@ -10,11 +10,12 @@ import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
-from . import kv
+from . import kv, queue_put
 from .db import Row
 from .errors import CoordError, LeaseLost
 from .instances import Instance
 from .lease_rules import fenced_batch, release, renew_deadline, renew_interval
+from .queue_jobs import NewJob
 
 log = logging.getLogger("coord.leases")
 
@@ -119,6 +120,19 @@ class Lease:
         """A fenced ``kv.cas``: only while this term is current (else ``LeaseLost``)."""
         return self._fenced(lambda: kv.cas(self.store, key, value, version=version,
                                            owner=owner, fence=self))
+
+    def put(self, queue: str, payload: Any, *, priority: int = 0, delay: float = 0.0,
+            dedupe_key: str | None = None, max_attempts: int | None = None) -> int:
+        """A fenced ``queues.put``: the job is added only while this term is current (else
+        ``LeaseLost``, and nothing stored), in the same transaction; works on every
+        engine."""
+        return self._fenced(lambda: queue_put.put(
+            self.store, queue, payload, priority=priority, delay=delay,
+            dedupe_key=dedupe_key, max_attempts=max_attempts, fence=self))
+
+    def put_many(self, queue: str, jobs: Iterable[NewJob | Any]) -> list[int]:
+        """A fenced ``queues.put_many`` (all or none, only while this term is current)."""
+        return self._fenced(lambda: queue_put.put_many(self.store, queue, jobs, fence=self))
 
     def _fenced(self, op: Callable[[], T]) -> T:
         self.check()

@@ -5,6 +5,7 @@ databases (right after 002, and after a 003 that only replaces views) with their
 from __future__ import annotations
 
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,18 @@ from conftest import ManualClock, invariants, reg, set_job_payload
 
 import coord
 import coord.backend.sqlite.migrations
-from coord import queues
+from coord import queue_put, queues
 from coord.backend.sqlite import queues as sqlite_queues
 from coord.backend.sqlite.migrations import latest_version, migrations
 from coord.check import check
-from coord.errors import ClaimLost, InvalidArgument, NotRegistered, PayloadError
+from coord.errors import (
+    ClaimLost,
+    InvalidArgument,
+    NotRegistered,
+    PayloadError,
+    PermissionDenied,
+    QueueFull,
+)
 from coord.reaper import bury_dead
 
 pytestmark = pytest.mark.contract
@@ -103,6 +111,102 @@ def test_a_queue_handle_claims_and_acks_batches(cstore: coord.Store) -> None:
     assert [j.payload for j in jobs] == ["a", "b"]
     q.ack_many(jobs, ["A", "B"])
     assert [j.result for j in q.jobs("done")] == ["A", "B"]
+
+
+# -- the ack folded into the next claim ---------------------------------------------------
+
+
+def test_a_claim_acks_the_last_job_first(cstore: coord.Store) -> None:
+    w = reg(cstore, "w-1")
+    q = queues.Queue(cstore, "q", w)
+    ids = q.put_many(["a", "b", "c"])
+    job = q.claim()
+    assert job is not None
+    done = [job.id]
+    while (job := q.claim(ack=job, result={"did": job.payload})) is not None:
+        done.append(job.id)
+    assert done == ids
+    # the last claim found nothing due and still acked the last job
+    assert [(j.id, j.result) for j in q.jobs("done")] == [
+        (ids[0], {"did": "a"}), (ids[1], {"did": "b"}), (ids[2], {"did": "c"})]
+    assert q.stats().claimed == 0
+
+
+def test_a_stale_ack_in_a_claim_claims_nothing(cstore: coord.Store, clock: ManualClock) -> None:
+    a, b = reg(cstore, "w-a"), reg(cstore, "w-b")
+    queues.put_many(cstore, "q", [1, 2])
+    old = queues.claim(cstore, "q", a, lease=5)
+    assert old is not None
+    clock.now += 10  # its lease has run out
+    with pytest.raises(ClaimLost) as e:
+        queues.claim(cstore, "q", a, ack=old)
+    assert e.value.tokens == (old.token,)
+    back = queues.get_job(cstore, old.id)
+    assert (back.state, back.attempts) == ("ready", 1)  # released, the attempt counted
+    assert queues.stats(cstore, "q")[0].claimed == 0  # and nothing was claimed
+    again = queues.claim(cstore, "q", b)
+    assert again is not None and again.id == old.id
+
+
+def test_claim_many_acks_the_held_claims_of_a_batch_and_names_the_lost(
+    cstore: coord.Store,
+) -> None:
+    a, b = reg(cstore, "w-a"), reg(cstore, "w-b")
+    queues.put_many(cstore, "q", range(5))
+    j1, j2 = queues.claim_many(cstore, "q", 2, a)
+    queues.release(cstore, j2)
+    taken = queues.claim(cstore, "q", b)
+    assert taken is not None and taken.id == j2.id
+    with pytest.raises(ClaimLost) as e:
+        queues.claim_many(cstore, "q", 2, a, ack=[j1, j2], results=[{"r": 1}, {"r": 2}])
+    assert e.value.tokens == (j2.token,)
+    assert [(j.id, j.result) for j in queues.list_jobs(cstore, "q", state="done")] == [
+        (j1.id, {"r": 1})]
+    assert queues.get_job(cstore, j2.id).instance_id == "w-b"  # b's claim untouched
+    assert queues.stats(cstore, "q")[0].claimed == 1
+    assert len(queues.claim_many(cstore, "q", 9, a)) == 3  # the batch claims as before
+
+
+def test_an_ack_in_a_refused_claim_still_commits(cstore: coord.Store) -> None:
+    a = reg(cstore, "w-a")
+    queues.create_queue(cstore, "b-only", owner="w-b")
+    queues.put(cstore, "b-only", "x")
+    queues.put(cstore, "q", 1)
+    job = queues.claim(cstore, "q", a)
+    assert job is not None
+    with pytest.raises(PermissionDenied):
+        queues.claim(cstore, "b-only", a, ack=job)
+    assert queues.get_job(cstore, job.id).state == "done"
+    assert queues.stats(cstore, "b-only")[0].claimed == 0
+
+
+def test_a_buried_claimer_acking_in_its_claim_claims_nothing(cstore: coord.Store) -> None:
+    w = reg(cstore, "w-1")
+    queues.put_many(cstore, "q", [1, 2, 3])
+    job = queues.claim(cstore, "q", w)
+    assert job is not None
+    bury_dead(cstore, [cstore.row("SELECT * FROM instances WHERE id = 'w-1'")], "died")
+    with pytest.raises(ClaimLost):  # the burial gave its job back
+        queues.claim(cstore, "q", w, ack=job)
+    assert queues.get_job(cstore, job.id).state == "ready"
+    with pytest.raises(NotRegistered):
+        queues.claim(cstore, "q", w)
+    assert queues.stats(cstore, "q")[0].claimed == 0
+
+
+def test_a_producer_that_never_pauses_sees_a_max_depth_set_meanwhile(
+    cstore: coord.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(queue_put, "QUEUE_CONFIG_SECONDS", 0.5)
+    other = coord.Store(cstore.path)  # another process's view: its own cache
+    queues.create_queue(other, "grow")
+    queues.put(cstore, "grow", 0)  # looked: unbounded, so the next puts do not look
+    queues.create_queue(other, "grow", max_depth=3)
+    end = time.monotonic() + 10.0
+    with pytest.raises(QueueFull):  # once its QUEUE_CONFIG_SECONDS have passed
+        while time.monotonic() < end:  # puts without a pause
+            queues.put(cstore, "grow", 1)
+    other.close()
 
 
 # -- tokens name their job ----------------------------------------------------------------

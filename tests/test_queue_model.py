@@ -1,6 +1,7 @@
 """The queue rules against a model (hypothesis stateful), with an injected clock.
 
-Three in-process instances put, claim (one job or a batch), ack (one or a batch), fail,
+Three in-process instances put, claim (one job or a batch, perhaps acking their last jobs in
+the claim's transaction), ack (one or a batch), fail,
 extend, release, cancel and requeue on one shared queue while the clock moves, leases expire, instances are "killed" (they stop beating
 and the clock passes their TTL, so they are seen hung) and restarted under the same id, and
 workers ack with stale tokens. After every step every job's state, attempts and holder match
@@ -137,16 +138,31 @@ class QueueMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: len(self.killed) < len(IDS))
     @rule(data=st.data(), lease=st.sampled_from([5.0, 30.0, 30.0]))
-    def claim(self, data: st.DataObject, lease: float, n: int = 1) -> None:
+    def claim(self, data: st.DataObject, lease: float, n: int = 1,
+              acks: list[str] | None = None) -> None:
         i = data.draw(st.sampled_from([i for i in range(len(IDS)) if i not in self.killed]))
         self._release_pending()
+        lost = []
+        for t in acks or []:  # acked first, in the claim's transaction
+            j = self._use(t)
+            if j is None:
+                lost.append(t)
+            else:
+                j.state, j.token = "done", None
         due = [j for j in self.jobs.values() if j.state == "ready" and j.available <= self.now]
-        want = sorted(due, key=lambda j: (-j.priority, j.id))[:n]
-        if n == 1:
-            one = queues.claim(self.store, Q, self.insts[i], lease=lease)
-            got = [] if one is None else [one]
-        else:
-            got = queues.claim_many(self.store, Q, n, self.insts[i], lease=lease)
+        want = [] if lost else sorted(due, key=lambda j: (-j.priority, j.id))[:n]
+        try:
+            if n == 1 and len(acks or []) <= 1:
+                one = queues.claim(self.store, Q, self.insts[i], lease=lease,
+                                   ack=acks[0] if acks else None, result={"n": 1})
+                got = [] if one is None else [one]
+            else:
+                got = queues.claim_many(self.store, Q, n, self.insts[i], lease=lease,
+                                        ack=acks or ())
+        except ClaimLost as e:
+            assert lost and list(e.tokens) == lost, (e.tokens, lost)
+            return
+        assert not lost
         assert [g.id for g in got] == [w.id for w in want], (got, want)
         for g, w in zip(got, want, strict=True):
             assert g.token is not None and g.token not in self.tokens
@@ -155,6 +171,15 @@ class QueueMachine(RuleBasedStateMachine):
             w.expires = self.now + lease
             assert g.attempts == w.attempts
             self.tokens.append(g.token)
+
+    @precondition(lambda self: self.tokens and len(self.killed) < len(IDS))
+    @rule(data=st.data(), lease=st.sampled_from([5.0, 30.0]), n=st.integers(1, 3))
+    def ack_in_next_claim(self, data: st.DataObject, lease: float, n: int) -> None:
+        """A worker loop's step: the acks of its last jobs (perhaps stale or repeated) made
+        in its next claim's transaction. The held ones are acked whatever happens; when any
+        was lost, ClaimLost names exactly those, in order, and nothing is claimed."""
+        pick = st.sampled_from(self.tokens[-3:] + self.tokens[:1])
+        self.claim(data, lease, n, data.draw(st.lists(pick, min_size=1, max_size=3)))
 
     @precondition(lambda self: len(self.killed) < len(IDS))
     @rule(data=st.data(), lease=st.sampled_from([5.0, 30.0]), n=st.integers(2, 4))

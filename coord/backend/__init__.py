@@ -43,7 +43,7 @@ The plan, in steps that each keep the whole suite green:
    letters, adopt, purge (``QueueOps``, in ``.queue_ops``; ``coord.queues`` keeps
    validation, waiting, retries and their backoff, and the death rule's policy for claims;
    a claim going back to ready is the death rule's one ``release_claims``) and the legacy
-   import (``import_jobs``). Not yet: the fenced queue put.
+   import (``import_jobs``), the fenced queue put (``LeaseOps.fenced_queue_put``).
    (done) The schema ladder (``MetaOps``, ``backend.meta``; the SQLite files in
    ``schema/sqlite/``) and read-only ad-hoc SQL (``AdhocOps``, ``backend.adhoc``); the
    remaining writes of ``coord.events``, ``coord.demo`` and ``coord.metrics`` go through
@@ -66,7 +66,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .lifecycle import CheckOps, DeathRule, InstanceWrites, ProcessOps, Proof, TreeOps
-from .queue_ops import JOB_FIELDS, QueueOps  # step 4: queues
+from .queue_ops import JOB_FIELDS, NewJobRow, QueueOps  # step 4: queues
 from .records import (
     KvRecord,
     LeaseRecord,  # step 3: leases
@@ -380,8 +380,8 @@ class InstanceOps(InstanceReads, InstanceWrites, Protocol):
 # Done: coord.leases (split into lease_rules, lease_keeper and leases), elect, wrapper,
 # runner and the tooz driver reach leases only through these operations; tree's lease reads
 # too. Freeing a lease is written once (SQLite: ``sqlite/lease_rows.py``), also for the death
-# rule (``release_dead_holders``), the reaper's expiry and the boot rebase. Not yet: a fenced
-# queue put (the queue capability has no in-transaction put until step 4).
+# rule (``release_dead_holders``), the reaper's expiry and the boot rebase. The fenced queue
+# put (``fenced_queue_put``) is the queue engine's put inside the term's check.
 
 
 class LeaseOps(Protocol):
@@ -463,6 +463,12 @@ class LeaseOps(Protocol):
     def fenced_kv_cas(self, name: str, term: int, key: str, value: str, version: int,
                       owner: Member | None) -> int:
         """``KvOps.cas`` only while ``term`` is current, in one transaction."""
+        ...
+
+    def fenced_queue_put(self, name: str, term: int, queue: str, rows: Sequence[NewJobRow]
+                         ) -> tuple[list[int], bool, str | None]:
+        """``QueueOps.put_rows`` only while ``term`` is current, in one transaction
+        (``LeaseLost`` otherwise, and nothing stored)."""
         ...
 
 

@@ -10,11 +10,15 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     from ..db import Row
 
-#: The fields of a job row, in the order ``get``, ``jobs`` and the claim return them.
+#: The fields of a job row, in the order ``get`` and ``jobs`` return them. Times: ``*_at`` are
+#: wall-clock seconds, for people; ``available_in`` (seconds until a ready job is due, 0 when
+#: due or not ready) and ``expires_in`` (seconds left on a claim's lease, negative past it;
+#: None unless claimed) are durations the engine computes from its own clock, so that a
+#: caller never compares its clock with the engine's.
 JOB_FIELDS = (
     "id", "queue", "state", "priority", "payload", "dedupe_key", "attempts", "max_attempts",
-    "available_mono", "created_at", "claimed_by", "claim_token", "claim_expires_mono",
-    "last_error", "result", "finished_at",
+    "available_in", "created_at", "claimed_by", "expires_in", "last_error", "result",
+    "finished_at",
 )
 
 #: A job to put, validated: (payload JSON text, priority, delay in seconds, dedupe key,
@@ -31,7 +35,8 @@ class QueueOps(Protocol):
     is lost. Every operation on a claim that finds it merely expired releases it (its
     attempt counted) in the same transaction. Claims whose holder is gone or whose lease
     ran out go back to ready (or dead, out of attempts) through the death rule's one
-    "back to ready". Expiry and delays are stamped from the engine's clock."""
+    "back to ready". Expiry and delays are stamped from the engine's clock, and what is
+    read back of them is a duration from that clock (never one of its readings)."""
 
     # -- queues
     def create(self, name: str, owner: str | None, max_depth: int | None) -> None:
@@ -71,12 +76,17 @@ class QueueOps(Protocol):
         ...
 
     # -- claims
-    def claim(self, queue: str, id: str, incarnation: int, lease: float, n: int
+    def claim(self, queue: str, id: str, incarnation: int, lease: float, n: int,
+              acks: Sequence[tuple[str, str | None]] = ()
               ) -> list[tuple[str, tuple[Any, ...]]]:
-        """In one transaction: ``NotRegistered`` unless (id, incarnation) is alive,
-        ``PermissionDenied`` for another's private queue; then up to ``n`` due jobs in claim
-        order, claimed for ``lease`` seconds: [(token, (id, priority, payload, dedupe_key,
-        attempts before this claim, max_attempts, created_at, last_error))]."""
+        """In one transaction: first ack each (token, result) of ``acks`` (a worker's last
+        jobs, as ``ack_many``: the claims still held are acked); when any claim had moved
+        on, commit and raise ``ClaimLost`` naming those, claiming nothing. Then
+        ``NotRegistered`` unless (id, incarnation) is alive, ``PermissionDenied`` for
+        another's private queue (either raised after the acks commit); then up to ``n`` due
+        jobs in claim order, claimed for ``lease`` seconds: [(token, (id, priority,
+        payload, dedupe_key, attempts before this claim, max_attempts, created_at,
+        last_error))]."""
         ...
 
     def ready(self, queue: str) -> bool:
@@ -84,8 +94,8 @@ class QueueOps(Protocol):
         ...
 
     def next_due(self, queue: str) -> float | None:
-        """The engine time when the next delayed job falls due or the next claim lease
-        runs out."""
+        """Seconds until the next delayed job falls due or the next claim lease runs out
+        (0 or less when one already has); None when neither is pending."""
         ...
 
     def holders(self, queue: str) -> list[Row]:
@@ -162,16 +172,17 @@ class QueueOps(Protocol):
         """The job's row (``JOB_FIELDS``)."""
         ...
 
-    def jobs(self, queue: str | None, state: str, limit: int | None, now: float) -> list[Row]:
-        """Rows in claim order of ``state`` (one of ``coord.queues.SHOWN_STATES``, 'active'
-        or 'all'); 'ready' and 'delayed' are told apart at ``now``, an engine time the
-        caller read from ``clock`` and shows the jobs at."""
+    def jobs(self, queue: str | None, state: str, limit: int | None) -> list[Row]:
+        """Rows (``JOB_FIELDS``) in claim order of ``state`` (one of
+        ``coord.queues.SHOWN_STATES``, 'active' or 'all'); 'ready' and 'delayed' are told
+        apart at the engine's now, the same now the rows' durations are computed at."""
         ...
 
-    def stats(self, queue: str | None, now: float) -> list[Row]:
+    def stats(self, queue: str | None) -> list[Row]:
         """Per queue (or the one): name, owner_id, max_depth and the counts ready, delayed
-        (at ``now``, as ``jobs``), claimed, dead, done, cancelled, and ``oldest``: the
-        creation time of the oldest due ready job."""
+        (at the engine's now, as ``jobs``), claimed, dead, done, cancelled, and
+        ``oldest_age``: the seconds since the oldest due ready job was put (None when there
+        is none)."""
         ...
 
     def problems(self) -> list[tuple[str, bool]]:

@@ -75,6 +75,9 @@ class QueueImpl:
 
 
 class CoordQueue(QueueImpl):
+    """coord's worker loop: each ack is made in the transaction of the next claim
+    (``claim(..., ack=job)``, one commit per job); the last is acked on close."""
+
     name = "coord"
     native_wait = True
 
@@ -84,6 +87,7 @@ class CoordQueue(QueueImpl):
         self.q = queues
         self.store = coord.Store(d / "coord.db")
         self.inst = coord.register(self.store, app="bench") if consumer else None
+        self.done: dict[int, Any] = {}  # thread -> the job (or batch) its next claim acks
 
     @classmethod
     def setup(cls, d: Path) -> None:
@@ -97,20 +101,24 @@ class CoordQueue(QueueImpl):
         self.q.put(self.store, QUEUE, payload)
 
     def claim(self, timeout: float) -> tuple[Any, Any] | None:
-        job = self.q.claim(self.store, QUEUE, self.inst, timeout=timeout)
+        done = self.done.pop(threading.get_ident(), None)
+        job = self.q.claim(self.store, QUEUE, self.inst, timeout=timeout, ack=done)
         return None if job is None else (job.payload, job)
 
     def ack(self, handle: Any) -> None:
-        self.q.ack(self.store, handle)
+        self.done[threading.get_ident()] = handle
 
     def claim_batch(self, n: int, timeout: float) -> list[tuple[Any, Any]]:
+        done = self.done.pop(threading.get_ident(), ())
         return [(j.payload, j) for j in self.q.claim_many(self.store, QUEUE, n, self.inst,
-                                                          timeout=timeout)]
+                                                          timeout=timeout, ack=done)]
 
     def ack_batch(self, handles: list[Any]) -> None:
-        self.q.ack_many(self.store, handles)
+        self.done[threading.get_ident()] = handles
 
     def close(self) -> None:
+        for done in self.done.values():
+            self.q.ack_many(self.store, done if isinstance(done, list) else [done])
         if self.inst is not None:
             self.inst.close()
         self.store.close()

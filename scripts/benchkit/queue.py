@@ -220,7 +220,8 @@ def _rate_result(section: str, work: str, impl: str, rows: list[tuple[int, float
 
 def _queue_note(impl: str) -> str:
     return {
-        "coord": "claim with a lease and a token, ack by token",
+        "coord": "claim with a lease and a token, ack by token in the next claim's "
+                 "transaction",
         LIMIT_QUEUE: "one table, no index: UPDATE … RETURNING, DELETE; waits by 1 ms polls",
         RAW_SCHEMA: "coord's schema and statements, no checks, no Python around them; "
                     "waits by 1 ms polls",

@@ -33,6 +33,7 @@ import psycopg
 from psycopg import sql
 
 from ...errors import CoordError
+from .queue_rows import channel as queue_channel
 
 if TYPE_CHECKING:
     from .connection import Conn, PgDb
@@ -50,6 +51,8 @@ _NAME_MAX = 63
 def channel_name(schema: str, channel: str) -> str:
     """The server's channel for a coord channel of one deployment (channels are per
     database, so the schema is part of the name); hashed when too long for an identifier."""
+    if channel.startswith("queue:"):  # the name the queues' own NOTIFYs use, in SQL
+        return queue_channel(schema, channel.removeprefix("queue:"))
     name = f"coord.{schema}.{channel}"
     if len(name.encode()) <= _NAME_MAX:
         return name

@@ -20,9 +20,11 @@ from .clock import MonotonicClock
 from .events import log_event
 from .lease_rows import end_term, expire_lapsed, free_held, free_term
 from .liveness import SqliteLiveness
+from .queues import put_in
 
 if TYPE_CHECKING:
     from ...db import Row, Store
+    from ..queue_ops import NewJobRow
     from .kv import SqliteKv
 
 #: Statements of a fenced write: (SQL, parameters).
@@ -259,6 +261,16 @@ class SqliteLeases:
         def txn(c: apsw.Connection) -> int:
             self._require(c, name, term)
             return self._kv.cas_in(c, key, value, version, owner)
+
+        return self._store.write(txn)
+
+    def fenced_queue_put(self, name: str, term: int, queue: str, rows: Sequence[NewJobRow]
+                         ) -> tuple[list[int], bool, str | None]:
+        """``QueueOps.put_rows`` in the same transaction as the check that ``term`` is
+        current."""
+        def txn(c: apsw.Connection) -> tuple[list[int], bool, str | None]:
+            self._require(c, name, term)
+            return put_in(c, self._store, queue, rows)
 
         return self._store.write(txn)
 

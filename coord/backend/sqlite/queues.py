@@ -17,16 +17,20 @@ from typing import TYPE_CHECKING, Any
 import apsw
 
 from ...db import fetch, scalar
-from ...errors import InvalidArgument, NotFound, NotRegistered, PermissionDenied, QueueFull
-from ..queue_ops import JOB_FIELDS, ImportRow, NewJobRow
+from ...errors import (
+    ClaimLost,
+    InvalidArgument,
+    NotRegistered,
+    PermissionDenied,
+    QueueFull,
+)
+from ..queue_ops import ImportRow, NewJobRow
 from .death import release_claims
 from .events import log_event
+from .queue_upkeep import QueueUpkeep, queue_row
 
 if TYPE_CHECKING:
     from ...db import Row, Store
-
-#: A job row's columns, in the order of ``JOB_FIELDS``.
-_COLUMNS = ", ".join(JOB_FIELDS)
 
 # The common put in one statement: it adds the job only to an existing queue without a max
 # depth (a new queue, or one with a max depth, takes put_rows). Once a process has seen
@@ -106,18 +110,6 @@ def claim_id(token: str) -> int:
     return int(head) if sep and head.isascii() and head.isdigit() else -1
 
 
-def queue_row(c: apsw.Connection, store: Store, name: str) -> tuple[str | None, int | None]:
-    """(owner, max_depth) of a queue inside the caller's transaction, creating it shared if
-    it does not exist."""
-    for owner, depth in c.execute("SELECT owner_id, max_depth FROM queues WHERE name = ?", (name,)):
-        return owner, depth
-    c.execute(
-        "INSERT INTO queues (name, owner_id, max_depth, created_at) VALUES (?, NULL, NULL, ?)",
-        (name, store.wall()),
-    )
-    return None, None
-
-
 def insert(
     c: apsw.Connection, queue: str, max_depth: int | None, rows: list[NewRow],
     now: float, wall: float,
@@ -160,6 +152,20 @@ def insert(
     return out
 
 
+def put_in(c: apsw.Connection, store: Store, queue: str, rows: Sequence[NewJobRow]
+           ) -> tuple[list[int], bool, str | None]:
+    """``SqliteQueues.put_rows`` inside the caller's transaction (also the fenced put's)."""
+    now, wall = store.mono(), store.wall()
+    owner, max_depth = queue_row(c, store, queue)
+    ids = insert(
+        c, queue, max_depth,
+        [(text, prio, now + delay, key, att, 0, "ready", wall, None)
+         for text, prio, delay, key, att in rows],
+        now, wall,
+    )
+    return [i for i, _ in ids], any(new for _, new in ids), owner
+
+
 def _existing(c: apsw.Connection, queue: str, key: str | None) -> int | None:
     if key is None:
         return None
@@ -168,14 +174,9 @@ def _existing(c: apsw.Connection, queue: str, key: str | None) -> int | None:
     return None
 
 
-def _job_state(c: apsw.Connection, job_id: int) -> str:
-    for (state,) in c.execute("SELECT state FROM jobs WHERE id = ?", (job_id,)):
-        return str(state)
-    raise NotFound("job", job_id)
-
-
-class SqliteQueues:
-    """``coord.backend.QueueOps``."""
+class SqliteQueues(QueueUpkeep):
+    """``coord.backend.QueueOps``: the hot path here, the upkeep and reading in
+    ``QueueUpkeep`` (``queue_upkeep.py``)."""
 
     def __init__(self, store: Store) -> None:
         self._store = store
@@ -239,19 +240,7 @@ class SqliteQueues:
     def put_rows(self, queue: str, rows: Sequence[NewJobRow]
                  ) -> tuple[list[int], bool, str | None]:
         store = self._store
-
-        def txn(c: apsw.Connection) -> tuple[list[int], bool, str | None]:
-            now, wall = store.mono(), store.wall()
-            owner, max_depth = queue_row(c, store, queue)
-            ids = insert(
-                c, queue, max_depth,
-                [(text, prio, now + delay, key, att, 0, "ready", wall, None) for
-                 text, prio, delay, key, att in rows],
-                now, wall,
-            )
-            return [i for i, _ in ids], any(new for _, new in ids), owner
-
-        return store.write(txn)
+        return store.write(lambda c: put_in(c, store, queue, rows))
 
     def import_jobs(self, queue: str, rows: Sequence[ImportRow], path: str
                     ) -> tuple[list[tuple[int, bool]], str | None]:
@@ -275,40 +264,58 @@ class SqliteQueues:
 
     # -- claim ---------------------------------------------------------------------------
 
-    def claim(self, queue: str, id: str, incarnation: int, lease: float, n: int
+    def claim(self, queue: str, id: str, incarnation: int, lease: float, n: int,
+              acks: Sequence[tuple[str, str | None]] = ()
               ) -> list[tuple[str, tuple[Any, ...]]]:
         store = self._store
 
-        def txn(c: apsw.Connection) -> list[tuple[str, tuple[Any, ...]]]:
-            now = store.mono()
-            ((alive, owner, *first),) = c.execute(_PICK, (id, incarnation, queue, now))
-            if not alive:
-                raise NotRegistered(id, "its registration has ended (declared dead or taken over)")
-            if owner is not None and owner != id:
-                raise PermissionDenied(f"queue {queue!r} is private to instance {owner!r}")
-            if first[0] is None:
-                return []
-            rows = [tuple(first)]
-            if n > 1:
-                rows += c.execute(_MORE, (queue, now, first[0], n - 1)).fetchall()
-            wall, until = store.wall(), now + lease
-            # With the job id, a token is unique; the random part makes it unguessable.
-            out = [(f"{row[0]}-{random.getrandbits(64):016x}", row) for row in rows]
-            args = [(token, id, incarnation, until, wall, row[0]) for token, row in out]
-            if len(args) == 1:  # executemany costs more than execute for one row
-                c.execute(_CLAIM, args[0])
-            else:
-                c.executemany(_CLAIM, args)
-            return out
+        # The random part of the token is drawn before the transaction: less work while the
+        # write lock is held. With the job id, a token is unique; the random part makes it
+        # unguessable.
+        secret = f"{random.getrandbits(64):016x}"
 
-        return store.write(txn)
+        def txn(c: apsw.Connection) -> tuple[list[str], BaseException | None,
+                                             list[tuple[str, tuple[Any, ...]]]]:
+            now = store.mono()
+            if acks:
+                lost = self._ack_pairs(c, acks, now, store.wall())
+                if lost:
+                    return lost, None, []
+            (pick,) = c.execute(_PICK, (id, incarnation, queue, now))  # always one row
+            # Refused claims still commit the acks made before them: raised after the commit.
+            if not pick[0]:
+                return [], NotRegistered(
+                    id, "its registration has ended (declared dead or taken over)"), []
+            owner, first = pick[1], pick[2]
+            if owner is not None and owner != id:
+                return [], PermissionDenied(
+                    f"queue {queue!r} is private to instance {owner!r}"), []
+            if first is None:
+                return [], None, []
+            if n == 1:  # executemany costs more than execute for one row
+                token = f"{first}-{secret}"
+                c.execute(_CLAIM, (token, id, incarnation, now + lease, store.wall(), first))
+                return [], None, [(token, pick[2:])]
+            rows = [pick[2:], *c.execute(_MORE, (queue, now, first, n - 1))]
+            out = [(f"{row[0]}-{random.getrandbits(64):016x}", row) for row in rows]
+            until, wall = now + lease, store.wall()
+            c.executemany(_CLAIM, [(token, id, incarnation, until, wall, row[0])
+                                   for token, row in out])
+            return [], None, out
+
+        lost, refused, out = store.write(txn)
+        if lost:
+            raise ClaimLost(*lost)
+        if refused is not None:
+            raise refused
+        return out
 
     def ready(self, queue: str) -> bool:
         return bool(self._store.value(_READY, (queue, self._store.mono())))
 
     def next_due(self, queue: str) -> float | None:
         got = self._store.value(
-            "SELECT min(t) FROM (SELECT min(available_mono) AS t FROM jobs "
+            "SELECT min(t) - ?2 FROM (SELECT min(available_mono) AS t FROM jobs "
             "WHERE queue = ?1 AND state = 'ready' AND available_mono > ?2 "
             "UNION ALL SELECT min(claim_expires_mono) FROM jobs WHERE queue = ?1 "
             "AND state = 'claimed')",
@@ -367,24 +374,28 @@ class SqliteQueues:
         store = self._store
         return store.write(lambda c: self._acked(c, token, result, store.mono(), store.wall()))
 
+    def _ack_pairs(self, c: apsw.Connection, pairs: Sequence[tuple[str, str | None]],
+                   now: float, wall: float) -> list[str]:
+        """Ack each (token, result) inside the caller's transaction; the tokens whose claim
+        had moved on."""
+        if len(pairs) == 1:
+            tok, text = pairs[0]
+            return [] if self._acked(c, tok, text, now, wall) else [tok]
+        # Usually every claim is still held: ack them all in one executemany, and only when
+        # fewer rows changed than claims were given, undo that and go claim by claim.
+        c.execute("SAVEPOINT ack_many")
+        before = c.total_changes()
+        c.executemany(_ACK, [(text, wall, now, claim_id(tok), tok, now) for tok, text in pairs])
+        if c.total_changes() - before == len(pairs):
+            c.execute("RELEASE ack_many")
+            return []
+        c.execute("ROLLBACK TO ack_many")
+        c.execute("RELEASE ack_many")
+        return [tok for tok, text in pairs if not self._acked(c, tok, text, now, wall)]
+
     def ack_many(self, pairs: Sequence[tuple[str, str | None]]) -> list[str]:
         store = self._store
-
-        def txn(c: apsw.Connection) -> list[str]:
-            now, wall = store.mono(), store.wall()
-            # Usually every claim is still held: ack them all in one executemany, and only
-            # when fewer rows changed than claims were given, undo that and go claim by claim.
-            c.execute("SAVEPOINT ack_many")
-            before = c.total_changes()
-            c.executemany(_ACK, [(text, wall, now, claim_id(tok), tok, now) for tok, text in pairs])
-            if c.total_changes() - before == len(pairs):
-                c.execute("RELEASE ack_many")
-                return []
-            c.execute("ROLLBACK TO ack_many")
-            c.execute("RELEASE ack_many")
-            return [tok for tok, text in pairs if not self._acked(c, tok, text, now, wall)]
-
-        return store.write(txn)
+        return store.write(lambda c: self._ack_pairs(c, pairs, store.mono(), store.wall()))
 
     def fail(self, token: str, error: str, retry_in: Callable[[int], float]
              ) -> tuple[str, str, float | None] | None:
@@ -457,180 +468,3 @@ class SqliteQueues:
             return None
 
         return store.write(txn)
-
-    # -- cancel, requeue, purge, adopt ---------------------------------------------------
-
-    def cancel(self, job_id: int) -> None:
-        store = self._store
-
-        def txn(c: apsw.Connection) -> None:
-            now = store.mono()
-            if c.execute(
-                "UPDATE jobs SET state = 'cancelled', finished_at = ?, finished_mono = ? "
-                "WHERE id = ? AND state IN ('ready', 'dead') RETURNING 1",
-                (store.wall(), now, job_id),
-            ).fetchall():
-                return
-            state = _job_state(c, job_id)
-            hint = "; fail or release it first" if state == "claimed" else ""
-            raise InvalidArgument(
-                f"job {job_id} is {state}: only a job that waits can be cancelled{hint}")
-
-        store.write(txn)
-
-    def requeue(self, job_id: int) -> str:
-        store = self._store
-
-        def txn(c: apsw.Connection) -> str:
-            got = c.execute(
-                "UPDATE jobs SET state = 'ready', attempts = 0, available_mono = ?, "
-                "finished_at = NULL, finished_mono = NULL, result = NULL "
-                "WHERE id = ? AND state IN ('dead', 'cancelled') RETURNING queue",
-                (store.mono(), job_id),
-            ).fetchall()
-            if got:
-                return str(got[0][0])
-            state = _job_state(c, job_id)
-            raise InvalidArgument(
-                f"job {job_id} is {state}: only a dead or cancelled job can be requeued")
-
-        return store.write(txn)
-
-    def requeue_dead(self, queue: str) -> int:
-        store = self._store
-        return store.write(lambda c: len(c.execute(
-            "UPDATE jobs SET state = 'ready', attempts = 0, available_mono = ?, "
-            "finished_at = NULL, finished_mono = NULL, result = NULL "
-            "WHERE queue = ? AND state = 'dead' RETURNING 1",
-            (store.mono(), queue),
-        ).fetchall()))
-
-    def purge(self, queue: str, everything: bool) -> int:
-        def txn(c: apsw.Connection) -> int:
-            if not c.execute("SELECT 1 FROM queues WHERE name = ?", (queue,)).fetchall():
-                raise NotFound("queue", queue)
-            if everything:
-                n = len(c.execute("DELETE FROM jobs WHERE queue = ? RETURNING 1",
-                                  (queue,)).fetchall())
-                c.execute("DELETE FROM queues WHERE name = ?", (queue,))
-                return n
-            return len(c.execute(
-                "DELETE FROM jobs WHERE queue = ? AND state IN ('done', 'dead', 'cancelled') "
-                "RETURNING 1", (queue,),
-            ).fetchall())
-
-        return self._store.write(txn)
-
-    def adopt(self, from_id: str, to: str | None, to_queue: str | None
-              ) -> tuple[list[str], int, int]:
-        store = self._store
-
-        def txn(c: apsw.Connection) -> tuple[list[str], int, int]:
-            names = [str(r[0]) for r in c.execute(
-                "SELECT name FROM queues WHERE owner_id = ? ORDER BY name", (from_id,))]
-            if not names:
-                raise NotFound("private queue of instance", from_id)
-            # A claim by an incarnation of from_id that outlived the caller's check.
-            release_claims(
-                c, store.mono(), store.wall(),
-                "claimed_by = ? AND queue IN (SELECT name FROM queues WHERE owner_id = ?)",
-                (from_id, from_id), error=f"worker {from_id} is gone")
-            moved = left = 0
-            if to is not None:
-                c.execute("UPDATE queues SET owner_id = ? WHERE owner_id = ?", (to, from_id))
-            else:
-                assert to_queue is not None
-                if to_queue in names:
-                    raise InvalidArgument(f"queue {to_queue!r} is one of the adopted queues")
-                queue_row(c, store, to_queue)
-                for name in names:
-                    moved += len(c.execute(
-                        "UPDATE OR IGNORE jobs SET queue = ? WHERE queue = ? "
-                        "AND state IN ('ready', 'dead') RETURNING 1", (to_queue, name),
-                    ).fetchall())
-                    left += int(scalar(
-                        c, "SELECT count(*) FROM jobs WHERE queue = ? "
-                        "AND state IN ('ready', 'dead')", (name,),
-                    ))
-            log_event(c, store.wall(), "queue adopted", from_id, ",".join(names), to=to,
-                      to_queue=to_queue, jobs=moved)
-            return names, moved, left
-
-        return store.write(txn)
-
-    # -- reading -------------------------------------------------------------------------
-
-    def get(self, job_id: int) -> Row | None:
-        return self._store.row(f"SELECT {_COLUMNS} FROM jobs WHERE id = ?", (job_id,))  # noqa: S608
-
-    def jobs(self, queue: str | None, state: str, limit: int | None, now: float) -> list[Row]:
-        where: list[str] = []
-        params: list[Any] = []
-        if queue is not None:
-            where.append("queue = ?")
-            params.append(queue)
-        if state == "ready":
-            where.append("state = 'ready' AND available_mono <= ?")
-            params.append(now)
-        elif state == "delayed":
-            where.append("state = 'ready' AND available_mono > ?")
-            params.append(now)
-        elif state == "active":
-            where.append("state IN ('ready', 'claimed', 'dead')")
-        elif state != "all":
-            where.append("state = ?")
-            params.append(state)
-        sql = f"SELECT {_COLUMNS} FROM jobs"  # noqa: S608 - fixed fragments only
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY queue, priority DESC, id"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        return self._store.rows(sql, tuple(params))
-
-    def stats(self, queue: str | None, now: float) -> list[Row]:
-        sql = (
-            "SELECT q.name, q.owner_id, q.max_depth, "
-            "count(j.id) FILTER (WHERE j.state = 'ready' AND j.available_mono <= ?1) AS ready, "
-            "count(j.id) FILTER (WHERE j.state = 'ready' AND j.available_mono > ?1) AS delayed, "
-            "count(j.id) FILTER (WHERE j.state = 'claimed') AS claimed, "
-            "count(j.id) FILTER (WHERE j.state = 'dead') AS dead, "
-            "count(j.id) FILTER (WHERE j.state = 'done') AS done, "
-            "count(j.id) FILTER (WHERE j.state = 'cancelled') AS cancelled, "
-            "min(j.created_at) FILTER (WHERE j.state = 'ready' AND j.available_mono <= ?1) "
-            "AS oldest FROM queues q LEFT JOIN jobs j ON j.queue = q.name "
-        )
-        params: tuple[Any, ...] = (now,)
-        if queue is not None:
-            sql += "WHERE q.name = ?2 "
-            params = (now, queue)
-        return self._store.rows(sql + "GROUP BY q.name ORDER BY q.name", params)
-
-    def problems(self) -> list[tuple[str, bool]]:
-        store = self._store
-        out: list[tuple[str, bool]] = []
-        for r in store.rows(
-            "SELECT id, state, attempts, max_attempts FROM jobs WHERE attempts < 0 "
-            "OR (state = 'ready' AND attempts >= max_attempts) "
-            "OR (state = 'claimed' AND (attempts < 1 OR attempts > max_attempts))"
-        ):
-            out.append((f"job {r['id']} is {r['state']} with {r['attempts']} of "
-                        f"{r['max_attempts']} attempts", False))
-        for r in store.rows(
-            "SELECT id, state FROM jobs WHERE (state = 'claimed') <> "
-            "(claimed_by IS NOT NULL AND claimed_incarnation IS NOT NULL "
-            " AND claim_expires_mono IS NOT NULL) AND state <> 'done'"
-        ):
-            out.append((f"job {r['id']} is {r['state']} but its claim fields disagree", False))
-        for r in store.rows(
-            "SELECT j.id, j.claimed_by, q.owner_id FROM jobs j JOIN queues q ON q.name = j.queue "
-            "WHERE j.state = 'claimed' AND q.owner_id IS NOT NULL AND j.claimed_by <> q.owner_id"
-        ):
-            out.append((f"job {r['id']} of a queue private to {r['owner_id']!r} is claimed by "
-                        f"{r['claimed_by']!r}", False))
-        for r in store.rows(
-            "SELECT id FROM jobs WHERE state = 'claimed' AND claim_expires_mono < ?",
-            (store.mono(),),
-        ):
-            out.append((f"job {r['id']} is claimed past its lease, awaiting release", True))
-        return out
