@@ -7,7 +7,9 @@ is one statement here, or holds a row lock:
 - A claim is one statement: it locks the claimer's instance row ``FOR SHARE`` (the death
   rule locks it ``FOR UPDATE``: a burial and a claim queue on that row, so a buried
   instance's claim never commits), picks due jobs ``FOR UPDATE SKIP LOCKED`` in claim order
-  and marks them claimed. Two claimers never take one job.
+  and marks them claimed. Two claimers never take one job. A claim carrying acks runs them
+  first in its transaction (the acks lock only job rows, and the death rule skips locked
+  job rows, so a burial waiting on the claimer's row never waits on them in turn).
 - An ack, extend or release is one conditional ``UPDATE`` on (job id, whole token, lease
   not past ``coord_now()``): a release of the claim by the death rule locks the same row,
   so exactly one of them wins and a stale claim changes nothing.
@@ -16,7 +18,8 @@ is one statement here, or holds a row lock:
   after the other; ``FOR UPDATE`` also excludes every insert into the queue (the jobs'
   foreign key check takes a key-share lock on that row). Dedupe is the unique index.
 
-Every expiry and delay is stamped and compared in SQL with ``coord_now()``. A transaction
+Every expiry and delay is stamped and compared in SQL with ``coord_now()``, and what is read
+back of them is a duration computed there (``queue_upkeep.py`` for the rows). A transaction
 that makes a job ready and due sends ``NOTIFY`` on the queue's channel (``channel``): a hint
 for waiting claimers on any host; the nudge sockets still wake this host's waiters.
 """
