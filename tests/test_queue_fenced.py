@@ -11,6 +11,8 @@ from coord import queues
 from coord.errors import LeaseLost
 from coord.leases import acquire, release_dead_holders
 
+pytestmark = pytest.mark.contract
+
 
 def test_a_fenced_put_adds_jobs_only_in_the_current_term(store: coord.Store) -> None:
     a = coord.register(store, "qa", app="t")

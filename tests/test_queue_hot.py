@@ -185,7 +185,7 @@ def test_a_buried_claimer_acking_in_its_claim_claims_nothing(cstore: coord.Store
     queues.put_many(cstore, "q", [1, 2, 3])
     job = queues.claim(cstore, "q", w)
     assert job is not None
-    bury_dead(cstore, [cstore.row("SELECT * FROM instances WHERE id = 'w-1'")], "died")
+    bury_dead(cstore, [cstore.backend.instances.by_id("w-1")], "died")
     with pytest.raises(ClaimLost):  # the burial gave its job back
         queues.claim(cstore, "q", w, ack=job)
     assert queues.get_job(cstore, job.id).state == "ready"
@@ -195,10 +195,10 @@ def test_a_buried_claimer_acking_in_its_claim_claims_nothing(cstore: coord.Store
 
 
 def test_a_producer_that_never_pauses_sees_a_max_depth_set_meanwhile(
-    cstore: coord.Store, monkeypatch: pytest.MonkeyPatch
+    cstore: coord.Store, db_path: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(queue_put, "QUEUE_CONFIG_SECONDS", 0.5)
-    other = coord.Store(cstore.path)  # another process's view: its own cache
+    other = coord.Store(db_path)  # another process's view of the same store: its own cache
     queues.create_queue(other, "grow")
     queues.put(cstore, "grow", 0)  # looked: unbounded, so the next puts do not look
     queues.create_queue(other, "grow", max_depth=3)

@@ -23,8 +23,10 @@ from .connection import Conn, fetch, scalar
 from .death import bury_many
 from .events import log_event
 from .lease_rows import expire_lapsed, free_held, free_term
+from .queue_rows import into_queue, put_in
 
 if TYPE_CHECKING:
+    from ..queue_ops import NewJobRow
     from .connection import PgDb, Row
     from .kv import PgKv
     from .liveness import PgLiveness
@@ -276,6 +278,17 @@ class PgLeases:
             return self._kv.cas_in(c, key, value, version, owner)
 
         return self._db.write(txn)
+
+    def fenced_queue_put(self, name: str, term: int, queue: str, rows: Sequence[NewJobRow]
+                         ) -> tuple[list[int], bool, str | None]:
+        """``QueueOps.put_rows`` with the lease row held ``FOR SHARE`` from the check that
+        ``term`` is current to the commit (leases before queues): a refused put makes no
+        queue either."""
+        def txn(c: Conn) -> tuple[list[int], bool, str | None]:
+            self._require(c, name, term)
+            return put_in(c, queue, rows)
+
+        return into_queue(self._db, txn)
 
     def _require(self, c: Conn, name: str, term: int, *, change: bool = False) -> None:
         """Hold the lease row until commit (to ``change`` it: exclusively), or ``LeaseLost``

@@ -1,16 +1,23 @@
 """The PostgreSQL engine's queue rows inside a caller's transaction: the queue row (made and
 locked), inserting jobs (max depth, dedupe), the queues' ``NOTIFY`` channels, and claim
-tokens. ``queues.py`` holds the operations; the death rule's "back to ready" notifies too."""
+tokens, the put inside a caller's transaction. ``queues.py`` holds the operations; the death rule's "back to ready" notifies too."""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 from psycopg import errors as pgerrors
 
-from ...errors import NotFound, QueueFull
-from .connection import Conn, fetch, scalar
+from ...errors import NotFound, QueueFull, StorageError
+from .connection import RETRIES, Conn, fetch, scalar
+
+if TYPE_CHECKING:
+    from ..queue_ops import NewJobRow
+    from .connection import PgDb
+
+T = TypeVar("T")
 
 #: (payload, priority, delay, dedupe_key, max_attempts, attempts, state, created_at or None
 #: for now, last_error) of a row to insert.
@@ -111,6 +118,27 @@ def insert(c: Conn, queue: str, max_depth: int | None, rows: Sequence[NewRow]
     if ready_now:
         notify(c, [queue])
     return out
+
+
+def put_in(c: Conn, queue: str, rows: Sequence[NewJobRow]
+           ) -> tuple[list[int], bool, str | None]:
+    """``PgQueues.put_rows`` inside the caller's transaction (also the fenced put's)."""
+    owner, max_depth = queue_row(c, queue)
+    ids = insert(c, queue, max_depth, [(text, prio, delay, key, att, 0, "ready", None, None)
+                                       for text, prio, delay, key, att in rows])
+    return [i for i, _ in ids], any(new for _, new in ids), owner
+
+
+def into_queue(db: PgDb, txn: Callable[[Conn], T]) -> T:
+    """A write that puts jobs into a queue it made sure exists: tried again when the queue
+    was deleted meanwhile (a purge of the whole queue committed between that look and the
+    insert's foreign key check), so that it makes the queue anew."""
+    for _ in range(RETRIES):
+        try:
+            return db.write(txn)
+        except pgerrors.ForeignKeyViolation:
+            continue
+    raise StorageError(db.where, f"queue deleted while put into ({RETRIES} tries)")
 
 
 def existing(c: Conn, queue: str, key: str | None) -> int | None:

@@ -7,7 +7,9 @@ is one statement here, or holds a row lock:
 - A claim is one statement: it locks the claimer's instance row ``FOR SHARE`` (the death
   rule locks it ``FOR UPDATE``: a burial and a claim queue on that row, so a buried
   instance's claim never commits), picks due jobs ``FOR UPDATE SKIP LOCKED`` in claim order
-  and marks them claimed. Two claimers never take one job.
+  and marks them claimed. Two claimers never take one job. A claim carrying acks runs them
+  first in its transaction (the acks lock only job rows, and the death rule skips locked
+  job rows, so a burial waiting on the claimer's row never waits on them in turn).
 - An ack, extend or release is one conditional ``UPDATE`` on (job id, whole token, lease
   not past ``coord_now()``): a release of the claim by the death rule locks the same row,
   so exactly one of them wins and a stale claim changes nothing.
@@ -16,7 +18,8 @@ is one statement here, or holds a row lock:
   after the other; ``FOR UPDATE`` also excludes every insert into the queue (the jobs'
   foreign key check takes a key-share lock on that row). Dedupe is the unique index.
 
-Every expiry and delay is stamped and compared in SQL with ``coord_now()``. A transaction
+Every expiry and delay is stamped and compared in SQL with ``coord_now()``, and what is read
+back of them is a duration computed there (``queue_upkeep.py`` for the rows). A transaction
 that makes a job ready and due sends ``NOTIFY`` on the queue's channel (``channel``): a hint
 for waiting claimers on any host; the nudge sockets still wake this host's waiters.
 """
@@ -24,29 +27,22 @@ for waiting claimers on any host; the nudge sockets still wake this host's waite
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from psycopg import errors as pgerrors
 
 from ...clock import boot_id
-from ...errors import InvalidArgument, NotFound, NotRegistered, PermissionDenied, StorageError
-from ..queue_ops import JOB_FIELDS, ImportRow, NewJobRow
-from .connection import RETRIES, Conn, fetch, scalar
+from ...errors import ClaimLost, InvalidArgument, NotRegistered, PermissionDenied
+from ..queue_ops import ImportRow, NewJobRow
+from .connection import Conn, fetch
 from .death import release_claims
 from .events import log_event
-from .queue_rows import CHANNEL, channel, claim_id, insert, job_state, notify, queue_row
+from .queue_rows import CHANNEL, channel, claim_id, insert, into_queue, notify, put_in, queue_row
+from .queue_upkeep import PgQueueUpkeep
 
 if TYPE_CHECKING:
     from .connection import PgDb, Row
 
-T = TypeVar("T")
-
-#: A job row's columns in ``JOB_FIELDS`` order, then what the engine computes from its clock:
-#: seconds until a ready job is due (0 when due), seconds left on a claim's lease.
-_COLUMNS = ", ".join(JOB_FIELDS) + (
-    ", CASE WHEN state = 'ready' THEN greatest(available_mono - coord_now(), 0) ELSE 0 END "
-    "AS available_in, claim_expires_mono - coord_now() AS expires_in"
-)
 
 # The common put in one statement, into an existing queue without a max depth; the job is
 # ready now or after its delay, and a job due now notifies the queue's waiters.
@@ -104,8 +100,9 @@ _READY = ("SELECT 1 FROM jobs WHERE state = 'ready' AND queue = %s "
 _EXPIRED = "id = %s AND claim_token = %s AND claim_expires_mono < coord_now()"
 
 
-class PgQueues:
-    """``coord.backend.QueueOps`` on PostgreSQL."""
+class PgQueues(PgQueueUpkeep):
+    """``coord.backend.QueueOps`` on PostgreSQL: the hot path here, the upkeep and reading
+    in ``PgQueueUpkeep`` (``queue_upkeep.py``)."""
 
     def __init__(self, db: PgDb) -> None:
         self._db = db
@@ -160,25 +157,7 @@ class PgQueues:
 
     def put_rows(self, queue: str, rows: Sequence[NewJobRow]
                  ) -> tuple[list[int], bool, str | None]:
-        def txn(c: Conn) -> tuple[list[int], bool, str | None]:
-            owner, max_depth = queue_row(c, queue)
-            ids = insert(c, queue, max_depth, [
-                (text, prio, delay, key, att, 0, "ready", None, None)
-                for text, prio, delay, key, att in rows])
-            return [i for i, _ in ids], any(new for _, new in ids), owner
-
-        return self._into_queue(txn)
-
-    def _into_queue(self, txn: Callable[[Conn], T]) -> T:
-        """A write that puts jobs into a queue it made sure exists: tried again when the
-        queue was deleted meanwhile (a purge of the whole queue committed between that
-        look and the insert's foreign key check), so that it makes the queue anew."""
-        for _ in range(RETRIES):
-            try:
-                return self._db.write(txn)
-            except pgerrors.ForeignKeyViolation:
-                continue
-        raise StorageError(self._db.where, f"queue deleted while put into ({RETRIES} tries)")
+        return into_queue(self._db, lambda c: put_in(c, queue, rows))
 
     def import_jobs(self, queue: str, rows: Sequence[ImportRow], path: str
                     ) -> tuple[list[tuple[int, bool]], str | None]:
@@ -192,14 +171,31 @@ class PgQueues:
                 log_event(c, "queue imported", None, queue, path=path, jobs=added)
             return ids, owner
 
-        return self._into_queue(txn)
+        return into_queue(self._db, txn)
 
     # -- claim ---------------------------------------------------------------------------
 
-    def claim(self, queue: str, id: str, incarnation: int, lease: float, n: int
+    def claim(self, queue: str, id: str, incarnation: int, lease: float, n: int,
+              acks: Sequence[tuple[str, str | None]] = ()
               ) -> list[tuple[str, tuple[Any, ...]]]:
-        got = self._db.rows(_CLAIM, {"id": id, "inc": incarnation, "queue": queue,
-                                     "lease": float(lease), "n": n})
+        params = {"id": id, "inc": incarnation, "queue": queue, "lease": float(lease), "n": n}
+        if not acks:
+            # One statement in autocommit: the common claim costs one round trip.
+            return self._claimed(queue, id, self._db.rows(_CLAIM, params))
+
+        def txn(c: Conn) -> tuple[list[str], list[Row]]:
+            lost = self._ack_pairs(c, acks)
+            return (lost, []) if lost else ([], fetch(c, _CLAIM, params))
+
+        # Refused claims still commit the acks made before them: raised after the commit.
+        lost, got = self._db.write(txn)
+        if lost:
+            raise ClaimLost(*lost)
+        return self._claimed(queue, id, got)
+
+    @staticmethod
+    def _claimed(queue: str, id: str, got: list[Row]) -> list[tuple[str, tuple[Any, ...]]]:
+        """The claim statement's rows as ``claim`` returns them, or why it was refused."""
         head = got[0]
         if not head["alive"]:
             raise NotRegistered(id, "its registration has ended (declared dead or taken over)")
@@ -214,11 +210,12 @@ class PgQueues:
         return bool(self._db.value(_READY, (queue,)))
 
     def next_due(self, queue: str) -> float | None:
+        # least() skips a NULL, as SQLite's min() over the two does; one reading of the clock.
         got = self._db.value(
             "SELECT least((SELECT min(available_mono) FROM jobs WHERE queue = %(q)s "
-            "AND state = 'ready' AND available_mono > coord_now()), "
+            "AND state = 'ready' AND available_mono > n.t), "
             "(SELECT min(claim_expires_mono) FROM jobs WHERE queue = %(q)s "
-            "AND state = 'claimed')) AS t", {"q": queue})
+            "AND state = 'claimed')) - n.t AS t FROM (SELECT coord_now() AS t) n", {"q": queue})
         return None if got is None else float(got)
 
     def holders(self, queue: str) -> list[Row]:
@@ -262,31 +259,33 @@ class PgQueues:
         return False
 
     def ack_many(self, pairs: Sequence[tuple[str, str | None]]) -> list[str]:
+        return self._db.write(lambda c: self._ack_pairs(c, pairs))
+
+    @staticmethod
+    def _ack_pairs(c: Conn, pairs: Sequence[tuple[str, str | None]]) -> list[str]:
+        """Ack each (token, result) inside the caller's transaction; the tokens whose claim
+        had moved on (each merely expired one released)."""
         first: dict[str, str | None] = {}  # a token given twice acks with its first result
         for t, r in pairs:
             first.setdefault(t, r)
-
-        def txn(c: Conn) -> list[str]:
-            done = {str(r["claim_token"]) for r in fetch(
-                c,
-                "UPDATE jobs j SET state = 'done', claim_token = NULL, claim_expires_mono = "
-                "NULL, result = a.result, finished_at = coord_now(), finished_mono = coord_now() "
-                "FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS a(id, token, result) "
-                "WHERE j.id = a.id AND j.claim_token = a.token "
-                "AND j.claim_expires_mono >= coord_now() RETURNING a.token AS claim_token",
-                ([claim_id(t) for t in first], list(first), list(first.values())))}
-            # A token given twice acks once: its repeat has moved on (as one by one).
-            lost = []
-            for t, _ in pairs:
-                if t in done:
-                    done.discard(t)
-                else:
-                    lost.append(t)
-            for t in lost:
-                release_claims(c, _EXPIRED, (claim_id(t), t), error="claim lease expired")
-            return lost
-
-        return self._db.write(txn)
+        done = {str(r["claim_token"]) for r in fetch(
+            c,
+            "UPDATE jobs j SET state = 'done', claim_token = NULL, claim_expires_mono = "
+            "NULL, result = a.result, finished_at = coord_now(), finished_mono = coord_now() "
+            "FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS a(id, token, result) "
+            "WHERE j.id = a.id AND j.claim_token = a.token "
+            "AND j.claim_expires_mono >= coord_now() RETURNING a.token AS claim_token",
+            ([claim_id(t) for t in first], list(first), list(first.values())))}
+        # A token given twice acks once: its repeat has moved on (as one by one).
+        lost = []
+        for t, _ in pairs:
+            if t in done:
+                done.discard(t)
+            else:
+                lost.append(t)
+        for t in lost:
+            release_claims(c, _EXPIRED, (claim_id(t), t), error="claim lease expired")
+        return lost
 
     def fail(self, token: str, error: str, retry_in: Callable[[int], float]
              ) -> tuple[str, str, float | None] | None:
@@ -338,192 +337,3 @@ class PgQueues:
             return str(got[0]["queue"])
         self._expired_release(token)
         return None
-
-    # -- cancel, requeue, purge, adopt ---------------------------------------------------
-
-    def cancel(self, job_id: int) -> None:
-        def txn(c: Conn) -> None:
-            if fetch(c, "UPDATE jobs SET state = 'cancelled', finished_at = coord_now(), "
-                     "finished_mono = coord_now() WHERE id = %s AND state IN ('ready', 'dead') "
-                     "RETURNING 1", (job_id,)):
-                return
-            state = job_state(c, job_id)
-            hint = "; fail or release it first" if state == "claimed" else ""
-            raise InvalidArgument(
-                f"job {job_id} is {state}: only a job that waits can be cancelled{hint}")
-
-        self._db.write(txn)
-
-    def requeue(self, job_id: int) -> str:
-        def txn(c: Conn) -> str:
-            got = fetch(c, "UPDATE jobs SET state = 'ready', attempts = 0, "
-                        "available_mono = coord_now(), finished_at = NULL, finished_mono = NULL, "
-                        "result = NULL WHERE id = %s AND state IN ('dead', 'cancelled') "
-                        "RETURNING queue", (job_id,))
-            if got:
-                notify(c, [got[0]["queue"]])
-                return str(got[0]["queue"])
-            state = job_state(c, job_id)
-            raise InvalidArgument(
-                f"job {job_id} is {state}: only a dead or cancelled job can be requeued")
-
-        return self._db.write(txn)
-
-    def requeue_dead(self, queue: str) -> int:
-        def txn(c: Conn) -> int:
-            n = c.execute("UPDATE jobs SET state = 'ready', attempts = 0, "
-                          "available_mono = coord_now(), finished_at = NULL, "
-                          "finished_mono = NULL, result = NULL "
-                          "WHERE queue = %s AND state = 'dead'", (queue,)).rowcount
-            if n:
-                notify(c, [queue])
-            return n
-
-        return self._db.write(txn)
-
-    def purge(self, queue: str, everything: bool) -> int:
-        def txn(c: Conn) -> int:
-            # FOR UPDATE: no put into the queue runs meanwhile (see the module docstring).
-            if not fetch(c, "SELECT 1 FROM queues WHERE name = %s FOR UPDATE", (queue,)):
-                raise NotFound("queue", queue)
-            if everything:
-                n = c.execute("DELETE FROM jobs WHERE queue = %s", (queue,)).rowcount
-                c.execute("DELETE FROM queues WHERE name = %s", (queue,))
-                return n
-            return c.execute("DELETE FROM jobs WHERE queue = %s "
-                             "AND state IN ('done', 'dead', 'cancelled')", (queue,)).rowcount
-
-        return self._db.write(txn)
-
-    def adopt(self, from_id: str, to: str | None, to_queue: str | None
-              ) -> tuple[list[str], int, int]:
-        def txn(c: Conn) -> tuple[list[str], int, int]:
-            # The owner's queues locked (in name order): a second adoption waits, then finds
-            # them no longer its own; no put or move into them runs meanwhile.
-            names = [str(r["name"]) for r in fetch(
-                c, "SELECT name FROM queues WHERE owner_id = %s ORDER BY name FOR UPDATE",
-                (from_id,))]
-            if not names:
-                raise NotFound("private queue of instance", from_id)
-            # A claim by an incarnation of from_id that outlived the caller's check.
-            release_claims(c, "claimed_by = %s AND queue = ANY(%s)", (from_id, names),
-                           error=f"worker {from_id} is gone")
-            moved = left = 0
-            if to is not None:
-                c.execute("UPDATE queues SET owner_id = %s WHERE name = ANY(%s)", (to, names))
-            else:
-                assert to_queue is not None
-                if to_queue in names:
-                    raise InvalidArgument(f"queue {to_queue!r} is one of the adopted queues")
-                # Made shared if needed, and locked FOR UPDATE: no insert (with a dedupe key)
-                # into it races the moves below.
-                c.execute("INSERT INTO queues (name, owner_id, max_depth, created_at) "
-                          "VALUES (%s, NULL, NULL, coord_now()) ON CONFLICT (name) DO NOTHING",
-                          (to_queue,))
-                if not fetch(c, "SELECT 1 AS one FROM queues WHERE name = %s FOR UPDATE",
-                             (to_queue,)):
-                    raise pgerrors.SerializationFailure(f"queue {to_queue!r} deleted meanwhile")
-                for name in names:
-                    # A job whose dedupe key is already in to_queue stays (as UPDATE OR IGNORE).
-                    moved += c.execute(
-                        "UPDATE jobs j SET queue = %s WHERE j.queue = %s "
-                        "AND j.state IN ('ready', 'dead') AND (j.dedupe_key IS NULL OR NOT "
-                        "EXISTS (SELECT 1 FROM jobs o WHERE o.queue = %s "
-                        "AND o.dedupe_key = j.dedupe_key))", (to_queue, name, to_queue),
-                    ).rowcount
-                    left += int(scalar(c, "SELECT count(*) FROM jobs WHERE queue = %s "
-                                       "AND state IN ('ready', 'dead')", (name,)))
-                if moved:
-                    notify(c, [to_queue])
-            if to is not None:
-                notify(c, names)
-            log_event(c, "queue adopted", from_id, ",".join(names), to=to,
-                      to_queue=to_queue, jobs=moved)
-            return names, moved, left
-
-        return self._db.write(txn)
-
-    # -- reading -------------------------------------------------------------------------
-
-    def get(self, job_id: int) -> Row | None:
-        return self._db.row(f"SELECT {_COLUMNS} FROM jobs WHERE id = %s", (job_id,))  # noqa: S608
-
-    def jobs(self, queue: str | None, state: str, limit: int | None, now: float) -> list[Row]:
-        # ``now`` is not used: 'ready' and 'delayed' are told apart at coord_now(), as the
-        # durations the rows carry (available_in, expires_in) are computed.
-        where: list[str] = []
-        params: list[Any] = []
-        if queue is not None:
-            where.append("queue = %s")
-            params.append(queue)
-        if state == "ready":
-            where.append("state = 'ready' AND available_mono <= coord_now()")
-        elif state == "delayed":
-            where.append("state = 'ready' AND available_mono > coord_now()")
-        elif state == "active":
-            where.append("state IN ('ready', 'claimed', 'dead')")
-        elif state != "all":
-            where.append("state = %s")
-            params.append(state)
-        sql = f"SELECT {_COLUMNS} FROM jobs"  # noqa: S608
-        if where:
-            sql += " WHERE " + " AND ".join(where)
-        sql += " ORDER BY queue, priority DESC, id"
-        if limit is not None:
-            sql += f" LIMIT {int(limit)}"
-        return self._db.rows(sql, tuple(params))
-
-    def stats(self, queue: str | None, now: float) -> list[Row]:
-        # ``now`` is not used (as in ``jobs``); ``oldest_age`` is the oldest due ready job's
-        # age by the server's clock.
-        sql = (
-            "WITH now AS MATERIALIZED (SELECT coord_now() AS t) "
-            "SELECT q.name, q.owner_id, q.max_depth, "
-            "count(j.id) FILTER (WHERE j.state = 'ready' AND j.available_mono <= n.t) AS ready, "
-            "count(j.id) FILTER (WHERE j.state = 'ready' AND j.available_mono > n.t) AS delayed, "
-            "count(j.id) FILTER (WHERE j.state = 'claimed') AS claimed, "
-            "count(j.id) FILTER (WHERE j.state = 'dead') AS dead, "
-            "count(j.id) FILTER (WHERE j.state = 'done') AS done, "
-            "count(j.id) FILTER (WHERE j.state = 'cancelled') AS cancelled, "
-            "min(j.created_at) FILTER (WHERE j.state = 'ready' AND j.available_mono <= n.t) "
-            "AS oldest, greatest(n.t - min(j.created_at) FILTER (WHERE j.state = 'ready' "
-            "AND j.available_mono <= n.t), 0) AS oldest_age "
-            "FROM queues q CROSS JOIN now n LEFT JOIN jobs j ON j.queue = q.name "
-        )
-        params: tuple[Any, ...] = ()
-        if queue is not None:
-            sql += "WHERE q.name = %s "
-            params = (queue,)
-        rows = self._db.rows(sql + "GROUP BY q.name, n.t ORDER BY q.name", params)
-        for r in rows:
-            for k in ("ready", "delayed", "claimed", "dead", "done", "cancelled"):
-                r[k] = int(r[k])
-        return rows
-
-    def problems(self) -> list[tuple[str, bool]]:
-        db = self._db
-        out: list[tuple[str, bool]] = []
-        for r in db.rows(
-            "SELECT id, state, attempts, max_attempts FROM jobs WHERE attempts < 0 "
-            "OR (state = 'ready' AND attempts >= max_attempts) "
-            "OR (state = 'claimed' AND (attempts < 1 OR attempts > max_attempts))"
-        ):
-            out.append((f"job {r['id']} is {r['state']} with {r['attempts']} of "
-                        f"{r['max_attempts']} attempts", False))
-        for r in db.rows(
-            "SELECT id, state FROM jobs WHERE (state = 'claimed') <> "
-            "(claimed_by IS NOT NULL AND claimed_incarnation IS NOT NULL "
-            " AND claim_expires_mono IS NOT NULL) AND state <> 'done'"
-        ):
-            out.append((f"job {r['id']} is {r['state']} but its claim fields disagree", False))
-        for r in db.rows(
-            "SELECT j.id, j.claimed_by, q.owner_id FROM jobs j JOIN queues q ON q.name = j.queue "
-            "WHERE j.state = 'claimed' AND q.owner_id IS NOT NULL AND j.claimed_by <> q.owner_id"
-        ):
-            out.append((f"job {r['id']} of a queue private to {r['owner_id']!r} is claimed by "
-                        f"{r['claimed_by']!r}", False))
-        for r in db.rows(
-            "SELECT id FROM jobs WHERE state = 'claimed' AND claim_expires_mono < coord_now()"
-        ):
-            out.append((f"job {r['id']} is claimed past its lease, awaiting release", True))
-        return out
