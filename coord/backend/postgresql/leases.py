@@ -242,6 +242,18 @@ class PgLeases:
                 "pg_holder_incarnation = NULL WHERE name = %s AND pgid = %s "
                 "AND pg_start_token = %s", todo))
 
+    def forget(self, name: str) -> bool:
+        def txn(c: Conn) -> bool:
+            # The row locked first: a taker racing this waits, then finds no row and makes
+            # a new one (its term from the sequence, still above every forgotten one).
+            held = fetch(c, "SELECT holder_id FROM leases WHERE name = %s FOR UPDATE", (name,))
+            if not held or held[0]["holder_id"] is not None:
+                return False
+            c.execute("DELETE FROM lease_terms WHERE name = %s", (name,))
+            return c.execute("DELETE FROM leases WHERE name = %s", (name,)).rowcount > 0
+
+        return self._db.write(txn)
+
     # -- fenced operations --------------------------------------------------------------------
 
     def fenced(self, name: str, term: int, statements: Statements) -> list[list[Row]]:
