@@ -8,8 +8,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import pytest
-
 import coord
 
 
@@ -37,13 +35,3 @@ def sql_write(store: coord.Store, sql: str, many: Sequence[Sequence[Any]]) -> No
         return
     store.backend.db.write(  # type: ignore[attr-defined]
         lambda c: c.cursor().executemany(_pg(sql), [tuple(p) for p in many]))
-
-
-def needs(store: coord.Store, *capabilities: str) -> None:
-    """Skip the test when one of the store engine's ``capabilities`` (``death``, ``checks``,
-    ...) is not written for it yet (the PostgreSQL engine grows one capability at a time)."""
-    from coord.backend.postgresql.engine import NotYet
-
-    missing = [c for c in capabilities if isinstance(getattr(store.backend, c), NotYet)]
-    if missing:
-        pytest.skip(f"the {store.engine} engine's {', '.join(missing)} is not written yet")

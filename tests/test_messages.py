@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from conftest import spawn_python, wait_line, wait_until
-from rawsql import needs, sql_rows, sql_value, sql_write
+from rawsql import sql_rows, sql_value, sql_write
 
 import coord
 from coord import messages
@@ -73,15 +73,7 @@ def count(store: coord.Store, where: str = "1 = 1") -> int:
 
 
 def problems(store: coord.Store, *, strict: bool = False) -> list[str]:
-    """What the checker finds; until an engine's own checks are written, the message
-    invariants alone (``coord.messages.problems``, which the checker runs too)."""
-    from coord.backend.postgresql.engine import NotYet
-
-    if isinstance(store.backend.checks, NotYet):
-        rows = {r["id"]: r for r in store.backend.instances.list()}
-        verdicts = {i: store.backend.liveness.judge(r) for i, r in rows.items()}
-        return [d for d, pending in messages.problems(store, rows, verdicts)
-                if strict or not pending]
+    """What the checker finds."""
     return [p.detail for p in check(store, strict=strict)]
 
 
@@ -249,7 +241,6 @@ def test_acked_messages_do_not_come_back(store: coord.Store) -> None:
 
 def test_messages_to_a_dead_instance_are_kept_until_their_ttl(store: coord.Store, db_path: Path,
                                                               children: list[Any]) -> None:
-    needs(store, "death")
     me = coord.register(store, "me", app="t")
     p = responder(children, db_path, "gone", "silent")
     wait_line(p)
@@ -351,7 +342,6 @@ def test_recipient_killed_during_a_request_fails_the_requester_at_once(
 
 def test_request_to_an_already_dead_instance_fails_at_once(store: coord.Store, db_path: Path,
                                                            children: list[Any]) -> None:
-    needs(store, "death")
     me = coord.register(store, "asker", app="t")
     p = responder(children, db_path, "dead-one", "silent")
     wait_line(p)
@@ -393,7 +383,6 @@ def test_reply_rules(store: coord.Store) -> None:
 
 def test_a_reply_to_a_requester_that_died_is_discarded(store: coord.Store, db_path: Path,
                                                        children: list[Any]) -> None:
-    needs(store, "death")
     me = coord.register(store, "server", app="t")
     code = """
 import os, coord
