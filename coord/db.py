@@ -340,6 +340,9 @@ class Store:
         """Roll back this thread's open transaction, if any. For the SIGTERM handler only: it
         interrupts the main thread anywhere, deregisters, and then the process ends, so the
         interrupted transaction never resumes."""
+        if self.engine != "sqlite":
+            self.backend.abandon_transaction()  # type: ignore[attr-defined]
+            return
         c = getattr(self._local, "conn", None)
         if c is not None and getattr(self._local, "pid", None) == os.getpid() and not c.get_autocommit():
             try:

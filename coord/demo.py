@@ -257,7 +257,6 @@ def section_election(d: Demo) -> None:
     from .errors import LeaseLost
     from .kv import set as kv_set
     from .leases import get_lease
-    from .nudge import wait_for
 
     d.say("== leader election: three candidates, one leader, failover on kill -9 ==")
     tag = os.urandom(2).hex()
@@ -267,8 +266,9 @@ def section_election(d: Demo) -> None:
         d.wait_ready(p)
 
     def next_leader(after: int) -> tuple[str, int, float]:
-        info = wait_for(d.store, lambda: (i := get_lease(d.store, DEMO_LEASE)).alive
-                        and (i.term or 0) > after and i or None, 30)
+        info = d.store.backend.wakeup.wait_for(
+            lambda: (i := get_lease(d.store, DEMO_LEASE)).alive and (i.term or 0) > after
+            and i or None, 30)
         assert info is not None and info.holder is not None and info.term is not None
         line = d.wait_ready(procs[info.holder]).split()
         return info.holder, info.term, float(line[2])
@@ -317,7 +317,7 @@ def section_queues(d: Demo) -> None:
     from collections import Counter
 
     from . import queues
-    from .nudge import wait_for
+    wait_for = d.store.backend.wakeup.wait_for
 
     d.say("== queues: shared work spread over instances; a killed worker's job finishes "
           "elsewhere ==")
@@ -339,12 +339,12 @@ def section_queues(d: Demo) -> None:
     t0 = time.monotonic()
     hang.kill()
     hang.wait()
-    wait_for(d.store, lambda: queues.get_job(d.store, first).state == "done" or None, 30)
+    wait_for(lambda: queues.get_job(d.store, first).state == "done" or None, 30)
     t1 = time.monotonic()
     job = queues.get_job(d.store, first)
     d.say(f"  job {first} went back at once and was done by {job.instance_id} (attempt "
           f"{job.attempts}) {1000 * (t1 - t0):.0f} ms after the kill, not after the lease")
-    wait_for(d.store, lambda: queues.stats(d.store, q)[0].done == 31 or None, 30)
+    wait_for(lambda: queues.stats(d.store, q)[0].done == 31 or None, 30)
     by = Counter(j.instance_id for j in queues.list_jobs(d.store, q, state="done"))
     for i in ids:
         d.say(f"  {i} did {by.get(i, 0)} jobs")

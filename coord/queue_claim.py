@@ -84,7 +84,7 @@ def release_dead_claims(store: Store, queue: str, *, skip: str | None = None) ->
     released = 0
     released += store.backend.queues.release_expired(queue)
     liveness = store.backend.liveness
-    look = liveness.look()
+    look: object | None = None  # read only when a holder is to be judged (a clock read)
     by_verdict: dict[str, list[Row]] = {}
     orphans: list[tuple[str, int]] = []
     for r in store.backend.queues.holders(queue):
@@ -93,6 +93,8 @@ def release_dead_claims(store: Store, queue: str, *, skip: str | None = None) ->
             continue
         if r["id"] == skip:
             continue
+        if look is None:
+            look = liveness.look()
         alive, verdict = liveness.judge(r, look)
         if not alive:
             by_verdict.setdefault(verdict, []).append(r)

@@ -37,6 +37,12 @@ Sections (SECTIONS, in order); the impl marked "limit" is the floor or ceiling o
      vs a file-per-PID registry (one JSON file per pid, liveness by pid and create time).
   6. cli: cold start of ``coord instances --json`` and ``coord sql "select 1"`` vs
      ``python -c pass`` (limit) and ``python -c "import typer"`` with the same interpreter.
+
+On PostgreSQL (``--db postgresql://user@host/db``: two new schemas on that server, dropped at
+the end) the sections are benchkit/pg.py's: coord beside PostgreSQL's own limits measured in
+the same run with raw psycopg (benchkit/pg_limits.py, also run alone by scripts/bench_pg.py).
+
+    .venv/bin/python scripts/bench.py --quick --db 'postgresql://postgres@/postgres?host=/tmp/pg'
 """
 
 from __future__ import annotations
@@ -53,6 +59,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from benchkit import pg
 
 # The sections, the harness and the output are the benchkit package beside this script.
 from benchkit.cli import section_cli
@@ -115,10 +123,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", nargs="?", const=",".join(map(str, DEPTHS)), metavar="JOBS",
                     help="run the queue's put and claim+ack at each of these depths "
                          "(comma-separated; alone: " + ", ".join(f"{x:,}" for x in DEPTHS) + ")")
+    ap.add_argument("--db", metavar="URL", help="a postgresql:// URL: run the PostgreSQL "
+                    "sections (" + ",".join(pg.SECTION_NAMES) + ") on that server")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return run_as_worker(args.worker)
+    if args.db:
+        return run_postgresql(args, ap)
     depths: tuple[int, ...] = ()
     if args.size:
         try:
@@ -169,6 +181,46 @@ def main(argv: list[str] | None = None) -> int:
               f"{size} run, {run['seconds']} s\n")
         print_table(results)
     return 0
+
+
+def run_postgresql(args: argparse.Namespace, ap: argparse.ArgumentParser) -> int:
+    """The PostgreSQL sections on the server of ``--db``, beside its raw limits."""
+    if not args.db.startswith(("postgresql://", "postgres://")):
+        ap.error("--db takes a postgresql:// URL (SQLite runs need no --db)")
+    wanted = pg.SECTION_NAMES
+    if args.only:
+        wanted = [x.strip() for x in args.only.split(",") if x.strip()]
+        unknown = set(wanted) - set(pg.SECTION_NAMES)
+        if unknown:
+            ap.error(f"unknown PostgreSQL sections: {', '.join(sorted(unknown))}")
+    size = "tiny" if args.tiny else "quick" if args.quick else "full"
+    started = time.monotonic()
+    results: list[Result] = []
+    with pg.pg_run(args.db, size) as pgrun:
+        run = {**pg.facts(pgrun), "argv": sys.argv[1:]}
+        for name in wanted:
+            t = time.monotonic()
+            try:
+                results.extend(pg.SECTIONS[name](pgrun))
+            except Exception as e:  # one section's failure is reported, the rest run
+                results.append(Result(f"pg {name}", "(section)", "coord", 0, 0.0,
+                                      error=f"{type(e).__name__}: {e}"))
+            print(f"pg {name}: {time.monotonic() - t:.1f} s", file=sys.stderr)
+    run["seconds"] = round(time.monotonic() - started, 1)
+    run["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+    lines = [json.dumps(o, ensure_ascii=False) for o in section_objects(results, run)]
+    if args.json_out:
+        Path(args.json_out).write_text("\n".join(lines) + "\n")
+    if args.json:
+        for line in lines:
+            print(line)
+    else:
+        print(f"PostgreSQL {run['server_version']} · psycopg {run['psycopg']} "
+              f"({run['psycopg_impl']}) · Python {run['python']} · {run['cpus']} CPUs · "
+              f"synchronous_commit={run['synchronous_commit']} · load {run['load_avg']} → "
+              f"{run['load_avg_after']} · {size} run, {run['seconds']} s\n")
+        print_table(results)
+    return 1 if any(r.error for r in results) else 0
 
 
 if __name__ == "__main__":

@@ -10,6 +10,10 @@ The bounded version CI runs (tests/test_torture.py):
 
     .venv/bin/python scripts/torture.py --duration 15 --workers 5
 
+On PostgreSQL (a schema nobody else uses; it is created, and left behind for a look after):
+
+    .venv/bin/python scripts/torture.py --db 'postgresql://user@host/db?schema=torture' --kills 300
+
 Its last line is ``kills=N ops=N violations=N``; the exit status is 1 when violations > 0.
 
 What is checked:
@@ -41,6 +45,30 @@ LEASE = "torture/leader"
 QUEUE = "torture/jobs"
 ANCHOR = "torture-anchor"
 TTL = 1.0  # short instance and lease TTLs, so SIGSTOPped holders expire within the run
+
+
+def _sql(store: Any, sql: str) -> str:
+    """``sql`` in the store engine's placeholder style (written with SQLite's ``?``)."""
+    return sql if store.engine == "sqlite" else sql.replace("?", "%s")
+
+
+def _rows(store: Any, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+    if store.engine == "sqlite":
+        return store.rows(sql, params)  # type: ignore[no-any-return]
+    return store.backend.db.rows(_sql(store, sql), params)  # type: ignore[no-any-return]
+
+
+def _create_fence_table(store: Any) -> None:
+    # ``id`` orders the fenced log: a new holder's takeover waits for the old holder's fenced
+    # transaction (it locks the lease row), so on both engines a later term gets a later id.
+    if store.engine == "sqlite":
+        store.write(lambda c: c.execute(
+            "CREATE TABLE IF NOT EXISTS torture_fence (id INTEGER PRIMARY KEY, "
+            "term INTEGER NOT NULL, holder TEXT NOT NULL)"))
+    else:
+        store.backend.db.write(lambda c: c.execute(
+            "CREATE TABLE IF NOT EXISTS torture_fence (id BIGSERIAL PRIMARY KEY, "
+            "term BIGINT NOT NULL, holder TEXT NOT NULL)"))
 
 
 def _config() -> Any:
@@ -83,6 +111,7 @@ def worker(db: str, slot: int, logdir: Path) -> None:
     me = f"{inst.id}#{inst.incarnation}"
     kv.set(store, f"torture/eph/{slot}", {"incarnation": inst.incarnation}, owner=inst)
     mylog = logdir / f"{os.getpid()}.log"
+    fence_sql = _sql(store, "INSERT INTO torture_fence (term, holder) VALUES (?, ?)")
     print("ready", flush=True)
     rng = random.Random(os.getpid())
     n = 0
@@ -95,8 +124,7 @@ def worker(db: str, slot: int, logdir: Path) -> None:
                 if lease is not None:
                     try:
                         for _ in range(rng.randint(1, 5)):
-                            lease.write("INSERT INTO torture_fence (term, holder) VALUES (?, ?)",
-                                        (lease.term, me))
+                            lease.write(fence_sql, (lease.term, me))
                             _log(mylog, {"op": "fence", "term": lease.term})
                             time.sleep(rng.random() * 0.02)
                     except LeaseLost:
@@ -136,7 +164,7 @@ def worker(db: str, slot: int, logdir: Path) -> None:
 
 
 class Run:
-    def __init__(self, db: Path, logdir: Path, workers: int) -> None:
+    def __init__(self, db: Path | str, logdir: Path, workers: int) -> None:
         self.db, self.logdir, self.n = db, logdir, workers
         self.procs: dict[int, subprocess.Popen[str]] = {}
         self.kills = 0
@@ -246,7 +274,7 @@ class Run:
         # Leases: one holder per term; terms never go backwards in the fenced log.
         holders: dict[int, set[str]] = {}
         last = 0
-        for row in store.rows("SELECT term, holder FROM torture_fence ORDER BY rowid"):
+        for row in _rows(store, "SELECT term, holder FROM torture_fence ORDER BY id"):
             term, holder = row["term"], row["holder"]
             holders.setdefault(term, set()).add(holder)
             if term < last:
@@ -279,10 +307,11 @@ class Run:
             queues.ack(store, job)
         drainer.close()
         put = {r["job"] for r in records if r["op"] == "put"}
-        states = {r["id"]: r["state"] for r in store.rows("SELECT id, state FROM jobs WHERE queue = ?", (QUEUE,))}
-        for job in put:
-            if states.get(job) != "done":
-                self.violate(f"job {job} was put but is {states.get(job, 'missing')}")
+        states = {j.id: j.state for j in queues.list_jobs(store, QUEUE, state="all")}
+        for job in sorted(put):
+            state = states.get(job, "missing")
+            if state != "done":
+                self.violate(f"job {job} was put but is {state}")
         reap(store)
         for p in check(store, strict=True):
             self.violate(f"checker: {p.check}: {p.detail}")
@@ -296,7 +325,8 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=None, help="stop the chaos after this many kills")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--dir", default=None, help="directory for the database (default: a temp dir)")
-    ap.add_argument("--db", help=argparse.SUPPRESS)
+    ap.add_argument("--db", help="a postgresql:// URL (with ?schema=NAME) to run on instead of "
+                    "a new SQLite file")
     ap.add_argument("--logdir", help=argparse.SUPPRESS)
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--anchor", action="store_true", help=argparse.SUPPRESS)
@@ -315,11 +345,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="coord-torture-", dir=a.dir) as tmp:
         base = Path(tmp)
         os.chmod(base, 0o700)
-        db, logdir = base / "coord.db", base / "logs"
+        db: Path | str = a.db or base / "coord.db"
+        logdir = base / "logs"
         logdir.mkdir()
         store = coord.Store(db, config=_config())
-        store.write(lambda c: c.execute(
-            "CREATE TABLE IF NOT EXISTS torture_fence (term INTEGER NOT NULL, holder TEXT NOT NULL)"))
+        _create_fence_table(store)
         run = Run(db, logdir, a.workers)
         try:
             run.start()

@@ -105,6 +105,22 @@ def test_acquire_observe_release(store: coord.Store) -> None:
     assert check(store) == []
 
 
+def test_forgetting_a_free_lease_deletes_its_row_and_history_and_terms_still_rise(
+        store: coord.Store) -> None:
+    a = _register(store, "a")
+    lease = acquire(a, "app/f", timeout=0)
+    assert not store.backend.leases.forget("app/f")  # held: nothing deleted
+    assert [i.name for i in list_leases(store)] == ["app/f"]
+    lease.release()
+    assert store.backend.leases.forget("app/f")
+    assert list_leases(store) == []
+    assert engine_sql.rows(store, "SELECT term FROM lease_terms WHERE name = ?", ("app/f",)) == []
+    assert not store.backend.leases.forget("app/f")  # none left
+    again = acquire(a, "app/f", timeout=0)
+    assert again.term > lease.term
+    again.release()
+
+
 def test_invalid_names_and_ttl(store: coord.Store) -> None:
     a = _register(store)
     with pytest.raises(InvalidArgument):

@@ -1,23 +1,33 @@
 """`coord demo` end to end: readable lines (no Python reprs), and the database as it found
-it apart from the event log (and the counters, which never go back)."""
+it apart from the event log (and the counters, which never go back), on both engines; every
+process it started has ended."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
 import pytest
 from conftest import run_cli
 
+pytestmark = pytest.mark.contract
+
 # What the demo may change: the event log (with its AUTOINCREMENT sequence) and the counters
-# that never go back (incarnations, terms, kv revisions).
+# that never go back (incarnations, terms, kv revisions; sequences on PostgreSQL).
 MAY_CHANGE = {"events", "sqlite_sequence", "counters"}
+TABLES = {
+    "sqlite": "SELECT name FROM sqlite_schema WHERE type = 'table'",
+    "postgresql": "SELECT table_name AS name FROM information_schema.tables "
+                  "WHERE table_schema = current_schema() AND table_type = 'BASE TABLE'",
+}
 PY_REPR = re.compile(r"\[('|\d)|\{'|'\]|\(\d+, ")
 
 
-def snapshot(db: Path) -> dict[str, list[object]]:
-    r = run_cli(db, "sql", "--json", "SELECT name FROM sqlite_schema WHERE type = 'table'")
+def snapshot(db: Path | str) -> dict[str, list[object]]:
+    engine = "postgresql" if str(db).startswith("postgresql") else "sqlite"
+    r = run_cli(db, "sql", "--json", TABLES[engine])
     assert r.returncode == 0, r.stderr
     tables = [t["name"] for t in json.loads(r.stdout) if t["name"] not in MAY_CHANGE]
     out = {}
@@ -29,7 +39,7 @@ def snapshot(db: Path) -> dict[str, list[object]]:
 
 
 @pytest.mark.timeout(300)
-def test_demo_reads_well_and_leaves_nothing_behind(db_path: Path) -> None:
+def test_demo_reads_well_and_leaves_nothing_behind(db_path: Path | str) -> None:
     before = snapshot(db_path)
     r = run_cli(db_path, "demo", timeout=280)
     assert r.returncode == 0, r.stderr
@@ -40,3 +50,11 @@ def test_demo_reads_well_and_leaves_nothing_behind(db_path: Path) -> None:
     assert any(re.search(r'request to \S+: \{"from": "demo-', line) for line in lines)
     after = snapshot(db_path)
     assert after == before  # no lease, key, job, message, process or instance left
+    running = []
+    for pid in {int(p) for p in re.findall(r"\bpid (\d+)", r.stdout)}:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        running.append(pid)
+    assert not running, f"the demo left these running: {running}"

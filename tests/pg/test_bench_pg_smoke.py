@@ -18,11 +18,6 @@ BENCH = ROOT / "scripts" / "bench_pg.py"
 WORKS = {
     "transactions": {"one-row INSERT (1 client)", "one-row INSERT (4 clients)"},
     "skip_locked": {"claim+ack (1 consumer)", "claim+ack (4 consumers)"},
-    "coord_queue": {
-        *(f"{who} ({n})" for n in ("1 consumer", "4 consumers") for who in (
-            "raw SKIP LOCKED claim+ack, same rounds", "coord claim+ack",
-            "coord claim_many+ack_many by 10")),
-    },
     "advisory_handover": {"SIGKILL holder -> waiter holds (advisory lock)",
                           "SIGKILL holder -> waiter holds (advisory lock + lease term bump)"},
     "notify": {"NOTIFY round trip (2 processes)"},
@@ -47,8 +42,6 @@ def test_every_section_answers(pg_cluster: PgServer, tmp_path: Path) -> None:
             figure = r["ops_per_s"] if r["metric"] == "ops/s" else r["p50_us"]
             assert figure is not None and figure > 0, r
         assert s["run"]["size"] == "tiny" and s["run"]["server_version"]
-    ratios = next(s for s in sections if s["section"] == "coord_queue")["ratios"]
-    assert len(ratios) == 4 and all("x the raw SKIP LOCKED queue" in r for r in ratios)
     for name in WORKS:
         assert f"== {name} ==" in p.stdout
     assert "FAILED" not in p.stdout

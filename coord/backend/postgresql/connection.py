@@ -94,6 +94,10 @@ def translate(e: BaseException, where: str) -> CoordError | None:
             return StorageError(where, f"authentication failed: {reason}")
         if re.search(r'database ".*" does not exist', reason):
             return StorageError(where, f"the database does not exist: {reason}")
+    if state.startswith("40"):
+        # Serialization failures and deadlocks are OperationalErrors too, but the server is
+        # there: the transaction lost a race (PgDb.write retries those itself).
+        return StorageError(where, f"a write conflicted with another: {first}")
     if state in ("57P01", "57P02", "57P03") or isinstance(e, psycopg.OperationalError):
         return StorageError(where, f"cannot reach the server: {first}")
     if state.startswith("XX") or state == "58030":
@@ -193,6 +197,19 @@ class PgDb:
             self._local.conn = None
             self.discard(c)
 
+    def abandon_transaction(self) -> None:
+        """End this thread's open transaction by cutting its connection (the server rolls it
+        back). For the SIGTERM handler only: it may interrupt the main thread inside the
+        driver, holding the connection's lock, so the connection is not used again (a ROLLBACK
+        on it could wait for ever) and no lock of this module is taken."""
+        c: Conn | None = getattr(self._local, "conn", None)
+        if c is None or getattr(self._local, "pid", None) != os.getpid():
+            return
+        if c.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            return
+        self._local.conn = None
+        c.pgconn.finish()
+
     def close(self) -> None:
         """Close the connections this store opened in this process."""
         self._closed = True
@@ -216,10 +233,14 @@ class PgDb:
                 with translated(self.where):
                     with conn.transaction():
                         return fn(conn)
-            except (pgerrors.SerializationFailure, pgerrors.DeadlockDetected):
-                self.retries += 1
-                time.sleep(min(0.001 * (attempt + 1), 0.02))
-            except (StorageError, psycopg.OperationalError):
+            except (StorageError, psycopg.OperationalError) as e:
+                # Translated on the way out (by ``translated`` here or one inside ``fn``): a
+                # lost race is known by the driver error it came from.
+                cause = e.__cause__ if isinstance(e, StorageError) else e
+                if isinstance(cause, (pgerrors.SerializationFailure, pgerrors.DeadlockDetected)):
+                    self.retries += 1
+                    time.sleep(min(0.001 * (attempt + 1), 0.02))
+                    continue
                 if conn.closed or conn.broken:
                     self._drop_current()
                 raise

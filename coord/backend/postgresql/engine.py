@@ -55,6 +55,10 @@ class PostgresBackend:
         open_schema(self.db)
         rebase_boot(self.db)
 
+    def abandon_transaction(self) -> None:
+        """End this thread's interrupted transaction (see ``PgDb.abandon_transaction``)."""
+        self.db.abandon_transaction()
+
     def close(self) -> None:
         self.wakeup.close()
         self.db.close()

@@ -41,6 +41,18 @@ _CURRENT = ("SELECT 1 FROM leases WHERE name = %s AND term = %s AND holder_id IS
             "AND expires_mono >= coord_now() FOR SHARE")
 _CURRENT_FOR_UPDATE = _CURRENT.replace("FOR SHARE", "FOR UPDATE")
 
+_TAKE = (
+    "WITH l AS (INSERT INTO leases (name, holder_id, holder_incarnation, term, ttl, "
+    "acquired_at, renewed_at, expires_mono) VALUES (%s, %s, %s, nextval('term_seq'), %s, "
+    "coord_now(), coord_now(), coord_now() + %s) ON CONFLICT (name) DO UPDATE SET "
+    "holder_id = excluded.holder_id, holder_incarnation = excluded.holder_incarnation, "
+    "term = excluded.term, ttl = excluded.ttl, acquired_at = excluded.acquired_at, "
+    "renewed_at = excluded.renewed_at, expires_mono = excluded.expires_mono "
+    "RETURNING name, term, holder_id, holder_incarnation) "
+    "INSERT INTO lease_terms (name, term, holder_id, holder_incarnation, acquired_at) "
+    "SELECT name, term, holder_id, holder_incarnation, coord_now() FROM l RETURNING term"
+)
+
 
 def _member(id: Any, incarnation: Any) -> Member | None:
     return None if id is None else (str(id), int(incarnation))
@@ -130,19 +142,10 @@ class PgLeases:
                 else:
                     return previous
                 free_term(c, name, int(row["term"]), reason)
-            term = int(scalar(c, "SELECT nextval('term_seq')"))
-            # pgid/pg_start_token stay: the new holder ends that group before anything.
-            c.execute(
-                "INSERT INTO leases (name, holder_id, holder_incarnation, term, ttl, "
-                "acquired_at, renewed_at, expires_mono) VALUES (%s, %s, %s, %s, %s, "
-                "coord_now(), coord_now(), coord_now() + %s) ON CONFLICT (name) DO UPDATE SET "
-                "holder_id = excluded.holder_id, holder_incarnation = excluded.holder_incarnation, "
-                "term = excluded.term, ttl = excluded.ttl, acquired_at = excluded.acquired_at, "
-                "renewed_at = excluded.renewed_at, expires_mono = excluded.expires_mono",
-                (name, *me, term, ttl, ttl))
-            c.execute(
-                "INSERT INTO lease_terms (name, term, holder_id, holder_incarnation, acquired_at) "
-                "VALUES (%s, %s, %s, %s, coord_now())", (name, term, *me))
+            # The new term, the lease row and its history row in one statement (one round
+            # trip on the takeover's path). pgid/pg_start_token stay: the new holder ends
+            # that group before anything.
+            term = int(scalar(c, _TAKE, (name, *me, ttl, ttl)))
             log_event(c, "leader changed", me[0], name, term=term, previous=previous,
                       reason=reason)
             group = tree = None
@@ -243,6 +246,18 @@ class PgLeases:
                 "UPDATE leases SET pgid = NULL, pg_start_token = NULL, pg_holder_id = NULL, "
                 "pg_holder_incarnation = NULL WHERE name = %s AND pgid = %s "
                 "AND pg_start_token = %s", todo))
+
+    def forget(self, name: str) -> bool:
+        def txn(c: Conn) -> bool:
+            # The row locked first: a taker racing this waits, then finds no row and makes
+            # a new one (its term from the sequence, still above every forgotten one).
+            held = fetch(c, "SELECT holder_id FROM leases WHERE name = %s FOR UPDATE", (name,))
+            if not held or held[0]["holder_id"] is not None:
+                return False
+            c.execute("DELETE FROM lease_terms WHERE name = %s", (name,))
+            return c.execute("DELETE FROM leases WHERE name = %s", (name,)).rowcount > 0
+
+        return self._db.write(txn)
 
     # -- fenced operations --------------------------------------------------------------------
 

@@ -30,6 +30,7 @@ from ..records import Member, MessageRecord, Problem
 from .connection import Conn, fetch
 from .death import MEMBERS, split
 from .events import log_event
+from .listen import channel_name
 
 if TYPE_CHECKING:
     from .connection import PgDb, Row
@@ -58,6 +59,11 @@ _INSERT = (
     "FROM (SELECT coord_now() AS t) AS n, LATERAL (SELECT coalesce(%(ttl)s::float8, "
     "greatest(%(until)s::float8 - n.t, 1.0)) AS ttl) AS d"
 )
+
+# The same, announcing it to the recipient's inbox channel %(channel)s in the same statement
+# (delivered at commit): one round trip for a single recipient's message.
+_INSERT_NOTIFY = (f"WITH ins AS ({_INSERT} RETURNING 1) "  # noqa: S608 - fixed fragments only
+                  "SELECT pg_notify(%(channel)s, '') FROM ins")
 
 
 def _record(row: Row) -> MessageRecord:
@@ -98,15 +104,25 @@ class PgMessages:
 
     def _insert(self, c: Conn, me: Member, *, id: str, kind: str, to: str, topic: str,
                 payload: str, corr: str | None = None, reply_to: str | None = None,
-                ttl: float | None = None, until: float | None = None) -> None:
-        c.execute(_INSERT, {"id": id, "kind": kind, "me": me[0], "inc": me[1], "to": to,
-                            "topic": topic, "payload": payload, "corr": corr,
-                            "reply_to": reply_to, "ttl": ttl, "until": until})
+                ttl: float | None = None, until: float | None = None,
+                announce: bool = False) -> None:
+        """Insert one message; with ``announce``, NOTIFY its recipient's inbox in the same
+        statement (then ``_announce(..., notified=True)`` only collects nudge paths)."""
+        params = {"id": id, "kind": kind, "me": me[0], "inc": me[1], "to": to,
+                  "topic": topic, "payload": payload, "corr": corr,
+                  "reply_to": reply_to, "ttl": ttl, "until": until}
+        if announce:
+            params["channel"] = channel_name(self._db.location.schema, inbox_channel(to))
+            c.execute(_INSERT_NOTIFY, params)
+        else:
+            c.execute(_INSERT, params)
 
-    def _announce(self, c: Conn, recipients: Sequence[Row]) -> list[str | None]:
-        """NOTIFY the recipients' inboxes (delivered at commit); their nudge paths on this
-        host and boot, for after the commit."""
-        self._wakeup.notify(c, [inbox_channel(r["id"]) for r in recipients])
+    def _announce(self, c: Conn, recipients: Sequence[Row], *,
+                  notified: bool = False) -> list[str | None]:
+        """NOTIFY the recipients' inboxes (delivered at commit) unless the insert did;
+        their nudge paths on this host and boot, for after the commit."""
+        if not notified:
+            self._wakeup.notify(c, [inbox_channel(r["id"]) for r in recipients])
         return [r["nudge_path"] for r in recipients if r["boot_id"] == self._boot]
 
     @staticmethod
@@ -142,8 +158,8 @@ class PgMessages:
             if to not in rows:
                 raise NotFound("instance", to)
             self._insert(c, me, id=id, kind="message", to=to, topic=topic, payload=payload,
-                         ttl=ttl)
-            return self._announce(c, [rows[to]])
+                         ttl=ttl, announce=True)
+            return self._announce(c, [rows[to]], notified=True)
 
         self._wakeup.nudge(self._write(me, txn))
 
@@ -181,8 +197,8 @@ class PgMessages:
             if row["status"] != "alive":
                 raise RecipientDead(to)
             self._insert(c, me, id=id, kind="request", to=to, topic=topic, payload=payload,
-                         corr=id, reply_to=me[0], ttl=ttl)
-            return row, self._announce(c, [row])
+                         corr=id, reply_to=me[0], ttl=ttl, announce=True)
+            return row, self._announce(c, [row], notified=True)
 
         row, paths = self._write(me, txn)
         self._wakeup.nudge(paths)
@@ -222,8 +238,8 @@ class PgMessages:
                 return False, []
             self._insert(c, me, id=id, kind="reply", to=req["sender_id"], topic=req["topic"],
                          payload=payload, corr=req["correlation_id"] or request_id,
-                         until=req["expires_mono"])
-            return True, self._announce(c, asker)
+                         until=req["expires_mono"], announce=True)
+            return True, self._announce(c, asker, notified=True)
 
         ok, paths = self._write(me, txn)
         if ok:

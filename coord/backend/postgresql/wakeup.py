@@ -9,7 +9,8 @@
   interested in that channel.
 * Polling is the fallback and the truth's guarantee: a waiter re-checks at least every
   ``POLL_MAX`` seconds (a growing interval from 2 ms), or every ``POLL_LISTENING`` seconds
-  while all of its channels are LISTENed on a live connection. A notification is only a
+  while all of its channels are LISTENed on a live connection (then no shorter polls: the
+  NOTIFY is the wake-up, and the listener pokes every waiter when it (re)connects). A notification is only a
   hint: it is lost while the LISTEN connection is down, so after every reconnect every
   waiter re-checks; a wake-up is never later than the polling bound.
 
@@ -73,7 +74,13 @@ class PgWakeup:
         interest: Interest | None = None
         if wanted_channels and (timeout is None or timeout > 0):
             interest = self.listener.interest(wanted_channels)
-        interval = POLL_MIN
+        def floor() -> float:
+            # While every channel is LISTENed, a commit's NOTIFY (or the nudge) wakes the
+            # waiter: short polls would only repeat the check (two statements, say) for
+            # nothing. Otherwise the growing interval from POLL_MIN is the wake-up.
+            return POLL_LISTENING if interest is not None and interest.listening else POLL_MIN
+
+        interval = floor()
         try:
             while True:
                 result = check()
@@ -102,7 +109,7 @@ class PgWakeup:
                 if interest is not None and interest.fd in ready:
                     drain(interest.fd)
                     hinted = True
-                interval = POLL_MIN if hinted else min(interval * 2, bound)
+                interval = floor() if hinted else min(interval * 2, bound)
         finally:
             for fd in fds.values():
                 os.close(fd)
