@@ -175,6 +175,10 @@ def _run_holding(inst: Instance, lease: Lease, argv: Sequence[str], env: dict[st
     def record(cmd: Gated) -> None:
         record_group(store, lease.name, lease.term, cmd.pid, cmd.token, holder=owner)
 
+    # A step-down frees the term only after CMD's tree has ended (``lease.release()``
+    # below): freed at the deadline, another host could take the lease while CMD still runs
+    # out its kill grace.
+    lease.free_at_step_down = False
     cmd, watch, row = launch(store, owner, argv, env, tree=True, user=username(),
                              labels={"lease": lease.name}, before_release=record,
                              log=inst.log.warning)

@@ -53,6 +53,11 @@ class Lease:
         self._released = False
         self._stepped_down = False
         self._keeper: _Keeper | None = None
+        #: Free the term in the store as soon as the renew deadline passes. A holder that
+        #: must first end what it guards (``coord elect``: CMD's tree) sets it False and
+        #: frees it with ``release()`` once that is done: until then no other holder can
+        #: take the lease before its TTL, by which time the step-down has completed.
+        self.free_at_step_down = True
 
     def __repr__(self) -> str:
         state = "held" if self.held else f"lost ({self.lost_reason})"
@@ -140,6 +145,8 @@ class Lease:
                 self.lost.set()
         self._detach()
         if was_lost:
+            if self.lost_reason == "renew deadline passed" and not self.free_at_step_down:
+                self._free_stepped_down(deferred=True)
             return
         try:
             release(self.store, self.name, self.term, self.holder, "released")
@@ -199,10 +206,11 @@ class Lease:
         if self._lose("renew deadline passed"):
             self._free_stepped_down()
 
-    def _free_stepped_down(self) -> None:
-        """Free the term in the store after a step-down (once)."""
+    def _free_stepped_down(self, *, deferred: bool = False) -> None:
+        """Free the term in the store after a step-down (once; with ``free_at_step_down``
+        False only from ``release()``, when what the lease guarded has ended)."""
         with self._lock:
-            if self._stepped_down:
+            if self._stepped_down or not (deferred or self.free_at_step_down):
                 return
             self._stepped_down = True
         try:
