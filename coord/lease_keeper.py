@@ -72,12 +72,12 @@ class Lease:
         """Still ours: not lost, not released, our instance still registered, and renewed
         within the renew deadline."""
         return (not self.lost.is_set() and not self.instance.closed
-                and self.store.mono() < self._deadline)
+                and self.store.mono() < self._deadline_at())
 
     @property
     def deadline_in(self) -> float:
         """Seconds until this holder steps down unless a renewal succeeds."""
-        return self._deadline - self.store.mono()
+        return self._deadline_at() - self.store.mono()
 
     def add_callback(self, fn: LostCallback) -> None:
         """Call ``fn(lease)`` when the lease is lost (at once if it already is)."""
@@ -163,11 +163,18 @@ class Lease:
 
     def _due(self) -> float:
         with self._lock:
-            return min(self._next, self._deadline)
+            nxt = self._next
+        return min(nxt, self._deadline_at())
 
     def _deadline_at(self) -> float:
+        """The step-down deadline: the lease's own (its last renewal sent + the renew
+        deadline), or the instance's when that comes first — a holder whose heartbeat
+        cannot get through may be buried as hung, and its leases taken, a TTL after its
+        last heartbeat even while the lease's renewals still succeed."""
         with self._lock:
-            return self._deadline
+            own = self._deadline
+        inst = self.instance.renew_deadline_at
+        return own if inst is None else min(own, inst)
 
     def _tick(self) -> None:
         """One keeper step: step down at the deadline, else renew when due."""
@@ -175,7 +182,7 @@ class Lease:
             self._detach()
             return
         now = self.store.mono()
-        if now >= self._deadline:
+        if now >= self._deadline_at():
             self._step_down()
             return
         if now < self._next:

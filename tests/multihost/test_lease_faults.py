@@ -21,69 +21,33 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
-from hostprocs import GRACE, RENEW_DEADLINE, TTL, Proc, alive, env, locks_of, read_pids
+from hostprocs import (
+    CANDIDATE,
+    GRACE,
+    NAME,
+    RENEW_DEADLINE,
+    TTL,
+    Admin,
+    Proc,
+    alive,
+    env,
+    locks_of,
+    read_pids,
+    start_holder,
+)
 from netns import HarnessUnavailable, Host, Net, mono
 from pg_fixtures import import_psycopg, missing
 
-import coord
 from coord.errors import LeaseLost
 
 psycopg = import_psycopg()
 
 SLOW = bool(os.environ.get("COORD_SLOW"))
-NAME = "app/leader"
-INTERVAL = TTL / 3
-
-# CMD of the holder: it and its child ignore SIGTERM (an ignored signal stays ignored across
-# exec), so only the KILL after the grace ends them; it writes both pids.
-CMD = "trap '' TERM; echo $$ > \"$1\"; sleep 1000 & echo $! >> \"$1\"; wait; wait"
-
-# A candidate through the Python lease API: tries every 50 ms and prints, for the attempt
-# that took the lease, CLOCK_MONOTONIC before that attempt started; holds it (the keeper
-# renews) until a line on stdin, then releases.
-CANDIDATE = r"""
-import json, sys, time
-import coord
-from coord.errors import CoordError
-from coord.leases import try_acquire
-
-def mono():
-    return time.clock_gettime(time.CLOCK_MONOTONIC)
-
-def say(**kw):
-    kw["t"] = mono()
-    print(json.dumps(kw), flush=True)
-
-url, name = sys.argv[1], sys.argv[2]
-store = coord.Store(url)
-inst = coord.register(store, "cand", app="cand", handle_signals=False)
-say(op="ready")
-while True:
-    t0 = mono()
-    try:
-        lease = try_acquire(inst, name)
-    except CoordError as e:
-        say(op="error", error=str(e))
-        time.sleep(0.05)
-        continue
-    if lease is not None:
-        say(op="took", t0=t0, term=lease.term)
-        break
-    time.sleep(0.05)
-sys.stdin.readline()
-lease.release()
-inst.close()
-say(op="released")
-"""
-
-
 @pytest.fixture(scope="module")
 def net() -> Iterator[Net]:
     try:
@@ -95,48 +59,6 @@ def net() -> Iterator[Net]:
         yield harness
     finally:
         harness.close()
-
-
-_TRIALS = iter(range(10**6))
-
-
-class Admin:
-    """The test's own view of the server, over its socket (reconnects after a crash)."""
-
-    def __init__(self, net: Net, schema: str) -> None:
-        self.url = net.admin_url
-        self.schema = schema
-        self.store = coord.Store(f"{self.url}&schema={schema}" if "?" in self.url
-                                 else f"{self.url}?schema={schema}")
-        self.c: Any = None
-
-    def sql(self, q: str, params: tuple[Any, ...] = ()) -> list[Any]:
-        for _ in range(50):
-            try:
-                if self.c is None or self.c.closed or self.c.broken:
-                    self.c = psycopg.connect(self.url, autocommit=True,
-                                             options=f"-c search_path={self.schema}")
-                return list(self.c.execute(q, params).fetchall())
-            except psycopg.OperationalError:
-                self.c = None  # the server is restarting after a backend's crash
-                time.sleep(0.1)
-        raise AssertionError("the server did not come back")
-
-    def term(self) -> tuple[str | None, int]:
-        rows = self.sql("SELECT holder_id, term FROM leases WHERE name = %s", (NAME,))
-        return (rows[0][0], int(rows[0][1])) if rows else (None, 0)
-
-    def close(self) -> None:
-        if self.c is not None:
-            self.c.close()
-        self.store.close()
-
-
-def start_holder(net: Net, host: Host, url: str, runtime: str, tag: str) -> Proc:
-    """``coord elect`` of CMD on ``host``; CMD writes its pids to ``cmd-TAG.pids``."""
-    pidfile = os.path.join(runtime, f"cmd-{tag}.pids")
-    return Proc(net, host, [sys.executable, "-m", "coord", "elect", NAME, "--wait", "60", "--",
-                            "sh", "-c", CMD, "sh", pidfile], env(runtime, COORD_DB=url))
 
 
 def fault(net: Net, admin: Admin, host: Host, how: str) -> None:
@@ -152,6 +74,10 @@ def fault(net: Net, admin: Admin, host: Host, how: str) -> None:
         ended = admin.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                           "WHERE client_addr = %s", (host.addr,))
         assert ended and all(r[0] for r in ended), ended
+
+
+_TRIALS = iter(range(10**6))
+INTERVAL = TTL / 3
 
 
 def trial(net: Net, how: str) -> dict[str, float]:
