@@ -124,7 +124,7 @@ def run_elected(
     # instance TTL).
     server = store.config.instance_ttl if store.engine == "postgresql" else None
     store.config.check_step_down(store.config.lease_ttl if ttl is None else ttl, grace,
-                                 server_timeout=server)
+                                 server_timeout=server, instance_ttl=server)
 
     cancel = threading.Event()
     inst_box: list[Instance] = []
