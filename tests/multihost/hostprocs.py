@@ -19,6 +19,7 @@ from netns import Host, Net, mono
 from pg_fixtures import import_psycopg
 
 import coord
+from coord.errors import LeaseLost, StorageError
 
 psycopg = import_psycopg()
 
@@ -207,6 +208,19 @@ class Admin:
                 return list(self.c.execute(q, params).fetchall())
             except psycopg.OperationalError:
                 self.c = None  # the server is restarting after a backend's crash
+                time.sleep(0.1)
+        raise AssertionError("the server did not come back")
+
+    def fenced_refused(self, term: int) -> bool:
+        """Whether a fenced write in ``term`` is refused (``LeaseLost``) now; a connection
+        that a server crash ended is opened again."""
+        for _ in range(50):
+            try:
+                self.store.backend.leases.fenced_kv_set(NAME, term, "stale", '"x"', None)
+                return False
+            except LeaseLost:
+                return True
+            except StorageError:
                 time.sleep(0.1)
         raise AssertionError("the server did not come back")
 
