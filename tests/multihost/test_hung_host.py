@@ -3,8 +3,9 @@
 - **host**: every process of the holder's host is stopped (``net.freeze``: the wrapper, its
   CMD, all). The lease moves to the candidate on another host a TTL after the holder's last
   sign of life on the server's clock (its last heartbeat or renewal), within 10 %, never
-  before; after the thaw the holder learns by itself that it lost (its wrapper ends CMD and
-  exits 75) and its term's fenced write is refused.
+  before; after the thaw the holder learns by itself that it lost (its wrapper ends CMD at
+  once — KILL without the grace, its deadline long past — and exits 75) and its term's
+  fenced write is refused.
 - **wrapper**: only the wrapper is stopped and its CMD runs on, with no other coord process
   on that host. The candidate on another host takes the lease after the TTL *while the old
   CMD still runs*: from another machine nothing can end it, so exclusion for effects that
@@ -27,6 +28,7 @@ from collections.abc import Iterator
 import pytest
 from hostprocs import (
     CANDIDATE,
+    GRACE,
     NAME,
     TTL,
     Admin,
@@ -127,6 +129,14 @@ def trial(net: Net, how: str) -> dict[str, float]:
             os.kill(holder.p.pid, signal.SIGCONT)
         t_thaw = mono()
         stopped = []
+        while any(alive(p) for p in pids):
+            assert mono() < t_thaw + 30, "the old CMD outlived the thaw by 30 s"
+            time.sleep(0.01)
+        out["cmd_gone_after_thaw"] = mono() - t_thaw
+        if how != "host-mate":
+            # Its deadline long past, the wrapper does not wait out the kill grace: every
+            # moment CMD runs on is a moment beside the new holder.
+            assert out["cmd_gone_after_thaw"] < GRACE, out
         assert holder.p.wait(timeout=60) == 75
         out["wrapper_exit_after_thaw"] = mono() - t_thaw
         assert not any(alive(p) for p in pids)
