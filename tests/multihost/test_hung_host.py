@@ -175,3 +175,88 @@ def test_a_hung_holder_loses_after_its_ttl_and_learns_it(net: Net, how: str) -> 
 @pytest.mark.parametrize("how", VARIANTS)
 def test_hung_holders_again_and_again(net: Net, how: str) -> None:
     run(net, 10, how)
+
+
+# A worker that claims one job for a long claim lease and holds it; on a line on stdin it
+# tries to ack, and prints what happened.
+CLAIMER = r"""
+import json, sys, time
+import coord
+from coord import queues
+from coord.errors import ClaimLost, CoordError
+
+def say(**kw):
+    kw["t"] = time.clock_gettime(time.CLOCK_MONOTONIC)
+    print(json.dumps(kw), flush=True)
+
+url, wid = sys.argv[1], sys.argv[2]
+store = coord.Store(url)
+inst = coord.register(store, wid, app="worker", handle_signals=False)
+say(op="ready", inc=inst.incarnation)
+job = None
+while job is None:
+    job = queues.claim(store, "work", inst, lease=60, timeout=1)
+say(op="claimed", job=job.id, token=job.token)
+sys.stdin.readline()
+for _ in range(20):
+    try:
+        queues.ack(store, job, result={"by": wid})
+        say(op="acked")
+        break
+    except ClaimLost:
+        say(op="lost")
+        break
+    except CoordError as e:
+        say(op="error", error=str(e))
+        time.sleep(0.5)
+"""
+
+
+@pytest.mark.timeout(300)
+def test_a_hung_hosts_claim_moves_after_its_ttl_and_its_ack_is_refused(net: Net) -> None:
+    from coord import queues
+
+    a, b = net.hosts
+    schema = f"hungq{next(_TRIALS)}"
+    admin = Admin(net, schema)
+    job = queues.put(admin.store, "work", {"n": 1})
+    ra, rb = tempfile.mkdtemp(prefix="coordt-a-"), tempfile.mkdtemp(prefix="coordt-b-")
+    first = Proc.python(net, a, CLAIMER, net.url(a) + f"?schema={schema}", "wa",
+                        environ=env(ra))
+    second: Proc | None = None
+    stopped: list[int] = []
+    try:
+        assert first.wait_for("claimed", 60)["job"] == job
+        second = Proc.python(net, b, CLAIMER, net.url(b) + f"?schema={schema}", "wb",
+                             environ=env(rb))
+        second.wait_for("ready", 60)
+        time.sleep(TTL / 3)
+        stopped = net.freeze(a)
+        t_stop = mono()
+        beat = None
+        while not second.found("claimed"):
+            rows = admin.sql("SELECT heartbeat_mono FROM instances WHERE id = 'wa' "
+                             "AND status = 'alive'")
+            beat = float(rows[0][0]) if rows else beat
+            second.pump(0.02)
+            assert mono() < t_stop + 60, "the claim did not move within 60 s"
+        assert beat is not None
+        moved = float(admin.sql("SELECT claimed_at FROM jobs WHERE id = %s", (job,))[0][0])
+        # Its claim lease (60 s) is far off: the claim moved with the hung instance's TTL.
+        assert TTL <= moved - beat <= TTL * 1.1, moved - beat
+        net.thaw(a)
+        stopped = []
+        first.send("ack")
+        assert first.wait_for("lost", 60)
+        second.send("ack")
+        second.wait_for("acked", 30)
+        got = queues.get_job(admin.store, job)
+        assert got.state == "done" and got.result == {"by": "wb"}
+        print(f"claim moved {moved - beat:.2f} s after the hung host's last heartbeat")
+    finally:
+        if stopped:
+            net.thaw(a)
+        first.end()
+        if second is not None:
+            second.end()
+        admin.close()
