@@ -40,23 +40,31 @@ class Config:
         return min(self.renew_deadline, ttl * 2 / 3)
 
     def check_step_down(self, ttl: float | None = None, grace: float | None = None, *,
-                        server_timeout: float | None = None) -> None:
+                        server_timeout: float | None = None,
+                        instance_ttl: float | None = None) -> None:
         """Refuse (``InvalidArgument``, one line) timings where a holder that can no longer
         renew might still be ending its command's tree when others may take over: its renew
         deadline + ``grace`` (TERM to KILL) + ``KILL_WAIT`` must stay below the lease's
         ``ttl`` and below ``server_timeout``, the server's own end of a silent session
-        (PostgreSQL), when there is one. Defaults: ``lease_ttl`` and ``kill_grace``."""
+        (PostgreSQL), when there is one. With ``instance_ttl`` the same for the holder's
+        instance: its leases also step down at the instance's renew deadline (others may
+        bury it as hung a TTL after its last heartbeat). Defaults: ``lease_ttl`` and
+        ``kill_grace``."""
         ttl = self.lease_ttl if ttl is None else ttl
         grace = self.kill_grace if grace is None else grace
         deadline = self.renew_deadline_for(ttl)
-        total = deadline + grace + KILL_WAIT
         limits = [("the lease TTL", ttl)]
         if server_timeout is not None:
             limits.append(("the server timeout", server_timeout))
-        for what, limit in limits:
+        checks = [(deadline, what, limit) for what, limit in limits]
+        if instance_ttl is not None:
+            checks.append((self.renew_deadline_for(instance_ttl), "the instance TTL",
+                           instance_ttl))
+        for span, what, limit in checks:
+            total = span + grace + KILL_WAIT
             if total >= limit:
                 raise InvalidArgument(
-                    f"timings refused: renew deadline {deadline:g} s + kill grace {grace:g} s + "
+                    f"timings refused: renew deadline {span:g} s + kill grace {grace:g} s + "
                     f"KILL wait {KILL_WAIT:g} s = {total:g} s is not below {what} ({limit:g} s), "
                     "so a holder could still be ending its command when another takes over; "
                     "lower the renew deadline or the grace, or raise the TTL")

@@ -124,7 +124,7 @@ def run_elected(
     # instance TTL).
     server = store.config.instance_ttl if store.engine == "postgresql" else None
     store.config.check_step_down(store.config.lease_ttl if ttl is None else ttl, grace,
-                                 server_timeout=server)
+                                 server_timeout=server, instance_ttl=server)
 
     cancel = threading.Event()
     inst_box: list[Instance] = []
@@ -162,6 +162,19 @@ def run_elected(
         fwd.restore()
 
 
+def _grace_left(lease: Lease, grace: float) -> float:
+    """The kill grace CMD still gets: all of it, unless the step-down starts so late (the
+    wrapper was stopped or starved past its deadline) that the lease may already be
+    another's — then KILL at once: every moment CMD runs on is a moment beside a new
+    holder."""
+    from .config import KILL_WAIT
+
+    if lease.held:
+        return grace
+    slack = lease.ttl - lease.deadline_span - grace - KILL_WAIT
+    return 0.0 if -lease.deadline_in > max(slack, 0.0) else grace
+
+
 def _run_holding(inst: Instance, lease: Lease, argv: Sequence[str], env: dict[str, str],
                  grace: float, fwd: Forward) -> int:
     from .processes import record_exit
@@ -175,13 +188,17 @@ def _run_holding(inst: Instance, lease: Lease, argv: Sequence[str], env: dict[st
     def record(cmd: Gated) -> None:
         record_group(store, lease.name, lease.term, cmd.pid, cmd.token, holder=owner)
 
+    # A step-down frees the term only after CMD's tree has ended (``lease.release()``
+    # below): freed at the deadline, another host could take the lease while CMD still runs
+    # out its kill grace.
+    lease.free_at_step_down = False
     cmd, watch, row = launch(store, owner, argv, env, tree=True, user=username(),
                              labels={"lease": lease.name}, before_release=record,
                              log=inst.log.warning)
     lease.add_callback(lambda _: fwd.wake())
     code = release_and_wait(inst, cmd, watch, row, fwd, stop=lambda: not lease.held,
                             timeout=lambda: min(max(0.0, lease.deadline_in), 5.0))
-    how = watch.end(grace)
+    how = watch.end(_grace_left(lease, grace))
     code = cmd.popen.wait() if code is None else code
     fwd.pid = None
     record_exit(inst, row, code)

@@ -244,6 +244,10 @@ class Instance:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _last_beat: float = 0.0
+    #: ``store.mono()`` when the last renewal of the registration that succeeded was sent
+    #: (registration counts): the server stamped its heartbeat no earlier, so others judge
+    #: it hung no earlier than a TTL after this.
+    renewed_mono: float = 0.0
     _close_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -271,12 +275,24 @@ class Instance:
         """Renew the registration now. False when it was lost (declared dead, taken over)."""
         if self.stuck:
             return True  # stuck: let the TTL run out so others see us as hung
+        sent = self.store.mono()
         if not self.store.backend.instances.heartbeat((self.id, self.incarnation)):
             if not self.lost.is_set():
                 self.log.warning("registration lost (declared dead or taken over)")
             self.lost.set()
             return False
+        self.renewed_mono = max(self.renewed_mono, sent)
         return True
+
+    @property
+    def renew_deadline_at(self) -> float | None:
+        """``store.mono()`` by which a holder of leases must have stepped down if the
+        registration is not renewed meanwhile: others may bury this instance as hung (and
+        take its leases) a TTL after its last heartbeat, whatever the leases' own expiry.
+        None without a heartbeat thread (its owner renews and judges for itself)."""
+        if self._thread is None:
+            return None
+        return self.renewed_mono + self.store.config.renew_deadline_for(self.ttl)
 
     @property
     def heartbeat_interval(self) -> float:
@@ -285,8 +301,9 @@ class Instance:
         return min(self.store.config.heartbeat, self.ttl / 3)
 
     def _run(self) -> None:
-        interval = self.heartbeat_interval
-        while not self._stop.wait(interval):
+        interval = wait = self.heartbeat_interval
+        while not self._stop.wait(wait):
+            wait = interval
             if self.stuck:
                 continue
             try:
@@ -294,6 +311,8 @@ class Instance:
                     return  # lost for good: that incarnation can never come back
             except Exception as e:  # keep beating; a transient error must not kill us
                 self.log.warning("heartbeat failed: %s", e)
+                # Soon again: the leases' step-down deadline counts from the last beat.
+                wait = min(interval / 4, 0.25)
                 continue
             for hook in list(self.hooks):
                 try:
@@ -373,6 +392,7 @@ def register(
         "cwd": _cwd(), "labels": json.dumps(dict(labels or {}), sort_keys=True),
         "lock_path": proof.where, "nudge_path": nudge_path, "ttl": ttl, "watchdog": watchdog,
     }
+    sent = store.mono()
     try:
         inc, _ = backend.instances.register(id, fields)
     except BaseException:
@@ -383,6 +403,7 @@ def register(
     inst = Instance(
         store=store, id=id, incarnation=inc, app=app, ttl=ttl, watchdog=watchdog,
         lock_path=proof.where, nudge_path=nudge_path, _proof=proof, sock=sock,
+        renewed_mono=sent,
     )
     with _LOCAL_LOCK:
         _LOCAL[(id, inc)] = inst

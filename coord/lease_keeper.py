@@ -54,6 +54,11 @@ class Lease:
         self._released = False
         self._stepped_down = False
         self._keeper: _Keeper | None = None
+        #: Free the term in the store as soon as the renew deadline passes. A holder that
+        #: must first end what it guards (``coord elect``: CMD's tree) sets it False and
+        #: frees it with ``release()`` once that is done: until then no other holder can
+        #: take the lease before its TTL, by which time the step-down has completed.
+        self.free_at_step_down = True
 
     def __repr__(self) -> str:
         state = "held" if self.held else f"lost ({self.lost_reason})"
@@ -68,12 +73,12 @@ class Lease:
         """Still ours: not lost, not released, our instance still registered, and renewed
         within the renew deadline."""
         return (not self.lost.is_set() and not self.instance.closed
-                and self.store.mono() < self._deadline)
+                and self.store.mono() < self._deadline_at())
 
     @property
     def deadline_in(self) -> float:
         """Seconds until this holder steps down unless a renewal succeeds."""
-        return self._deadline - self.store.mono()
+        return self._deadline_at() - self.store.mono()
 
     def add_callback(self, fn: LostCallback) -> None:
         """Call ``fn(lease)`` when the lease is lost (at once if it already is)."""
@@ -154,6 +159,8 @@ class Lease:
                 self.lost.set()
         self._detach()
         if was_lost:
+            if self.lost_reason == "renew deadline passed" and not self.free_at_step_down:
+                self._free_stepped_down(deferred=True)
             return
         try:
             release(self.store, self.name, self.term, self.holder, "released")
@@ -170,11 +177,18 @@ class Lease:
 
     def _due(self) -> float:
         with self._lock:
-            return min(self._next, self._deadline)
+            nxt = self._next
+        return min(nxt, self._deadline_at())
 
     def _deadline_at(self) -> float:
+        """The step-down deadline: the lease's own (its last renewal sent + the renew
+        deadline), or the instance's when that comes first — a holder whose heartbeat
+        cannot get through may be buried as hung, and its leases taken, a TTL after its
+        last heartbeat even while the lease's renewals still succeed."""
         with self._lock:
-            return self._deadline
+            own = self._deadline
+        inst = self.instance.renew_deadline_at
+        return own if inst is None else min(own, inst)
 
     def _tick(self) -> None:
         """One keeper step: step down at the deadline, else renew when due."""
@@ -182,7 +196,7 @@ class Lease:
             self._detach()
             return
         now = self.store.mono()
-        if now >= self._deadline:
+        if now >= self._deadline_at():
             self._step_down()
             return
         if now < self._next:
@@ -213,10 +227,11 @@ class Lease:
         if self._lose("renew deadline passed"):
             self._free_stepped_down()
 
-    def _free_stepped_down(self) -> None:
-        """Free the term in the store after a step-down (once)."""
+    def _free_stepped_down(self, *, deferred: bool = False) -> None:
+        """Free the term in the store after a step-down (once; with ``free_at_step_down``
+        False only from ``release()``, when what the lease guarded has ended)."""
         with self._lock:
-            if self._stepped_down:
+            if self._stepped_down or not (deferred or self.free_at_step_down):
                 return
             self._stepped_down = True
         try:

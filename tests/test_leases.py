@@ -549,3 +549,40 @@ def test_racing_first_takes_of_a_new_lease_have_one_winner(db_path: Path,
     assert len(won) == 1 and len(lost) == n - 1, (won, lost)
     rows = engine_sql.rows(store, "SELECT term FROM lease_terms WHERE name = 'race/new'")
     assert [r["term"] for r in rows] == won
+
+
+def test_a_step_down_that_must_end_work_first_frees_the_term_at_release(
+        fast_store: coord.Store) -> None:
+    # coord elect's way: the term stays the holder's in the store (no other holder before
+    # its TTL) until what the lease guarded has ended and release() frees it.
+    a = _register(fast_store, "a")
+    lease = acquire(a, "deferred", renew=False)
+    lease.free_at_step_down = False
+    wait_until(lambda: not lease.held, timeout=5)
+    with pytest.raises(LeaseLost):
+        lease.check()
+    assert lease.lost_reason == "renew deadline passed"
+    rec = fast_store.backend.leases.get("deferred")
+    assert rec is not None and rec.holder == (a.id, a.incarnation) and rec.term == lease.term
+    lease.release()
+    assert get_lease(fast_store, "deferred").holder is None
+    assert engine_sql.value(fast_store, "SELECT reason FROM lease_terms "
+                            "WHERE name = 'deferred'") == "stepped down"
+
+
+def test_a_lease_steps_down_when_its_instance_stops_heartbeating(
+        fast_store: coord.Store) -> None:
+    # Others may bury an instance as hung a TTL after its last heartbeat, whatever its
+    # leases' expiry: its leases step down by the instance's renew deadline too, even while
+    # their own renewals still get through.
+    a = _register(fast_store, "a")
+    lease = acquire(a, "hb/first")
+    assert a._thread is not None
+    a._stop.set()  # the heartbeat stops (as when its beats no longer get through)
+    a._thread.join(timeout=5)
+    t0 = time.monotonic()
+    wait_until(lambda: not lease.held, timeout=5)
+    span = fast_store.config.renew_deadline_for(a.ttl)
+    assert time.monotonic() - t0 <= span + 0.5
+    assert lease.lost_reason == "renew deadline passed"
+    wait_until(lambda: get_lease(fast_store, "hb/first").holder is None, timeout=5)

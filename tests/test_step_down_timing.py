@@ -47,6 +47,16 @@ def test_a_server_timeout_counts_as_well() -> None:
         Config().check_step_down(15.0, 3.0, server_timeout=13.0)
 
 
+def test_the_instance_ttl_counts_with_its_own_renew_deadline() -> None:
+    # A lease of 30 s (deadline 8 s) on an instance of 12 s (deadline 8 s): 13 s is not
+    # below 12 s, though it is below the lease's TTL.
+    Config().check_step_down(30.0, 3.0, instance_ttl=15.0)
+    with pytest.raises(InvalidArgument, match="not below the instance TTL"):
+        Config().check_step_down(30.0, 3.0, instance_ttl=12.0)
+    # A short instance TTL has a short renew deadline of its own (2/3 of it).
+    Config(renew_deadline=100).check_step_down(30.0, 1.0, instance_ttl=10.0)
+
+
 def test_elect_and_lock_refuse_such_timings_before_running(db_path: object) -> None:
     short = coord_env(db_path, COORD_LEASE_TTL="3")  # type: ignore[arg-type]
     for args in (["elect", "t/x", "--ttl", "3", "--grace", "1"], ["lock", "t/y"]):

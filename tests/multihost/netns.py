@@ -111,6 +111,7 @@ class Net:
         self.procs: list[subprocess.Popen[Any]] = []
         self._made: list[str] = []
         self._netem: bool | None = None
+        self._idents: list[Path] = []
 
     # -- setup and teardown ----------------------------------------------------------------
 
@@ -165,6 +166,9 @@ class Net:
                 if stream is not None:
                     stream.close()
         self.procs.clear()
+        for d in self._idents:
+            shutil.rmtree(d, ignore_errors=True)
+        self._idents.clear()
         if self.cluster is not None:
             self.cluster.stop()
             self.cluster = None
@@ -200,12 +204,40 @@ class Net:
         assert self.cluster is not None
         return self.cluster.url()
 
-    def run(self, host: Host, argv: list[str], **popen: Any) -> subprocess.Popen[Any]:
+    def run(self, host: Host, argv: list[str], *, machine: bool = False,
+            **popen: Any) -> subprocess.Popen[Any]:
         """Start ``argv`` inside ``host``'s namespace (``ip netns exec`` execs it: the returned
-        pid is the program's own); it is killed by ``close`` if still running."""
-        p = subprocess.Popen(["ip", "netns", "exec", host.ns, *argv], **popen)
+        pid is the program's own); it is killed by ``close`` if still running.
+
+        ``machine``: the process also sees this host's own machine id and boot id (bind
+        mounts over ``/etc/machine-id`` and ``/proc/sys/kernel/random/boot_id`` in a mount
+        namespace of its own), so coord takes it for another machine than the other hosts'
+        processes: it cannot prove their deaths by their pids, only by their heartbeats, as
+        across real machines. Without it every host is this machine to coord."""
+        prefix = ["ip", "netns", "exec", host.ns]
+        if machine:
+            ident = self._identity(host)
+            prefix += ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                       'mount --bind "$1" /etc/machine-id && '
+                       'mount --bind "$2" /proc/sys/kernel/random/boot_id && '
+                       'shift 2 && exec "$@"', "sh", str(ident / "machine-id"),
+                       str(ident / "boot_id")]
+        p = subprocess.Popen([*prefix, *argv], **popen)
         self.procs.append(p)
         return p
+
+    def _identity(self, host: Host) -> Path:
+        """The directory holding ``host``'s machine id and boot id files (made once)."""
+        assert self.cluster is not None
+        d = self.cluster.base.parent / f"coordt-{self.tag}-ident-h{host.index}"
+        if not d.exists():
+            d.mkdir(mode=0o755)
+            (d / "machine-id").write_text(secrets.token_hex(16) + "\n")
+            raw = secrets.token_hex(16)
+            (d / "boot_id").write_text(f"{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-"
+                                       f"{raw[20:]}\n")
+            self._idents.append(d)
+        return d
 
     def pids(self, host: Host) -> list[int]:
         """The live processes inside ``host`` (all started here)."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from psycopg import errors as pgerrors
 
+from ...clock import boot_id
 from ...errors import LeaseLost, NotRegistered
 from ..records import LeaseRecord, LeaseTaken, Member
 from .connection import Conn, fetch, scalar
@@ -149,7 +150,8 @@ class PgLeases:
             log_event(c, "leader changed", me[0], name, term=term, previous=previous,
                       reason=reason)
             group = tree = None
-            if row is not None and row["pgid"] is not None and row["pg_start_token"] is not None:
+            if (row is not None and row["pgid"] is not None and row["pg_start_token"] is not None
+                    and self._recorded_here(c, row)):
                 group = (int(row["pgid"]), int(row["pg_start_token"]))
             if row is not None:
                 tree = _member(row["pg_holder_id"], row["pg_holder_incarnation"])
@@ -159,6 +161,17 @@ class PgLeases:
         if buried:
             self._liveness.forget(buried)
         return taken
+
+    @staticmethod
+    def _recorded_here(c: Conn, row: Row) -> bool:
+        """Whether the lease's recorded process group is of this machine and boot: a group
+        of another host's holder names nothing here (or a stranger with the same pgid), so
+        the new holder must not signal it — fencing is what refuses that holder then."""
+        if row["pg_holder_id"] is None:
+            return True  # recorded without an owner: by a process of this boot (SQLite too)
+        found = fetch(c, "SELECT boot_id FROM instances WHERE id = %s AND incarnation = %s",
+                      (row["pg_holder_id"], row["pg_holder_incarnation"]))
+        return not found or found[0]["boot_id"] == boot_id()
 
     def _held_by_another(self, c: Conn, name: str, me: Member) -> str | None:
         """The holder's id when another live instance holds ``name`` unexpired, read without
