@@ -168,12 +168,20 @@ class Listener:
         _poke(self._wake_w)
 
     def close(self) -> None:
-        """Stop the thread (it closes its connection)."""
+        """Stop the thread (it closes its connection), then close the wake-up pipe."""
         self._stop = True
         _poke(self._wake_w)
+        if self._pid != os.getpid():
+            return  # the parent's: not ours to close
         t = self._thread
-        if t is not None and t is not threading.current_thread() and self._pid == os.getpid():
+        if t is not None and t is not threading.current_thread():
             t.join(5)
+            if t.is_alive():
+                return  # still selecting on the pipe: leave it open rather than pull it away
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._wake_r = self._wake_w = -1
 
     def _start(self) -> None:
         # Called under the lock (a forked child was reset by the after-fork hook).
