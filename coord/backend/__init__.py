@@ -47,9 +47,9 @@ The plan, in steps that each keep the whole suite green:
    (done) The schema ladder (``MetaOps``, ``backend.meta``; the SQLite files in
    ``schema/sqlite/``) and read-only ad-hoc SQL (``AdhocOps``, ``backend.adhoc``); the
    remaining writes of ``coord.events``, ``coord.demo`` and ``coord.metrics`` go through
-   ``EventLog.record``, ``LeaseOps.forget`` and ``MessageOps.pending``. Outside the engine
-   folder only ``coord.db`` (the connection, pragmas and transactions) and ``coord._retry``
-   (the busy retry) still use apsw.
+   ``EventLog.record``, ``LeaseOps.forget`` and ``MessageOps.pending``. (done) The
+   connections, pragmas, transactions, busy retry and fork rule (``sqlite/connection``,
+   ``sqlite/retry``, ``sqlite/forking``): no module outside the engine folders uses apsw.
 5. The PostgreSQL engine in ``coord/backend/postgresql/``: one file per capability, its
    clock the server's ``clock_timestamp()`` compared only in SQL, liveness a session advisory
    lock plus a death certificate from the holder's host, wake-up ``LISTEN/NOTIFY`` re-checked
