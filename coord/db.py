@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import paths
-from .backend import Backend, open_backend
+from .backend import Backend, open_backend, refuse_location
 from .backend.postgresql.url import PgLocation
 from .backend.postgresql.url import parse as parse_pg_url
 from .clock import SYSTEM, Clock, boot_id
@@ -68,8 +68,7 @@ class Store:
         else:
             self.engine = "sqlite"
             resolved = paths.resolve_db_path(path)
-            # The engine refuses a database inherited open across fork (UnsafeFork) before
-            # it touches the file; resolving and checking the path only stat()s it.
+            refuse_location(self.engine, str(resolved))  # UnsafeFork, before anything touches it
             self.path = paths.prepare_db_path(resolved)
             self.address = self.address_shown = str(self.path)
         self.clock = clock

@@ -116,6 +116,7 @@ __all__ = [
     "inbox_channel",
     "open_backend",
     "queue_channel",
+    "refuse_location",
     "register_engine",
 ]
 
@@ -545,11 +546,24 @@ class Backend(Protocol):
 # -- engines by name ---------------------------------------------------------------------------
 
 _ENGINES: dict[str, Callable[[Store], Backend]] = {}
+_REFUSERS: dict[str, Callable[[str], None]] = {}
 
 
-def register_engine(name: str, factory: Callable[[Store], Backend]) -> None:
-    """Make ``factory(store)`` the engine called ``name``."""
+def register_engine(name: str, factory: Callable[[Store], Backend],
+                    refuse: Callable[[str], None] | None = None) -> None:
+    """Make ``factory(store)`` the engine called ``name``; ``refuse(location)``, if given,
+    raises when this process may not use the store at ``location`` at all (SQLite: a
+    database inherited open across fork), before anything touches it."""
     _ENGINES[name] = factory
+    if refuse is not None:
+        _REFUSERS[name] = refuse
+
+
+def refuse_location(name: str, location: str) -> None:
+    """Run the engine ``name``'s ``refuse`` on ``location`` (see ``register_engine``)."""
+    refuse = _REFUSERS.get(name)
+    if refuse is not None:
+        refuse(location)
 
 
 def open_backend(name: str, store: Store) -> Backend:

@@ -15,6 +15,7 @@ store is opened (so ``import coord`` stays cheap).
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 from .. import register_engine
@@ -30,4 +31,12 @@ def _open(store: Store) -> SqliteBackend:
     return SqliteBackend(store)
 
 
-register_engine("sqlite", _open)
+def _refuse(path: str) -> None:
+    # Only a process that has loaded the fork rule can have inherited a database open (its
+    # state is what a fork copies), so one that has not needs neither it nor apsw yet.
+    forking = sys.modules.get(f"{__name__}.forking")
+    if forking is not None:
+        forking.refuse_if_forked(path)
+
+
+register_engine("sqlite", _open, _refuse)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import apsw
 
 from ...errors import CoordError, NotADatabase, StorageError
-from .forking import close_connection, open_connection, refuse_if_forked, relock_after_fork
+from .forking import close_connection, open_connection, relock_after_fork
 from .retry import on_busy
 
 if TYPE_CHECKING:
@@ -103,7 +103,6 @@ class SqliteDb:
     between threads, each of which gets its own connection."""
 
     def __init__(self, store: Store) -> None:
-        refuse_if_forked(store.path)  # before anything touches the file
         self.path = str(store.path)
         self._store = store
         self._local = threading.local()

@@ -31,7 +31,7 @@ class SqliteBackend:
     name = "sqlite"
 
     def __init__(self, store: Store) -> None:
-        #: The connections and transactions (refuses a database inherited open across fork).
+        #: The connections and transactions.
         self.db = SqliteDb(store)
         self.clock = MonotonicClock(store)
         self.liveness = SqliteLiveness(store, self.clock)
