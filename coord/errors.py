@@ -1,7 +1,8 @@
 """coord's one error tree.
 
 Every error a caller can see is a ``CoordError``; apsw and OS errors are translated at the
-store boundary (``coord.db``) so callers never catch ``apsw.*`` themselves::
+engine's store boundary (``coord.backend.sqlite.connection``) so callers never catch
+``apsw.*`` themselves::
 
     CoordError                      exit 1 unless noted
     ├── UnsafePath(path, reason)        the database path or a file beside it is unsafe

@@ -31,7 +31,7 @@ from typing import Any
 
 PER_PROCESS = 5
 WAL_BOUND = 4 << 20  # journal_size_limit: what a restarted WAL is cut back to
-WAL_MAX = 128 << 20  # during the load: restarts keep it near coord.db.WAL_RESTART_BYTES
+WAL_MAX = 128 << 20  # during the load: restarts keep it near coord.backend.sqlite.connection.WAL_RESTART_BYTES
 QUEUE = "load/jobs"
 
 

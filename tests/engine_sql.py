@@ -35,14 +35,14 @@ class Txn:
         if self.pg:
             cur = self._conn.execute(_pg(sql), params)
             return cur.fetchall() if cur.description else []
-        from coord.db import fetch
+        from coord.backend.sqlite.connection import fetch
 
         return fetch(self._conn, sql, params)
 
     def counter(self, name: str) -> int:
         if self.pg:
             return int(self(f"SELECT nextval('{name}_seq') AS v")[0]["v"])
-        from coord.db import next_counter
+        from coord.backend.sqlite.connection import next_counter
 
         return next_counter(self._conn, name)
 

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from conftest import coord_env, reap_children, wait_until
 
-import coord._retry
+import coord.backend.sqlite.retry
 from coord.adhoc import run_readonly
 from coord.config import Config
 from coord.db import Store
@@ -137,7 +137,7 @@ def test_a_long_coord_sql_does_not_block_writers(
             return bool(done < logged)
 
         wait_until(reader_holds_a_snapshot, timeout=60, interval=0.05)
-        monkeypatch.setattr(coord._retry, "Retrying",
+        monkeypatch.setattr(coord.backend.sqlite.retry, "Retrying",
                             lambda *a, **kw: pytest.fail("a writer waited for the reader"))
         for i in range(50):
             s.write(lambda c, i=i: c.execute("INSERT INTO meta (key, value) VALUES (?, '1')",

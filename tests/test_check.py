@@ -14,6 +14,7 @@ import pytest
 from conftest import INSTANCE_WORKER, spawn_python, wait_line
 
 import coord
+import coord.backend.sqlite.connection
 import coord.check
 from coord.check import Problem, check, doctor
 from coord.db import Store
@@ -29,7 +30,7 @@ def test_fresh_database_is_healthy(store: Store) -> None:
     assert report["schema_version"] == report["supported_schema_version"]
     if store.engine == "sqlite":
         assert report["journal_mode"] == "wal"
-        assert report["application_id"] == coord.db.APPLICATION_ID
+        assert report["application_id"] == coord.backend.sqlite.connection.APPLICATION_ID
     else:  # the server's side: what bounds a dead client's session, and who sits idle
         assert report["server_version"] and report["location"] == store.address_shown
         assert {"idle_session_timeout", "tcp_user_timeout", "synchronous_commit"} \

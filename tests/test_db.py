@@ -22,11 +22,13 @@ import pytest
 from conftest import NOBODY, reap_children, wait_line, wait_until
 
 import coord
-import coord._retry
+import coord.backend.sqlite.connection
 import coord.backend.sqlite.migrations
+import coord.backend.sqlite.retry
 import coord.check
+from coord.backend.sqlite.connection import CONNECTION_PRAGMAS
 from coord.config import Config
-from coord.db import CONNECTION_PRAGMAS, Store
+from coord.db import Store
 from coord.errors import Busy, StorageError
 
 # What PRAGMA x returns for each value CONNECTION_PRAGMAS sets.
@@ -66,7 +68,7 @@ def test_new_database_is_private_and_wal(store: Store) -> None:
     assert os.stat(store.path).st_mode & 0o777 == 0o600
     assert os.stat(store.path.parent).st_mode & 0o777 == 0o700
     assert store.value("PRAGMA journal_mode") == "wal"
-    assert store.value("PRAGMA application_id") == coord.db.APPLICATION_ID
+    assert store.value("PRAGMA application_id") == coord.backend.sqlite.connection.APPLICATION_ID
 
 
 def test_one_connection_per_thread(store: Store) -> None:
@@ -207,7 +209,7 @@ def test_busy_is_a_clear_error_after_the_retry_budget(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s = Store(db_path, config=Config(busy_timeout_ms=50))
-    monkeypatch.setattr(coord._retry, "RETRY_SECONDS", 0.3)
+    monkeypatch.setattr(coord.backend.sqlite.retry, "RETRY_SECONDS", 0.3)
     with _holder(LOCK_HOLDER, db_path, "locked") as p:
         with pytest.raises(Busy) as err:
             s.write(_put("x"))
@@ -235,9 +237,9 @@ def test_busy_is_retried_until_the_lock_is_free(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s = Store(db_path, config=Config(busy_timeout_ms=50))
-    spy = _Spy(coord._retry.Retrying)
-    monkeypatch.setattr(coord._retry, "Retrying", spy)
-    monkeypatch.setattr(coord._retry, "RETRY_SECONDS", 60.0)
+    spy = _Spy(coord.backend.sqlite.retry.Retrying)
+    monkeypatch.setattr(coord.backend.sqlite.retry, "Retrying", spy)
+    monkeypatch.setattr(coord.backend.sqlite.retry, "RETRY_SECONDS", 60.0)
     result: list[Any] = []
     with _holder(LOCK_HOLDER, db_path, "locked") as p:
         t = threading.Thread(target=lambda: result.append(s.write(_put("late"))))
@@ -258,7 +260,7 @@ def test_fast_path_never_enters_the_retry_loop(
     def no_retry(*a: Any, **kw: Any) -> Any:
         raise AssertionError("retry entered without a busy error")
 
-    monkeypatch.setattr(coord._retry, "Retrying", no_retry)
+    monkeypatch.setattr(coord.backend.sqlite.retry, "Retrying", no_retry)
     for i in range(50):
         store.write(_put(f"k{i}"))
     assert store.value("SELECT count(*) FROM meta WHERE key LIKE 'k%'") == 50
@@ -269,7 +271,7 @@ def test_open_reader_does_not_block_writers(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s = Store(db_path, config=Config(busy_timeout_ms=50))
-    monkeypatch.setattr(coord._retry, "Retrying", lambda *a, **kw: pytest.fail("writer waited"))
+    monkeypatch.setattr(coord.backend.sqlite.retry, "Retrying", lambda *a, **kw: pytest.fail("writer waited"))
     with _holder(READ_HOLDER, db_path, "reading") as p:
         for i in range(100):
             s.write(_put(f"w{i}"))

@@ -24,8 +24,8 @@ import pytest
 from conftest import spawn_python, wait_line
 
 import coord
+import coord.backend.sqlite.forking
 import coord.check
-import coord.db
 from coord.db import Store
 from coord.errors import UnsafeFork
 
@@ -227,7 +227,7 @@ def test_the_parent_is_untouched_and_knows_no_poison(store: Store) -> None:
     store.write(_put("parent-1"))
     conn = store.conn()
     assert _fork_run(_refused_everywhere(store)) == 0
-    assert coord.db.poisoned() == {}
+    assert coord.backend.sqlite.forking.poisoned() == {}
     assert store.conn() is conn  # the parent keeps its connection and writes on
     store.write(_put("parent-2"))
     assert coord.check.check(store) == []
@@ -345,7 +345,7 @@ def test_ten_thousand_forks_while_another_thread_writes(
 # shutdown, atexit). Any SQLite activity in a child writes "sqlite" to stdout. With argv[2]
 # == "control" the child closes the inherited connections itself: the trace must see it.
 TRACED = """
-import gc, os, sys, time, apsw, coord, coord.db
+import gc, os, sys, time, apsw, coord, coord.backend.sqlite.forking
 store = coord.Store(sys.argv[1])
 inst = coord.register(store, "traced", app="fork")
 store.write(lambda c: c.execute("INSERT INTO meta (key, value) VALUES ('parent-1', '1')"))
@@ -356,9 +356,9 @@ def seen(event):
         os.write(1, b"sqlite %d\\n" % event["code"])
 
 mask = apsw.SQLITE_TRACE_STMT | apsw.SQLITE_TRACE_PROFILE | apsw.SQLITE_TRACE_ROW | apsw.SQLITE_TRACE_CLOSE
-while len(coord.db._OPEN) < 2:  # the main thread's and the heartbeat's (COORD_HEARTBEAT)
+while len(coord.backend.sqlite.forking._OPEN) < 2:  # the main thread's and the heartbeat's (COORD_HEARTBEAT)
     time.sleep(0.01)
-conns = list(coord.db._OPEN)
+conns = list(coord.backend.sqlite.forking._OPEN)
 for c in conns:
     while True:
         try:

@@ -20,8 +20,9 @@ from conftest import reap_children
 import coord
 import coord.backend.sqlite.migrations
 import coord.check
+from coord.backend.sqlite.connection import APPLICATION_ID
 from coord.backend.sqlite.migrations import latest_version, migrations
-from coord.db import APPLICATION_ID, Store
+from coord.db import Store
 from coord.errors import CoordError, NotADatabase, SchemaTooNew
 
 SCHEMA_DIR = Path(__file__).resolve().parent.parent / "schema" / "sqlite"

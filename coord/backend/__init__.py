@@ -47,9 +47,9 @@ The plan, in steps that each keep the whole suite green:
    (done) The schema ladder (``MetaOps``, ``backend.meta``; the SQLite files in
    ``schema/sqlite/``) and read-only ad-hoc SQL (``AdhocOps``, ``backend.adhoc``); the
    remaining writes of ``coord.events``, ``coord.demo`` and ``coord.metrics`` go through
-   ``EventLog.record``, ``LeaseOps.forget`` and ``MessageOps.pending``. Outside the engine
-   folder only ``coord.db`` (the connection, pragmas and transactions) and ``coord._retry``
-   (the busy retry) still use apsw.
+   ``EventLog.record``, ``LeaseOps.forget`` and ``MessageOps.pending``. (done) The
+   connections, pragmas, transactions, busy retry and fork rule (``sqlite/connection``,
+   ``sqlite/retry``, ``sqlite/forking``): no module outside the engine folders uses apsw.
 5. The PostgreSQL engine in ``coord/backend/postgresql/``: one file per capability, its
    clock the server's ``clock_timestamp()`` compared only in SQL, liveness a session advisory
    lock plus a death certificate from the holder's host, wake-up ``LISTEN/NOTIFY`` re-checked
@@ -116,6 +116,7 @@ __all__ = [
     "inbox_channel",
     "open_backend",
     "queue_channel",
+    "refuse_location",
     "register_engine",
 ]
 
@@ -541,15 +542,38 @@ class Backend(Protocol):
         constructed."""
         ...
 
+    def close(self) -> None:
+        """Close the connections this store opened in this process (never one inherited
+        across fork)."""
+        ...
+
+    def abandon_transaction(self) -> None:
+        """Give up this thread's open transaction, if any, without waiting for a lock (the
+        SIGTERM handler's: the process deregisters and ends next)."""
+        ...
+
 
 # -- engines by name ---------------------------------------------------------------------------
 
 _ENGINES: dict[str, Callable[[Store], Backend]] = {}
+_REFUSERS: dict[str, Callable[[str], None]] = {}
 
 
-def register_engine(name: str, factory: Callable[[Store], Backend]) -> None:
-    """Make ``factory(store)`` the engine called ``name``."""
+def register_engine(name: str, factory: Callable[[Store], Backend],
+                    refuse: Callable[[str], None] | None = None) -> None:
+    """Make ``factory(store)`` the engine called ``name``; ``refuse(location)``, if given,
+    raises when this process may not use the store at ``location`` at all (SQLite: a
+    database inherited open across fork), before anything touches it."""
     _ENGINES[name] = factory
+    if refuse is not None:
+        _REFUSERS[name] = refuse
+
+
+def refuse_location(name: str, location: str) -> None:
+    """Run the engine ``name``'s ``refuse`` on ``location`` (see ``register_engine``)."""
+    refuse = _REFUSERS.get(name)
+    if refuse is not None:
+        refuse(location)
 
 
 def open_backend(name: str, store: Store) -> Backend:

@@ -300,7 +300,7 @@ def raw_connection(path: Path | str) -> apsw.Connection:
     """A raw apsw connection with coord's own settings (WAL, synchronous=NORMAL ...)."""
     import apsw
 
-    from coord.db import CONNECTION_PRAGMAS
+    from coord.backend.sqlite.connection import CONNECTION_PRAGMAS
     conn = apsw.Connection(str(path))
     conn.set_busy_timeout(5000)
     conn.execute("PRAGMA journal_mode=WAL").fetchall()

@@ -40,7 +40,7 @@ sys.stdin.read()
 
 
 def _insert_instances(store: coord.Store, rows: list[tuple[Any, ...]]) -> None:
-    from coord.db import next_counter
+    from coord.backend.sqlite.connection import next_counter
 
     def txn(c: apsw.Connection) -> None:
         base = next_counter(c, "incarnation")

@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 
 import apsw
 
-from ...db import close_connection, open_connection, translated
 from ...errors import InvalidArgument, ReadOnlyViolation
 from .. import AdhocResult as Result
+from .connection import translated
+from .forking import close_connection, open_connection
 
 if TYPE_CHECKING:
     from ...db import Store

@@ -7,8 +7,8 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING, Any
 
-from ...db import APPLICATION_ID
 from ..records import Problem
+from .connection import APPLICATION_ID
 from .migrations import latest_version
 
 if TYPE_CHECKING:

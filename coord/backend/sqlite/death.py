@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import apsw
 
 from ...clock import boot_id
-from ...db import fetch
 from ..records import Member
+from .connection import fetch
 from .events import Event, log_event, log_events, trim_events
 from .lease_rows import forget_boot, free_held
 

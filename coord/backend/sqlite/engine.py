@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 from .adhoc import SqliteAdhoc
 from .checks import SqliteChecks
 from .clock import MonotonicClock
+from .connection import SqliteDb, translated
 from .death import SqliteDeathRule
 from .events import SqliteEvents
 from .instances import SqliteInstances
@@ -30,6 +31,8 @@ class SqliteBackend:
     name = "sqlite"
 
     def __init__(self, store: Store) -> None:
+        #: The connections and transactions.
+        self.db = SqliteDb(store)
         self.clock = MonotonicClock(store)
         self.liveness = SqliteLiveness(store, self.clock)
         self.wakeup = SqliteWakeup(store)
@@ -53,7 +56,14 @@ class SqliteBackend:
     def open(self) -> None:
         from .opening import open_store
 
-        open_store(self._store)
+        with translated(str(self._store.path)):
+            open_store(self._store)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def abandon_transaction(self) -> None:
+        self.db.abandon_transaction()
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__}>"

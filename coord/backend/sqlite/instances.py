@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import apsw
 
-from ...db import fetch, next_counter
 from ...errors import InstanceIdInUse
 from ..records import Member
+from .connection import fetch, next_counter
 from .death import bury, release_holdings_many
 from .events import log_event
 

@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING
 
 import apsw
 
-from ...db import fetch, next_counter
 from ...errors import NotRegistered, VersionConflict
 from ..records import KvRecord, Member, Problem
+from .connection import fetch, next_counter
 from .death import bury
 from .liveness import SqliteLiveness
 

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING, Any
 
 import apsw
 
-from ...db import fetch, next_counter, scalar
 from ...errors import LeaseLost, NotRegistered
 from ..records import LeaseRecord, LeaseTaken, Member
 from .clock import MonotonicClock
+from .connection import fetch, next_counter, scalar
 from .events import log_event
 from .lease_rows import end_term, expire_lapsed, free_held, free_term
 from .liveness import SqliteLiveness

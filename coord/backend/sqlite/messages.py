@@ -17,10 +17,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import apsw
 
-from ...db import fetch, translated
 from ...errors import InvalidArgument, NotFound, NotRegistered, RecipientDead
 from ..records import Member, MessageRecord, Problem
 from .clock import MonotonicClock
+from .connection import fetch, translated
 from .events import log_event
 from .wakeup import SqliteWakeup
 

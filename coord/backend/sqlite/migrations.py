@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any
 
 import apsw
 
-from ... import db
-from ..._retry import on_busy
-from ...db import APPLICATION_ID, close_connection, open_connection, scalar
 from ...errors import NotADatabase, SchemaTooNew
+from . import forking
+from .connection import APPLICATION_ID, scalar
 from .events import log_event
+from .forking import close_connection, open_connection
+from .retry import on_busy
 
 if TYPE_CHECKING:
     from ...db import Store
@@ -111,7 +112,7 @@ def _check_file(path: str) -> None:
     Skipped while this process has the file open: closing our descriptor would drop the
     POSIX locks SQLite holds on it (the next steps still identify the file through SQLite).
     """
-    with db.FILE_OPEN_LOCK:
+    with forking.FILE_OPEN_LOCK:
         try:
             st = os.stat(path)
         except FileNotFoundError:

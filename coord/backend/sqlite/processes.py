@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 import apsw
 
-from ...db import scalar
 from ..records import Member
+from .connection import scalar
 from .events import log_event
 
 if TYPE_CHECKING:

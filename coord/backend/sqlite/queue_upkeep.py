@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING, Any
 
 import apsw
 
-from ...db import scalar
 from ...errors import InvalidArgument, NotFound
+from .connection import scalar
 from .death import release_claims
 from .events import log_event
 

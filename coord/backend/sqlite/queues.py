@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import apsw
 
-from ...db import fetch, scalar
 from ...errors import (
     ClaimLost,
     InvalidArgument,
@@ -25,6 +24,7 @@ from ...errors import (
     QueueFull,
 )
 from ..queue_ops import ImportRow, NewJobRow
+from .connection import fetch, scalar
 from .death import release_claims
 from .events import log_event
 from .queue_upkeep import QueueUpkeep, queue_row

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 import apsw
 
-from .errors import Busy
+from ...errors import Busy
 
 T = TypeVar("T")
 log = logging.getLogger("coord.retry")
