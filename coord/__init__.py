@@ -1,6 +1,8 @@
-"""coord: a coordination store for the many copies of one tool on one machine.
+"""coord: a coordination store for the many copies of one tool that run side by side.
 
-All state lives in one SQLite database in WAL mode (``coord.db.Store``). Instances register
+On one machine all state lives in one SQLite database in WAL mode; across several hosts, in
+one schema of a PostgreSQL server (``coord.db.Store`` opens either; ``coord.backend`` is the
+seam between the rules and the engines). Instances register
 (``register``), track their processes, hold leases, keep queues and message each other; when
 one dies, ``coord.reaper`` applies one death rule to everything it held.
 """

@@ -65,16 +65,18 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from .lease_ops import LeaseOps  # step 3: leases
 from .lifecycle import CheckOps, DeathRule, InstanceWrites, ProcessOps, Proof, TreeOps
-from .queue_ops import JOB_FIELDS, NewJobRow, QueueOps  # step 4: queues
+from .queue_ops import JOB_FIELDS, QueueOps  # step 4: queues
 from .records import (
     KvRecord,
-    LeaseRecord,  # step 3: leases
-    LeaseTaken,  # step 3: leases
+    LeaseRecord,
+    LeaseTaken,
     Member,
     MessageRecord,
     Problem,
 )
+from .store_ops import AdhocOps, AdhocResult, MetaOps
 
 if TYPE_CHECKING:
     import socket
@@ -375,145 +377,6 @@ class MessageOps(Protocol):
 
 class InstanceOps(InstanceReads, InstanceWrites, Protocol):
     """The registry: the reads other capabilities need and its own writes."""
-
-
-# -- step 3: leases ----------------------------------------------------------------------------
-# Done: coord.leases (split into lease_rules, lease_keeper and leases), elect, wrapper,
-# runner and the tooz driver reach leases only through these operations; tree's lease reads
-# too. Freeing a lease is written once (SQLite: ``sqlite/lease_rows.py``), also for the death
-# rule (``release_dead_holders``), the reaper's expiry and the boot rebase. The fenced queue
-# put (``fenced_queue_put``) is the queue engine's put inside the term's check.
-
-
-class LeaseOps(Protocol):
-    """Leases fenced by terms. Every change of holder takes the next value of one global
-    term counter (never reused: seeded so that a wiped store does not repeat a term);
-    one history row per term held. Expiry is stamped from the engine's clock, ``ttl``
-    seconds on; every change of holder, release and expiry records its event."""
-
-    def get(self, name: str) -> LeaseRecord | None: ...
-
-    def every(self, *, held_only: bool = False) -> list[LeaseRecord]:
-        """Every lease (only those with a holder recorded), by name."""
-        ...
-
-    def recorded_groups(self, owner: Member | None = None) -> list[LeaseRecord]:
-        """Leases whose row records a process group and its tree's owner (``owner``'s)."""
-        ...
-
-    def terms_of(self, holder: Member) -> tuple[int, ...]:
-        """Every term ``holder`` held, of any lease."""
-        ...
-
-    def take(self, me: Member, name: str, ttl: float) -> LeaseTaken | str:
-        """Take ``name`` when free, expired, or its holder is judged dead (the lease is
-        freed and taken in one transaction; the dead holder is returned for the caller to
-        bury); else the current holder's id. ``NotRegistered`` when ``me`` is not alive."""
-        ...
-
-    def renew(self, name: str, term: int, holder: Member, ttl: float) -> bool:
-        """Extend while ``term`` is ``holder``'s and unexpired; False (and an expired own
-        term freed) otherwise."""
-        ...
-
-    def release(self, name: str, term: int, holder: Member | None, reason: str,
-                **detail: Any) -> bool:
-        """Free ``name`` if still held in ``term`` (by ``holder`` when given; None: by
-        whoever holds it, for an operator). ``detail`` joins the event."""
-        ...
-
-    def release_dead_holders(self, members: Sequence[Member], reason: str) -> int:
-        """The death rule's lease part: free every lease held by one of ``members``."""
-        ...
-
-    def expire(self) -> int:
-        """Free every lease whose TTL has passed; how many."""
-        ...
-
-    def lapsed(self) -> int:
-        """How many held leases are past their TTL."""
-        ...
-
-    def record_group(self, name: str, term: int, pgid: int | None, token: int | None,
-                     holder: Member | None) -> None:
-        """Record (or clear) the term's process group; ``LeaseLost`` unless current."""
-        ...
-
-    def clear_groups(self, groups: Iterable[tuple[str, int, int]]) -> None:
-        """Forget these (name, pgid, start token) groups, proven empty, unless re-recorded."""
-        ...
-
-    def forget(self, name: str) -> bool:
-        """Delete a free lease's row and its history of terms (False, nothing deleted, while
-        it is held or when there is none). The term counter never goes back, so a later
-        holder still gets a higher term."""
-        ...
-
-    def fenced(self, name: str, term: int,
-               statements: Sequence[tuple[str, tuple[Any, ...] | dict[str, Any]]]
-               ) -> list[list[Row]]:
-        """Engine-specific statements (SQLite: SQL with ``?``; PostgreSQL: SQL with ``%s``)
-        in one transaction, only while ``term`` is current, else ``LeaseLost``."""
-        ...
-
-    def fenced_kv_set(self, name: str, term: int, key: str, value: str,
-                      owner: Member | None) -> int:
-        """``KvOps.set`` only while ``term`` is current, in one transaction."""
-        ...
-
-    def fenced_kv_cas(self, name: str, term: int, key: str, value: str, version: int,
-                      owner: Member | None) -> int:
-        """``KvOps.cas`` only while ``term`` is current, in one transaction."""
-        ...
-
-    def fenced_queue_put(self, name: str, term: int, queue: str, rows: Sequence[NewJobRow]
-                         ) -> tuple[list[int], bool, str | None]:
-        """``QueueOps.put_rows`` only while ``term`` is current, in one transaction
-        (``LeaseLost`` otherwise, and nothing stored)."""
-        ...
-
-
-# -- the store itself: its schema ladder and read-only ad-hoc queries ---------------------------
-
-
-class MetaOps(Protocol):
-    """The engine's schema ladder: numbered migrations (SQLite: ``schema/sqlite/``,
-    ``PRAGMA user_version``). Numbers only grow; a store at version N applies every
-    migration above N."""
-
-    def migrate(self) -> None:
-        """Create or upgrade the store to ``latest()``. Anything that is not a store of
-        this engine this code can use is refused — ``NotADatabase``, ``SchemaTooNew`` —
-        and left untouched (nothing written to it). Many processes migrating one new store
-        at once migrate it exactly once; each migration run records a 'migrated' event
-        (from_version, to_version, pid)."""
-        ...
-
-    def version(self) -> int:
-        """The store's schema version."""
-        ...
-
-    def latest(self) -> int:
-        """The schema version this code writes."""
-        ...
-
-
-#: (column names, rows) of one statement of an ad-hoc query.
-AdhocResult = tuple[list[str], list[tuple[Any, ...]]]
-
-
-class AdhocOps(Protocol):
-    """Read-only ad-hoc queries in the engine's own dialect (``coord sql``)."""
-
-    def run(self, sql: str, params: tuple[Any, ...] = ()) -> list[AdhocResult]:
-        """Run every statement of ``sql`` and return (column names, rows) of each one that
-        has result columns, in order (columns known even without rows). The engine itself
-        guarantees that nothing run here can change the store or reach outside it — writes
-        (also inside a CTE), transactions, attaching other databases, setting options,
-        loading extensions: ``ReadOnlyViolation``, before anything runs — never string
-        matching. SQL that does not compile or bind: ``InvalidArgument``. It never blocks
-        writers."""
-        ...
 
 
 class Backend(Protocol):
