@@ -87,3 +87,22 @@ def private_cluster(prefix: str) -> Iterator[Cluster]:
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture(scope="module")
+def net(request: pytest.FixtureRequest) -> Iterator[Any]:
+    """The multi-host harness of a module of tests/multihost: one ``Net`` of ``HOSTS`` hosts
+    (a module attribute; 2 unless the module says otherwise), closed after the module; where
+    namespaces cannot be made, the reason (``missing``)."""
+    from netns import HarnessUnavailable, Net  # tests/multihost, on the path for its modules
+
+    try:
+        harness = Net(hosts=getattr(request.module, "HOSTS", 2))
+        harness.__enter__()
+    except HarnessUnavailable as e:
+        missing(str(e))
+    try:
+        yield harness
+    finally:
+        harness.close()
+

@@ -23,7 +23,6 @@ import os
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
 
 import pytest
 from hostprocs import (
@@ -38,23 +37,11 @@ from hostprocs import (
     read_pids,
     start_holder,
 )
-from netns import HarnessUnavailable, Net, mono
-from pg_fixtures import missing
+from netns import Net, mono
 
 SLOW = bool(os.environ.get("COORD_SLOW"))
 
 
-@pytest.fixture(scope="module")
-def net() -> Iterator[Net]:
-    try:
-        harness = Net(hosts=2)
-        harness.__enter__()
-    except HarnessUnavailable as e:
-        missing(str(e))
-    try:
-        yield harness
-    finally:
-        harness.close()
 
 
 _TRIALS = iter(range(10**6))

@@ -23,7 +23,6 @@ import random
 import signal
 import tempfile
 import time
-from collections.abc import Iterator
 
 import pytest
 from hostprocs import (
@@ -40,23 +39,12 @@ from hostprocs import (
     read_pids,
     start_holder,
 )
-from netns import HarnessUnavailable, Host, Net, mono
-from pg_fixtures import import_psycopg, missing
+from netns import Host, Net, mono
+from pg_fixtures import import_psycopg
 
 psycopg = import_psycopg()
 
 SLOW = bool(os.environ.get("COORD_SLOW"))
-@pytest.fixture(scope="module")
-def net() -> Iterator[Net]:
-    try:
-        harness = Net(hosts=2)
-        harness.__enter__()
-    except HarnessUnavailable as e:
-        missing(str(e))
-    try:
-        yield harness
-    finally:
-        harness.close()
 
 
 def fault(net: Net, admin: Admin, host: Host, how: str) -> None:

@@ -52,17 +52,6 @@ TIMEOUTS = {"keepalives": 1, "keepalives_idle": 1, "keepalives_interval": 1,
             "keepalives_count": 2, "tcp_user_timeout": 1500}
 
 
-@pytest.fixture(scope="module")
-def net() -> Iterator[Net]:
-    try:
-        harness = Net(hosts=2)
-        harness.__enter__()
-    except HarnessUnavailable as e:
-        missing(str(e))
-    try:
-        yield harness
-    finally:
-        harness.close()
 
 
 @pytest.fixture

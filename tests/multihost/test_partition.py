@@ -20,12 +20,11 @@ import selectors
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from netns import HarnessUnavailable, Host, Net, mono
-from pg_fixtures import import_psycopg, missing
+from netns import Host, Net, mono
+from pg_fixtures import import_psycopg
 
 psycopg = import_psycopg()
 
@@ -107,17 +106,6 @@ sys.stdin.readline()
 """
 
 
-@pytest.fixture(scope="module")
-def net() -> Iterator[Net]:
-    try:
-        harness = Net(hosts=2)
-        harness.__enter__()
-    except HarnessUnavailable as e:
-        missing(str(e))
-    try:
-        yield harness
-    finally:
-        harness.close()
 
 
 class Proc:

@@ -12,13 +12,11 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
 
 import engine_sql as sql
-import pytest
 from conftest import wait_line
-from netns import HarnessUnavailable, Net, mono
-from pg_fixtures import import_psycopg, missing
+from netns import Net, mono
+from pg_fixtures import import_psycopg
 
 import coord
 
@@ -34,17 +32,7 @@ time.sleep(300)
 """
 
 
-@pytest.fixture(scope="module")
-def net() -> Iterator[Net]:
-    try:
-        harness = Net(hosts=1)
-        harness.__enter__()
-    except HarnessUnavailable as e:
-        missing(str(e))
-    try:
-        yield harness
-    finally:
-        harness.close()
+HOSTS = 1  # the ``net`` fixture's (tests/pg_fixtures.py)
 
 
 def liveness_backend(store: coord.Store) -> int | None:

@@ -15,13 +15,11 @@ import os
 import random
 import tempfile
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from hostprocs import Admin, Proc, env
-from netns import HarnessUnavailable, Host, Net, mono
-from pg_fixtures import missing
+from netns import Host, Net, mono
 
 from coord import queues
 
@@ -69,17 +67,7 @@ while True:
 """.replace("%(lease)s", str(CLAIM_LEASE))
 
 
-@pytest.fixture(scope="module")
-def net() -> Iterator[Net]:
-    try:
-        harness = Net(hosts=3)
-        harness.__enter__()
-    except HarnessUnavailable as e:
-        missing(str(e))
-    try:
-        yield harness
-    finally:
-        harness.close()
+HOSTS = 3  # the ``net`` fixture's (tests/pg_fixtures.py)
 
 
 def chaos(net: Net, workers: list[Proc], seconds: float, rng: random.Random) -> list[str]:
