@@ -36,9 +36,15 @@ def fresh_schema(url: str) -> Iterator[str]:
     """A URL of ``url``'s server naming a schema nobody uses; the schema is dropped after."""
     import psycopg
 
+    from coord.backend.postgresql.connection import close_schema
+
     schema = f"t_{uuid.uuid4().hex[:16]}"
     try:
         yield with_schema(url, schema)
     finally:
+        # A store the test dropped without closing keeps its connections (the server's
+        # connection slots are shared by the whole run): they go with the schema.
+        close_schema(schema)
         with psycopg.connect(url, autocommit=True) as c:
+            c.execute("SET lock_timeout = '20s'")
             c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

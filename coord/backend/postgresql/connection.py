@@ -58,6 +58,10 @@ RETRIES = 50
 
 # Every connection opened in this process and not closed: (pid, connection).
 _OPEN: list[tuple[int, Conn]] = []
+# The deployment schema of each open connection (by id), for ``close_schema``, and the
+# schemas closed by it in this process (nothing connects to them again).
+_SCHEMA_OF: dict[int, str] = {}
+_CLOSED_SCHEMAS: set[str] = set()
 _OPEN_LOCK = threading.Lock()
 # Connections inherited across fork: never used, never closed (see the module docstring).
 _ABANDONED: list[Conn] = []
@@ -68,6 +72,7 @@ def _after_fork_in_child() -> None:
     _OPEN_LOCK = threading.Lock()
     _ABANDONED.extend(c for _, c in _OPEN)
     _OPEN.clear()
+    _SCHEMA_OF.clear()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
@@ -146,6 +151,8 @@ class PgDb:
         # Set by a statement, not the startup packet's ``options``: PgBouncer refuses
         # connections that send ``options`` ("unsupported startup parameter"), and a
         # session-mode pool in front of the server is a supported deployment.
+        if self.location.schema in _CLOSED_SCHEMAS:
+            raise StorageError(self.where, "its schema was closed here (about to be dropped)")
         gucs = {"search_path": self.location.schema, **SERVER_TIMEOUTS, **settings}
         with translated(self.where):
             given = conninfo_to_dict(self.location.dsn)
@@ -163,6 +170,7 @@ class PgDb:
                 raise
         with _OPEN_LOCK:
             _OPEN.append((os.getpid(), conn))
+            _SCHEMA_OF[id(conn)] = self.location.schema
             self._mine.append(conn)
         return conn
 
@@ -185,6 +193,7 @@ class PgDb:
         """Close a connection of this process (a lost one, or at close)."""
         with _OPEN_LOCK:
             _OPEN[:] = [(p, x) for p, x in _OPEN if x is not c]
+            _SCHEMA_OF.pop(id(c), None)
             self._mine[:] = [x for x in self._mine if x is not c]
         try:
             c.close()
@@ -275,3 +284,23 @@ def scalar(c: Conn, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> 
     """The first column of the first row, or None."""
     found = c.execute(sql, params).fetchall()  # type: ignore[arg-type]
     return next(iter(found[0].values())) if found else None
+
+
+def close_schema(schema: str) -> int:
+    """Close every connection this process opened to the deployment ``schema`` and has not
+    closed (a store dropped without ``close``); how many. For a schema about to be dropped:
+    what still uses it would fail at its next statement anyway."""
+    pid = os.getpid()
+    with _OPEN_LOCK:
+        _CLOSED_SCHEMAS.add(schema)
+        doomed = [c for p, c in _OPEN if p == pid and _SCHEMA_OF.get(id(c)) == schema]
+        _OPEN[:] = [(p, c) for p, c in _OPEN if not any(c is d for d in doomed)]
+        for c in doomed:
+            _SCHEMA_OF.pop(id(c), None)
+    for c in doomed:
+        try:
+            c.close()
+        except psycopg.Error:
+            pass
+    return len(doomed)
+
