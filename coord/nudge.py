@@ -13,6 +13,7 @@ import atexit
 import os
 import select
 import socket
+import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, TypeVar
 
@@ -106,6 +107,21 @@ def pidfd(pid: int) -> int | None:
         return None
 
 
+
+def readable(fds: list[int], timeout: float | None) -> list[int]:
+    """The descriptors of ``fds`` that are readable (or hung up) within ``timeout`` seconds
+    (None: no limit). poll, not select: a process with more than 1 024 descriptors open
+    (a server with many connections) must still wait."""
+    if not fds:
+        if timeout is not None and timeout > 0:
+            time.sleep(timeout)
+        return []
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
+    return [fd for fd, _ in poller.poll(ms)]
+
 def wait_for(
     store: Store,
     check: Callable[[], T | None],
@@ -143,11 +159,7 @@ def wait_for(
                     return None
                 slice_ = interval if deadline is None else min(interval, deadline - now)
                 watched = list(fds.values()) + ([sock.fileno()] if sock is not None else [])
-                if watched:
-                    ready, _, _ = select.select(watched, [], [], slice_)
-                else:
-                    ready = []
-                    select.select([], [], [], slice_)
+                ready = readable(watched, slice_)
                 if sock is not None and sock.fileno() in ready:
                     drain(sock)
                     break

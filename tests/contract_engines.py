@@ -36,7 +36,7 @@ def fresh_schema(url: str) -> Iterator[str]:
     """A URL of ``url``'s server naming a schema nobody uses; the schema is dropped after."""
     import psycopg
 
-    from coord.backend.postgresql.connection import close_schema
+    from coord.backend.postgresql import connection, listen
 
     schema = f"t_{uuid.uuid4().hex[:16]}"
     try:
@@ -44,7 +44,8 @@ def fresh_schema(url: str) -> Iterator[str]:
     finally:
         # A store the test dropped without closing keeps its connections (the server's
         # connection slots are shared by the whole run): they go with the schema.
-        close_schema(schema)
+        listen.close_schema(schema)
+        connection.close_schema(schema)
         with psycopg.connect(url, autocommit=True) as c:
             c.execute("SET lock_timeout = '20s'")
             c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

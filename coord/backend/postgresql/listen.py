@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import select
 import threading
 import time
 import weakref
@@ -33,6 +32,7 @@ import psycopg
 from psycopg import sql
 
 from ...errors import CoordError
+from ...nudge import readable
 from .queue_rows import channel as queue_channel
 
 if TYPE_CHECKING:
@@ -223,7 +223,7 @@ class Listener:
 
     def _sleep(self, seconds: float) -> bool:
         """Wait ``seconds`` or until woken; True when asked to stop."""
-        select.select([self._wake_r], [], [], seconds)
+        readable([self._wake_r], seconds)
         drain(self._wake_r)
         return self._stop
 
@@ -246,7 +246,7 @@ class Listener:
             self._sync(conn, everyone=fresh)
             fresh = False
             self._deliver(conn)
-            ready = select.select([conn.fileno(), self._wake_r], [], [], PING_INTERVAL)[0]
+            ready = readable([conn.fileno(), self._wake_r], PING_INTERVAL)
             if self._wake_r in ready:
                 drain(self._wake_r)
             if not ready:
@@ -284,3 +284,11 @@ class Listener:
             with self._lock:
                 for it in self._interests.get(note.channel, ()):
                     it.poke()
+
+
+def close_schema(schema: str) -> None:
+    """Stop this process's listeners of the deployment ``schema`` (of stores dropped without
+    ``close``), for a schema about to be dropped."""
+    for listener in list(_LISTENERS):
+        if listener._db.location.schema == schema:
+            listener.close()

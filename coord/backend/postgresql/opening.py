@@ -7,7 +7,6 @@ from __future__ import annotations
 import functools
 import os
 import re
-import select
 import time
 from importlib import resources
 from typing import TYPE_CHECKING
@@ -16,6 +15,7 @@ import psycopg
 from psycopg import pq, sql
 
 from ...errors import SchemaTooNew, StorageError
+from ...nudge import readable
 from .adhoc import ensure_reader
 from .connection import Conn, scalar, translated
 
@@ -99,7 +99,7 @@ def _answer(c: Conn, timeout: float) -> tuple[str, str | None] | None:
         left = deadline - time.monotonic()
         if left <= 0:
             return None
-        select.select([pg.socket], [], [], left)
+        readable([pg.socket], left)
     answer: tuple[str, str | None] | None = None
     while (res := pg.get_result()) is not None:
         if res.status == pq.ExecStatus.TUPLES_OK and res.ntuples == 1:

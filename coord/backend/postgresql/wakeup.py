@@ -29,7 +29,6 @@ Channels (the API for capabilities; queues use it as messages do):
 from __future__ import annotations
 
 import os
-import select
 import socket
 import time
 from collections.abc import Callable, Iterable
@@ -101,7 +100,7 @@ class PgWakeup:
                     watched.append(sock.fileno())
                 if interest is not None:
                     watched.append(interest.fd)
-                ready = select.select(watched, [], [], slice_)[0]
+                ready = nudge.readable(watched, slice_)
                 hinted = False
                 if sock is not None and sock.fileno() in ready:
                     nudge.drain(sock)

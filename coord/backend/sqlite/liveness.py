@@ -10,7 +10,6 @@ process, so its exit is heard at once.
 from __future__ import annotations
 
 import os
-import select
 import threading
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, TypeGuard
@@ -226,7 +225,7 @@ class PidWatch:
         return [self._pid] if self._fd is not None else []
 
     def exited(self) -> bool:
-        return self._fd is not None and bool(select.select([self._fd], [], [], 0)[0])
+        return self._fd is not None and bool(nudge.readable([self._fd], 0))
 
     def pinned_alive(self) -> bool:
         # Our pidfd pins the process, so a matching start token read after opening it proves
