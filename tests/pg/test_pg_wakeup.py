@@ -24,7 +24,7 @@ from pg_fixtures import import_psycopg
 import coord
 from coord import messages
 from coord.backend import inbox_channel, queue_channel
-from coord.backend.postgresql import wakeup
+from coord.backend.postgresql import queue_rows, wakeup
 from coord.backend.postgresql.listen import channel_name
 
 psycopg = import_psycopg()
@@ -179,8 +179,11 @@ def test_a_queue_channel_wakes_its_waiter(pg_store: coord.Store, stretched: None
 
 
 def test_channel_names_fit_the_server_and_stay_apart() -> None:
-    short = channel_name("coord", queue_channel("q"))
-    assert short == "coord.coord.queue:q"
+    short = channel_name("coord", inbox_channel("a"))
+    assert short == "coord.coord.inbox:a"
+    # A queue's channel is the one its NOTIFYs name in SQL (coord.backend.postgresql.queue_rows).
+    assert channel_name("coord", queue_channel("q")) == queue_rows.channel("coord", "q")
+    assert channel_name("one", queue_channel("q")) != channel_name("two", queue_channel("q"))
     long_a = channel_name("s" * 63, inbox_channel("x" * 200))
     long_b = channel_name("s" * 63, inbox_channel("x" * 199 + "y"))
     assert len(long_a.encode()) <= 63 and len(long_b.encode()) <= 63 and long_a != long_b
