@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from conftest import wait_until
 from contract_engines import fresh_schema
 from engine_sql import write_many as sql_write
 from pg_fixtures import import_psycopg
@@ -123,7 +124,10 @@ def test_killing_the_listen_connection_loses_no_wake_up(pg_store: coord.Store, p
             m, at = w.result()
             assert m is not None and m.id == mid, round_
             assert at - t0 < SOON, round_
-            assert listener.connects > before and listener.backend_pid != victim
+            # The waiter may have been woken by the dropped connection itself, before the
+            # listener made its new one: the reconnect follows.
+            wait_until(lambda before=before, victim=victim: listener.connects > before
+                       and listener.backend_pid != victim, timeout=10)
 
 
 def test_a_commit_that_notifies_nobody_is_seen_within_the_polling_bound(
