@@ -61,6 +61,11 @@ def db_path(tmp_path: Path, engine: str, request: pytest.FixtureRequest) -> Iter
     suite on PostgreSQL — a URL naming a fresh schema of the server under test (dropped
     after the test). Either works as ``coord.Store(db_path)`` and as ``COORD_DB``."""
     if engine == "postgresql":
+        # The store's host-local files (locks, sockets, logs) go beside a name in the
+        # runtime directory: a private one per test, never the machine's default.
+        run = tmp_path / "xdg"
+        run.mkdir(mode=0o700)
+        request.getfixturevalue("monkeypatch").setenv("XDG_RUNTIME_DIR", str(run))
         url = request.getfixturevalue("pg_url")
         with fresh_schema(url) as schema_url:
             yield schema_url
