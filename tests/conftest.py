@@ -36,6 +36,10 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
     # Never let a developer's own instance or database leak into a test.
     monkeypatch.delenv("COORD_INSTANCE_ID", raising=False)
     monkeypatch.delenv("COORD_DB", raising=False)
+    # pytest-xdist's workers claim an 80x24 terminal that is not there; the CLI's tables
+    # must see what a pipe gives them, as in a serial run.
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.delenv("LINES", raising=False)
 
 
 #: The engines the contract suite runs on (tests/contract_engines.py).

@@ -323,7 +323,7 @@ def _fork_storm(store: Store, forks: int) -> None:
 
 def test_fork_while_another_thread_writes(busy_writer: tuple[Store, list[int]]) -> None:
     store, commits = busy_writer
-    _fork_storm(store, 2000)
+    _fork_storm(store, 500)
     assert commits[0] > 0
 
 

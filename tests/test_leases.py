@@ -584,5 +584,7 @@ def test_a_lease_steps_down_when_its_instance_stops_heartbeating(
     wait_until(lambda: not lease.held, timeout=5)
     span = fast_store.config.renew_deadline_for(a.ttl)
     assert time.monotonic() - t0 <= span + 0.5
+    # `held` is False from the deadline on; the keeper thread records why just after.
+    assert lease.lost.wait(timeout=5)
     assert lease.lost_reason == "renew deadline passed"
     wait_until(lambda: get_lease(fast_store, "hb/first").holder is None, timeout=5)

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
@@ -193,7 +194,13 @@ def test_doctor_expects_the_orphans_of_keep_children(cli: Cli, db_path: Path,
     r = cli("run", "--keep-children", "--app", "keep", "--", "sh", "-c",
             "sleep 60 >/dev/null 2>&1 & echo started")
     assert r.returncode == 0 and "started" in r.stdout
-    left = json.loads(cli("orphans", "--json").stdout)
+    # The script's child may still be a forked `sh` that has not yet become `sleep`.
+    deadline = time.monotonic() + 10
+    while True:
+        left = json.loads(cli("orphans", "--json").stdout)
+        if [o["name"] for o in left] == ["sleep"] or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert [o["name"] for o in left] == ["sleep"]
     assert cli("doctor").returncode == 0
     owner = store.backend.instances.by_id(left[0]["instance_id"])

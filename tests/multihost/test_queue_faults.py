@@ -6,7 +6,7 @@ acking claim's token, and no worker saw a successful ack with any other token: n
 stale claim).
 
 Each worker prints every claim and every ack that returned (CLOCK_MONOTONIC): the audit
-compares these with the jobs on the server. CI runs 40 s of faults; COORD_SLOW=1 runs 4
+compares these with the jobs on the server. CI runs 25 s of faults; COORD_SLOW=1 runs 4
 minutes."""
 
 from __future__ import annotations
@@ -169,8 +169,8 @@ def trial(net: Net, seconds: float, jobs: int, seed: int) -> dict[str, Any]:
 
 @pytest.mark.timeout(600)
 def test_workers_across_hosts_ack_every_job_once_under_faults(net: Net) -> None:
-    out = trial(net, 40, 250, random.randrange(10**6))
-    assert out["faults"] >= 5
+    out = trial(net, 25, 150, random.randrange(10**6))
+    assert out["faults"] >= 3
 
 
 @pytest.mark.slow
