@@ -59,6 +59,15 @@ def channel_name(schema: str, channel: str) -> str:
     return "coord#" + hashlib.sha256(name.encode()).hexdigest()[:40]
 
 
+_INBOX_NAME = "('coord.' || current_schema() || '.inbox:' || {id})"
+#: ``channel_name`` of the inbox of the instance whose id is the SQL expression ``{id}``,
+#: computed by the server (in the deployment's search_path), for statements that learn the
+#: recipient as they run.
+INBOX_CHANNEL_SQL = (
+    f"CASE WHEN octet_length({_INBOX_NAME}) <= {_NAME_MAX} THEN {_INBOX_NAME} ELSE 'coord#' || "
+    f"left(encode(sha256(convert_to({_INBOX_NAME}, 'UTF8')), 'hex'), 40) END")
+
+
 # Every listener of this process, for the after-fork hook.
 _LISTENERS: weakref.WeakSet[Listener] = weakref.WeakSet()
 
@@ -147,8 +156,13 @@ class Listener:
         with self._lock:
             for n in names:
                 self._interests.setdefault(n, set()).add(it)
+            # Already LISTENed on the live connection: every notification from now on
+            # reaches it, and the waiter checks after registering, so nothing committed
+            # before needs a poke (which would cost it one more look).
+            it.listening = self.backend_pid is not None and names <= self._listening
             self._start()
-        _poke(self._wake_w)
+        if not it.listening:
+            _poke(self._wake_w)
         return it
 
     def listening(self, channel: str) -> bool:
@@ -165,7 +179,8 @@ class Listener:
                     left.discard(it)
                     if not left:
                         del self._interests[n]
-        _poke(self._wake_w)
+        # No need to wake the thread: a channel nobody waits on lingers anyway, and is
+        # dropped at the thread's next pass (a notification, a new channel or a ping).
 
     def close(self) -> None:
         """Stop the thread (it closes its connection), then close the wake-up pipe."""
@@ -278,6 +293,12 @@ class Listener:
                         it.listening = it.names <= self._listening
                         # What committed before the LISTEN sent no hint we heard: look.
                         it.poke()
+                    elif it.listening and not it.names <= self._listening:
+                        # It came while its channel was being dropped: poll, and be
+                        # LISTENed again at the next pass.
+                        it.listening = False
+                        it.poke()
+                        _poke(self._wake_w)
 
     def _deliver(self, conn: Conn) -> None:
         for note in conn.notifies(timeout=0):
