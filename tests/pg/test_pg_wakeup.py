@@ -303,3 +303,26 @@ def test_a_waiter_on_a_listened_channel_is_not_poked_for_nothing(pg_store: coord
             second.close()
     finally:
         first.close()
+
+
+def test_a_channel_waited_on_again_and_again_stays_listened(
+    pg_store: coord.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A waiter that finds its channel LISTENed does not wake the thread; the channel's
+    # linger still counts from its last waiter, however the thread's passes fall.
+    from coord.backend.postgresql import listen
+
+    monkeypatch.setattr(listen, "LINGER", 1.0)
+    engine_wakeup = pg_store.backend.wakeup
+    listener = engine_wakeup.listener  # type: ignore[attr-defined]
+    db = pg_store.backend.db  # type: ignore[attr-defined]
+    busy = queue_channel("busy")
+    engine_wakeup.wait_for(lambda: None, 0.2, channels=[busy])
+    wait_listening(pg_store, busy)
+    end = time.monotonic() + 3 * listen.LINGER
+    while time.monotonic() < end:
+        engine_wakeup.wait_for(lambda: None, 0.05, channels=[busy])
+        # A hint between two waits: the thread passes while nobody waits.
+        db.write(lambda c: engine_wakeup.notify(c, [busy]))  # type: ignore[attr-defined]
+        time.sleep(0.02)
+        assert listener.listening(busy)

@@ -125,7 +125,9 @@ class Listener:
         self._lock = threading.Lock()
         self._interests: dict[str, set[Interest]] = {}  # server channel -> waiters
         self._listening: set[str] = set()  # channels LISTENed on the current connection
-        self._unwanted_since: dict[str, float] = {}  # LISTENed, nobody waiting: since when
+        # When each channel last had a waiter leave (kept by the waiters, under the lock: a
+        # waiter that finds its channel LISTENed does not wake the thread).
+        self._left_at: dict[str, float] = {}
         self._wake_r, self._wake_w = _pipe()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
@@ -141,7 +143,7 @@ class Listener:
         self._lock = threading.Lock()
         self._interests = {}
         self._listening = set()
-        self._unwanted_since = {}
+        self._left_at = {}
         self._thread = None
         self._pid = os.getpid()
         self.backend_pid = None
@@ -179,6 +181,7 @@ class Listener:
                     left.discard(it)
                     if not left:
                         del self._interests[n]
+                        self._left_at[n] = time.monotonic()
         # No need to wake the thread: a channel nobody waits on lingers anyway, and is
         # dropped at the thread's next pass (a notification, a new channel or a ping).
 
@@ -245,7 +248,6 @@ class Listener:
     def _lost(self, conn: Conn) -> None:
         with self._lock:
             self._listening = set()
-            self._unwanted_since = {}
             for its in self._interests.values():
                 for it in its:
                     it.listening = False
@@ -271,22 +273,22 @@ class Listener:
     def _sync(self, conn: Conn, *, everyone: bool) -> None:
         with self._lock:
             wanted = set(self._interests)
+            left_at = dict(self._left_at)
         new = wanted - self._listening
         for n in sorted(new):
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(n)))
         # A channel nobody waits on stays LISTENed a while: a waiter looping on it (a
         # requester, a worker) would otherwise cost a LISTEN and an UNLISTEN per wait.
         now = time.monotonic()
-        for n in wanted:
-            self._unwanted_since.pop(n, None)
         dropped = set()
         for n in sorted(self._listening - wanted):
-            if now - self._unwanted_since.setdefault(n, now) >= LINGER:
+            if now - left_at.get(n, now) >= LINGER:
                 conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(n)))
-                del self._unwanted_since[n]
                 dropped.add(n)
         with self._lock:
             self._listening = (self._listening | wanted) - dropped
+            for n in dropped:
+                self._left_at.pop(n, None)
             for its in self._interests.values():
                 for it in its:
                     if everyone or (not it.listening and it.names <= self._listening):
