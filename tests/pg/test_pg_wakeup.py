@@ -326,3 +326,29 @@ def test_a_channel_waited_on_again_and_again_stays_listened(
         db.write(lambda c: engine_wakeup.notify(c, [busy]))  # type: ignore[attr-defined]
         time.sleep(0.02)
         assert listener.listening(busy)
+
+
+def test_a_reply_committed_before_the_requesters_first_look_is_found(
+        pg_store: coord.Store) -> None:
+    # The requester's inbox is listened on from before its request is sent: a reply that
+    # comes before its first look has poked that interest, so the look reads it.
+    a = coord.register(pg_store, "a", app="t")
+    b = coord.register(pg_store, "b", app="t")
+    ops = pg_store.backend.messages
+    me = ("a", a.incarnation)
+    messages.Mailbox(pg_store, "a", a.incarnation, "t").receive(0.05)  # LISTEN on a's inbox
+    wait_listening(pg_store, inbox_channel("a"))
+    mid = str(uuid.uuid4())
+    ops.request(me, mid, "b", "", '"ping"', 30.0)
+    req = messages.receive(b, SOON)
+    assert req is not None and req.id == mid and req.reply("pong")
+    time.sleep(0.3)  # the LISTEN thread has passed the reply's hint on
+    got, _ = ops.replies(me, [mid], [], defer=False)
+    assert [r.payload for r in got] == ['"pong"']
+    # With no reply yet, the first look finds none (and a later one the reply).
+    mid = str(uuid.uuid4())
+    ops.request(me, mid, "b", "", '"ping"', 30.0)
+    assert ops.replies(me, [mid], [], defer=False) == ([], set())
+    req = messages.receive(b, SOON)
+    assert req is not None and req.reply("pong")
+    assert [r.payload for r in ops.replies(me, [mid], [], defer=False)[0]] == ['"pong"']

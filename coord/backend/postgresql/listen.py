@@ -111,6 +111,11 @@ class Interest:
     def poke(self) -> None:
         _poke(self._w)
 
+    def quiet(self) -> bool:
+        """Nothing was announced on its channels since it was taken, as far as the live
+        connection can tell (they were LISTENed all along and it was never poked)."""
+        return self.listening and not readable([self.fd], 0)
+
     def close(self) -> None:
         self._listener.forget(self)
         os.close(self.fd)
@@ -166,6 +171,16 @@ class Listener:
         if not it.listening:
             _poke(self._wake_w)
         return it
+
+    def arm(self, channel: str) -> Interest | None:
+        """An interest in ``channel`` taken before a write whose answer will be announced
+        there (``Interest.quiet`` then tells that none came yet), or None when the channel is
+        not LISTENed on the live connection now. Close it when done."""
+        it = self.interest([channel])
+        if it.listening:
+            return it
+        it.close()
+        return None
 
     def listening(self, channel: str) -> bool:
         """Whether a coord channel is LISTENed on the live connection now."""

@@ -38,9 +38,13 @@ from .listen import channel_name
 
 if TYPE_CHECKING:
     from .connection import PgDb, Row
+    from .listen import Interest
     from .wakeup import PgWakeup
 
 T = TypeVar("T")
+
+#: Most requests of this store whose first look for a reply is still to come.
+ARMED_MAX = 256
 
 def _record(row: Row) -> MessageRecord:
     return MessageRecord(
@@ -74,7 +78,10 @@ class PgMessages:
         self._boot = boot_id()
         # (id, incarnation) -> ids of replies it took and has not deleted yet.
         self._spent: dict[Member, set[str]] = {}
-        self._spent_lock = threading.Lock()
+        self._spent_lock = threading.Lock()  # also for _armed
+        # Request id -> the requester's interest in its inbox, taken before the request was
+        # sent, until the first look for its reply (``replies``).
+        self._armed: dict[str, Interest] = {}
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -186,8 +193,29 @@ class PgMessages:
 
     def request(self, me: Member, id: str, to: str, topic: str, payload: str,
                 ttl: float) -> Row:
-        return self._send_one(me, id=id, kind="request", to=to, topic=topic,
-                              payload=payload, ttl=ttl)
+        # Listening for the reply from before the request exists lets the first look for it
+        # (made at once by the waiting requester) read nothing when no hint came since.
+        armed = self._wakeup.listener.arm(inbox_channel(me[0]))
+        try:
+            row = self._send_one(me, id=id, kind="request", to=to, topic=topic,
+                                 payload=payload, ttl=ttl)
+        except BaseException:
+            if armed is not None:
+                armed.close()
+            raise
+        if armed is not None:
+            with self._spent_lock:
+                self._armed[id] = armed
+                # Those whose first look never came (their caller failed in between).
+                stale = list(self._armed)[:-ARMED_MAX] if len(self._armed) > ARMED_MAX else []
+                dropped = [self._armed.pop(k) for k in stale]
+            for it in dropped:
+                it.close()
+        return row
+
+    def _disarm(self, request_ids: Iterable[str]) -> list[Interest]:
+        with self._spent_lock:
+            return [it for k in request_ids if (it := self._armed.pop(k, None)) is not None]
 
     def ask(self, me: Member, asked: dict[str, str], topic: str, payload: str,
             ttl: float) -> None:
@@ -257,6 +285,14 @@ class PgMessages:
     def replies(
         self, me: Member, request_ids: list[str], peers: list[Member], *, defer: bool
     ) -> tuple[list[MessageRecord], set[str] | None]:
+        armed = self._disarm(request_ids)
+        quiet = len(armed) == len(request_ids) and all(a.quiet() for a in armed)
+        for a in armed:
+            a.close()
+        if quiet and not peers:
+            # The inbox was LISTENed from before the requests were sent and no hint came
+            # since: no reply was committed (its hint would have reached those interests).
+            return [], set()
         rows = self._db.rows(
             "SELECT * FROM messages WHERE recipient_id = %s AND kind = 'reply' "
             "AND correlation_id = ANY(%s)", (me[0], request_ids))
@@ -277,6 +313,9 @@ class PgMessages:
         return [_record(r) for r in rows], None
 
     def give_up(self, me: Member, request_ids: list[str]) -> list[MessageRecord]:
+        for armed in self._disarm(request_ids):
+            armed.close()
+
         def txn(c: Conn) -> list[Row]:
             c.execute("DELETE FROM messages WHERE kind = 'request' AND sender_id = %s "
                       "AND sender_incarnation = %s AND id = ANY(%s)", (*me, request_ids))
