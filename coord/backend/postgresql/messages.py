@@ -46,6 +46,7 @@ T = TypeVar("T")
 #: Most requests of this store whose first look for a reply is still to come.
 ARMED_MAX = 256
 
+
 def _record(row: Row) -> MessageRecord:
     return MessageRecord(
         id=row["id"], kind=row["kind"], sender_id=row["sender_id"],
