@@ -254,3 +254,101 @@ def test_a_channel_stays_listened_a_while_after_its_last_waiter(
     while listener.listening(queue_channel("brief")):
         assert time.monotonic() < deadline, "never UNLISTENed"
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("id", ["a", "x" * 200, "é" * 30])
+def test_the_servers_inbox_channel_is_the_one_waiters_listen_on(pg_store: coord.Store,
+                                                                 id: str) -> None:
+    # A reply learns its requester (so the channel to NOTIFY) inside its statement.
+    from coord.backend.postgresql.listen import INBOX_CHANNEL_SQL
+
+    db = pg_store.backend.wakeup._db  # type: ignore[attr-defined]
+    on_server = db.value("SELECT " + INBOX_CHANNEL_SQL.format(id="%(id)s::text"), {"id": id})
+    assert on_server == channel_name(db.location.schema, inbox_channel(id))
+
+
+def test_notify_wakes_a_requester_that_has_no_socket(pg_store: coord.Store,
+                                                     stretched: None) -> None:
+    a = coord.register(pg_store, "a", app="t")
+    b = coord.register(pg_store, "b", app="t")
+    box = messages.Mailbox(pg_store, "a", a.incarnation, "t")  # no nudge socket
+    got: list[Any] = []
+    asking = threading.Thread(target=lambda: got.append(box.request("b", "ping", timeout=60)),
+                              daemon=True)
+    asking.start()
+    req = messages.receive(b, SOON)
+    assert req is not None and req.kind == "request"
+    wait_listening(pg_store, inbox_channel("a"))
+    time.sleep(0.3)  # its look after the LISTEN is done: now only a hint wakes it
+    t0 = time.monotonic()
+    assert req.reply("pong")
+    asking.join(SOON)
+    assert not asking.is_alive() and got[0].payload == "pong"
+    assert time.monotonic() - t0 < SOON
+
+
+def test_a_waiter_on_a_listened_channel_is_not_poked_for_nothing(pg_store: coord.Store) -> None:
+    # The waiter looks after registering: a poke for what committed before would only
+    # cost it one more look.
+    listener = pg_store.backend.wakeup.listener  # type: ignore[attr-defined]
+    first = listener.interest([queue_channel("calm")])
+    try:
+        wait_listening(pg_store, queue_channel("calm"))
+        time.sleep(0.2)
+        second = listener.interest([queue_channel("calm")])
+        try:
+            assert second.listening
+            assert not wakeup.nudge.readable([second.fd], 0.5)
+        finally:
+            second.close()
+    finally:
+        first.close()
+
+
+def test_a_channel_waited_on_again_and_again_stays_listened(
+    pg_store: coord.Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A waiter that finds its channel LISTENed does not wake the thread; the channel's
+    # linger still counts from its last waiter, however the thread's passes fall.
+    from coord.backend.postgresql import listen
+
+    monkeypatch.setattr(listen, "LINGER", 1.0)
+    engine_wakeup = pg_store.backend.wakeup
+    listener = engine_wakeup.listener  # type: ignore[attr-defined]
+    db = pg_store.backend.db  # type: ignore[attr-defined]
+    busy = queue_channel("busy")
+    engine_wakeup.wait_for(lambda: None, 0.2, channels=[busy])
+    wait_listening(pg_store, busy)
+    end = time.monotonic() + 3 * listen.LINGER
+    while time.monotonic() < end:
+        engine_wakeup.wait_for(lambda: None, 0.05, channels=[busy])
+        # A hint between two waits: the thread passes while nobody waits.
+        db.write(lambda c: engine_wakeup.notify(c, [busy]))  # type: ignore[attr-defined]
+        time.sleep(0.02)
+        assert listener.listening(busy)
+
+
+def test_a_reply_committed_before_the_requesters_first_look_is_found(
+        pg_store: coord.Store) -> None:
+    # The requester's inbox is listened on from before its request is sent: a reply that
+    # comes before its first look has poked that interest, so the look reads it.
+    a = coord.register(pg_store, "a", app="t")
+    b = coord.register(pg_store, "b", app="t")
+    ops = pg_store.backend.messages
+    me = ("a", a.incarnation)
+    messages.Mailbox(pg_store, "a", a.incarnation, "t").receive(0.05)  # LISTEN on a's inbox
+    wait_listening(pg_store, inbox_channel("a"))
+    mid = str(uuid.uuid4())
+    ops.request(me, mid, "b", "", '"ping"', 30.0)
+    req = messages.receive(b, SOON)
+    assert req is not None and req.id == mid and req.reply("pong")
+    time.sleep(0.3)  # the LISTEN thread has passed the reply's hint on
+    got, _ = ops.replies(me, [mid], [], defer=False)
+    assert [r.payload for r in got] == ['"pong"']
+    # With no reply yet, the first look finds none (and a later one the reply).
+    mid = str(uuid.uuid4())
+    ops.request(me, mid, "b", "", '"ping"', 30.0)
+    assert ops.replies(me, [mid], [], defer=False) == ([], set())
+    req = messages.receive(b, SOON)
+    assert req is not None and req.reply("pong")
+    assert [r.payload for r in ops.replies(me, [mid], [], defer=False)[0]] == ['"pong"']

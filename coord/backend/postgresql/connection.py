@@ -234,16 +234,31 @@ class PgDb:
     def write(self, fn: Callable[[Conn], T]) -> T:
         """Run ``fn(conn)`` in one transaction; retried whole after a serialization failure
         or a deadlock. ``fn`` must only touch the database (it may run more than once)."""
+
+        def txn(conn: Conn) -> T:
+            with conn.transaction():
+                return fn(conn)
+
+        return self._retried(txn, "write")
+
+    def statement(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Row]:
+        """Run one writing statement as its own transaction (autocommit: one round trip, no
+        BEGIN/COMMIT) and return its rows; retried like ``write`` after a serialization
+        failure or a deadlock, never after a lost connection."""
+        return self._retried(
+            lambda conn: conn.execute(sql, params).fetchall(),  # type: ignore[arg-type]
+            "statement")
+
+    def _retried(self, run: Callable[[Conn], T], what: str) -> T:
         conn = self.conn()
         if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-            raise RuntimeError("PgDb.write() called inside a transaction of the same thread")
+            raise RuntimeError(f"PgDb.{what}() called inside a transaction of the same thread")
         for attempt in range(RETRIES):
             try:
                 with translated(self.where):
-                    with conn.transaction():
-                        return fn(conn)
+                    return run(conn)
             except (StorageError, psycopg.OperationalError) as e:
-                # Translated on the way out (by ``translated`` here or one inside ``fn``): a
+                # Translated on the way out (by ``translated`` here or one inside ``run``): a
                 # lost race is known by the driver error it came from.
                 cause = e.__cause__ if isinstance(e, StorageError) else e
                 if isinstance(cause, (pgerrors.SerializationFailure, pgerrors.DeadlockDetected)):

@@ -59,6 +59,15 @@ def channel_name(schema: str, channel: str) -> str:
     return "coord#" + hashlib.sha256(name.encode()).hexdigest()[:40]
 
 
+_INBOX_NAME = "('coord.' || current_schema() || '.inbox:' || {id})"
+#: ``channel_name`` of the inbox of the instance whose id is the SQL expression ``{id}``,
+#: computed by the server (in the deployment's search_path), for statements that learn the
+#: recipient as they run.
+INBOX_CHANNEL_SQL = (
+    f"CASE WHEN octet_length({_INBOX_NAME}) <= {_NAME_MAX} THEN {_INBOX_NAME} ELSE 'coord#' || "
+    f"left(encode(sha256(convert_to({_INBOX_NAME}, 'UTF8')), 'hex'), 40) END")
+
+
 # Every listener of this process, for the after-fork hook.
 _LISTENERS: weakref.WeakSet[Listener] = weakref.WeakSet()
 
@@ -102,6 +111,11 @@ class Interest:
     def poke(self) -> None:
         _poke(self._w)
 
+    def quiet(self) -> bool:
+        """Nothing was announced on its channels since it was taken, as far as the live
+        connection can tell (they were LISTENed all along and it was never poked)."""
+        return self.listening and not readable([self.fd], 0)
+
     def close(self) -> None:
         self._listener.forget(self)
         os.close(self.fd)
@@ -116,7 +130,9 @@ class Listener:
         self._lock = threading.Lock()
         self._interests: dict[str, set[Interest]] = {}  # server channel -> waiters
         self._listening: set[str] = set()  # channels LISTENed on the current connection
-        self._unwanted_since: dict[str, float] = {}  # LISTENed, nobody waiting: since when
+        # When each channel last had a waiter leave (kept by the waiters, under the lock: a
+        # waiter that finds its channel LISTENed does not wake the thread).
+        self._left_at: dict[str, float] = {}
         self._wake_r, self._wake_w = _pipe()
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
@@ -132,7 +148,7 @@ class Listener:
         self._lock = threading.Lock()
         self._interests = {}
         self._listening = set()
-        self._unwanted_since = {}
+        self._left_at = {}
         self._thread = None
         self._pid = os.getpid()
         self.backend_pid = None
@@ -147,9 +163,24 @@ class Listener:
         with self._lock:
             for n in names:
                 self._interests.setdefault(n, set()).add(it)
+            # Already LISTENed on the live connection: every notification from now on
+            # reaches it, and the waiter checks after registering, so nothing committed
+            # before needs a poke (which would cost it one more look).
+            it.listening = self.backend_pid is not None and names <= self._listening
             self._start()
-        _poke(self._wake_w)
+        if not it.listening:
+            _poke(self._wake_w)
         return it
+
+    def arm(self, channel: str) -> Interest | None:
+        """An interest in ``channel`` taken before a write whose answer will be announced
+        there (``Interest.quiet`` then tells that none came yet), or None when the channel is
+        not LISTENed on the live connection now. Close it when done."""
+        it = self.interest([channel])
+        if it.listening:
+            return it
+        it.close()
+        return None
 
     def listening(self, channel: str) -> bool:
         """Whether a coord channel is LISTENed on the live connection now."""
@@ -165,7 +196,9 @@ class Listener:
                     left.discard(it)
                     if not left:
                         del self._interests[n]
-        _poke(self._wake_w)
+                        self._left_at[n] = time.monotonic()
+        # No need to wake the thread: a channel nobody waits on lingers anyway, and is
+        # dropped at the thread's next pass (a notification, a new channel or a ping).
 
     def close(self) -> None:
         """Stop the thread (it closes its connection), then close the wake-up pipe."""
@@ -230,7 +263,6 @@ class Listener:
     def _lost(self, conn: Conn) -> None:
         with self._lock:
             self._listening = set()
-            self._unwanted_since = {}
             for its in self._interests.values():
                 for it in its:
                     it.listening = False
@@ -256,28 +288,34 @@ class Listener:
     def _sync(self, conn: Conn, *, everyone: bool) -> None:
         with self._lock:
             wanted = set(self._interests)
+            left_at = dict(self._left_at)
         new = wanted - self._listening
         for n in sorted(new):
             conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(n)))
         # A channel nobody waits on stays LISTENed a while: a waiter looping on it (a
         # requester, a worker) would otherwise cost a LISTEN and an UNLISTEN per wait.
         now = time.monotonic()
-        for n in wanted:
-            self._unwanted_since.pop(n, None)
         dropped = set()
         for n in sorted(self._listening - wanted):
-            if now - self._unwanted_since.setdefault(n, now) >= LINGER:
+            if now - left_at.get(n, now) >= LINGER:
                 conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(n)))
-                del self._unwanted_since[n]
                 dropped.add(n)
         with self._lock:
             self._listening = (self._listening | wanted) - dropped
+            for n in dropped:
+                self._left_at.pop(n, None)
             for its in self._interests.values():
                 for it in its:
                     if everyone or (not it.listening and it.names <= self._listening):
                         it.listening = it.names <= self._listening
                         # What committed before the LISTEN sent no hint we heard: look.
                         it.poke()
+                    elif it.listening and not it.names <= self._listening:
+                        # It came while its channel was being dropped: poll, and be
+                        # LISTENed again at the next pass.
+                        it.listening = False
+                        it.poke()
+                        _poke(self._wake_w)
 
     def _deliver(self, conn: Conn) -> None:
         for note in conn.notifies(timeout=0):

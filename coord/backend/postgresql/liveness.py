@@ -350,6 +350,10 @@ class PgPidWatch(PidWatch):
         row = self._row
         if self._fd is None or row is None or row["status"] != "alive":
             return False
-        if row["boot_id"] != boot_id() or self._clock.now() - row["heartbeat_mono"] > row["ttl"]:
+        # A row read with the server's clock (a request's) needs no reading of its own.
+        now = row.get("read_now")
+        if now is None:
+            now = self._clock.now()
+        if row["boot_id"] != boot_id() or now - row["heartbeat_mono"] > row["ttl"]:
             return False
         return still_running(ProcIdentity(row["boot_id"], row["pid"], row["start_token"]))

@@ -12,6 +12,9 @@ delivery rules; the SQLite engine's ``messages`` is the reference behaviour).
   waits for the commit, or the write waits and then sees the tombstone).
 - Recipients are woken after the commit: the nudge socket when on this host and boot, and
   a NOTIFY on their inbox channel from inside the transaction (``.wakeup``).
+- A round trip's writes — a send or request, a receive, a reply — are one statement each
+  (``.message_sql``: one round trip to the server, no BEGIN/COMMIT); an empty receive
+  writes nothing.
 
 Replies taken by a waiting requester of this process are deleted by that instance's next
 write (``_spent``), as on SQLite.
@@ -27,6 +30,7 @@ from ...clock import boot_id
 from ...errors import InvalidArgument, NotFound, NotRegistered, RecipientDead
 from .. import inbox_channel
 from ..records import Member, MessageRecord, Problem
+from . import message_sql
 from .connection import Conn, fetch
 from .death import MEMBERS, split
 from .events import log_event
@@ -34,36 +38,13 @@ from .listen import channel_name
 
 if TYPE_CHECKING:
     from .connection import PgDb, Row
+    from .listen import Interest
     from .wakeup import PgWakeup
 
 T = TypeVar("T")
 
-# One read per look: the next message for us, and whether earlier deliveries still await
-# their acknowledgement.
-_PEEK = (
-    "SELECT (SELECT id FROM messages WHERE recipient_id = %(id)s AND acked = 0 "
-    "AND kind <> 'reply' AND (delivered_incarnation IS NULL OR delivered_incarnation <> %(inc)s) "
-    "AND expires_mono > (SELECT coord_now()) AND (%(topic)s::text IS NULL OR topic = %(topic)s) "
-    "ORDER BY seq LIMIT 1) AS found, "
-    "EXISTS (SELECT 1 FROM messages WHERE recipient_id = %(id)s AND acked = 0 "
-    "AND delivered_incarnation = %(inc)s) AS owed"
-)
-
-# The envelope, stamped once from the server's clock; %(ttl)s seconds on, or with
-# %(until)s (a reply) when the request would have expired, at least a second from now.
-_INSERT = (
-    "INSERT INTO messages (id, kind, sender_id, sender_incarnation, recipient_id, topic, "
-    "payload, correlation_id, reply_to, created_at, expires_at, expires_mono) "
-    "SELECT %(id)s, %(kind)s, %(me)s, %(inc)s, %(to)s, %(topic)s, %(payload)s, %(corr)s, "
-    "%(reply_to)s, n.t, n.t + d.ttl, n.t + d.ttl "
-    "FROM (SELECT coord_now() AS t) AS n, LATERAL (SELECT coalesce(%(ttl)s::float8, "
-    "greatest(%(until)s::float8 - n.t, 1.0)) AS ttl) AS d"
-)
-
-# The same, announcing it to the recipient's inbox channel %(channel)s in the same statement
-# (delivered at commit): one round trip for a single recipient's message.
-_INSERT_NOTIFY = (f"WITH ins AS ({_INSERT} RETURNING 1) "  # noqa: S608 - fixed fragments only
-                  "SELECT pg_notify(%(channel)s, '') FROM ins")
+#: Most requests of this store whose first look for a reply is still to come.
+ARMED_MAX = 256
 
 
 def _record(row: Row) -> MessageRecord:
@@ -98,30 +79,26 @@ class PgMessages:
         self._boot = boot_id()
         # (id, incarnation) -> ids of replies it took and has not deleted yet.
         self._spent: dict[Member, set[str]] = {}
-        self._spent_lock = threading.Lock()
+        self._spent_lock = threading.Lock()  # also for _armed
+        # Request id -> the requester's interest in its inbox, taken before the request was
+        # sent, until the first look for its reply (``replies``).
+        self._armed: dict[str, Interest] = {}
 
     # -- writing ------------------------------------------------------------------------------
 
     def _insert(self, c: Conn, me: Member, *, id: str, kind: str, to: str, topic: str,
                 payload: str, corr: str | None = None, reply_to: str | None = None,
-                ttl: float | None = None, until: float | None = None,
-                announce: bool = False) -> None:
-        """Insert one message; with ``announce``, NOTIFY its recipient's inbox in the same
-        statement (then ``_announce(..., notified=True)`` only collects nudge paths)."""
-        params = {"id": id, "kind": kind, "me": me[0], "inc": me[1], "to": to,
-                  "topic": topic, "payload": payload, "corr": corr,
-                  "reply_to": reply_to, "ttl": ttl, "until": until}
-        if announce:
-            params["channel"] = channel_name(self._db.location.schema, inbox_channel(to))
-            c.execute(_INSERT_NOTIFY, params)
-        else:
-            c.execute(_INSERT, params)
+                ttl: float | None = None) -> None:
+        """Insert one message inside the caller's transaction (``_announce`` wakes them)."""
+        c.execute(message_sql.INSERT, {
+            "id": id, "kind": kind, "me": me[0], "inc": me[1], "to": to, "topic": topic,
+            "payload": payload, "corr": corr, "reply_to": reply_to, "ttl": ttl, "until": None})
 
-    def _announce(self, c: Conn, recipients: Sequence[Row], *,
+    def _announce(self, c: Conn | None, recipients: Sequence[Row], *,
                   notified: bool = False) -> list[str | None]:
-        """NOTIFY the recipients' inboxes (delivered at commit) unless the insert did;
+        """NOTIFY the recipients' inboxes (delivered at commit) unless the statement did;
         their nudge paths on this host and boot, for after the commit."""
-        if not notified:
+        if not notified and c is not None:
             self._wakeup.notify(c, [inbox_channel(r["id"]) for r in recipients])
         return [r["nudge_path"] for r in recipients if r["boot_id"] == self._boot]
 
@@ -130,11 +107,24 @@ class PgMessages:
         c.execute("DELETE FROM messages WHERE recipient_id = %s AND kind = 'reply' "
                   "AND id = ANY(%s)", (me[0], list(ids)))
 
+    def _spent_ids(self, me: Member) -> list[str]:
+        with self._spent_lock:
+            return list(self._spent.get(me, ()))
+
+    def _spent_dropped(self, me: Member, spent: list[str]) -> None:
+        if not spent:
+            return
+        with self._spent_lock:
+            left = self._spent.get(me, set()).difference(spent)
+            if left:
+                self._spent[me] = left
+            else:
+                self._spent.pop(me, None)
+
     def _write(self, me: Member, fn: Callable[[Conn], T]) -> T:
         """``db.write(fn)`` for ``me``, also deleting the replies it has taken since its
         last write."""
-        with self._spent_lock:
-            spent = list(self._spent.get(me, ()))
+        spent = self._spent_ids(me)
         if not spent:
             return self._db.write(fn)
 
@@ -144,24 +134,39 @@ class PgMessages:
             return result
 
         result = self._db.write(txn)
-        with self._spent_lock:
-            left = self._spent.get(me, set()).difference(spent)
-            if left:
-                self._spent[me] = left
-            else:
-                self._spent.pop(me, None)
+        self._spent_dropped(me, spent)
         return result
 
-    def send(self, me: Member, id: str, to: str, topic: str, payload: str, ttl: float) -> None:
-        def txn(c: Conn) -> list[str | None]:
-            rows = lock_alive(c, me, [to])
-            if to not in rows:
-                raise NotFound("instance", to)
-            self._insert(c, me, id=id, kind="message", to=to, topic=topic, payload=payload,
-                         ttl=ttl, announce=True)
-            return self._announce(c, [rows[to]], notified=True)
+    def _statement(self, me: Member, sql: str, params: dict[str, object]) -> list[Row]:
+        """One of ``.message_sql``'s statements as ``me``, deleting the replies it has taken
+        since its last write."""
+        spent = self._spent_ids(me)
+        rows = self._db.statement(sql, {**params, "me": me[0], "inc": me[1], "spent": spent})
+        self._spent_dropped(me, spent)
+        return rows
 
-        self._wakeup.nudge(self._write(me, txn))
+    def _send_one(self, me: Member, *, id: str, kind: str, to: str, topic: str,
+                  payload: str, ttl: float) -> Row:
+        """Store one message or request to ``to`` and announce it; its row (as locked)."""
+        rows = {r["id"]: r for r in self._statement(me, message_sql.SEND, {
+            "ids": sorted({me[0], to}), "id": id, "kind": kind, "to": to, "topic": topic,
+            "payload": payload, "corr": id if kind == "request" else None,
+            "reply_to": me[0] if kind == "request" else None, "ttl": ttl, "until": None,
+            "alive": kind == "request",
+            "channel": channel_name(self._db.location.schema, inbox_channel(to))})}
+        mine = rows.get(me[0])
+        if mine is None or mine["incarnation"] != me[1] or mine["status"] != "alive":
+            raise NotRegistered(me[0], "closed, declared dead or taken over")
+        row = rows.get(to)
+        if row is None:
+            raise NotFound("instance", to)
+        if not mine["wrote"]:
+            raise RecipientDead(to)
+        self._wakeup.nudge(self._announce(None, [row], notified=True))
+        return row
+
+    def send(self, me: Member, id: str, to: str, topic: str, payload: str, ttl: float) -> None:
+        self._send_one(me, id=id, kind="message", to=to, topic=topic, payload=payload, ttl=ttl)
 
     def broadcast(
         self, me: Member, sends: dict[str, tuple[Member, str]], topic: str, payload: str,
@@ -189,20 +194,29 @@ class PgMessages:
 
     def request(self, me: Member, id: str, to: str, topic: str, payload: str,
                 ttl: float) -> Row:
-        def txn(c: Conn) -> tuple[Row, list[str | None]]:
-            rows = lock_alive(c, me, [to])
-            row = rows.get(to)
-            if row is None:
-                raise NotFound("instance", to)
-            if row["status"] != "alive":
-                raise RecipientDead(to)
-            self._insert(c, me, id=id, kind="request", to=to, topic=topic, payload=payload,
-                         corr=id, reply_to=me[0], ttl=ttl, announce=True)
-            return row, self._announce(c, [row], notified=True)
-
-        row, paths = self._write(me, txn)
-        self._wakeup.nudge(paths)
+        # Listening for the reply from before the request exists lets the first look for it
+        # (made at once by the waiting requester) read nothing when no hint came since.
+        armed = self._wakeup.listener.arm(inbox_channel(me[0]))
+        try:
+            row = self._send_one(me, id=id, kind="request", to=to, topic=topic,
+                                 payload=payload, ttl=ttl)
+        except BaseException:
+            if armed is not None:
+                armed.close()
+            raise
+        if armed is not None:
+            with self._spent_lock:
+                self._armed[id] = armed
+                # Those whose first look never came (their caller failed in between).
+                stale = list(self._armed)[:-ARMED_MAX] if len(self._armed) > ARMED_MAX else []
+                dropped = [self._armed.pop(k) for k in stale]
+            for it in dropped:
+                it.close()
         return row
+
+    def _disarm(self, request_ids: Iterable[str]) -> list[Interest]:
+        with self._spent_lock:
+            return [it for k in request_ids if (it := self._armed.pop(k, None)) is not None]
 
     def ask(self, me: Member, asked: dict[str, str], topic: str, payload: str,
             ttl: float) -> None:
@@ -216,35 +230,21 @@ class PgMessages:
         self._wakeup.nudge(self._write(me, txn))
 
     def reply(self, me: Member, request_id: str, id: str, payload: str) -> bool:
-        def txn(c: Conn) -> tuple[bool, list[str | None]]:
-            lock_alive(c, me)
-            got = fetch(
-                c, "DELETE FROM messages WHERE id = %s AND recipient_id = %s "
-                "AND kind = 'request' RETURNING sender_id, sender_incarnation, topic, "
-                "correlation_id, expires_mono", (request_id, me[0]))
-            if not got:
-                other = fetch(c, "SELECT kind FROM messages WHERE id = %s AND recipient_id = %s",
-                              (request_id, me[0]))
-                if other:
-                    raise InvalidArgument(f"message {request_id} is a {other[0]['kind']}, not "
-                                          "a request: only requests take a reply")
-                return False, []
-            req = got[0]
-            asker = fetch(
-                c, "SELECT id, nudge_path, boot_id FROM instances WHERE id = %s "
-                "AND incarnation = %s AND status = 'alive' FOR SHARE",
-                (req["sender_id"], req["sender_incarnation"]))
-            if not asker:
-                return False, []
-            self._insert(c, me, id=id, kind="reply", to=req["sender_id"], topic=req["topic"],
-                         payload=payload, corr=req["correlation_id"] or request_id,
-                         until=req["expires_mono"], announce=True)
-            return True, self._announce(c, asker, notified=True)
-
-        ok, paths = self._write(me, txn)
-        if ok:
-            self._wakeup.nudge(paths)
-        return ok
+        got = self._statement(me, message_sql.REPLY, {"rid": request_id, "id": id,
+                                                      "payload": payload})[0]
+        if not got["alive"]:
+            raise NotRegistered(me[0], "closed, declared dead or taken over")
+        if not got["took"]:
+            other = self._db.row("SELECT kind FROM messages WHERE id = %s AND recipient_id = %s",
+                                 (request_id, me[0]))
+            if other:
+                raise InvalidArgument(f"message {request_id} is a {other['kind']}, not "
+                                      "a request: only requests take a reply")
+            return False
+        if not got["wrote"]:
+            return False
+        self._wakeup.nudge(self._announce(None, [got], notified=True))
+        return True
 
     def drop(self, me: Member, message: MessageRecord, error: str) -> None:
         def txn(c: Conn) -> None:
@@ -258,38 +258,16 @@ class PgMessages:
 
     def receive(self, me: Member, topic: str | None) -> MessageRecord | None:
         while True:
-            peek = self._db.row(_PEEK, {"id": me[0], "inc": me[1], "topic": topic})
-            assert peek is not None
-            found, owed = peek["found"], bool(peek["owed"])
-            if found is None and not owed:
+            got = self._statement(me, message_sql.RECEIVE, {"topic": topic})[0]
+            if not got["found"] and not got["owed"]:
                 return None
-            row = self._write(me, self._deliverer(me, found, owed))
-            if row is not None:
-                return _record(row)
-            if found is None:
+            if not got["alive"]:
+                raise NotRegistered(me[0], "closed, declared dead or taken over")
+            if got["id"] is not None:
+                return _record(got)
+            if not got["found"]:
                 return None
             # else taken by another receiver acting as this instance: look again
-
-    @staticmethod
-    def _deliverer(me: Member, mid: str | None, owed: bool) -> Callable[[Conn], Row | None]:
-        def txn(c: Conn) -> Row | None:
-            lock_alive(c, me)
-            if owed:
-                # Acknowledge what this incarnation was given before (the 'next receive' rule).
-                c.execute("DELETE FROM messages WHERE recipient_id = %s AND "
-                          "delivered_incarnation = %s AND acked = 0 AND kind = 'message'", me)
-                c.execute("UPDATE messages SET acked = 1 WHERE recipient_id = %s "
-                          "AND delivered_incarnation = %s AND acked = 0 AND kind = 'request'",
-                          me)
-            if mid is None:
-                return None
-            rows = fetch(
-                c, "UPDATE messages SET delivered_incarnation = %(inc)s WHERE id = %(mid)s "
-                "AND acked = 0 AND (delivered_incarnation IS NULL OR "
-                "delivered_incarnation <> %(inc)s) RETURNING *", {"inc": me[1], "mid": mid})
-            return rows[0] if rows else None
-
-        return txn
 
     def ack(self, me: Member, message_id: str) -> bool:
         def txn(c: Conn) -> bool:
@@ -308,10 +286,20 @@ class PgMessages:
     def replies(
         self, me: Member, request_ids: list[str], peers: list[Member], *, defer: bool
     ) -> tuple[list[MessageRecord], set[str] | None]:
+        armed = self._disarm(request_ids)
+        quiet = len(armed) == len(request_ids) and all(a.quiet() for a in armed)
+        for a in armed:
+            a.close()
+        if quiet and not peers:
+            # The inbox was LISTENed from before the requests were sent and no hint came
+            # since: no reply was committed (its hint would have reached those interests).
+            return [], set()
         rows = self._db.rows(
             "SELECT * FROM messages WHERE recipient_id = %s AND kind = 'reply' "
             "AND correlation_id = ANY(%s)", (me[0], request_ids))
         if not rows:
+            if not peers:
+                return [], set()
             ids, incs = split(peers)
             found = self._db.rows(  # MEMBERS: a fixed fragment, its arrays bound
                 "SELECT id FROM instances WHERE status = 'alive' AND (id, incarnation) "  # noqa: S608
@@ -326,6 +314,9 @@ class PgMessages:
         return [_record(r) for r in rows], None
 
     def give_up(self, me: Member, request_ids: list[str]) -> list[MessageRecord]:
+        for armed in self._disarm(request_ids):
+            armed.close()
+
         def txn(c: Conn) -> list[Row]:
             c.execute("DELETE FROM messages WHERE kind = 'request' AND sender_id = %s "
                       "AND sender_incarnation = %s AND id = ANY(%s)", (*me, request_ids))

@@ -20,6 +20,8 @@ from .adhoc import ensure_reader
 from .connection import Conn, scalar, translated
 
 if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
     from .connection import PgDb
 
 #: The key space of coord's advisory locks (the first of the two 32-bit keys).
@@ -27,29 +29,46 @@ LOCK_SPACE_MIGRATE = 0x636F6F72  # "coor"
 
 
 @functools.cache
-def migrations() -> tuple[tuple[int, str, str], ...]:
-    """(number, file name, SQL) of every ``schema/postgresql/NNN_*.sql``, in order."""
+def _ladder() -> tuple[tuple[int, Traversable], ...]:
+    """(number, file) of every ``schema/postgresql/NNN_*.sql``, in order."""
     found = []
     for entry in resources.files("coord.schema").joinpath("postgresql").iterdir():
         m = re.fullmatch(r"(\d{3})_\w+\.sql", entry.name)
         if m:
-            found.append((int(m.group(1)), entry.name, entry.read_text(encoding="utf-8")))
-    found.sort()
-    if [n for n, _, _ in found] != list(range(1, len(found) + 1)):
+            found.append((int(m.group(1)), entry))
+    found.sort(key=lambda x: x[0])
+    if [n for n, _ in found] != list(range(1, len(found) + 1)):
         raise RuntimeError(f"schema/postgresql files must be numbered 001, 002 ... once each: "
-                           f"{[n for n, _, _ in found]}")
+                           f"{[n for n, _ in found]}")
     return tuple(found)
 
 
+@functools.cache
+def migrations() -> tuple[tuple[int, str, str], ...]:
+    """(number, file name, SQL) of every ``schema/postgresql/NNN_*.sql``, in order."""
+    return tuple((n, f.name, f.read_text(encoding="utf-8")) for n, f in _ladder())
+
+
 def latest_version() -> int:
-    return len(migrations())
+    # The names suffice: an open that finds the schema current reads no SQL file.
+    return len(_ladder())
 
 
 def schema_version(c: Conn) -> int:
     """The deployment's schema version (0: no coord schema there yet)."""
+    if c.info.transaction_status == pq.TransactionStatus.IDLE:
+        # Outside a transaction a failed statement costs nothing: one round trip, not two,
+        # in the usual case (the table is there).
+        try:
+            return int(scalar(c, _VERSION) or 0)
+        except psycopg.errors.UndefinedTable:
+            return 0
     if scalar(c, "SELECT to_regclass('meta') IS NOT NULL") is not True:
         return 0
-    return int(scalar(c, "SELECT value FROM meta WHERE key = 'schema_version'") or 0)
+    return int(scalar(c, _VERSION) or 0)
+
+
+_VERSION = "SELECT value FROM meta WHERE key = 'schema_version'"
 
 
 def _migrate(c: Conn, schema: str, where: str) -> list[int]:
