@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from netns import Host, Net, mono
@@ -119,6 +121,26 @@ def alive(pid: int) -> bool:
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
     return state not in ("Z", "X")
+
+
+def kill_left(pids: list[int]) -> None:
+    """SIGKILL what a trial started (its CMD trees, by the pids they wrote) and left alive."""
+    for pid in pids:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def run_trials(trial: Callable[[Net, str], dict[str, float]], net: Net, trials: int,
+               how: str) -> None:
+    """Run ``trials`` trials of one variant and print each timing's range (seconds from the
+    fault) for the note; a "kept" figure counts the trials in which the holder kept its lease."""
+    results = [trial(net, how) for _ in range(trials)]
+    for key in results[0]:
+        vals = sorted(r[key] for r in results if key in r)
+        if key == "kept":
+            print(f"{how}: the holder kept the lease in {sum(vals):.0f} of {trials} trials")
+        else:
+            print(f"{how} {key}: {vals[0]:.2f}-{vals[-1]:.2f} s ({len(vals)} of {trials} trials)")
 
 
 def locks_of(sql: Any, addr: str) -> int:

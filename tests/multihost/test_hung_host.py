@@ -34,7 +34,9 @@ from hostprocs import (
     Proc,
     alive,
     env,
+    kill_left,
     read_pids,
+    run_trials,
     start_holder,
 )
 from netns import Net, mono
@@ -134,17 +136,10 @@ def trial(net: Net, how: str) -> dict[str, float]:
             os.kill(pid, signal.SIGCONT)
         holder.end()
         other.end()
-        for pid in pids:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        kill_left(pids)
         admin.close()
 
 
-def run(net: Net, trials: int, how: str) -> None:
-    results = [trial(net, how) for _ in range(trials)]
-    for key in results[0]:
-        vals = sorted(r[key] for r in results)
-        print(f"{how} {key}: {vals[0]:.2f}-{vals[-1]:.2f} s ({trials} trials)")
 
 
 VARIANTS = ["host", "wrapper", "host-mate"]
@@ -153,7 +148,7 @@ VARIANTS = ["host", "wrapper", "host-mate"]
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("how", VARIANTS)
 def test_a_hung_holder_loses_after_its_ttl_and_learns_it(net: Net, how: str) -> None:
-    run(net, 1, how)
+    run_trials(trial, net, 1, how)
 
 
 @pytest.mark.slow
@@ -161,7 +156,7 @@ def test_a_hung_holder_loses_after_its_ttl_and_learns_it(net: Net, how: str) -> 
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("how", VARIANTS)
 def test_hung_holders_again_and_again(net: Net, how: str) -> None:
-    run(net, 10, how)
+    run_trials(trial, net, 10, how)
 
 
 # A worker that claims one job for a long claim lease and holds it; on a line on stdin it

@@ -35,8 +35,10 @@ from hostprocs import (
     Proc,
     alive,
     env,
+    kill_left,
     locks_of,
     read_pids,
+    run_trials,
     start_holder,
 )
 from netns import Host, Net, mono
@@ -132,20 +134,10 @@ def trial(net: Net, how: str) -> dict[str, float]:
         net.heal(a)
         for p in (holder, cand, *([again] if again else [])):
             p.end()
-        for pid in pids:
-            if alive(pid):
-                os.kill(pid, signal.SIGKILL)
+        kill_left(pids)
         admin.close()
 
 
-def run(net: Net, trials: int, how: str) -> None:
-    results = [trial(net, how) for _ in range(trials)]
-    for key in results[0]:
-        vals = sorted(r[key] for r in results if key in r)
-        if key == "kept":
-            print(f"{how}: the holder kept the lease in {sum(vals):.0f} of {trials} trials")
-        else:
-            print(f"{how} {key}: {vals[0]:.2f}-{vals[-1]:.2f} s ({len(vals)} of {trials} trials)")
 
 
 VARIANTS = ["cut", "sigkill", "terminate"]
@@ -154,7 +146,7 @@ VARIANTS = ["cut", "sigkill", "terminate"]
 @pytest.mark.timeout(400)
 @pytest.mark.parametrize("how", VARIANTS)
 def test_the_holder_steps_down_before_anyone_takes_over(net: Net, how: str) -> None:
-    run(net, 1, how)
+    run_trials(trial, net, 1, how)
 
 
 @pytest.mark.slow
@@ -162,4 +154,4 @@ def test_the_holder_steps_down_before_anyone_takes_over(net: Net, how: str) -> N
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("how", VARIANTS)
 def test_the_step_down_order_holds_in_20_trials(net: Net, how: str) -> None:
-    run(net, 20, how)
+    run_trials(trial, net, 20, how)
