@@ -2,8 +2,9 @@
 delivery rules; the SQLite engine's ``messages`` is the reference behaviour).
 
 - Expiry: ``expires_mono`` is stamped ``coord_now() + ttl`` and compared with ``coord_now()``
-  in SQL; no client's clock enters it. ``created_at``/``expires_at`` are the same instant on
-  the server's wall clock, for people.
+  in SQL by the one rule (``MESSAGE_EXPIRY``: held back after a step of the server's clock,
+  see ``.clock``); no client's clock enters it. ``created_at``/``expires_at`` are the same
+  instant on the server's wall clock, for people.
 - Arrival order is ``seq`` (an identity column): SQLite's rowid, which READ COMMITTED
   writers on several hosts cannot share.
 - A write by an instance first locks the instance rows it relies on (its own, and the
@@ -27,6 +28,7 @@ from ...clock import boot_id
 from ...errors import InvalidArgument, NotFound, NotRegistered, RecipientDead
 from .. import inbox_channel
 from ..records import Member, MessageRecord, Problem
+from .clock import MESSAGE_EXPIRY
 from .connection import Conn, fetch
 from .death import MEMBERS, split
 from .events import log_event
@@ -41,9 +43,10 @@ T = TypeVar("T")
 # One read per look: the next message for us, and whether earlier deliveries still await
 # their acknowledgement.
 _PEEK = (
-    "SELECT (SELECT id FROM messages WHERE recipient_id = %(id)s AND acked = 0 "
+    "SELECT (SELECT id FROM messages WHERE recipient_id = %(id)s AND acked = 0 "  # noqa: S608 - fixed fragments
     "AND kind <> 'reply' AND (delivered_incarnation IS NULL OR delivered_incarnation <> %(inc)s) "
-    "AND expires_mono > (SELECT coord_now()) AND (%(topic)s::text IS NULL OR topic = %(topic)s) "
+    f"AND {MESSAGE_EXPIRY} > (SELECT coord_now()) "
+    "AND (%(topic)s::text IS NULL OR topic = %(topic)s) "
     "ORDER BY seq LIMIT 1) AS found, "
     "EXISTS (SELECT 1 FROM messages WHERE recipient_id = %(id)s AND acked = 0 "
     "AND delivered_incarnation = %(inc)s) AS owed"
@@ -219,9 +222,9 @@ class PgMessages:
         def txn(c: Conn) -> tuple[bool, list[str | None]]:
             lock_alive(c, me)
             got = fetch(
-                c, "DELETE FROM messages WHERE id = %s AND recipient_id = %s "
+                c, "DELETE FROM messages WHERE id = %s AND recipient_id = %s "  # noqa: S608 - fixed fragments
                 "AND kind = 'request' RETURNING sender_id, sender_incarnation, topic, "
-                "correlation_id, expires_mono", (request_id, me[0]))
+                f"correlation_id, {MESSAGE_EXPIRY} AS expires_mono", (request_id, me[0]))
             if not got:
                 other = fetch(c, "SELECT kind FROM messages WHERE id = %s AND recipient_id = %s",
                               (request_id, me[0]))
@@ -351,7 +354,7 @@ class PgMessages:
             out.append(Problem(f"message {r['id']} is acked but never delivered"))
         for r in db.rows("SELECT id FROM messages WHERE expires_at < created_at"):
             out.append(Problem(f"message {r['id']} expires before it was created"))
-        n = db.value("SELECT count(*) FROM messages WHERE expires_mono < coord_now()")
+        n = db.value(f"SELECT count(*) FROM messages WHERE {MESSAGE_EXPIRY} < coord_now()")  # noqa: S608 - fixed fragments
         if n:
             out.append(Problem(f"{n} expired messages, awaiting the reaper", pending=True))
         return out
