@@ -11,6 +11,13 @@
   heartbeat again — it is not declared hung, nor its id taken over, before that. A heartbeating
   instance stays alive throughout. Before any process has noticed, a reader's first look sees
   what the step does: every heartbeat an hour old.
+- The same step, noticed by the processes that hold and wait themselves, moves nothing from a
+  live holder (``coord_expiry``: one TTL from the step): a renewing lease holder keeps its
+  lease and no candidate gets it until the holder is SIGKILLed; a worker extending its claim
+  keeps the job; a message is delivered within its lifetime, and one never received goes
+  within a lifetime of the step.
+- A step back is not acted on: an unrenewed lease expires as much later as the step was
+  long, by real time — never early, not for ever.
 """
 
 from __future__ import annotations
