@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 from conftest import ManualClock, move_server_clock, reap_children, stop_outside_a_write, wait_until
@@ -462,3 +463,32 @@ def test_a_server_clock_step_back_delays_a_takeover_by_the_step(url: str) -> Non
         reap_children([c.p for c in children])
         coord.instances.close_all()
         watcher.close()
+
+
+def test_a_version_1_schema_is_brought_to_the_hold(pg_url: str) -> None:
+    """A deployment made at schema version 1 gets ``coord_expiry`` when a coord of version 2
+    opens it; the rule: a stamp, or one ttl after the step was seen when that is later (a
+    claim made before the migration has no lease recorded: never held back)."""
+    from coord.backend.postgresql.opening import latest_version, migrations
+
+    with fresh_schema(pg_url) as u:
+        schema = parse_qs(urlparse(u).query)["schema"][0]
+        with psycopg.connect(pg_url, autocommit=True) as c:
+            c.execute(f'CREATE SCHEMA "{schema}"')
+            c.execute(f'SET search_path = "{schema}"')
+            c.execute(migrations()[0][2].encode())
+            c.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
+        s = coord.Store(u)
+        try:
+            assert s.backend.meta.version() == latest_version() == 2
+            db = s.backend.db  # type: ignore[attr-defined]
+
+            def expiry(stamp: float | None, ttl: float | None) -> float | None:
+                return db.value("SELECT coord_expiry(%s, %s)", (stamp, ttl))  # type: ignore[no-any-return]
+
+            s.backend.clock.epoch()  # the epoch row, with no step seen
+            assert (expiry(10.0, 3.0), expiry(10.0, None), expiry(None, 3.0)) == (10.0, 10.0, None)
+            db.write(lambda c: c.execute("UPDATE server_epoch SET held_since = 100"))
+            assert (expiry(10.0, 3.0), expiry(200.0, 3.0), expiry(10.0, None)) == (103.0, 200.0, 10.0)
+        finally:
+            s.close()
