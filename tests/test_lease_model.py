@@ -12,6 +12,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 import engine_sql
 import pytest
@@ -63,8 +64,7 @@ class LeaseMachine(RuleBasedStateMachine):
         where = with_schema(pg_url, self.schema) if pg_url and self.schema else self.dir / "coord.db"
         self.store = coord.Store(where, clock=clock, config=cfg)
         if self.schema:
-            engine_sql.execute(self.store, FROZEN_SERVER_CLOCK)
-            self._set_server_clock()
+            self._set_server_clock(FROZEN_SERVER_CLOCK)
         self.insts = [self._register(i) for i in IDS]
         # model: name -> (holder index, term, expires) or None
         self.model: dict[str, tuple[int, int, float] | None] = dict.fromkeys(NAMES)
@@ -79,9 +79,19 @@ class LeaseMachine(RuleBasedStateMachine):
     def _register(self, id: str) -> coord.Instance:
         return coord.register(self.store, id, app="model", heartbeat=False, handle_signals=False)
 
-    def _set_server_clock(self) -> None:
-        if self.schema:
-            engine_sql.execute(self.store, "UPDATE clock_offset SET offset_s = ?", (self.now,))
+    def _set_server_clock(self, *first: str) -> None:
+        """Make the server's clock read the model's (after the statements ``first``), in
+        one transaction that reads no clock: a reading between the model's move and the
+        server's would see the server catch up, and a step forward is held back."""
+        if not self.schema:
+            return
+
+        def txn(c: Any) -> None:
+            for sql in first:
+                c.execute(sql)
+            c.execute("UPDATE clock_offset SET offset_s = %s", (self.now,))
+
+        self.store.backend.db.write(txn)  # type: ignore[attr-defined]
 
     def teardown(self) -> None:
         for inst in self.insts:

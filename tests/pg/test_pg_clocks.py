@@ -11,6 +11,13 @@
   heartbeat again — it is not declared hung, nor its id taken over, before that. A heartbeating
   instance stays alive throughout. Before any process has noticed, a reader's first look sees
   what the step does: every heartbeat an hour old.
+- The same step, noticed by the processes that hold and wait themselves, moves nothing from a
+  live holder (``coord_expiry``: one TTL from the step): a renewing lease holder keeps its
+  lease and no candidate gets it until the holder is SIGKILLed; a worker extending its claim
+  keeps the job; a message is delivered within its lifetime, and one never received goes
+  within a lifetime of the step.
+- A step back is not acted on: an unrenewed lease expires as much later as the step was
+  long, by real time — never early, not for ever.
 """
 
 from __future__ import annotations
@@ -19,12 +26,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import parse_qs, urlparse
 
 import pytest
-from conftest import ManualClock, move_server_clock, reap_children, wait_until
+from conftest import ManualClock, move_server_clock, reap_children, stop_outside_a_write, wait_until
 from contract_engines import fresh_schema
 from pg_fixtures import import_psycopg
 
@@ -238,3 +247,248 @@ def test_a_manual_clock_that_moves_the_server_clock_with_it_is_no_step(url: str)
     finally:
         coord.instances.close_all()
         s.close()
+
+
+# -- a step forward moves no lease, claim or message while its holder lives -----------------
+
+LEASE = "clocks/leader"
+# A candidate for LEASE, in a process of its own: prints "waiting" when it finds it held,
+# "holds <term>" once it has it, "lost <reason>" if it loses it; renews it until killed.
+CANDIDATE = r"""
+import sys
+import coord
+from coord.config import Config
+from coord.leases import acquire
+url, id, ttl = sys.argv[1], sys.argv[2], float(sys.argv[3])
+store = coord.Store(url, config=Config(lease_ttl=ttl, instance_ttl=ttl, heartbeat=ttl / 3))
+inst = coord.register(store, id, app="clocks", handle_signals=False)
+lease = acquire(inst, sys.argv[4], on_wait=lambda info: print("waiting", flush=True),
+                on_lost=lambda l: print("lost", l.lost_reason, flush=True))
+print("holds", lease.term, flush=True)
+sys.stdin.readline()
+"""
+
+# A worker in a process of its own: with argv[4] "extend" it claims one job of the queue and
+# extends its claim every third of its lease ("claimed <id>", "extended", "lost"); else it
+# waits for a job and prints "got <id>".
+WORKER = r"""
+import sys, time
+import coord
+from coord import queues
+from coord.errors import ClaimLost
+url, id, lease = sys.argv[1], sys.argv[2], float(sys.argv[3])
+store = coord.Store(url, config=coord.config.Config(heartbeat=0.5))
+inst = coord.register(store, id, app="clocks", handle_signals=False)
+print("ready", flush=True)
+job = queues.claim(store, "clocks/q", inst, lease=lease, timeout=None)
+if sys.argv[4] != "extend":
+    print("got", job.id, flush=True)
+    sys.stdin.readline()
+    sys.exit()
+print("claimed", job.id, flush=True)
+while True:
+    time.sleep(lease / 3)
+    try:
+        queues.extend(store, job, lease)
+    except ClaimLost:
+        print("lost", flush=True)
+        break
+    print("extended", flush=True)
+sys.stdin.readline()
+"""
+
+# The reaper, as a long-lived process runs it: reap every 0.2 s.
+REAPER = r"""
+import sys, time
+import coord
+from coord.reaper import reap
+store = coord.Store(sys.argv[1])
+print("ready", flush=True)
+while True:
+    reap(store, checkpoint=False, trees=False)
+    time.sleep(0.2)
+"""
+
+
+class Child:
+    """A child process whose output lines are collected as they come, with the time
+    (``mono()``) each came."""
+
+    def __init__(self, script: str, *args: str) -> None:
+        self.p = subprocess.Popen([sys.executable, "-c", script, *args],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.lines: list[tuple[float, str]] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.p.stdout is not None
+        for line in self.p.stdout:
+            self.lines.append((mono(), line.strip()))
+
+    def said(self, head: str) -> list[tuple[float, str]]:
+        return [(t, s) for t, s in self.lines if s.split()[0] == head]
+
+    def wait_for(self, head: str, timeout: float = 20.0) -> tuple[float, str]:
+        return wait_until(lambda: (self.said(head) or [None])[0], timeout=timeout)  # type: ignore[no-any-return]
+
+
+def test_a_server_clock_step_moves_no_lease_from_a_live_holder(url: str) -> None:
+    """The holder renews normally; the server's clock steps an hour forward; a candidate of
+    another process does not get the lease while the holder lives (for twice its TTL), the
+    holder keeps renewing it in the same term; once the holder is SIGKILLed the candidate
+    takes over within the TTL."""
+    watcher = coord.Store(url)
+    holder = Child(CANDIDATE, url, "first", str(TTL), LEASE)
+    children = [holder]
+    try:
+        _, line = holder.wait_for("holds")
+        term = int(line.split()[1])
+        candidate = Child(CANDIDATE, url, "second", str(TTL), LEASE)
+        children.append(candidate)
+        candidate.wait_for("waiting")
+        time.sleep(TTL / 2)
+        move_server_clock(watcher, HOUR)
+        stepped = watcher.backend.clock.now()
+        end = mono() + 2 * TTL
+        while mono() < end:
+            assert not candidate.said("holds"), candidate.lines
+            assert not holder.said("lost"), holder.lines
+            time.sleep(0.05)
+        rec = watcher.backend.leases.get(LEASE)
+        assert rec is not None and rec.term == term and rec.holder is not None
+        assert rec.holder[0] == "first"
+        assert rec.renewed_at is not None and rec.renewed_at > stepped  # renewed since
+        assert events(watcher, "clock stepped")
+        killed = mono()
+        os.kill(holder.p.pid, signal.SIGKILL)
+        at, line = candidate.wait_for("holds", timeout=TTL + 5)
+        assert at - killed < TTL + 1, at - killed
+        assert int(line.split()[1]) > term
+    finally:
+        reap_children([c.p for c in children])
+        coord.instances.close_all()
+        watcher.close()
+
+
+def test_a_server_clock_step_releases_no_claim_of_a_live_worker(url: str) -> None:
+    """A worker holds a claim and extends it; the server's clock steps an hour forward;
+    another worker waiting on the queue does not get the job while the first lives (for
+    twice the claim's lease), and the first one's extensions go on; once it is SIGKILLed the
+    other gets the job."""
+    lease = TTL
+    s = coord.Store(url)
+    children: list[Child] = []
+    try:
+        job = coord.queues.put(s, "clocks/q", {"n": 1})
+        first = Child(WORKER, url, "w1", str(lease), "extend")
+        children.append(first)
+        first.wait_for("claimed")
+        other = Child(WORKER, url, "w2", str(lease), "wait")
+        children.append(other)
+        other.wait_for("ready")
+        time.sleep(lease / 2)
+        move_server_clock(s, HOUR)
+        end = mono() + 2 * lease
+        while mono() < end:
+            assert not other.said("got"), other.lines
+            assert not first.said("lost"), first.lines
+            time.sleep(0.05)
+        after_step = len(first.said("extended"))
+        wait_until(lambda: len(first.said("extended")) > after_step, timeout=lease)
+        assert coord.queues.get_job(s, job).state == "claimed"
+        killed = mono()
+        os.kill(first.p.pid, signal.SIGKILL)
+        at, line = other.wait_for("got", timeout=lease + 10)
+        assert int(line.split()[1]) == job
+        assert at - killed < lease + 1, at - killed
+    finally:
+        reap_children([c.p for c in children])
+        coord.instances.close_all()
+        s.close()
+
+
+def test_a_server_clock_step_expires_no_message_early(url: str) -> None:
+    """Messages with a lifetime of 3 TTLs; the server's clock steps an hour forward while a
+    reaper runs: the message is still delivered within its lifetime, and one never
+    received is removed within a lifetime of the step."""
+    life = 3 * TTL
+    s = coord.Store(url)
+    reaper = Child(REAPER, url)
+    try:
+        sender = coord.register(s, "sender", app="clocks", handle_signals=False)
+        inbox = coord.register(s, "inbox", app="clocks", handle_signals=False)
+        reaper.wait_for("ready")
+        sent = mono()
+        coord.messages.send(sender, "inbox", {"n": 1}, ttl=life)
+        coord.messages.send(sender, "inbox", {"n": 2}, topic="never", ttl=life)
+        time.sleep(1.0)  # the reaper reads the clock before the step
+        move_server_clock(s, HOUR)
+        time.sleep(1.0)  # and after it, several times
+        got = coord.messages.receive(inbox, timeout=0, topic="")
+        assert mono() - sent < life
+        assert got is not None and got.payload == {"n": 1}
+        stepped = events(s, "clock stepped")
+        assert stepped
+        # Not held for ever: gone within a lifetime of the step (and the reaper's round).
+        wait_until(lambda: not s.backend.db.rows(  # type: ignore[attr-defined]
+            "SELECT 1 FROM messages WHERE topic = 'never'"), timeout=life + 5)
+        assert mono() - sent > life
+    finally:
+        reap_children([reaper.p])
+        coord.instances.close_all()
+        s.close()
+
+
+def test_a_server_clock_step_back_delays_a_takeover_by_the_step(url: str) -> None:
+    """A step back is not held nor undone: a lease that is not renewed (its holder
+    SIGSTOPped) expires as late as the step was long, by the server's clock — late, never
+    early, and not for ever: the candidate takes it over then."""
+    back = 3 * TTL
+    watcher = coord.Store(url)
+    holder = Child(CANDIDATE, url, "first", str(TTL), LEASE)
+    children = [holder]
+    try:
+        holder.wait_for("holds")
+        candidate = Child(CANDIDATE, url, "second", str(TTL), LEASE)
+        children.append(candidate)
+        candidate.wait_for("waiting")
+        stop_outside_a_write(watcher, holder.p)
+        rec = watcher.backend.leases.get(LEASE)
+        due = mono() + (rec.expires_in or 0.0) if rec is not None else 0.0
+        move_server_clock(watcher, -back)
+        at, _ = candidate.wait_for("holds", timeout=TTL + back + 10)
+        assert due + back - 0.1 <= at <= due + back + 2, (at - due, back)
+        assert not events(watcher, "clock stepped")
+    finally:
+        reap_children([c.p for c in children])
+        coord.instances.close_all()
+        watcher.close()
+
+
+def test_a_version_1_schema_is_brought_to_the_hold(pg_url: str) -> None:
+    """A deployment made at schema version 1 gets ``coord_expiry`` when a coord of version 2
+    opens it; the rule: a stamp, or one ttl after the step was seen when that is later (a
+    claim made before the migration has no lease recorded: never held back)."""
+    from coord.backend.postgresql.opening import latest_version, migrations
+
+    with fresh_schema(pg_url) as u:
+        schema = parse_qs(urlparse(u).query)["schema"][0]
+        with psycopg.connect(pg_url, autocommit=True) as c:
+            c.execute(f'CREATE SCHEMA "{schema}"')
+            c.execute(f'SET search_path = "{schema}"')
+            c.execute(migrations()[0][2].encode())
+            c.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
+        s = coord.Store(u)
+        try:
+            assert s.backend.meta.version() == latest_version() == 2
+            db = s.backend.db  # type: ignore[attr-defined]
+
+            def expiry(stamp: float | None, ttl: float | None) -> float | None:
+                return db.value("SELECT coord_expiry(%s, %s)", (stamp, ttl))  # type: ignore[no-any-return]
+
+            s.backend.clock.epoch()  # the epoch row, with no step seen
+            assert (expiry(10.0, 3.0), expiry(10.0, None), expiry(None, 3.0)) == (10.0, 10.0, None)
+            db.write(lambda c: c.execute("UPDATE server_epoch SET held_since = 100"))
+            assert (expiry(10.0, 3.0), expiry(200.0, 3.0), expiry(10.0, None)) == (103.0, 200.0, 10.0)
+        finally:
+            s.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ..records import Problem
+from .clock import LEASE_EXPIRY
 from .opening import latest_version, schema_version
 
 if TYPE_CHECKING:
@@ -53,14 +54,15 @@ UNION ALL SELECT 'terms', format('term %s was handed out %s times', term, count(
   FROM lease_terms GROUP BY term HAVING count(*) > 1
 UNION ALL SELECT 'leases', format('lease %L of %s is past its TTL, awaiting takeover or the '
        'reaper', name, holder_id), true
-  FROM leases WHERE holder_id IS NOT NULL AND expires_mono < coord_now()
+  FROM leases WHERE holder_id IS NOT NULL AND LEASE_EXPIRY < coord_now()
 UNION ALL SELECT 'terms', format('lease %L term %s was granted after a later term',
        a.name, a.term), false
   FROM lease_terms a JOIN lease_terms b ON a.name = b.name AND b.term > a.term
    AND b.acquired_at < a.acquired_at
 UNION ALL SELECT 'jobs', format('job %s is finished without a finish time', id), false
   FROM jobs WHERE state IN ('done', 'dead', 'cancelled') AND finished_at IS NULL
-""".replace("%", "%%")  # bound as a query with parameters: format()'s own % stay literal
+""".replace("%", "%%").replace("LEASE_EXPIRY", LEASE_EXPIRY)
+# (bound as a query with parameters: format()'s own % stay literal)
 
 _COUNTERS = (
     ("incarnation", "incarnation_seq", "SELECT max(incarnation) FROM instances"),

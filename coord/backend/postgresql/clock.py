@@ -15,30 +15,51 @@ liveness.judge``). A reader's first reading has nothing to compare with: a step 
 the first process that reads the clock twice around it (the reaper, a long-lived instance,
 a listing loop); until then a one-shot reader sees what the step did. A step backward only
 makes heartbeats look younger (verdicts come later): it is not acted on.
+
+Every other expiry is held back alike, in SQL: ``coord_expiry(stamp, ttl)`` (schema version
+2) is when a row stamped to expire at ``stamp`` expires, no sooner than one ``ttl`` after the
+step was seen; each table's stamp and ttl are named once below (``LEASE_EXPIRY`` …). A
+verdict that frees something on expiry (a takeover, a claim or lease released, a message
+removed) reads the clock in its own transaction (``checked``, ``verify``): when that reading
+is the one that finds the step, the verdict did not count the hold, and the transaction is
+run again (the hold is committed on a connection of its own first). A refused renewal,
+fenced write, extension or ack reads the clock likewise (``verify``, ``stepped``) before it
+counts as lost.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from psycopg import errors as pgerrors
 
 from ...clock import SYSTEM
+from .connection import fetch, translated
 from .events import log_event
 from .opening import server_epoch
 
 if TYPE_CHECKING:
-    from .connection import Conn, PgDb
+    from .connection import Conn, PgDb, Row
 
 #: Seconds the server's clock may run ahead of a reader's monotonic clock between two of
 #: its readings before it counts as a step.
 STEP_TOLERANCE = 1.0
 
+#: When each kind of row expires, by the one rule (``coord_expiry`` in the schema): a lease
+#: (its TTL), a claim (its lease), a message (its lifetime), a heartbeat (its TTL).
+LEASE_EXPIRY = "coord_expiry(expires_mono, ttl)"
+CLAIM_EXPIRY = "coord_expiry(claim_expires_mono, claim_lease)"
+MESSAGE_EXPIRY = "coord_expiry(expires_mono, expires_mono - created_at)"
+HEARTBEAT_EXPIRY = "coord_expiry(heartbeat_mono + ttl, ttl)"
+
 _READ = "SELECT coord_now() AS now, (SELECT held_since FROM server_epoch) AS held"
 _HOLD = (
     "INSERT INTO server_epoch (token, since, held_since) VALUES (md5(random()::text), "
     "extract(epoch FROM clock_timestamp()), coord_now()) "
-    "ON CONFLICT (one) DO UPDATE SET held_since = excluded.held_since RETURNING held_since")
+    "ON CONFLICT (one) DO UPDATE SET held_since = "
+    "greatest(server_epoch.held_since, excluded.held_since) RETURNING held_since")
 
 
 class ServerClock:
@@ -60,32 +81,82 @@ class ServerClock:
         self.held_since: float | None = None
 
     def now(self) -> float:
+        return self._read()[0]
+
+    def stepped(self) -> bool:
+        """Read the server's clock: whether this reading found a step, or a hold recorded
+        since the last (a refusal made just before may not have counted it: it is tried
+        again)."""
+        held = self.held_since
+        return self._read()[1] or self.held_since != held
+
+    def _read(self) -> tuple[float, bool]:
         before = self._mono()
         row = self._db.row(_READ)
         after = self._mono()
         assert row is not None
         self.held_since = None if row["held"] is None else float(row["held"])
         now = float(row["now"])
-        self.observe(now, before, after)
-        return now
+        return now, self.observe(now, before, after)
 
-    def observe(self, now: float, before: float, after: float) -> None:
+    def observe(self, now: float, before: float, after: float) -> bool:
         """Compare a reading of ``coord_now()`` taken by a call that ran between ``before``
-        and ``after`` on this store's monotonic clock with the previous one; record a step.
-        Any statement that returns ``coord_now()`` can feed it (a heartbeat, for one)."""
+        and ``after`` on this store's monotonic clock with the previous one; record a step,
+        and say whether one was found. Any statement that returns ``coord_now()`` can feed
+        it (a claim, for one)."""
         real = self._real() if self._real is not None else 0.0
         with self._lock:
             last, self._last = self._last, (before, now, after, real)
-        if last is not None:
-            step = (now - last[1]) - (after - last[0]) - (real - last[3])
-            if step > STEP_TOLERANCE:
-                self.held_since = self._db.write(lambda c: self._hold(c, step))
+        if last is None:
+            return False
+        step = (now - last[1]) - (after - last[0]) - (real - last[3])
+        if step <= STEP_TOLERANCE:
+            return False
+        self.held_since = self._hold(step)
+        return True
 
-    @staticmethod
-    def _hold(c: Conn, step: float) -> float:
-        row = c.execute(_HOLD).fetchone()
-        assert row is not None
-        log_event(c, "clock stepped", None, None, at_least_s=round(step, 3))
+    def rows(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Row]:
+        """A read whose first row carries ``now_mono`` (a reading of ``coord_now()``),
+        observed."""
+        before = self._mono()
+        rows = self._db.rows(sql, params)
+        if rows:
+            self.observe(float(rows[0]["now_mono"]), before, self._mono())
+        return rows
+
+    def checked(self, c: Conn, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()
+                ) -> list[Row]:
+        """The rows of a statement of the caller's transaction whose first row carries
+        ``now_mono``. When that reading finds a step, a verdict made on it did not count
+        the hold: the transaction is rolled back to be run again (as after a lost race)."""
+        before = self._mono()
+        rows = fetch(c, sql, params)
+        if rows and self.observe(float(rows[0]["now_mono"]), before, self._mono()):
+            raise pgerrors.SerializationFailure("the server's clock stepped: run again")
+        return rows
+
+    def verify(self, c: Conn) -> None:
+        """At the end of a transaction whose verdicts freed or refused something on expiry:
+        run it again if the server's clock stepped before them (see ``checked``)."""
+        self.checked(c, "SELECT coord_now() AS now_mono")
+
+    def verified(self, c: Conn, freed: int) -> int:
+        """``freed`` (how many rows a verdict freed on expiry), verified when not 0."""
+        if freed:
+            self.verify(c)
+        return freed
+
+    def _hold(self, step: float) -> float:
+        """Record the step, on a connection of its own: committed whatever becomes of the
+        transaction the reading was taken in."""
+        c = self._db.connect()
+        try:
+            with translated(self._db.where), c.transaction():
+                row = c.execute(_HOLD).fetchone()
+                assert row is not None
+                log_event(c, "clock stepped", None, None, at_least_s=round(step, 3))
+        finally:
+            self._db.discard(c)
         return float(row["held_since"])
 
     def epoch(self) -> str:

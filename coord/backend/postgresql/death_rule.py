@@ -1,6 +1,8 @@
 """The PostgreSQL engine's ``DeathRule``: each state change of ``coord.reaper``'s table, one
-short transaction each, every expiry compared in SQL with ``coord_now()``. The in-transaction
-parts shared with takeovers and claims are in ``.death``.
+short transaction each, every expiry compared in SQL with ``coord_now()`` by the one rule
+(``.clock``: held back after a step of that clock; a sweep that freed something verifies the
+clock before it commits). The in-transaction parts shared with takeovers and claims are in
+``.death``.
 
 Host-local facts stay host-local: tracked processes are probed and marked exited only for
 rows of this host's boot, and a boot rebase buries only this machine's rows of a boot that
@@ -14,15 +16,20 @@ from typing import TYPE_CHECKING, Any
 
 from ...clock import boot_id
 from ..records import Member
+from .clock import CLAIM_EXPIRY, HEARTBEAT_EXPIRY, MESSAGE_EXPIRY
 from .connection import Conn, fetch
 from .death import MEMBERS, bury_many, kept, release_claims, split
 from .events import log_event
 from .liveness import machine_id
 
 if TYPE_CHECKING:
+    from .clock import ServerClock
     from .connection import PgDb, Row
     from .liveness import PgLiveness
 
+#: A message past its lifetime; the first term (implied by the second) lets the expiry index
+#: find the candidates.
+_MESSAGE_EXPIRED = f"expires_mono < coord_now() AND {MESSAGE_EXPIRY} < coord_now()"
 _FINISHED = "state IN ('done', 'dead', 'cancelled') AND finished_mono < coord_now() - %s"
 
 
@@ -34,7 +41,7 @@ def bury_if_still_dead(c: Conn, rows: Sequence[Row], verdict: str) -> list[Membe
         ids, incs = split(members)
         members = [(r["id"], int(r["incarnation"])) for r in fetch(
             c, "SELECT id, incarnation FROM instances WHERE status = 'alive' AND "  # noqa: S608 - fixed fragments, values bound
-            f"(id, incarnation) IN ({MEMBERS}) AND coord_now() - heartbeat_mono > ttl "
+            f"(id, incarnation) IN ({MEMBERS}) AND {HEARTBEAT_EXPIRY} < coord_now() "
             "ORDER BY id FOR UPDATE", (ids, incs))]
     return bury_many(c, members, reason=verdict)
 
@@ -42,8 +49,9 @@ def bury_if_still_dead(c: Conn, rows: Sequence[Row], verdict: str) -> list[Membe
 class PgDeathRule:
     """``coord.backend.DeathRule``."""
 
-    def __init__(self, db: PgDb, liveness: PgLiveness) -> None:
+    def __init__(self, db: PgDb, clock: ServerClock, liveness: PgLiveness) -> None:
         self._db = db
+        self._clock = clock
         self._liveness = liveness
 
     def alive(self) -> list[Row]:
@@ -72,22 +80,20 @@ class PgDeathRule:
     def expired(self, retention: float) -> dict[str, int]:
         row = self._db.row(
             "SELECT (SELECT count(*) FROM jobs WHERE state = 'claimed' "  # noqa: S608 - fixed fragments, values bound
-            "AND claim_expires_mono < coord_now()) AS claims, "
-            "(SELECT count(*) FROM messages WHERE expires_mono < coord_now()) AS messages, "
+            f"AND {CLAIM_EXPIRY} < coord_now()) AS claims, "
+            f"(SELECT count(*) FROM messages WHERE {_MESSAGE_EXPIRED}) AS messages, "
             f"(SELECT count(*) FROM jobs WHERE {_FINISHED}) AS jobs", (retention,))
         assert row is not None
         return {k: int(v) for k, v in row.items()}
 
     def release_expired_claims(self, limit: int) -> int:
-        return self._db.write(lambda c: release_claims(
-            c, "claim_expires_mono < coord_now()", (), error="claim lease expired",
-            limit=limit))
+        return self._db.write(lambda c: self._clock.verified(c, release_claims(
+            c, f"{CLAIM_EXPIRY} < coord_now()", (), error="claim lease expired", limit=limit)))
 
     def expire_messages(self, limit: int) -> int:
-        return self._db.write(lambda c: c.execute(
-            "DELETE FROM messages WHERE id IN (SELECT id FROM messages "
-            "WHERE expires_mono < coord_now() LIMIT %s FOR UPDATE SKIP LOCKED)", (limit,)
-        ).rowcount)
+        return self._db.write(lambda c: self._clock.verified(c, c.execute(
+            "DELETE FROM messages WHERE id IN (SELECT id FROM messages "  # noqa: S608 - fixed fragments
+            f"WHERE {_MESSAGE_EXPIRED} LIMIT %s FOR UPDATE SKIP LOCKED)", (limit,)).rowcount))
 
     def purge_finished_jobs(self, retention: float, limit: int) -> int:
         return self._db.write(lambda c: c.execute(

@@ -9,15 +9,16 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..records import Member
+from .clock import LEASE_EXPIRY
 from .connection import Conn, fetch
 from .death import MEMBERS, free_lease_row, split
 from .events import log_event
 
 _HELD = ("SELECT holder_id, holder_incarnation, expires_mono FROM leases "
          "WHERE name = %s AND term = %s AND holder_id IS NOT NULL FOR UPDATE")
-_HELD_LAPSED = ("SELECT holder_id, holder_incarnation, expires_mono FROM leases "
+_HELD_LAPSED = ("SELECT holder_id, holder_incarnation, expires_mono FROM leases "  # noqa: S608 - fixed fragments
                 "WHERE name = %s AND term = %s AND holder_id IS NOT NULL "
-                "AND expires_mono < coord_now() FOR UPDATE")
+                f"AND {LEASE_EXPIRY} < coord_now() FOR UPDATE")
 
 _HELD_BY = ("SELECT name, term, holder_id FROM leases WHERE (holder_id, holder_incarnation) "  # noqa: S608 - fixed text
             "IN (" + MEMBERS + ") ORDER BY name FOR UPDATE")
@@ -55,6 +56,6 @@ def free_held(c: Conn, members: Sequence[Member], reason: str) -> int:
 
 def expire_lapsed(c: Conn) -> int:
     """Free every lease whose TTL has passed by the server's clock. Returns how many."""
-    lapsed = fetch(c, "SELECT name, term FROM leases WHERE holder_id IS NOT NULL "
-                   "AND expires_mono < coord_now() ORDER BY name")
+    lapsed = fetch(c, "SELECT name, term FROM leases WHERE holder_id IS NOT NULL "  # noqa: S608 - fixed fragments
+                   f"AND {LEASE_EXPIRY} < coord_now() ORDER BY name")
     return sum(free_term(c, r["name"], int(r["term"]), "expired", lapsed=True) for r in lapsed)

@@ -1,6 +1,8 @@
 """The PostgreSQL engine's leases: ``leases`` (one row per name) and ``lease_terms`` (one row
 per term held), terms from ``term_seq``, expiry stamped and compared in SQL with
-``coord_now()`` (the server's clock).
+``coord_now()`` (the server's clock), held back after a step of that clock
+(``LEASE_EXPIRY``, see ``.clock``): a takeover's verdict is made on readings that would
+find the step, and a renewal's reading is one, so a live holder keeps its lease.
 
 Taking locks, in the engine's order (instances before leases): the taker's own instance row
 ``FOR SHARE`` (it cannot be buried while it takes), the holder's row ``FOR UPDATE`` (a holder
@@ -20,6 +22,7 @@ from psycopg import errors as pgerrors
 from ...clock import boot_id
 from ...errors import LeaseLost, NotRegistered
 from ..records import LeaseRecord, LeaseTaken, Member
+from .clock import LEASE_EXPIRY
 from .connection import Conn, fetch, scalar
 from .death import bury_many
 from .events import log_event
@@ -28,6 +31,7 @@ from .queue_rows import into_queue, put_in
 
 if TYPE_CHECKING:
     from ..queue_ops import NewJobRow
+    from .clock import ServerClock
     from .connection import PgDb, Row
     from .kv import PgKv
     from .liveness import PgLiveness
@@ -35,11 +39,11 @@ if TYPE_CHECKING:
 #: Statements of a fenced write: (SQL with %s placeholders, parameters).
 Statements = Sequence[tuple[str, "tuple[Any, ...] | dict[str, Any]"]]
 
-#: A lease row with the server's clock read in the same statement.
-_SELECT = "SELECT *, coord_now() AS now_mono FROM leases"
+#: A lease row with the server's clock read in the same statement, and when it expires.
+_SELECT = f"SELECT *, coord_now() AS now_mono, {LEASE_EXPIRY} AS until_mono FROM leases"  # noqa: S608
 
-_CURRENT = ("SELECT 1 FROM leases WHERE name = %s AND term = %s AND holder_id IS NOT NULL "
-            "AND expires_mono >= coord_now() FOR SHARE")
+_CURRENT = ("SELECT 1 FROM leases WHERE name = %s AND term = %s AND holder_id IS NOT NULL "  # noqa: S608 - fixed fragments
+            f"AND {LEASE_EXPIRY} >= coord_now() FOR SHARE")
 _CURRENT_FOR_UPDATE = _CURRENT.replace("FOR SHARE", "FOR UPDATE")
 
 _TAKE = (
@@ -54,6 +58,14 @@ _TAKE = (
     "SELECT name, term, holder_id, holder_incarnation, coord_now() FROM l RETURNING term"
 )
 
+# A renewal, and a reading of the server's clock taken after its verdict.
+_RENEW = (
+    "WITH r AS (UPDATE leases SET renewed_at = coord_now(), expires_mono = coord_now() + %s "  # noqa: S608 - fixed fragments
+    "WHERE name = %s AND term = %s AND holder_id = %s AND holder_incarnation = %s "
+    f"AND {LEASE_EXPIRY} >= coord_now() RETURNING 1) "
+    "SELECT EXISTS (SELECT 1 FROM r) AS ok, coord_now() AS now_mono"
+)
+
 
 def _member(id: Any, incarnation: Any) -> Member | None:
     return None if id is None else (str(id), int(incarnation))
@@ -65,26 +77,33 @@ def _record(row: Row) -> LeaseRecord:
         name=row["name"], holder=_member(row["holder_id"], row["holder_incarnation"]),
         term=int(row["term"]), ttl=row["ttl"], acquired_at=row["acquired_at"],
         renewed_at=row["renewed_at"],
-        expires_in=(row["expires_mono"] - row["now_mono"])
-        if held and row["expires_mono"] is not None else None,
+        expires_in=(row["until_mono"] - row["now_mono"])
+        if held and row["until_mono"] is not None else None,
         pgid=row["pgid"], pg_start_token=row["pg_start_token"],
         pg_holder=_member(row["pg_holder_id"], row["pg_holder_incarnation"]),
     )
 
 
+def _expired(row: Row) -> bool:
+    """Whether a lease row read with ``_SELECT`` was past its expiry at that reading."""
+    return row["until_mono"] is None or row["until_mono"] < row["now_mono"]
+
+
 class PgLeases:
     """``coord.backend.LeaseOps``."""
 
-    def __init__(self, db: PgDb, liveness: PgLiveness, kv: PgKv) -> None:
+    def __init__(self, db: PgDb, clock: ServerClock, liveness: PgLiveness, kv: PgKv) -> None:
         self._db = db
+        self._clock = clock
         self._liveness = liveness
         self._kv = kv
 
     # -- reads --------------------------------------------------------------------------------
 
     def get(self, name: str) -> LeaseRecord | None:
-        row = self._db.row(f"{_SELECT} WHERE name = %s", (name,))
-        return None if row is None else _record(row)
+        # Observed: a waiting candidate's look can be the reading that finds a step.
+        rows = self._clock.rows(f"{_SELECT} WHERE name = %s", (name,))
+        return _record(rows[0]) if rows else None
 
     def every(self, *, held_only: bool = False) -> list[LeaseRecord]:
         where = " WHERE holder_id IS NOT NULL" if held_only else ""
@@ -126,7 +145,7 @@ class PgLeases:
             if row is not None and row["holder_id"] is not None:
                 previous = str(row["holder_id"])
                 holder = (previous, int(row["holder_incarnation"]))
-                expired = row["expires_mono"] is None or row["expires_mono"] < row["now_mono"]
+                expired = _expired(row)
                 if holder == (me[0], int(me[1])) and not expired:
                     return me[0]
                 alive, verdict = self._liveness.judge(hrow) if hrow else (False, "gone")
@@ -176,11 +195,10 @@ class PgLeases:
     def _held_by_another(self, c: Conn, name: str, me: Member) -> str | None:
         """The holder's id when another live instance holds ``name`` unexpired, read without
         locks: candidates that poll a held lease do not queue on its holder's row."""
-        rows = fetch(c, f"{_SELECT} WHERE name = %s", (name,))
+        rows = self._clock.checked(c, f"{_SELECT} WHERE name = %s", (name,))
         row = rows[0] if rows else None
         holder = None if row is None else _member(row["holder_id"], row["holder_incarnation"])
-        if (row is None or holder is None or holder == (me[0], int(me[1]))
-                or row["expires_mono"] is None or row["expires_mono"] < row["now_mono"]):
+        if row is None or holder is None or holder == (me[0], int(me[1])) or _expired(row):
             return None
         inst = fetch(c, "SELECT * FROM instances WHERE id = %s AND incarnation = %s", holder)
         if not inst or not self._liveness.judge(inst[0])[0]:
@@ -207,7 +225,7 @@ class PgLeases:
                 # Claim the name (a free row of no term) so that takers queue on its lock.
                 c.execute("INSERT INTO leases (name, term, ttl) VALUES (%s, 0, 0) "
                           "ON CONFLICT (name) DO NOTHING", (name,))
-            rows = fetch(c, f"{_SELECT} WHERE name = %s FOR UPDATE", (name,))
+            rows = self._clock.checked(c, f"{_SELECT} WHERE name = %s FOR UPDATE", (name,))
             row = rows[0]
             if _member(row["holder_id"], row["holder_incarnation"]) == holder:
                 return (None if row["term"] == 0 else row), hrow
@@ -216,13 +234,10 @@ class PgLeases:
 
     def renew(self, name: str, term: int, holder: Member, ttl: float) -> bool:
         def txn(c: Conn) -> bool:
-            if fetch(c, "UPDATE leases SET renewed_at = coord_now(), "
-                     "expires_mono = coord_now() + %s WHERE name = %s AND term = %s "
-                     "AND holder_id = %s AND holder_incarnation = %s "
-                     "AND expires_mono >= coord_now() RETURNING 1",
-                     (ttl, name, term, *holder)):
+            # Checked: the holder's own renewal finds a step, and is then made under the hold.
+            if self._clock.checked(c, _RENEW, (ttl, name, term, *holder))[0]["ok"]:
                 return True
-            free_term(c, name, term, "expired", holder, lapsed=True)
+            self._clock.verified(c, free_term(c, name, term, "expired", holder, lapsed=True))
             return False
 
         return self._db.write(txn)
@@ -235,11 +250,11 @@ class PgLeases:
         return self._db.write(lambda c: free_held(c, list(members), reason))
 
     def expire(self) -> int:
-        return self._db.write(expire_lapsed)
+        return self._db.write(lambda c: self._clock.verified(c, expire_lapsed(c)))
 
     def lapsed(self) -> int:
-        return int(self._db.value("SELECT count(*) FROM leases WHERE holder_id IS NOT NULL "
-                                  "AND expires_mono < coord_now()"))
+        return int(self._db.value("SELECT count(*) FROM leases WHERE holder_id IS NOT NULL "  # noqa: S608 - fixed fragments
+                                  f"AND {LEASE_EXPIRY} < coord_now()"))
 
     def record_group(self, name: str, term: int, pgid: int | None, token: int | None,
                      holder: Member | None) -> None:
@@ -322,4 +337,5 @@ class PgLeases:
         """Hold the lease row until commit (to ``change`` it: exclusively), or ``LeaseLost``
         unless ``term`` is current."""
         if not fetch(c, _CURRENT_FOR_UPDATE if change else _CURRENT, (name, term)):
+            self._clock.verify(c)  # refused before a step was seen: checked under the hold
             raise LeaseLost(name, term)

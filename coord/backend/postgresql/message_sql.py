@@ -17,6 +17,7 @@ Each keeps the rules of the transaction it replaces (``.messages``):
 
 from __future__ import annotations
 
+from .clock import MESSAGE_EXPIRY
 from .listen import INBOX_CHANNEL_SQL
 
 # Replies this instance took and has not deleted yet.
@@ -69,7 +70,7 @@ SEND = (
 RECEIVE = (
     "WITH cand AS (SELECT id FROM messages WHERE recipient_id = %(me)s AND acked = 0 "  # noqa: S608 - fixed fragments
     "AND kind <> 'reply' AND (delivered_incarnation IS NULL OR "
-    "delivered_incarnation <> %(inc)s) AND expires_mono > (SELECT coord_now()) "
+    f"delivered_incarnation <> %(inc)s) AND {MESSAGE_EXPIRY} > (SELECT coord_now()) "
     "AND (%(topic)s::text IS NULL OR topic = %(topic)s) ORDER BY seq LIMIT 1), "
     "owed AS (SELECT 1 FROM messages WHERE recipient_id = %(me)s AND acked = 0 "
     "AND delivered_incarnation = %(inc)s LIMIT 1), "
@@ -99,7 +100,7 @@ REPLY = (
     "WHERE id = %(me)s FOR SHARE), "
     "req AS (DELETE FROM messages WHERE id = %(rid)s AND recipient_id = %(me)s "
     "AND kind = 'request' AND (SELECT alive FROM mine) RETURNING sender_id, "
-    "sender_incarnation, topic, correlation_id, expires_mono), "
+    f"sender_incarnation, topic, correlation_id, {MESSAGE_EXPIRY} AS expires_mono), "
     "asker AS (SELECT i.id, i.nudge_path, i.boot_id, req.topic, req.correlation_id, "
     "req.expires_mono FROM instances AS i JOIN req ON i.id = req.sender_id "
     "AND i.incarnation = req.sender_incarnation WHERE i.status = 'alive' FOR SHARE OF i), "

@@ -2,8 +2,9 @@
 delivery rules; the SQLite engine's ``messages`` is the reference behaviour).
 
 - Expiry: ``expires_mono`` is stamped ``coord_now() + ttl`` and compared with ``coord_now()``
-  in SQL; no client's clock enters it. ``created_at``/``expires_at`` are the same instant on
-  the server's wall clock, for people.
+  in SQL by the one rule (``MESSAGE_EXPIRY``: held back after a step of the server's clock,
+  see ``.clock``); no client's clock enters it. ``created_at``/``expires_at`` are the same
+  instant on the server's wall clock, for people.
 - Arrival order is ``seq`` (an identity column): SQLite's rowid, which READ COMMITTED
   writers on several hosts cannot share.
 - A write by an instance first locks the instance rows it relies on (its own, and the
@@ -31,6 +32,7 @@ from ...errors import InvalidArgument, NotFound, NotRegistered, RecipientDead
 from .. import inbox_channel
 from ..records import Member, MessageRecord, Problem
 from . import message_sql
+from .clock import MESSAGE_EXPIRY
 from .connection import Conn, fetch
 from .death import MEMBERS, split
 from .events import log_event
@@ -342,7 +344,7 @@ class PgMessages:
             out.append(Problem(f"message {r['id']} is acked but never delivered"))
         for r in db.rows("SELECT id FROM messages WHERE expires_at < created_at"):
             out.append(Problem(f"message {r['id']} expires before it was created"))
-        n = db.value("SELECT count(*) FROM messages WHERE expires_mono < coord_now()")
+        n = db.value(f"SELECT count(*) FROM messages WHERE {MESSAGE_EXPIRY} < coord_now()")  # noqa: S608 - fixed fragments
         if n:
             out.append(Problem(f"{n} expired messages, awaiting the reaper", pending=True))
         return out

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from psycopg import errors as pgerrors
 
 from ...errors import InvalidArgument, NotFound
+from .clock import CLAIM_EXPIRY
 from .connection import Conn, fetch, scalar
 from .death import release_claims
 from .events import log_event
@@ -28,7 +29,7 @@ _COLUMNS = (
     "id, queue, state, priority, payload, dedupe_key, attempts, max_attempts, "
     "CASE WHEN state = 'ready' AND available_mono > n.t THEN available_mono - n.t "
     "ELSE 0.0 END AS available_in, created_at, claimed_by, "
-    "claim_expires_mono - n.t AS expires_in, last_error, result, finished_at"
+    f"{CLAIM_EXPIRY} - n.t AS expires_in, last_error, result, finished_at"
 )
 
 #: The creation time of a queue's oldest due ready job (in ``stats``).
@@ -220,7 +221,7 @@ class PgQueueUpkeep:
             out.append((f"job {r['id']} of a queue private to {r['owner_id']!r} is claimed by "
                         f"{r['claimed_by']!r}", False))
         for r in db.rows(
-            "SELECT id FROM jobs WHERE state = 'claimed' AND claim_expires_mono < coord_now()"
+            f"SELECT id FROM jobs WHERE state = 'claimed' AND {CLAIM_EXPIRY} < coord_now()"  # noqa: S608 - fixed fragments
         ):
             out.append((f"job {r['id']} is claimed past its lease, awaiting release", True))
         return out

@@ -19,9 +19,13 @@ is one statement here, or holds a row lock:
   foreign key check takes a key-share lock on that row). Dedupe is the unique index.
 
 Every expiry and delay is stamped and compared in SQL with ``coord_now()``, and what is read
-back of them is a duration computed there (``queue_upkeep.py`` for the rows). A transaction
-that makes a job ready and due sends ``NOTIFY`` on the queue's channel (``channel``): a hint
-for waiting claimers on any host; the nudge sockets still wake this host's waiters.
+back of them is a duration computed there (``queue_upkeep.py`` for the rows). A claim's
+expiry is held back after a step of that clock (``CLAIM_EXPIRY``, see ``.clock``): each
+claim's reading is observed, a release of expired claims verifies the clock before it
+commits, and a refused ack, extend, fail or release reads the clock before it counts. A
+transaction that makes a job ready and due sends ``NOTIFY`` on the queue's channel
+(``channel``): a hint for waiting claimers on any host; the nudge sockets still wake this
+host's waiters.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from psycopg import errors as pgerrors
 from ...clock import boot_id
 from ...errors import ClaimLost, InvalidArgument, NotRegistered, PermissionDenied
 from ..queue_ops import ImportRow, NewJobRow
+from .clock import CLAIM_EXPIRY
 from .connection import Conn, fetch
 from .death import release_claims
 from .events import log_event
@@ -41,6 +46,7 @@ from .queue_rows import CHANNEL, channel, claim_id, insert, into_queue, notify, 
 from .queue_upkeep import PgQueueUpkeep
 
 if TYPE_CHECKING:
+    from .clock import ServerClock
     from .connection import PgDb, Row
 
 
@@ -81,15 +87,17 @@ _CLAIM = (
     "got AS (UPDATE jobs j SET state = 'claimed', "
     " claim_token = j.id::text || '-' || substr(md5(gen_random_uuid()::text), 1, 16), "
     " claimed_by = %(id)s, claimed_incarnation = %(inc)s, "
-    " claim_expires_mono = (SELECT t FROM now) + %(lease)s, claimed_at = (SELECT t FROM now), "
+    " claim_expires_mono = (SELECT t FROM now) + %(lease)s, claim_lease = %(lease)s, "
+    " claimed_at = (SELECT t FROM now), "
     " attempts = j.attempts + 1 FROM picked WHERE j.id = picked.id "
     " RETURNING j.id, j.claim_token, j.priority, j.payload, j.dedupe_key, j.attempts - 1 AS "
     " attempts, j.max_attempts, j.created_at, j.last_error) "
-    "SELECT EXISTS (SELECT 1 FROM me) AS alive, (SELECT owner_id FROM q) AS owner, got.* "
+    "SELECT EXISTS (SELECT 1 FROM me) AS alive, (SELECT owner_id FROM q) AS owner, "
+    "(SELECT t FROM now) AS now_mono, got.* "
     "FROM (SELECT 1) one LEFT JOIN got ON true ORDER BY got.priority DESC, got.id"
 )
 # A claim is found by its job id and the whole token compared; a lease past its end is lost.
-_HELD = "id = %s AND claim_token = %s AND claim_expires_mono >= coord_now()"
+_HELD = f"id = %s AND claim_token = %s AND {CLAIM_EXPIRY} >= coord_now()"
 _ACK = (
     "UPDATE jobs SET state = 'done', claim_token = NULL, claim_expires_mono = NULL, "  # noqa: S608
     f"result = %s, finished_at = coord_now(), finished_mono = coord_now() WHERE {_HELD}"
@@ -97,15 +105,16 @@ _ACK = (
 _READY = ("SELECT 1 FROM jobs WHERE state = 'ready' AND queue = %s "
           "AND available_mono <= coord_now() LIMIT 1")
 # Who is still owed an answer: a back-to-ready of this kind is a no-op unless expired.
-_EXPIRED = "id = %s AND claim_token = %s AND claim_expires_mono < coord_now()"
+_EXPIRED = f"id = %s AND claim_token = %s AND {CLAIM_EXPIRY} < coord_now()"
 
 
 class PgQueues(PgQueueUpkeep):
     """``coord.backend.QueueOps`` on PostgreSQL: the hot path here, the upkeep and reading
     in ``PgQueueUpkeep`` (``queue_upkeep.py``)."""
 
-    def __init__(self, db: PgDb) -> None:
+    def __init__(self, db: PgDb, clock: ServerClock) -> None:
         self._db = db
+        self._clock = clock
 
     def channel(self, queue: str) -> str:
         """The ``NOTIFY`` channel a waiter on ``queue`` listens on."""
@@ -180,12 +189,13 @@ class PgQueues(PgQueueUpkeep):
               ) -> list[tuple[str, tuple[Any, ...]]]:
         params = {"id": id, "inc": incarnation, "queue": queue, "lease": float(lease), "n": n}
         if not acks:
-            # One statement in autocommit: the common claim costs one round trip.
-            return self._claimed(queue, id, self._db.rows(_CLAIM, params))
+            # One statement in autocommit: the common claim costs one round trip. Its
+            # reading is observed: every worker can notice a step of the server's clock.
+            return self._claimed(queue, id, self._clock.rows(_CLAIM, params))
 
         def txn(c: Conn) -> tuple[list[str], list[Row]]:
             lost = self._ack_pairs(c, acks)
-            return (lost, []) if lost else ([], fetch(c, _CLAIM, params))
+            return (lost, []) if lost else ([], self._clock.checked(c, _CLAIM, params))
 
         # Refused claims still commit the acks made before them: raised after the commit.
         lost, got = self._db.write(txn)
@@ -212,9 +222,9 @@ class PgQueues(PgQueueUpkeep):
     def next_due(self, queue: str) -> float | None:
         # least() skips a NULL, as SQLite's min() over the two does; one reading of the clock.
         got = self._db.value(
-            "SELECT least((SELECT min(available_mono) FROM jobs WHERE queue = %(q)s "
+            "SELECT least((SELECT min(available_mono) FROM jobs WHERE queue = %(q)s "  # noqa: S608
             "AND state = 'ready' AND available_mono > n.t), "
-            "(SELECT min(claim_expires_mono) FROM jobs WHERE queue = %(q)s "
+            f"(SELECT min({CLAIM_EXPIRY}) FROM jobs WHERE queue = %(q)s "
             "AND state = 'claimed')) - n.t AS t FROM (SELECT coord_now() AS t) n", {"q": queue})
         return None if got is None else float(got)
 
@@ -230,12 +240,12 @@ class PgQueues(PgQueueUpkeep):
             "SELECT count(*) FROM jobs WHERE queue = %s AND state = 'claimed'", (queue,)))
 
     def release_expired(self, queue: str) -> int:
-        where = "queue = %s AND claim_expires_mono < coord_now()"
+        where = f"queue = %s AND {CLAIM_EXPIRY} < coord_now()"
         if not self._db.value(
                 f"SELECT 1 FROM jobs WHERE state = 'claimed' AND {where} LIMIT 1", (queue,)):  # noqa: S608
             return 0
-        return self._db.write(lambda c: release_claims(c, where, (queue,),
-                                                       error="claim lease expired"))
+        return self._db.write(lambda c: self._clock.verified(c, release_claims(
+            c, where, (queue,), error="claim lease expired")))
 
     def release_gone(self, who: str, incarnation: int) -> int:
         return self._db.write(lambda c: release_claims(
@@ -248,21 +258,31 @@ class PgQueues(PgQueueUpkeep):
         """The claim is gone or past its lease: if merely expired, release it now (the
         attempt counted). The operation that found it so changed nothing, so this is its
         own transaction (and usually finds nothing)."""
-        self._db.write(lambda c: release_claims(c, _EXPIRED, (claim_id(token), token),
-                                                error="claim lease expired"))
+        self._db.write(lambda c: self._clock.verified(c, release_claims(
+            c, _EXPIRED, (claim_id(token), token), error="claim lease expired")))
+
+    def _refused(self, token: str) -> bool:
+        """After an ack, extend or release found no claim: True when a reading of the
+        server's clock finds it stepped (the operation is tried again, under the hold);
+        else the claim, if merely expired, is released and False."""
+        if self._clock.stepped():
+            return True
+        self._expired_release(token)
+        return False
 
     def ack(self, token: str, result: str | None) -> bool:
         # One statement in autocommit: the common ack costs one round trip.
-        if self._db.rows(f"{_ACK} RETURNING 1 AS ok", (result, claim_id(token), token)):
-            return True
-        self._expired_release(token)
+        for _ in range(2):
+            if self._db.rows(f"{_ACK} RETURNING 1 AS ok", (result, claim_id(token), token)):
+                return True
+            if not self._refused(token):
+                break
         return False
 
     def ack_many(self, pairs: Sequence[tuple[str, str | None]]) -> list[str]:
         return self._db.write(lambda c: self._ack_pairs(c, pairs))
 
-    @staticmethod
-    def _ack_pairs(c: Conn, pairs: Sequence[tuple[str, str | None]]) -> list[str]:
+    def _ack_pairs(self, c: Conn, pairs: Sequence[tuple[str, str | None]]) -> list[str]:
         """Ack each (token, result) inside the caller's transaction; the tokens whose claim
         had moved on (each merely expired one released)."""
         first: dict[str, str | None] = {}  # a token given twice acks with its first result
@@ -270,11 +290,11 @@ class PgQueues(PgQueueUpkeep):
             first.setdefault(t, r)
         done = {str(r["claim_token"]) for r in fetch(
             c,
-            "UPDATE jobs j SET state = 'done', claim_token = NULL, claim_expires_mono = "
+            "UPDATE jobs j SET state = 'done', claim_token = NULL, claim_expires_mono = "  # noqa: S608
             "NULL, result = a.result, finished_at = coord_now(), finished_mono = coord_now() "
             "FROM unnest(%s::bigint[], %s::text[], %s::text[]) AS a(id, token, result) "
             "WHERE j.id = a.id AND j.claim_token = a.token "
-            "AND j.claim_expires_mono >= coord_now() RETURNING a.token AS claim_token",
+            f"AND {CLAIM_EXPIRY} >= coord_now() RETURNING a.token AS claim_token",
             ([claim_id(t) for t in first], list(first), list(first.values())))}
         # A token given twice acks once: its repeat has moved on (as one by one).
         lost = []
@@ -283,6 +303,8 @@ class PgQueues(PgQueueUpkeep):
                 done.discard(t)
             else:
                 lost.append(t)
+        if lost:
+            self._clock.verify(c)  # refused before a step was seen: acked again under the hold
         for t in lost:
             release_claims(c, _EXPIRED, (claim_id(t), t), error="claim lease expired")
         return lost
@@ -293,6 +315,7 @@ class PgQueues(PgQueueUpkeep):
             rows = fetch(c, "SELECT id, queue, attempts, max_attempts, claimed_by FROM jobs "  # noqa: S608
                          f"WHERE {_HELD} FOR UPDATE", (claim_id(token), token))
             if not rows:
+                self._clock.verify(c)  # refused before a step was seen: failed under the hold
                 release_claims(c, _EXPIRED, (claim_id(token), token),
                                error="claim lease expired")
                 return None
@@ -318,22 +341,27 @@ class PgQueues(PgQueueUpkeep):
         return self._db.write(txn)
 
     def extend(self, token: str, lease: float) -> bool:
-        if self._db.rows(
-            "UPDATE jobs SET claim_expires_mono = coord_now() + %s "  # noqa: S608
-            f"WHERE {_HELD} RETURNING 1 AS ok", (float(lease), claim_id(token), token)):
-            return True
-        self._expired_release(token)
+        for _ in range(2):
+            if self._db.rows(
+                "UPDATE jobs SET claim_expires_mono = coord_now() + %s, claim_lease = %s "  # noqa: S608
+                f"WHERE {_HELD} RETURNING 1 AS ok",
+                (float(lease), float(lease), claim_id(token), token)):
+                return True
+            if not self._refused(token):
+                break
         return False
 
     def release(self, token: str) -> str | None:
-        got = self._db.rows(
-            "WITH r AS (UPDATE jobs SET state = 'ready', claim_token = NULL, claimed_by = NULL, "  # noqa: S608
-            "claimed_incarnation = NULL, claim_expires_mono = NULL, "
-            "attempts = greatest(attempts - 1, 0), available_mono = coord_now() "
-            f"WHERE {_HELD} RETURNING queue) "
-            f"SELECT queue, pg_notify({CHANNEL.format('queue')}, '') IS NULL AS sent FROM r",
-            (claim_id(token), token))
-        if got:
-            return str(got[0]["queue"])
-        self._expired_release(token)
+        for _ in range(2):
+            got = self._db.rows(
+                "WITH r AS (UPDATE jobs SET state = 'ready', claim_token = NULL, "  # noqa: S608
+                "claimed_by = NULL, claimed_incarnation = NULL, claim_expires_mono = NULL, "
+                "attempts = greatest(attempts - 1, 0), available_mono = coord_now() "
+                f"WHERE {_HELD} RETURNING queue) "
+                f"SELECT queue, pg_notify({CHANNEL.format('queue')}, '') IS NULL AS sent FROM r",
+                (claim_id(token), token))
+            if got:
+                return str(got[0]["queue"])
+            if not self._refused(token):
+                break
         return None
