@@ -17,6 +17,7 @@ import pytest
 from conftest import spawn_python, stop_outside_a_write, wait_line, wait_until
 
 import coord
+from coord import nudge
 from coord.check import check
 from coord.errors import InvalidArgument, LeaseLost, LeaseNotAcquired
 from coord.leases import (
@@ -153,7 +154,7 @@ def test_context_manager_and_waiting_candidate_wakes_on_release(store: coord.Sto
         t.start()
         wait_until(lambda: list((store.side_dir("waiters")).iterdir()))  # b is waiting
         assert lease.held
-        if not coord.nudge.is_abstract(b.nudge_path):
+        if not nudge.is_abstract(b.nudge_path):
             # The waiter's entry leads to b's socket (a release nudges through it) by a
             # short relative link: no disk block to free when it is removed at takeover.
             [entry] = store.side_dir("waiters").iterdir()
