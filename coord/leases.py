@@ -163,6 +163,7 @@ def try_acquire(
     on_lost: LostCallback | None = None,
     renew: bool = True,
     grace: float | None = None,
+    _after: list[Callable[[], None]] | None = None,
 ) -> Lease | None:
     """Take ``name`` now if it is free, expired, or its holder is dead; else None.
     Raises ``NotRegistered`` when ``inst`` is closed or was declared dead.
@@ -189,7 +190,14 @@ def try_acquire(
         if settle:  # the tree is ended from the dead holder's records: bury it first
             bury_previous(store, inst, got)
         else:  # off the caller's path: the lease is ours, readers see the holder dead
-            later(inst, lambda: bury_previous(store, inst, got), BURY_DELAY)
+            def bury() -> None:
+                later(inst, lambda: bury_previous(store, inst, got), BURY_DELAY)
+            # ``acquire`` schedules it once its own clean-up is done: the keeper thread this
+            # wakes would otherwise take the interpreter from the caller before it returns.
+            if _after is None:
+                bury()
+            else:
+                _after.append(bury)
     inst.log.info("acquired lease %r term %d", name, got.term)
     if settle:
         try:
@@ -228,6 +236,7 @@ def acquire(
         return lease
     watch = LeaseWatch(store, name, on_wait)
     waiter: str | None = None
+    after: list[Callable[[], None]] = []
 
     def check() -> str | None:
         if cancel is not None and cancel.is_set():
@@ -279,12 +288,15 @@ def acquire(
                 raise LeaseNotAcquired(name, holder_of(store, name))
             if why is None or why == "defer":
                 continue
-            lease = try_acquire(inst, name, ttl=ttl, on_lost=on_lost, renew=renew, grace=grace)
+            lease = try_acquire(inst, name, ttl=ttl, on_lost=on_lost, renew=renew, grace=grace,
+                                _after=after)
             if lease is not None:
                 return lease
     finally:
         remove_waiter(waiter)
         watch.close()
+        for fn in after:
+            fn()
 
 
 # -- an operator's release ------------------------------------------------------------------

@@ -86,6 +86,11 @@ def test_json_names_the_run_and_the_targets(run: tuple[str, list[dict[str, Any]]
     queue = next(s for s in sections if s["section"] == "queue")
     limits = {w["work"]: [r["impl"] for r in w["references"] if r["limit"]] for w in queue["works"]}
     assert all(v == ["minimal queue"] for v in limits.values()), limits
+    failover = next(s for s in sections if s["section"] == "failover")
+    takeover = next(w for w in failover["works"] if w["work"] == "SIGKILL holder → next holder")
+    # The kernel's handover between processes as big as coord's is the limit: the same exit.
+    assert [r["impl"] for r in takeover["references"] if r["limit"]] == [
+        "kernel lock (F_SETLKW), coord-sized processes"]
 
 
 @pytest.mark.timeout(200)

@@ -17,6 +17,7 @@ import pytest
 from conftest import spawn_python, stop_outside_a_write, wait_line, wait_until
 
 import coord
+from coord import nudge
 from coord.check import check
 from coord.errors import InvalidArgument, LeaseLost, LeaseNotAcquired
 from coord.leases import (
@@ -153,6 +154,13 @@ def test_context_manager_and_waiting_candidate_wakes_on_release(store: coord.Sto
         t.start()
         wait_until(lambda: list((store.side_dir("waiters")).iterdir()))  # b is waiting
         assert lease.held
+        if not nudge.is_abstract(b.nudge_path):
+            # The waiter's entry leads to b's socket (a release nudges through it) by a
+            # short relative link: no disk block to free when it is removed at takeover.
+            [entry] = store.side_dir("waiters").iterdir()
+            target = os.readlink(entry)
+            assert not os.path.isabs(target) and len(target) < 60, target
+            assert os.path.samefile(entry, b.nudge_path)
     t.join(30)
     assert got and got[0].term > lease.term and got[0].held
     assert not list(store.side_dir("waiters").iterdir())  # the waiter cleaned up
