@@ -326,8 +326,17 @@ def nudge_waiters(store: Store, name: str) -> None:
     """Wake the candidate that has waited longest for ``name`` (the others see the change
     and re-check); forget those whose process is gone."""
     first = first_waiter(store, name)
-    if first is not None:
-        nudge.nudge([first[0]])
+    if first is None:
+        return
+    try:
+        target = os.readlink(first[0])
+    except OSError:
+        return  # gone meanwhile: it has stopped waiting
+    # Sent to the socket the link names, not through the link: the link's own path may be
+    # too long for a socket address, and an abstract socket has no file to lead to.
+    if not nudge.is_abstract(target):
+        target = os.path.normpath(os.path.join(os.path.dirname(first[0]), target))
+    nudge.nudge([target])
 
 
 def holder_of(store: Store, name: str) -> str | None:

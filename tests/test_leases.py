@@ -4,6 +4,7 @@ real SIGKILL and SIGSTOP."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import threading
@@ -20,6 +21,7 @@ import coord
 from coord import nudge
 from coord.check import check
 from coord.errors import InvalidArgument, LeaseLost, LeaseNotAcquired
+from coord.lease_rules import add_waiter, nudge_waiters, remove_waiter
 from coord.leases import (
     REAPER_LEASE,
     Candidate,
@@ -144,6 +146,36 @@ def test_fenced_write_runs_only_in_the_current_term(store: coord.Store) -> None:
     lb.write_many([(UPSERT.format("'t/f'", "'b'"), ()), (UPSERT.format("'t/g'", "'b'"), ())])
     assert engine_sql.value(store, "SELECT value FROM meta WHERE key = 't/g'") == "b"
     lb.release()
+
+
+def test_a_release_nudges_the_first_waiter_even_at_an_abstract_socket(
+        store: coord.Store, tmp_path: Path) -> None:
+    # A store deep in the tree gives its instances abstract sockets (a file path would be
+    # too long for an address); the waiter's link then names the socket instead of leading
+    # to it, and the nudge must still arrive. On SQLite both kinds are tried; the test's
+    # own path is long enough that the waiter's link could not be an address itself.
+    stores = [store]
+    if store.engine == "sqlite":
+        deep = tmp_path.joinpath(*["d" * 40] * 3)
+        deep.mkdir(parents=True, mode=0o700)
+        stores.append(coord.Store(deep / "coord.db"))
+    try:
+        kinds = set()
+        for db in stores:
+            inst = coord.register(db, "waiting", app="test")
+            kinds.add(nudge.is_abstract(inst.nudge_path))
+            path = add_waiter(inst, "nudged")
+            assert path is not None
+            while select.select([inst.sock], [], [], 0)[0]:
+                inst.sock.recv(64)  # what registering left
+            nudge_waiters(db, "nudged")
+            assert select.select([inst.sock], [], [], 2)[0], inst.nudge_path
+            remove_waiter(path)
+            inst.close()
+        assert True in kinds
+    finally:
+        for db in stores[1:]:
+            db.close()
 
 
 def test_context_manager_and_waiting_candidate_wakes_on_release(store: coord.Store) -> None:
