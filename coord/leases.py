@@ -66,6 +66,7 @@ from typing import Any
 
 from . import nudge
 from .backend import LeaseTaken, Member
+from .backend.records import Seen
 from .clock import boot_id
 from .db import Store
 from .errors import CoordError, InvalidArgument, LeaseNotAcquired, NotFound, NotRegistered
@@ -171,13 +172,19 @@ def try_acquire(
     an injected clock. ``grace``: for ending a previous holder's process group (TERM, then
     KILL after this many seconds; default ``config.kill_grace``).
     """
+    return _try_acquire(inst, name, ttl, on_lost, renew, grace, None)
+
+
+def _try_acquire(inst: Instance, name: str, ttl: float | None, on_lost: LostCallback | None,
+                 renew: bool, grace: float | None, seen: Seen | None) -> Lease | None:
+    """``try_acquire``, with what a waiter saw of the holder it watched end (``seen``)."""
     validate_name(name)
     store = inst.store
     ttl = store.config.lease_ttl if ttl is None else float(ttl)
     if ttl <= 0:
         raise InvalidArgument(f"lease ttl must be positive, got {ttl}")
     t0 = store.mono()
-    got = take(store, inst, name, ttl)
+    got = take(store, inst, name, ttl, seen)
     if not isinstance(got, LeaseTaken):
         return None
     lease = Lease(inst, name, got.term, ttl, t0, on_lost=[on_lost] if on_lost else [],
@@ -279,7 +286,8 @@ def acquire(
                 raise LeaseNotAcquired(name, holder_of(store, name))
             if why is None or why == "defer":
                 continue
-            lease = try_acquire(inst, name, ttl=ttl, on_lost=on_lost, renew=renew, grace=grace)
+            seen, watch.seen = watch.seen, None
+            lease = _try_acquire(inst, name, ttl, on_lost, renew, grace, seen)
             if lease is not None:
                 return lease
     finally:

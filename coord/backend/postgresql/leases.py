@@ -21,7 +21,7 @@ from psycopg import errors as pgerrors
 
 from ...clock import boot_id
 from ...errors import LeaseLost, NotRegistered
-from ..records import LeaseRecord, LeaseTaken, Member
+from ..records import LeaseRecord, LeaseTaken, Member, Seen
 from ..sqlite.liveness import Probe
 from .connection import Conn, fetch, scalar
 from .events import log_event
@@ -158,7 +158,8 @@ class PgLeases:
 
     # -- the rules ----------------------------------------------------------------------------
 
-    def take(self, me: Member, name: str, ttl: float) -> LeaseTaken | str:
+    def take(self, me: Member, name: str, ttl: float, seen: Seen | None = None
+             ) -> LeaseTaken | str:
         """Take ``name`` if it is free, expired, or its holder is dead; else the holder's id
         (``me``'s own when it holds it: leases are not re-entrant). ``NotRegistered`` when
         ``me`` is not a live incarnation.
@@ -170,43 +171,52 @@ class PgLeases:
         and a holder proven dead on this host (a death certificate: pid and start token,
         or its lock file) is taken over in one statement that re-checks, under row locks,
         that the lease and the holder's row are still the ones judged. Anything else takes
-        the general, row-locked transaction."""
-        seen = self._db.row(_PEEK, {"name": name, "id": me[0], "inc": me[1]})
-        assert seen is not None
-        if seen["me_status"] != "alive":
+        the general, row-locked transaction. ``seen`` (a waiter's last look at the holder)
+        is judged first: a death certificate there saves the look."""
+        if seen is not None and seen[1]["status"] == "alive":
+            verdict = self._liveness.certificate(seen[1])
+            if verdict is not None:
+                taken = self._take_certified(me, name, ttl, seen[0], seen[1], verdict)
+                if taken is not None:
+                    return taken
+        look = self._db.row(_PEEK, {"name": name, "id": me[0], "inc": me[1]})
+        assert look is not None
+        if look["me_status"] != "alive":
             raise NotRegistered(me[0], "closed, declared dead or taken over")
-        holder = _member(seen["l_holder_id"], seen["l_holder_incarnation"])
+        holder = _member(look["l_holder_id"], look["l_holder_incarnation"])
         if holder is not None:
-            expired = seen["l_expires"] is None or seen["l_expires"] < seen["now_mono"]
+            expired = look["l_expires"] is None or look["l_expires"] < look["now_mono"]
             if holder == (me[0], int(me[1])):
                 if not expired:
                     return me[0]
             else:
                 probe = Probe()
-                probe.now, probe.held_since = seen["now_mono"], seen["held_since"]  # type: ignore[attr-defined]
-                alive, verdict = (self._liveness.judge(seen, probe) if seen["id"] is not None
+                probe.now, probe.held_since = look["now_mono"], look["held_since"]  # type: ignore[attr-defined]
+                alive, verdict = (self._liveness.judge(look, probe) if look["id"] is not None
                                   else (False, "gone"))
                 if alive and not expired:
                     return holder[0]
-                if not alive and verdict in _CERTIFIED and seen["status"] == "alive" \
-                        and seen["boot_id"] == probe.boot_id:
-                    taken = self._take_certified(me, name, ttl, seen, verdict)
+                if not alive and verdict in _CERTIFIED and look["status"] == "alive" \
+                        and look["boot_id"] == probe.boot_id:
+                    taken = self._take_certified(me, name, ttl, int(look["l_term"]), look,
+                                                 verdict)
                     if taken is not None:
                         return taken
         return self._db.write(lambda c: self._take_locked(c, me, name, ttl))
 
-    def _take_certified(self, me: Member, name: str, ttl: float, seen: Row, verdict: str
-                        ) -> LeaseTaken | None:
-        """The takeover from a holder that a death certificate of this host proved dead:
-        one statement (its own transaction) that locks the taker's row ``FOR SHARE``, the
-        holder's ``FOR UPDATE`` and the lease row ``FOR UPDATE``, in that order, and takes
-        the lease in the next term only while all three are as judged. None when anything
-        changed since (the general path then decides)."""
-        holder, old = str(seen["l_holder_id"]), int(seen["l_term"])
+    def _take_certified(self, me: Member, name: str, ttl: float, old: int, hrow: Row,
+                        verdict: str) -> LeaseTaken | None:
+        """The takeover of term ``old`` from a holder (its instance row ``hrow``) that a
+        death certificate of this host proved dead: one statement (its own transaction)
+        that locks the taker's row ``FOR SHARE``, the holder's ``FOR UPDATE`` and the lease
+        row ``FOR UPDATE``, in that order, and takes the lease in the next term only while
+        all three are as judged. None when anything changed since (the general path then
+        decides)."""
+        holder, hinc = str(hrow["id"]), int(hrow["incarnation"])
         got = self._db.row(_TAKE_CERTIFIED, {
             "name": name, "id": me[0], "inc": me[1], "ttl": ttl, "term": old,
-            "hid": holder, "hinc": seen["l_holder_incarnation"], "pid": seen["pid"],
-            "token": seen["start_token"], "boot": seen["boot_id"], "lock": seen["lock_path"],
+            "hid": holder, "hinc": hinc, "pid": hrow["pid"],
+            "token": hrow["start_token"], "boot": hrow["boot_id"], "lock": hrow["lock_path"],
             "released": json.dumps({"reason": verdict, "term": old}, sort_keys=True),
             "changed": json.dumps({"previous": holder, "reason": verdict},
                                   sort_keys=True)[:-1] + ', "term": ',
@@ -220,7 +230,7 @@ class PgLeases:
             group = (int(got["pgid"]), int(got["pg_start_token"]))
         return LeaseTaken(int(got["term"]), holder, group,
                           _member(got["pg_holder_id"], got["pg_holder_incarnation"]),
-                          (holder, int(seen["l_holder_incarnation"]), verdict))
+                          (holder, hinc, verdict))
 
     def _take_locked(self, c: Conn, me: Member, name: str, ttl: float) -> LeaseTaken | str:
         """The general takeover, in the caller's transaction, every row it judges locked."""
