@@ -14,10 +14,12 @@ Making a lease free is written once, in ``lease_rows``.
 from __future__ import annotations
 
 import json
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from psycopg import errors as pgerrors
+from psycopg.types.numeric import Int8
 
 from ...clock import boot_id
 from ...errors import LeaseLost, NotRegistered
@@ -105,6 +107,27 @@ _TAKE_CERTIFIED = (
     "SELECT l.*, (SELECT boot_id FROM instances WHERE id = l.pg_holder_id "
     " AND incarnation = l.pg_holder_incarnation) AS pg_boot FROM l"
 )
+
+
+#: The connections on which the certified takeover is prepared (``PgLeases._prime``).
+_PRIMED: weakref.WeakSet[Conn] = weakref.WeakSet()
+
+
+def _certified(me: Member, name: str, ttl: float, old: int, holder: tuple[str, int, int, int],
+               boot: str, lock: str, verdict: str) -> dict[str, Any]:
+    """``_TAKE_CERTIFIED``'s parameters, for taking ``name`` in the term after ``old`` from
+    ``holder`` (id, incarnation, pid, start token): its integers always bound as bigint,
+    so that the statement prepared once (``PgLeases._prime``) is the one executed."""
+    hid, hinc, pid, token = holder
+    return {
+        "name": name, "id": me[0], "inc": Int8(me[1]), "ttl": float(ttl), "term": Int8(old),
+        "hid": hid, "hinc": Int8(hinc), "pid": Int8(pid), "token": Int8(token),
+        "boot": boot, "lock": lock, "reason": verdict,
+        "released": json.dumps({"reason": verdict, "term": old}, sort_keys=True),
+        # The new term ends the detail (json.dumps's own form, keys sorted).
+        "changed": json.dumps({"previous": hid, "reason": verdict}, sort_keys=True)[:-1]
+        + ', "term": ',
+    }
 
 
 def _member(id: Any, incarnation: Any) -> Member | None:
@@ -195,6 +218,7 @@ class PgLeases:
                 alive, verdict = (self._liveness.judge(look, probe) if look["id"] is not None
                                   else (False, "gone"))
                 if alive and not expired:
+                    self._prime()
                     return holder[0]
                 if not alive and verdict in _CERTIFIED and look["status"] == "alive" \
                         and look["boot_id"] == probe.boot_id:
@@ -213,15 +237,9 @@ class PgLeases:
         all three are as judged. None when anything changed since (the general path then
         decides)."""
         holder, hinc = str(hrow["id"]), int(hrow["incarnation"])
-        got = self._db.row(_TAKE_CERTIFIED, {
-            "name": name, "id": me[0], "inc": me[1], "ttl": ttl, "term": old,
-            "hid": holder, "hinc": hinc, "pid": hrow["pid"],
-            "token": hrow["start_token"], "boot": hrow["boot_id"], "lock": hrow["lock_path"],
-            "released": json.dumps({"reason": verdict, "term": old}, sort_keys=True),
-            "changed": json.dumps({"previous": holder, "reason": verdict},
-                                  sort_keys=True)[:-1] + ', "term": ',
-            "reason": verdict,
-        })
+        got = self._db.row(_TAKE_CERTIFIED, _certified(
+            me, name, ttl, old, (holder, hinc, hrow["pid"], hrow["start_token"]),
+            hrow["boot_id"], hrow["lock_path"], verdict))
         if got is None:
             return None
         group = None
@@ -231,6 +249,18 @@ class PgLeases:
         return LeaseTaken(int(got["term"]), holder, group,
                           _member(got["pg_holder_id"], got["pg_holder_incarnation"]),
                           (holder, hinc, verdict))
+
+    def _prime(self) -> None:
+        """Prepare the certified takeover on this thread's connection, once: a candidate
+        refused by a live holder usually waits to take over, and a takeover that is not
+        planned then (its tables' catalog entries loaded into a new session, its plan made)
+        takes over sooner. The statement matches no row: it locks and writes nothing."""
+        c = self._db.conn()
+        if c in _PRIMED:
+            return
+        c.execute(_TAKE_CERTIFIED, _certified(("", 0), "", 1.0, 0, ("", 0, 0, 0), "", "", ""),
+                  prepare=True).fetchall()
+        _PRIMED.add(c)
 
     def _take_locked(self, c: Conn, me: Member, name: str, ttl: float) -> LeaseTaken | str:
         """The general takeover, in the caller's transaction, every row it judges locked."""
