@@ -24,7 +24,8 @@ The rules, each applied inside one short transaction:
 - **release** hands over at once: the candidate that has waited longest is nudged.
 
 Waiting is cheap and wakes fast (``coord.nudge.wait_for``): a candidate re-checks when the
-database changes, when a releasing holder nudges it, when the process it watches exits
+database changes, when a releasing holder nudges it (on another host: when the engine
+announces the lease free, PostgreSQL's NOTIFY), when the process it watches exits
 (pidfd) or when the lease's TTL runs out. Only the candidate that has waited longest watches
 the holder (and takes over the moment the holder's process ends, the takeover proving the
 death); every other one watches that candidate, re-checks when the database changes and now
@@ -65,7 +66,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import nudge
-from .backend import LeaseTaken, Member
+from .backend import LeaseTaken, Member, lease_channel
 from .backend.records import Seen
 from .clock import boot_id
 from .db import Store
@@ -235,6 +236,8 @@ def acquire(
         return lease
     watch = LeaseWatch(store, name, on_wait)
     waiter: str | None = None
+    # A release on another host wakes the waiter too (where the engine announces it).
+    channels = [lease_channel(name)]
 
     def check() -> str | None:
         if cancel is not None and cancel.is_set():
@@ -281,7 +284,8 @@ def acquire(
             if watch.defer_until is not None:
                 slice_ = max(0.0005, min(slice_, watch.defer_until - now + 0.0005))
             why = store.backend.wakeup.wait_for(
-                check, slice_, sock=inst.sock, watch_pids=lambda: [watch.pid] if watch.pid else [])
+                check, slice_, sock=inst.sock, watch_pids=lambda: [watch.pid] if watch.pid else [],
+                channels=channels)
             if why == "cancel":
                 raise LeaseNotAcquired(name, holder_of(store, name))
             if why is None or why == "defer":
