@@ -236,8 +236,6 @@ def acquire(
         return lease
     watch = LeaseWatch(store, name, on_wait)
     waiter: str | None = None
-    # A release on another host wakes the waiter too (where the engine announces it).
-    channels = [lease_channel(name)]
 
     def check() -> str | None:
         if cancel is not None and cancel.is_set():
@@ -275,6 +273,10 @@ def acquire(
             if waiter is None:
                 waiter = add_waiter(inst, name)
                 keeper(inst)  # started now, so that taking over does not wait for it
+                # A holder of this host is watched by its pid and nudges the first waiter
+                # when it releases; one of another host is heard of through the lease's
+                # channel (where the engine announces releases): a first look tells which.
+                watch.takeable()
             # Wake at the latest when the TTL runs out (time alone moves no data_version).
             slice_ = 1.0 if deadline is None else min(1.0, deadline - now)
             if watch.expires is not None:
@@ -285,7 +287,7 @@ def acquire(
                 slice_ = max(0.0005, min(slice_, watch.defer_until - now + 0.0005))
             why = store.backend.wakeup.wait_for(
                 check, slice_, sock=inst.sock, watch_pids=lambda: [watch.pid] if watch.pid else [],
-                channels=channels)
+                channels=() if watch.pid else (lease_channel(name),))
             if why == "cancel":
                 raise LeaseNotAcquired(name, holder_of(store, name))
             if why is None or why == "defer":
