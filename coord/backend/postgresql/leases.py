@@ -25,7 +25,7 @@ from ...clock import boot_id
 from ...errors import LeaseLost, NotRegistered
 from ..records import LeaseRecord, LeaseTaken, Member, Seen
 from ..sqlite.liveness import Probe
-from .connection import Conn, fetch, scalar
+from .connection import Conn, fetch, scalar, translated
 from .events import log_event
 from .lease_rows import expire_lapsed, free_held, free_term
 from .queue_rows import into_queue, put_in
@@ -258,8 +258,9 @@ class PgLeases:
         c = self._db.conn()
         if c in _PRIMED:
             return
-        c.execute(_TAKE_CERTIFIED, _certified(("", 0), "", 1.0, 0, ("", 0, 0, 0), "", "", ""),
-                  prepare=True).fetchall()
+        with translated(self._db.where):
+            c.execute(_TAKE_CERTIFIED, _certified(("", 0), "", 1.0, 0, ("", 0, 0, 0), "", "",
+                                                  ""), prepare=True).fetchall()
         _PRIMED.add(c)
 
     def _take_locked(self, c: Conn, me: Member, name: str, ttl: float) -> LeaseTaken | str:
