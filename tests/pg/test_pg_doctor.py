@@ -14,6 +14,7 @@ from contract_engines import fresh_schema
 from pg_fixtures import import_psycopg
 
 import coord
+from coord.backend.postgresql.opening import latest_version
 
 psycopg = import_psycopg()
 
@@ -31,7 +32,8 @@ def test_doctor_on_a_server(url: str) -> None:
     lines = out.stdout.splitlines()
     assert lines[0].startswith("database       postgresql://")
     assert lines[1].startswith("server         PostgreSQL ")
-    assert "version 1 (this coord: 1)" in lines[2]
+    latest = latest_version()
+    assert f"version {latest} (this coord: {latest})" in lines[2]
     assert "idle_session_timeout" in out.stdout and lines[-1] == "healthy"
     report = json.loads(run_cli(url, "doctor", "--json").stdout)  # type: ignore[arg-type]
     assert report["ok"] is True and report["engine"] == "postgresql"
