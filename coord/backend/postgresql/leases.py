@@ -109,6 +109,9 @@ _TAKE_CERTIFIED = (
 )
 
 
+#: How many runs of a prepared statement PostgreSQL plans with its parameters before it
+#: considers its generic plan (plancache.c).
+_CUSTOM_PLANS = 6
 #: The connections on which the certified takeover is prepared (``PgLeases._prime``).
 _PRIMED: weakref.WeakSet[Conn] = weakref.WeakSet()
 
@@ -254,13 +257,16 @@ class PgLeases:
         """Prepare the certified takeover on this thread's connection, once: a candidate
         refused by a live holder usually waits to take over, and a takeover that is not
         planned then (its tables' catalog entries loaded into a new session, its plan made)
-        takes over sooner. The statement matches no row: it locks and writes nothing."""
+        takes over sooner. The statement matches no row here: it locks and writes nothing."""
         c = self._db.conn()
         if c in _PRIMED:
             return
+        none = _certified(("", 0), "", 1.0, 0, ("", 0, 0, 0), "", "", "")
         with translated(self._db.where):
-            c.execute(_TAKE_CERTIFIED, _certified(("", 0), "", 1.0, 0, ("", 0, 0, 0), "", "",
-                                                  ""), prepare=True).fetchall()
+            # The server plans a prepared statement afresh at each of its first five runs
+            # (then keeps a generic plan): those runs are here, not on the takeover's path.
+            for _ in range(_CUSTOM_PLANS):
+                c.execute(_TAKE_CERTIFIED, none, prepare=True).fetchall()
         _PRIMED.add(c)
 
     def _take_locked(self, c: Conn, me: Member, name: str, ttl: float) -> LeaseTaken | str:
