@@ -15,6 +15,7 @@ from typing import Any
 
 from . import nudge
 from .backend import LeaseRecord, LeaseTaken, Member, Watch
+from .backend.records import Seen
 from .clock import boot_id
 from .db import Row, Store
 from .errors import CoordError
@@ -140,6 +141,10 @@ class LeaseWatch:
         # The engine's watch on the live holder last seen, and who that was.
         self._holder_watch: Watch | None = None
         self._watched: Member | None = None
+        #: The term and holder row of the holder watched, once ``holder_gone()`` said it
+        #: ended (the takeover's hint); None otherwise.
+        self.seen: Seen | None = None
+        self._seen: Seen | None = None
 
     def holder_gone(self) -> bool:
         """Whether the holder last seen alive has ended since (its watch says so), so that
@@ -148,13 +153,15 @@ class LeaseWatch:
         w = self._holder_watch
         if w is None or not w.exited():
             return False
+        seen = self._seen
         self.close()
+        self.seen = seen
         return True
 
     def close(self) -> None:
         if self._holder_watch is not None:
             self._holder_watch.close()
-        self._holder_watch = self._watched = None
+        self._holder_watch = self._watched = self._seen = self.seen = None
 
     def takeable(self) -> bool:
         store = self.store
@@ -175,6 +182,7 @@ class LeaseWatch:
             if self._watched != rec.holder:
                 self.close()
                 self._holder_watch, self._watched = backend.liveness.watch(inst), rec.holder
+            self._seen = None if rec.term is None else (rec.term, dict(inst))
         if self._on_wait is not None and self._told != (rec.holder, rec.term):
             self._told = (rec.holder, rec.term)  # say it again when the holder changes
             self._on_wait(LeaseInfo(
@@ -186,13 +194,15 @@ class LeaseWatch:
 # -- the rules, each one transaction --------------------------------------------------------
 
 
-def take(store: Store, inst: Instance, name: str, ttl: float) -> LeaseTaken | str:
+def take(store: Store, inst: Instance, name: str, ttl: float, seen: Seen | None = None
+         ) -> LeaseTaken | str:
     """Take the lease if it is free, expired, or its holder is dead (one transaction).
 
     Returns the taken term, else the current holder's id; raises ``NotRegistered`` when
     ``inst`` is no longer a live registered instance. A holder proven dead is named in the
-    result (``dead``) and buried by ``bury_previous`` after, so failover does not wait for it."""
-    return store.backend.leases.take((inst.id, inst.incarnation), name, ttl)
+    result (``dead``) and buried by ``bury_previous`` after, so failover does not wait for it.
+    ``seen``: the term and holder row a waiter watched end (``LeaseWatch.seen``)."""
+    return store.backend.leases.take((inst.id, inst.incarnation), name, ttl, seen)
 
 
 def bury_previous(store: Store, inst: Instance, taken: LeaseTaken) -> None:

@@ -24,7 +24,8 @@ The rules, each applied inside one short transaction:
 - **release** hands over at once: the candidate that has waited longest is nudged.
 
 Waiting is cheap and wakes fast (``coord.nudge.wait_for``): a candidate re-checks when the
-database changes, when a releasing holder nudges it, when the process it watches exits
+database changes, when a releasing holder nudges it (on another host: when the engine
+announces the lease free, PostgreSQL's NOTIFY), when the process it watches exits
 (pidfd) or when the lease's TTL runs out. Only the candidate that has waited longest watches
 the holder (and takes over the moment the holder's process ends, the takeover proving the
 death); every other one watches that candidate, re-checks when the database changes and now
@@ -65,7 +66,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import nudge
-from .backend import LeaseTaken, Member
+from .backend import LeaseTaken, Member, lease_channel
+from .backend.records import Seen
 from .clock import boot_id
 from .db import Store
 from .errors import CoordError, InvalidArgument, LeaseNotAcquired, NotFound, NotRegistered
@@ -163,7 +165,6 @@ def try_acquire(
     on_lost: LostCallback | None = None,
     renew: bool = True,
     grace: float | None = None,
-    _after: list[Callable[[], None]] | None = None,
 ) -> Lease | None:
     """Take ``name`` now if it is free, expired, or its holder is dead; else None.
     Raises ``NotRegistered`` when ``inst`` is closed or was declared dead.
@@ -172,13 +173,21 @@ def try_acquire(
     an injected clock. ``grace``: for ending a previous holder's process group (TERM, then
     KILL after this many seconds; default ``config.kill_grace``).
     """
+    return _try_acquire(inst, name, ttl, on_lost, renew, grace, None, None)
+
+
+def _try_acquire(inst: Instance, name: str, ttl: float | None, on_lost: LostCallback | None,
+                 renew: bool, grace: float | None, seen: Seen | None,
+                 after: list[Callable[[], None]] | None) -> Lease | None:
+    """``try_acquire``, with what a waiter saw of the holder it watched end (``seen``), and
+    a list that takes the dead holder's burial to be run by the caller (``after``)."""
     validate_name(name)
     store = inst.store
     ttl = store.config.lease_ttl if ttl is None else float(ttl)
     if ttl <= 0:
         raise InvalidArgument(f"lease ttl must be positive, got {ttl}")
     t0 = store.mono()
-    got = take(store, inst, name, ttl)
+    got = take(store, inst, name, ttl, seen)
     if not isinstance(got, LeaseTaken):
         return None
     lease = Lease(inst, name, got.term, ttl, t0, on_lost=[on_lost] if on_lost else [],
@@ -194,10 +203,10 @@ def try_acquire(
                 later(inst, lambda: bury_previous(store, inst, got), BURY_DELAY)
             # ``acquire`` schedules it once its own clean-up is done: the keeper thread this
             # wakes would otherwise take the interpreter from the caller before it returns.
-            if _after is None:
+            if after is None:
                 bury()
             else:
-                _after.append(bury)
+                after.append(bury)
     inst.log.info("acquired lease %r term %d", name, got.term)
     if settle:
         try:
@@ -274,6 +283,10 @@ def acquire(
             if waiter is None:
                 waiter = add_waiter(inst, name)
                 keeper(inst)  # started now, so that taking over does not wait for it
+                # A holder of this host is watched by its pid and nudges the first waiter
+                # when it releases; one of another host is heard of through the lease's
+                # channel (where the engine announces releases): a first look tells which.
+                watch.takeable()
             # Wake at the latest when the TTL runs out (time alone moves no data_version).
             slice_ = 1.0 if deadline is None else min(1.0, deadline - now)
             if watch.expires is not None:
@@ -283,13 +296,14 @@ def acquire(
             if watch.defer_until is not None:
                 slice_ = max(0.0005, min(slice_, watch.defer_until - now + 0.0005))
             why = store.backend.wakeup.wait_for(
-                check, slice_, sock=inst.sock, watch_pids=lambda: [watch.pid] if watch.pid else [])
+                check, slice_, sock=inst.sock, watch_pids=lambda: [watch.pid] if watch.pid else [],
+                channels=() if watch.pid else (lease_channel(name),))
             if why == "cancel":
                 raise LeaseNotAcquired(name, holder_of(store, name))
             if why is None or why == "defer":
                 continue
-            lease = try_acquire(inst, name, ttl=ttl, on_lost=on_lost, renew=renew, grace=grace,
-                                _after=after)
+            seen, watch.seen = watch.seen, None
+            lease = _try_acquire(inst, name, ttl, on_lost, renew, grace, seen, after)
             if lease is not None:
                 return lease
     finally:

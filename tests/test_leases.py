@@ -19,6 +19,7 @@ from conftest import spawn_python, stop_outside_a_write, wait_line, wait_until
 
 import coord
 from coord import nudge
+from coord.backend import LeaseTaken
 from coord.check import check
 from coord.errors import InvalidArgument, LeaseLost, LeaseNotAcquired
 from coord.lease_rules import add_waiter, nudge_waiters, remove_waiter
@@ -32,6 +33,7 @@ from coord.leases import (
     serve_reaper,
     try_acquire,
 )
+from coord.reaper import reap
 
 pytestmark = pytest.mark.contract
 
@@ -358,9 +360,9 @@ while True:
 def test_takeover_buries_the_dead_holder_after_returning(
         db_path: Path, children: list[subprocess.Popen[Any]]) -> None:
     """acquire() returns once the lease is taken from a SIGKILLed holder; the death rule is
-    applied to that holder by the new holder itself (no reaper runs here) — right after the
-    return on SQLite, inside the takeover's transaction on PostgreSQL: its ephemeral key
-    goes, its row leaves the living, and only one holder is on record."""
+    applied to that holder by the new holder itself (no reaper runs here), right after the
+    return on both engines: its ephemeral key goes, its row leaves the living, and only one
+    holder is on record."""
     store = coord.Store(db_path)
     me = _register(store)
     p = spawn_python(KEYED_HOLDER, "bury/L", db=db_path)
@@ -379,6 +381,64 @@ def test_takeover_buries_the_dead_holder_after_returning(
         store, "SELECT 1 FROM instances WHERE id = ? AND status = 'alive'", (dead_id,)))
     got[0].release()
     me.close()
+    store.close()
+
+
+# A holder of two leases and an ephemeral key.
+TWO_LEASE_HOLDER = """
+import os, sys, time, coord
+from coord import kv
+from coord.leases import acquire
+store = coord.Store(os.environ["COORD_DB"])
+inst = coord.register(store, app="keyed")
+kv.set(store, "keyed/" + inst.id, 1, owner=inst)
+a, b = acquire(inst, sys.argv[1]), acquire(inst, sys.argv[2])
+print("acquired", inst.id, inst.incarnation, a.term, flush=True)
+while True:
+    time.sleep(1)
+"""
+
+
+def test_a_takeover_leaves_the_burial_to_a_reaper_when_the_new_holder_never_buries(
+        db_path: Path, children: list[subprocess.Popen[Any]]) -> None:
+    """The takeover rule only proves the holder dead and takes the lease in a higher term:
+    the rest of the death rule is not part of it. When the new holder never applies it (it
+    died first: here nobody calls it), the dead holder's other lease reads free, its key
+    stays until a reaper buries it, and the reaper's burial leaves the new term alone. A
+    candidate handing in its look at that dead holder after the takeover takes nothing."""
+    store = coord.Store(db_path)
+    me, other = _register(store), _register(store)
+    p = spawn_python(TWO_LEASE_HOLDER, "bury2/L", "bury2/M", db=db_path)
+    children.append(p)
+    _, dead_id, dead_inc, old_term = wait_line(p, "acquired").split()
+    dead_row = store.backend.instances.get((dead_id, int(dead_inc)))
+    assert dead_row is not None
+    p.kill()
+    p.wait()
+    taken = store.backend.leases.take((me.id, me.incarnation), "bury2/L", 30.0)
+    assert isinstance(taken, LeaseTaken)
+    assert taken.term > int(old_term) and taken.previous_holder == dead_id
+    assert taken.dead == (dead_id, int(dead_inc), "died")
+    # Not buried by the takeover: still on record as alive, its key kept, lease M recorded.
+    key = f"keyed/{dead_id}"
+    assert engine_sql.value(store, "SELECT count(*) FROM kv WHERE key = ?", (key,)) == 1
+    assert engine_sql.rows(store, "SELECT 1 FROM instances WHERE id = ? AND status = 'alive'",
+                           (dead_id,))
+    assert store.backend.leases.get("bury2/M").holder == (dead_id, int(dead_inc))
+    assert get_lease(store, "bury2/M").holder is None  # readers see it free already
+    # A look taken before the takeover proves the death again, but the term moved on.
+    again = store.backend.leases.take((other.id, other.incarnation), "bury2/L", 30.0,
+                                      (int(old_term), dict(dead_row)))
+    assert again == me.id
+    reap(store, trees=False)
+    assert engine_sql.value(store, "SELECT count(*) FROM kv WHERE key = ?", (key,)) == 0
+    assert not engine_sql.rows(
+        store, "SELECT 1 FROM instances WHERE id = ? AND status = 'alive'", (dead_id,))
+    assert store.backend.leases.get("bury2/M").holder is None
+    held = store.backend.leases.get("bury2/L")
+    assert held.holder == (me.id, me.incarnation) and held.term == taken.term
+    me.close()
+    other.close()
     store.close()
 
 

@@ -116,6 +116,7 @@ __all__ = [
     "Wakeup",
     "Watch",
     "inbox_channel",
+    "lease_channel",
     "open_backend",
     "queue_channel",
     "refuse_location",
@@ -228,6 +229,11 @@ def inbox_channel(instance_id: str) -> str:
 def queue_channel(queue: str) -> str:
     """The wake-up channel of a queue's jobs (see ``Wakeup.wait_for``)."""
     return f"queue:{queue}"
+
+
+def lease_channel(name: str) -> str:
+    """The wake-up channel of a lease: announced when it is made free (``Wakeup.wait_for``)."""
+    return f"lease:{name}"
 
 
 # -- operations per capability -----------------------------------------------------------------

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .queue_ops import NewJobRow
-from .records import LeaseRecord, LeaseTaken, Member
+from .records import LeaseRecord, LeaseTaken, Member, Seen
 
 if TYPE_CHECKING:
     from ..db import Row
@@ -41,10 +41,13 @@ class LeaseOps(Protocol):
         """Every term ``holder`` held, of any lease."""
         ...
 
-    def take(self, me: Member, name: str, ttl: float) -> LeaseTaken | str:
+    def take(self, me: Member, name: str, ttl: float, seen: Seen | None = None
+             ) -> LeaseTaken | str:
         """Take ``name`` when free, expired, or its holder is judged dead (the lease is
         freed and taken in one transaction; the dead holder is returned for the caller to
-        bury); else the current holder's id. ``NotRegistered`` when ``me`` is not alive."""
+        bury); else the current holder's id. ``NotRegistered`` when ``me`` is not alive.
+        ``seen``: the term and holder a waiter last saw (an engine may use it to skip its
+        own look when that holder is proven dead; never trusted without the proof)."""
         ...
 
     def renew(self, name: str, term: int, holder: Member, ttl: float) -> bool:

@@ -9,9 +9,14 @@ readings, only durations computed from them.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 #: An instance incarnation: (instance id, incarnation). What every holding is bound to.
 Member = tuple[str, int]
+
+#: A lease's term and its holder's instance row as a waiting candidate last saw them: a hint
+#: for the takeover when that holder has ended (the engine judges it again).
+Seen = tuple[int, dict[str, Any]]
 
 
 @dataclass(frozen=True, slots=True)

@@ -467,7 +467,7 @@ def test_a_server_clock_step_back_delays_a_takeover_by_the_step(url: str) -> Non
 
 def test_a_version_1_schema_is_brought_to_the_hold(pg_url: str) -> None:
     """A deployment made at schema version 1 gets ``coord_expiry`` when a coord of version 2
-    opens it; the rule: a stamp, or one ttl after the step was seen when that is later (a
+    (or later) opens it; the rule: a stamp, or one ttl after the step was seen when that is later (a
     claim made before the migration has no lease recorded: never held back)."""
     from coord.backend.postgresql.opening import latest_version, migrations
 
@@ -480,7 +480,7 @@ def test_a_version_1_schema_is_brought_to_the_hold(pg_url: str) -> None:
             c.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
         s = coord.Store(u)
         try:
-            assert s.backend.meta.version() == latest_version() == 2
+            assert s.backend.meta.version() == latest_version() >= 2
             db = s.backend.db  # type: ignore[attr-defined]
 
             def expiry(stamp: float | None, ttl: float | None) -> float | None:

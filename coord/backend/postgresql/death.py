@@ -89,10 +89,21 @@ def release_holdings_many(c: Conn, members: Sequence[Member], *, reason: str) ->
     return counts
 
 
+#: A lease's NOTIFY channel in SQL, from its name (``{}``): what ``listen.channel_name`` makes
+#: of ``lease_channel(name)`` in this deployment.
+LEASE_CHANNEL = (
+    "(SELECT CASE WHEN octet_length(ch) <= 63 THEN ch ELSE 'coord#' || "
+    "substr(encode(sha256(convert_to(ch, 'UTF8')), 'hex'), 1, 40) END "
+    "FROM (SELECT 'coord.' || current_schema() || '.lease:' || {} AS ch) n)"
+)
+
+
 def free_lease_row(c: Conn, name: str, term: int, reason: str) -> None:
-    """Make the lease row free and close its term's history row (no event: callers log)."""
-    c.execute("UPDATE leases SET holder_id = NULL, holder_incarnation = NULL, "
-              "expires_mono = NULL WHERE name = %s AND term = %s", (name, term))
+    """Make the lease row free and close its term's history row (no event: callers log);
+    the candidates waiting on the lease's channel, on any host, are told at the commit."""
+    c.execute("UPDATE leases SET holder_id = NULL, holder_incarnation = NULL, "  # noqa: S608 - fixed text
+              "expires_mono = NULL WHERE name = %s AND term = %s "
+              f"RETURNING pg_notify({LEASE_CHANNEL.format('name')}, '')", (name, term))
     c.execute("UPDATE lease_terms SET released_at = coord_now(), reason = %s "
               "WHERE name = %s AND term = %s", (reason, name, term))
 

@@ -5,8 +5,9 @@ per term held), terms from ``term_seq``, expiry stamped and compared in SQL with
 find the step, and a renewal's reading is one, so a live holder keeps its lease.
 
 Taking locks, in the engine's order (instances before leases): the taker's own instance row
-``FOR SHARE`` (it cannot be buried while it takes), the holder's row ``FOR UPDATE`` (a holder
-judged dead is buried in the same transaction), then the lease row ``FOR UPDATE``. A fenced
+``FOR SHARE`` (it cannot be buried while it takes), the holder's row ``FOR UPDATE`` (its
+death rule, applied after the takeover's commit by the new holder or else by a reaper,
+queues behind), then the lease row ``FOR UPDATE``. A fenced
 operation holds the lease row ``FOR SHARE`` while its writes run, so no take, renewal or
 release of that lease commits in between: the term it checked is the term it wrote under.
 Making a lease free is written once, in ``lease_rows``.
@@ -14,17 +15,20 @@ Making a lease free is written once, in ``lease_rows``.
 
 from __future__ import annotations
 
+import json
+import weakref
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from psycopg import errors as pgerrors
+from psycopg.types.numeric import Int8
 
 from ...clock import boot_id
 from ...errors import LeaseLost, NotRegistered
-from ..records import LeaseRecord, LeaseTaken, Member
+from ..records import LeaseRecord, LeaseTaken, Member, Seen
+from ..sqlite.liveness import Probe
 from .clock import LEASE_EXPIRY
-from .connection import Conn, fetch, scalar
-from .death import bury_many
+from .connection import Conn, fetch, scalar, translated
 from .events import log_event
 from .lease_rows import expire_lapsed, free_held, free_term
 from .queue_rows import into_queue, put_in
@@ -65,6 +69,81 @@ _RENEW = (
     f"AND {LEASE_EXPIRY} >= coord_now() RETURNING 1) "
     "SELECT EXISTS (SELECT 1 FROM r) AS ok, coord_now() AS now_mono"
 )
+
+
+#: Verdicts that are a death certificate of this host (the pid and its start token, the lock
+#: file, or a boot that is over): the holder can never come back, whatever time it is.
+_CERTIFIED = frozenset({"died", "reboot"})
+
+#: A taker's unlocked look: the lease's holder and term, that holder's instance row, the
+#: taker's own status and the server's clock (and the step it holds, see ``.clock``).
+_PEEK = (
+    "SELECT l.term AS l_term, l.holder_id AS l_holder_id, "  # noqa: S608 - fixed fragments
+    "l.holder_incarnation AS l_holder_incarnation, l.until_mono AS l_until, "
+    "n.t AS now_mono, (SELECT held_since FROM server_epoch) AS held_since, "
+    "(SELECT status FROM instances WHERE id = %(id)s AND incarnation = %(inc)s) AS me_status, "
+    "i.* FROM (SELECT coord_now() AS t) n "
+    f"LEFT JOIN (SELECT *, {LEASE_EXPIRY} AS until_mono FROM leases) l "
+    "ON l.name = %(name)s AND l.holder_id IS NOT NULL "
+    "LEFT JOIN instances i ON i.id = l.holder_id AND i.incarnation = l.holder_incarnation"
+)
+
+#: The takeover from a holder with a death certificate, in one statement: the taker's row
+#: FOR SHARE, the holder's row FOR UPDATE, then the lease row FOR UPDATE (the engine's
+#: order: instances before leases; each a MATERIALIZED step the next one needs), each only
+#: as judged; then the old term's history closed, the next term taken with its history row,
+#: and the two events ('lease released', 'leader changed') as a takeover writes them.
+_TAKE_CERTIFIED = (
+    "WITH me AS MATERIALIZED (SELECT 1 FROM instances WHERE id = %(id)s "
+    " AND incarnation = %(inc)s AND status = 'alive' FOR SHARE), "
+    "h AS MATERIALIZED (SELECT 1 FROM instances WHERE id = %(hid)s AND incarnation = %(hinc)s "
+    " AND status = 'alive' AND pid = %(pid)s AND start_token = %(token)s "
+    " AND boot_id = %(boot)s AND lock_path = %(lock)s AND EXISTS (SELECT 1 FROM me) "
+    " FOR UPDATE), "
+    "old AS MATERIALIZED (SELECT name, term FROM leases WHERE name = %(name)s "
+    " AND term = %(term)s AND holder_id = %(hid)s AND holder_incarnation = %(hinc)s "
+    " AND EXISTS (SELECT 1 FROM h) FOR UPDATE), "
+    "ended AS (UPDATE lease_terms t SET released_at = coord_now(), reason = %(reason)s "
+    " FROM old WHERE t.name = old.name AND t.term = old.term), "
+    "l AS (UPDATE leases x SET holder_id = %(id)s, holder_incarnation = %(inc)s, "
+    " term = nextval('term_seq'), ttl = %(ttl)s, acquired_at = coord_now(), "
+    " renewed_at = coord_now(), expires_mono = coord_now() + %(ttl)s "
+    " FROM old WHERE x.name = old.name "
+    " RETURNING x.name, x.term, x.pgid, x.pg_start_token, x.pg_holder_id, "
+    " x.pg_holder_incarnation), "
+    "hist AS (INSERT INTO lease_terms (name, term, holder_id, holder_incarnation, "
+    " acquired_at) SELECT name, term, %(id)s, %(inc)s, coord_now() FROM l), "
+    "ev AS (INSERT INTO events (at, kind, instance_id, subject, detail) "
+    " SELECT coord_now(), 'lease released', %(hid)s, name, %(released)s FROM l "
+    " UNION ALL SELECT coord_now(), 'leader changed', %(id)s, name, "
+    " %(changed)s || term || '}' FROM l) "
+    "SELECT l.*, (SELECT boot_id FROM instances WHERE id = l.pg_holder_id "
+    " AND incarnation = l.pg_holder_incarnation) AS pg_boot FROM l"
+)
+
+
+#: How many runs of a prepared statement PostgreSQL plans with its parameters before it
+#: considers its generic plan (plancache.c).
+_CUSTOM_PLANS = 6
+#: The connections on which the certified takeover is prepared (``PgLeases._prime``).
+_PRIMED: weakref.WeakSet[Conn] = weakref.WeakSet()
+
+
+def _certified(me: Member, name: str, ttl: float, old: int, holder: tuple[str, int, int, int],
+               boot: str, lock: str, verdict: str) -> dict[str, Any]:
+    """``_TAKE_CERTIFIED``'s parameters, for taking ``name`` in the term after ``old`` from
+    ``holder`` (id, incarnation, pid, start token): its integers always bound as bigint,
+    so that the statement prepared once (``PgLeases._prime``) is the one executed."""
+    hid, hinc, pid, token = holder
+    return {
+        "name": name, "id": me[0], "inc": Int8(me[1]), "ttl": float(ttl), "term": Int8(old),
+        "hid": hid, "hinc": Int8(hinc), "pid": Int8(pid), "token": Int8(token),
+        "boot": boot, "lock": lock, "reason": verdict,
+        "released": json.dumps({"reason": verdict, "term": old}, sort_keys=True),
+        # The new term ends the detail (json.dumps's own form, keys sorted).
+        "changed": json.dumps({"previous": hid, "reason": verdict}, sort_keys=True)[:-1]
+        + ', "term": ',
+    }
 
 
 def _member(id: Any, incarnation: Any) -> Member | None:
@@ -125,61 +204,132 @@ class PgLeases:
 
     # -- the rules ----------------------------------------------------------------------------
 
-    def take(self, me: Member, name: str, ttl: float) -> LeaseTaken | str:
-        """Take ``name`` if it is free, expired, or its holder is dead (then buried in the
-        same transaction); else the holder's id (``me``'s own when it holds it: leases are
-        not re-entrant). ``NotRegistered`` when ``me`` is not a live incarnation."""
-        buried: list[Row] = []
+    def take(self, me: Member, name: str, ttl: float, seen: Seen | None = None
+             ) -> LeaseTaken | str:
+        """Take ``name`` if it is free, expired, or its holder is dead; else the holder's id
+        (``me``'s own when it holds it: leases are not re-entrant). ``NotRegistered`` when
+        ``me`` is not a live incarnation.
 
-        def txn(c: Conn) -> LeaseTaken | str:
-            buried.clear()
-            if not fetch(c, "SELECT 1 FROM instances WHERE id = %s AND incarnation = %s "
-                         "AND status = 'alive' FOR SHARE", me):
-                raise NotRegistered(me[0], "closed, declared dead or taken over")
-            held = self._held_by_another(c, name, me)
-            if held is not None:
-                return held
-            row, hrow = self._locked(c, name, me)
-            previous = None
-            reason = "free"
-            if row is not None and row["holder_id"] is not None:
-                previous = str(row["holder_id"])
-                holder = (previous, int(row["holder_incarnation"]))
-                expired = _expired(row)
-                if holder == (me[0], int(me[1])) and not expired:
+        A holder proven dead is not buried here: it is named in the result (``dead``) and
+        the caller applies the death rule after the commit, as on SQLite (until then it
+        holds nothing that matters: every reader and taker judges it dead). First an
+        unlocked read: a lease held by a live holder is answered without a transaction,
+        and a holder proven dead on this host (a death certificate: pid and start token,
+        or its lock file) is taken over in one statement that re-checks, under row locks,
+        that the lease and the holder's row are still the ones judged. Anything else takes
+        the general, row-locked transaction. ``seen`` (a waiter's last look at the holder)
+        is judged first: a death certificate there saves the look."""
+        if seen is not None and seen[1]["status"] == "alive":
+            verdict = self._liveness.certificate(seen[1])
+            if verdict is not None:
+                taken = self._take_certified(me, name, ttl, seen[0], seen[1], verdict)
+                if taken is not None:
+                    return taken
+        # Observed (a waiting candidate's look may be the reading that finds a step); a verdict
+        # of expiry made on it is made again, under locks and checked, by the general path.
+        [look] = self._clock.rows(_PEEK, {"name": name, "id": me[0], "inc": me[1]})
+        if look["me_status"] != "alive":
+            raise NotRegistered(me[0], "closed, declared dead or taken over")
+        holder = _member(look["l_holder_id"], look["l_holder_incarnation"])
+        if holder is not None:
+            expired = look["l_until"] is None or look["l_until"] < look["now_mono"]
+            if holder == (me[0], int(me[1])):
+                if not expired:
                     return me[0]
-                alive, verdict = self._liveness.judge(hrow) if hrow else (False, "gone")
-                if hrow is not None and hrow["status"] == "alive" and not alive:
-                    # Proof of death (or a hung heartbeat): the whole death rule now, which
-                    # frees this lease with the rest of what the holder held.
-                    bury_many(c, [holder], reason=verdict)
-                    buried.append(hrow)
-                    reason = verdict
-                elif expired:
-                    reason = "expired"
-                elif not alive:
-                    reason = verdict
-                else:
-                    return previous
-                free_term(c, name, int(row["term"]), reason)
-            # The new term, the lease row and its history row in one statement (one round
-            # trip on the takeover's path). pgid/pg_start_token stay: the new holder ends
-            # that group before anything.
-            term = int(scalar(c, _TAKE, (name, *me, ttl, ttl)))
-            log_event(c, "leader changed", me[0], name, term=term, previous=previous,
-                      reason=reason)
-            group = tree = None
-            if (row is not None and row["pgid"] is not None and row["pg_start_token"] is not None
-                    and self._recorded_here(c, row)):
-                group = (int(row["pgid"]), int(row["pg_start_token"]))
-            if row is not None:
-                tree = _member(row["pg_holder_id"], row["pg_holder_incarnation"])
-            return LeaseTaken(term, previous, group, tree, None)
+            else:
+                probe = Probe()
+                probe.now, probe.held_since = look["now_mono"], look["held_since"]  # type: ignore[attr-defined]
+                alive, verdict = (self._liveness.judge(look, probe) if look["id"] is not None
+                                  else (False, "gone"))
+                if alive and not expired:
+                    self._prime()
+                    return holder[0]
+                if not alive and verdict in _CERTIFIED and look["status"] == "alive" \
+                        and look["boot_id"] == probe.boot_id:
+                    taken = self._take_certified(me, name, ttl, int(look["l_term"]), look,
+                                                 verdict)
+                    if taken is not None:
+                        return taken
+        return self._db.write(lambda c: self._take_locked(c, me, name, ttl))
 
-        taken = self._db.write(txn)
-        if buried:
-            self._liveness.forget(buried)
-        return taken
+    def _take_certified(self, me: Member, name: str, ttl: float, old: int, hrow: Row,
+                        verdict: str) -> LeaseTaken | None:
+        """The takeover of term ``old`` from a holder (its instance row ``hrow``) that a
+        death certificate of this host proved dead: one statement (its own transaction)
+        that locks the taker's row ``FOR SHARE``, the holder's ``FOR UPDATE`` and the lease
+        row ``FOR UPDATE``, in that order, and takes the lease in the next term only while
+        all three are as judged. None when anything changed since (the general path then
+        decides)."""
+        holder, hinc = str(hrow["id"]), int(hrow["incarnation"])
+        got = self._db.row(_TAKE_CERTIFIED, _certified(
+            me, name, ttl, old, (holder, hinc, hrow["pid"], hrow["start_token"]),
+            hrow["boot_id"], hrow["lock_path"], verdict))
+        if got is None:
+            return None
+        group = None
+        if got["pgid"] is not None and got["pg_start_token"] is not None and (
+                got["pg_holder_id"] is None or got["pg_boot"] in (None, boot_id())):
+            group = (int(got["pgid"]), int(got["pg_start_token"]))
+        return LeaseTaken(int(got["term"]), holder, group,
+                          _member(got["pg_holder_id"], got["pg_holder_incarnation"]),
+                          (holder, hinc, verdict))
+
+    def _prime(self) -> None:
+        """Prepare the certified takeover on this thread's connection, once: a candidate
+        refused by a live holder usually waits to take over, and a takeover that is not
+        planned then (its tables' catalog entries loaded into a new session, its plan made)
+        takes over sooner. The statement matches no row here: it locks and writes nothing."""
+        c = self._db.conn()
+        if c in _PRIMED:
+            return
+        none = _certified(("", 0), "", 1.0, 0, ("", 0, 0, 0), "", "", "")
+        with translated(self._db.where):
+            # The server plans a prepared statement afresh at each of its first five runs
+            # (then keeps a generic plan): those runs are here, not on the takeover's path.
+            for _ in range(_CUSTOM_PLANS):
+                c.execute(_TAKE_CERTIFIED, none, prepare=True).fetchall()
+        _PRIMED.add(c)
+
+    def _take_locked(self, c: Conn, me: Member, name: str, ttl: float) -> LeaseTaken | str:
+        """The general takeover, in the caller's transaction, every row it judges locked."""
+        if not fetch(c, "SELECT 1 FROM instances WHERE id = %s AND incarnation = %s "
+                     "AND status = 'alive' FOR SHARE", me):
+            raise NotRegistered(me[0], "closed, declared dead or taken over")
+        row, hrow = self._locked(c, name, me)
+        previous = dead = None
+        reason = "free"
+        if row is not None and row["holder_id"] is not None:
+            previous = str(row["holder_id"])
+            holder = (previous, int(row["holder_incarnation"]))
+            expired = _expired(row)
+            if holder == (me[0], int(me[1])) and not expired:
+                return me[0]
+            alive, verdict = self._liveness.judge(hrow) if hrow else (False, "gone")
+            if hrow is not None and hrow["status"] == "alive" and not alive:
+                # Proof of death (or a hung heartbeat): the lease is taken now; the rest of
+                # the death rule follows in its own transaction (the caller's).
+                dead = (holder[0], holder[1], verdict)
+                reason = verdict
+            elif expired:
+                reason = "expired"
+            elif not alive:
+                reason = verdict
+            else:
+                return previous
+            free_term(c, name, int(row["term"]), reason)
+        # The new term, the lease row and its history row in one statement (one round
+        # trip on the takeover's path). pgid/pg_start_token stay: the new holder ends
+        # that group before anything.
+        term = int(scalar(c, _TAKE, (name, *me, ttl, ttl)))
+        log_event(c, "leader changed", me[0], name, term=term, previous=previous,
+                  reason=reason)
+        group = tree = None
+        if (row is not None and row["pgid"] is not None and row["pg_start_token"] is not None
+                and self._recorded_here(c, row)):
+            group = (int(row["pgid"]), int(row["pg_start_token"]))
+        if row is not None:
+            tree = _member(row["pg_holder_id"], row["pg_holder_incarnation"])
+        return LeaseTaken(term, previous, group, tree, dead)
 
     @staticmethod
     def _recorded_here(c: Conn, row: Row) -> bool:
@@ -191,19 +341,6 @@ class PgLeases:
         found = fetch(c, "SELECT boot_id FROM instances WHERE id = %s AND incarnation = %s",
                       (row["pg_holder_id"], row["pg_holder_incarnation"]))
         return not found or found[0]["boot_id"] == boot_id()
-
-    def _held_by_another(self, c: Conn, name: str, me: Member) -> str | None:
-        """The holder's id when another live instance holds ``name`` unexpired, read without
-        locks: candidates that poll a held lease do not queue on its holder's row."""
-        rows = self._clock.checked(c, f"{_SELECT} WHERE name = %s", (name,))
-        row = rows[0] if rows else None
-        holder = None if row is None else _member(row["holder_id"], row["holder_incarnation"])
-        if row is None or holder is None or holder == (me[0], int(me[1])) or _expired(row):
-            return None
-        inst = fetch(c, "SELECT * FROM instances WHERE id = %s AND incarnation = %s", holder)
-        if not inst or not self._liveness.judge(inst[0])[0]:
-            return None
-        return holder[0]
 
     def _locked(self, c: Conn, name: str, me: Member) -> tuple[Row | None, Row | None]:
         """The lease row and its holder's instance row, both locked ``FOR UPDATE`` (the

@@ -77,25 +77,35 @@ def application_name(member: Member) -> str:
     return f"coord live {member[0]}#{member[1]} pid {os.getpid()}"[-63:]
 
 
+def certificate(row: Row, probe: Probe) -> str | None:
+    """The verdict of a death this host proves, whatever the time ('died': the pid gone or
+    reused, or its lock file free; 'reboot': this machine, a boot that is over), or None:
+    no such proof here (another host's row, or the process is alive)."""
+    if row["boot_id"] == probe.boot_id:  # this host and boot: the kernel can prove a death
+        same_ns = row["pidns"] == probe.pidns
+        if same_ns:
+            st = probe.proc(row["pid"])
+            if st is None or st[0] != row["start_token"] or st[1] in DEAD_STATES:
+                return "died"
+        if same_ns and row["pid"] == probe.pid:
+            if not holds_own_lock(row["lock_path"]):
+                return "died"
+        elif probe.lock(row["lock_path"])[0] == FREE:
+            return "died"
+    elif row.get("machine_id", machine_id()) == machine_id():
+        return "reboot"  # this host, a boot that is over
+    return None
+
+
 def judge(row: Row, probe: Probe, now: float) -> tuple[bool, str]:
     """(alive, status word) of an instance row, ``now`` being the server's clock. After a
     step of that clock (``probe.held_since``, see ``.clock``) a heartbeat older than the
     step counts from the step: one TTL to heartbeat again before it is 'hung'."""
     if row["status"] == "dead":
         return False, row["end_reason"] or "dead"
-    if row["boot_id"] == probe.boot_id:  # this host and boot: the kernel can prove a death
-        same_ns = row["pidns"] == probe.pidns
-        if same_ns:
-            st = probe.proc(row["pid"])
-            if st is None or st[0] != row["start_token"] or st[1] in DEAD_STATES:
-                return False, "died"
-        if same_ns and row["pid"] == probe.pid:
-            if not holds_own_lock(row["lock_path"]):
-                return False, "died"
-        elif probe.lock(row["lock_path"])[0] == FREE:
-            return False, "died"
-    elif row.get("machine_id", machine_id()) == machine_id():
-        return False, "reboot"  # this host, a boot that is over
+    proven = certificate(row, probe)
+    if proven is not None:
+        return False, proven
     if now - row["heartbeat_mono"] > row["ttl"]:
         # After a step of the server's clock a heartbeat older than it counts from it.
         held = getattr(probe, "held_since", None)
@@ -289,6 +299,10 @@ class PgLiveness:
         probe = look if isinstance(look, Probe) else self.look()
         assert probe.now is not None
         return judge(row, probe, probe.now)
+
+    def certificate(self, row: Row) -> str | None:
+        """A death of that registration proven on this host now (see ``certificate``)."""
+        return certificate(row, Probe())
 
     def heartbeat_age(self, row: Row, look: object) -> float | None:
         """Seconds since the row's last heartbeat by the server's clock (any host's)."""

@@ -74,28 +74,43 @@ _PUT_KNOWN = (
 # while alive (see the module docstring), the queue's owner, then up to n due jobs in claim
 # order (jobs_ready: queue, priority DESC, id), each locked or skipped, claimed with a fresh
 # token. The first row always comes (the LEFT JOIN), so "not alive" and "not yours" are told
-# apart from "nothing due".
-_CLAIM = (
-    "WITH now AS MATERIALIZED (SELECT coord_now() AS t), "
-    "me AS MATERIALIZED (SELECT 1 FROM instances WHERE id = %(id)s AND incarnation = %(inc)s "
-    " AND status = 'alive' FOR SHARE), "
-    "q AS MATERIALIZED (SELECT owner_id FROM queues WHERE name = %(queue)s), "
-    "picked AS (SELECT id FROM jobs WHERE state = 'ready' AND queue = %(queue)s "
-    " AND available_mono <= (SELECT t FROM now) AND EXISTS (SELECT 1 FROM me) "
-    " AND NOT EXISTS (SELECT 1 FROM q WHERE owner_id <> %(id)s) "
-    " ORDER BY priority DESC, id LIMIT %(n)s FOR UPDATE SKIP LOCKED), "
-    "got AS (UPDATE jobs j SET state = 'claimed', "
-    " claim_token = j.id::text || '-' || substr(md5(gen_random_uuid()::text), 1, 16), "
-    " claimed_by = %(id)s, claimed_incarnation = %(inc)s, "
-    " claim_expires_mono = (SELECT t FROM now) + %(lease)s, claim_lease = %(lease)s, "
-    " claimed_at = (SELECT t FROM now), "
-    " attempts = j.attempts + 1 FROM picked WHERE j.id = picked.id "
-    " RETURNING j.id, j.claim_token, j.priority, j.payload, j.dedupe_key, j.attempts - 1 AS "
-    " attempts, j.max_attempts, j.created_at, j.last_error) "
-    "SELECT EXISTS (SELECT 1 FROM me) AS alive, (SELECT owner_id FROM q) AS owner, "
-    "(SELECT t FROM now) AS now_mono, got.* "
-    "FROM (SELECT 1) one LEFT JOIN got ON true ORDER BY got.priority DESC, got.id"
-)
+# apart from "nothing due". ``acking``: the claimer's last job acked first (as ``_ACK``, and
+# only then the claimer's row locked: job rows before instances, as the acks of a claim's
+# transaction), and nothing claimed when that ack found its claim moved on ("acked").
+def _claim_sql(acking: bool) -> str:
+    acked = (
+        "acked AS (UPDATE jobs SET state = 'done', claim_token = NULL, "  # noqa: S608 - fixed fragments
+        "claim_expires_mono = NULL, result = %(result)s, finished_at = coord_now(), "
+        "finished_mono = coord_now() WHERE id = %(aid)s AND claim_token = %(atok)s "
+        f"AND {CLAIM_EXPIRY} >= coord_now() RETURNING 1), "
+        if acking else "")
+    gate = " AND EXISTS (SELECT 1 FROM acked)" if acking else ""
+    return (
+        f"WITH {acked}now AS MATERIALIZED (SELECT coord_now() AS t), "  # noqa: S608 - fixed fragments
+        "me AS MATERIALIZED (SELECT 1 FROM instances WHERE id = %(id)s "
+        f" AND incarnation = %(inc)s AND status = 'alive'{gate} FOR SHARE), "
+        "q AS MATERIALIZED (SELECT owner_id FROM queues WHERE name = %(queue)s), "
+        "picked AS (SELECT id FROM jobs WHERE state = 'ready' AND queue = %(queue)s "
+        " AND available_mono <= (SELECT t FROM now) AND EXISTS (SELECT 1 FROM me) "
+        " AND NOT EXISTS (SELECT 1 FROM q WHERE owner_id <> %(id)s) "
+        " ORDER BY priority DESC, id LIMIT %(n)s FOR UPDATE SKIP LOCKED), "
+        "got AS (UPDATE jobs j SET state = 'claimed', "
+        " claim_token = j.id::text || '-' || substr(md5(gen_random_uuid()::text), 1, 16), "
+        " claimed_by = %(id)s, claimed_incarnation = %(inc)s, "
+        " claim_expires_mono = (SELECT t FROM now) + %(lease)s, claim_lease = %(lease)s, "
+        " claimed_at = (SELECT t FROM now), "
+        " attempts = j.attempts + 1 FROM picked WHERE j.id = picked.id "
+        " RETURNING j.id, j.claim_token, j.priority, j.payload, j.dedupe_key, j.attempts - 1 AS "
+        " attempts, j.max_attempts, j.created_at, j.last_error) "
+        "SELECT EXISTS (SELECT 1 FROM me) AS alive, (SELECT owner_id FROM q) AS owner, "
+        "(SELECT t FROM now) AS now_mono, "
+        + ("EXISTS (SELECT 1 FROM acked) AS acked, " if acking else "")
+        + "got.* FROM (SELECT 1) one LEFT JOIN got ON true ORDER BY got.priority DESC, got.id"
+    )
+
+
+_CLAIM = _claim_sql(acking=False)
+_CLAIM_ACKING = _claim_sql(acking=True)
 # A claim is found by its job id and the whole token compared; a lease past its end is lost.
 _HELD = f"id = %s AND claim_token = %s AND {CLAIM_EXPIRY} >= coord_now()"
 _ACK = (
@@ -192,6 +207,19 @@ class PgQueues(PgQueueUpkeep):
             # One statement in autocommit: the common claim costs one round trip. Its
             # reading is observed: every worker can notice a step of the server's clock.
             return self._claimed(queue, id, self._clock.rows(_CLAIM, params))
+        if len(acks) == 1:
+            # A worker's loop (claim(ack=job)): the ack and the claim in one statement, one
+            # round trip and one commit.
+            token, result = acks[0]
+            ack = {**params, "aid": claim_id(token), "atok": token, "result": result}
+            got = self._clock.rows(_CLAIM_ACKING, ack)
+            if not got[0]["acked"] and self._refused(token):
+                got = self._clock.rows(_CLAIM_ACKING, ack)  # again, under the hold
+                if not got[0]["acked"]:
+                    self._expired_release(token)
+            if not got[0]["acked"]:
+                raise ClaimLost(token)
+            return self._claimed(queue, id, got)
 
         def txn(c: Conn) -> tuple[list[str], list[Row]]:
             lost = self._ack_pairs(c, acks)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import apsw
 
 from ...errors import LeaseLost, NotRegistered
-from ..records import LeaseRecord, LeaseTaken, Member
+from ..records import LeaseRecord, LeaseTaken, Member, Seen
 from .clock import MonotonicClock
 from .connection import fetch, next_counter, scalar
 from .events import log_event
@@ -90,10 +90,12 @@ class SqliteLeases:
 
     # -- the rules ----------------------------------------------------------------------------
 
-    def take(self, me: Member, name: str, ttl: float) -> LeaseTaken | str:
+    def take(self, me: Member, name: str, ttl: float, seen: Seen | None = None
+             ) -> LeaseTaken | str:
         """Take ``name`` if it is free, expired, or its holder is dead; else the holder's id
         (also ``me``'s own id when it holds it: leases are not re-entrant). ``NotRegistered``
-        when ``me`` is not a live incarnation."""
+        when ``me`` is not a live incarnation. ``seen`` is not needed here: the look is a
+        local read inside the one writer's transaction."""
         store = self._store
 
         def txn(c: apsw.Connection) -> LeaseTaken | str:
