@@ -4,6 +4,7 @@ to this coord's version when opened, keeping what it holds."""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from urllib.parse import parse_qs, urlparse
 
 import pytest
 from contract_engines import fresh_schema
@@ -22,28 +23,31 @@ def url(pg_url: str) -> Iterator[str]:
         yield u
 
 
-def _language(store: coord.Store) -> str:
+def _language(store: coord.Store, function: str) -> str:
     return str(store.backend.meta._db.value(  # type: ignore[attr-defined]
         "SELECT l.lanname FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang "
-        "WHERE p.proname = 'coord_now' AND p.pronamespace = current_schema()::regnamespace"))
+        "WHERE p.proname = %s AND p.pronamespace = current_schema()::regnamespace",
+        (function,)))
 
 
-def test_a_version_1_deployment_gets_coord_now_in_plpgsql(url: str) -> None:
+def test_a_version_1_deployment_gets_coord_now_in_plpgsql(url: str, pg_url: str) -> None:
     assert latest_version() >= 3 and migrations()[2][1] == "003_now_plpgsql.sql"
-    store = coord.Store(url)
-    kv.set(store, "kept", 1)
-    # Back to what version 1 made: its coord_now() and its version number.
-    first = migrations()[0][2]
-    start = first.index("CREATE FUNCTION coord_now()")
-    old = first[start:first.index("$$;", start) + 3].replace("CREATE", "CREATE OR REPLACE", 1)
-    db = store.backend.meta._db  # type: ignore[attr-defined]
-    db.write(lambda c: (c.execute(old),
-                        c.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")))
-    assert _language(store) == "sql"
-    store.close()
+    # What a coord of version 1 made: its schema alone, its version number, a key in it.
+    schema = parse_qs(urlparse(url).query)["schema"][0]
+    with psycopg.connect(pg_url, autocommit=True) as c:
+        c.execute(f'CREATE SCHEMA "{schema}"')
+        c.execute(f'SET search_path = "{schema}"')
+        c.execute(migrations()[0][2].encode())
+        c.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
+        c.execute("INSERT INTO kv (key, value, version, created_at, updated_at) "
+                  "VALUES ('kept', '1', 1, 0, 0)")
+        assert c.execute("SELECT l.lanname FROM pg_proc p JOIN pg_language l "
+                         "ON l.oid = p.prolang WHERE p.proname = 'coord_now' "
+                         "AND p.pronamespace = current_schema()::regnamespace"
+                         ).fetchone() == ("sql",)
     again = coord.Store(url)
     assert again.backend.meta.version() == latest_version()
-    assert _language(again) == "plpgsql"
+    assert _language(again, "coord_now") == _language(again, "coord_expiry") == "plpgsql"
     assert kv.get(again, "kept").value == 1
     now = again.backend.meta._db.value("SELECT coord_now() - extract(epoch FROM clock_timestamp())")  # type: ignore[attr-defined]
     assert abs(float(now)) < 5
