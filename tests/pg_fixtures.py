@@ -106,3 +106,20 @@ def net(request: pytest.FixtureRequest) -> Iterator[Any]:
     finally:
         harness.close()
 
+
+
+def make_version_1(pg_url: str, url: str, *statements: str) -> None:
+    """Make in ``url``'s schema (which must not exist yet) what a coord of schema version 1
+    made, then run ``statements`` there (the data it held)."""
+    from urllib.parse import parse_qs, urlparse
+
+    from coord.backend.postgresql.opening import migrations
+
+    schema = parse_qs(urlparse(url).query)["schema"][0]
+    with import_psycopg().connect(pg_url, autocommit=True) as c:
+        c.execute(f'CREATE SCHEMA "{schema}"')
+        c.execute(f'SET search_path = "{schema}"')
+        c.execute(migrations()[0][2].encode())
+        c.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
+        for sql in statements:
+            c.execute(sql.encode())

@@ -30,12 +30,11 @@ import threading
 import time
 from collections.abc import Iterator
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 from conftest import ManualClock, move_server_clock, reap_children, stop_outside_a_write, wait_until
 from contract_engines import fresh_schema
-from pg_fixtures import import_psycopg
+from pg_fixtures import import_psycopg, make_version_1
 
 import coord
 from coord.clock import Clock
@@ -469,15 +468,10 @@ def test_a_version_1_schema_is_brought_to_the_hold(pg_url: str) -> None:
     """A deployment made at schema version 1 gets ``coord_expiry`` when a coord of version 2
     (or later) opens it; the rule: a stamp, or one ttl after the step was seen when that is later (a
     claim made before the migration has no lease recorded: never held back)."""
-    from coord.backend.postgresql.opening import latest_version, migrations
+    from coord.backend.postgresql.opening import latest_version
 
     with fresh_schema(pg_url) as u:
-        schema = parse_qs(urlparse(u).query)["schema"][0]
-        with psycopg.connect(pg_url, autocommit=True) as c:
-            c.execute(f'CREATE SCHEMA "{schema}"')
-            c.execute(f'SET search_path = "{schema}"')
-            c.execute(migrations()[0][2].encode())
-            c.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
+        make_version_1(pg_url, u)
         s = coord.Store(u)
         try:
             assert s.backend.meta.version() == latest_version() >= 2

@@ -4,11 +4,10 @@ to this coord's version when opened, keeping what it holds."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 from contract_engines import fresh_schema
-from pg_fixtures import import_psycopg
+from pg_fixtures import import_psycopg, make_version_1
 
 import coord
 from coord import kv
@@ -32,19 +31,8 @@ def _language(store: coord.Store, function: str) -> str:
 
 def test_a_version_1_deployment_gets_coord_now_in_plpgsql(url: str, pg_url: str) -> None:
     assert latest_version() >= 3 and migrations()[2][1] == "003_now_plpgsql.sql"
-    # What a coord of version 1 made: its schema alone, its version number, a key in it.
-    schema = parse_qs(urlparse(url).query)["schema"][0]
-    with psycopg.connect(pg_url, autocommit=True) as c:
-        c.execute(f'CREATE SCHEMA "{schema}"')
-        c.execute(f'SET search_path = "{schema}"')
-        c.execute(migrations()[0][2].encode())
-        c.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
-        c.execute("INSERT INTO kv (key, value, version, created_at, updated_at) "
-                  "VALUES ('kept', '1', 1, 0, 0)")
-        assert c.execute("SELECT l.lanname FROM pg_proc p JOIN pg_language l "
-                         "ON l.oid = p.prolang WHERE p.proname = 'coord_now' "
-                         "AND p.pronamespace = current_schema()::regnamespace"
-                         ).fetchone() == ("sql",)
+    make_version_1(pg_url, url, "INSERT INTO kv (key, value, version, created_at, updated_at) "
+                   "VALUES ('kept', '1', 1, 0, 0)")
     again = coord.Store(url)
     assert again.backend.meta.version() == latest_version()
     assert _language(again, "coord_now") == _language(again, "coord_expiry") == "plpgsql"
