@@ -302,14 +302,15 @@ def stop_outside_a_write(store: coord.Store, p: subprocess.Popen[Any]) -> None:
 
 
 def _stop_outside_a_pg_transaction(store: coord.Store, p: subprocess.Popen[Any]) -> None:
-    # On PostgreSQL a stopped writer holds its row locks: stop it when no other session of
-    # the server under test is inside a transaction (each test has the server to itself).
+    # On PostgreSQL a stopped writer holds its row locks: stop it when none of its sessions
+    # is inside a transaction (coord names each session after its process's pid).
     db = store.backend.db  # type: ignore[attr-defined]
     for _ in range(200):
         os.kill(p.pid, signal.SIGSTOP)
         wait_until(lambda: (proc_stat(p.pid) or (0, "T"))[1] == "T", timeout=10)
         busy = db.value("SELECT count(*) FROM pg_stat_activity WHERE backend_type = "
-                        "'client backend' AND xact_start IS NOT NULL AND pid <> pg_backend_pid()")
+                        "'client backend' AND xact_start IS NOT NULL AND pid <> pg_backend_pid() "
+                        "AND application_name LIKE %s", (f"coord% pid {p.pid}",))
         if not busy:
             return
         os.kill(p.pid, signal.SIGCONT)

@@ -15,7 +15,7 @@ from typing import Any
 
 import engine_sql
 import pytest
-from conftest import coord_env, wait_until
+from conftest import coord_env, stop_outside_a_write, wait_until
 
 import coord
 from coord.leases import acquire, get_lease
@@ -215,7 +215,9 @@ def test_elect_chaos_sigkill_and_sigstop(db_path: Path, tmp_path: Path,
         worker_pid = int(worker[2])
         w = wrappers.pop(info.holder_pid)
         if round_ == 2:
-            w.send_signal(signal.SIGSTOP)  # its worker keeps running until the next holder ends it
+            # Its worker keeps running until the next holder ends it. Stopped outside a write:
+            # one stopped inside its heartbeat's transaction would hold every writer.
+            stop_outside_a_write(store, w)
             stopped = w
         else:
             w.kill()
@@ -363,7 +365,9 @@ def run_tree_chaos(db: Path, tmp: Path, children: list[subprocess.Popen[Any]], r
             everyone.extend(procs_)
             w = wrappers.pop(info.holder_pid)
             if round_ % 4 == 2:
-                w.send_signal(signal.SIGSTOP)  # its tree runs on until the next holder ends it
+                # Its tree runs on until the next holder ends it. Stopped outside a write: one
+                # stopped inside its heartbeat's transaction would hold every writer.
+                stop_outside_a_write(store, w)
                 stopped.append(w)
             else:
                 w.kill()

@@ -161,7 +161,9 @@ class PgDb:
             params.update(client or {})
             conn: Conn = psycopg.connect(
                 self.location.dsn, autocommit=True, row_factory=dict_row,
-                connect_timeout=CONNECT_TIMEOUT, application_name=self._application, **params)
+                connect_timeout=CONNECT_TIMEOUT, **params,
+                # The pid names the process behind a session in pg_stat_activity.
+                application_name=f"{self._application} pid {os.getpid()}")
             try:
                 conn.execute("SELECT " + ", ".join(["set_config(%s, %s, false)"] * len(gucs)),
                              [x for kv in gucs.items() for x in kv])
