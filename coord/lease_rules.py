@@ -14,8 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import nudge
-from .backend import LeaseRecord, LeaseTaken, Member, Watch
-from .backend.records import Seen
+from .backend import LeaseRecord, LeaseTaken, Member, Seen, Watch
 from .clock import boot_id
 from .db import Row, Store
 from .errors import CoordError

@@ -66,8 +66,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import nudge
-from .backend import LeaseTaken, Member, lease_channel
-from .backend.records import Seen
+from .backend import LeaseTaken, Member, Seen, lease_channel
 from .clock import boot_id
 from .db import Store
 from .errors import CoordError, InvalidArgument, LeaseNotAcquired, NotFound, NotRegistered

@@ -75,6 +75,7 @@ from .records import (
     Member,
     MessageRecord,
     Problem,
+    Seen,
 )
 from .store_ops import AdhocOps, AdhocResult, MetaOps
 
@@ -112,6 +113,7 @@ __all__ = [
     "ProcessOps",
     "Proof",
     "QueueOps",
+    "Seen",
     "TreeOps",
     "Wakeup",
     "Watch",

@@ -53,7 +53,7 @@ while True:
         if job is None:
             say(op="idle")
             continue
-        say(op="claimed", job=job.id, token=job.token)
+        say(op="claimed", job=job.id, token=job.token, attempt=job.attempts)
         time.sleep(0.1)
         queues.ack(store, job, result={"token": job.token, "worker": wid})
         say(op="acked", job=job.id, token=job.token)
@@ -107,7 +107,9 @@ def audit(admin: Admin, ids: list[int], workers: list[Proc]) -> dict[str, int]:
     for w in workers:
         for x in w.lines:
             if x.get("op") == "claimed":
-                claims.setdefault(x["job"], []).append((x["t"], x["token"]))
+                # Ordered by the server's count of attempts, not by when the worker said it:
+                # a claim's reply a cut delayed may be told after a later claim's.
+                claims.setdefault(x["job"], []).append((x["attempt"], x["token"]))
             elif x.get("op") == "acked":
                 acked.setdefault(x["job"], []).append(x["token"])
     for j, job in jobs.items():
