@@ -93,6 +93,32 @@ def test_notify_wakes_a_waiter_that_has_no_socket(pg_store: coord.Store, stretch
     assert at - t0 < SOON
 
 
+@pytest.mark.parametrize("notified", [True, False])
+def test_a_nudge_a_notify_repeats_costs_no_check(pg_store: coord.Store, stretched: None,
+                                                 tmp_path: Any, notified: bool) -> None:
+    # While its channel is LISTENed, a ``notified`` waiter leaves its socket to the NOTIFY
+    # that comes with every nudge that matters to it.
+    from coord import nudge
+
+    sock = nudge.bind(str(tmp_path / "n.sock"))
+    checks: list[float] = []
+    engine_wakeup = pg_store.backend.wakeup
+    waiting = threading.Thread(target=lambda: engine_wakeup.wait_for(
+        lambda: checks.append(time.monotonic()), 3.0, sock=sock,
+        channels=[queue_channel("n")], notified=notified), daemon=True)
+    try:
+        waiting.start()
+        wait_listening(pg_store, queue_channel("n"))
+        time.sleep(0.3)  # its looks after the LISTEN are done
+        before = len(checks)
+        nudge.nudge([str(tmp_path / "n.sock")])
+        time.sleep(0.3)
+        assert len(checks) == before + (0 if notified else 1)
+        waiting.join(SOON)
+    finally:
+        sock.close()
+
+
 def test_killing_the_listen_connection_loses_no_wake_up(pg_store: coord.Store, pg_url: str,
                                                         stretched: None,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
