@@ -296,7 +296,9 @@ class Mailbox:
                     log.warning("[%s] dropped message %s: %s", self.id, rec.id, e)
                     backend.messages.drop(self._me, rec, str(e))
 
-        return backend.wakeup.wait_for(check, timeout, sock=self.sock, channels=self._inbox)
+        # Each write that nudges for a message also announces it on the inbox (``notified``).
+        return backend.wakeup.wait_for(check, timeout, sock=self.sock, channels=self._inbox,
+                                       notified=True)
 
     def ack(self, message_id: str) -> bool:
         """Acknowledge a message addressed to this instance: a plain message is deleted, a
@@ -356,7 +358,8 @@ class Mailbox:
                 return True if peer.dead(seen) else None
 
             found = backend.wakeup.wait_for(check, timeout, sock=self.sock,
-                                            watch_pids=peer.pids, channels=self._inbox)
+                                            watch_pids=peer.pids, channels=self._inbox,
+                                            notified=True)
         finally:
             peer.close()
         if found is True or found is None:
@@ -421,7 +424,7 @@ class Mailbox:
                 return [p for to in pending.values() for p in peers[to].pids()]
 
             backend.wakeup.wait_for(check, timeout, sock=self.sock, watch_pids=pids,
-                                    channels=self._inbox)
+                                    channels=self._inbox, notified=True)
             take(backend.messages.give_up(self._me, list(asked)))
             answered = set(replies)
             return Gathered(

@@ -213,13 +213,16 @@ class Wakeup(Protocol):
         sock: socket.socket | None = None,
         watch_pids: Callable[[], Iterable[int]] | None = None,
         channels: Iterable[str] = (),
+        notified: bool = False,
     ) -> T | None:
         """Call ``check`` until it returns something other than None, or ``timeout``
         passes (None: never); again whenever another commit may have changed the answer,
         a nudge arrives on ``sock`` (the waiting instance's own), or a watched pid exits.
         ``channels`` name what the waiter waits for (``inbox_channel``, ``queue_channel``):
         an engine that announces commits per channel (PostgreSQL's NOTIFY) wakes the
-        waiter on their writes; the others ignore them."""
+        waiter on their writes; the others ignore them. ``notified``: every nudge on
+        ``sock`` that matters to this wait comes with an announcement on ``channels``, so
+        such an engine may leave ``sock`` unwatched while it hears them all."""
         ...
 
 

@@ -93,6 +93,32 @@ def test_notify_wakes_a_waiter_that_has_no_socket(pg_store: coord.Store, stretch
     assert at - t0 < SOON
 
 
+@pytest.mark.parametrize("notified", [True, False])
+def test_a_nudge_a_notify_repeats_costs_no_check(pg_store: coord.Store, stretched: None,
+                                                 tmp_path: Any, notified: bool) -> None:
+    # While its channel is LISTENed, a ``notified`` waiter leaves its socket to the NOTIFY
+    # that comes with every nudge that matters to it.
+    from coord import nudge
+
+    sock = nudge.bind(str(tmp_path / "n.sock"))
+    checks: list[float] = []
+    engine_wakeup = pg_store.backend.wakeup
+    waiting = threading.Thread(target=lambda: engine_wakeup.wait_for(
+        lambda: checks.append(time.monotonic()), 3.0, sock=sock,
+        channels=[queue_channel("n")], notified=notified), daemon=True)
+    try:
+        waiting.start()
+        wait_listening(pg_store, queue_channel("n"))
+        time.sleep(0.3)  # its looks after the LISTEN are done
+        before = len(checks)
+        nudge.nudge([str(tmp_path / "n.sock")])
+        time.sleep(0.3)
+        assert len(checks) == before + (0 if notified else 1)
+        waiting.join(SOON)
+    finally:
+        sock.close()
+
+
 def test_killing_the_listen_connection_loses_no_wake_up(pg_store: coord.Store, pg_url: str,
                                                         stretched: None,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -267,8 +293,10 @@ def test_the_servers_inbox_channel_is_the_one_waiters_listen_on(pg_store: coord.
     assert on_server == channel_name(db.location.schema, inbox_channel(id))
 
 
+# A reply too long for its NOTIFY's payload: the woken requester reads it from the table.
+@pytest.mark.parametrize("answer", ["pong", "y" * 9000])
 def test_notify_wakes_a_requester_that_has_no_socket(pg_store: coord.Store,
-                                                     stretched: None) -> None:
+                                                     stretched: None, answer: str) -> None:
     a = coord.register(pg_store, "a", app="t")
     b = coord.register(pg_store, "b", app="t")
     box = messages.Mailbox(pg_store, "a", a.incarnation, "t")  # no nudge socket
@@ -281,9 +309,9 @@ def test_notify_wakes_a_requester_that_has_no_socket(pg_store: coord.Store,
     wait_listening(pg_store, inbox_channel("a"))
     time.sleep(0.3)  # its look after the LISTEN is done: now only a hint wakes it
     t0 = time.monotonic()
-    assert req.reply("pong")
+    assert req.reply(answer)
     asking.join(SOON)
-    assert not asking.is_alive() and got[0].payload == "pong"
+    assert not asking.is_alive() and got[0].payload == answer
     assert time.monotonic() - t0 < SOON
 
 
@@ -328,21 +356,28 @@ def test_a_channel_waited_on_again_and_again_stays_listened(
         assert listener.listening(busy)
 
 
-def test_a_reply_committed_before_the_requesters_first_look_is_found(
-        pg_store: coord.Store) -> None:
-    # The requester's inbox is listened on from before its request is sent: a reply that
-    # comes before its first look has poked that interest, so the look reads it.
-    a = coord.register(pg_store, "a", app="t")
-    b = coord.register(pg_store, "b", app="t")
-    ops = pg_store.backend.messages
+def _asked(store: coord.Store, payload: Any) -> tuple[Any, tuple[str, int], str, Any,
+                                                      coord.Instance]:
+    """a requests b (through the engine); b receives the request and answers ``payload``."""
+    a = coord.register(store, "a", app="t")
+    b = coord.register(store, "b", app="t")
+    ops = store.backend.messages
     me = ("a", a.incarnation)
-    messages.Mailbox(pg_store, "a", a.incarnation, "t").receive(0.05)  # LISTEN on a's inbox
-    wait_listening(pg_store, inbox_channel("a"))
+    messages.Mailbox(store, "a", a.incarnation, "t").receive(0.05)  # LISTEN on a's inbox
+    wait_listening(store, inbox_channel("a"))
     mid = str(uuid.uuid4())
     ops.request(me, mid, "b", "", '"ping"', 30.0)
     req = messages.receive(b, SOON)
-    assert req is not None and req.id == mid and req.reply("pong")
-    time.sleep(0.3)  # the LISTEN thread has passed the reply's hint on
+    assert req is not None and req.id == mid and req.reply(payload)
+    time.sleep(0.3)  # the LISTEN thread has passed the reply's NOTIFY on
+    return ops, me, mid, store.backend.db, b  # type: ignore[attr-defined]
+
+
+def test_a_reply_committed_before_the_requesters_first_look_is_found(
+        pg_store: coord.Store) -> None:
+    # The requester's inbox is listened on from before its request is sent: a reply that
+    # comes before its first look has poked that interest, so the look finds it.
+    ops, me, mid, _, b = _asked(pg_store, "pong")
     got, _ = ops.replies(me, [mid], [], defer=False)
     assert [r.payload for r in got] == ['"pong"']
     # With no reply yet, the first look finds none (and a later one the reply).
@@ -352,3 +387,39 @@ def test_a_reply_committed_before_the_requesters_first_look_is_found(
     req = messages.receive(b, SOON)
     assert req is not None and req.reply("pong")
     assert [r.payload for r in ops.replies(me, [mid], [], defer=False)[0]] == ['"pong"']
+
+
+# -- a reply travels in its NOTIFY's payload too: the waiting requester takes it from there,
+# not from the table, and deletes the stored row as it deletes a reply it read.
+
+def test_the_requester_takes_the_reply_from_its_notify(pg_store: coord.Store) -> None:
+    ops, me, mid, db, _ = _asked(pg_store, {"pong": [1, 2.5, "é\n"]})
+    row = db.row("SELECT * FROM messages WHERE kind = 'reply' AND correlation_id = %s", (mid,))
+    assert row is not None
+    # Gone from the table behind the requester's back: only the NOTIFY can bring it now.
+    db.write(lambda c: c.execute("DELETE FROM messages WHERE id = %s", (row["id"],)))
+    got, _ = ops.replies(me, [mid], [], defer=False)
+    assert len(got) == 1
+    r = got[0]
+    assert (r.id, r.kind, r.sender_id, r.sender_incarnation, r.recipient_id, r.topic,
+            r.payload, r.correlation_id, r.reply_to, r.created_at, r.expires_at) == (
+        row["id"], "reply", row["sender_id"], row["sender_incarnation"], "a", row["topic"],
+        row["payload"], mid, row["reply_to"], row["created_at"], row["expires_at"])
+
+
+def test_a_reply_taken_from_its_notify_is_deleted_by_the_next_write(
+        pg_store: coord.Store) -> None:
+    ops, me, mid, db, _ = _asked(pg_store, "pong")
+    got, _ = ops.replies(me, [mid], [], defer=True)
+    assert [r.payload for r in got] == ['"pong"']
+    count = "SELECT count(*) FROM messages WHERE kind = 'reply' AND correlation_id = %s"
+    assert db.value(count, (mid,)) == 1  # written durably, as any reply
+    ops.send(me, str(uuid.uuid4()), "b", "", '"next"', 30.0)
+    assert db.value(count, (mid,)) == 0
+
+
+def test_a_reply_too_long_for_a_notify_is_read_from_the_table(pg_store: coord.Store) -> None:
+    big = "x" * 20000
+    ops, me, mid, db, _ = _asked(pg_store, big)
+    got, _ = ops.replies(me, [mid], [], defer=False)
+    assert [r.payload for r in got] == [f'"{big}"']

@@ -25,7 +25,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 import psycopg
@@ -141,6 +141,9 @@ class Listener:
         self.backend_pid: int | None = None
         #: How many times the connection was (re)made.
         self.connects = 0
+        #: Called by the thread with (server channel, payload) for each notification that
+        #: carries a payload, before its waiters are poked.
+        self.on_payload: Callable[[str, str], None] | None = None
         _LISTENERS.add(self)
 
     def _forked(self) -> None:
@@ -319,6 +322,9 @@ class Listener:
 
     def _deliver(self, conn: Conn) -> None:
         for note in conn.notifies(timeout=0):
+            if note.payload and self.on_payload is not None:
+                # Before the poke: the woken waiter finds what the payload carried.
+                self.on_payload(note.channel, note.payload)
             with self._lock:
                 for it in self._interests.get(note.channel, ()):
                     it.poke()

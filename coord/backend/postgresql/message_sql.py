@@ -20,6 +20,9 @@ from __future__ import annotations
 from .clock import MESSAGE_EXPIRY
 from .listen import INBOX_CHANNEL_SQL
 
+#: Longest NOTIFY payload sent, in bytes (the server's limit is just under 8000).
+NOTE_MAX = 7900
+
 # Replies this instance took and has not deleted yet.
 _SPENT = ("spent AS (DELETE FROM messages WHERE recipient_id = %(me)s AND kind = 'reply' "
           "AND id = ANY(%(spent)s::text[]))")
@@ -90,6 +93,16 @@ RECEIVE = (
     "AS commit_mode, got.* FROM (SELECT 1) AS one LEFT JOIN got ON true"
 )
 
+# The reply itself as its NOTIFY's payload, when it fits (the server refuses 8000 bytes or
+# more): its envelope as a JSON object, a newline, its payload's text as stored. The
+# requester takes the reply from it without reading the row (``.messages``); the row is
+# written all the same and deleted by the requester, as a reply read from the table is.
+_NOTE = ("json_build_object('id', id, 'kind', kind, 'sender_id', sender_id, "
+         "'sender_incarnation', sender_incarnation, 'recipient_id', recipient_id, "
+         "'topic', topic, 'correlation_id', correlation_id, 'reply_to', reply_to, "
+         "'created_at', created_at, 'expires_at', expires_at)::text || E'\\n' || payload")
+_REPLY_NOTE = f"CASE WHEN octet_length({_NOTE}) < {NOTE_MAX} THEN {_NOTE} ELSE '' END"
+
 #: A reply: lock its own row; alive, take (delete) the request addressed to it, lock the
 #: requester's row in the request's incarnation and, when it is alive, insert the reply
 #: (living as long as the request would have) and NOTIFY the requester's inbox. One row:
@@ -110,10 +123,10 @@ REPLY = (
     "coalesce(a.correlation_id, %(rid)s), NULL, n.t, n.t + d.ttl, n.t + d.ttl "
     "FROM asker AS a, (SELECT coord_now() AS t) AS n, "
     "LATERAL (SELECT greatest(a.expires_mono - n.t, 1.0) AS ttl) AS d "
-    "RETURNING recipient_id), "
+    "RETURNING *), "
     f"{_SPENT} "
     "SELECT (SELECT alive FROM mine) AS alive, (SELECT count(*) FROM req) AS took, "
-    "(SELECT count(pg_notify(" + INBOX_CHANNEL_SQL.format(id="recipient_id") + ", '')) "
-    "FROM ins) AS wrote, a.nudge_path, a.boot_id FROM (SELECT 1) AS one "
+    "(SELECT count(pg_notify(" + INBOX_CHANNEL_SQL.format(id="recipient_id") + ", "
+    f"{_REPLY_NOTE})) FROM ins) AS wrote, a.nudge_path, a.boot_id FROM (SELECT 1) AS one "
     "LEFT JOIN asker AS a ON true"
 )

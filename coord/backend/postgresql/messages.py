@@ -18,11 +18,15 @@ delivery rules; the SQLite engine's ``messages`` is the reference behaviour).
   writes nothing.
 
 Replies taken by a waiting requester of this process are deleted by that instance's next
-write (``_spent``), as on SQLite.
+write (``_spent``), as on SQLite. A reply's NOTIFY carries the reply itself when it fits
+(``message_sql.REPLY``): the LISTEN thread keeps it for the requester of this process that
+awaits it, which then takes it without reading the table (the NOTIFY is sent at the reply's
+commit, so what it carries is committed).
 """
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, TypeVar
@@ -85,6 +89,11 @@ class PgMessages:
         # Request id -> the requester's interest in its inbox, taken before the request was
         # sent, until the first look for its reply (``replies``).
         self._armed: dict[str, Interest] = {}
+        # Request id -> its requester, while it waits (``request``/``ask`` until
+        # ``replies``/``give_up``); and the replies to those heard in a NOTIFY's payload.
+        self._awaited: dict[str, Member] = {}
+        self._heard: dict[str, MessageRecord] = {}
+        wakeup.listener.on_payload = self._heard_note
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -199,10 +208,12 @@ class PgMessages:
         # Listening for the reply from before the request exists lets the first look for it
         # (made at once by the waiting requester) read nothing when no hint came since.
         armed = self._wakeup.listener.arm(inbox_channel(me[0]))
+        self._await(me, [id])
         try:
             row = self._send_one(me, id=id, kind="request", to=to, topic=topic,
                                  payload=payload, ttl=ttl)
         except BaseException:
+            self._unawait([id])
             if armed is not None:
                 armed.close()
             raise
@@ -220,6 +231,46 @@ class PgMessages:
         with self._spent_lock:
             return [it for k in request_ids if (it := self._armed.pop(k, None)) is not None]
 
+    def _await(self, me: Member, request_ids: Iterable[str]) -> None:
+        with self._spent_lock:
+            for k in request_ids:
+                self._awaited[k] = me
+            # Those nobody took the reply of (their caller failed in between).
+            for k in list(self._awaited)[:-ARMED_MAX] if len(self._awaited) > ARMED_MAX else []:
+                del self._awaited[k]
+                self._heard.pop(k, None)
+
+    def _unawait(self, request_ids: Iterable[str]) -> None:
+        """Stop awaiting these requests (answered or given up)."""
+        with self._spent_lock:
+            for k in request_ids:
+                self._awaited.pop(k, None)
+                self._heard.pop(k, None)
+
+    def _heard_note(self, channel: str, payload: str) -> None:
+        """The LISTEN thread's hook: keep a reply carried by a notification's payload (see
+        ``message_sql.REPLY``) when this process awaits it."""
+        head, sep, text = payload.partition("\n")
+        if not sep or not head.startswith("{"):
+            return
+        try:
+            f = json.loads(head)
+            rec = MessageRecord(
+                id=str(f["id"]), kind=str(f["kind"]), sender_id=str(f["sender_id"]),
+                sender_incarnation=int(f["sender_incarnation"]),
+                recipient_id=str(f["recipient_id"]), topic=str(f["topic"]), payload=text,
+                correlation_id=f["correlation_id"], reply_to=f["reply_to"],
+                created_at=float(f["created_at"]), expires_at=float(f["expires_at"]))
+        except (ValueError, KeyError, TypeError):
+            return  # not one of the replies' notes: the waiter reads the table
+        schema = self._db.location.schema
+        with self._spent_lock:
+            me = self._awaited.get(rec.correlation_id or "")
+            # Only on the requester's own inbox channel (that of its id on this deployment).
+            if (me is not None and rec.kind == "reply" and rec.recipient_id == me[0]
+                    and channel == channel_name(schema, inbox_channel(me[0]))):
+                self._heard[rec.correlation_id or ""] = rec
+
     def ask(self, me: Member, asked: dict[str, str], topic: str, payload: str,
             ttl: float) -> None:
         def txn(c: Conn) -> list[str | None]:
@@ -229,7 +280,12 @@ class PgMessages:
                              payload=payload, corr=mid, reply_to=me[0], ttl=ttl)
             return self._announce(c, [rows[to] for to in set(asked.values()) if to in rows])
 
-        self._wakeup.nudge(self._write(me, txn))
+        self._await(me, asked)
+        try:
+            self._wakeup.nudge(self._write(me, txn))
+        except BaseException:
+            self._unawait(asked)
+            raise
 
     def reply(self, me: Member, request_id: str, id: str, payload: str) -> bool:
         got = self._statement(me, message_sql.REPLY, {"rid": request_id, "id": id,
@@ -292,6 +348,13 @@ class PgMessages:
         quiet = len(armed) == len(request_ids) and all(a.quiet() for a in armed)
         for a in armed:
             a.close()
+        with self._spent_lock:
+            heard = [r for k in request_ids if (r := self._heard.get(k)) is not None]
+        if len(heard) == len(request_ids):
+            # Taken from their NOTIFYs (sent at the replies' commits): no need to read them.
+            self._unawait(request_ids)
+            self._take(me, [r.id for r in heard], defer=defer)
+            return heard, None
         if quiet and not peers:
             # The inbox was LISTENed from before the requests were sent and no hint came
             # since: no reply was committed (its hint would have reached those interests).
@@ -307,17 +370,22 @@ class PgMessages:
                 "SELECT id FROM instances WHERE status = 'alive' AND (id, incarnation) "  # noqa: S608
                 f"IN ({MEMBERS})", (ids, incs))
             return [], {str(r["id"]) for r in found}
-        spent = [r["id"] for r in rows]
+        self._unawait([r["correlation_id"] for r in rows])
+        self._take(me, [r["id"] for r in rows], defer=defer)
+        return [_record(r) for r in rows], None
+
+    def _take(self, me: Member, spent: list[str], *, defer: bool) -> None:
+        """Replies taken: deleted by ``me``'s next write (``defer``) or now."""
         if defer:
             with self._spent_lock:
                 self._spent.setdefault(me, set()).update(spent)
         else:
             self._db.write(lambda c: self._drop_spent(c, me, spent))
-        return [_record(r) for r in rows], None
 
     def give_up(self, me: Member, request_ids: list[str]) -> list[MessageRecord]:
         for armed in self._disarm(request_ids):
             armed.close()
+        self._unawait(request_ids)
 
         def txn(c: Conn) -> list[Row]:
             c.execute("DELETE FROM messages WHERE kind = 'request' AND sender_id = %s "

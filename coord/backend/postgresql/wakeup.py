@@ -66,6 +66,7 @@ class PgWakeup:
         sock: socket.socket | None = None,
         watch_pids: Callable[[], Iterable[int]] | None = None,
         channels: Iterable[str] = (),
+        notified: bool = False,
     ) -> T | None:
         deadline = None if timeout is None else time.monotonic() + timeout
         fds: dict[int, int] = {}
@@ -96,7 +97,10 @@ class PgWakeup:
                 if deadline is not None:
                     slice_ = min(slice_, deadline - now)
                 watched = list(fds.values())
-                if sock is not None:
+                # A nudge that a NOTIFY heard here repeats would only cost one more check,
+                # after the one the NOTIFY's wake-up made.
+                heard = notified and interest is not None and interest.listening
+                if sock is not None and not heard:
                     watched.append(sock.fileno())
                 if interest is not None:
                     watched.append(interest.fd)

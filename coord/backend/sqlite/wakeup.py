@@ -29,8 +29,10 @@ class SqliteWakeup:
         sock: socket.socket | None = None,
         watch_pids: Callable[[], Iterable[int]] | None = None,
         channels: Iterable[str] = (),
+        notified: bool = False,
     ) -> T | None:
-        # ``channels``: SQLite's nudges and data_version already cover every commit.
+        # ``channels``, ``notified``: SQLite's nudges and data_version already cover every
+        # commit.
         return nudge.wait_for(self._store, check, timeout, sock=sock, watch_pids=watch_pids)
 
     @staticmethod
