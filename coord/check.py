@@ -57,7 +57,7 @@ def check(store: Store, *, strict: bool = False, integrity: bool = True) -> list
     for detail, pending in process_problems(store, instances):
         add(Problem("processes", detail, pending=pending))
     from .kv import problems as kv_problems
-    from .messages import problems as message_problems
+    from .message_checks import problems as message_problems
 
     for detail, pending in message_problems(store, instances, verdicts):
         add(Problem("messages", detail, pending=pending))

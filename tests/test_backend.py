@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import coord
-from coord import messages
+from coord import message_checks, messages
 from coord.backend import open_backend
 from coord.clock import Clock
 
@@ -70,10 +70,10 @@ def test_expiry_is_the_engines_clock(db_path: Path) -> None:
         b = coord.register(store, "b", app="t", heartbeat=False)
         messages.send(a, "b", "soon stale", ttl=5)
         now[0] += 4
-        assert not [p for p in messages.problems(store, {}, {}) if "expired" in p[0]]
+        assert not [p for p in message_checks.problems(store, {}, {}) if "expired" in p[0]]
         now[0] += 2  # past its TTL by the engine's clock; the wall clock has not moved
         assert messages.receive(b, 0) is None
-        assert ("1 expired messages, awaiting the reaper", True) in messages.problems(
+        assert ("1 expired messages, awaiting the reaper", True) in message_checks.problems(
             store, {}, {})
     finally:
         coord.instances.close_all()
