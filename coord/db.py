@@ -22,7 +22,7 @@ from .backend.postgresql.url import PgLocation
 from .backend.postgresql.url import parse as parse_pg_url
 from .clock import SYSTEM, Clock, boot_id
 from .config import Config
-from .errors import UnsafePath
+from .errors import InvalidArgument, UnsafePath
 from .locations import is_url
 
 if TYPE_CHECKING:
@@ -66,6 +66,10 @@ class Store:
                 {k: v for k, v in os.environ.items() if k != "COORD_DB"}).parent
             self.path = paths.prepare_db_path(local / f"pg-{self.location.key()}")
         else:
+            if given.startswith(("&schema=", "?schema=")):
+                # What `--db "$URL&schema=x"` becomes when $URL is empty: not a file to create.
+                raise InvalidArgument(f"database {given!r} is the end of a PostgreSQL URL with "
+                                      "nothing before it (is the variable holding the URL empty?)")
             self.engine = "sqlite"
             resolved = paths.resolve_db_path(path)
             refuse_location(self.engine, str(resolved))  # UnsafeFork, before anything touches it

@@ -160,3 +160,17 @@ def test_a_private_queue_for_an_unknown_owner_is_refused(cli: Cli, store: coord.
     assert "no such instance" in one_line(cli("queue", "create", "--private", "--owner",
                                               "nosuch", "q"), 1)
     assert coord.queues.stats(store) == []
+
+
+@pytest.mark.parametrize("db", ["&schema=x", "?schema=x"])
+def test_a_url_tail_with_nothing_before_it_is_refused(db: str, tmp_path: Path) -> None:
+    # `--db "$URL&schema=x"` with $URL empty: one line, and no file of that name made.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("COORD_")}
+    env["XDG_RUNTIME_DIR"] = str(tmp_path)
+    for args, extra in (((f"--db={db}", "instances"), {}), (("instances",), {"COORD_DB": db})):
+        r = subprocess.run([sys.executable, "-m", "coord", *args], cwd=tmp_path,
+                           env={**env, **extra}, capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and r.stdout == "", r
+        assert r.stderr.startswith(f"coord: database {db!r} is the end of a PostgreSQL URL")
+        assert r.stderr.count("\n") == 1
+        assert list(tmp_path.iterdir()) == []
