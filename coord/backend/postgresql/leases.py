@@ -26,7 +26,6 @@ from psycopg.types.numeric import Int8
 from ...clock import boot_id
 from ...errors import LeaseLost, NotRegistered
 from ..records import LeaseRecord, LeaseTaken, Member, Seen
-from ..sqlite.liveness import Probe
 from .clock import LEASE_EXPIRY
 from .connection import Conn, fetch, scalar, translated
 from .events import log_event
@@ -79,7 +78,7 @@ _CERTIFIED = frozenset({"died", "reboot"})
 #: taker's own status and the server's clock (and the step it holds, see ``.clock``).
 _PEEK = (
     "SELECT l.term AS l_term, l.holder_id AS l_holder_id, "  # noqa: S608 - fixed fragments
-    "l.holder_incarnation AS l_holder_incarnation, l.until_mono AS l_until, "
+    "l.holder_incarnation AS l_holder_incarnation, l.until_mono, "
     "n.t AS now_mono, (SELECT held_since FROM server_epoch) AS held_since, "
     "(SELECT status FROM instances WHERE id = %(id)s AND incarnation = %(inc)s) AS me_status, "
     "i.* FROM (SELECT coord_now() AS t) n "
@@ -232,13 +231,12 @@ class PgLeases:
             raise NotRegistered(me[0], "closed, declared dead or taken over")
         holder = _member(look["l_holder_id"], look["l_holder_incarnation"])
         if holder is not None:
-            expired = look["l_until"] is None or look["l_until"] < look["now_mono"]
+            expired = _expired(look)
             if holder == (me[0], int(me[1])):
                 if not expired:
                     return me[0]
             else:
-                probe = Probe()
-                probe.now, probe.held_since = look["now_mono"], look["held_since"]  # type: ignore[attr-defined]
+                probe = self._liveness.look_at(look["now_mono"], look["held_since"])
                 alive, verdict = (self._liveness.judge(look, probe) if look["id"] is not None
                                   else (False, "gone"))
                 if alive and not expired:

@@ -290,9 +290,16 @@ class PgLiveness:
         self._proofs_lock = threading.Lock()
 
     def look(self) -> Probe:
+        now = self._clock.now()  # first: the reading may be the one that records a step
+        return self.look_at(now, self._clock.held_since)
+
+    @staticmethod
+    def look_at(now: float, held_since: float | None) -> Probe:
+        """A probe that judges heartbeats at a reading of the server's clock the caller
+        already took, with the step's hold (``held_since``) it read beside it."""
         probe = Probe()
-        probe.now = self._clock.now()
-        probe.held_since = self._clock.held_since  # type: ignore[attr-defined]
+        probe.now = now
+        probe.held_since = held_since  # type: ignore[attr-defined]
         return probe
 
     def judge(self, row: Row, look: object | None = None) -> tuple[bool, str]:

@@ -212,14 +212,13 @@ class PgQueues(PgQueueUpkeep):
             # round trip and one commit.
             token, result = acks[0]
             ack = {**params, "aid": claim_id(token), "atok": token, "result": result}
-            got = self._clock.rows(_CLAIM_ACKING, ack)
-            if not got[0]["acked"] and self._refused(token):
-                got = self._clock.rows(_CLAIM_ACKING, ack)  # again, under the hold
-                if not got[0]["acked"]:
-                    self._expired_release(token)
-            if not got[0]["acked"]:
-                raise ClaimLost(token)
-            return self._claimed(queue, id, got)
+            for _ in range(2):  # as ``ack``: refused before a step was seen, again under the hold
+                got = self._clock.rows(_CLAIM_ACKING, ack)
+                if got[0]["acked"]:
+                    return self._claimed(queue, id, got)
+                if not self._refused(token):
+                    break
+            raise ClaimLost(token)
 
         def txn(c: Conn) -> tuple[list[str], list[Row]]:
             lost = self._ack_pairs(c, acks)
