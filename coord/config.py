@@ -7,6 +7,7 @@ cron jobs pick them up.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
@@ -52,6 +53,10 @@ class Config:
         ``kill_grace``."""
         ttl = self.lease_ttl if ttl is None else ttl
         grace = self.kill_grace if grace is None else grace
+        if not ttl > 0 or not math.isfinite(ttl):
+            raise InvalidArgument(f"lease ttl must be a positive number of seconds, got {ttl:g}")
+        if not grace >= 0 or not math.isfinite(grace):
+            raise InvalidArgument(f"kill grace must be zero or more seconds, got {grace:g}")
         deadline = self.renew_deadline_for(ttl)
         limits = [("the lease TTL", ttl)]
         if server_timeout is not None:

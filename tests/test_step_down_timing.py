@@ -70,6 +70,16 @@ def test_elect_and_lock_refuse_such_timings_before_running(db_path: object) -> N
     assert r.returncode == 0 and r.stdout.strip() == "ran", r.stderr
 
 
+def test_a_ttl_or_grace_out_of_range_is_named_as_such(db_path: object) -> None:
+    for flag, value, said in (("--ttl", "-1", "lease ttl must be a positive number"),
+                              ("--ttl", "0", "lease ttl must be a positive number"),
+                              ("--grace", "-1", "kill grace must be zero or more")):
+        r = run_cli(db_path, "elect", "t/z", flag, value, "--",  # type: ignore[arg-type]
+                    "sh", "-c", "echo ran")
+        assert r.returncode == 2 and "ran" not in r.stdout, (r.stdout, r.stderr)
+        assert r.stderr.startswith(f"coord: {said}") and r.stderr.count("\n") == 1, r.stderr
+
+
 def test_on_postgresql_the_instance_ttl_is_the_server_timeout(db_path: object,
                                                                engine: str) -> None:
     # The liveness session's server-side timeouts follow the instance TTL there.
