@@ -157,6 +157,11 @@ class LeaseWatch:
         self.seen = seen
         return True
 
+    def fds(self) -> list[int]:
+        """What the first waiter selects on besides the holder's pid (``Watch.fds``)."""
+        w = self._holder_watch
+        return w.fds() if w is not None and self.pid is not None and not self.behind else []
+
     def close(self) -> None:
         if self._holder_watch is not None:
             self._holder_watch.close()

@@ -272,7 +272,7 @@ def acquire(
                 slice_ = max(0.0005, min(slice_, watch.defer_until - now + 0.0005))
             why = store.backend.wakeup.wait_for(
                 check, slice_, sock=inst.sock, watch_pids=lambda: [watch.pid] if watch.pid else [],
-                channels=() if watch.pid else (lease_channel(name),))
+                watch_fds=watch.fds, channels=() if watch.pid else (lease_channel(name),))
             if why == "cancel":
                 raise LeaseNotAcquired(name, holder_of(store, name))
             if why is None or why == "defer":

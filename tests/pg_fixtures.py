@@ -75,6 +75,15 @@ def pg_url(pg_cluster: PgServer) -> str:
     return pg_cluster.url
 
 
+@pytest.fixture
+def pg_schema_url(pg_url: str) -> Iterator[str]:
+    """The URL of a schema of its own on the test server, dropped after the test."""
+    from contract_engines import fresh_schema
+
+    with fresh_schema(pg_url) as url:
+        yield url
+
+
 @contextmanager
 def private_cluster(prefix: str) -> Iterator[Cluster]:
     """A cluster of the caller's own (never the COORD_TEST_PG server): for tests that crash,

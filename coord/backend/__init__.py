@@ -154,6 +154,11 @@ class Watch(Protocol):
         """Its process has ended (seen at once, without a read)."""
         ...
 
+    def fds(self) -> list[int]:
+        """Descriptors besides the pids' that a waiter may select on to hear of the end
+        sooner (an engine's own signal, then confirmed by ``exited``); often none."""
+        ...
+
     def pinned_alive(self) -> bool:
         """Proof of life that needs no probe of its lock: the watched process is the one
         that registered, and its heartbeat is current. False means "judge it"."""
@@ -212,12 +217,14 @@ class Wakeup(Protocol):
         *,
         sock: socket.socket | None = None,
         watch_pids: Callable[[], Iterable[int]] | None = None,
+        watch_fds: Callable[[], Iterable[int]] | None = None,
         channels: Iterable[str] = (),
         notified: bool = False,
     ) -> T | None:
         """Call ``check`` until it returns something other than None, or ``timeout``
         passes (None: never); again whenever another commit may have changed the answer,
-        a nudge arrives on ``sock`` (the waiting instance's own), or a watched pid exits.
+        a nudge arrives on ``sock`` (the waiting instance's own), a watched pid exits or
+        one of ``watch_fds`` (``Watch.fds``) becomes readable.
         ``channels`` name what the waiter waits for (``inbox_channel``, ``queue_channel``):
         an engine that announces commits per channel (PostgreSQL's NOTIFY) wakes the
         waiter on their writes; the others ignore them. ``notified``: every nudge on

@@ -6,8 +6,10 @@ handover, a NOTIFY round trip). Both schemas are new and dropped at the end.
 Sections: pg transactions (kv.set vs a raw one-row INSERT, in alternating rounds), pg queue
 (put and claim+ack, 1 process, coord and the raw queue in the same rounds), pg messages
 (request→reply to a live instance vs a NOTIFY round trip), pg failover (SIGKILL of a lease
-holder → the waiter's ``acquire()`` returned, vs the advisory-lock handover alone and with a
-lease-row term bump), pg cli (cold ``coord instances --json`` vs ``python -c pass`` and
+holder → the waiter's ``acquire()`` returned, vs PostgreSQL's advisory-lock handover from a
+holder of coord's size — a raw waiter on the liveness lock of the same kind of coord holder,
+in rotated trials — and, as context, from a bare holder, alone and with a lease-row term
+bump), pg cli (cold ``coord instances --json`` vs ``python -c pass`` and
 ``import psycopg``)."""
 
 from __future__ import annotations
@@ -29,6 +31,9 @@ from . import pg_limits
 from .harness import Result, interleaved, mono, rotate, worker_env
 
 SECTION_NAMES = ["transactions", "queue", "messages", "failover", "cli"]
+#: The handover limits of the failover section (the target is against the sized one).
+RAW_HANDOVER = "raw advisory-lock handover"
+SIZED_HANDOVER = "raw advisory-lock handover, holder of coord's size"
 LEASE = "bench/leader"
 QUEUE = "bench/jobs"
 
@@ -286,13 +291,16 @@ def section_messages(run: PgRun) -> list[Result]:
 
 # -- failover ----------------------------------------------------------------------------------
 
+# Prints the advisory-lock key its liveness session holds: the raw waiter of the coord-sized
+# handover waits on it.
 HOLDER = textwrap.dedent("""
     import sys, time, coord
     from coord import leases
     store = coord.Store(sys.argv[1])
     inst = coord.register(store, sys.argv[2], app="bench")
     lease = leases.acquire(inst, sys.argv[3], timeout=30)
-    print("held", flush=True)
+    proof = store.backend.liveness.by_member((inst.id, inst.incarnation))
+    print("held", proof.key, flush=True)
     time.sleep(3600)
 """)
 
@@ -309,30 +317,61 @@ WAITER = textwrap.dedent("""
 """)
 
 
-def _coord_failover(run: PgRun, trials: int) -> list[float]:
-    lat: list[float] = []
-    for trial in range(trials + 1):  # trial 0 warms up
-        holder = _spawn(HOLDER, run.coord_url, f"bench-h{trial}", LEASE)
-        waiter: subprocess.Popen[str] | None = None
-        try:
-            if _line(holder) != "held":
-                raise RuntimeError("the holder did not take the lease")
-            waiter = _spawn(WAITER, run.coord_url, f"bench-w{trial}", LEASE)
-            _line(waiter)
-            time.sleep(0.3)  # the waiter is inside acquire(), waiting
-            t0 = mono()
-            os.kill(holder.pid, signal.SIGKILL)
-            held = _line(waiter).split()
-            if held[0] != "held":
-                raise RuntimeError(f"the waiter said {held}")
-            if trial:
-                lat.append((float(held[1]) - t0) * 1e6)
-            waiter.wait(timeout=30)
-        finally:
-            _end(holder)
-            if waiter is not None:
-                _end(waiter)
-    return lat
+def _coord_trial(run: PgRun, trial: int) -> float:
+    """One SIGKILL of a coord holder with a coord candidate waiting: µs until its
+    ``acquire()`` returned."""
+    holder = _spawn(HOLDER, run.coord_url, f"bench-h{trial}", LEASE)
+    waiter: subprocess.Popen[str] | None = None
+    try:
+        if _line(holder).split()[0] != "held":
+            raise RuntimeError("the holder did not take the lease")
+        waiter = _spawn(WAITER, run.coord_url, f"bench-w{trial}", LEASE)
+        _line(waiter)
+        time.sleep(0.3)  # the waiter is inside acquire(), waiting
+        t0 = mono()
+        os.kill(holder.pid, signal.SIGKILL)
+        held = _line(waiter).split()
+        if held[0] != "held":
+            raise RuntimeError(f"the waiter said {held}")
+        waiter.wait(timeout=30)
+        return (float(held[1]) - t0) * 1e6
+    finally:
+        _end(holder)
+        if waiter is not None:
+            _end(waiter)
+
+
+def _sized_trial(run: PgRun, trial: int, waiter: pg_limits.Worker) -> float:
+    """One SIGKILL of the same coord holder with a raw psycopg waiter blocked on the advisory
+    lock its liveness session holds: µs until that waiter holds it. PostgreSQL's own
+    handover from a dying process of coord's size (its sessions, threads and memory)."""
+    holder = _spawn(HOLDER, run.coord_url, f"bench-s{trial}", f"{LEASE}-sized")
+    try:
+        said = _line(holder).split()
+        if said[0] != "held":
+            raise RuntimeError("the holder did not take the lease")
+        waiter.send(f"wait {said[1]}")
+        pg_limits._wait_blocked(run.raw.admin, waiter.ready["backend"])
+        t0 = mono()
+        os.kill(holder.pid, signal.SIGKILL)
+        return (float(waiter.read()["held"]) - t0) * 1e6
+    finally:
+        _end(holder)
+
+
+def _rounds(run: PgRun, trials: int) -> tuple[list[float], list[float]]:
+    """coord's failover and the coord-sized raw handover, one trial of each in turn (rotated,
+    fresh processes each), so that a busy spell of the machine falls on both alike."""
+    coord_lat: list[float] = []
+    sized: list[float] = []
+    with pg_limits.workers(1, "waiter", lease=False, **run.raw.spec()) as (waiter,):
+        for trial in range(trials + 1):  # trial 0 warms up
+            for kind in rotate(["coord", "sized"], trial):
+                lat = (_coord_trial(run, trial) if kind == "coord"
+                       else _sized_trial(run, trial, waiter))
+                if trial:
+                    (coord_lat if kind == "coord" else sized).append(lat)
+    return coord_lat, sized
 
 
 def section_failover(run: PgRun) -> list[Result]:
@@ -342,10 +381,15 @@ def section_failover(run: PgRun) -> list[Result]:
     run.raw.admin.execute("insert into lease values ('l', 1, null, clock_timestamp())")
     plain = pg_limits._handover(run.raw, lease=False)
     bump = pg_limits._handover(run.raw, lease=True)
-    lat = _coord_failover(run, run.n["handovers"])
-    return [_limit("pg failover", "raw advisory-lock handover", plain, work),
+    lat, sized = _rounds(run, run.n["handovers"])
+    return [Result("pg failover", work, RAW_HANDOVER, plain.n, 0.0, plain.latencies_us,
+                   error=plain.error,
+                   note="a bare holder: one session, psycopg alone (context: a smaller exit)"),
             Result("pg failover", work, "raw advisory lock + term bump", bump.n, 0.0,
-                   bump.latencies_us, error=bump.error),
+                   bump.latencies_us, error=bump.error, note="the same, then a committed UPDATE"),
+            Result("pg failover", work, SIZED_HANDOVER, len(sized), sum(sized) / 1e6, sized,
+                   limit=True, note="a raw waiter on the liveness lock of coord's own holder "
+                   "(its sessions, threads and memory); rotated with coord"),
             Result("pg failover", work, "coord (acquire() returned)", len(lat), sum(lat) / 1e6,
                    lat, coord=True)]
 

@@ -51,9 +51,10 @@ TARGETS = [
     Target("registry", "reap 10 000 dead ≤ 1 s", "reap, all dead (N=10000)", "coord",
            1_000_000),
     # PostgreSQL (bench.py --db): against the server's own limits in the same run.
+    # PostgreSQL's handover from a dying process of coord's size, as on SQLite.
     Target("pg failover", "failover p50 ≤ 2 × the raw advisory-lock handover",
            "SIGKILL holder → next holder", "coord (acquire() returned)", 2.0,
-           "raw advisory-lock handover", at_most=True),
+           "raw advisory-lock handover, holder of coord's size", at_most=True),
     Target("pg queue", "claim+ack ≥ 0.6 × the raw SKIP LOCKED queue", "claim+ack (1 consumer)",
            "coord", 0.6, "raw SKIP LOCKED queue"),
     Target("pg messages", "NOTIFY-woken request→reply p50 ≤ 1 ms", "request→reply round trip",

@@ -65,6 +65,7 @@ class PgWakeup:
         *,
         sock: socket.socket | None = None,
         watch_pids: Callable[[], Iterable[int]] | None = None,
+        watch_fds: Callable[[], Iterable[int]] | None = None,
         channels: Iterable[str] = (),
         notified: bool = False,
     ) -> T | None:
@@ -97,6 +98,8 @@ class PgWakeup:
                 if deadline is not None:
                     slice_ = min(slice_, deadline - now)
                 watched = list(fds.values())
+                if watch_fds is not None:
+                    watched.extend(watch_fds())
                 # A nudge that a NOTIFY heard here repeats would only cost one more check,
                 # after the one the NOTIFY's wake-up made.
                 heard = notified and interest is not None and interest.listening

@@ -28,11 +28,12 @@ class SqliteWakeup:
         *,
         sock: socket.socket | None = None,
         watch_pids: Callable[[], Iterable[int]] | None = None,
+        watch_fds: Callable[[], Iterable[int]] | None = None,
         channels: Iterable[str] = (),
         notified: bool = False,
     ) -> T | None:
         # ``channels``, ``notified``: SQLite's nudges and data_version already cover every
-        # commit.
+        # commit; ``watch_fds``: its watches have none (``PidWatch.fds``).
         return nudge.wait_for(self._store, check, timeout, sock=sock, watch_pids=watch_pids)
 
     @staticmethod
