@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import nudge
-from .backend import LeaseRecord, LeaseTaken, Member, Seen, Watch
+from .backend import Armed, LeaseRecord, LeaseTaken, Member, Seen, Watch
 from .clock import boot_id
 from .db import Row, Store
 from .errors import CoordError
@@ -27,7 +27,10 @@ log = logging.getLogger("coord.leases")
 
 #: The lease the live instances elect their reaper with.
 REAPER_LEASE = "coord/reaper"
-
+#: Seconds the first waiter waits, after its holder's process exited, for the takeover it
+#: sent ahead (``LeaseOps.arm``) to hear that the holder's session ended, before it looks
+#: for itself.
+ARMED_GRACE = 0.05
 
 
 def validate_name(name: str) -> str:
@@ -144,6 +147,15 @@ class LeaseWatch:
         #: ended (the takeover's hint); None otherwise.
         self.seen: Seen | None = None
         self._seen: Seen | None = None
+        # The takeover of the watched holder's term sent ahead (``arm``), if any.
+        self._armed: Armed | None = None
+        self._armed_tried = False
+        self._armed_for: int | None = None  # the term it takes over from
+        #: What the armed takeover took, for the waiter to hold, and ``store.mono()`` when
+        #: it was sent (its term counts from then).
+        self.taken: LeaseTaken | None = None
+        self.taken_at = 0.0
+        self._exited_at: float | None = None  # store.mono() when its exit was first seen
 
     def holder_gone(self) -> bool:
         """Whether the holder last seen alive has ended since (its watch says so), so that
@@ -157,15 +169,51 @@ class LeaseWatch:
         self.seen = seen
         return True
 
+    def arm(self, me: Member, ttl: float) -> LeaseTaken | None:
+        """For the first waiter on a holder of this host: the takeover of the term it saw,
+        sent ahead when the engine can (``LeaseOps.arm``); what it took, once it has."""
+        if self.behind or self.pid is None or self._seen is None:
+            return None
+        if self._armed is not None and self._armed_for != self._seen[0]:
+            self._armed.close()  # the holder took another term since
+            self._armed, self._armed_tried = None, False
+        if self._armed is None and not self._armed_tried:
+            self._armed_tried, self._armed_for = True, self._seen[0]
+            self._armed = self.store.backend.leases.arm(me, self.name, ttl, self._seen)
+        if self._armed is None:
+            return None
+        taken = self._armed.poll()
+        if taken is not None:
+            self.taken_at = self._armed.sent_at
+        return taken
+
+    def armed_busy(self) -> bool:
+        """Whether to wait for the takeover sent ahead rather than look: it runs on the
+        server now, or the holder's process has exited and its session is about to end
+        (it does within ``ARMED_GRACE``, unless a forked child kept that session's socket)."""
+        armed, w = self._armed, self._holder_watch
+        if armed is None:
+            return False
+        if armed.running:
+            return True
+        if not armed.fds() or w is None or not w.exited():
+            return False
+        now = self.store.mono()
+        if self._exited_at is None:
+            self._exited_at = now
+        return now < self._exited_at + ARMED_GRACE
+
     def fds(self) -> list[int]:
-        """What the first waiter selects on besides the holder's pid (``Watch.fds``)."""
-        w = self._holder_watch
-        return w.fds() if w is not None and self.pid is not None and not self.behind else []
+        """What the first waiter selects on besides the holder's pid (an armed takeover's)."""
+        return self._armed.fds() if self._armed is not None and not self.behind else []
 
     def close(self) -> None:
         if self._holder_watch is not None:
             self._holder_watch.close()
-        self._holder_watch = self._watched = self._seen = self.seen = None
+        if self._armed is not None:
+            self._armed.close()
+        self._holder_watch = self._watched = self._seen = self.seen = self._armed = None
+        self._armed_tried, self._exited_at = False, None
 
     def takeable(self) -> bool:
         store = self.store

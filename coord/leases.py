@@ -153,16 +153,23 @@ def try_acquire(
 
 def _try_acquire(inst: Instance, name: str, ttl: float | None, on_lost: LostCallback | None,
                  renew: bool, grace: float | None, seen: Seen | None,
-                 after: list[Callable[[], None]] | None) -> Lease | None:
-    """``try_acquire``, with what a waiter saw of the holder it watched end (``seen``), and
-    a list that takes the dead holder's burial to be run by the caller (``after``)."""
+                 after: list[Callable[[], None]] | None,
+                 taken: tuple[LeaseTaken, float] | None = None) -> Lease | None:
+    """``try_acquire``, with what a waiter saw of the holder it watched end (``seen``), a
+    list that takes the dead holder's burial to be run by the caller (``after``), and what
+    a takeover sent ahead already took (``taken``, with ``store.mono()`` when it was sent:
+    the term counts from then, as from any take's start)."""
     validate_name(name)
     store = inst.store
     ttl = store.config.lease_ttl if ttl is None else float(ttl)
     if ttl <= 0:
         raise InvalidArgument(f"lease ttl must be positive, got {ttl}")
     t0 = store.mono()
-    got = take(store, inst, name, ttl, seen)
+    got: LeaseTaken | str
+    if taken is not None:
+        got, t0 = taken
+    else:
+        got = take(store, inst, name, ttl, seen)
     if not isinstance(got, LeaseTaken):
         return None
     lease = Lease(inst, name, got.term, ttl, t0, on_lost=[on_lost] if on_lost else [],
@@ -222,9 +229,24 @@ def acquire(
     waiter: str | None = None
     after: list[Callable[[], None]] = []
 
+    lease_ttl = store.config.lease_ttl if ttl is None else float(ttl)
+    me = (inst.id, inst.incarnation)
+
+    def watched_pids() -> list[int]:
+        # Not while the takeover sent ahead is awaited: the exited holder's pidfd stays
+        # readable, and selecting on it would spin.
+        return [watch.pid] if watch.pid and not watch.armed_busy() else []
+
     def check() -> str | None:
         if cancel is not None and cancel.is_set():
             return "cancel"
+        if waiter is not None:
+            taken = watch.arm(me, lease_ttl)
+            if taken is not None:
+                watch.taken = taken
+                return "go"  # taken by the takeover sent ahead, on the proof of the death
+            if watch.armed_busy():
+                return None  # its answer wakes this wait (a look of our own would race it)
         if watch.holder_gone() and waiter is not None and not watch.behind:
             return "go"  # the first waiter: take over now, the takeover proves the death
         takeable = watch.takeable()
@@ -271,14 +293,16 @@ def acquire(
             if watch.defer_until is not None:
                 slice_ = max(0.0005, min(slice_, watch.defer_until - now + 0.0005))
             why = store.backend.wakeup.wait_for(
-                check, slice_, sock=inst.sock, watch_pids=lambda: [watch.pid] if watch.pid else [],
-                watch_fds=watch.fds, channels=() if watch.pid else (lease_channel(name),))
+                check, slice_, sock=inst.sock, watch_pids=watched_pids, watch_fds=watch.fds,
+                channels=() if watch.pid else (lease_channel(name),))
             if why == "cancel":
                 raise LeaseNotAcquired(name, holder_of(store, name))
             if why is None or why == "defer":
                 continue
             seen, watch.seen = watch.seen, None
-            lease = _try_acquire(inst, name, ttl, on_lost, renew, grace, seen, after)
+            taken, watch.taken = watch.taken, None
+            lease = _try_acquire(inst, name, ttl, on_lost, renew, grace, seen, after,
+                                 None if taken is None else (taken, watch.taken_at))
             if lease is not None:
                 return lease
     finally:

@@ -65,7 +65,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from .lease_ops import LeaseOps  # step 3: leases
+from .lease_ops import Armed, LeaseOps  # step 3: leases
 from .lifecycle import CheckOps, DeathRule, InstanceWrites, ProcessOps, Proof, TreeOps
 from .queue_ops import JOB_FIELDS, QueueOps  # step 4: queues
 from .records import (
@@ -101,6 +101,7 @@ __all__ = [
     "JOB_FIELDS",
     "KvOps",
     "KvRecord",
+    "Armed",
     "LeaseOps",
     "LeaseRecord",
     "LeaseTaken",
@@ -152,11 +153,6 @@ class Watch(Protocol):
 
     def exited(self) -> bool:
         """Its process has ended (seen at once, without a read)."""
-        ...
-
-    def fds(self) -> list[int]:
-        """Descriptors besides the pids' that a waiter may select on to hear of the end
-        sooner (an engine's own signal, then confirmed by ``exited``); often none."""
         ...
 
     def pinned_alive(self) -> bool:
@@ -224,7 +220,7 @@ class Wakeup(Protocol):
         """Call ``check`` until it returns something other than None, or ``timeout``
         passes (None: never); again whenever another commit may have changed the answer,
         a nudge arrives on ``sock`` (the waiting instance's own), a watched pid exits or
-        one of ``watch_fds`` (``Watch.fds``) becomes readable.
+        one of ``watch_fds`` (an ``Armed``'s) becomes readable.
         ``channels`` name what the waiter waits for (``inbox_channel``, ``queue_channel``):
         an engine that announces commits per channel (PostgreSQL's NOTIFY) wakes the
         waiter on their writes; the others ignore them. ``notified``: every nudge on

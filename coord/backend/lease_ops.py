@@ -21,6 +21,35 @@ if TYPE_CHECKING:
 # put (``fenced_queue_put``) is the queue engine's put inside the term's check.
 
 
+class Armed(Protocol):
+    """A takeover sent ahead (``LeaseOps.arm``), until its ``poll`` gives what it took or
+    it is closed."""
+
+    def fds(self) -> list[int]:
+        """Descriptors the waiter selects on (readable when ``poll`` may have news); empty
+        once it is over."""
+        ...
+
+    def poll(self) -> LeaseTaken | None:
+        """The lease it took, committed on the engine's proof of the holder's death; None
+        while it waits or once it is over without."""
+        ...
+
+    @property
+    def running(self) -> bool:
+        """The takeover runs on the server now (the holder's end was heard): its answer is
+        on its way, and the waiter's own look would only race it."""
+        ...
+
+    @property
+    def sent_at(self) -> float:
+        """``store.mono()`` when the takeover that took was last sent: its term's deadlines
+        count from then (it ran on the server later)."""
+        ...
+
+    def close(self) -> None: ...
+
+
 class LeaseOps(Protocol):
     """Leases fenced by terms. Every change of holder takes the next value of one global
     term counter (never reused: seeded so that a wiped store does not repeat a term);
@@ -48,6 +77,12 @@ class LeaseOps(Protocol):
         bury); else the current holder's id. ``NotRegistered`` when ``me`` is not alive.
         ``seen``: the term and holder a waiter last saw (an engine may use it to skip its
         own look when that holder is proven dead; never trusted without the proof)."""
+        ...
+
+    def arm(self, me: Member, name: str, ttl: float, seen: Seen) -> Armed | None:
+        """A takeover of the term ``seen`` sent ahead, to be taken the moment its holder is
+        proven dead (an engine that hears of a death before the kernel's pidfd says so);
+        None when the engine has none (SQLite: the pidfd is the first to know)."""
         ...
 
     def renew(self, name: str, term: int, holder: Member, ttl: float) -> bool:

@@ -69,6 +69,8 @@ class ServerClock:
     def __init__(self, db: PgDb, mono: Callable[[], float] = SYSTEM.mono) -> None:
         self._db = db
         self._mono = mono
+        #: The store's own monotonic clock (what a lease's deadlines count on).
+        self.mono = mono
         # An injected clock (a test's manual clock) may stand still while real time passes,
         # and the server's clock with it: real time then counts as well.
         self._real = None if mono is SYSTEM.mono else SYSTEM.mono

@@ -19,7 +19,6 @@ from .messages import PgMessages
 from .opening import PgMeta, open_schema
 from .processes import PgProcesses
 from .queues import PgQueues
-from .session_watch import SessionWatches
 from .trees import PgTrees
 from .wakeup import PgWakeup
 
@@ -37,7 +36,7 @@ class PostgresBackend:
     def __init__(self, store: Store, location: PgLocation) -> None:
         self.db = PgDb(location)
         self.clock = ServerClock(self.db, store.clock.mono)
-        self.liveness = PgLiveness(store, self.clock, self.db, SessionWatches(self.db))
+        self.liveness = PgLiveness(store, self.clock, self.db)
         self.wakeup = PgWakeup(self.db)
         self.instances = PgInstances(self.db, self.liveness)
         self.events = PgEvents(self.db)

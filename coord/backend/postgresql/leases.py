@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from psycopg import errors as pgerrors
@@ -26,6 +26,7 @@ from psycopg.types.numeric import Int8
 from ...clock import boot_id
 from ...errors import LeaseLost, NotRegistered
 from ..records import LeaseRecord, LeaseTaken, Member, Seen
+from .armed import ArmedTakeover, Spares, positional
 from .clock import LEASE_EXPIRY
 from .connection import Conn, fetch, scalar, translated
 from .events import log_event
@@ -162,6 +163,24 @@ def _record(row: Row) -> LeaseRecord:
     )
 
 
+def _taken(got: Mapping[str, Any], dead: tuple[str, int, str]) -> LeaseTaken:
+    """What the certified takeover's row says was taken from the holder ``dead`` (id,
+    incarnation, verdict); its values as the driver reads them or as text."""
+    def number(k: str) -> int | None:
+        return None if got[k] is None else int(got[k])
+
+    group = None
+    pgid, token = number("pgid"), number("pg_start_token")
+    if pgid is not None and token is not None and (
+            got["pg_holder_id"] is None or got["pg_boot"] in (None, boot_id())):
+        group = (pgid, token)
+    tree = None if got["pg_holder_id"] is None else (str(got["pg_holder_id"]),
+                                                     int(got["pg_holder_incarnation"]))
+    term = number("term")
+    assert term is not None
+    return LeaseTaken(term, dead[0], group, tree, dead)
+
+
 def _expired(row: Row) -> bool:
     """Whether a lease row read with ``_SELECT`` was past its expiry at that reading."""
     return row["until_mono"] is None or row["until_mono"] < row["now_mono"]
@@ -172,6 +191,8 @@ class PgLeases:
 
     def __init__(self, db: PgDb, clock: ServerClock, liveness: PgLiveness, kv: PgKv) -> None:
         self._db = db
+        self._spares = Spares(db, positional(_TAKE_CERTIFIED, _certified(
+            ("", 0), "", 1.0, 0, ("", 0, 0, 0), "", "", "")))
         self._clock = clock
         self._liveness = liveness
         self._kv = kv
@@ -262,15 +283,23 @@ class PgLeases:
         got = self._db.row(_TAKE_CERTIFIED, _certified(
             me, name, ttl, old, (holder, hinc, hrow["pid"], hrow["start_token"]),
             hrow["boot_id"], hrow["lock_path"], verdict))
-        if got is None:
+        return None if got is None else _taken(got, (holder, hinc, verdict))
+
+    def arm(self, me: Member, name: str, ttl: float, seen: Seen
+            ) -> ArmedTakeover[LeaseTaken] | None:
+        """The certified takeover of the term ``seen``, sent ahead to run on the server the
+        moment the holder's liveness session ends, committed only on this host's proof
+        (``.armed``); None for a holder this host cannot prove dead."""
+        term, hrow = seen
+        if hrow.get("status") != "alive" or hrow.get("boot_id") != boot_id() \
+                or not hrow.get("lock_path"):
             return None
-        group = None
-        if got["pgid"] is not None and got["pg_start_token"] is not None and (
-                got["pg_holder_id"] is None or got["pg_boot"] in (None, boot_id())):
-            group = (int(got["pgid"]), int(got["pg_start_token"]))
-        return LeaseTaken(int(got["term"]), holder, group,
-                          _member(got["pg_holder_id"], got["pg_holder_incarnation"]),
-                          (holder, hinc, verdict))
+        dead = (str(hrow["id"]), int(hrow["incarnation"]), "died")  # by its lock file
+        params = _certified(me, name, ttl, term, (dead[0], dead[1], hrow["pid"],
+                            hrow["start_token"]), hrow["boot_id"], hrow["lock_path"], dead[2])
+        return ArmedTakeover(self._spares, hrow["lock_path"],
+                             positional(_TAKE_CERTIFIED, params)[1],
+                             lambda row: _taken(row, dead), self._clock.mono)
 
     def _prime(self) -> None:
         """Prepare the certified takeover on this thread's connection, once: a candidate

@@ -30,14 +30,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from ...clock import boot_id
-from ...identity import (
-    DEAD_STATES,
-    FREE,
-    ProcIdentity,
-    lock_state,
-    pid_namespace,
-    still_running,
-)
+from ...identity import DEAD_STATES, FREE, ProcIdentity, pid_namespace, still_running
 from ..records import Member
 from ..sqlite.liveness import LockProof, PidWatch, Probe, holds_own_lock, unlink_many
 from .connection import Conn, translated
@@ -48,7 +41,6 @@ if TYPE_CHECKING:
     from ...instances import InstanceInfo
     from .clock import ServerClock
     from .connection import PgDb
-    from .session_watch import SessionWatch, SessionWatches
 
 #: The advisory-lock key of a registration: one 64-bit key (pg_locks objsubid 1, a key
 #: space apart from coord's two-key locks) from the deployment's schema and the token.
@@ -290,12 +282,10 @@ class LivenessConnection:
 class PgLiveness:
     """``coord.backend.Liveness``."""
 
-    def __init__(self, store: Store, clock: ServerClock, db: PgDb,
-                 sessions: SessionWatches) -> None:
+    def __init__(self, store: Store, clock: ServerClock, db: PgDb) -> None:
         self._store = store
         self._clock = clock
         self._db = db
-        self._sessions = sessions
         self._proofs: dict[str, LivenessConnection] = {}
         self._proofs_lock = threading.Lock()
 
@@ -363,12 +353,9 @@ class PgLiveness:
         return int(row["pid"])
 
     def watch(self, row: Row | InstanceInfo) -> PidWatch:
+        watch = PgPidWatch(self._clock, row)  # type: ignore[arg-type]
         theirs = row.get("boot_id") if isinstance(row, dict) else row.boot_id
-        here = theirs == boot_id()
-        session = (self._sessions.watch(row["lock_path"])
-                   if here and isinstance(row, dict) and row.get("lock_path") else None)
-        watch = PgPidWatch(self._clock, row, session)  # type: ignore[arg-type]
-        if not here:
+        if theirs != boot_id():
             # Another host's (or boot's) pid names nothing here, even in a pid namespace
             # of the same inode number (every host's first one has the same).
             watch.close()
@@ -378,30 +365,7 @@ class PgLiveness:
 
 class PgPidWatch(PidWatch):
     """``PidWatch`` whose heartbeat is judged by the server's clock (its epoch is not a
-    boot id); for a registration of this host, also its liveness session watched from the
-    server (``session_watch``: the end of that session is heard before the pidfd's)."""
-
-    def __init__(self, clock: ServerClock, row: Row | InstanceInfo,
-                 session: SessionWatch | None = None) -> None:
-        super().__init__(clock, row)  # type: ignore[arg-type]
-        self._session = session
-
-    def fds(self) -> list[int]:
-        return self._session.fds() if self._session is not None else []
-
-    def exited(self) -> bool:
-        if super().exited():
-            return True
-        if self._session is None or not self._session.ended() or self._row is None:
-            return False
-        # The session's end is only a hint (the server may have ended it, the holder alive):
-        # the process's exit is proved by its lock file, free from the moment it exited.
-        return lock_state(self._row["lock_path"])[0] == FREE
-
-    def close(self) -> None:
-        super().close()
-        if self._session is not None:
-            self._session.close()
+    boot id)."""
 
     def pinned_alive(self) -> bool:
         row = self._row

@@ -90,6 +90,10 @@ class SqliteLeases:
 
     # -- the rules ----------------------------------------------------------------------------
 
+    @staticmethod
+    def arm(me: Member, name: str, ttl: float, seen: Seen) -> None:
+        return None  # the holder's pidfd is the first to hear of its death here
+
     def take(self, me: Member, name: str, ttl: float, seen: Seen | None = None
              ) -> LeaseTaken | str:
         """Take ``name`` if it is free, expired, or its holder is dead; else the holder's id

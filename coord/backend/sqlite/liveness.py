@@ -227,9 +227,6 @@ class PidWatch:
     def exited(self) -> bool:
         return self._fd is not None and bool(nudge.readable([self._fd], 0))
 
-    def fds(self) -> list[int]:
-        return []  # the pidfd (``pids``) is the first to know here
-
     def pinned_alive(self) -> bool:
         # Our pidfd pins the process, so a matching start token read after opening it proves
         # the very process that registered still runs; only a registration row (not an

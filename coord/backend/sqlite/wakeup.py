@@ -33,7 +33,7 @@ class SqliteWakeup:
         notified: bool = False,
     ) -> T | None:
         # ``channels``, ``notified``: SQLite's nudges and data_version already cover every
-        # commit; ``watch_fds``: its watches have none (``PidWatch.fds``).
+        # commit; ``watch_fds``: it arms no takeover (``LeaseOps.arm``).
         return nudge.wait_for(self._store, check, timeout, sock=sock, watch_pids=watch_pids)
 
     @staticmethod
