@@ -172,20 +172,30 @@ class LeaseWatch:
     def arm(self, me: Member, ttl: float) -> LeaseTaken | None:
         """For the first waiter on a holder of this host: the takeover of the term it saw,
         sent ahead when the engine can (``LeaseOps.arm``); what it took, once it has."""
-        if self.behind or self.pid is None or self._seen is None:
-            return None
-        if self._armed is not None and self._armed_for != self._seen[0]:
-            self._armed.close()  # the holder took another term since
-            self._armed, self._armed_tried = None, False
-        if self._armed is None and not self._armed_tried:
-            self._armed_tried, self._armed_for = True, self._seen[0]
-            self._armed = self.store.backend.leases.arm(me, self.name, ttl, self._seen)
+        seen = self._seen
+        if self._armed is not None and seen is not None and self._armed_for != seen[0]:
+            self.disarm()  # the holder took another term since
         if self._armed is None:
-            return None
+            if self._armed_tried or self.behind or self.pid is None or seen is None:
+                return None
+            self._armed_tried, self._armed_for = True, seen[0]
+            self._armed = self.store.backend.leases.arm(me, self.name, ttl, seen)
+            if self._armed is None:
+                return None
+        # Polled whatever the last look said: once its wait is granted, the takeover holds
+        # its rows locked until this waiter commits or ends it.
         taken = self._armed.poll()
         if taken is not None:
             self.taken_at = self._armed.sent_at
         return taken
+
+    def disarm(self) -> None:
+        """End the takeover sent ahead (the server rolls back whatever it did), before a
+        take of the waiter's own, which would otherwise wait on its row locks; it is sent
+        again at the next look that finds the holder alive."""
+        if self._armed is not None:
+            self._armed.close()
+        self._armed, self._armed_tried, self._exited_at = None, False, None
 
     def armed_busy(self) -> bool:
         """Whether to wait for the takeover sent ahead rather than look: it runs on the

@@ -301,6 +301,8 @@ def acquire(
                 continue
             seen, watch.seen = watch.seen, None
             taken, watch.taken = watch.taken, None
+            if taken is None:
+                watch.disarm()
             lease = _try_acquire(inst, name, ttl, on_lost, renew, grace, seen, after,
                                  None if taken is None else (taken, watch.taken_at))
             if lease is not None:
