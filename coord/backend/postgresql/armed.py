@@ -35,7 +35,7 @@ from psycopg import pq
 
 from ...errors import CoordError
 from ...identity import FREE, lock_state
-from .connection import Conn, PgDb, translated
+from .connection import Conn, PgDb
 from .liveness import LIVE_KEY
 
 #: Seconds one pending wait lasts on the server before it is sent again.
@@ -187,12 +187,16 @@ class ArmedTakeover(Generic[T]):
             return None
         row = self._row
         proved = row is not None and lock_state(self._lock_path)[0] == FREE
+        # The driver's own round trip, the lightest there is: it is on the takeover's path.
         try:
-            with translated(self._spares.db.where):
-                c.execute("COMMIT" if proved else "ROLLBACK")
-        except (psycopg.Error, CoordError):
+            res = pg.exec_(b"COMMIT" if proved else b"ROLLBACK")
+        except psycopg.Error:
+            res = None
+        if res is None or res.status != pq.ExecStatus.COMMAND_OK:
             self._end(clean=False)  # not known to be taken: the waiter's next look decides
             return None
+        # An aborted transaction's COMMIT succeeds as a ROLLBACK.
+        proved = proved and res.command_status == b"COMMIT"
         if proved and row is not None:
             self._end(clean=True)
             return self._made(row)
