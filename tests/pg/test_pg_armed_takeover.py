@@ -42,7 +42,8 @@ import os, sys, time, coord
 from coord import leases
 store = coord.Store(os.environ["COORD_DB"])
 inst = coord.register(store, sys.argv[1], app="test")
-lease = leases.acquire(inst, "the/lease", timeout=10)
+lease = leases.acquire(inst, "the/lease", timeout=10,
+                       ttl=float(sys.argv[2]) if len(sys.argv) > 2 else None)
 print("ready", lease.term, flush=True)
 time.sleep(120)
 """
@@ -62,11 +63,11 @@ def pg_store(url: str) -> Iterator[coord.Store]:
             coord.instances.close_all()
 
 
-def start_holder(url: str, name: str, procs: list[subprocess.Popen[str]]
+def start_holder(url: str, name: str, procs: list[subprocess.Popen[str]], *ttl: str
                  ) -> tuple[subprocess.Popen[str], int]:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("COORD_")},
            "COORD_DB": url, "COORD_HEARTBEAT": "0.2"}
-    p = subprocess.Popen([sys.executable, "-c", HOLDER, name], env=env,
+    p = subprocess.Popen([sys.executable, "-c", HOLDER, name, *ttl], env=env,
                          stdout=subprocess.PIPE, text=True)
     procs.append(p)
     return p, int(wait_line(p, "ready", timeout=60).split()[1])
@@ -228,6 +229,28 @@ def test_candidates_take_over_from_a_killed_holder_but_not_from_an_ended_session
     t.join(15)
     lease = outcome[1]
     assert isinstance(lease, coord.leases.Lease) and lease.held
+    assert lease_row(pg_store) == {"holder_id": "candidate", "term": lease.term}
+    lease.release()
+    inst.close()
+
+
+def test_a_short_lease_taken_by_the_takeover_sent_ahead_is_kept(
+        pg_store: coord.Store, url: str, procs: list[subprocess.Popen[str]]) -> None:
+    # The new term counts from when the wait was last sent: that must not be so long before
+    # the takeover ran that a lease of a 1 s TTL has passed its renew deadline on arrival.
+    p, _ = start_holder(url, "brief", procs, "1.0")
+    inst = coord.register(pg_store, "candidate", app="t", handle_signals=False)
+    got: list[coord.leases.Lease] = []
+    t = threading.Thread(target=lambda: got.append(acquire(inst, "the/lease", ttl=1.0,
+                                                            timeout=10)))
+    t.start()
+    time.sleep(1.5)  # waiting, through many slices of its wait
+    os.kill(p.pid, signal.SIGKILL)
+    t.join(10)
+    assert got and got[0].held
+    lease = got[0]
+    time.sleep(1.5)  # more than the TTL: renewed all along
+    assert lease.held and lease.lost_reason is None
     assert lease_row(pg_store) == {"holder_id": "candidate", "term": lease.term}
     lease.release()
     inst.close()

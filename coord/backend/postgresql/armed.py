@@ -6,8 +6,8 @@ has released each of its server sessions — and each released session wakes a b
 ends on the same cores. The server knows sooner: a statement blocked on the advisory lock the
 holder's liveness session holds is granted it the moment that session's backend ends. So the
 first waiter sends, on a connection of its own and in one pipeline: ``BEGIN``; a wait for that
-lock (``pg_advisory_xact_lock_shared``, ``WAIT_SLICE`` seconds at most: ``lock_timeout`` for
-that transaction alone); and the certified takeover of the term it saw (``leases``), which
+lock (``pg_advisory_xact_lock_shared``, ``slice_for`` the lease's TTL at most: ``lock_timeout``
+for that transaction alone); and the certified takeover of the term it saw (``leases``), which
 the server runs right after the wait, with a snapshot of its own, under the usual row locks.
 The waiter selects on that connection's socket, which becomes readable when the wait is
 granted (the server flushes its answer then) and again with the takeover's.
@@ -38,7 +38,8 @@ from ...identity import FREE, lock_state
 from .connection import Conn, PgDb
 from .liveness import LIVE_KEY
 
-#: Seconds one pending wait lasts on the server before it is sent again.
+#: Longest a pending wait lasts on the server before it is sent again (seconds); a lease's
+#: own is a twentieth of its TTL (``slice_for``).
 WAIT_SLICE = 2.0
 #: Idle connections kept per store for the next takeover sent ahead.
 KEEP_IDLE = 2
@@ -51,8 +52,14 @@ T = TypeVar("T")
 # evaluated in order).
 _WAIT = ("SELECT set_config('lock_timeout', $1, true), pg_advisory_xact_lock_shared("
          + LIVE_KEY.replace("%s", "$2", 1).replace("%s", "$3", 1) + ")").encode()
-_LOCK_TIMEOUT = f"{int(WAIT_SLICE * 1000)}ms".encode()
 _LOCK_NOT_AVAILABLE = b"55P03"
+
+
+def slice_for(ttl: float) -> float:
+    """How long one wait of a takeover of a lease of ``ttl`` lasts: the new term counts from
+    when the wait was last sent (``sent_at``), so it may start up to this much early — a
+    twentieth of the TTL at most, which its first renewal makes up."""
+    return min(WAIT_SLICE, max(0.05, ttl / 20))
 
 
 def positional(sql: str, params: dict[str, Any]) -> tuple[bytes, list[bytes | None]]:
@@ -119,13 +126,15 @@ class ArmedTakeover(Generic[T]):
     took once committed (``made`` of its row), else None."""
 
     def __init__(self, spares: Spares, lock_path: str, take: list[bytes | None],
-                 made: Callable[[dict[str, str | None]], T], mono: Callable[[], float]) -> None:
+                 made: Callable[[dict[str, str | None]], T], mono: Callable[[], float],
+                 wait: float) -> None:
         self._spares = spares
         self._mono = mono
         #: ``mono()`` when the takeover was last sent (it runs on the server after).
         self.sent_at = mono()
         self._lock_path = lock_path
-        self._wait_params = [_LOCK_TIMEOUT, spares.db.location.schema.encode(),
+        self._wait_params = [f"{max(1, int(wait * 1000))}ms".encode(),
+                             spares.db.location.schema.encode(),
                              Path(lock_path).stem.encode()]  # the registration's token
         self._take = take  # the prepared takeover's parameters
         self._made = made

@@ -26,7 +26,7 @@ from psycopg.types.numeric import Int8
 from ...clock import boot_id
 from ...errors import LeaseLost, NotRegistered
 from ..records import LeaseRecord, LeaseTaken, Member, Seen
-from .armed import ArmedTakeover, Spares, positional
+from .armed import ArmedTakeover, Spares, positional, slice_for
 from .clock import LEASE_EXPIRY
 from .connection import Conn, fetch, scalar, translated
 from .events import log_event
@@ -299,7 +299,7 @@ class PgLeases:
                             hrow["start_token"]), hrow["boot_id"], hrow["lock_path"], dead[2])
         return ArmedTakeover(self._spares, hrow["lock_path"],
                              positional(_TAKE_CERTIFIED, params)[1],
-                             lambda row: _taken(row, dead), self._clock.mono)
+                             lambda row: _taken(row, dead), self._clock.mono, slice_for(ttl))
 
     def _prime(self) -> None:
         """Prepare the certified takeover on this thread's connection, once: a candidate
