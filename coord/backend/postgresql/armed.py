@@ -24,6 +24,7 @@ connection: the server rolls back whatever the statements did.
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 from collections.abc import Callable
@@ -85,13 +86,16 @@ class Spares:
     def __init__(self, db: PgDb, take: tuple[bytes, list[bytes | None]]) -> None:
         self.db = db
         self._take = take
-        self._idle: list[Conn] = []
+        # (pid, connection): a forked child never uses, nor closes, its parent's sessions.
+        self._idle: list[tuple[int, Conn]] = []
         self._lock = threading.Lock()
 
     def lend(self) -> Conn:
+        pid = os.getpid()
         with self._lock:
+            self._idle = [(p, c) for p, c in self._idle if p == pid]
             while self._idle:
-                c = self._idle.pop()
+                c = self._idle.pop()[1]
                 if not c.closed and not c.broken:
                     return c
         c = self.db.connect()
@@ -116,7 +120,7 @@ class Spares:
         with self._lock:
             if (len(self._idle) < KEEP_IDLE and not c.closed and not c.broken
                     and c.pgconn.transaction_status == pq.TransactionStatus.IDLE):
-                self._idle.append(c)
+                self._idle.append((os.getpid(), c))
                 return
         self.db.discard(c)
 
