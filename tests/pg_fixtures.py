@@ -84,6 +84,18 @@ def pg_schema_url(pg_url: str) -> Iterator[str]:
         yield url
 
 
+@pytest.fixture
+def pg_store(pg_schema_url: str) -> Iterator[Any]:
+    """A store on a schema of its own (a module may define its own ``pg_store``)."""
+    import coord
+
+    with coord.Store(pg_schema_url) as store:
+        try:
+            yield store
+        finally:
+            coord.instances.close_all()
+
+
 @contextmanager
 def private_cluster(prefix: str) -> Iterator[Cluster]:
     """A cluster of the caller's own (never the COORD_TEST_PG server): for tests that crash,

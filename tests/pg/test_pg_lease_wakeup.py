@@ -4,10 +4,7 @@ by its next poll; the channel the SQL names is the one a waiter LISTENs on."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-from contract_engines import fresh_schema
 from pg_fixtures import import_psycopg
 
 import coord
@@ -16,17 +13,6 @@ from coord.backend.postgresql.listen import channel_name
 from coord.leases import acquire, release_dead_holders
 
 psycopg = import_psycopg()
-
-
-@pytest.fixture
-def pg_store(pg_url: str) -> Iterator[coord.Store]:
-    with fresh_schema(pg_url) as url:
-        s = coord.Store(url)
-        try:
-            yield s
-        finally:
-            coord.instances.close_all()
-            s.close()
 
 
 def _announced(listener: object, channel: str) -> list[str]:

@@ -13,12 +13,10 @@ from __future__ import annotations
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from conftest import wait_until
-from contract_engines import fresh_schema
 from engine_sql import write_many as sql_write
 from pg_fixtures import import_psycopg
 
@@ -39,17 +37,6 @@ def stretched(monkeypatch: pytest.MonkeyPatch) -> None:
     # Before its LISTEN (and while the connection is down) a waiter still polls at POLL_MAX.
     monkeypatch.setattr(wakeup, "POLL_MIN", 600.0)
     monkeypatch.setattr(wakeup, "POLL_LISTENING", 600.0)
-
-
-@pytest.fixture
-def pg_store(pg_url: str) -> Iterator[coord.Store]:
-    with fresh_schema(pg_url) as url:
-        s = coord.Store(url)
-        try:
-            yield s
-        finally:
-            coord.instances.close_all()
-            s.close()
 
 
 class Waiter:

@@ -35,6 +35,7 @@ from ...clock import boot_id
 from ...errors import InvalidArgument, NotFound, NotRegistered, RecipientDead
 from .. import inbox_channel
 from ..records import Member, MessageRecord, Problem
+from ..spent import SpentReplies
 from . import message_sql
 from .clock import MESSAGE_EXPIRY
 from .connection import Conn, fetch
@@ -84,8 +85,8 @@ class PgMessages:
         self._wakeup = wakeup
         self._boot = boot_id()
         # (id, incarnation) -> ids of replies it took and has not deleted yet.
-        self._spent: dict[Member, set[str]] = {}
-        self._spent_lock = threading.Lock()  # also for _armed
+        self._spent = SpentReplies()
+        self._lock = threading.Lock()  # for _armed, _awaited and _heard
         # Request id -> the requester's interest in its inbox, taken before the request was
         # sent, until the first look for its reply (``replies``).
         self._armed: dict[str, Interest] = {}
@@ -118,24 +119,10 @@ class PgMessages:
         c.execute("DELETE FROM messages WHERE recipient_id = %s AND kind = 'reply' "
                   "AND id = ANY(%s)", (me[0], list(ids)))
 
-    def _spent_ids(self, me: Member) -> list[str]:
-        with self._spent_lock:
-            return list(self._spent.get(me, ()))
-
-    def _spent_dropped(self, me: Member, spent: list[str]) -> None:
-        if not spent:
-            return
-        with self._spent_lock:
-            left = self._spent.get(me, set()).difference(spent)
-            if left:
-                self._spent[me] = left
-            else:
-                self._spent.pop(me, None)
-
     def _write(self, me: Member, fn: Callable[[Conn], T]) -> T:
         """``db.write(fn)`` for ``me``, also deleting the replies it has taken since its
         last write."""
-        spent = self._spent_ids(me)
+        spent = self._spent.of(me)
         if not spent:
             return self._db.write(fn)
 
@@ -145,15 +132,15 @@ class PgMessages:
             return result
 
         result = self._db.write(txn)
-        self._spent_dropped(me, spent)
+        self._spent.deleted(me, spent)
         return result
 
     def _statement(self, me: Member, sql: str, params: dict[str, object]) -> list[Row]:
         """One of ``.message_sql``'s statements as ``me``, deleting the replies it has taken
         since its last write."""
-        spent = self._spent_ids(me)
+        spent = self._spent.of(me)
         rows = self._db.statement(sql, {**params, "me": me[0], "inc": me[1], "spent": spent})
-        self._spent_dropped(me, spent)
+        self._spent.deleted(me, spent)
         return rows
 
     def _send_one(self, me: Member, *, id: str, kind: str, to: str, topic: str,
@@ -218,7 +205,7 @@ class PgMessages:
                 armed.close()
             raise
         if armed is not None:
-            with self._spent_lock:
+            with self._lock:
                 self._armed[id] = armed
                 # Those whose first look never came (their caller failed in between).
                 stale = list(self._armed)[:-ARMED_MAX] if len(self._armed) > ARMED_MAX else []
@@ -228,11 +215,11 @@ class PgMessages:
         return row
 
     def _disarm(self, request_ids: Iterable[str]) -> list[Interest]:
-        with self._spent_lock:
+        with self._lock:
             return [it for k in request_ids if (it := self._armed.pop(k, None)) is not None]
 
     def _await(self, me: Member, request_ids: Iterable[str]) -> None:
-        with self._spent_lock:
+        with self._lock:
             for k in request_ids:
                 self._awaited[k] = me
             # Those nobody took the reply of (their caller failed in between).
@@ -242,7 +229,7 @@ class PgMessages:
 
     def _unawait(self, request_ids: Iterable[str]) -> None:
         """Stop awaiting these requests (answered or given up)."""
-        with self._spent_lock:
+        with self._lock:
             for k in request_ids:
                 self._awaited.pop(k, None)
                 self._heard.pop(k, None)
@@ -264,7 +251,7 @@ class PgMessages:
         except (ValueError, KeyError, TypeError):
             return  # not one of the replies' notes: the waiter reads the table
         schema = self._db.location.schema
-        with self._spent_lock:
+        with self._lock:
             me = self._awaited.get(rec.correlation_id or "")
             # Only on the requester's own inbox channel (that of its id on this deployment).
             if (me is not None and rec.kind == "reply" and rec.recipient_id == me[0]
@@ -348,7 +335,7 @@ class PgMessages:
         quiet = len(armed) == len(request_ids) and all(a.quiet() for a in armed)
         for a in armed:
             a.close()
-        with self._spent_lock:
+        with self._lock:
             heard = [r for k in request_ids if (r := self._heard.get(k)) is not None]
         if len(heard) == len(request_ids):
             # Taken from their NOTIFYs (sent at the replies' commits): no need to read them.
@@ -377,8 +364,7 @@ class PgMessages:
     def _take(self, me: Member, spent: list[str], *, defer: bool) -> None:
         """Replies taken: deleted by ``me``'s next write (``defer``) or now."""
         if defer:
-            with self._spent_lock:
-                self._spent.setdefault(me, set()).update(spent)
+            self._spent.add(me, spent)
         else:
             self._db.write(lambda c: self._drop_spent(c, me, spent))
 

@@ -11,7 +11,6 @@ instance.
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -19,6 +18,7 @@ import apsw
 
 from ...errors import InvalidArgument, NotFound, NotRegistered, RecipientDead
 from ..records import Member, MessageRecord, Problem
+from ..spent import SpentReplies
 from .clock import MonotonicClock
 from .connection import fetch, translated
 from .events import log_event
@@ -92,8 +92,7 @@ class SqliteMessages:
         self._clock = clock
         self._wakeup = wakeup
         # (id, incarnation) -> ids of replies it took and has not deleted yet.
-        self._spent: dict[Member, set[str]] = {}
-        self._spent_lock = threading.Lock()
+        self._spent = SpentReplies()
 
     # -- writing ------------------------------------------------------------------------------
 
@@ -120,8 +119,7 @@ class SqliteMessages:
     def _write(self, me: Member, fn: Callable[[apsw.Connection], T]) -> T:
         """``store.write(fn)`` for ``me``, also deleting the replies it has taken since its
         last write."""
-        with self._spent_lock:
-            spent = list(self._spent.get(me, ()))
+        spent = self._spent.of(me)
         if not spent:
             return self._store.write(fn)
 
@@ -131,12 +129,7 @@ class SqliteMessages:
             return result
 
         result = self._store.write(txn)
-        with self._spent_lock:
-            left = self._spent.get(me, set()).difference(spent)
-            if left:
-                self._spent[me] = left
-            else:
-                self._spent.pop(me, None)
+        self._spent.deleted(me, spent)
         return result
 
     def send(self, me: Member, id: str, to: str, topic: str, payload: str, ttl: float) -> None:
@@ -337,8 +330,7 @@ class SqliteMessages:
                 return [], {str(r[0]) for r in found}
         spent = [r["id"] for r in rows]
         if defer:
-            with self._spent_lock:
-                self._spent.setdefault(me, set()).update(spent)
+            self._spent.add(me, spent)
         else:
             store.write(lambda c: self._drop_spent(c, me, spent))
         return [_record(r) for r in rows], None
