@@ -151,10 +151,8 @@ class LeaseWatch:
         self._armed: Armed | None = None
         self._armed_tried = False
         self._armed_for: int | None = None  # the term it takes over from
-        #: What the armed takeover took, for the waiter to hold, and ``store.mono()`` when
-        #: it was sent (its term counts from then).
-        self.taken: LeaseTaken | None = None
-        self.taken_at = 0.0
+        #: What the armed takeover took, for the waiter to hold (see ``arm``).
+        self.taken: tuple[LeaseTaken, float] | None = None
         self._exited_at: float | None = None  # store.mono() when its exit was first seen
 
     def holder_gone(self) -> bool:
@@ -169,9 +167,10 @@ class LeaseWatch:
         self.seen = seen
         return True
 
-    def arm(self, me: Member, ttl: float) -> LeaseTaken | None:
+    def arm(self, me: Member, ttl: float) -> tuple[LeaseTaken, float] | None:
         """For the first waiter on a holder of this host: the takeover of the term it saw,
-        sent ahead when the engine can (``LeaseOps.arm``); what it took, once it has."""
+        sent ahead when the engine can (``LeaseOps.arm``); what it took once it has, with
+        ``store.mono()`` when it was sent (its term counts from then)."""
         seen = self._seen
         if self._armed is not None and seen is not None and self._armed_for != seen[0]:
             self.disarm()  # the holder took another term since
@@ -185,9 +184,7 @@ class LeaseWatch:
         # Polled whatever the last look said: once its wait is granted, the takeover holds
         # its rows locked until this waiter commits or ends it.
         taken = self._armed.poll()
-        if taken is not None:
-            self.taken_at = self._armed.sent_at
-        return taken
+        return None if taken is None else (taken, self._armed.sent_at)
 
     def disarm(self) -> None:
         """End the takeover sent ahead (the server rolls back whatever it did), before a

@@ -303,8 +303,7 @@ def acquire(
             taken, watch.taken = watch.taken, None
             if taken is None:
                 watch.disarm()
-            lease = _try_acquire(inst, name, ttl, on_lost, renew, grace, seen, after,
-                                 None if taken is None else (taken, watch.taken_at))
+            lease = _try_acquire(inst, name, ttl, on_lost, renew, grace, seen, after, taken)
             if lease is not None:
                 return lease
     finally:

@@ -68,7 +68,6 @@ class ServerClock:
 
     def __init__(self, db: PgDb, mono: Callable[[], float] = SYSTEM.mono) -> None:
         self._db = db
-        self._mono = mono
         #: The store's own monotonic clock (what a lease's deadlines count on).
         self.mono = mono
         # An injected clock (a test's manual clock) may stand still while real time passes,
@@ -93,9 +92,9 @@ class ServerClock:
         return self._read()[1] or self.held_since != held
 
     def _read(self) -> tuple[float, bool]:
-        before = self._mono()
+        before = self.mono()
         row = self._db.row(_READ)
-        after = self._mono()
+        after = self.mono()
         assert row is not None
         self.held_since = None if row["held"] is None else float(row["held"])
         now = float(row["now"])
@@ -120,10 +119,10 @@ class ServerClock:
     def rows(self, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()) -> list[Row]:
         """A read whose first row carries ``now_mono`` (a reading of ``coord_now()``),
         observed."""
-        before = self._mono()
+        before = self.mono()
         rows = self._db.rows(sql, params)
         if rows:
-            self.observe(float(rows[0]["now_mono"]), before, self._mono())
+            self.observe(float(rows[0]["now_mono"]), before, self.mono())
         return rows
 
     def checked(self, c: Conn, sql: str, params: tuple[Any, ...] | dict[str, Any] = ()
@@ -131,9 +130,9 @@ class ServerClock:
         """The rows of a statement of the caller's transaction whose first row carries
         ``now_mono``. When that reading finds a step, a verdict made on it did not count
         the hold: the transaction is rolled back to be run again (as after a lost race)."""
-        before = self._mono()
+        before = self.mono()
         rows = fetch(c, sql, params)
-        if rows and self.observe(float(rows[0]["now_mono"]), before, self._mono()):
+        if rows and self.observe(float(rows[0]["now_mono"]), before, self.mono()):
             raise pgerrors.SerializationFailure("the server's clock stepped: run again")
         return rows
 
