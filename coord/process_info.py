@@ -91,10 +91,19 @@ def _info(row: Row, verdicts: Mapping[str, tuple[Row, bool]]) -> ProcessInfo:
     owner = verdicts.get(row["instance_id"])
     orphan = alive and (owner is None or not owner[1] or owner[0]["status"] == "dead"
                         or owner[0]["incarnation"] != row["incarnation"])
+    name, cmdline = row["name"], tuple(json.loads(row["cmdline"]))
+    if alive and cmdline and name == os.path.basename(cmdline[0]):
+        from .tree import cmdline_of
+
+        # A name taken from the command line is read again, as ps would: a wrapper records
+        # a descendant when it first sees it, which may be between its fork and its exec.
+        now = cmdline_of(row["pid"])
+        if now:
+            name, cmdline = os.path.basename(now[0]), tuple(now)
     return ProcessInfo(
         id=row["id"], instance_id=row["instance_id"], incarnation=row["incarnation"],
         pid=row["pid"], pgid=row["pgid"], start_token=row["start_token"], boot_id=row["boot_id"],
-        name=row["name"], cmdline=tuple(json.loads(row["cmdline"])), cwd=row["cwd"],
+        name=name, cmdline=cmdline, cwd=row["cwd"],
         user=row["user"], labels=json.loads(row["labels"]), log_path=row["log_path"],
         started_at=row["started_at"], ended_at=row["ended_at"], exit_code=row["exit_code"],
         signal=row["signal"], alive=alive, orphan=orphan,

@@ -210,6 +210,25 @@ def test_doctor_expects_the_orphans_of_keep_children(cli: Cli, db_path: Path,
     assert json.loads(cli("orphans", "--json").stdout) == []
 
 
+def test_orphans_name_what_a_recorded_child_runs_now(cli: Cli) -> None:
+    """A child recorded before its exec (here a shell that execs `sleep` once the wrapper
+    has gone) is listed under what it runs now, not the name it had when first seen."""
+    r = cli("run", "--keep-children", "--app", "keep", "--", "sh", "-c",
+            'sh -c "sleep 0.5; exec sleep 60" >/dev/null 2>&1 & echo started')
+    assert r.returncode == 0 and "started" in r.stdout
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            left = json.loads(cli("orphans", "--json").stdout)
+            if [o["cmdline"] for o in left] == [["sleep", "60"]] or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        assert [(o["name"], o["cmdline"]) for o in left] == [("sleep", ["sleep", "60"])]
+        assert left[0]["id"] > 0  # recorded while it was still the shell
+    finally:
+        assert cli("orphans", "--kill", "--grace", "1").returncode == 0
+
+
 def test_hoist_db_moves_only_coords_own_option() -> None:
     from coord.cli.main import hoist_db
 
