@@ -11,6 +11,7 @@ run them.
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -144,3 +145,22 @@ def make_version_1(pg_url: str, url: str, *statements: str) -> None:
         c.execute("INSERT INTO meta (key, value) VALUES ('schema_version', '1')")
         for sql in statements:
             c.execute(sql.encode())
+
+
+class Ran(subprocess.CompletedProcess[str]):
+    pid: int
+
+
+def run_keeping_pid(cmd: list[str], timeout: float) -> Ran:
+    """``subprocess.run(cmd, capture_output=True, text=True)`` that also tells the pid: a
+    bench run names its schemas by it, and another test's run may have schemas of its own on
+    the same server at the same time."""
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as p:
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            raise
+    ran = Ran(cmd, p.returncode, out, err)
+    ran.pid = p.pid
+    return ran

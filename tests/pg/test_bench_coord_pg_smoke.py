@@ -6,12 +6,11 @@ test)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from pg_fixtures import PgServer
+from pg_fixtures import PgServer, run_keeping_pid
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "scripts" / "bench.py"
@@ -25,8 +24,8 @@ def test_every_postgresql_section_answers_beside_its_limit(pg_cluster: PgServer,
     import psycopg
 
     out = tmp_path / "run.jsonl"
-    p = subprocess.run([sys.executable, str(BENCH), "--tiny", "--db", pg_cluster.url,
-                        "--json-out", str(out)], capture_output=True, text=True, timeout=380)
+    p = run_keeping_pid([sys.executable, str(BENCH), "--tiny", "--db", pg_cluster.url,
+                         "--json-out", str(out)], timeout=380)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     sections = [json.loads(line) for line in out.read_text().splitlines()]
     assert [s["section"] for s in sections] == SECTIONS
@@ -44,6 +43,6 @@ def test_every_postgresql_section_answers_beside_its_limit(pg_cluster: PgServer,
         assert f"== {name} ==" in p.stdout  # and the table for people
     assert "FAILED" not in p.stdout
     with psycopg.connect(pg_cluster.url) as conn:
-        left = conn.execute("select nspname from pg_namespace where nspname like "
-                            "'coord_bench_%'").fetchall()
+        left = conn.execute("select nspname from pg_namespace where nspname ~ %s",
+                            (rf"^coord_bench_(c_)?{p.pid}_",)).fetchall()
     assert left == []
