@@ -261,7 +261,7 @@ def section_messages(run: PgRun) -> list[Result]:
     from coord import messages
 
     work = "request→reply round trip"
-    raw = pg_limits.section_notify(run.raw)[0]
+    raw, floor = pg_limits.section_notify(run.raw)
     store = _store(run)
     answerer = _spawn(ANSWERER, run.coord_url)
     lat: list[float] = []
@@ -285,6 +285,10 @@ def section_messages(run: PgRun) -> list[Result]:
         _end(answerer)
         store.close()
     return [_limit("pg messages", "raw NOTIFY round trip (2 processes)", raw, work),
+            Result("pg messages", work, "raw request→reply, coord's three writes", floor.n,
+                   0.0, floor.latencies_us, error=floor.error,
+                   note="each write one statement, coord's commit modes, minimal SQL, the "
+                   "NOTIFY read on the working connection: PostgreSQL's own floor here"),
             Result("pg messages", work, "coord request (NOTIFY-woken)", len(lat),
                    sum(lat) / 1e6, lat, coord=True)]
 

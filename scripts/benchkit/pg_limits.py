@@ -22,7 +22,11 @@ A benchmark, not a test: nothing here asserts on speed. Sections (SECTIONS, in o
   3. advisory_handover: a holder process holds ``pg_advisory_lock(k)``, a waiter blocks on it
      (seen waiting in pg_stat_activity), the holder is SIGKILLed: time until the waiter holds
      it; and the same followed by a committed term bump in a lease row.
-  4. notify: a NOTIFY round trip between two processes (ping on one channel, pong on another).
+  4. notify: a NOTIFY round trip between two processes (ping on one channel, pong on another);
+     and a request→reply with the three writes coord's makes (the request with its NOTIFY,
+     its delivery mark, the reply with the request's deletion and a NOTIFY carrying the
+     reply), each one statement in autocommit with coord's commit modes, minimal SQL and no
+     other work: PostgreSQL's own floor for that round trip here.
   5. import: cold ``python -c "import psycopg"`` beside ``python -c pass``.
   6. partition (only with --netns; root): a client in a network namespace holds an advisory
      lock with server-side keepalives (or idle_session_timeout alone) set on its session;
@@ -180,6 +184,49 @@ def worker_pong(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
         sender.execute("select pg_notify(%s, %s)", (spec["pong"], n.payload))
 
 
+def _notes(conn: Any, heard: list[str], timeout: float) -> list[str]:
+    """Wait on ``conn`` (which LISTENs) for notifications: their payloads, those its own
+    statements already read (``heard``, kept by a notify handler) first."""
+    import select
+
+    pg = conn.pgconn
+    out, heard[:] = list(heard), []
+    while not out:
+        pg.consume_input()
+        while (n := pg.notifies()) is not None:
+            out.append(n.extra.decode())
+        if not out and not select.select([pg.socket], [], [], timeout)[0]:
+            raise TimeoutError("no notification")
+    return out
+
+
+# The raw request→reply's writes: the delivery mark (the oldest request not yet delivered),
+# then the reply, which deletes its request and carries itself in its NOTIFY. The request's
+# and the mark's commits do not wait for the WAL flush, the reply's does: coord's modes.
+RR_MARK = ("with m as (update rr_req set delivered = true where seq = (select seq from rr_req "
+           "where not delivered order by seq limit 1) returning id, payload) "
+           "select m.id, m.payload, set_config('synchronous_commit', 'off', true) from m")
+RR_REPLY = ("with d as (delete from rr_req where id = %s returning id), "
+            "i as (insert into rr_rep select id, %s from d returning id) "
+            "select pg_notify(%s, %s) from i")
+RR_REQUEST = ("with i as (insert into rr_req (id, payload) values (%s, %s) returning 1) "
+              "select pg_notify(%s, ''), set_config('synchronous_commit', 'off', true) from i")
+
+
+def worker_answer(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    conn = _connect(spec)
+    heard: list[str] = []
+    conn.add_notify_handler(lambda n: heard.append(n.payload))
+    conn.execute(f"listen {spec['ping']}")
+    yield {"ready": True}
+    while True:
+        _notes(conn, heard, 60.0)
+        while (row := conn.execute(RR_MARK).fetchone()) is not None:
+            conn.execute(RR_REPLY, (row[0], row[1], spec["pong"], row[1])).fetchall()
+            if row[1] == "stop":
+                return
+
+
 # The partition section's settings: the server ends a silent session after 1 s idle and two
 # unanswered keepalive probes 1 s apart (or 1.5 s of unacknowledged data); the client gives
 # up on unacknowledged data after 1.5 s.
@@ -209,7 +256,8 @@ def worker_partitioned(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 WORKERS: dict[str, Callable[[dict[str, Any]], Iterator[dict[str, Any]]]] = {
     "tx": worker_tx, "consume": worker_consume, "holder": worker_holder,
-    "waiter": worker_waiter, "pong": worker_pong, "partitioned": worker_partitioned,
+    "waiter": worker_waiter, "pong": worker_pong, "answer": worker_answer,
+    "partitioned": worker_partitioned,
 }
 
 
@@ -400,7 +448,44 @@ def section_notify(ctx: Ctx) -> list[Row]:
             ctx.admin.execute("select pg_notify(%s, 'stop')", (ping,))
     finally:
         listener.close()
-    return [row]
+    return [row, request_reply(ctx)]
+
+
+def request_reply(ctx: Ctx) -> Row:
+    """The raw request→reply (see the module's section 4): µs from the request's send until
+    its reply is heard, over ``notifies`` round trips after a warm-up."""
+    tag = ctx.schema.replace("coord_bench_", "")
+    ping, pong = f"coord_bench_rq_{tag}", f"coord_bench_rp_{tag}"
+    ctx.admin.execute("create table rr_req (seq bigint generated always as identity primary "
+                      "key, id text unique not null, payload text not null, delivered "
+                      "boolean not null default false)")
+    ctx.admin.execute("create table rr_rep (id text primary key, payload text not null)")
+    row = Row("notify", "request→reply, coord's three writes (2 processes)",
+              ctx.size["notifies"])
+    conn = _connect(ctx.spec())
+    heard: list[str] = []
+    conn.add_notify_handler(lambda n: heard.append(n.payload))
+    try:
+        conn.execute(f"listen {pong}")
+        with workers(1, "answer", ping=ping, pong=pong, **ctx.spec()):
+            warm = max(5, ctx.size["notifies"] // 10)
+            for i in range(warm + ctx.size["notifies"] + 1):
+                last = i == warm + ctx.size["notifies"]
+                text = "stop" if last else str(i)
+                t0 = mono()
+                conn.execute(RR_REQUEST, (f"r{i}", text, ping)).fetchall()
+                got = _notes(conn, heard, 10.0)
+                t1 = mono()
+                if got != [text]:
+                    raise RuntimeError(f"request {i}: heard {got}")
+                if warm <= i and not last:
+                    row.latencies_us.append((t1 - t0) * 1e6)
+                # The requester deletes the reply it took (coord folds that into its next
+                # write): not timed.
+                conn.execute("delete from rr_rep where id = %s", (f"r{i}",))
+    finally:
+        conn.close()
+    return row
 
 
 def section_partition(ctx: Ctx) -> list[Row]:

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from pg_fixtures import PgServer
+from pg_fixtures import PgServer, run_keeping_pid
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "scripts" / "bench_pg.py"
@@ -20,7 +20,8 @@ WORKS = {
     "skip_locked": {"claim+ack (1 consumer)", "claim+ack (4 consumers)"},
     "advisory_handover": {"SIGKILL holder -> waiter holds (advisory lock)",
                           "SIGKILL holder -> waiter holds (advisory lock + lease term bump)"},
-    "notify": {"NOTIFY round trip (2 processes)"},
+    "notify": {"NOTIFY round trip (2 processes)",
+               "request→reply, coord's three writes (2 processes)"},
     "import": {"python -c pass", 'python -c "import psycopg"'},
 }
 
@@ -30,8 +31,8 @@ def test_every_section_answers(pg_cluster: PgServer, tmp_path: Path) -> None:
     import psycopg
 
     out = tmp_path / "run.jsonl"
-    p = subprocess.run([sys.executable, str(BENCH), "--tiny", "--db", pg_cluster.url,
-                        "--json-out", str(out)], capture_output=True, text=True, timeout=170)
+    p = run_keeping_pid([sys.executable, str(BENCH), "--tiny", "--db", pg_cluster.url,
+                         "--json-out", str(out)], timeout=170)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     sections = [json.loads(line) for line in out.read_text().splitlines()]
     assert [s["section"] for s in sections] == list(WORKS)
@@ -46,8 +47,8 @@ def test_every_section_answers(pg_cluster: PgServer, tmp_path: Path) -> None:
         assert f"== {name} ==" in p.stdout
     assert "FAILED" not in p.stdout
     with psycopg.connect(pg_cluster.url) as conn:
-        left = conn.execute("select nspname from pg_namespace where nspname like "
-                            "'coord_bench_%'").fetchall()
+        left = conn.execute("select nspname from pg_namespace where nspname ~ %s",
+                            (rf"^coord_bench_(c_)?{p.pid}_",)).fetchall()
     assert left == []
 
 
