@@ -11,6 +11,7 @@ a failure under ``CI=true``.
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -48,4 +49,14 @@ def fresh_schema(url: str) -> Iterator[str]:
         connection.close_schema(schema)
         with psycopg.connect(url, autocommit=True) as c:
             c.execute("SET lock_timeout = '20s'")
-            c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+            for attempt in range(5):
+                try:
+                    c.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
+                    break
+                except psycopg.errors.DeadlockDetected:
+                    # A closed connection's backend may still be mid-statement, waiting for
+                    # a table the DROP has locked while holding one the DROP wants next:
+                    # the server ends one of the two, and the other goes on.
+                    if attempt == 4:
+                        raise
+                    time.sleep(0.2)
