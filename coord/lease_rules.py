@@ -217,10 +217,8 @@ class LeaseWatch:
     def close(self) -> None:
         if self._holder_watch is not None:
             self._holder_watch.close()
-        if self._armed is not None:
-            self._armed.close()
-        self._holder_watch = self._watched = self._seen = self.seen = self._armed = None
-        self._armed_tried, self._exited_at = False, None
+        self.disarm()
+        self._holder_watch = self._watched = self._seen = self.seen = None
 
     def takeable(self) -> bool:
         store = self.store

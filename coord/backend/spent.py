@@ -5,9 +5,13 @@ each engine deletes them in that instance's next write instead of a transaction 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from .records import Member
+
+C = TypeVar("C")  # an engine's connection
+T = TypeVar("T")
 
 
 class SpentReplies:
@@ -36,3 +40,20 @@ class SpentReplies:
                 self._by[me] = left
             else:
                 self._by.pop(me, None)
+
+    def write(self, me: Member, write: Callable[[Callable[[C], T]], T], fn: Callable[[C], T],
+              drop: Callable[[C, Member, list[str]], None]) -> T:
+        """``write(fn)`` (an engine's write transaction) for ``me``, also deleting in it
+        (``drop``) the replies ``me`` has taken since its last write."""
+        spent = self.of(me)
+        if not spent:
+            return write(fn)
+
+        def txn(c: C) -> T:
+            result = fn(c)
+            drop(c, me, spent)
+            return result
+
+        result = write(txn)
+        self.deleted(me, spent)
+        return result

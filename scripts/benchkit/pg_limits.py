@@ -213,11 +213,18 @@ RR_REQUEST = ("with i as (insert into rr_req (id, payload) values (%s, %s) retur
               "select pg_notify(%s, ''), set_config('synchronous_commit', 'off', true) from i")
 
 
-def worker_answer(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+def _listening(spec: dict[str, Any], channel: str) -> tuple[Any, list[str]]:
+    """A connection that LISTENs on ``channel`` (a name of ours: [a-z0-9_]), and the list
+    its notify handler keeps what its own statements read of notifications in."""
     conn = _connect(spec)
     heard: list[str] = []
     conn.add_notify_handler(lambda n: heard.append(n.payload))
-    conn.execute(f"listen {spec['ping']}")
+    conn.execute(f"listen {channel}")
+    return conn, heard
+
+
+def worker_answer(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    conn, heard = _listening(spec, spec["ping"])
     yield {"ready": True}
     while True:
         _notes(conn, heard, 60.0)
@@ -462,11 +469,8 @@ def request_reply(ctx: Ctx) -> Row:
     ctx.admin.execute("create table rr_rep (id text primary key, payload text not null)")
     row = Row("notify", "request→reply, coord's three writes (2 processes)",
               ctx.size["notifies"])
-    conn = _connect(ctx.spec())
-    heard: list[str] = []
-    conn.add_notify_handler(lambda n: heard.append(n.payload))
+    conn, heard = _listening(ctx.spec(), pong)
     try:
-        conn.execute(f"listen {pong}")
         with workers(1, "answer", ping=ping, pong=pong, **ctx.spec()):
             warm = max(5, ctx.size["notifies"] // 10)
             for i in range(warm + ctx.size["notifies"] + 1):

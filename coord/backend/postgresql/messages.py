@@ -122,18 +122,7 @@ class PgMessages:
     def _write(self, me: Member, fn: Callable[[Conn], T]) -> T:
         """``db.write(fn)`` for ``me``, also deleting the replies it has taken since its
         last write."""
-        spent = self._spent.of(me)
-        if not spent:
-            return self._db.write(fn)
-
-        def txn(c: Conn) -> T:
-            result = fn(c)
-            self._drop_spent(c, me, spent)
-            return result
-
-        result = self._db.write(txn)
-        self._spent.deleted(me, spent)
-        return result
+        return self._spent.write(me, self._db.write, fn, self._drop_spent)
 
     def _statement(self, me: Member, sql: str, params: dict[str, object]) -> list[Row]:
         """One of ``.message_sql``'s statements as ``me``, deleting the replies it has taken

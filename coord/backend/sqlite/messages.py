@@ -119,18 +119,7 @@ class SqliteMessages:
     def _write(self, me: Member, fn: Callable[[apsw.Connection], T]) -> T:
         """``store.write(fn)`` for ``me``, also deleting the replies it has taken since its
         last write."""
-        spent = self._spent.of(me)
-        if not spent:
-            return self._store.write(fn)
-
-        def txn(c: apsw.Connection) -> T:
-            result = fn(c)
-            self._drop_spent(c, me, spent)
-            return result
-
-        result = self._store.write(txn)
-        self._spent.deleted(me, spent)
-        return result
+        return self._spent.write(me, self._store.write, fn, self._drop_spent)
 
     def send(self, me: Member, id: str, to: str, topic: str, payload: str, ttl: float) -> None:
         def txn(c: apsw.Connection) -> str | None:
